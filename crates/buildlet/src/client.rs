@@ -1,0 +1,504 @@
+//! A typed client for the buildlet API, used by the coordinator and gomote.
+//!
+//! Every method separates two kinds of failure that a build farm must never
+//! confuse: the buildlet answered and the *work* failed (a command exited
+//! non-zero: [`ProcessState`] in an `Ok`), and the *machine* failed (it could
+//! not be reached, or the stream broke off: [`Error::is_communication`]). The
+//! coordinator retries the second kind on another machine and reports the
+//! first as a failed build.
+//!
+//! The HTTP transport is pluggable ([`Transport`]) so the same client drives a
+//! buildlet listening on a port and one that dialled in (reverse mode).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_util::io::ReaderStream;
+
+use crate::proto::{self, LsEntry, ProcessState, Status};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Request body type sent by the client.
+pub type ReqBody = BoxBody<Bytes, io::Error>;
+
+/// Called with the cumulative number of bytes moved, for progress displays.
+pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// Why a call to a buildlet failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The buildlet could not be reached or did not answer in time.
+    #[error("buildlet unreachable: {0}")]
+    Unreachable(BoxError),
+    /// The connection broke off mid-response (for `/exec`: no exit state arrived).
+    #[error("connection to the buildlet broke off: {0}")]
+    BrokeOff(String),
+    /// The buildlet refused the request (4xx); the message is the buildlet's.
+    #[error("buildlet refused the request ({status}): {message}")]
+    Rejected { status: StatusCode, message: String },
+    /// The buildlet hit an error of its own (5xx), e.g. its disk is full.
+    #[error("buildlet failed ({status}): {message}")]
+    Server { status: StatusCode, message: String },
+    /// The buildlet answered something this client does not understand.
+    #[error("unexpected reply from the buildlet: {0}")]
+    Protocol(String),
+    /// Reading or writing a local file or writer failed.
+    #[error("local I/O: {0}")]
+    Local(#[source] io::Error),
+}
+
+impl Error {
+    /// True when the machine, not the work, is at fault: retry elsewhere.
+    pub fn is_communication(&self) -> bool {
+        matches!(
+            self,
+            Error::Unreachable(_) | Error::BrokeOff(_) | Error::Protocol(_) | Error::Server { .. }
+        )
+    }
+}
+
+/// Sends one HTTP request to a buildlet. Implemented for a plain HTTP
+/// connection pool ([`HttpTransport`]); reverse mode supplies its own.
+pub trait Transport: Send + Sync + 'static {
+    fn send(
+        &self,
+        req: Request<ReqBody>,
+    ) -> Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send + '_>>;
+}
+
+/// Talks HTTP/1.1 to a buildlet listening on an address.
+pub struct HttpTransport {
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        ReqBody,
+    >,
+}
+
+impl HttpTransport {
+    pub fn new() -> HttpTransport {
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(10)));
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(60))
+                .build(connector);
+        HttpTransport { client }
+    }
+}
+
+impl Default for HttpTransport {
+    fn default() -> Self {
+        HttpTransport::new()
+    }
+}
+
+impl Transport for HttpTransport {
+    fn send(
+        &self,
+        req: Request<ReqBody>,
+    ) -> Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send + '_>> {
+        Box::pin(async move { self.client.request(req).await.map_err(Into::into) })
+    }
+}
+
+/// Options of [`Client::exec`].
+#[derive(Debug, Clone, Default)]
+pub struct ExecOptions {
+    pub args: Vec<String>,
+    /// `KEY=VALUE` pairs added to the buildlet's environment.
+    pub env: Vec<String>,
+    /// Directory relative to the work dir.
+    pub dir: Option<String>,
+    /// Replaces `PATH`; entries may use `$PATH`, `$WORKDIR` and `$EMPTY`.
+    pub path: Vec<String>,
+    /// Look the command up only on the system, never in the work dir.
+    pub sys: bool,
+    /// Kill the process tree after this long.
+    pub timeout: Option<Duration>,
+    /// Have the buildlet print the resolved command first.
+    pub debug: bool,
+}
+
+/// Options of [`Client::ls`].
+#[derive(Debug, Clone, Default)]
+pub struct LsOptions {
+    pub recursive: bool,
+    pub digest: bool,
+    pub skip: Vec<String>,
+}
+
+/// A handle on one buildlet.
+#[derive(Clone)]
+pub struct Client {
+    transport: Arc<dyn Transport>,
+    base: String,
+    auth: Option<HeaderValue>,
+    header_timeout: Duration,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("base", &self.base).finish()
+    }
+}
+
+impl Client {
+    /// A client for a buildlet in direct mode at `addr` (`host:port` or an
+    /// `http://` URL), with the password it was started with, if any.
+    pub fn new(addr: &str, password: Option<&str>) -> Client {
+        let base = if addr.contains("://") {
+            addr.trim_end_matches('/').to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        Client::with_transport(Arc::new(HttpTransport::new()), base, password)
+    }
+
+    /// A client over any transport; `base` is the URL prefix put on every path.
+    pub fn with_transport(
+        transport: Arc<dyn Transport>,
+        base: String,
+        password: Option<&str>,
+    ) -> Client {
+        let auth = password.map(|p| {
+            use base64::Engine;
+            let token = base64::engine::general_purpose::STANDARD.encode(format!("farmer:{p}"));
+            HeaderValue::from_str(&format!("Basic {token}"))
+                .expect("base64 is a valid header value")
+        });
+        Client {
+            transport,
+            base,
+            auth,
+            header_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// How long to wait for response headers before declaring the buildlet
+    /// unreachable (default 30 s; `/exec` sends its headers at once).
+    pub fn set_header_timeout(&mut self, d: Duration) {
+        self.header_timeout = d;
+    }
+
+    fn uri(&self, path: &str, query: &[(&str, &str)]) -> Result<Uri, Error> {
+        let mut s = format!("{}{}", self.base, path);
+        if !query.is_empty() {
+            s.push('?');
+            s.push_str(
+                &form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(query)
+                    .finish(),
+            );
+        }
+        s.parse()
+            .map_err(|e| Error::Protocol(format!("bad URL {s:?}: {e}")))
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        uri: Uri,
+        body: ReqBody,
+        content_type: Option<&str>,
+    ) -> Result<Response<Incoming>, Error> {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(a) = &self.auth {
+            req = req.header(header::AUTHORIZATION, a.clone());
+        }
+        if let Some(ct) = content_type {
+            req = req.header(header::CONTENT_TYPE, ct);
+        }
+        req = req.header(header::TE, "trailers");
+        let req = req
+            .body(body)
+            .map_err(|e| Error::Protocol(format!("building request: {e}")))?;
+        let resp = tokio::time::timeout(self.header_timeout, self.transport.send(req))
+            .await
+            .map_err(|_| {
+                Error::Unreachable(format!("no response within {:?}", self.header_timeout).into())
+            })?
+            .map_err(Error::Unreachable)?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let message = match resp.into_body().collect().await {
+            Ok(b) => String::from_utf8_lossy(&b.to_bytes()).trim().to_string(),
+            Err(e) => format!("(body unreadable: {e})"),
+        };
+        if status.is_server_error() {
+            Err(Error::Server { status, message })
+        } else {
+            Err(Error::Rejected { status, message })
+        }
+    }
+
+    async fn get_bytes(&self, path: &str, query: &[(&str, &str)]) -> Result<Bytes, Error> {
+        let resp = self
+            .send(Method::GET, self.uri(path, query)?, empty(), None)
+            .await?;
+        read_all(resp).await
+    }
+
+    async fn post_form(
+        &self,
+        path: &str,
+        form: &[(&str, &str)],
+    ) -> Result<Response<Incoming>, Error> {
+        let body = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        self.send(
+            Method::POST,
+            self.uri(path, &[])?,
+            full(Bytes::from(body)),
+            Some("application/x-www-form-urlencoded"),
+        )
+        .await
+    }
+
+    /// `GET /healthz`.
+    pub async fn healthz(&self) -> Result<(), Error> {
+        self.get_bytes("/healthz", &[]).await.map(|_| ())
+    }
+
+    /// `GET /status`.
+    pub async fn status(&self) -> Result<Status, Error> {
+        let b = self.get_bytes("/status", &[]).await?;
+        serde_json::from_slice(&b).map_err(|e| Error::Protocol(format!("/status: {e}")))
+    }
+
+    /// `GET /workdir`: the absolute work dir on the machine.
+    pub async fn workdir(&self) -> Result<String, Error> {
+        let b = self.get_bytes("/workdir", &[]).await?;
+        Ok(String::from_utf8_lossy(&b).trim().to_string())
+    }
+
+    /// `PUT /writetgz`: extracts a tar.gz read from `reader` into `dir`.
+    pub async fn put_tgz<R>(
+        &self,
+        dir: &str,
+        reader: R,
+        progress: Option<Progress>,
+    ) -> Result<(), Error>
+    where
+        R: AsyncRead + Send + Sync + 'static,
+    {
+        let mut sent = 0u64;
+        let stream = ReaderStream::with_capacity(reader, 128 * 1024).map_ok(move |chunk| {
+            sent += chunk.len() as u64;
+            if let Some(p) = &progress {
+                p(sent);
+            }
+            Frame::data(chunk)
+        });
+        let body = BodyExt::boxed(StreamBody::new(stream));
+        let resp = self
+            .send(
+                Method::PUT,
+                self.uri("/writetgz", &[("dir", dir)])?,
+                body,
+                Some("application/gzip"),
+            )
+            .await?;
+        read_all(resp).await.map(|_| ())
+    }
+
+    /// `PUT /writetgz` with an in-memory tar.gz.
+    pub async fn put_tgz_bytes(&self, dir: &str, tgz: Bytes) -> Result<(), Error> {
+        let resp = self
+            .send(
+                Method::PUT,
+                self.uri("/writetgz", &[("dir", dir)])?,
+                full(tgz),
+                Some("application/gzip"),
+            )
+            .await?;
+        read_all(resp).await.map(|_| ())
+    }
+
+    /// `POST /writetgz`: the buildlet fetches the tar.gz from `url` itself.
+    pub async fn put_tgz_from_url(&self, dir: &str, url: &str) -> Result<(), Error> {
+        let resp = self
+            .post_form("/writetgz", &[("dir", dir), ("url", url)])
+            .await?;
+        read_all(resp).await.map(|_| ())
+    }
+
+    /// `PUT /write`: writes one file with the given permission bits.
+    pub async fn put_file(&self, path: &str, mode: u32, content: Bytes) -> Result<(), Error> {
+        let mode = format!("{mode:04o}");
+        let resp = self
+            .send(
+                Method::PUT,
+                self.uri("/write", &[("path", path), ("mode", &mode)])?,
+                full(content),
+                None,
+            )
+            .await?;
+        read_all(resp).await.map(|_| ())
+    }
+
+    /// `GET /tgz`: streams a tar.gz of `dir` into `out`; returns bytes written.
+    /// A transfer cut short is [`Error::BrokeOff`], never a silently short file.
+    pub async fn get_tgz<W>(
+        &self,
+        dir: &str,
+        out: &mut W,
+        progress: Option<Progress>,
+    ) -> Result<u64, Error>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        let resp = self
+            .send(
+                Method::GET,
+                self.uri("/tgz", &[("dir", dir)])?,
+                empty(),
+                None,
+            )
+            .await?;
+        let mut body = resp.into_body();
+        let mut n = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| Error::BrokeOff(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                out.write_all(&data).await.map_err(Error::Local)?;
+                n += data.len() as u64;
+                if let Some(p) = &progress {
+                    p(n);
+                }
+            }
+        }
+        out.flush().await.map_err(Error::Local)?;
+        Ok(n)
+    }
+
+    /// `GET /ls`.
+    pub async fn ls(&self, dir: &str, opts: &LsOptions) -> Result<Vec<LsEntry>, Error> {
+        let mut q = vec![("dir", dir)];
+        if opts.recursive {
+            q.push(("recursive", "1"));
+        }
+        if opts.digest {
+            q.push(("digest", "1"));
+        }
+        for s in &opts.skip {
+            q.push(("skip", s));
+        }
+        let b = self.get_bytes("/ls", &q).await?;
+        b.split(|c| *c == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).map_err(|e| Error::Protocol(format!("/ls: {e}"))))
+            .collect()
+    }
+
+    /// `POST /removeall`; `"."` empties the work dir.
+    pub async fn remove_all(&self, paths: &[&str]) -> Result<(), Error> {
+        let form: Vec<(&str, &str)> = paths.iter().map(|p| ("path", *p)).collect();
+        let resp = self.post_form("/removeall", &form).await?;
+        read_all(resp).await.map(|_| ())
+    }
+
+    /// `POST /halt`.
+    pub async fn halt(&self) -> Result<(), Error> {
+        let resp = self.post_form("/halt", &[]).await?;
+        read_all(resp).await.map(|_| ())
+    }
+
+    /// `POST /exec`: runs `cmd`, copying its combined output into `out` as it
+    /// arrives. `Ok` carries how the command ended (which may be a failure);
+    /// `Err` means the buildlet refused the request or the stream broke off.
+    pub async fn exec<W>(
+        &self,
+        cmd: &str,
+        opts: &ExecOptions,
+        out: &mut W,
+    ) -> Result<ProcessState, Error>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        let timeout = opts.timeout.map(|t| format!("{}ms", t.as_millis()));
+        let mut form: Vec<(&str, &str)> = vec![("cmd", cmd)];
+        form.extend(opts.args.iter().map(|a| ("args", a.as_str())));
+        form.extend(opts.env.iter().map(|a| ("env", a.as_str())));
+        form.extend(opts.path.iter().map(|a| ("path", a.as_str())));
+        if let Some(d) = &opts.dir {
+            form.push(("dir", d));
+        }
+        if opts.sys {
+            form.push(("mode", "sys"));
+        }
+        if let Some(t) = &timeout {
+            form.push(("timeout", t));
+        }
+        if opts.debug {
+            form.push(("debug", "1"));
+        }
+        let resp = self.post_form("/exec", &form).await?;
+        let mut body = resp.into_body();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| Error::BrokeOff(e.to_string()))?;
+            match frame.into_data() {
+                Ok(data) => out.write_all(&data).await.map_err(Error::Local)?,
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        out.flush().await.map_err(Error::Local)?;
+                        let state = trailers
+                            .get(proto::PROCESS_STATE_TRAILER)
+                            .and_then(|v| v.to_str().ok())
+                            .ok_or_else(|| {
+                                Error::BrokeOff("trailers without Process-State".into())
+                            })?;
+                        return Ok(ProcessState::from_trailer(state));
+                    }
+                }
+            }
+        }
+        Err(Error::BrokeOff(
+            "output ended without a Process-State trailer".into(),
+        ))
+    }
+
+    /// Like [`Client::exec`], collecting the output in memory.
+    pub async fn exec_output(
+        &self,
+        cmd: &str,
+        opts: &ExecOptions,
+    ) -> Result<(ProcessState, Vec<u8>), Error> {
+        let mut out = Vec::new();
+        let st = self.exec(cmd, opts, &mut out).await?;
+        Ok((st, out))
+    }
+}
+
+fn empty() -> ReqBody {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn full(b: Bytes) -> ReqBody {
+    http_body_util::Full::new(b)
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+async fn read_all(resp: Response<Incoming>) -> Result<Bytes, Error> {
+    resp.into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| Error::BrokeOff(e.to_string()))
+}

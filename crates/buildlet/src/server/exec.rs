@@ -1,0 +1,402 @@
+//! `POST /exec`: run a command, stream its combined output, report its exit
+//! state in the `Process-State` trailer, and kill its whole process tree when
+//! the client goes away or the timeout passes.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use hyper::body::{Body as HttpBody, Frame};
+use tokio::sync::mpsc;
+
+use super::{Buildlet, Form, ResponseBody, read_form, text};
+use crate::paths;
+use crate::proto::{self, ProcessState};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long to wait for output to drain after the command exited and its
+/// process group was killed (a grandchild that left the group may hold the
+/// pipe open forever).
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+fn bad(msg: impl std::fmt::Display) -> Response<ResponseBody> {
+    text(StatusCode::BAD_REQUEST, format!("{msg}\n"))
+}
+
+/// A command ready to spawn.
+struct Plan {
+    program: PathBuf,
+    args: Vec<String>,
+    dir: PathBuf,
+    env: Vec<(OsString, OsString)>,
+    timeout: Option<Duration>,
+    debug: bool,
+}
+
+fn plan(b: &Buildlet, form: &Form) -> Result<Plan, String> {
+    let cmd = form
+        .get("cmd")
+        .filter(|c| !c.is_empty())
+        .ok_or("POST /exec needs a cmd form field")?;
+    let sys = form.get("mode") == Some("sys");
+    let mut args: Vec<String> = form.all("args").into_iter().map(str::to_string).collect();
+    args.extend(form.all("cmdArg").into_iter().map(str::to_string));
+
+    let root = &b.root;
+    let tmp = root.join("tmp");
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+    let has_home = env.iter().any(|(k, _)| k == "HOME");
+    set_env(&mut env, "TMPDIR".into(), tmp.clone().into());
+    set_env(&mut env, "WORKDIR".into(), root.clone().into());
+    if !has_home {
+        set_env(&mut env, "HOME".into(), tmp.into());
+    }
+    for kv in form.all("env") {
+        let (k, v) = kv
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| format!("env {kv:?} is not of the form KEY=VALUE"))?;
+        set_env(&mut env, k.into(), v.into());
+    }
+    let path_entries = form.all("path");
+    if !path_entries.is_empty() {
+        let old = env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let wd = root.to_string_lossy();
+        let mut parts: Vec<OsString> = Vec::new();
+        for p in path_entries {
+            match p {
+                "$EMPTY" => {}
+                "$PATH" => parts.extend(std::env::split_paths(&old).map(OsString::from)),
+                p => parts.push(p.replace("$WORKDIR", &wd).into()),
+            }
+        }
+        let joined = std::env::join_paths(parts).map_err(|e| format!("path: {e}"))?;
+        set_env(&mut env, "PATH".into(), joined);
+    }
+
+    let (program, cmd_dir) = if Path::new(cmd).is_absolute() {
+        (PathBuf::from(cmd), None)
+    } else if cmd.contains('/') || cmd.contains(std::path::MAIN_SEPARATOR) {
+        if sys {
+            return Err(format!(
+                "cmd {cmd:?}: mode=sys runs system commands only; give a bare name or an absolute path"
+            ));
+        }
+        let comps = paths::clean(cmd).map_err(|e| e.to_string())?;
+        let p = paths::resolve(root, cmd, &comps, true).map_err(|e| e.to_string())?;
+        let parent = p.parent().map(Path::to_path_buf);
+        (p, parent)
+    } else {
+        let in_workdir = root.join(cmd);
+        if !sys && in_workdir.is_file() {
+            (in_workdir, Some(root.clone()))
+        } else {
+            let path_var = env
+                .iter()
+                .find(|(k, _)| k == "PATH")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default();
+            let found = lookup_path(cmd, &path_var)
+                .ok_or_else(|| format!("cmd {cmd:?}: not found in the work dir or in PATH"))?;
+            (found, None)
+        }
+    };
+
+    let dir = match form.get("dir").filter(|d| !d.is_empty()) {
+        Some(d) => {
+            let comps = paths::clean(d).map_err(|e| format!("dir: {e}"))?;
+            let p = paths::resolve(root, d, &comps, true).map_err(|e| format!("dir: {e}"))?;
+            if !p.is_dir() {
+                return Err(format!("dir {d:?}: no such directory in the work dir"));
+            }
+            p
+        }
+        None if sys => root.clone(),
+        None => cmd_dir.unwrap_or_else(|| root.clone()),
+    };
+    let timeout = match form.get("timeout").filter(|t| !t.is_empty()) {
+        None => None,
+        Some(t) => match proto::parse_duration(t) {
+            Some(d) if d.is_zero() => None,
+            Some(d) => Some(d),
+            None => {
+                return Err(format!(
+                    "timeout {t:?} is not a duration such as 90s or 10m"
+                ));
+            }
+        },
+    };
+    Ok(Plan {
+        program,
+        args,
+        dir,
+        env,
+        timeout,
+        debug: form.flag("debug"),
+    })
+}
+
+fn set_env(env: &mut Vec<(OsString, OsString)>, k: OsString, v: OsString) {
+    env.retain(|(ek, _)| {
+        if cfg!(windows) {
+            !ek.eq_ignore_ascii_case(&k)
+        } else {
+            ek != &k
+        }
+    });
+    env.push((k, v));
+}
+
+fn lookup_path(name: &str, path_var: &std::ffi::OsStr) -> Option<PathBuf> {
+    for dir in std::env::split_paths(path_var) {
+        let candidate = dir.join(name);
+        if is_executable(&candidate) {
+            return Some(candidate);
+        }
+        if cfg!(windows) {
+            for ext in ["exe", "bat", "cmd"] {
+                let c = candidate.with_extension(ext);
+                if c.is_file() {
+                    return Some(c);
+                }
+            }
+        }
+    }
+    None
+}
+
+#[cfg(unix)]
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(not(unix))]
+fn is_executable(p: &Path) -> bool {
+    p.is_file()
+}
+
+/// Kills a process group (Unix) started by `/exec`.
+pub(super) fn kill_group(pgid: u32) {
+    #[cfg(unix)]
+    {
+        if let Ok(pgid) = i32::try_from(pgid)
+            && pgid > 0
+        {
+            // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = pgid;
+}
+
+pub(super) async fn exec<B>(b: Arc<Buildlet>, req: Request<B>) -> Response<ResponseBody>
+where
+    B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let form = match read_form(req).await {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let plan = match plan(&b, &form) {
+        Ok(p) => p,
+        Err(e) => return bad(e),
+    };
+    let (reader, writer) = match std::io::pipe() {
+        Ok(p) => p,
+        Err(e) => {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("creating pipe: {e}\n"),
+            );
+        }
+    };
+    let writer2 = match writer.try_clone() {
+        Ok(w) => w,
+        Err(e) => {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("creating pipe: {e}\n"),
+            );
+        }
+    };
+    let mut command = tokio::process::Command::new(&plan.program);
+    command
+        .args(&plan.args)
+        .env_clear()
+        .envs(plan.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&plan.dir)
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(writer2)
+        .kill_on_drop(true);
+    #[cfg(unix)]
+    command.process_group(0);
+    let spawned = command.spawn();
+    drop(command);
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            return bad(format!("cannot start {}: {e}", plan.program.display()));
+        }
+    };
+    let pid = child.id().unwrap_or(0);
+    b.track(pid);
+    tracing::info!(pid, program = %plan.program.display(), args = ?plan.args, dir = %plan.dir.display(), "exec");
+
+    let (tx, body) = ResponseBody::channel(16);
+    let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(16);
+    std::thread::Builder::new()
+        .name(format!("exec-output-{pid}"))
+        .spawn(move || pump_output(reader, out_tx))
+        .ok();
+
+    let debug_header = plan.debug.then(|| {
+        Bytes::from(format!(
+            ":: running {} {:?} in {}\n",
+            plan.program.display(),
+            plan.args,
+            plan.dir.display()
+        ))
+    });
+    let timeout = plan.timeout;
+    tokio::spawn(async move {
+        if let Some(h) = debug_header {
+            let _ = tx.send(Ok(Frame::data(h))).await;
+        }
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(sleep);
+        let mut exit: Option<std::process::ExitStatus> = None;
+        let mut timed_out = false;
+        let mut output_done = false;
+        let mut drain_deadline: Option<tokio::time::Instant> = None;
+        let mut client_gone = false;
+        let mut wait_error: Option<String> = None;
+        while !(output_done && (exit.is_some() || wait_error.is_some())) {
+            let drain = async {
+                match drain_deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                chunk = out_rx.recv(), if !output_done => match chunk {
+                    Some(data) => {
+                        if tx.send(Ok(Frame::data(data))).await.is_err() {
+                            client_gone = true;
+                            break;
+                        }
+                    }
+                    None => output_done = true,
+                },
+                status = child.wait(), if exit.is_none() && wait_error.is_none() => {
+                    match status {
+                        Ok(s) => exit = Some(s),
+                        Err(e) => wait_error = Some(e.to_string()),
+                    }
+                    // Stragglers in the group would keep the pipe open.
+                    kill_group(pid);
+                    drain_deadline = Some(tokio::time::Instant::now() + DRAIN_GRACE);
+                }
+                _ = tx.closed() => {
+                    client_gone = true;
+                    break;
+                }
+                _ = &mut sleep, if !timed_out && exit.is_none() => {
+                    timed_out = true;
+                    kill_group(pid);
+                    let _ = child.start_kill();
+                }
+                _ = drain => {
+                    tracing::warn!(pid, "output still open {DRAIN_GRACE:?} after exit; a process left the group");
+                    output_done = true;
+                }
+            }
+        }
+        if client_gone {
+            tracing::info!(pid, "client went away; killing the process group");
+            kill_group(pid);
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            b.untrack(pid);
+            return;
+        }
+        b.untrack(pid);
+        let state = if timed_out {
+            ProcessState::TimedOut(timeout.unwrap_or_default())
+        } else if let Some(e) = wait_error {
+            ProcessState::Error(format!("waiting for the command: {e}"))
+        } else {
+            exit.map_or(ProcessState::Error("no exit status".into()), to_state)
+        };
+        tracing::info!(pid, state = %state, "exec done");
+        let mut trailers = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(&state.to_trailer()) {
+            trailers.insert(proto::PROCESS_STATE_TRAILER, v);
+        }
+        let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+    });
+
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(header::TRAILER, HeaderValue::from_static("Process-State"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+fn pump_output(mut reader: std::io::PipeReader, tx: mpsc::Sender<Bytes>) {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if tx.blocking_send(Bytes::copy_from_slice(&buf[..n])).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        }
+    }
+}
+
+fn to_state(s: std::process::ExitStatus) -> ProcessState {
+    match s.code() {
+        Some(0) => ProcessState::Ok,
+        Some(c) => ProcessState::Exited(c),
+        None => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::process::ExitStatusExt;
+                if let Some(sig) = s.signal() {
+                    return ProcessState::Signaled(sig);
+                }
+            }
+            ProcessState::Error(format!("{s}"))
+        }
+    }
+}

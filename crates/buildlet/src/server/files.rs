@@ -1,0 +1,619 @@
+//! File endpoints: `/writetgz`, `/write`, `/tgz`, `/ls`, `/removeall`.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::TryStreamExt;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::{Body as HttpBody, Frame};
+use tokio::sync::mpsc;
+use tokio_util::io::{StreamReader, SyncIoBridge};
+
+use super::body::BodyFrame;
+use super::{Buildlet, Form, ResponseBody, query_pairs, read_form, text};
+use crate::paths;
+use crate::proto::{EntryKind, LsEntry};
+use crate::tarball::{self, LimitedReader, TarError};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn bad(msg: impl std::fmt::Display) -> Response<ResponseBody> {
+    text(StatusCode::BAD_REQUEST, format!("{msg}\n"))
+}
+
+fn too_large(max: u64) -> Response<ResponseBody> {
+    text(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body is larger than the limit of {max} bytes\n"),
+    )
+}
+
+/// Resolves a `dir`-style parameter ("" and "." mean the work dir).
+fn resolve_param(
+    b: &Buildlet,
+    p: &str,
+    follow_last: bool,
+) -> Result<PathBuf, Response<ResponseBody>> {
+    let comps = paths::clean(p).map_err(bad)?;
+    paths::resolve(&b.root, p, &comps, follow_last).map_err(bad)
+}
+
+fn content_length<B>(req: &Request<B>) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Turns a streaming body into a blocking reader for use on a blocking thread.
+fn blocking_reader<B>(body: B) -> impl Read + Send + 'static
+where
+    B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let stream = body
+        .into_data_stream()
+        .map_err(|e| io::Error::other(e.into()));
+    SyncIoBridge::new(StreamReader::new(stream))
+}
+
+async fn extract_response<R: Read + Send + 'static>(
+    b: &Buildlet,
+    reader: R,
+    dir: String,
+) -> Response<ResponseBody> {
+    let dest = match paths::clean(&dir) {
+        Ok(d) => d,
+        Err(e) => return bad(e),
+    };
+    let root = b.root.clone();
+    let max = b.cfg.max_body;
+    let result = tokio::task::spawn_blocking(move || {
+        tarball::extract(LimitedReader::new(reader, max), &root, &dest)
+    })
+    .await;
+    match result {
+        Ok(Ok(stats)) => {
+            tracing::debug!(?stats, %dir, "extracted tar.gz");
+            text(StatusCode::OK, "OK\n")
+        }
+        Ok(Err(TarError::TooLarge(max))) => too_large(max),
+        Ok(Err(e)) if e.is_client_error() => bad(e),
+        Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("extraction task failed: {e}\n"),
+        ),
+    }
+}
+
+/// `PUT /writetgz?dir=`: extract the tar.gz request body.
+pub(super) async fn write_tgz_body<B>(b: &Buildlet, req: Request<B>) -> Response<ResponseBody>
+where
+    B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let form = Form(query_pairs(&req));
+    let dir = form.get("dir").unwrap_or("").to_string();
+    if content_length(&req).is_some_and(|n| n > b.cfg.max_body) {
+        return too_large(b.cfg.max_body);
+    }
+    extract_response(b, blocking_reader(req.into_body()), dir).await
+}
+
+fn http_client() -> &'static hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Empty<Bytes>,
+> {
+    static CLIENT: OnceLock<
+        hyper_util::client::legacy::Client<
+            hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+            http_body_util::Empty<Bytes>,
+        >,
+    > = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .build();
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https)
+    })
+}
+
+/// `POST /writetgz?dir=` with form field `url`: fetch the tar.gz and extract it.
+pub(super) async fn write_tgz_url<B>(b: &Buildlet, req: Request<B>) -> Response<ResponseBody>
+where
+    B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let form = match read_form(req).await {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let dir = form.get("dir").unwrap_or("").to_string();
+    let Some(url) = form.get("url") else {
+        return bad("POST /writetgz needs a url form field (or PUT the tar.gz as the body)");
+    };
+    let uri: http::Uri = match url.parse() {
+        Ok(u) => u,
+        Err(e) => return bad(format!("url {url:?}: {e}")),
+    };
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return bad(format!("url {url:?}: only http and https are supported"));
+    }
+    let resp = match tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        http_client().get(uri),
+    )
+    .await
+    {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return text(StatusCode::BAD_GATEWAY, format!("fetching {url}: {e}\n")),
+        Err(_) => {
+            return text(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("fetching {url}: no answer within 60s\n"),
+            );
+        }
+    };
+    if resp.status() != StatusCode::OK {
+        return text(
+            StatusCode::BAD_GATEWAY,
+            format!("fetching {url}: server answered {}\n", resp.status()),
+        );
+    }
+    if resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n > b.cfg.max_body)
+    {
+        return too_large(b.cfg.max_body);
+    }
+    extract_response(b, blocking_reader(resp.into_body()), dir).await
+}
+
+/// Parses an octal permission string such as `0755` or `644`.
+fn parse_mode(s: &str) -> Option<u32> {
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8).ok()?;
+    (m <= 0o777).then_some(m)
+}
+
+/// `PUT /write?path=&mode=`: write the body to one file, atomically.
+pub(super) async fn write_file<B>(b: &Buildlet, req: Request<B>) -> Response<ResponseBody>
+where
+    B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let form = Form(query_pairs(&req));
+    let Some(path) = form.get("path").map(str::to_string) else {
+        return bad("PUT /write needs a path query parameter");
+    };
+    let mode = match form.get("mode") {
+        None | Some("") => 0o644,
+        Some(m) => match parse_mode(m) {
+            Some(m) => m,
+            None => {
+                return bad(format!(
+                    "mode {m:?} is not an octal permission between 0000 and 0777 (e.g. 0755)"
+                ));
+            }
+        },
+    };
+    if content_length(&req).is_some_and(|n| n > b.cfg.max_body) {
+        return too_large(b.cfg.max_body);
+    }
+    let comps = match paths::clean(&path) {
+        Ok(c) if c.is_empty() => return bad("path must name a file, not the work dir"),
+        Ok(c) => c,
+        Err(e) => return bad(e),
+    };
+    let parent = match paths::resolve(&b.root, &path, &comps[..comps.len() - 1], true) {
+        Ok(p) => p,
+        Err(e) => return bad(e),
+    };
+    let target = match paths::resolve(&b.root, &path, &comps, false) {
+        Ok(p) => p,
+        Err(e) => return bad(e),
+    };
+    if let Err(e) = fs::create_dir_all(&parent) {
+        return bad(format!("path {path:?}: creating parent directory: {e}"));
+    }
+    if fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
+        return bad(format!("path {path:?}: a directory exists at this path"));
+    }
+    let tmp = parent.join(format!(
+        ".{}.farmer-tmp-{}",
+        comps[comps.len() - 1],
+        std::process::id()
+    ));
+    let result = write_body(req.into_body(), &tmp, b.cfg.max_body).await;
+    let finish = result.and_then(|()| {
+        set_mode(&tmp, mode)?;
+        fs::rename(&tmp, &target).map_err(WriteError::Io)
+    });
+    match finish {
+        Ok(()) => text(StatusCode::OK, "OK\n"),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            match e {
+                WriteError::TooLarge => too_large(b.cfg.max_body),
+                WriteError::Body(e) => bad(format!("reading request body: {e}")),
+                WriteError::Io(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("writing {path:?}: {e}\n"),
+                ),
+            }
+        }
+    }
+}
+
+enum WriteError {
+    TooLarge,
+    Body(BoxError),
+    Io(io::Error),
+}
+
+async fn write_body<B>(mut body: B, tmp: &Path, max: u64) -> Result<(), WriteError>
+where
+    B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    use tokio::io::AsyncWriteExt;
+    let mut f = tokio::fs::File::create(tmp).await.map_err(WriteError::Io)?;
+    let mut total = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| WriteError::Body(e.into()))?;
+        if let Ok(data) = frame.into_data() {
+            total += data.len() as u64;
+            if total > max {
+                return Err(WriteError::TooLarge);
+            }
+            f.write_all(&data).await.map_err(WriteError::Io)?;
+        }
+    }
+    f.flush().await.map_err(WriteError::Io)
+}
+
+#[cfg(unix)]
+fn set_mode(path: &Path, mode: u32) -> Result<(), WriteError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(WriteError::Io)
+}
+
+#[cfg(not(unix))]
+fn set_mode(_path: &Path, _mode: u32) -> Result<(), WriteError> {
+    Ok(())
+}
+
+/// Buffers writes into frames for a streaming body, from a blocking thread.
+struct ChannelWriter {
+    tx: mpsc::Sender<BodyFrame>,
+    buf: BytesMut,
+}
+
+const CHUNK: usize = 128 * 1024;
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = self.buf.split().freeze();
+        self.tx
+            .blocking_send(Ok(Frame::data(chunk)))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "client went away"))
+    }
+}
+
+/// `GET /tgz?dir=&level=`: stream a tar.gz of a directory.
+pub(super) async fn get_tgz<B>(b: &Buildlet, req: Request<B>) -> Response<ResponseBody> {
+    let form = Form(query_pairs(&req));
+    let dir = form.get("dir").unwrap_or("");
+    let level = match form.get("level").map(str::parse::<u32>) {
+        None => 1,
+        Some(Ok(l)) if l <= 9 => l,
+        Some(_) => return bad("level must be a gzip level from 0 to 9"),
+    };
+    let path = match resolve_param(b, dir, true) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    if !fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("dir {dir:?}: no such directory\n"),
+        );
+    }
+    let (tx, body) = ResponseBody::channel(8);
+    tokio::task::spawn_blocking(move || {
+        let w = ChannelWriter {
+            tx: tx.clone(),
+            buf: BytesMut::with_capacity(CHUNK),
+        };
+        match tarball::pack(&path, w, level).and_then(|mut w| w.flush()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+            Err(e) => {
+                tracing::warn!("tgz of {}: {e}", path.display());
+                let _ = tx.blocking_send(Err(e));
+            }
+        }
+    });
+    let mut resp = Response::new(body);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/gzip"),
+    );
+    resp
+}
+
+/// `GET /ls?dir=&recursive=&digest=&skip=`: JSON lines, one entry each.
+pub(super) async fn ls<B>(b: &Buildlet, req: Request<B>) -> Response<ResponseBody> {
+    let form = Form(query_pairs(&req));
+    let dir = form.get("dir").unwrap_or("").to_string();
+    let recursive = form.flag("recursive");
+    let digest = form.flag("digest");
+    let mut skip = Vec::new();
+    for s in form.all("skip") {
+        match paths::clean(s) {
+            Ok(c) if !c.is_empty() => skip.push(c.iter().collect::<PathBuf>()),
+            Ok(_) => {}
+            Err(e) => return bad(format!("skip: {e}")),
+        }
+    }
+    let path = match resolve_param(b, &dir, true) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    if !fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("dir {dir:?}: no such directory\n"),
+        );
+    }
+    let listing = tokio::task::spawn_blocking(move || list(&path, recursive, digest, &skip)).await;
+    match listing {
+        Ok(Ok(out)) => {
+            let mut resp = Response::new(ResponseBody::full(Bytes::from(out)));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/x-ndjson"),
+            );
+            resp
+        }
+        Ok(Err(e)) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("listing {dir:?}: {e}\n"),
+        ),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("listing task failed: {e}\n"),
+        ),
+    }
+}
+
+fn list(dir: &Path, recursive: bool, digest: bool, skip: &[PathBuf]) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut emit = |full: &Path, rel: &Path, meta: &fs::Metadata| -> io::Result<()> {
+        let entry = ls_entry(full, rel, meta, digest)?;
+        serde_json::to_writer(&mut out, &entry)?;
+        out.push(b'\n');
+        Ok(())
+    };
+    if recursive {
+        tarball::walk(dir, Path::new(""), skip, &mut emit)?;
+    } else {
+        let mut names: Vec<_> = fs::read_dir(dir)?.collect::<io::Result<Vec<_>>>()?;
+        names.sort_by_key(|e| e.file_name());
+        for e in names {
+            let rel = PathBuf::from(e.file_name());
+            if skip.contains(&rel) {
+                continue;
+            }
+            let meta = fs::symlink_metadata(e.path())?;
+            emit(&e.path(), &rel, &meta)?;
+        }
+    }
+    Ok(out)
+}
+
+fn ls_entry(full: &Path, rel: &Path, meta: &fs::Metadata, digest: bool) -> io::Result<LsEntry> {
+    let ft = meta.file_type();
+    let kind = if ft.is_symlink() {
+        EntryKind::Symlink
+    } else if ft.is_dir() {
+        EntryKind::Dir
+    } else if ft.is_file() {
+        EntryKind::File
+    } else {
+        EntryKind::Other
+    };
+    let mut path = rel
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/");
+    if kind == EntryKind::Dir {
+        path.push('/');
+    }
+    let sha256 = if digest && kind == EntryKind::File {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        io::copy(&mut fs::File::open(full)?, &mut h)?;
+        Some(hex(&h.finalize()))
+    } else {
+        None
+    };
+    let link = if kind == EntryKind::Symlink {
+        Some(fs::read_link(full)?.to_string_lossy().into_owned())
+    } else {
+        None
+    };
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs() as i64);
+    Ok(LsEntry {
+        path,
+        mode: file_mode(meta),
+        kind,
+        size: meta.len(),
+        mtime,
+        sha256,
+        link,
+    })
+}
+
+#[cfg(unix)]
+fn file_mode(meta: &fs::Metadata) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    meta.permissions().mode() & 0o7777
+}
+
+#[cfg(not(unix))]
+fn file_mode(_meta: &fs::Metadata) -> u32 {
+    0
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// `POST /removeall` with repeated `path` fields; `.` empties the work dir.
+pub(super) async fn remove_all<B>(b: &Buildlet, req: Request<B>) -> Response<ResponseBody>
+where
+    B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let form = match read_form(req).await {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let raw: Vec<String> = form.all("path").into_iter().map(str::to_string).collect();
+    if raw.is_empty() {
+        return bad("POST /removeall needs at least one path field ('.' empties the work dir)");
+    }
+    // Validate everything first, so a bad path changes nothing.
+    let mut targets = Vec::new();
+    for p in &raw {
+        let comps = match paths::clean(p) {
+            Ok(c) => c,
+            Err(e) => return bad(e),
+        };
+        if comps.is_empty() {
+            targets.push(None);
+        } else {
+            match paths::resolve(&b.root, p, &comps, false) {
+                Ok(t) => targets.push(Some(t)),
+                Err(e) => return bad(e),
+            }
+        }
+    }
+    let root = b.root.clone();
+    let result = tokio::task::spawn_blocking(move || -> io::Result<()> {
+        for t in targets {
+            match t {
+                None => {
+                    empty_dir(&root)?;
+                    fs::create_dir_all(root.join("tmp"))?;
+                }
+                Some(t) => remove_path(&t)?,
+            }
+        }
+        Ok(())
+    })
+    .await;
+    match result {
+        Ok(Ok(())) => text(StatusCode::OK, "OK\n"),
+        Ok(Err(e)) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("removing: {e}\n"),
+        ),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("remove task failed: {e}\n"),
+        ),
+    }
+}
+
+/// Removes a file, link or directory tree; read-only directories are made
+/// writable first. A missing path is not an error.
+pub(crate) fn remove_path(p: &Path) -> io::Result<()> {
+    let meta = match fs::symlink_metadata(p) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.is_dir() {
+        return fs::remove_file(p);
+    }
+    match fs::remove_dir_all(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(_) => {
+            make_writable(p);
+            fs::remove_dir_all(p)
+        }
+    }
+}
+
+#[cfg(unix)]
+fn make_writable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                make_writable(&e.path());
+            }
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn make_writable(dir: &Path) {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if let Ok(m) = e.metadata() {
+                let mut p = m.permissions();
+                #[allow(clippy::permissions_set_readonly_false)]
+                p.set_readonly(false);
+                let _ = fs::set_permissions(e.path(), p);
+            }
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                make_writable(&e.path());
+            }
+        }
+    }
+}
+
+/// Removes everything inside `dir`, keeping `dir` itself.
+pub(crate) fn empty_dir(dir: &Path) -> io::Result<()> {
+    for e in fs::read_dir(dir)? {
+        remove_path(&e?.path())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,415 @@
+//! The buildlet's HTTP API.
+//!
+//! [`Buildlet`] owns the work dir and answers the endpoints described in
+//! `ARCHITECTURE.md`. It is transport-agnostic: [`Buildlet::handle`] serves one
+//! request, whether it arrived on a direct listener ([`Buildlet::serve`]) or, in
+//! reverse mode, over the connection the buildlet dialled to the coordinator.
+
+// Handlers return early with a ready error response; boxing it buys nothing.
+#![allow(clippy::result_large_err)]
+
+mod body;
+mod exec;
+mod files;
+
+use std::collections::HashSet;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Body as HttpBody;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use body::ResponseBody;
+
+use crate::proto;
+
+/// How a buildlet is set up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The work dir; created and emptied by [`Buildlet::new`].
+    pub workdir: PathBuf,
+    /// HTTP Basic password for direct mode; `None` disables the check (reverse
+    /// mode, where the connection itself is authenticated).
+    pub password: Option<String>,
+    /// Largest request body accepted by `/writetgz` and `/write`.
+    pub max_body: u64,
+    /// Reboot the machine after `/halt` instead of just exiting.
+    pub reboot: bool,
+    /// Reported in `/status`.
+    pub hostname: String,
+}
+
+impl Config {
+    pub fn new(workdir: impl Into<PathBuf>) -> Config {
+        Config {
+            workdir: workdir.into(),
+            password: None,
+            max_body: proto::DEFAULT_MAX_BODY,
+            reboot: false,
+            hostname: default_hostname(),
+        }
+    }
+}
+
+/// The machine's host name, or `buildlet` when it cannot be read.
+pub fn default_hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .or_else(|| {
+            std::process::Command::new("hostname")
+                .output()
+                .ok()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "buildlet".into())
+}
+
+/// Why a buildlet could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("work dir {path}: {err}")]
+    Workdir { path: PathBuf, err: io::Error },
+    #[error(
+        "refusing to use {0} as the work dir: it is emptied at start, and this is the file system root, your home directory or one of its parents"
+    )]
+    DangerousWorkdir(PathBuf),
+}
+
+/// A running buildlet: its work dir and the state shared by all requests.
+pub struct Buildlet {
+    cfg: Config,
+    /// Canonical absolute work dir.
+    root: PathBuf,
+    started: Instant,
+    halt_tx: watch::Sender<bool>,
+    /// Process groups of running `/exec` commands, killed on halt.
+    running: Mutex<HashSet<u32>>,
+}
+
+impl Buildlet {
+    /// Creates the work dir if needed, empties it, and creates `tmp/` in it.
+    pub fn new(cfg: Config) -> Result<Arc<Buildlet>, SetupError> {
+        let wd = &cfg.workdir;
+        let werr = |err| SetupError::Workdir {
+            path: wd.clone(),
+            err,
+        };
+        std::fs::create_dir_all(wd).map_err(werr)?;
+        let root = wd.canonicalize().map_err(werr)?;
+        if is_dangerous(&root) {
+            return Err(SetupError::DangerousWorkdir(root));
+        }
+        files::empty_dir(&root).map_err(werr)?;
+        std::fs::create_dir_all(root.join("tmp")).map_err(werr)?;
+        let (halt_tx, _) = watch::channel(false);
+        Ok(Arc::new(Buildlet {
+            cfg,
+            root,
+            started: Instant::now(),
+            halt_tx,
+            running: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    /// The canonical work dir.
+    pub fn workdir(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Resolves when `/halt` was called.
+    pub async fn halted(&self) {
+        let mut rx = self.halt_tx.subscribe();
+        let _ = rx.wait_for(|h| *h).await;
+    }
+
+    /// Asks the buildlet to stop: running commands are killed and
+    /// [`Buildlet::halted`] resolves.
+    pub fn halt(&self) {
+        self.kill_all();
+        let _ = self.halt_tx.send(true);
+    }
+
+    pub fn status(&self) -> proto::Status {
+        proto::Status {
+            version: proto::VERSION,
+            build: env!("CARGO_PKG_VERSION").to_string(),
+            os: std::env::consts::OS.to_string(),
+            arch: std::env::consts::ARCH.to_string(),
+            hostname: self.cfg.hostname.clone(),
+            workdir: self.root.display().to_string(),
+            uptime_secs: self.started.elapsed().as_secs(),
+        }
+    }
+
+    /// Serves the API on `listener` until `/halt` is called.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> io::Result<()> {
+        let mut halted = std::pin::pin!(self.clone().halted_owned());
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!("accept: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = &mut halted => return Ok(()),
+            };
+            let _ = stream.set_nodelay(true);
+            let me = self.clone();
+            tokio::spawn(async move { me.serve_conn(stream, peer).await });
+        }
+    }
+
+    async fn halted_owned(self: Arc<Self>) {
+        self.halted().await
+    }
+
+    async fn serve_conn(self: Arc<Self>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+        let svc = hyper::service::service_fn(move |req| {
+            let me = self.clone();
+            async move { Ok::<_, std::convert::Infallible>(me.handle(req).await) }
+        });
+        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+            tracing::debug!(%peer, "connection ended: {e}");
+        }
+    }
+
+    /// Serves one request of the buildlet API.
+    pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Response<ResponseBody>
+    where
+        B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let path = req.uri().path().to_string();
+        let method = req.method().clone();
+        if path == "/healthz" {
+            return text(StatusCode::OK, "ok\n");
+        }
+        if path == "/" {
+            return text(
+                StatusCode::OK,
+                format!(
+                    "buildlet running on {}-{}\n",
+                    std::env::consts::OS,
+                    std::env::consts::ARCH
+                ),
+            );
+        }
+        if let Some(resp) = self.check_auth(&req) {
+            return resp;
+        }
+        let resp = match (method.clone(), path.as_str()) {
+            (Method::GET, "/status") => json(&self.status()),
+            (Method::GET, "/workdir") => text(StatusCode::OK, format!("{}\n", self.root.display())),
+            (Method::PUT, "/writetgz") => files::write_tgz_body(&self, req).await,
+            (Method::POST, "/writetgz") => files::write_tgz_url(&self, req).await,
+            (Method::PUT, "/write") => files::write_file(&self, req).await,
+            (Method::GET, "/tgz") => files::get_tgz(&self, req).await,
+            (Method::GET, "/ls") => files::ls(&self, req).await,
+            (Method::POST, "/removeall") => files::remove_all(&self, req).await,
+            (Method::POST, "/exec") => exec::exec(self.clone(), req).await,
+            (Method::POST, "/halt") => {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    me.halt();
+                });
+                text(StatusCode::OK, "halting\n")
+            }
+            (
+                _,
+                "/status" | "/workdir" | "/writetgz" | "/write" | "/tgz" | "/ls" | "/removeall"
+                | "/exec" | "/halt",
+            ) => text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method {method} not allowed on {path}\n"),
+            ),
+            _ => text(StatusCode::NOT_FOUND, format!("no such endpoint: {path}\n")),
+        };
+        if !resp.status().is_success() {
+            tracing::info!(%method, %path, status = %resp.status(), "request refused");
+        }
+        resp
+    }
+
+    fn check_auth<B>(&self, req: &Request<B>) -> Option<Response<ResponseBody>> {
+        let want = self.cfg.password.as_deref()?;
+        let got = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Basic "))
+            .and_then(|b| {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD
+                    .decode(b.trim())
+                    .ok()
+            })
+            .and_then(|raw| {
+                let s = String::from_utf8(raw).ok()?;
+                s.split_once(':').map(|(_, p)| p.to_string())
+            });
+        let ok = got.is_some_and(|p| bool::from(p.as_bytes().ct_eq(want.as_bytes())));
+        if ok {
+            return None;
+        }
+        let mut resp = text(
+            StatusCode::UNAUTHORIZED,
+            "wrong or missing password (HTTP Basic auth, any user name)\n",
+        );
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Basic realm=\"buildlet\""),
+        );
+        Some(resp)
+    }
+
+    fn track(&self, pgid: u32) {
+        if let Ok(mut r) = self.running.lock() {
+            r.insert(pgid);
+        }
+    }
+
+    fn untrack(&self, pgid: u32) {
+        if let Ok(mut r) = self.running.lock() {
+            r.remove(&pgid);
+        }
+    }
+
+    fn kill_all(&self) {
+        let pids: Vec<u32> = match self.running.lock() {
+            Ok(r) => r.iter().copied().collect(),
+            Err(_) => return,
+        };
+        for pid in pids {
+            exec::kill_group(pid);
+        }
+    }
+}
+
+fn is_dangerous(root: &Path) -> bool {
+    if root.parent().is_none() {
+        return true;
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let cwd = std::env::current_dir().ok();
+    [home, cwd]
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.canonicalize().ok())
+        .any(|p| p.starts_with(root))
+}
+
+pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+pub(crate) fn json<T: serde::Serialize>(v: &T) -> Response<ResponseBody> {
+    match serde_json::to_vec(v) {
+        Ok(b) => {
+            let mut resp = Response::new(ResponseBody::full(Bytes::from(b)));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding JSON: {e}\n"),
+        ),
+    }
+}
+
+/// Parses query parameters, keeping repeated keys.
+pub(crate) fn query_pairs<B>(req: &Request<B>) -> Vec<(String, String)> {
+    req.uri()
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+/// Simple accessors over a list of form pairs.
+pub(crate) struct Form(pub Vec<(String, String)>);
+
+impl Form {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn all(&self, key: &str) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    pub fn flag(&self, key: &str) -> bool {
+        matches!(self.get(key), Some("1" | "true" | "yes" | "on"))
+    }
+}
+
+/// Largest form body accepted by `/exec` and `/removeall`.
+const MAX_FORM: usize = 4 << 20;
+
+/// Reads the query string and, for urlencoded bodies, the form body.
+pub(crate) async fn read_form<B>(req: Request<B>) -> Result<Form, Response<ResponseBody>>
+where
+    B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::BodyExt;
+    let mut pairs = query_pairs(&req);
+    let body = http_body_util::Limited::new(req.into_body(), MAX_FORM);
+    let bytes = match body.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                return Err(text(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("form body larger than {MAX_FORM} bytes\n"),
+                ));
+            }
+            return Err(text(
+                StatusCode::BAD_REQUEST,
+                format!("reading form body: {e}\n"),
+            ));
+        }
+    };
+    pairs.extend(form_urlencoded::parse(&bytes).into_owned());
+    Ok(Form(pairs))
+}

@@ -1,0 +1,413 @@
+//! Tar.gz in and out of the work dir, with every entry checked.
+//!
+//! Extraction ([`extract`]) accepts regular files, directories, hard links to
+//! files already inside the tree and symbolic links that stay inside it; it
+//! refuses device files, named pipes and anything that would land outside the
+//! work dir, naming the offending entry. Whatever it created before an error is
+//! removed again, so a refused tarball leaves no half-written tree behind.
+//!
+//! Packing ([`pack`]) streams a directory without following symbolic links.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::paths::{self, PathError};
+
+/// Why an archive could not be extracted.
+#[derive(Debug, thiserror::Error)]
+pub enum TarError {
+    /// The body was larger than the configured limit.
+    #[error("request body is larger than the limit of {0} bytes")]
+    TooLarge(u64),
+    /// The gzip or tar framing is broken (or the stream ended early).
+    #[error("bad tar.gz stream: {0}")]
+    Format(io::Error),
+    /// An entry was refused; the message names it.
+    #[error("tar entry {entry:?}: {reason}")]
+    Entry { entry: String, reason: String },
+    #[error(transparent)]
+    Path(#[from] PathError),
+    /// The buildlet's own file system failed (disk full, permissions).
+    #[error("writing {path}: {err}")]
+    Io { path: PathBuf, err: io::Error },
+}
+
+impl TarError {
+    /// True when the fault lies with the archive or the request, not the machine.
+    pub fn is_client_error(&self) -> bool {
+        !matches!(self, TarError::Io { .. })
+    }
+}
+
+/// Marker error a body reader returns when the body exceeds its limit.
+#[derive(Debug)]
+pub struct BodyTooLarge(pub u64);
+
+impl std::fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "body larger than {} bytes", self.0)
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
+/// A reader that fails with [`BodyTooLarge`] once more than `max` bytes passed.
+pub struct LimitedReader<R> {
+    inner: R,
+    read: u64,
+    max: u64,
+}
+
+impl<R> LimitedReader<R> {
+    pub fn new(inner: R, max: u64) -> Self {
+        LimitedReader {
+            inner,
+            read: 0,
+            max,
+        }
+    }
+}
+
+impl<R: Read> Read for LimitedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        if self.read > self.max {
+            return Err(io::Error::other(BodyTooLarge(self.max)));
+        }
+        Ok(n)
+    }
+}
+
+/// What an extraction wrote.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ExtractStats {
+    pub files: u64,
+    pub dirs: u64,
+    pub links: u64,
+    pub bytes: u64,
+}
+
+fn classify_read_error(err: io::Error) -> TarError {
+    if let Some(too_large) = err.get_ref().and_then(|e| e.downcast_ref::<BodyTooLarge>()) {
+        return TarError::TooLarge(too_large.0);
+    }
+    TarError::Format(err)
+}
+
+/// Extracts a gzip-compressed tar stream into `root/dest`.
+///
+/// `root` must be the canonical work dir; `dest` a path already passed through
+/// [`paths::clean`]. On error, everything this call created is removed.
+pub fn extract<R: Read>(reader: R, root: &Path, dest: &[String]) -> Result<ExtractStats, TarError> {
+    let mut ex = Extractor {
+        root,
+        created: Vec::new(),
+        stats: ExtractStats::default(),
+        now: SystemTime::now(),
+    };
+    match ex.run(reader, dest) {
+        Ok(()) => Ok(ex.stats),
+        Err(e) => {
+            ex.undo();
+            Err(e)
+        }
+    }
+}
+
+struct Extractor<'a> {
+    root: &'a Path,
+    /// Paths this extraction created, in creation order, for cleanup on error.
+    created: Vec<PathBuf>,
+    stats: ExtractStats,
+    now: SystemTime,
+}
+
+impl Extractor<'_> {
+    fn run<R: Read>(&mut self, reader: R, dest: &[String]) -> Result<(), TarError> {
+        let dest_path = paths::resolve(self.root, &dest.join("/"), dest, true)?;
+        self.mkdirs(&dest_path)?;
+        let gz = flate2::read::GzDecoder::new(reader);
+        let mut archive = tar::Archive::new(gz);
+        let entries = archive.entries().map_err(classify_read_error)?;
+        for entry in entries {
+            let mut entry = entry.map_err(classify_read_error)?;
+            self.entry(&mut entry, dest)?;
+        }
+        // Drain trailing bytes so a truncated or corrupt gzip tail is noticed
+        // and a body limit still applies after the tar end-of-archive marker.
+        let mut gz = archive.into_inner();
+        io::copy(&mut gz, &mut io::sink()).map_err(classify_read_error)?;
+        Ok(())
+    }
+
+    fn entry<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        dest: &[String],
+    ) -> Result<(), TarError> {
+        let raw = entry.path_bytes().into_owned();
+        let name = String::from_utf8(raw).map_err(|e| TarError::Entry {
+            entry: String::from_utf8_lossy(e.as_bytes()).into_owned(),
+            reason: "name is not valid UTF-8".into(),
+        })?;
+        let kind = entry.header().entry_type();
+        if kind.is_pax_global_extensions() {
+            return Ok(());
+        }
+        let bad = |reason: &str| TarError::Entry {
+            entry: name.clone(),
+            reason: reason.to_string(),
+        };
+        let rel = paths::clean(&name)?;
+        let mut comps = dest.to_vec();
+        comps.extend(rel.iter().cloned());
+        if rel.is_empty() && !kind.is_dir() {
+            return Err(bad("names the destination directory itself"));
+        }
+        if kind.is_dir() {
+            let path = paths::resolve(self.root, &name, &comps, true)?;
+            self.mkdirs(&path)?;
+            if let Ok(mode) = entry.header().mode() {
+                set_mode(&path, (mode & 0o777) | 0o700);
+            }
+            self.stats.dirs += 1;
+            return Ok(());
+        }
+        let (parent_comps, _) = comps.split_at(comps.len() - 1);
+        let parent = paths::resolve(self.root, &name, parent_comps, true)?;
+        self.mkdirs(&parent)?;
+        let target = paths::resolve(self.root, &name, &comps, false)?;
+        if kind.is_file() || kind == tar::EntryType::Continuous {
+            self.make_room(&target, &name)?;
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&target)
+                .map_err(|err| io_err(&target, err))?;
+            self.created.push(target.clone());
+            let n = copy_entry(entry, &mut f, &target)?;
+            let mtime = entry
+                .header()
+                .mtime()
+                .ok()
+                .map(|s| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s))
+                .map_or(self.now, |t| t.min(self.now));
+            let _ = f.set_modified(mtime);
+            drop(f);
+            if let Ok(mode) = entry.header().mode() {
+                set_mode(&target, mode & 0o777);
+            }
+            self.stats.files += 1;
+            self.stats.bytes += n;
+            Ok(())
+        } else if kind.is_symlink() {
+            let link = entry
+                .link_name()
+                .map_err(classify_read_error)?
+                .ok_or_else(|| bad("symbolic link without a target"))?
+                .into_owned();
+            paths::check_link_target(self.root, &name, &parent, &link)?;
+            self.make_room(&target, &name)?;
+            make_symlink(&link, &target).map_err(|err| match err.kind() {
+                io::ErrorKind::Unsupported => {
+                    bad("symbolic links are not supported on this system")
+                }
+                _ => io_err(&target, err),
+            })?;
+            self.created.push(target);
+            self.stats.links += 1;
+            Ok(())
+        } else if kind.is_hard_link() {
+            let link = entry
+                .link_name_bytes()
+                .ok_or_else(|| bad("hard link without a target"))?
+                .into_owned();
+            let link =
+                String::from_utf8(link).map_err(|_| bad("hard link target is not valid UTF-8"))?;
+            let link_rel =
+                paths::clean(&link).map_err(|e| bad(&format!("hard link target {e}")))?;
+            let mut link_comps = dest.to_vec();
+            link_comps.extend(link_rel);
+            let src = paths::resolve(self.root, &link, &link_comps, true)
+                .map_err(|e| bad(&format!("hard link target {e}")))?;
+            match fs::symlink_metadata(&src) {
+                Ok(m) if m.is_file() => {}
+                _ => {
+                    return Err(bad(&format!(
+                        "hard link target {link:?} is not a regular file already in the tree"
+                    )));
+                }
+            }
+            self.make_room(&target, &name)?;
+            fs::hard_link(&src, &target).map_err(|err| io_err(&target, err))?;
+            self.created.push(target);
+            self.stats.links += 1;
+            Ok(())
+        } else if kind.is_character_special() || kind.is_block_special() {
+            Err(bad("device files are not allowed"))
+        } else if kind.is_fifo() {
+            Err(bad("named pipes are not allowed"))
+        } else {
+            Err(bad(&format!(
+                "unsupported entry type {:?}",
+                kind.as_byte() as char
+            )))
+        }
+    }
+
+    /// Removes a file or link that an entry replaces; refuses to replace a directory.
+    fn make_room(&mut self, target: &Path, name: &str) -> Result<(), TarError> {
+        match fs::symlink_metadata(target) {
+            Ok(m) if m.is_dir() => Err(TarError::Entry {
+                entry: name.to_string(),
+                reason: "a directory already exists at this path".into(),
+            }),
+            Ok(_) => fs::remove_file(target).map_err(|err| io_err(target, err)),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Creates `path` and its missing ancestors below the root, recording each.
+    fn mkdirs(&mut self, path: &Path) -> Result<(), TarError> {
+        let mut missing = Vec::new();
+        let mut cur = path;
+        while cur != self.root && fs::symlink_metadata(cur).is_err() {
+            missing.push(cur.to_path_buf());
+            match cur.parent() {
+                Some(p) => cur = p,
+                None => break,
+            }
+        }
+        for dir in missing.into_iter().rev() {
+            fs::create_dir(&dir).map_err(|err| io_err(&dir, err))?;
+            self.created.push(dir);
+        }
+        match fs::metadata(path) {
+            Ok(m) if m.is_dir() => Ok(()),
+            _ => Err(io_err(
+                path,
+                io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
+            )),
+        }
+    }
+
+    fn undo(&mut self) {
+        for p in self.created.drain(..).rev() {
+            match fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => {
+                    let _ = fs::remove_dir_all(&p);
+                }
+                Ok(_) => {
+                    let _ = fs::remove_file(&p);
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+fn copy_entry<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    f: &mut fs::File,
+    path: &Path,
+) -> Result<u64, TarError> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match entry.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(classify_read_error(e)),
+        };
+        f.write_all(&buf[..n]).map_err(|err| io_err(path, err))?;
+        total += n as u64;
+    }
+    let want = entry.header().size().unwrap_or(total);
+    if total != want {
+        return Err(TarError::Format(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "entry {} ended after {total} of {want} bytes",
+                path.display()
+            ),
+        )));
+    }
+    Ok(total)
+}
+
+fn io_err(path: &Path, err: io::Error) -> TarError {
+    TarError::Io {
+        path: path.to_path_buf(),
+        err,
+    }
+}
+
+#[cfg(unix)]
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = fs::set_permissions(path, fs::Permissions::from_mode(mode));
+}
+
+#[cfg(not(unix))]
+fn set_mode(_path: &Path, _mode: u32) {}
+
+#[cfg(unix)]
+fn make_symlink(target: &Path, link: &Path) -> io::Result<()> {
+    std::os::unix::fs::symlink(target, link)
+}
+
+#[cfg(not(unix))]
+fn make_symlink(_target: &Path, _link: &Path) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "symlinks unsupported",
+    ))
+}
+
+/// Writes a gzip-compressed tar of `dir` to `out`, entries named relative to
+/// `dir` and sorted, symbolic links stored as links. Sockets and other special
+/// files are skipped.
+pub fn pack<W: Write>(dir: &Path, out: W, level: u32) -> io::Result<W> {
+    let gz = flate2::write::GzEncoder::new(out, flate2::Compression::new(level.min(9)));
+    let mut builder = tar::Builder::new(gz);
+    builder.follow_symlinks(false);
+    builder.mode(tar::HeaderMode::Complete);
+    walk(dir, Path::new(""), &[], &mut |full, rel, meta| {
+        let ft = meta.file_type();
+        if ft.is_dir() || ft.is_file() || ft.is_symlink() {
+            builder.append_path_with_name(full, rel)?;
+        }
+        Ok(())
+    })?;
+    builder.into_inner()?.finish()
+}
+
+/// Walks `dir` depth-first in name order without following links, calling `f`
+/// with each entry's full path, relative path and metadata. Relative paths in
+/// `skip` (and everything below them) are left out.
+pub fn walk(
+    dir: &Path,
+    rel: &Path,
+    skip: &[PathBuf],
+    f: &mut dyn FnMut(&Path, &Path, &fs::Metadata) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut names: Vec<_> = fs::read_dir(dir)?.collect::<io::Result<Vec<_>>>()?;
+    names.sort_by_key(|e| e.file_name());
+    for e in names {
+        let full = e.path();
+        let rel = rel.join(e.file_name());
+        if skip.iter().any(|s| s == &rel) {
+            continue;
+        }
+        let meta = fs::symlink_metadata(&full)?;
+        f(&full, &rel, &meta)?;
+        if meta.is_dir() {
+            walk(&full, &rel, skip, f)?;
+        }
+    }
+    Ok(())
+}

@@ -31,7 +31,10 @@ fn status_workdir_healthz() {
         assert_eq!(std::path::Path::new(&c.workdir().await.unwrap()), h.workdir);
         // The work dir starts empty except for tmp/.
         let ls = c.ls("", &LsOptions::default()).await.unwrap();
-        assert_eq!(ls.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(), vec!["tmp/"]);
+        assert_eq!(
+            ls.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(),
+            vec!["tmp/"]
+        );
     });
 }
 
@@ -48,7 +51,11 @@ fn workdir_is_wiped_at_start() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
     assert!(line.starts_with("listening on "), "{line}");
     assert!(!wd.join("old").exists(), "stale content survived the start");
     assert!(wd.join("tmp").is_dir());
@@ -61,18 +68,41 @@ fn write_ls_digest_and_modes() {
     let h = Harness::start();
     runtime().block_on(async {
         let c = h.client();
-        c.put_file("bin/tool.sh", 0o755, Bytes::from_static(b"#!/bin/sh\necho tool ran\n")).await.unwrap();
-        c.put_file("a/b/c.txt", 0o644, Bytes::from_static(b"hello")).await.unwrap();
+        c.put_file(
+            "bin/tool.sh",
+            0o755,
+            Bytes::from_static(b"#!/bin/sh\necho tool ran\n"),
+        )
+        .await
+        .unwrap();
+        c.put_file("a/b/c.txt", 0o644, Bytes::from_static(b"hello"))
+            .await
+            .unwrap();
         // Overwrite replaces content atomically.
-        c.put_file("a/b/c.txt", 0o600, Bytes::from_static(b"hello again")).await.unwrap();
-        assert_eq!(std::fs::read(h.workdir.join("a/b/c.txt")).unwrap(), b"hello again");
+        c.put_file("a/b/c.txt", 0o600, Bytes::from_static(b"hello again"))
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read(h.workdir.join("a/b/c.txt")).unwrap(),
+            b"hello again"
+        );
 
         let ls = c
-            .ls("", &LsOptions { recursive: true, digest: true, skip: vec!["tmp".into()] })
+            .ls(
+                "",
+                &LsOptions {
+                    recursive: true,
+                    digest: true,
+                    skip: vec!["tmp".into()],
+                },
+            )
             .await
             .unwrap();
         let names: Vec<_> = ls.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(names, vec!["a/", "a/b/", "a/b/c.txt", "bin/", "bin/tool.sh"]);
+        assert_eq!(
+            names,
+            vec!["a/", "a/b/", "a/b/c.txt", "bin/", "bin/tool.sh"]
+        );
         let c_txt = &ls[2];
         assert_eq!(c_txt.kind, EntryKind::File);
         assert_eq!(c_txt.size, 11);
@@ -91,7 +121,10 @@ fn write_ls_digest_and_modes() {
         assert_eq!(ls[0].path, "b/");
 
         // The written script runs (mode was honoured).
-        let (st, out) = c.exec_output("bin/tool.sh", &ExecOptions::default()).await.unwrap();
+        let (st, out) = c
+            .exec_output("bin/tool.sh", &ExecOptions::default())
+            .await
+            .unwrap();
         assert_eq!(st, ProcessState::Ok);
         assert_eq!(out, b"tool ran\n");
 
@@ -106,20 +139,38 @@ fn writetgz_tgz_round_trip() {
     let h = Harness::start();
     runtime().block_on(async {
         let c = h.client();
-        let archive = tgz(&[("src/main.c", b"int main(){return 0;}\n"), ("src/lib/util.h", b"#pragma once\n"), ("README", b"readme\n")]);
+        let archive = tgz(&[
+            ("src/main.c", b"int main(){return 0;}\n"),
+            ("src/lib/util.h", b"#pragma once\n"),
+            ("README", b"readme\n"),
+        ]);
         c.put_tgz_bytes("go", Bytes::from(archive)).await.unwrap();
-        assert_eq!(std::fs::read(h.workdir.join("go/src/lib/util.h")).unwrap(), b"#pragma once\n");
+        assert_eq!(
+            std::fs::read(h.workdir.join("go/src/lib/util.h")).unwrap(),
+            b"#pragma once\n"
+        );
 
         // Streaming upload with progress.
         let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let seen2 = seen.clone();
         let archive = tgz(&[("x.txt", &[b'x'; 300_000])]);
         let len = archive.len() as u64;
-        c.put_tgz("stream", std::io::Cursor::new(archive), Some(std::sync::Arc::new(move |n| seen2.store(n, std::sync::atomic::Ordering::SeqCst))))
-            .await
-            .unwrap();
+        c.put_tgz(
+            "stream",
+            std::io::Cursor::new(archive),
+            Some(std::sync::Arc::new(move |n| {
+                seen2.store(n, std::sync::atomic::Ordering::SeqCst)
+            })),
+        )
+        .await
+        .unwrap();
         assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), len);
-        assert_eq!(std::fs::metadata(h.workdir.join("stream/x.txt")).unwrap().len(), 300_000);
+        assert_eq!(
+            std::fs::metadata(h.workdir.join("stream/x.txt"))
+                .unwrap()
+                .len(),
+            300_000
+        );
 
         // Pull it back and check the content.
         let mut out = Vec::new();
@@ -137,11 +188,17 @@ fn writetgz_tgz_round_trip() {
             }
             names.push(name);
         }
-        assert_eq!(names, vec!["README", "src", "src/lib", "src/lib/util.h", "src/main.c"]);
+        assert_eq!(
+            names,
+            vec!["README", "src", "src/lib", "src/lib/util.h", "src/main.c"]
+        );
 
         // A missing directory is a clear 404.
         let err = c.get_tgz("nope", &mut Vec::new(), None).await.unwrap_err();
-        assert!(matches!(err, Error::Rejected { status, .. } if status == 404), "{err}");
+        assert!(
+            matches!(err, Error::Rejected { status, .. } if status == 404),
+            "{err}"
+        );
     });
 }
 
@@ -152,16 +209,32 @@ fn writetgz_from_url() {
     let h = Harness::start();
     runtime().block_on(async {
         let s = source.client();
-        s.put_tgz_bytes("pkg", Bytes::from(tgz(&[("bin/hello", b"hi\n")]))).await.unwrap();
+        s.put_tgz_bytes("pkg", Bytes::from(tgz(&[("bin/hello", b"hi\n")])))
+            .await
+            .unwrap();
         let c = h.client();
-        c.put_tgz_from_url("fetched", &source.url("/tgz?dir=pkg")).await.unwrap();
-        assert_eq!(std::fs::read(h.workdir.join("fetched/bin/hello")).unwrap(), b"hi\n");
+        c.put_tgz_from_url("fetched", &source.url("/tgz?dir=pkg"))
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read(h.workdir.join("fetched/bin/hello")).unwrap(),
+            b"hi\n"
+        );
 
-        let err = c.put_tgz_from_url("x", &source.url("/tgz?dir=missing")).await.unwrap_err();
+        let err = c
+            .put_tgz_from_url("x", &source.url("/tgz?dir=missing"))
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("404"), "{err}");
-        let err = c.put_tgz_from_url("x", "ftp://example/x.tgz").await.unwrap_err();
+        let err = c
+            .put_tgz_from_url("x", "ftp://example/x.tgz")
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::Rejected { .. }), "{err}");
-        let err = c.put_tgz_from_url("x", "http://127.0.0.1:1/x.tgz").await.unwrap_err();
+        let err = c
+            .put_tgz_from_url("x", "http://127.0.0.1:1/x.tgz")
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("fetching"), "{err}");
     });
 }
@@ -171,17 +244,37 @@ fn removeall() {
     let h = Harness::start();
     runtime().block_on(async {
         let c = h.client();
-        c.put_tgz_bytes("", Bytes::from(tgz(&[("a/1", b"1"), ("a/2", b"2"), ("b/3", b"3"), ("c", b"c")]))).await.unwrap();
+        c.put_tgz_bytes(
+            "",
+            Bytes::from(tgz(&[
+                ("a/1", b"1"),
+                ("a/2", b"2"),
+                ("b/3", b"3"),
+                ("c", b"c"),
+            ])),
+        )
+        .await
+        .unwrap();
         // Read-only directories are removed too.
-        c.exec_output("chmod", &ExecOptions { args: vec!["0555".into(), "a".into()], sys: true, ..Default::default() })
-            .await
-            .unwrap();
+        c.exec_output(
+            "chmod",
+            &ExecOptions {
+                args: vec!["0555".into(), "a".into()],
+                sys: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
         c.remove_all(&["a", "c", "does-not-exist"]).await.unwrap();
         assert!(!h.workdir.join("a").exists());
         assert!(!h.workdir.join("c").exists());
         assert!(h.workdir.join("b/3").exists());
         c.remove_all(&["."]).await.unwrap();
-        let left: Vec<_> = std::fs::read_dir(&h.workdir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let left: Vec<_> = std::fs::read_dir(&h.workdir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(left, vec!["tmp"]);
         let err = c.remove_all(&[]).await.unwrap_err();
         assert!(matches!(err, Error::Rejected { .. }));
@@ -241,57 +334,133 @@ fn exec_environment_dir_and_resolution() {
     let h = Harness::start();
     runtime().block_on(async {
         let c = h.client();
-        c.put_file("sub/dir/show.sh", 0o755, Bytes::from_static(b"#!/bin/sh\necho \"pwd=$(pwd) tmp=$TMPDIR foo=$FOO\"\n"))
-            .await
-            .unwrap();
-        c.put_file("true", 0o755, Bytes::from_static(b"#!/bin/sh\necho workdir-true\n")).await.unwrap();
+        c.put_file(
+            "sub/dir/show.sh",
+            0o755,
+            Bytes::from_static(b"#!/bin/sh\necho \"pwd=$(pwd) tmp=$TMPDIR foo=$FOO\"\n"),
+        )
+        .await
+        .unwrap();
+        c.put_file(
+            "true",
+            0o755,
+            Bytes::from_static(b"#!/bin/sh\necho workdir-true\n"),
+        )
+        .await
+        .unwrap();
         let wd = h.workdir.display().to_string();
 
         // Relative path with a separator: relative to the work dir; dir defaults to the script's.
         let (st, out) = c
-            .exec_output("sub/dir/show.sh", &ExecOptions { env: vec!["FOO=bar".into()], ..Default::default() })
+            .exec_output(
+                "sub/dir/show.sh",
+                &ExecOptions {
+                    env: vec!["FOO=bar".into()],
+                    ..Default::default()
+                },
+            )
             .await
             .unwrap();
         assert_eq!(st, ProcessState::Ok);
-        assert_eq!(String::from_utf8(out).unwrap(), format!("pwd={wd}/sub/dir tmp={wd}/tmp foo=bar\n"));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("pwd={wd}/sub/dir tmp={wd}/tmp foo=bar\n")
+        );
 
         // Explicit dir.
         let (_, out) = c
-            .exec_output("sub/dir/show.sh", &ExecOptions { dir: Some("sub".into()), ..Default::default() })
+            .exec_output(
+                "sub/dir/show.sh",
+                &ExecOptions {
+                    dir: Some("sub".into()),
+                    ..Default::default()
+                },
+            )
             .await
             .unwrap();
-        assert!(String::from_utf8(out).unwrap().starts_with(&format!("pwd={wd}/sub ")));
+        assert!(
+            String::from_utf8(out)
+                .unwrap()
+                .starts_with(&format!("pwd={wd}/sub "))
+        );
 
         // A bare name is found in the work dir first ...
-        let (_, out) = c.exec_output("true", &ExecOptions::default()).await.unwrap();
+        let (_, out) = c
+            .exec_output("true", &ExecOptions::default())
+            .await
+            .unwrap();
         assert_eq!(out, b"workdir-true\n");
         // ... but mode=sys uses only the system's.
-        let (st, out) = c.exec_output("true", &ExecOptions { sys: true, ..Default::default() }).await.unwrap();
+        let (st, out) = c
+            .exec_output(
+                "true",
+                &ExecOptions {
+                    sys: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
         assert_eq!(st, ProcessState::Ok);
         assert!(out.is_empty());
         // mode=sys refuses work-dir-relative paths.
-        let err = c.exec_output("sub/dir/show.sh", &ExecOptions { sys: true, ..Default::default() }).await.unwrap_err();
+        let err = c
+            .exec_output(
+                "sub/dir/show.sh",
+                &ExecOptions {
+                    sys: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::Rejected { .. }), "{err}");
 
         // path entries rebuild PATH with $WORKDIR and $PATH.
         let (_, out) = c
             .exec_output(
                 "sh",
-                &ExecOptions { path: vec!["$WORKDIR/sub/dir".into(), "$PATH".into()], sys: true, ..opts(&["-c", "show.sh"]) },
+                &ExecOptions {
+                    path: vec!["$WORKDIR/sub/dir".into(), "$PATH".into()],
+                    sys: true,
+                    ..opts(&["-c", "show.sh"])
+                },
             )
             .await
             .unwrap();
         assert!(String::from_utf8(out).unwrap().starts_with("pwd="));
 
         // HOME, TMPDIR and the HOME fallback.
-        let (_, out) = c.exec_output("sh", &ExecOptions { sys: true, ..opts(&["-c", "echo $TMPDIR; test -d $TMPDIR && echo ok"]) }).await.unwrap();
+        let (_, out) = c
+            .exec_output(
+                "sh",
+                &ExecOptions {
+                    sys: true,
+                    ..opts(&["-c", "echo $TMPDIR; test -d $TMPDIR && echo ok"])
+                },
+            )
+            .await
+            .unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), format!("{wd}/tmp\nok\n"));
 
         // Unknown command: a clear refusal, not a communication error.
-        let err = c.exec_output("no-such-command-xyz", &ExecOptions::default()).await.unwrap_err();
+        let err = c
+            .exec_output("no-such-command-xyz", &ExecOptions::default())
+            .await
+            .unwrap_err();
         assert!(!err.is_communication());
         assert!(err.to_string().contains("no-such-command-xyz"), "{err}");
-        let err = c.exec_output("sh", &ExecOptions { env: vec!["NOEQUALS".into()], sys: true, ..Default::default() }).await.unwrap_err();
+        let err = c
+            .exec_output(
+                "sh",
+                &ExecOptions {
+                    env: vec!["NOEQUALS".into()],
+                    sys: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("KEY=VALUE"), "{err}");
     });
 }
@@ -314,7 +483,11 @@ fn wait_dead(pid: i32, limit: Duration) -> bool {
 
 fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
         .unwrap_or(true)
 }
 
@@ -322,7 +495,10 @@ fn read_pids(path: &std::path::Path, n: usize, limit: Duration) -> Vec<i32> {
     let start = Instant::now();
     while start.elapsed() < limit {
         if let Ok(s) = std::fs::read_to_string(path) {
-            let pids: Vec<i32> = s.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+            let pids: Vec<i32> = s
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect();
             if pids.len() >= n {
                 return pids;
             }
@@ -341,7 +517,15 @@ fn exec_client_disconnect_kills_process_tree() {
     let script = "sleep 60 & echo $! > pids; echo $$ >> pids; echo started; wait";
     let task = rt.spawn(async move {
         let mut sink = Vec::new();
-        c.exec("sh", &ExecOptions { sys: true, ..opts(&["-c", script]) }, &mut sink).await
+        c.exec(
+            "sh",
+            &ExecOptions {
+                sys: true,
+                ..opts(&["-c", script])
+            },
+            &mut sink,
+        )
+        .await
     });
     let pids = read_pids(&h.workdir.join("pids"), 2, Duration::from_secs(10));
     for &p in &pids {
@@ -349,7 +533,10 @@ fn exec_client_disconnect_kills_process_tree() {
     }
     task.abort(); // drops the connection
     for &p in &pids {
-        assert!(wait_dead(p, Duration::from_secs(10)), "process {p} survived the client going away");
+        assert!(
+            wait_dead(p, Duration::from_secs(10)),
+            "process {p} survived the client going away"
+        );
     }
 }
 
@@ -370,11 +557,21 @@ fn exec_timeout_kills_tree_and_reports() {
             )
             .await
             .unwrap();
-        assert!(matches!(st, ProcessState::TimedOut(d) if d == Duration::from_millis(300)), "{st:?}");
+        assert!(
+            matches!(st, ProcessState::TimedOut(d) if d == Duration::from_millis(300)),
+            "{st:?}"
+        );
         assert_eq!(out, b"begun\n");
         assert!(start.elapsed() < Duration::from_secs(20));
-        let pid: i32 = std::fs::read_to_string(h.workdir.join("pid")).unwrap().trim().parse().unwrap();
-        assert!(wait_dead(pid, Duration::from_secs(10)), "background child survived the timeout");
+        let pid: i32 = std::fs::read_to_string(h.workdir.join("pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            wait_dead(pid, Duration::from_secs(10)),
+            "background child survived the timeout"
+        );
     });
 }
 
@@ -382,7 +579,9 @@ fn exec_timeout_kills_tree_and_reports() {
 fn halt_exits_cleanly() {
     let mut h = Harness::start();
     runtime().block_on(async { h.client().halt().await.unwrap() });
-    let st = h.wait_exit(Duration::from_secs(10)).expect("buildlet did not exit after /halt");
+    let st = h
+        .wait_exit(Duration::from_secs(10))
+        .expect("buildlet did not exit after /halt");
     assert!(st.success(), "{st}");
 }
 
@@ -394,7 +593,15 @@ fn halt_kills_running_commands() {
     let c2 = c.clone();
     let task = rt.spawn(async move {
         let mut sink = Vec::new();
-        c2.exec("sh", &ExecOptions { sys: true, ..opts(&["-c", "echo $$ > pid; exec sleep 60"]) }, &mut sink).await
+        c2.exec(
+            "sh",
+            &ExecOptions {
+                sys: true,
+                ..opts(&["-c", "echo $$ > pid; exec sleep 60"])
+            },
+            &mut sink,
+        )
+        .await
     });
     let pid = read_pids(&h.workdir.join("pid"), 1, Duration::from_secs(10))[0];
     rt.block_on(c.halt()).unwrap();
@@ -415,7 +622,10 @@ fn unreachable_buildlet_is_a_communication_error() {
         let err = c.status().await.unwrap_err();
         assert!(matches!(err, Error::Unreachable(_)), "{err}");
         assert!(err.is_communication());
-        let err = c.exec_output("true", &ExecOptions::default()).await.unwrap_err();
+        let err = c
+            .exec_output("true", &ExecOptions::default())
+            .await
+            .unwrap_err();
         assert!(err.is_communication());
     });
 }
@@ -427,7 +637,15 @@ fn buildlet_killed_mid_exec_is_broke_off() {
     let c = h.client();
     let task = rt.spawn(async move {
         let mut sink = Vec::new();
-        c.exec("sh", &ExecOptions { sys: true, ..opts(&["-c", "echo x > started; echo hi; sleep 30"]) }, &mut sink).await
+        c.exec(
+            "sh",
+            &ExecOptions {
+                sys: true,
+                ..opts(&["-c", "echo x > started; echo hi; sleep 30"])
+            },
+            &mut sink,
+        )
+        .await
     });
     read_pids(&h.workdir.join("started"), 0, Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(100));

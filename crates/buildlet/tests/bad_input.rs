@@ -3,8 +3,8 @@
 
 mod common;
 
-use bytes::Bytes;
 use buildlet::client::{Error, ExecOptions, LsOptions};
+use bytes::Bytes;
 use common::{Harness, raw, runtime, tgz, tgz_raw};
 use tar::EntryType;
 
@@ -14,7 +14,10 @@ fn rejected(err: &Error, status: u16, needle: &str) {
             assert_eq!(s.as_u16(), status, "{err}");
             let quoted = format!("{needle:?}");
             let escaped = &quoted[1..quoted.len() - 1];
-            assert!(message.contains(escaped), "message {message:?} should mention {needle:?}");
+            assert!(
+                message.contains(escaped),
+                "message {message:?} should mention {needle:?}"
+            );
         }
         other => panic!("expected a {status} refusal, got {other}"),
     }
@@ -24,7 +27,11 @@ fn rejected(err: &Error, status: u16, needle: &str) {
 fn inside(h: &Harness) -> Vec<String> {
     let mut v = Vec::new();
     for e in walk(&h.workdir) {
-        let rel = e.strip_prefix(&h.workdir).unwrap().to_string_lossy().into_owned();
+        let rel = e
+            .strip_prefix(&h.workdir)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         if rel != "tmp" {
             v.push(rel);
         }
@@ -52,44 +59,119 @@ fn tar_entries_that_escape_are_refused_and_cleaned_up() {
     let rt = runtime();
     let c = h.client();
     // Pre-existing content that must survive every refused tarball.
-    rt.block_on(c.put_tgz_bytes("keep", Bytes::from(tgz(&[("k", b"keep")])))).unwrap();
+    rt.block_on(c.put_tgz_bytes("keep", Bytes::from(tgz(&[("k", b"keep")]))))
+        .unwrap();
     let baseline = inside(&h);
 
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("dotdot", tgz_raw(&[raw("ok1", EntryType::Regular, None, b"1"), raw("../outside/sentinel", EntryType::Regular, None, b"pwned")]), "../outside/sentinel"),
-        ("nested dotdot", tgz_raw(&[raw("a/b/../../../x", EntryType::Regular, None, b"x")]), "a/b/../../../x"),
-        ("absolute", tgz_raw(&[raw("/tmp/farmer-abs-escape", EntryType::Regular, None, b"x")]), "/tmp/farmer-abs-escape"),
-        ("backslash", tgz_raw(&[raw("..\\..\\x", EntryType::Regular, None, b"x")]), "backslash"),
-        ("symlink absolute", tgz_raw(&[raw("dir/", EntryType::Directory, None, b""), raw("dir/link", EntryType::Symlink, Some("/etc"), b"")]), "dir/link"),
-        ("symlink up", tgz_raw(&[raw("link", EntryType::Symlink, Some("../../outside"), b"")]), "link"),
-        ("symlink dot-dot after name", tgz_raw(&[raw("b", EntryType::Symlink, Some("."), b""), raw("a", EntryType::Symlink, Some("b/.."), b"")]), "a"),
+        (
+            "dotdot",
+            tgz_raw(&[
+                raw("ok1", EntryType::Regular, None, b"1"),
+                raw("../outside/sentinel", EntryType::Regular, None, b"pwned"),
+            ]),
+            "../outside/sentinel",
+        ),
+        (
+            "nested dotdot",
+            tgz_raw(&[raw("a/b/../../../x", EntryType::Regular, None, b"x")]),
+            "a/b/../../../x",
+        ),
+        (
+            "absolute",
+            tgz_raw(&[raw(
+                "/tmp/farmer-abs-escape",
+                EntryType::Regular,
+                None,
+                b"x",
+            )]),
+            "/tmp/farmer-abs-escape",
+        ),
+        (
+            "backslash",
+            tgz_raw(&[raw("..\\..\\x", EntryType::Regular, None, b"x")]),
+            "backslash",
+        ),
+        (
+            "symlink absolute",
+            tgz_raw(&[
+                raw("dir/", EntryType::Directory, None, b""),
+                raw("dir/link", EntryType::Symlink, Some("/etc"), b""),
+            ]),
+            "dir/link",
+        ),
+        (
+            "symlink up",
+            tgz_raw(&[raw("link", EntryType::Symlink, Some("../../outside"), b"")]),
+            "link",
+        ),
+        (
+            "symlink dot-dot after name",
+            tgz_raw(&[
+                raw("b", EntryType::Symlink, Some("."), b""),
+                raw("a", EntryType::Symlink, Some("b/.."), b""),
+            ]),
+            "a",
+        ),
         (
             "write through planted symlink",
-            tgz_raw(&[raw("d/", EntryType::Directory, None, b""), raw("d/up", EntryType::Symlink, Some(".."), b""),
+            tgz_raw(&[
+                raw("d/", EntryType::Directory, None, b""),
+                raw("d/up", EntryType::Symlink, Some(".."), b""),
                 raw("d/up/up2", EntryType::Symlink, Some(".."), b""),
                 raw("d/up/up2/up3", EntryType::Symlink, Some(".."), b""),
             ]),
             "d/up/up2/up3",
         ),
-        ("hardlink outside", tgz_raw(&[raw("h", EntryType::Link, Some("../outside/sentinel"), b"")]), "h"),
-        ("hardlink absolute", tgz_raw(&[raw("h", EntryType::Link, Some("/etc/passwd"), b"")]), "h"),
-        ("char device", tgz_raw(&[raw("dev", EntryType::Char, None, b"")]), "device"),
-        ("block device", tgz_raw(&[raw("blk", EntryType::Block, None, b"")]), "device"),
-        ("fifo", tgz_raw(&[raw("pipe", EntryType::Fifo, None, b"")]), "named pipe"),
+        (
+            "hardlink outside",
+            tgz_raw(&[raw("h", EntryType::Link, Some("../outside/sentinel"), b"")]),
+            "h",
+        ),
+        (
+            "hardlink absolute",
+            tgz_raw(&[raw("h", EntryType::Link, Some("/etc/passwd"), b"")]),
+            "h",
+        ),
+        (
+            "char device",
+            tgz_raw(&[raw("dev", EntryType::Char, None, b"")]),
+            "device",
+        ),
+        (
+            "block device",
+            tgz_raw(&[raw("blk", EntryType::Block, None, b"")]),
+            "device",
+        ),
+        (
+            "fifo",
+            tgz_raw(&[raw("pipe", EntryType::Fifo, None, b"")]),
+            "named pipe",
+        ),
     ];
     for (what, archive, needle) in cases {
         let err = rt
             .block_on(c.put_tgz_bytes("x", Bytes::from(archive)))
             .expect_err(what);
         rejected(&err, 400, needle);
-        assert_eq!(inside(&h), baseline, "{what}: partial extraction left behind");
+        assert_eq!(
+            inside(&h),
+            baseline,
+            "{what}: partial extraction left behind"
+        );
     }
     // The same archives aimed at an escaping dir parameter.
     for dir in ["..", "../outside", "/tmp", "keep/../.."] {
-        let err = rt.block_on(c.put_tgz_bytes(dir, Bytes::from(tgz(&[("f", b"f")])))).unwrap_err();
+        let err = rt
+            .block_on(c.put_tgz_bytes(dir, Bytes::from(tgz(&[("f", b"f")]))))
+            .unwrap_err();
         rejected(&err, 400, dir);
     }
-    assert_eq!(h.outside_snapshot(), before, "something outside the work dir changed");
+    assert_eq!(
+        h.outside_snapshot(),
+        before,
+        "something outside the work dir changed"
+    );
     assert!(!std::path::Path::new("/tmp/farmer-abs-escape").exists());
 }
 
@@ -110,14 +192,33 @@ fn symlinks_inside_the_tree_are_kept() {
         assert_eq!(std::fs::read(h.workdir.join("t/a/link")).unwrap(), b"data");
         assert_eq!(std::fs::read(h.workdir.join("t/b/up")).unwrap(), b"data");
         assert_eq!(std::fs::read(h.workdir.join("t/hard")).unwrap(), b"data");
-        let ls = c.ls("t", &LsOptions { recursive: true, ..Default::default() }).await.unwrap();
+        let ls = c
+            .ls(
+                "t",
+                &LsOptions {
+                    recursive: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
         let link = ls.iter().find(|e| e.path == "a/link").unwrap();
         assert_eq!(link.link.as_deref(), Some("file"));
         // A symlink written by a build pointing outside is never followed by file operations.
-        c.exec_output("ln", &ExecOptions { args: vec!["-s".into(), "/etc".into(), "evil".into()], sys: true, ..Default::default() })
+        c.exec_output(
+            "ln",
+            &ExecOptions {
+                args: vec!["-s".into(), "/etc".into(), "evil".into()],
+                sys: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let err = c
+            .put_file("evil/farmer-test", 0o644, Bytes::from_static(b"x"))
             .await
-            .unwrap();
-        let err = c.put_file("evil/farmer-test", 0o644, Bytes::from_static(b"x")).await.unwrap_err();
+            .unwrap_err();
         rejected(&err, 400, "evil/farmer-test");
         let err = c.ls("evil", &LsOptions::default()).await.unwrap_err();
         rejected(&err, 400, "evil");
@@ -136,8 +237,18 @@ fn path_parameters_that_escape_are_refused() {
     let before = h.outside_snapshot();
     let c = h.client();
     runtime().block_on(async {
-        for p in ["../outside/sentinel", "/etc/passwd", "a/../../outside/x", "..", "C:/x", "a\\..\\b"] {
-            let err = c.put_file(p, 0o644, Bytes::from_static(b"pwned")).await.unwrap_err();
+        for p in [
+            "../outside/sentinel",
+            "/etc/passwd",
+            "a/../../outside/x",
+            "..",
+            "C:/x",
+            "a\\..\\b",
+        ] {
+            let err = c
+                .put_file(p, 0o644, Bytes::from_static(b"pwned"))
+                .await
+                .unwrap_err();
             rejected(&err, 400, p);
             let err = c.ls(p, &LsOptions::default()).await.unwrap_err();
             rejected(&err, 400, p);
@@ -145,13 +256,35 @@ fn path_parameters_that_escape_are_refused() {
             rejected(&err, 400, p);
             let err = c.remove_all(&["keep-me-not", p]).await.unwrap_err();
             rejected(&err, 400, p);
-            let err = c.exec_output("true", &ExecOptions { dir: Some(p.into()), sys: true, ..Default::default() }).await.unwrap_err();
+            let err = c
+                .exec_output(
+                    "true",
+                    &ExecOptions {
+                        dir: Some(p.into()),
+                        sys: true,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap_err();
             rejected(&err, 400, p);
-            let err = c.ls("", &LsOptions { skip: vec![p.into()], ..Default::default() }).await.unwrap_err();
+            let err = c
+                .ls(
+                    "",
+                    &LsOptions {
+                        skip: vec![p.into()],
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap_err();
             rejected(&err, 400, p);
         }
         // Relative commands must stay inside too.
-        let err = c.exec_output("../outside/sentinel", &ExecOptions::default()).await.unwrap_err();
+        let err = c
+            .exec_output("../outside/sentinel", &ExecOptions::default())
+            .await
+            .unwrap_err();
         rejected(&err, 400, "../outside/sentinel");
         let err = c.put_file("", 0o644, Bytes::new()).await.unwrap_err();
         rejected(&err, 400, "path");
@@ -165,7 +298,10 @@ fn oversize_bodies_get_413_and_leave_nothing() {
     let c = h.client();
     runtime().block_on(async {
         // Declared too large: refused before reading.
-        let err = c.put_file("big", 0o644, Bytes::from(vec![b'x'; 70_000])).await.unwrap_err();
+        let err = c
+            .put_file("big", 0o644, Bytes::from(vec![b'x'; 70_000]))
+            .await
+            .unwrap_err();
         rejected(&err, 413, "65536");
         assert!(!h.workdir.join("big").exists());
         // Streamed without a length: refused while reading, partial output removed.
@@ -180,12 +316,20 @@ fn oversize_bodies_get_413_and_leave_nothing() {
             .collect();
         let archive = tgz(&[("first", b"small"), ("noise", &noise)]);
         assert!(archive.len() > 65536);
-        let err = c.put_tgz("x", std::io::Cursor::new(archive), None).await.unwrap_err();
+        let err = c
+            .put_tgz("x", std::io::Cursor::new(archive), None)
+            .await
+            .unwrap_err();
         rejected(&err, 413, "65536");
-        let left: Vec<_> = std::fs::read_dir(&h.workdir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let left: Vec<_> = std::fs::read_dir(&h.workdir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(left, vec!["tmp"], "partial extraction left behind");
         // Small bodies still work.
-        c.put_file("small", 0o644, Bytes::from_static(b"ok")).await.unwrap();
+        c.put_file("small", 0o644, Bytes::from_static(b"ok"))
+            .await
+            .unwrap();
     });
 }
 
@@ -194,18 +338,30 @@ fn broken_gzip_and_truncated_tar_get_400() {
     let h = Harness::start();
     let c = h.client();
     runtime().block_on(async {
-        let err = c.put_tgz_bytes("x", Bytes::from_static(b"this is not gzip at all")).await.unwrap_err();
+        let err = c
+            .put_tgz_bytes("x", Bytes::from_static(b"this is not gzip at all"))
+            .await
+            .unwrap_err();
         rejected(&err, 400, "tar.gz");
         let mut archive = tgz(&[("a", &[b'a'; 10_000]), ("b", &[b'b'; 10_000])]);
         archive.truncate(archive.len() / 2);
-        let err = c.put_tgz_bytes("x", Bytes::from(archive)).await.unwrap_err();
+        let err = c
+            .put_tgz_bytes("x", Bytes::from(archive))
+            .await
+            .unwrap_err();
         rejected(&err, 400, "tar.gz");
         let mut archive = tgz(&[("a", b"aaaa")]);
         let n = archive.len();
         archive[n - 6] ^= 0xff; // corrupt the CRC
-        let err = c.put_tgz_bytes("x", Bytes::from(archive)).await.unwrap_err();
+        let err = c
+            .put_tgz_bytes("x", Bytes::from(archive))
+            .await
+            .unwrap_err();
         rejected(&err, 400, "tar.gz");
-        let left: Vec<_> = std::fs::read_dir(&h.workdir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let left: Vec<_> = std::fs::read_dir(&h.workdir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(left, vec!["tmp"]);
     });
 }
@@ -222,13 +378,28 @@ fn wrong_or_missing_password_is_refused() {
             let err = c.status().await.unwrap_err();
             rejected(&err, 401, "password");
             assert!(!err.is_communication());
-            let err = c.put_file("x", 0o644, Bytes::from_static(b"x")).await.unwrap_err();
+            let err = c
+                .put_file("x", 0o644, Bytes::from_static(b"x"))
+                .await
+                .unwrap_err();
             rejected(&err, 401, "password");
-            let err = c.exec_output("true", &ExecOptions { sys: true, ..Default::default() }).await.unwrap_err();
+            let err = c
+                .exec_output(
+                    "true",
+                    &ExecOptions {
+                        sys: true,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap_err();
             rejected(&err, 401, "password");
         }
         // /healthz is the one unauthenticated endpoint.
-        buildlet::client::Client::new(&h.addr, None).healthz().await.unwrap();
+        buildlet::client::Client::new(&h.addr, None)
+            .healthz()
+            .await
+            .unwrap();
     });
     assert!(!h.workdir.join("x").exists());
 }
@@ -257,7 +428,11 @@ fn refuses_dangerous_workdir() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refusing"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(home.path().join("precious").exists());
 }
 
@@ -265,8 +440,9 @@ fn refuses_dangerous_workdir() {
 fn unknown_endpoints_and_methods() {
     let h = Harness::start();
     runtime().block_on(async {
-        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http::<http_body_util::Empty<Bytes>>();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<Bytes>>();
         let r = client.get(h.url("/nope").parse().unwrap()).await.unwrap();
         assert_eq!(r.status(), 404);
         let r = client.get(h.url("/exec").parse().unwrap()).await.unwrap();

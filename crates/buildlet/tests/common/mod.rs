@@ -45,7 +45,9 @@ impl Harness {
         let mut child = cmd.spawn().expect("spawn buildlet");
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read listen line");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read listen line");
         let addr = line
             .trim()
             .strip_prefix("listening on ")
@@ -100,7 +102,13 @@ fn snapshot(root: &Path, dir: &Path, skip: &Path, out: &mut BTreeMap<PathBuf, Ve
         let rel = p.strip_prefix(root).unwrap().to_path_buf();
         let meta = std::fs::symlink_metadata(&p).unwrap();
         if meta.file_type().is_symlink() {
-            out.insert(rel, std::fs::read_link(&p).unwrap().into_os_string().into_encoded_bytes());
+            out.insert(
+                rel,
+                std::fs::read_link(&p)
+                    .unwrap()
+                    .into_os_string()
+                    .into_encoded_bytes(),
+            );
         } else if meta.is_dir() {
             out.insert(rel, b"<dir>".to_vec());
             snapshot(root, &p, skip, out);
@@ -119,7 +127,10 @@ impl Drop for Harness {
 
 /// Builds a tar.gz in memory from (name, content) pairs of regular files.
 pub fn tgz(files: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
     for (name, data) in files {
         let mut h = tar::Header::new_gnu();
         h.set_size(data.len() as u64);
@@ -154,16 +165,33 @@ pub struct Raw<'a> {
     pub data: &'a [u8],
 }
 
-pub fn raw<'a>(name: &'a str, kind: tar::EntryType, link: Option<&'a str>, data: &'a [u8]) -> Raw<'a> {
-    Raw { name, kind, link, data }
+pub fn raw<'a>(
+    name: &'a str,
+    kind: tar::EntryType,
+    link: Option<&'a str>,
+    data: &'a [u8],
+) -> Raw<'a> {
+    Raw {
+        name,
+        kind,
+        link,
+        data,
+    }
 }
 
 pub fn tgz_raw(entries: &[Raw<'_>]) -> Vec<u8> {
-    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
     for e in entries {
         let mut h = tar::Header::new_gnu();
         h.set_size(e.data.len() as u64);
-        h.set_mode(if e.kind == tar::EntryType::Directory { 0o755 } else { 0o644 });
+        h.set_mode(if e.kind == tar::EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        });
         h.set_entry_type(e.kind);
         set_raw_name(&mut h, e.name);
         if let Some(l) = e.link {

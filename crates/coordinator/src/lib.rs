@@ -1,0 +1,4 @@
+//! The farmer coordinator.
+
+pub mod config;
+pub mod git;

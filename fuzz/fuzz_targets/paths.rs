@@ -143,7 +143,8 @@ fuzz_target!(|data: &[u8]| {
                     real.display()
                 );
             }
-        } else if let Some(parent) = joined.parent()
+        } else if !comps.is_empty()
+            && let Some(parent) = joined.parent()
             && let Ok(real) = fs::canonicalize(parent)
         {
             assert!(

@@ -17,6 +17,21 @@ pub const VERSION: u32 = 1;
 /// stream broke off: a communication failure, never a failed command.
 pub const PROCESS_STATE_TRAILER: &str = "process-state";
 
+/// Path of the coordinator endpoint a reverse buildlet dials.
+pub const REVERSE_PATH: &str = "/reverse";
+
+/// `Upgrade` protocol token of the reverse connection: after `101`, the
+/// coordinator speaks HTTP/2 as the client and the buildlet serves its API.
+pub const REVERSE_UPGRADE: &str = "farmer-buildlet";
+
+/// Registration headers sent by a reverse buildlet.
+pub const HDR_HOST_TYPE: &str = "x-farmer-host-type";
+pub const HDR_HOSTNAME: &str = "x-farmer-hostname";
+pub const HDR_VERSION: &str = "x-farmer-buildlet-version";
+pub const HDR_BUILDER_KEY: &str = "x-farmer-builder-key";
+/// The buildlet's build (crate version), shown on the status page.
+pub const HDR_BUILD: &str = "x-farmer-buildlet-build";
+
 /// Default cap on request bodies (`/writetgz`, `/write`): 4 GiB.
 pub const DEFAULT_MAX_BODY: u64 = 4 << 30;
 

@@ -1,0 +1,863 @@
+//! Reading the watched repositories with gix (a git library): branch heads,
+//! new commits, commit metadata, and a commit's tree as a tar.gz for the
+//! buildlets (which need no git).
+//!
+//! A [`Repo`] is either a local repository opened in place (a path, bare or
+//! with a work tree) or a bare clone of a remote URL kept under a cache
+//! directory and updated by [`Repo::fetch`]. [`write_history`] creates a
+//! repository from scratch (the demo's sample repository), also without git.
+
+use std::borrow::Cow;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+
+use gix::bstr::{BStr, ByteSlice};
+use gix::objs::FindExt;
+use gix::objs::tree::EntryKind;
+
+/// One commit, as the poller records it and the dashboard shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Commit {
+    /// Full hex hash.
+    pub hash: String,
+    /// Full hex hashes of the parents, in order.
+    pub parents: Vec<String>,
+    /// Author name.
+    pub author: String,
+    /// Author email.
+    pub email: String,
+    /// Author time, unix seconds.
+    pub time: i64,
+    /// The subject: the message's first paragraph folded into one line, as
+    /// `git log --format=%s` shows it (usually just the first line).
+    pub subject: String,
+}
+
+/// Everything that can go wrong reading a repository. Every message names the
+/// repository (path or URL, with any password removed) and what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    /// The repository could not be opened (missing path, not a repository…).
+    #[error("cannot open git repository {repo}: {detail}")]
+    Open { repo: String, detail: String },
+    /// The URL's transport is not available in this build.
+    #[error("git repository {url}: {reason}")]
+    Unsupported { url: String, reason: String },
+    /// Cloning a remote repository into the cache failed.
+    #[error("cannot clone {url} into {path}: {detail}")]
+    Clone {
+        url: String,
+        path: String,
+        detail: String,
+    },
+    /// Fetching from the remote failed.
+    #[error("cannot fetch {url} into {path}: {detail}")]
+    Fetch {
+        url: String,
+        path: String,
+        detail: String,
+    },
+    /// A branch or commit that does not exist.
+    #[error("git repository {repo}: {what} not found")]
+    NotFound { repo: String, what: String },
+    /// A malformed argument: a branch name git does not allow, a revision
+    /// that is not a commit…
+    #[error("git repository {repo}: invalid {what}: {detail}")]
+    Invalid {
+        repo: String,
+        what: String,
+        detail: String,
+    },
+    /// Reading refs or objects failed (a corrupt or unreadable repository).
+    #[error("git repository {repo}: reading {what}: {detail}")]
+    Read {
+        repo: String,
+        what: String,
+        detail: String,
+    },
+    /// Producing the tar.gz failed: a tree entry that can't be archived
+    /// safely, or the output writer failed.
+    #[error("git repository {repo}: archiving commit {commit}: {detail}")]
+    Archive {
+        repo: String,
+        commit: String,
+        detail: String,
+    },
+    /// Creating a repository or writing objects and refs failed.
+    #[error("git repository {repo}: writing {what}: {detail}")]
+    Write {
+        repo: String,
+        what: String,
+        detail: String,
+    },
+}
+
+/// A watched repository. Cheap to share: `Send + Sync`, every method takes
+/// `&self` and works on its own thread-local handle.
+pub struct Repo {
+    repo: gix::ThreadSafeRepository,
+    /// How errors name this repository: the path, or the URL without password.
+    name: String,
+    /// For clones, the remote's URL (fetch updates from it).
+    remote: Option<String>,
+    /// One fetch at a time per repository.
+    fetch_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for Repo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repo")
+            .field("name", &self.name)
+            .field("git_dir", &self.repo.git_dir())
+            .field("cloned", &self.remote.is_some())
+            .finish()
+    }
+}
+
+/// Where a repository comes from.
+enum Location {
+    Local(PathBuf),
+    Remote,
+}
+
+/// The remote name clones are made with.
+const REMOTE_NAME: &str = "origin";
+
+/// Clones mirror the remote's branches as their own `refs/heads/*`,
+/// force-updated (a branch force-pushed upstream is followed).
+const MIRROR_REFSPEC: &str = "+refs/heads/*:refs/heads/*";
+
+/// Nesting deeper than this is refused when archiving (git itself refuses
+/// 4096 levels; real trees are a few dozen deep).
+const MAX_TREE_DEPTH: usize = 1024;
+
+impl Repo {
+    /// Opens a repository. `url` is a local path to a repository (bare or with
+    /// a work tree), opened in place, or a URL: `file://`, `ssh://`, `git://`
+    /// or scp-like `user@host:path`. URLs are cloned bare (all branches, as
+    /// `refs/heads/*`) into a directory under `cache_dir` named after the URL
+    /// on first use, and reopened from there afterwards; [`Repo::fetch`]
+    /// updates them. `http(s)://` URLs return [`GitError::Unsupported`]: this
+    /// build has no HTTP transport for gix.
+    ///
+    /// `file://` URLs are cloned like any remote (gix runs `git-upload-pack`
+    /// for them, so that one case needs git installed); plain paths need no git.
+    pub fn open(url: &str, cache_dir: &Path) -> Result<Repo, GitError> {
+        match classify(url)? {
+            Location::Local(path) => {
+                let name = path.display().to_string();
+                let repo = gix::open(&path).map_err(|e| GitError::Open {
+                    repo: name.clone(),
+                    detail: if path.exists() {
+                        chain(&e)
+                    } else {
+                        "no such file or directory".into()
+                    },
+                })?;
+                Ok(Repo {
+                    repo: repo.into_sync(),
+                    name,
+                    remote: None,
+                    fetch_lock: Mutex::new(()),
+                })
+            }
+            Location::Remote => open_clone(url, cache_dir),
+        }
+    }
+
+    /// The path of the repository's git directory (for clones, inside the cache).
+    pub fn git_dir(&self) -> &Path {
+        self.repo.git_dir()
+    }
+
+    /// Whether this is a clone of a remote URL (that [`Repo::fetch`] updates).
+    pub fn is_clone(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// Updates all branches from the remote for cloned repositories
+    /// (branches force-pushed upstream are followed); a no-op for local paths.
+    pub fn fetch(&self) -> Result<(), GitError> {
+        let Some(url) = &self.remote else {
+            return Ok(());
+        };
+        let _guard = self.fetch_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let repo = self.repo.to_thread_local();
+        let err = |e: gix::Error| GitError::Fetch {
+            url: url.clone(),
+            path: repo.git_dir().display().to_string(),
+            detail: chain(&e),
+        };
+        let remote = repo.find_remote(REMOTE_NAME).map_err(err)?;
+        let outcome = remote
+            .connect(gix::remote::Direction::Fetch)
+            .map_err(err)?
+            .prepare_fetch(gix::progress::Discard, Default::default())
+            .map_err(err)?
+            .receive(gix::progress::Discard, &AtomicBool::new(false))
+            .map_err(err)?;
+        tracing::debug!(repo = %self.name, status = ?status_name(&outcome.status), "fetched");
+        Ok(())
+    }
+
+    /// The commit `refs/heads/<branch>` points to (for clones, the branch as
+    /// last fetched), or `None` if there is no such branch.
+    pub fn branch_head(&self, branch: &str) -> Result<Option<String>, GitError> {
+        let repo = self.repo.to_thread_local();
+        let full = format!("refs/heads/{branch}");
+        let name: gix::refs::FullName =
+            full.as_str()
+                .try_into()
+                .map_err(
+                    |e: gix::validate::reference::name::Error| GitError::Invalid {
+                        repo: self.name.clone(),
+                        what: format!("branch name {branch:?}"),
+                        detail: e.to_string(),
+                    },
+                )?;
+        let read_err = |e: gix::Error| GitError::Read {
+            repo: self.name.clone(),
+            what: format!("branch {branch:?}"),
+            detail: chain(&e),
+        };
+        let Some(mut r) = repo.try_find_reference(&name).map_err(read_err)? else {
+            return Ok(None);
+        };
+        let id = r.peel_to_id().map_err(read_err)?.detach();
+        let obj = repo.find_header(id).map_err(read_err)?;
+        if obj.kind() != gix::objs::Kind::Commit {
+            return Err(GitError::Invalid {
+                repo: self.name.clone(),
+                what: format!("branch {branch:?}"),
+                detail: format!("it points to a {} ({id}), not a commit", obj.kind()),
+            });
+        }
+        Ok(Some(id.to_string()))
+    }
+
+    /// Commits reachable from `head` (a hash, abbreviated hash or branch),
+    /// newest first by commit time as `git log` lists them, without any
+    /// commit for which `known(hash)` is true nor anything reachable only
+    /// through known commits; at most `limit`.
+    pub fn new_commits(
+        &self,
+        head: &str,
+        known: &dyn Fn(&str) -> bool,
+        limit: usize,
+    ) -> Result<Vec<Commit>, GitError> {
+        let mut repo = self.repo.to_thread_local();
+        repo.object_cache_size_if_unset(4 << 20);
+        let id = self.resolve_commit(&repo, head)?;
+        let mut out = Vec::new();
+        if limit == 0 || known(&id.to_string()) {
+            return Ok(out);
+        }
+        let walk_err = |e: gix::Error| GitError::Read {
+            repo: self.name.clone(),
+            what: format!("the history of {head:?}"),
+            detail: chain(&e),
+        };
+        let walk = repo
+            .rev_walk([id])
+            .sorting(gix::revision::walk::Sorting::ByCommitTime(
+                Default::default(),
+            ))
+            .selected(|id| !known(&id.to_string()))
+            .map_err(walk_err)?;
+        for info in walk {
+            let info = info.map_err(walk_err)?;
+            out.push(self.read_commit(&repo, info.id)?);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The commit `hash` names: a full or abbreviated hex hash (a branch name
+    /// or other revision gix can parse works too).
+    pub fn commit(&self, hash: &str) -> Result<Commit, GitError> {
+        let repo = self.repo.to_thread_local();
+        let id = self.resolve_commit(&repo, hash)?;
+        self.read_commit(&repo, id)
+    }
+
+    /// Writes a gzip-compressed tar of the commit's tree to `out`: regular
+    /// files with mode 0644 or 0755 (the tree's executable bit), directories
+    /// (0755), symlinks as symlinks; submodules (gitlinks) skipped. Entry
+    /// names are relative, without a leading `./`, in tree order; owner
+    /// 0:0, and every mtime is the commit's committer time (as `git
+    /// archive`), so the same commit always gives the same bytes. Returns
+    /// the number of bytes of file content written.
+    pub fn archive_tgz<W: Write>(&self, hash: &str, out: W) -> Result<u64, GitError> {
+        let repo = self.repo.to_thread_local();
+        let id = self.resolve_commit(&repo, hash)?;
+        let commit = repo
+            .find_commit(id)
+            .map_err(|e| self.read_err(format!("commit {id}"), e))?;
+        let decoded = commit
+            .decode()
+            .map_err(|e| self.read_err(format!("commit {id}"), e))?;
+        let tree = decoded.tree();
+        let mtime = decoded
+            .committer()
+            .map(|s| s.seconds())
+            .unwrap_or_else(|_| decoded.author().map(|s| s.seconds()).unwrap_or(0));
+        let archive_err = |detail: String| GitError::Archive {
+            repo: self.name.clone(),
+            commit: id.to_string(),
+            detail,
+        };
+        let gz = flate2::write::GzEncoder::new(out, flate2::Compression::default());
+        let mut ar = Archiver {
+            repo: &repo,
+            tar: tar::Builder::new(gz),
+            mtime: u64::try_from(mtime).unwrap_or(0),
+            bytes: 0,
+            path: Vec::new(),
+            blob: Vec::new(),
+        };
+        ar.tree(&tree, 0).map_err(|e| match e {
+            ArchiveError::Read(what, e) => self.read_err(what, e),
+            ArchiveError::Bad(detail) => archive_err(detail),
+            ArchiveError::Io(e) => archive_err(format!("writing the archive: {e}")),
+        })?;
+        let bytes = ar.bytes;
+        ar.tar
+            .into_inner()
+            .and_then(|gz| gz.finish())
+            .and_then(|mut w| w.flush())
+            .map_err(|e| archive_err(format!("writing the archive: {e}")))?;
+        Ok(bytes)
+    }
+
+    fn read_err(&self, what: String, e: gix::Error) -> GitError {
+        GitError::Read {
+            repo: self.name.clone(),
+            what,
+            detail: chain(&e),
+        }
+    }
+
+    /// Resolves a full or abbreviated hash (or any revision) to a commit id.
+    fn resolve_commit(&self, repo: &gix::Repository, rev: &str) -> Result<gix::ObjectId, GitError> {
+        let not_found = || GitError::NotFound {
+            repo: self.name.clone(),
+            what: format!("commit {rev:?}"),
+        };
+        if rev.is_empty() {
+            return Err(GitError::Invalid {
+                repo: self.name.clone(),
+                what: "commit \"\"".into(),
+                detail: "empty revision".into(),
+            });
+        }
+        let id = if rev.len() == repo.object_hash().len_in_hex()
+            && rev.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            let id = gix::ObjectId::from_hex(rev.as_bytes()).map_err(|_| not_found())?;
+            if !repo.has_object(id) {
+                return Err(not_found());
+            }
+            id
+        } else {
+            match repo.rev_parse_single(rev) {
+                Ok(id) => id.detach(),
+                Err(e) if e.is_not_found() || is_plain_name(rev) => {
+                    tracing::trace!(rev, error = %chain(&e), "revision not found");
+                    return Err(not_found());
+                }
+                Err(e) => {
+                    return Err(GitError::Invalid {
+                        repo: self.name.clone(),
+                        what: format!("commit {rev:?}"),
+                        detail: chain(&e),
+                    });
+                }
+            }
+        };
+        let obj = repo
+            .find_object(id)
+            .map_err(|e| self.read_err(format!("commit {rev:?}"), e))?;
+        let kind = obj.kind;
+        match obj.peel_to_kind(gix::objs::Kind::Commit) {
+            Ok(c) => Ok(c.id),
+            Err(_) => Err(GitError::Invalid {
+                repo: self.name.clone(),
+                what: format!("commit {rev:?}"),
+                detail: format!("{id} is a {kind}, not a commit"),
+            }),
+        }
+    }
+
+    fn read_commit(
+        &self,
+        repo: &gix::Repository,
+        id: impl Into<gix::ObjectId>,
+    ) -> Result<Commit, GitError> {
+        let id = id.into();
+        let err = |e: gix::Error| self.read_err(format!("commit {id}"), e);
+        let commit = repo.find_commit(id).map_err(err)?;
+        let c = commit.decode().map_err(err)?;
+        let author = c.author().map_err(err)?.trim();
+        Ok(Commit {
+            hash: id.to_string(),
+            parents: c.parents().map(|p| p.to_string()).collect(),
+            author: author.name.to_str_lossy().into_owned(),
+            email: author.email.to_str_lossy().into_owned(),
+            time: author.seconds(),
+            subject: c.message().summary().to_str_lossy().into_owned(),
+        })
+    }
+}
+
+/// A revision that is just a name (no `~`, `^`, `@`, `:`…): failing to
+/// resolve it means it does not exist.
+fn is_plain_name(rev: &str) -> bool {
+    rev.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+}
+
+fn status_name(s: &gix::remote::fetch::Status) -> &'static str {
+    match s {
+        gix::remote::fetch::Status::NoPackReceived { .. } => "up to date",
+        gix::remote::fetch::Status::Change { .. } => "received a pack",
+    }
+}
+
+/// Renders an error and its causes as one line.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !m.is_empty() && !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Tells local paths from URLs; refuses transports this build lacks.
+fn classify(url: &str) -> Result<Location, GitError> {
+    if url.trim().is_empty() {
+        return Err(GitError::Open {
+            repo: format!("{url:?}"),
+            detail: "the repository url is empty".into(),
+        });
+    }
+    if let Some((scheme, _)) = url.split_once("://")
+        && !scheme.is_empty()
+        && scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+    {
+        let scheme = scheme.to_ascii_lowercase();
+        return match scheme.as_str() {
+            "file" | "ssh" | "git" | "git+ssh" | "ssh+git" => Ok(Location::Remote),
+            "http" | "https" => Err(GitError::Unsupported {
+                url: redact(url),
+                reason: "http(s) URLs are not supported by this build (gix has no HTTP transport here); \
+                         use an ssh:// or git:// URL, or a local path to a repository kept up to date by other means"
+                    .into(),
+            }),
+            _ => Err(GitError::Unsupported {
+                url: redact(url),
+                reason: format!("unknown URL scheme {scheme:?}; use a local path, file://, ssh:// or git://"),
+            }),
+        };
+    }
+    // scp-like `user@host:path` (a colon before any slash), as git reads it.
+    if let Ok(parsed) = gix::url::parse(url.as_bytes().as_bstr())
+        && parsed.scheme == gix::url::Scheme::Ssh
+    {
+        return Ok(Location::Remote);
+    }
+    Ok(Location::Local(PathBuf::from(url)))
+}
+
+/// The URL with any password replaced, for messages and logs.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+/// `cache_dir/<readable part of the url>-<hash>.git`: a URL change in the
+/// config gives a fresh clone rather than reusing one of another remote.
+fn clone_dir(cache_dir: &Path, url: &str) -> PathBuf {
+    use sha2::Digest;
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    let mut slug: String = rest
+        .trim_end_matches('/')
+        .trim_end_matches(".git")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let trimmed = slug.trim_matches(|c| c == '_' || c == '.');
+    slug = trimmed
+        .chars()
+        .rev()
+        .take(60)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    let digest = sha2::Sha256::digest(url.as_bytes());
+    let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    cache_dir.join(format!("{slug}-{hex}.git"))
+}
+
+/// Opens the clone of `url` under `cache_dir`, cloning it first if needed.
+fn open_clone(url: &str, cache_dir: &Path) -> Result<Repo, GitError> {
+    let shown = redact(url);
+    let target = clone_dir(cache_dir, url);
+    let clone_err = |detail: String| GitError::Clone {
+        url: shown.clone(),
+        path: target.display().to_string(),
+        detail,
+    };
+    if !target.exists() {
+        std::fs::create_dir_all(cache_dir)
+            .map_err(|e| clone_err(format!("creating {}: {e}", cache_dir.display())))?;
+        // Clone next to the target and rename: a clone cut short never
+        // leaves a half-made repository where the next open would find it.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let tmp = cache_dir.join(format!(
+            ".{}.tmp-{}-{nanos}",
+            target
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("clone"),
+            std::process::id()
+        ));
+        let started = std::time::Instant::now();
+        let result = gix::prepare_clone_bare(url, &tmp).and_then(|prepare| {
+            // Like `git clone --bare`, but with the refspec written to the
+            // config so that later fetches update every branch.
+            prepare
+                .configure_remote(|remote| {
+                    remote.with_refspecs(Some(MIRROR_REFSPEC), gix::remote::Direction::Fetch)
+                })
+                .fetch_only(gix::progress::Discard, &AtomicBool::new(false))
+                .map(|(repo, _)| repo)
+        });
+        if let Err(e) = result {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(clone_err(chain(&e)));
+        }
+        if let Err(e) = std::fs::rename(&tmp, &target) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            // Another open of the same URL may have won the race.
+            if !target.exists() {
+                return Err(clone_err(format!("moving the clone into place: {e}")));
+            }
+        } else {
+            tracing::info!(url = %shown, path = %target.display(), elapsed = ?started.elapsed(), "cloned repository");
+        }
+    }
+    let repo = gix::open(&target).map_err(|e| GitError::Open {
+        repo: format!("{} (clone of {shown})", target.display()),
+        detail: chain(&e),
+    })?;
+    Ok(Repo {
+        repo: repo.into_sync(),
+        name: shown,
+        remote: Some(url.to_string()),
+        fetch_lock: Mutex::new(()),
+    })
+}
+
+enum ArchiveError {
+    Read(String, gix::Error),
+    Bad(String),
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for ArchiveError {
+    fn from(e: std::io::Error) -> Self {
+        ArchiveError::Io(e)
+    }
+}
+
+struct Archiver<'r, W: Write> {
+    repo: &'r gix::Repository,
+    tar: tar::Builder<W>,
+    mtime: u64,
+    bytes: u64,
+    /// The current directory, relative, with a trailing `/` unless empty.
+    path: Vec<u8>,
+    blob: Vec<u8>,
+}
+
+impl<W: Write> Archiver<'_, W> {
+    fn header(&self, kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_mtime(self.mtime);
+        h.set_uid(0);
+        h.set_gid(0);
+        h
+    }
+
+    fn tree(&mut self, id: &gix::oid, depth: usize) -> Result<(), ArchiveError> {
+        if depth > MAX_TREE_DEPTH {
+            return Err(ArchiveError::Bad(format!(
+                "trees nested deeper than {MAX_TREE_DEPTH} levels at {:?}",
+                self.path.as_bstr()
+            )));
+        }
+        let mut buf = Vec::new();
+        let entries = self
+            .repo
+            .objects
+            .find_tree_iter(id, &mut buf)
+            .map_err(|e| ArchiveError::Read(format!("tree {id} ({:?})", self.path.as_bstr()), e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| {
+                ArchiveError::Read(format!("tree {id} ({:?})", self.path.as_bstr()), e)
+            })?;
+            let name = entry.filename;
+            if !valid_component(name) {
+                return Err(ArchiveError::Bad(format!(
+                    "the tree has an entry {:?} in {:?}, which is not a safe file name",
+                    name,
+                    if self.path.is_empty() {
+                        ".".into()
+                    } else {
+                        self.path.as_bstr().to_string()
+                    }
+                )));
+            }
+            let dir_len = self.path.len();
+            self.path.extend_from_slice(name);
+            let kind = entry.mode.kind();
+            let result = match kind {
+                EntryKind::Tree => {
+                    let mut h = self.header(tar::EntryType::Directory, 0o755, 0);
+                    let p = to_path(&self.path)?;
+                    self.tar.append_data(&mut h, p.as_ref(), std::io::empty())?;
+                    self.path.push(b'/');
+                    self.tree(entry.oid, depth + 1)
+                }
+                EntryKind::Blob | EntryKind::BlobExecutable => {
+                    let mode = if kind == EntryKind::BlobExecutable {
+                        0o755
+                    } else {
+                        0o644
+                    };
+                    self.with_blob(entry.oid, |this, data| {
+                        let mut h = this.header(tar::EntryType::Regular, mode, data.len() as u64);
+                        this.tar
+                            .append_data(&mut h, to_path(&this.path)?.as_ref(), data)?;
+                        this.bytes += data.len() as u64;
+                        Ok(())
+                    })
+                }
+                EntryKind::Link => self.with_blob(entry.oid, |this, target| {
+                    if target.is_empty() || target.contains(&0) {
+                        return Err(ArchiveError::Bad(format!(
+                            "symlink {:?} has an invalid target",
+                            this.path.as_bstr()
+                        )));
+                    }
+                    let mut h = this.header(tar::EntryType::Symlink, 0o777, 0);
+                    this.tar.append_link(
+                        &mut h,
+                        to_path(&this.path)?.as_ref(),
+                        to_path(target)?.as_ref(),
+                    )?;
+                    Ok(())
+                }),
+                // Submodules: the buildlet gets this repository's tree only.
+                EntryKind::Commit => Ok(()),
+            };
+            self.path.truncate(dir_len);
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Reads blob `id` and hands its content to `f`, reusing one buffer.
+    fn with_blob(
+        &mut self,
+        id: &gix::oid,
+        f: impl FnOnce(&mut Self, &[u8]) -> Result<(), ArchiveError>,
+    ) -> Result<(), ArchiveError> {
+        let mut buf = std::mem::take(&mut self.blob);
+        let result = match self.repo.objects.find_blob(id, &mut buf) {
+            Ok(blob) => f(self, blob.data),
+            Err(e) => Err(ArchiveError::Read(
+                format!("file {:?} (blob {id})", self.path.as_bstr()),
+                e,
+            )),
+        };
+        self.blob = buf;
+        result
+    }
+}
+
+/// A tree entry name that is safe as a path component everywhere the
+/// archive is extracted: not empty, `.`, `..` or `.git`, no `/`, `\` or NUL.
+fn valid_component(name: &BStr) -> bool {
+    !(name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.eq_ignore_ascii_case(b".git")
+        || name.contains(&b'/')
+        || name.contains(&b'\\')
+        || name.contains(&0))
+}
+
+fn to_path(bytes: &[u8]) -> Result<Cow<'_, Path>, ArchiveError> {
+    gix::path::from_byte_slice(bytes)
+        .map(Cow::Borrowed)
+        .map_err(|_| {
+            ArchiveError::Bad(format!(
+                "path {:?} is not valid on this platform",
+                bytes.as_bstr()
+            ))
+        })
+}
+
+/// A commit for [`write_history`].
+#[derive(Debug, Clone)]
+pub struct NewCommit {
+    pub message: String,
+    pub author: String,
+    pub email: String,
+    /// Author and committer time, unix seconds (UTC).
+    pub time: i64,
+    /// Files added or replaced relative to the previous commit's tree:
+    /// (relative path with `/` separators, content, executable).
+    pub files: Vec<(String, Vec<u8>, bool)>,
+}
+
+/// Appends `commits` (oldest first) to `branch` of the repository at `path`,
+/// each commit's files applied on top of the previous tree. The repository
+/// is created bare (with `HEAD` on `branch`) if `path` does not exist or is
+/// empty. Uses no git binary. Returns the new head's hash.
+pub fn write_history(path: &Path, branch: &str, commits: &[NewCommit]) -> Result<String, GitError> {
+    let name = path.display().to_string();
+    let werr = |what: &str, e: gix::Error| GitError::Write {
+        repo: name.clone(),
+        what: what.to_string(),
+        detail: chain(&e),
+    };
+    let full = format!("refs/heads/{branch}");
+    let ref_name: gix::refs::FullName =
+        full.as_str()
+            .try_into()
+            .map_err(
+                |e: gix::validate::reference::name::Error| GitError::Invalid {
+                    repo: name.clone(),
+                    what: format!("branch name {branch:?}"),
+                    detail: e.to_string(),
+                },
+            )?;
+    let is_empty_dir = path
+        .read_dir()
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(false);
+    let repo = if !path.exists() || is_empty_dir {
+        let repo = gix::init_bare(path).map_err(|e| werr("a new repository", e))?;
+        use gix::refs::transaction::{Change, LogChange, PreviousValue, RefEdit};
+        repo.edit_reference(RefEdit {
+            change: Change::Update {
+                log: LogChange::default(),
+                expected: PreviousValue::Any,
+                new: gix::refs::Target::Symbolic(ref_name.clone()),
+            },
+            name: "HEAD".try_into().expect("valid ref name"),
+            deref: false,
+        })
+        .map_err(|e| werr("HEAD", e))?;
+        repo
+    } else {
+        gix::open(path).map_err(|e| GitError::Open {
+            repo: name.clone(),
+            detail: chain(&e),
+        })?
+    };
+    let mut parent = match repo
+        .try_find_reference(&ref_name)
+        .map_err(|e| werr(&full, e))?
+    {
+        Some(mut r) => Some(r.peel_to_id().map_err(|e| werr(&full, e))?.detach()),
+        None => None,
+    };
+    for c in commits {
+        let base = match parent {
+            Some(p) => repo
+                .find_commit(p)
+                .and_then(|c| c.tree_id())
+                .map_err(|e| werr("the parent tree", e))?
+                .detach(),
+            None => gix::ObjectId::empty_tree(repo.object_hash()),
+        };
+        let mut editor = repo.edit_tree(base).map_err(|e| werr("a tree", e))?;
+        for (file, content, exec) in &c.files {
+            let blob = repo
+                .write_blob(content)
+                .map_err(|e| werr(file, e))?
+                .detach();
+            let kind = if *exec {
+                EntryKind::BlobExecutable
+            } else {
+                EntryKind::Blob
+            };
+            editor
+                .upsert(file.as_str(), kind, blob)
+                .map_err(|e| werr(file, e))?;
+        }
+        let tree = editor.write().map_err(|e| werr("a tree", e))?.detach();
+        let sig = gix::actor::Signature {
+            name: c.author.as_str().into(),
+            email: c.email.as_str().into(),
+            time: gix::date::Time::new(c.time, 0),
+        };
+        let mut time_buf = gix::date::parse::TimeBuf::default();
+        let sig_ref = sig.to_ref(&mut time_buf);
+        let mut message = c.message.clone();
+        if !message.ends_with('\n') {
+            message.push('\n');
+        }
+        let id = repo
+            .commit_as(sig_ref, sig_ref, ref_name.as_ref(), &message, tree, parent)
+            .map_err(|e| werr("a commit", e))?;
+        parent = Some(id.detach());
+    }
+    parent
+        .map(|p| p.to_string())
+        .ok_or_else(|| GitError::NotFound {
+            repo: name.clone(),
+            what: format!("branch {branch:?} (no commits given)"),
+        })
+}

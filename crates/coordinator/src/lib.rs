@@ -1,4 +1,23 @@
-//! The farmer coordinator.
+//! The farmer coordinator: host and build configs, builder keys, the reverse
+//! pool, the scheduler, builds, the store, the API and the demo farm.
+//! `ARCHITECTURE.md` at the repository root maps each concept to its module.
 
+pub mod api;
+pub mod builds;
 pub mod config;
+pub mod dashboard;
+pub mod demo;
+pub mod farm;
 pub mod git;
+pub mod keys;
+pub mod local;
+pub mod logs;
+pub mod metrics;
+pub mod poller;
+pub mod pool;
+pub mod reverse;
+pub mod run;
+pub mod scheduler;
+pub mod server;
+pub mod store;
+pub mod tls;

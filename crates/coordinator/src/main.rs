@@ -1,1 +1,187 @@
-fn main() {}
+//! `farmer`: the coordinator of a farmer build farm. See `farmer --help`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use coordinator::run::{RunOptions, Started};
+
+/// farmer: a self-hosted build farm.
+///
+/// Start with `farmer up`: a demo farm on this machine, with local buildlets
+/// and a sample repository, served at http://127.0.0.1:8080.
+#[derive(Parser, Debug)]
+#[command(name = "farmer", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the demo farm: sample repo, config and local buildlets in the data dir.
+    Up {
+        /// Where everything lives (created if missing).
+        #[arg(long = "data-dir", default_value = "farmer-data")]
+        data_dir: PathBuf,
+        /// Address for the dashboard, API and buildlet connections.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+    },
+    /// Run a coordinator with a config file.
+    Serve {
+        /// The farm config (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long = "data-dir", default_value = "farmer-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// TLS certificate (PEM) for buildlet connections; default: self-signed in the data dir.
+        #[arg(long = "tls-cert", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// TLS private key (PEM).
+        #[arg(long = "tls-key", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Accept reverse buildlets without TLS. Only for loopback tests.
+        #[arg(long = "insecure-plaintext-reverse")]
+        insecure_plaintext_reverse: bool,
+    },
+    /// Check a config file; prints every error with file, line and field.
+    CheckConfig { file: PathBuf },
+    /// Print the builder key for a host type (from the data dir's master key).
+    Genbuilderkey {
+        host_type: String,
+        #[arg(long = "data-dir", default_value = "farmer-data")]
+        data_dir: PathBuf,
+    },
+    /// Run a buildlet (same flags as the `buildlet` binary; see `farmer buildlet --help`).
+    #[command(disable_help_flag = true)]
+    Buildlet {
+        #[arg(allow_hyphen_values = true, trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "buildlet") {
+        let mut rest = vec![std::ffi::OsString::from("buildlet")];
+        rest.extend(args.into_iter().skip(2));
+        return buildlet::cli::main_from(rest);
+    }
+    let cli: Cli = goflags::parse_from(args);
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FARMER_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,sqlx=warn,hyper=warn")
+            }),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.cmd {
+        Cmd::CheckConfig { file } => match coordinator::config::load(&file) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} repos, {} host types, {} builders)",
+                    file.display(),
+                    c.repos.len(),
+                    c.hosts.len(),
+                    c.builders.len()
+                );
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        },
+        Cmd::Genbuilderkey {
+            host_type,
+            data_dir,
+        } => {
+            let m = coordinator::keys::MasterKey::load(&data_dir)
+                .with_context(|| format!("no farm master key in {} (start the coordinator once to create it, or pass --data-dir)", data_dir.display()))?;
+            println!("{}", m.builder_key(&host_type));
+            Ok(())
+        }
+        Cmd::Buildlet { .. } => unreachable!("handled before parsing"),
+        Cmd::Up { data_dir, listen } => {
+            let config =
+                coordinator::demo::prepare(&data_dir).context("preparing the demo farm")?;
+            serve(RunOptions {
+                data_dir,
+                config,
+                listen,
+                allow_plaintext: false,
+                tls_cert: None,
+                tls_key: None,
+                local_buildlet: None,
+            })
+        }
+        Cmd::Serve {
+            config,
+            data_dir,
+            listen,
+            tls_cert,
+            tls_key,
+            insecure_plaintext_reverse,
+        } => serve(RunOptions {
+            data_dir,
+            config,
+            listen,
+            allow_plaintext: insecure_plaintext_reverse,
+            tls_cert,
+            tls_key,
+            local_buildlet: None,
+        }),
+    }
+}
+
+fn serve(opts: RunOptions) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let data_dir = opts.data_dir.clone();
+    rt.block_on(coordinator::run::run(
+        opts,
+        |s: &Started| print_banner(s, &data_dir),
+        shutdown_signal(),
+    ))
+}
+
+fn print_banner(s: &Started, data_dir: &std::path::Path) {
+    let url = format!("http://{}", s.addr);
+    println!("listening on {}", s.addr);
+    println!("farmer is running:");
+    println!("  dashboard     {url}/");
+    println!("  farm status   {url}/status");
+    println!("  API           {url}/api/builds");
+    println!("  metrics       {url}/metrics");
+    println!(
+        "  admin token   {}",
+        data_dir.join(coordinator::run::ADMIN_TOKEN_FILE).display()
+    );
+    if let Some(fp) = &s.farm.tls_fingerprint {
+        println!(
+            "  buildlets     buildlet -coordinator={} -reverse-type=HOST-TYPE -tls-pin={fp}",
+            s.addr
+        );
+    }
+    println!("Press Ctrl-C to stop.");
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -76,6 +76,7 @@ async fn extract_response<R: Read + Send + 'static>(
         tarball::extract(LimitedReader::new(reader, max), &root, &dest)
     })
     .await;
+    super::release_memory();
     match result {
         Ok(Ok(stats)) => {
             tracing::debug!(?stats, %dir, "extracted tar.gz");
@@ -346,7 +347,9 @@ pub(super) async fn get_tgz<B>(b: &Buildlet, req: Request<B>) -> Response<Respon
             tx: tx.clone(),
             buf: BytesMut::with_capacity(CHUNK),
         };
-        match tarball::pack(&path, w, level).and_then(|mut w| w.flush()) {
+        let packed = tarball::pack(&path, w, level).and_then(|mut w| w.flush());
+        super::release_memory();
+        match packed {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
             Err(e) => {

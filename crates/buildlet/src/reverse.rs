@@ -1,0 +1,416 @@
+//! Reverse mode: the buildlet dials the coordinator and serves its API over
+//! the connection it opened, so machines behind NAT and firewalls need no
+//! inbound port.
+//!
+//! The buildlet sends `GET /reverse` with `Upgrade: farmer-buildlet` and its
+//! host type, host name, version and builder key. On `101 Switching
+//! Protocols` the roles turn around: the coordinator runs an HTTP/2 client on
+//! the connection and the buildlet an HTTP/2 server ([`Buildlet::handle`]).
+//! HTTP/2 PINGs keep NAT mappings alive and detect a dead peer. When the link
+//! drops, the buildlet reconnects with jittered exponential backoff; a
+//! refusal is logged with the coordinator's reason, which names what the
+//! owner must fix.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode, header};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use crate::proto;
+use crate::server::Buildlet;
+
+/// How the buildlet authenticates the coordinator's TLS certificate.
+#[derive(Debug, Clone)]
+pub enum Tls {
+    /// No TLS. Only for loopback tests and demos; the coordinator must allow it too.
+    Plaintext,
+    /// Accept exactly the certificate with this SHA-256 (of its DER), as
+    /// printed by the coordinator on start. Suits self-signed coordinators.
+    Pinned([u8; 32]),
+    /// Verify against the CA certificates in this PEM file.
+    CaFile(PathBuf),
+    /// Verify against the public web PKI roots.
+    WebPki,
+}
+
+/// Where and as whom to register.
+#[derive(Debug, Clone)]
+pub struct ReverseConfig {
+    /// `HOST:PORT` of the coordinator.
+    pub coordinator: String,
+    pub host_type: String,
+    pub hostname: String,
+    /// The builder key for `host_type`.
+    pub key: String,
+    pub tls: Tls,
+}
+
+/// Why one connection attempt ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ReverseError {
+    #[error("cannot connect to {addr}: {err}")]
+    Connect { addr: String, err: io::Error },
+    #[error("TLS with {addr}: {err}")]
+    Tls { addr: String, err: String },
+    #[error("the coordinator refused this buildlet ({status}): {message}")]
+    Refused { status: StatusCode, message: String },
+    #[error("reverse connection: {0}")]
+    Protocol(String),
+    #[error("bad configuration: {0}")]
+    Config(String),
+}
+
+/// Finds the builder key: `key_file` if given, else `$GO_BUILD_KEY_PATH`,
+/// else `~/.gobuildkey-<host-type>`, else `~/.gobuildkey`. The error lists
+/// every place that was tried.
+pub fn find_key(key_file: Option<&Path>, host_type: &str) -> Result<(String, PathBuf), String> {
+    let mut tried = Vec::new();
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(f) = key_file {
+        candidates.push(f.to_path_buf());
+    } else {
+        if let Some(p) = std::env::var_os("GO_BUILD_KEY_PATH").filter(|p| !p.is_empty()) {
+            candidates.push(PathBuf::from(p));
+        }
+        if let Some(home) = home_dir() {
+            candidates.push(home.join(format!(".gobuildkey-{host_type}")));
+            candidates.push(home.join(".gobuildkey"));
+        }
+    }
+    for c in candidates {
+        match std::fs::read_to_string(&c) {
+            Ok(s) if !s.trim().is_empty() => return Ok((s.trim().to_string(), c)),
+            Ok(_) => tried.push(format!("{} (empty)", c.display())),
+            Err(e) => tried.push(format!("{} ({e})", c.display())),
+        }
+    }
+    Err(format!(
+        "no builder key for {host_type}; tried: {}. Ask the farm admin for `genbuilderkey {host_type}` and store it in ~/.gobuildkey-{host_type}",
+        tried.join(", ")
+    ))
+}
+
+fn home_dir() -> Option<PathBuf> {
+    std::env::var_os("HOME")
+        .or_else(|| std::env::var_os("USERPROFILE"))
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Parses a hex SHA-256 pin (colons allowed, as in `openssl x509 -fingerprint`).
+pub fn parse_pin(s: &str) -> Option<[u8; 32]> {
+    let hex: String = s.chars().filter(|c| *c != ':').collect();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
+        let s = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Registers with the coordinator and serves it until `/halt`, reconnecting
+/// whenever the link drops.
+pub async fn run(b: Arc<Buildlet>, cfg: ReverseConfig) -> Result<(), ReverseError> {
+    let connector = tls_connector(&cfg.tls)?;
+    let mut backoff = Duration::from_secs(1);
+    let max_backoff = Duration::from_secs(60);
+    loop {
+        let attempt = connect_once(&b, &cfg, connector.as_ref());
+        let result = tokio::select! {
+            r = attempt => r,
+            _ = b.halted() => return Ok(()),
+        };
+        match result {
+            Ok(served_for) => {
+                tracing::warn!(
+                    "connection to the coordinator closed after {served_for:?}; reconnecting"
+                );
+                if served_for > Duration::from_secs(30) {
+                    backoff = Duration::from_secs(1);
+                }
+            }
+            Err(e @ ReverseError::Refused { .. }) => {
+                tracing::error!("{e}");
+                backoff = backoff.max(Duration::from_secs(10));
+            }
+            Err(e) => tracing::warn!("{e}"),
+        }
+        let wait = jitter(backoff);
+        tracing::info!("reconnecting in {wait:?}");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = b.halted() => return Ok(()),
+        }
+        backoff = (backoff * 2).min(max_backoff);
+    }
+}
+
+/// Spreads reconnects of many machines: a delay uniformly in [d/2, d].
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0) as u64
+        ^ u64::from(std::process::id()).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let frac = (nanos % 1000) as f64 / 1000.0;
+    d.mul_f64(0.5 + 0.5 * frac)
+}
+
+fn tls_connector(tls: &Tls) -> Result<Option<tokio_rustls::TlsConnector>, ReverseError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ReverseError::Config(e.to_string()))?;
+    let config = match tls {
+        Tls::Plaintext => return Ok(None),
+        Tls::Pinned(pin) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinVerifier {
+                pin: *pin,
+                provider,
+            }))
+            .with_no_client_auth(),
+        Tls::CaFile(path) => {
+            use rustls::pki_types::{CertificateDer, pem::PemObject};
+            let mut roots = rustls::RootCertStore::empty();
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| ReverseError::Config(format!("CA file {}: {e}", path.display())))?;
+            for c in certs {
+                let c = c.map_err(|e| {
+                    ReverseError::Config(format!("CA file {}: {e}", path.display()))
+                })?;
+                roots.add(c).map_err(|e| {
+                    ReverseError::Config(format!("CA file {}: {e}", path.display()))
+                })?;
+            }
+            if roots.is_empty() {
+                return Err(ReverseError::Config(format!(
+                    "CA file {} holds no certificate",
+                    path.display()
+                )));
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        Tls::WebPki => {
+            let roots =
+                rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    };
+    Ok(Some(tokio_rustls::TlsConnector::from(Arc::new(config))))
+}
+
+/// Accepts exactly one certificate, by the SHA-256 of its DER encoding.
+#[derive(Debug)]
+struct PinVerifier {
+    pin: [u8; 32],
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use sha2::Digest;
+        let got: [u8; 32] = sha2::Sha256::digest(end_entity.as_ref()).into();
+        if bool::from(subtle::ConstantTimeEq::ct_eq(&got[..], &self.pin[..])) {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "the coordinator's certificate does not match the pinned SHA-256 (-tls-pin)".into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn host_part(addr: &str) -> &str {
+    if let Some(rest) = addr.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
+}
+
+/// One connection: dial, register, serve until the link drops. Returns how
+/// long the buildlet was registered.
+async fn connect_once(
+    b: &Arc<Buildlet>,
+    cfg: &ReverseConfig,
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> Result<Duration, ReverseError> {
+    let addr = &cfg.coordinator;
+    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        .await
+        .map_err(|_| ReverseError::Connect {
+            addr: addr.clone(),
+            err: io::Error::new(io::ErrorKind::TimedOut, "no answer within 10s"),
+        })?
+        .map_err(|err| ReverseError::Connect {
+            addr: addr.clone(),
+            err,
+        })?;
+    let _ = tcp.set_nodelay(true);
+    match tls {
+        None => register_and_serve(b, cfg, tcp).await,
+        Some(connector) => {
+            let name = rustls::pki_types::ServerName::try_from(host_part(addr).to_string())
+                .map_err(|e| ReverseError::Config(format!("coordinator host {addr:?}: {e}")))?;
+            let stream =
+                tokio::time::timeout(Duration::from_secs(30), connector.connect(name, tcp))
+                    .await
+                    .map_err(|_| ReverseError::Tls {
+                        addr: addr.clone(),
+                        err: "handshake took longer than 30s".into(),
+                    })?
+                    .map_err(|e| ReverseError::Tls {
+                        addr: addr.clone(),
+                        err: e.to_string(),
+                    })?;
+            register_and_serve(b, cfg, stream).await
+        }
+    }
+}
+
+async fn register_and_serve<S>(
+    b: &Arc<Buildlet>,
+    cfg: &ReverseConfig,
+    stream: S,
+) -> Result<Duration, ReverseError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+        .await
+        .map_err(|e| ReverseError::Protocol(format!("HTTP handshake: {e}")))?;
+    let conn = tokio::spawn(conn.with_upgrades());
+    let req = Request::get(proto::REVERSE_PATH)
+        .header(header::HOST, cfg.coordinator.as_str())
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, proto::REVERSE_UPGRADE)
+        .header(proto::HDR_HOST_TYPE, cfg.host_type.as_str())
+        .header(proto::HDR_HOSTNAME, cfg.hostname.as_str())
+        .header(proto::HDR_VERSION, proto::VERSION.to_string())
+        .header(proto::HDR_BUILD, env!("CARGO_PKG_VERSION"))
+        .header(proto::HDR_BUILDER_KEY, cfg.key.as_str())
+        .body(Empty::new())
+        .map_err(|e| ReverseError::Config(format!("registration headers: {e}")))?;
+    let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
+        .await
+        .map_err(|_| ReverseError::Protocol("no answer to the registration within 30s".into()))?
+        .map_err(|e| ReverseError::Protocol(format!("registration: {e}")))?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let status = resp.status();
+        let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
+            .collect()
+            .await;
+        let message = body
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
+            .unwrap_or_else(|e| format!("(unreadable reason: {e})"));
+        conn.abort();
+        return Err(ReverseError::Refused { status, message });
+    }
+    let upgraded = hyper::upgrade::on(resp)
+        .await
+        .map_err(|e| ReverseError::Protocol(format!("taking over the connection: {e}")))?;
+    tracing::info!(
+        coordinator = %cfg.coordinator,
+        host_type = %cfg.host_type,
+        hostname = %cfg.hostname,
+        "registered with the coordinator"
+    );
+    let started = std::time::Instant::now();
+    let me = b.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let me = me.clone();
+        async move { Ok::<_, std::convert::Infallible>(me.handle(req).await) }
+    });
+    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(15)))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .serve_connection(upgraded, svc)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!("reverse connection ended: {e}");
+    }
+    Ok(started.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins() {
+        let hex = "ab".repeat(32);
+        assert_eq!(parse_pin(&hex), Some([0xab; 32]));
+        let colons = vec!["AB"; 32].join(":");
+        assert_eq!(parse_pin(&colons), Some([0xab; 32]));
+        assert_eq!(parse_pin("abc"), None);
+        assert_eq!(parse_pin(&"zz".repeat(32)), None);
+    }
+
+    #[test]
+    fn host_parts() {
+        assert_eq!(host_part("farm.example:443"), "farm.example");
+        assert_eq!(host_part("[::1]:8080"), "::1");
+        assert_eq!(host_part("127.0.0.1:1"), "127.0.0.1");
+    }
+
+    #[test]
+    fn jitter_is_within_bounds() {
+        for _ in 0..100 {
+            let j = jitter(Duration::from_secs(10));
+            assert!(j >= Duration::from_secs(5) && j <= Duration::from_secs(10));
+        }
+    }
+}

@@ -1,0 +1,494 @@
+//! The JSON API under `/api/`, plus `/metrics`, `/healthz` and `/reverse`.
+//!
+//! Reads are open; writes (trigger, cancel, rebuild) need the admin token as
+//! `Authorization: Bearer TOKEN`. Errors are JSON `{"error": "..."}` with a
+//! sentence saying what was wrong.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::farm::{Farm, TriggerError};
+use crate::store::{BuildFilter, BuildKind, BuildStatus};
+
+pub fn router(farm: Arc<Farm>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(buildlet::proto::REVERSE_PATH, get(crate::reverse::handle))
+        .route("/metrics", get(metrics))
+        .route("/api/status", get(status))
+        .route("/api/builders", get(builders))
+        .route("/api/hosts", get(hosts))
+        .route("/api/machines", get(machines))
+        .route("/api/queue", get(queue))
+        .route("/api/commits", get(commits))
+        .route("/api/builds", get(list_builds).post(trigger))
+        .route("/api/builds/{id}", get(build))
+        .route("/api/builds/{id}/log", get(build_log))
+        .route("/api/builds/{id}/cancel", post(cancel))
+        .route("/api/builds/{id}/rebuild", post(rebuild))
+        .with_state(farm)
+}
+
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+impl From<TriggerError> for ApiError {
+    fn from(e: TriggerError) -> Self {
+        let code = match e {
+            TriggerError::NotFound(_) => StatusCode::NOT_FOUND,
+            TriggerError::Forbidden(_) => StatusCode::FORBIDDEN,
+            TriggerError::Invalid(_) => StatusCode::BAD_REQUEST,
+            TriggerError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn require_admin(farm: &Farm, headers: &HeaderMap) -> ApiResult<()> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match token {
+        Some(t) if bool::from(t.as_bytes().ct_eq(farm.admin_token.as_bytes())) => Ok(()),
+        Some(_) => Err(ApiError(StatusCode::FORBIDDEN, "wrong admin token".into())),
+        None => Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "this needs the admin token: send Authorization: Bearer TOKEN (the token is in the data dir's admin.token)".into(),
+        )),
+    }
+}
+
+async fn metrics(State(farm): State<Arc<Farm>>) -> Response {
+    let body = crate::metrics::render(&farm).await;
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+#[derive(Serialize)]
+pub struct HealthLine {
+    pub level: &'static str,
+    pub host_type: String,
+    pub message: String,
+}
+
+/// Warnings for host types with fewer machines than expected.
+pub async fn health(farm: &Farm) -> Vec<HealthLine> {
+    let cfg = farm.config();
+    let counts = farm.pool.counts();
+    let seen = farm.store.machines().await.unwrap_or_default();
+    let connected: std::collections::HashSet<String> = farm
+        .pool
+        .snapshot()
+        .into_iter()
+        .map(|m| m.hostname)
+        .collect();
+    let now = crate::store::now_ms();
+    let mut out = Vec::new();
+    for (ht, h) in &cfg.hosts {
+        let c = counts.get(ht).copied().unwrap_or_default();
+        if c.connected < h.expected {
+            let missing = h.expected - c.connected;
+            let gone: Vec<String> = seen
+                .iter()
+                .filter(|m| &m.host_type == ht && !connected.contains(&m.hostname))
+                .map(|m| {
+                    format!(
+                        "{} (not seen for {})",
+                        m.hostname,
+                        human_duration((now - m.last_seen).max(0) / 1000)
+                    )
+                })
+                .collect();
+            let level = if c.connected == 0 { "error" } else { "warning" };
+            let mut message = format!(
+                "{missing} missing: {} of {} expected machines connected",
+                c.connected, h.expected
+            );
+            if !gone.is_empty() {
+                message.push_str(&format!("; last seen: {}", gone.join(", ")));
+            }
+            out.push(HealthLine {
+                level,
+                host_type: ht.clone(),
+                message,
+            });
+        }
+    }
+    for (repo, err) in farm
+        .poll_errors
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        out.push(HealthLine {
+            level: "error",
+            host_type: String::new(),
+            message: format!("repo {repo}: {err}"),
+        });
+    }
+    out
+}
+
+pub fn human_duration(secs: i64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+async fn status(State(farm): State<Arc<Farm>>) -> ApiResult<Json<serde_json::Value>> {
+    let running: Vec<_> = farm
+        .running_builds()
+        .iter()
+        .map(|r| {
+            json!({
+                "id": r.build_id,
+                "machine": *r.machine.lock().unwrap_or_else(|e| e.into_inner()),
+                "step": *r.step.lock().unwrap_or_else(|e| e.into_inner()),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": farm.started.elapsed().as_secs(),
+        "health": health(&farm).await,
+        "refusals": farm.pool.recent_refusals(),
+        "running": running,
+        "tls_fingerprint": farm.tls_fingerprint,
+    })))
+}
+
+async fn builders(State(farm): State<Arc<Farm>>) -> Json<serde_json::Value> {
+    let cfg = farm.config();
+    let v: Vec<_> = cfg
+        .builders
+        .values()
+        .map(|b| {
+            json!({
+                "name": b.name,
+                "host_type": b.host_type,
+                "repos": b.repos,
+                "branches": b.branches,
+                "presubmit": b.presubmit,
+                "timeout_secs": b.timeout.as_secs(),
+                "notes": b.notes,
+                "steps": b.steps.iter().map(|s| json!({"name": s.name, "command": s.command, "dir": s.dir, "timeout_secs": s.timeout.as_secs()})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Json(json!(v))
+}
+
+async fn hosts(State(farm): State<Arc<Farm>>) -> Json<serde_json::Value> {
+    let cfg = farm.config();
+    let counts = farm.pool.counts();
+    let v: Vec<_> = cfg
+        .hosts
+        .values()
+        .map(|h| {
+            let c = counts.get(&h.name).copied().unwrap_or_default();
+            json!({
+                "name": h.name,
+                "pool": match h.pool { crate::config::PoolKind::Reverse => "reverse", crate::config::PoolKind::Local => "local" },
+                "expected": h.expected,
+                "connected": c.connected,
+                "busy": c.busy,
+                "owners": h.owners,
+                "notes": h.notes,
+                "trusted": h.trusted,
+                "dimensions": h.dimensions,
+            })
+        })
+        .collect();
+    Json(json!(v))
+}
+
+async fn machines(State(farm): State<Arc<Farm>>) -> ApiResult<Json<serde_json::Value>> {
+    let connected = farm.pool.snapshot();
+    let names: std::collections::HashSet<&str> =
+        connected.iter().map(|m| m.hostname.as_str()).collect();
+    let seen: Vec<_> = farm
+        .store
+        .machines()
+        .await?
+        .into_iter()
+        .filter(|m| !names.contains(m.hostname.as_str()))
+        .collect();
+    Ok(Json(
+        json!({ "connected": connected, "disconnected": seen }),
+    ))
+}
+
+async fn queue(State(farm): State<Arc<Farm>>) -> Json<serde_json::Value> {
+    let v: Vec<_> = farm
+        .scheduler
+        .views()
+        .into_iter()
+        .map(|q| {
+            let reason = farm.wait_reason(&q.host_type);
+            json!({
+                "host_type": q.host_type,
+                "waiting": q.waiting,
+                "oldest_wait_secs": q.oldest_wait_secs,
+                "by_kind": q.by_kind,
+                "build_ids": q.build_ids,
+                "reason": reason,
+            })
+        })
+        .collect();
+    Json(json!(v))
+}
+
+#[derive(Deserialize)]
+struct CommitsQuery {
+    repo: Option<String>,
+    branch: Option<String>,
+    limit: Option<i64>,
+    offset: Option<i64>,
+}
+
+async fn commits(
+    State(farm): State<Arc<Farm>>,
+    Query(q): Query<CommitsQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let cfg = farm.config();
+    let repo = q
+        .repo
+        .or_else(|| cfg.repos.keys().next().cloned())
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "the config defines no repo".into()))?;
+    let rc = cfg
+        .repos
+        .get(&repo)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no repo named {repo:?}")))?;
+    let branch = q
+        .branch
+        .or_else(|| rc.branches.first().cloned())
+        .unwrap_or_else(|| "main".into());
+    let c = farm
+        .store
+        .commits(
+            &repo,
+            &branch,
+            q.limit.unwrap_or(50).clamp(1, 1000),
+            q.offset.unwrap_or(0).max(0),
+        )
+        .await?;
+    Ok(Json(
+        json!({ "repo": repo, "branch": branch, "commits": c }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct BuildsQuery {
+    builder: Option<String>,
+    repo: Option<String>,
+    commit: Option<String>,
+    status: Option<String>,
+    machine: Option<String>,
+    host_type: Option<String>,
+    limit: Option<i64>,
+}
+
+async fn list_builds(
+    State(farm): State<Arc<Farm>>,
+    Query(q): Query<BuildsQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(
+            s.parse::<BuildStatus>()
+                .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?,
+        ),
+    };
+    let f = BuildFilter {
+        builder: q.builder,
+        repo: q.repo,
+        commit: q.commit,
+        status,
+        machine: q.machine,
+        host_type: q.host_type,
+        limit: q.limit.unwrap_or(100),
+    };
+    Ok(Json(json!(farm.store.builds(&f).await?)))
+}
+
+async fn build(
+    State(farm): State<Arc<Farm>>,
+    Path(id): Path<i64>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let b = farm
+        .store
+        .build(id)
+        .await?
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no build {id}")))?;
+    let attempts = farm.store.attempts(id).await?;
+    let steps = farm.store.steps(id).await?;
+    let current_step = farm
+        .running(id)
+        .map(|r| r.step.lock().unwrap_or_else(|e| e.into_inner()).clone());
+    Ok(Json(json!({
+        "build": b,
+        "attempts": attempts,
+        "steps": steps,
+        "current_step": current_step,
+    })))
+}
+
+/// The full text log of a build: followed live while it runs, assembled
+/// from the stored per-step logs once it is done.
+async fn build_log(State(farm): State<Arc<Farm>>, Path(id): Path<i64>) -> ApiResult<Response> {
+    if let Some(rb) = farm.running(id) {
+        let stream = rb
+            .log
+            .clone()
+            .follow()
+            .map(Ok::<_, std::convert::Infallible>);
+        return Ok((
+            [
+                (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            Body::from_stream(stream),
+        )
+            .into_response());
+    }
+    let b = farm
+        .store
+        .build(id)
+        .await?
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no build {id}")))?;
+    let mut out = Vec::new();
+    let attempts = farm.store.attempts(id).await?;
+    let steps = farm.store.steps(id).await?;
+    for a in &attempts {
+        out.extend_from_slice(
+            format!(
+                "farmer: build {id} attempt {} on {} ({}): {}\n",
+                a.number, a.machine, a.host_type, a.result
+            )
+            .as_bytes(),
+        );
+        for s in steps.iter().filter(|s| s.attempt_id == a.id) {
+            out.extend_from_slice(format!("\n--- step {}: {}\n", s.name, s.result).as_bytes());
+            if let Some(log) = farm.store.step_log(s.id).await? {
+                out.extend_from_slice(&log);
+            }
+        }
+        if !a.error.is_empty() {
+            out.extend_from_slice(format!("farmer: {}\n", a.error).as_bytes());
+        }
+    }
+    out.extend_from_slice(
+        format!(
+            "farmer: build {id} {}{}\n",
+            b.status,
+            if b.error.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", b.error)
+            }
+        )
+        .as_bytes(),
+    );
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], out).into_response())
+}
+
+#[derive(Deserialize)]
+struct TriggerBody {
+    builder: String,
+    #[serde(default)]
+    commit: String,
+    repo: Option<String>,
+    branch: Option<String>,
+    kind: Option<String>,
+}
+
+async fn trigger(
+    State(farm): State<Arc<Farm>>,
+    headers: HeaderMap,
+    Json(t): Json<TriggerBody>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    require_admin(&farm, &headers)?;
+    let kind = match t.kind.as_deref() {
+        None | Some("") => BuildKind::PostSubmit,
+        Some(k) => k
+            .parse()
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?,
+    };
+    let id = farm
+        .trigger(
+            &t.builder,
+            t.repo.as_deref(),
+            t.branch.as_deref(),
+            &t.commit,
+            kind,
+            "admin",
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(json!({ "id": id }))))
+}
+
+async fn cancel(
+    State(farm): State<Arc<Farm>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> ApiResult<Json<serde_json::Value>> {
+    require_admin(&farm, &headers)?;
+    let st = farm.cancel(id).await?;
+    Ok(Json(
+        json!({ "id": id, "status": st, "message": if st == BuildStatus::Running { "cancelling: the running command is being stopped" } else { "cancelled" } }),
+    ))
+}
+
+async fn rebuild(
+    State(farm): State<Arc<Farm>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    require_admin(&farm, &headers)?;
+    let b = farm
+        .store
+        .build(id)
+        .await?
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no build {id}")))?;
+    let new = farm
+        .trigger(
+            &b.builder,
+            Some(&b.repo),
+            Some(&b.branch),
+            &b.commit,
+            b.kind,
+            &format!("rebuild of {id}"),
+        )
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": new, "rebuild_of": id })),
+    ))
+}

@@ -1,0 +1,393 @@
+//! Running one build on one leased machine: push the commit's tree, run the
+//! steps with the builder's environment and timeouts, stream output to the
+//! live log and store it per step, and record the outcome.
+//!
+//! The outcome decides what happens to the build and to the machine:
+//! a failed command fails the build and the machine is cleaned for reuse; a
+//! broken machine (unreachable, connection cut) is dropped from the pool and
+//! the build is re-queued for another machine, up to `max_attempts`, every
+//! attempt recorded.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use buildlet::client::{Client, ExecOptions};
+use buildlet::proto::ProcessState;
+use tokio::io::AsyncWrite;
+
+use crate::config::{BuildConfig, HostConfig};
+use crate::farm::{Farm, RunningBuild};
+use crate::logs::{LiveLog, MAX_LOG};
+use crate::pool::{Lease, MachineState};
+use crate::scheduler::Entry;
+use crate::store::{BuildRow, BuildStatus};
+
+/// The directory in the work dir that holds the source tree.
+pub const SRC_DIR: &str = "src";
+
+enum Outcome {
+    Passed,
+    Failed(String),
+    Cancelled,
+    /// The machine failed: drop it and retry elsewhere.
+    Infra(String),
+    /// The coordinator itself could not do its part (e.g. read the source).
+    CoordinatorError(String),
+}
+
+/// Copies exec output into the live log and the current step's buffer.
+struct LogWriter<'a> {
+    live: &'a LiveLog,
+    step: Vec<u8>,
+}
+
+impl AsyncWrite for LogWriter<'_> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.live.append(buf);
+        if self.step.len() < MAX_LOG {
+            let room = MAX_LOG - self.step.len();
+            self.step.extend_from_slice(&buf[..buf.len().min(room)]);
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Farm {
+    /// Runs a popped queue entry on a leased machine, then returns the
+    /// machine to the pool (cleaned) or drops it (broken).
+    pub(crate) async fn run_build(self: Arc<Self>, entry: Entry, lease: Lease) {
+        let id = entry.build_id;
+        let release = |me: &Arc<Farm>| me.pool.set_state(lease.id, MachineState::Idle);
+        let build = match self.store.build(id).await {
+            Ok(Some(b)) if b.status == BuildStatus::Queued => b,
+            Ok(_) => return release(&self),
+            Err(e) => {
+                tracing::error!(build = id, "reading build: {e}");
+                self.scheduler
+                    .push(id, &entry.host_type, entry.kind, entry.commit_time);
+                return release(&self);
+            }
+        };
+        let cfg = self.config();
+        let (Some(builder), Some(host)) = (
+            cfg.builders.get(&build.builder).cloned(),
+            cfg.hosts.get(&build.host_type).cloned(),
+        ) else {
+            let msg = format!(
+                "builder {:?} or its host type is no longer in the config",
+                build.builder
+            );
+            let _ = self.store.finish_build(id, BuildStatus::Failed, &msg).await;
+            self.metrics.build_finished(BuildStatus::Failed);
+            return release(&self);
+        };
+        if entry.kind == crate::store::BuildKind::PreSubmit && !host.trusted {
+            let msg = format!(
+                "pre-submit work only runs on trusted machines; {} is not trusted",
+                host.name
+            );
+            let _ = self
+                .store
+                .finish_build(id, BuildStatus::Cancelled, &msg)
+                .await;
+            self.metrics.build_finished(BuildStatus::Cancelled);
+            return release(&self);
+        }
+        let (attempt_id, number) = match self
+            .store
+            .start_attempt(id, &lease.hostname, &lease.host_type)
+            .await
+        {
+            Ok(Some(a)) => a,
+            Ok(None) => return release(&self),
+            Err(e) => {
+                tracing::error!(build = id, "starting attempt: {e}");
+                self.scheduler
+                    .push(id, &entry.host_type, entry.kind, entry.commit_time);
+                return release(&self);
+            }
+        };
+        self.metrics.observe_dispatch(entry.enqueued.elapsed());
+        self.pool
+            .set_state(lease.id, MachineState::Busy { build_id: Some(id) });
+        let rb = self.register_running(id);
+        *rb.machine.lock().unwrap_or_else(|e| e.into_inner()) = lease.hostname.clone();
+        rb.log.append(
+            format!(
+                "farmer: build {id} attempt {number}: {} on {} ({}), {}@{}\n",
+                build.builder,
+                lease.hostname,
+                lease.host_type,
+                build.repo,
+                &build.commit[..build.commit.len().min(12)]
+            )
+            .as_bytes(),
+        );
+        tracing::info!(build = id, attempt = number, builder = %build.builder, machine = %lease.hostname, "build started");
+        let outcome = self
+            .execute(&build, &builder, &host, &lease.client, attempt_id, &rb)
+            .await;
+        let max = cfg.farm.max_attempts as i64;
+        let (result, detail) = match &outcome {
+            Outcome::Passed => ("passed", String::new()),
+            Outcome::Failed(m) => ("failed", m.clone()),
+            Outcome::Cancelled => ("cancelled", "cancelled by an admin".to_string()),
+            Outcome::Infra(m) => ("infra-error", m.clone()),
+            Outcome::CoordinatorError(m) => ("infra-error", m.clone()),
+        };
+        if let Err(e) = self.store.finish_attempt(attempt_id, result, &detail).await {
+            tracing::error!(build = id, "recording attempt: {e}");
+        }
+        rb.log.append(
+            format!(
+                "farmer: attempt {number} {result}{}{detail}\n",
+                if detail.is_empty() { "" } else { ": " }
+            )
+            .as_bytes(),
+        );
+        let final_status = match outcome {
+            Outcome::Passed => Some((BuildStatus::Passed, String::new())),
+            Outcome::Failed(m) => Some((BuildStatus::Failed, m)),
+            Outcome::Cancelled => Some((BuildStatus::Cancelled, "cancelled by an admin".into())),
+            Outcome::CoordinatorError(m) => Some((BuildStatus::InfraError, m)),
+            Outcome::Infra(m) => {
+                self.pool
+                    .remove(lease.id, &format!("broke during build {id}: {m}"));
+                if number < max {
+                    match self.store.requeue(id).await {
+                        Ok(true) => {
+                            rb.log.append(
+                                format!(
+                                    "farmer: retrying on another machine (attempt {} of {max})\n",
+                                    number + 1
+                                )
+                                .as_bytes(),
+                            );
+                            self.scheduler.push(
+                                id,
+                                &build.host_type,
+                                build.kind,
+                                build.commit_time,
+                            );
+                            None
+                        }
+                        _ => None,
+                    }
+                } else {
+                    Some((
+                        BuildStatus::InfraError,
+                        format!("gave up after {number} attempts; last: {m}"),
+                    ))
+                }
+            }
+        };
+        if let Some((status, msg)) = final_status {
+            match self.store.finish_build(id, status, &msg).await {
+                Ok(true) => self.metrics.build_finished(status),
+                Ok(false) => {}
+                Err(e) => tracing::error!(build = id, "recording result: {e}"),
+            }
+            tracing::info!(build = id, %status, "build finished");
+            self.unregister_running(id);
+            if self.pool.contains(lease.id) {
+                self.clean(lease).await;
+            }
+        }
+    }
+
+    /// Empties a machine's work dir and returns it to the pool, or drops it.
+    async fn clean(&self, lease: Lease) {
+        self.pool.set_state(lease.id, MachineState::Cleaning);
+        match tokio::time::timeout(Duration::from_secs(120), lease.client.remove_all(&["."])).await
+        {
+            Ok(Ok(())) => self.pool.set_state(lease.id, MachineState::Idle),
+            Ok(Err(e)) => {
+                self.pool.remove(lease.id, &format!("cleaning failed: {e}"));
+            }
+            Err(_) => {
+                self.pool.remove(lease.id, "cleaning took longer than 120s");
+            }
+        }
+    }
+
+    async fn execute(
+        &self,
+        build: &BuildRow,
+        builder: &BuildConfig,
+        host: &HostConfig,
+        client: &Client,
+        attempt_id: i64,
+        rb: &RunningBuild,
+    ) -> Outcome {
+        let started = Instant::now();
+        let deadline = started + builder.timeout;
+        let mut cancel = rb.cancel.subscribe();
+        if *cancel.borrow() {
+            return Outcome::Cancelled;
+        }
+        let tgz = match self.source_tgz(&build.repo, &build.commit).await {
+            Ok(t) => t,
+            Err(e) => {
+                return Outcome::CoordinatorError(format!(
+                    "reading the source of {}@{}: {e}",
+                    build.repo, build.commit
+                ));
+            }
+        };
+        rb.log.append(
+            format!(
+                "farmer: pushing source ({} KiB compressed)\n",
+                tgz.len() / 1024
+            )
+            .as_bytes(),
+        );
+        let push = tokio::select! {
+            r = client.put_tgz_bytes(SRC_DIR, tgz) => r,
+            _ = cancel.wait_for(|c| *c) => return Outcome::Cancelled,
+            _ = tokio::time::sleep_until(deadline.into()) => return Outcome::Failed(format!("build timed out after {:?} while pushing the source", builder.timeout)),
+        };
+        if let Err(e) = push {
+            return if e.is_communication() {
+                Outcome::Infra(format!("pushing the source: {e}"))
+            } else {
+                Outcome::Failed(format!("pushing the source: {e}"))
+            };
+        }
+        let mut base_env: Vec<String> = Vec::new();
+        for (k, v) in host.env.iter().chain(builder.env.iter()) {
+            base_env.push(format!("{k}={v}"));
+        }
+        base_env.push(format!("FARMER_BUILDER={}", builder.name));
+        base_env.push(format!("GO_BUILDER_NAME={}", builder.name));
+        base_env.push(format!("FARMER_HOST_TYPE={}", host.name));
+        base_env.push(format!("FARMER_REPO={}", build.repo));
+        base_env.push(format!("FARMER_BRANCH={}", build.branch));
+        base_env.push(format!("FARMER_COMMIT={}", build.commit));
+        base_env.push(format!("FARMER_BUILD_ID={}", build.id));
+        for (i, step) in builder.steps.iter().enumerate() {
+            let step_id = match self
+                .store
+                .start_step(build.id, attempt_id, i as i64 + 1, &step.name)
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => return Outcome::CoordinatorError(format!("recording step: {e}")),
+            };
+            *rb.step.lock().unwrap_or_else(|e| e.into_inner()) = step.name.clone();
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let Some((cmd, args)) = step.command.split_first() else {
+                let _ = self
+                    .store
+                    .finish_step(step_id, "failed", "empty command", b"")
+                    .await;
+                return Outcome::Failed(format!("step {}: empty command", step.name));
+            };
+            let header = format!("\n--- step {}: {} {}\n", step.name, cmd, args.join(" "));
+            rb.log.append(header.as_bytes());
+            if remaining.is_zero() {
+                let msg = format!("build timed out after {:?}", builder.timeout);
+                let _ = self.store.finish_step(step_id, "failed", &msg, b"").await;
+                return Outcome::Failed(msg);
+            }
+            let step_timeout = step.timeout.min(remaining);
+            let mut env = base_env.clone();
+            env.extend(step.env.iter().map(|(k, v)| format!("{k}={v}")));
+            let dir = match step.dir.as_deref() {
+                Some(d) if !d.is_empty() && d != "." => format!("{SRC_DIR}/{d}"),
+                _ => SRC_DIR.to_string(),
+            };
+            let cmd = if cmd.contains('/') && !cmd.starts_with('/') {
+                format!("{SRC_DIR}/{}", cmd.trim_start_matches("./"))
+            } else {
+                cmd.clone()
+            };
+            let opts = ExecOptions {
+                args: args.to_vec(),
+                env,
+                dir: Some(dir),
+                timeout: Some(step_timeout),
+                ..Default::default()
+            };
+            let mut w = LogWriter {
+                live: &rb.log,
+                step: Vec::new(),
+            };
+            let t0 = Instant::now();
+            let r = tokio::select! {
+                r = client.exec(&cmd, &opts, &mut w) => Some(r),
+                _ = cancel.wait_for(|c| *c) => None,
+            };
+            let took = t0.elapsed();
+            let log = std::mem::take(&mut w.step);
+            let Some(r) = r else {
+                let _ = self
+                    .store
+                    .finish_step(step_id, "cancelled", "cancelled by an admin", &log)
+                    .await;
+                return Outcome::Cancelled;
+            };
+            match r {
+                Ok(ProcessState::Ok) => {
+                    let _ = self.store.finish_step(step_id, "passed", "", &log).await;
+                    rb.log.append(
+                        format!(
+                            "--- step {} passed in {:.1}s\n",
+                            step.name,
+                            took.as_secs_f64()
+                        )
+                        .as_bytes(),
+                    );
+                }
+                Ok(ProcessState::TimedOut(d)) => {
+                    let msg = if step_timeout < step.timeout {
+                        format!(
+                            "build timed out after {:?} (in step {})",
+                            builder.timeout, step.name
+                        )
+                    } else {
+                        format!("step {} timed out after {d:?}", step.name)
+                    };
+                    let _ = self.store.finish_step(step_id, "failed", &msg, &log).await;
+                    return Outcome::Failed(msg);
+                }
+                Ok(state) => {
+                    let msg = format!("step {} failed: {state}", step.name);
+                    let _ = self
+                        .store
+                        .finish_step(step_id, "failed", &state.to_string(), &log)
+                        .await;
+                    return Outcome::Failed(msg);
+                }
+                Err(e) if e.is_communication() => {
+                    let msg = format!("step {}: {e}", step.name);
+                    let _ = self
+                        .store
+                        .finish_step(step_id, "infra-error", &e.to_string(), &log)
+                        .await;
+                    return Outcome::Infra(msg);
+                }
+                Err(e) => {
+                    let msg = format!("step {}: {e}", step.name);
+                    let _ = self
+                        .store
+                        .finish_step(step_id, "failed", &e.to_string(), &log)
+                        .await;
+                    return Outcome::Failed(msg);
+                }
+            }
+        }
+        Outcome::Passed
+    }
+}

@@ -1,0 +1,774 @@
+//! Turns the located tree into [`FarmConfig`], checking every section and the
+//! references between them, and recording each problem instead of stopping.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use super::raw::{At, Ctx, Entry, Located, Raw, Table, join};
+use super::{
+    BuildConfig, FarmConfig, FarmSettings, HostConfig, PoolKind, RepoConfig, Step, duration,
+};
+
+const TOP_KEYS: &[&str] = &["farm", "repos", "hosts", "builders"];
+const FARM_KEYS: &[&str] = &[
+    "min_buildlet_version",
+    "max_attempts",
+    "heartbeat",
+    "heartbeat_timeout",
+];
+const REPO_KEYS: &[&str] = &["url", "branches", "poll_interval"];
+const HOST_KEYS: &[&str] = &[
+    "pool",
+    "expected",
+    "count",
+    "owners",
+    "notes",
+    "env",
+    "dimensions",
+    "trusted",
+];
+const BUILDER_KEYS: &[&str] = &[
+    "host",
+    "env",
+    "repos",
+    "branches",
+    "steps",
+    "timeout",
+    "presubmit",
+    "notes",
+];
+const STEP_KEYS: &[&str] = &["name", "run", "command", "dir", "env", "timeout"];
+
+const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(30);
+const DEFAULT_BUILD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
+pub(super) fn farm_config(ctx: &mut Ctx<'_>, tree: &Raw) -> FarmConfig {
+    let root = Table::root(tree);
+    root.check_keys(ctx, TOP_KEYS, "the top level");
+
+    let farm = match root.get(ctx, "farm").and_then(|e| ctx.table(&e)) {
+        Some(t) => farm_settings(ctx, &t),
+        None => FarmSettings::default(),
+    };
+
+    let mut repos = BTreeMap::new();
+    for (e, t) in sections(ctx, &root, "repos") {
+        repos.insert(e.key.to_owned(), repo(ctx, &e, &t));
+    }
+    let mut hosts = BTreeMap::new();
+    for (e, t) in sections(ctx, &root, "hosts") {
+        hosts.insert(e.key.to_owned(), host(ctx, &e, &t));
+    }
+    let mut builders = BTreeMap::new();
+    let mut refs = Vec::new();
+    for (e, t) in sections(ctx, &root, "builders") {
+        let (b, r) = builder(ctx, &e, &t);
+        refs.push(r);
+        builders.insert(e.key.to_owned(), b);
+    }
+    for r in &refs {
+        check_builder_refs(ctx, r, &repos, &hosts);
+    }
+
+    FarmConfig {
+        path: ctx.file().to_path_buf(),
+        farm,
+        repos,
+        hosts,
+        builders,
+    }
+}
+
+/// The named sub-tables of a top-level table such as `[hosts]`.
+fn sections<'t>(ctx: &mut Ctx<'_>, root: &Table<'t>, key: &str) -> Vec<(Entry<'t>, Table<'t>)> {
+    let Some(table) = root.get(ctx, key).and_then(|e| ctx.table(&e)) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in table.entries(ctx) {
+        if let Some(t) = ctx.table(&e) {
+            out.push((e, t));
+        }
+    }
+    out
+}
+
+fn farm_settings(ctx: &mut Ctx<'_>, t: &Table<'_>) -> FarmSettings {
+    t.check_keys(ctx, FARM_KEYS, "[farm]");
+    let mut s = FarmSettings::default();
+    if let Some(v) = t
+        .get(ctx, "min_buildlet_version")
+        .and_then(|e| ctx.uint(&e))
+    {
+        s.min_buildlet_version = v;
+    }
+    if let Some(e) = t.get(ctx, "max_attempts") {
+        match ctx.uint(&e) {
+            Some(0) => ctx.error(
+                Some(e.at),
+                &e.path,
+                "max_attempts must be at least 1 (the first attempt counts)",
+            ),
+            Some(v) => s.max_attempts = v,
+            None => {}
+        }
+    }
+    let heartbeat = t.get(ctx, "heartbeat");
+    let heartbeat_value = heartbeat.as_ref().and_then(|e| ctx.duration(e));
+    let timeout = t.get(ctx, "heartbeat_timeout");
+    let timeout_value = timeout.as_ref().and_then(|e| ctx.duration(e));
+    s.heartbeat = heartbeat_value.unwrap_or(s.heartbeat);
+    s.heartbeat_timeout = timeout_value.unwrap_or(s.heartbeat_timeout);
+    // Comparing against a default that stands in for a rejected value would
+    // only add a confusing second error.
+    let both_valid = heartbeat_value.is_some() == heartbeat.is_some()
+        && timeout_value.is_some() == timeout.is_some();
+    if both_valid && s.heartbeat_timeout <= s.heartbeat {
+        // Point at whichever of the two the admin wrote, preferring the timeout.
+        let (at, path) = match (&timeout, &heartbeat) {
+            (Some(e), _) | (None, Some(e)) => (Some(e.at), e.path.clone()),
+            (None, None) => (t.at, join(&t.path, "heartbeat_timeout")),
+        };
+        let default_note = if timeout.is_none() {
+            ", the default"
+        } else {
+            ""
+        };
+        ctx.error(
+            at,
+            &path,
+            format!(
+                "heartbeat_timeout ({}{default_note}) must be longer than heartbeat ({}), \
+                 or every buildlet would time out between two heartbeats",
+                duration::format(s.heartbeat_timeout),
+                duration::format(s.heartbeat),
+            ),
+        );
+    }
+    s
+}
+
+fn repo(ctx: &mut Ctx<'_>, e: &Entry<'_>, t: &Table<'_>) -> RepoConfig {
+    let name = e.key;
+    let who = format!("repo \"{name}\"");
+    if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        ctx.error(
+            Some(e.key_at),
+            &e.path,
+            format!("repo name {name:?} is not valid: use a non-empty name without spaces"),
+        );
+    }
+    t.check_keys(ctx, REPO_KEYS, &who);
+
+    let url = match t.get(ctx, "url") {
+        Some(u) => match ctx.string(&u) {
+            Some(s) if s.trim().is_empty() => {
+                ctx.error(
+                    Some(u.at),
+                    &u.path,
+                    format!("{who}: url must not be empty; give a git URL or a local path"),
+                );
+                String::new()
+            }
+            Some(s) => resolve_url(ctx, &u, &s),
+            None => String::new(),
+        },
+        None => {
+            ctx.error(
+                t.at,
+                &join(&t.path, "url"),
+                format!("{who}: url is required: a git URL, or a local path relative to this file"),
+            );
+            String::new()
+        }
+    };
+
+    let branches = match t.get(ctx, "branches") {
+        Some(b) => match ctx.string_list(&b) {
+            Some(list) => {
+                if list.is_empty() {
+                    ctx.error(
+                        Some(b.at),
+                        &b.path,
+                        format!("{who}: branches must list at least one branch; leave it out to watch \"main\""),
+                    );
+                }
+                let mut seen = BTreeSet::new();
+                for branch in &list {
+                    if branch.value.is_empty()
+                        || branch
+                            .value
+                            .chars()
+                            .any(|c| c.is_whitespace() || c.is_control())
+                    {
+                        ctx.error(
+                            Some(branch.at),
+                            &branch.path,
+                            format!("{who}: branch name {:?} is not valid", branch.value),
+                        );
+                    } else if !seen.insert(branch.value.as_str()) {
+                        ctx.error(
+                            Some(branch.at),
+                            &branch.path,
+                            format!("{who}: branch \"{}\" is listed twice", branch.value),
+                        );
+                    }
+                }
+                list.into_iter().map(|l| l.value).collect()
+            }
+            None => Vec::new(),
+        },
+        None => vec!["main".to_owned()],
+    };
+
+    let poll_interval =
+        optional(ctx, t, "poll_interval", Ctx::duration).unwrap_or(DEFAULT_POLL_INTERVAL);
+    RepoConfig {
+        name: name.to_owned(),
+        url,
+        branches,
+        poll_interval,
+    }
+}
+
+/// Whether a repo url names a remote (scheme URL or scp-like `user@host:path`)
+/// rather than a local path.
+fn is_remote(url: &str) -> bool {
+    if url.contains("://") {
+        return true;
+    }
+    match url.find(':') {
+        Some(colon) => {
+            let before = &url[..colon];
+            let drive_letter = before.len() == 1 && before.chars().all(|c| c.is_ascii_alphabetic());
+            !before.is_empty() && !drive_letter && !before.contains(['/', '\\'])
+        }
+        None => false,
+    }
+}
+
+fn resolve_url(ctx: &mut Ctx<'_>, e: &Entry<'_>, url: &str) -> String {
+    if is_remote(url) {
+        return url.to_owned();
+    }
+    let base = ctx.file().parent().unwrap_or(Path::new(""));
+    match std::path::absolute(base.join(url)) {
+        Ok(path) => path.to_string_lossy().into_owned(),
+        Err(err) => {
+            ctx.error(
+                Some(e.at),
+                &e.path,
+                format!("cannot resolve local repo path \"{url}\": {err}"),
+            );
+            url.to_owned()
+        }
+    }
+}
+
+fn host(ctx: &mut Ctx<'_>, e: &Entry<'_>, t: &Table<'_>) -> HostConfig {
+    let name = e.key;
+    let who = format!("host \"{name}\"");
+    let valid = name.len() > "host-".len()
+        && name.starts_with("host-")
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !valid {
+        ctx.error(
+            Some(e.key_at),
+            &e.path,
+            format!(
+                "host type {name:?} is not valid: host types start with \"host-\" and use only \
+                 lowercase letters, digits and dashes, e.g. \"host-linux-amd64-alice\""
+            ),
+        );
+    }
+    t.check_keys(ctx, HOST_KEYS, &who);
+
+    let pool = match t.get(ctx, "pool") {
+        Some(p) => match ctx.string(&p).as_deref() {
+            Some("reverse") => Some(PoolKind::Reverse),
+            Some("local") => Some(PoolKind::Local),
+            Some(other) => {
+                ctx.error(
+                    Some(p.at),
+                    &p.path,
+                    format!(
+                        "{who}: pool \"{other}\" is not supported; use \"reverse\" or \"local\""
+                    ),
+                );
+                None
+            }
+            None => None,
+        },
+        None => {
+            ctx.error(
+                t.at,
+                &join(&t.path, "pool"),
+                format!(
+                    "{who}: pool is required: \"reverse\" (machines connect to the coordinator) \
+                     or \"local\" (the coordinator starts buildlets itself)"
+                ),
+            );
+            None
+        }
+    };
+
+    let expected_entry = t.get(ctx, "expected");
+    let expected = expected_entry
+        .as_ref()
+        .and_then(|e| ctx.uint(e))
+        .unwrap_or(1);
+    let count_entry = t.get(ctx, "count");
+    let count = count_entry.as_ref().and_then(|e| ctx.uint(e));
+    let local_count = match pool {
+        Some(PoolKind::Local) => {
+            let n = count.unwrap_or(expected);
+            if n == 0 && (count.is_some() || expected_entry.is_some()) {
+                let (at, path) = match (&count_entry, &expected_entry) {
+                    (Some(e), _) | (None, Some(e)) => (Some(e.at), e.path.clone()),
+                    (None, None) => (t.at, join(&t.path, "count")),
+                };
+                ctx.error(
+                    at,
+                    &path,
+                    format!("{who}: a local host must start at least one buildlet; set count to 1 or more"),
+                );
+            }
+            n
+        }
+        Some(PoolKind::Reverse) => {
+            if let Some(c) = &count_entry {
+                ctx.error(
+                    Some(c.key_at),
+                    &c.path,
+                    format!(
+                        "{who}: count only applies to pool = \"local\"; the number of machines \
+                         of a reverse host is set with expected"
+                    ),
+                );
+            }
+            0
+        }
+        None => 0,
+    };
+
+    let owners = optional(ctx, t, "owners", Ctx::string_list).unwrap_or_default();
+    for owner in &owners {
+        if owner.value.trim().is_empty() {
+            ctx.error(
+                Some(owner.at),
+                &owner.path,
+                format!("{who}: an owner must not be empty"),
+            );
+        }
+    }
+    let notes = optional(ctx, t, "notes", Ctx::string).unwrap_or_default();
+    let env = env(ctx, t, &who);
+    let mut dimensions = BTreeMap::new();
+    for (key, value) in optional(ctx, t, "dimensions", Ctx::string_map).unwrap_or_default() {
+        if key.value.is_empty() {
+            ctx.error(
+                Some(key.at),
+                &key.path,
+                format!("{who}: dimension names must not be empty"),
+            );
+        }
+        dimensions.insert(key.value, value);
+    }
+    let trusted = optional(ctx, t, "trusted", Ctx::boolean).unwrap_or(false);
+
+    HostConfig {
+        name: name.to_owned(),
+        pool: pool.unwrap_or(PoolKind::Reverse),
+        expected,
+        local_count,
+        owners: owners.into_iter().map(|o| o.value).collect(),
+        notes,
+        env,
+        dimensions,
+        trusted,
+    }
+}
+
+/// What a builder refers to, with positions, checked once every section is read.
+struct BuilderRefs {
+    who: String,
+    path: String,
+    at: At,
+    /// `None` when missing or of the wrong type (already reported).
+    host: Option<Located>,
+    host_missing: bool,
+    repos: Vec<Located>,
+    branches: Vec<Located>,
+}
+
+fn builder(ctx: &mut Ctx<'_>, e: &Entry<'_>, t: &Table<'_>) -> (BuildConfig, BuilderRefs) {
+    let name = e.key;
+    let who = format!("builder \"{name}\"");
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.' | '_'));
+    if !valid {
+        ctx.error(
+            Some(e.key_at),
+            &e.path,
+            format!(
+                "builder name {name:?} is not valid: use only lowercase letters, digits, dashes, \
+                 dots and underscores, e.g. \"linux-amd64\""
+            ),
+        );
+    }
+    t.check_keys(ctx, BUILDER_KEYS, &who);
+
+    let host_entry = t.get(ctx, "host");
+    let host = host_entry.as_ref().and_then(|h| {
+        let value = ctx.string(h)?;
+        Some(Located {
+            value,
+            at: h.at,
+            path: h.path.clone(),
+        })
+    });
+    let repos = optional(ctx, t, "repos", Ctx::string_list).unwrap_or_default();
+    no_duplicates(ctx, &repos, &who, "repo");
+    let branches = optional(ctx, t, "branches", Ctx::string_list).unwrap_or_default();
+    no_duplicates(ctx, &branches, &who, "branch");
+
+    let mut steps = Vec::new();
+    match t.get(ctx, "steps") {
+        Some(s) => {
+            if let Some(tables) = ctx.tables(&s) {
+                if tables.is_empty() {
+                    ctx.error(
+                        Some(s.at),
+                        &s.path,
+                        format!("{who}: steps is empty; a builder needs at least one step"),
+                    );
+                }
+                let mut seen = BTreeMap::new();
+                for (i, st) in tables.iter().enumerate() {
+                    steps.push(step(ctx, st, &who, i, &mut seen));
+                }
+            }
+        }
+        None => ctx.error(
+            t.at,
+            &join(&t.path, "steps"),
+            format!(
+                "{who}: has no steps; add at least one [[{}.steps]] with a run or command",
+                t.path
+            ),
+        ),
+    }
+
+    let env = env(ctx, t, &who);
+    let timeout = optional(ctx, t, "timeout", Ctx::duration).unwrap_or(DEFAULT_BUILD_TIMEOUT);
+    let presubmit = optional(ctx, t, "presubmit", Ctx::boolean).unwrap_or(false);
+    let notes = optional(ctx, t, "notes", Ctx::string).unwrap_or_default();
+
+    let config = BuildConfig {
+        name: name.to_owned(),
+        host_type: host.as_ref().map(|h| h.value.clone()).unwrap_or_default(),
+        env,
+        repos: repos.iter().map(|r| r.value.clone()).collect(),
+        branches: branches.iter().map(|b| b.value.clone()).collect(),
+        steps,
+        timeout,
+        presubmit,
+        notes,
+    };
+    let refs = BuilderRefs {
+        who,
+        path: t.path.clone(),
+        at: t.at,
+        host,
+        host_missing: host_entry.is_none(),
+        repos,
+        branches,
+    };
+    (config, refs)
+}
+
+fn no_duplicates(ctx: &mut Ctx<'_>, list: &[Located], who: &str, what: &str) {
+    let mut seen = BTreeSet::new();
+    for item in list {
+        if !seen.insert(item.value.as_str()) {
+            ctx.error(
+                Some(item.at),
+                &item.path,
+                format!("{who}: {what} \"{}\" is listed twice", item.value),
+            );
+        }
+    }
+}
+
+fn step(
+    ctx: &mut Ctx<'_>,
+    t: &Table<'_>,
+    builder_who: &str,
+    index: usize,
+    seen: &mut BTreeMap<String, usize>,
+) -> Step {
+    let mut who = format!("{builder_who}: step #{}", index + 1);
+    let name = match t.get(ctx, "name") {
+        Some(n) => match ctx.string(&n) {
+            Some(name) if name.trim().is_empty() => {
+                ctx.error(
+                    Some(n.at),
+                    &n.path,
+                    format!("{who}: name must not be empty"),
+                );
+                String::new()
+            }
+            Some(name) => {
+                let line = ctx.line(Some(n.at));
+                if let Some(first) = seen.get(&name) {
+                    ctx.error(
+                        Some(n.at),
+                        &n.path,
+                        format!(
+                            "{builder_who}: step name \"{name}\" is already used (line {first}); \
+                             step names must be unique within a builder"
+                        ),
+                    );
+                } else {
+                    seen.insert(name.clone(), line);
+                }
+                who = format!("{builder_who}: step \"{name}\"");
+                name
+            }
+            None => String::new(),
+        },
+        None => {
+            ctx.error(
+                t.at,
+                &join(&t.path, "name"),
+                format!("{who}: name is required, e.g. name = \"test\""),
+            );
+            String::new()
+        }
+    };
+    t.check_keys(ctx, STEP_KEYS, &who);
+
+    let run = t.get(ctx, "run");
+    let command_entry = t.get(ctx, "command");
+    let command = match (&run, &command_entry) {
+        (Some(r), Some(c)) => {
+            let later = if r.key_at > c.key_at { r } else { c };
+            ctx.error(
+                Some(later.key_at),
+                &later.path,
+                format!("{who}: set either run or command, not both"),
+            );
+            Vec::new()
+        }
+        (Some(r), None) => match ctx.string(r) {
+            Some(script) if script.trim().is_empty() => {
+                ctx.error(Some(r.at), &r.path, format!("{who}: run must not be empty"));
+                Vec::new()
+            }
+            Some(script) => vec!["sh".to_owned(), "-c".to_owned(), script],
+            None => Vec::new(),
+        },
+        (None, Some(c)) => match ctx.string_list(c) {
+            Some(list) if list.is_empty() => {
+                ctx.error(
+                    Some(c.at),
+                    &c.path,
+                    format!("{who}: command is empty; it must start with the program to run"),
+                );
+                Vec::new()
+            }
+            Some(list) => {
+                if list[0].value.is_empty() {
+                    ctx.error(
+                        Some(list[0].at),
+                        &list[0].path,
+                        format!("{who}: the program name must not be empty"),
+                    );
+                }
+                list.into_iter().map(|l| l.value).collect()
+            }
+            None => Vec::new(),
+        },
+        (None, None) => {
+            ctx.error(
+                t.at,
+                &t.path,
+                format!(
+                    "{who}: needs run = \"shell command\" or command = [\"program\", \"arg\", ...]"
+                ),
+            );
+            Vec::new()
+        }
+    };
+
+    let dir = t.get(ctx, "dir").and_then(|d| {
+        let dir = ctx.string(&d)?;
+        let problem = if dir.is_empty() {
+            Some("must not be empty; use \".\" for the source root")
+        } else if dir.starts_with(['/', '\\']) || dir.as_bytes().get(1) == Some(&b':') {
+            Some("must be relative to the source root")
+        } else if dir.split(['/', '\\']).any(|part| part == "..") {
+            Some("must not contain \"..\"; steps run inside the source tree")
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            ctx.error(Some(d.at), &d.path, format!("{who}: dir {dir:?} {problem}"));
+        }
+        Some(dir)
+    });
+    let env = env(ctx, t, &who);
+    let timeout = optional(ctx, t, "timeout", Ctx::duration).unwrap_or(DEFAULT_STEP_TIMEOUT);
+    Step {
+        name,
+        command,
+        dir,
+        env,
+        timeout,
+    }
+}
+
+/// Reads `key` with `read` if present.
+fn optional<'c, 't, T>(
+    ctx: &mut Ctx<'c>,
+    t: &Table<'t>,
+    key: &str,
+    read: impl FnOnce(&mut Ctx<'c>, &Entry<'t>) -> Option<T>,
+) -> Option<T> {
+    let e = t.get(ctx, key)?;
+    read(ctx, &e)
+}
+
+/// The `env` table of a host, builder or step, checked so that every entry
+/// can be passed to a process as `NAME=value`.
+fn env(ctx: &mut Ctx<'_>, t: &Table<'_>, who: &str) -> Vec<(String, String)> {
+    let pairs = optional(ctx, t, "env", Ctx::string_map).unwrap_or_default();
+    let mut out = Vec::with_capacity(pairs.len());
+    for (key, value) in pairs {
+        let problem = if key.value.is_empty() {
+            Some("environment variable names must not be empty".to_owned())
+        } else if key.value.contains('=') {
+            Some(format!(
+                "environment variable name {:?} must not contain '='",
+                key.value
+            ))
+        } else if key.value.contains('\0') || value.contains('\0') {
+            Some(format!(
+                "environment variable {:?} must not contain a NUL character",
+                key.value
+            ))
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            ctx.error(Some(key.at), &key.path, format!("{who}: {problem}"));
+        }
+        out.push((key.value, value));
+    }
+    out
+}
+
+fn defined<'a>(names: impl Iterator<Item = &'a String>, none: &str) -> String {
+    let names: Vec<&str> = names.map(String::as_str).collect();
+    if names.is_empty() {
+        none.to_owned()
+    } else {
+        format!("defined: {}", names.join(", "))
+    }
+}
+
+fn check_builder_refs(
+    ctx: &mut Ctx<'_>,
+    r: &BuilderRefs,
+    repos: &BTreeMap<String, RepoConfig>,
+    hosts: &BTreeMap<String, HostConfig>,
+) {
+    let who = &r.who;
+    let host_list = || {
+        defined(
+            hosts.keys(),
+            "no hosts are defined; add a [hosts.host-...] section",
+        )
+    };
+    if r.host_missing {
+        ctx.error(
+            r.at,
+            &join(&r.path, "host"),
+            format!(
+                "{who}: host is required: name the host type its machines come from ({})",
+                host_list()
+            ),
+        );
+    }
+    if let Some(h) = &r.host
+        && !hosts.contains_key(&h.value)
+    {
+        let message = format!(
+            "{who}: host \"{}\" is not defined ({})",
+            h.value,
+            host_list()
+        );
+        ctx.error(Some(h.at), &h.path, message);
+    }
+
+    for repo in &r.repos {
+        if !repos.contains_key(&repo.value) {
+            let list = defined(
+                repos.keys(),
+                "no repos are defined; add a [repos.<name>] section",
+            );
+            ctx.error(
+                Some(repo.at),
+                &repo.path,
+                format!("{who}: repo \"{}\" is not defined ({list})", repo.value),
+            );
+        }
+    }
+
+    // Branches are checked against the repos that exist; undefined ones were reported above.
+    let scope: Vec<&RepoConfig> = if r.repos.is_empty() {
+        repos.values().collect()
+    } else {
+        r.repos.iter().filter_map(|l| repos.get(&l.value)).collect()
+    };
+    if !r.repos.is_empty() && scope.is_empty() {
+        return;
+    }
+    for branch in &r.branches {
+        if scope
+            .iter()
+            .any(|repo| repo.branches.contains(&branch.value))
+        {
+            continue;
+        }
+        let which = if r.repos.is_empty() {
+            "any repo"
+        } else {
+            "its repos"
+        };
+        let watched = if scope.is_empty() {
+            "no repos are defined".to_owned()
+        } else {
+            scope
+                .iter()
+                .map(|repo| format!("{}: {}", repo.name, repo.branches.join(", ")))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        ctx.error(
+            Some(branch.at),
+            &branch.path,
+            format!(
+                "{who}: branch \"{}\" is not watched by {which} ({watched}); add it to the repo's \
+                 branches or remove it here",
+                branch.value
+            ),
+        );
+    }
+}

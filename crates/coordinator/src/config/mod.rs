@@ -1,0 +1,275 @@
+//! The farm configuration: every kind of machine (host configs) and every kind
+//! of build (build configs) in one TOML file that the farm admin edits.
+//!
+//! A broken config must never half-apply, and the admin should be able to fix
+//! it in one pass, so [`parse`] checks the whole file and reports every problem
+//! with its file, line, column and field before anything uses the result.
+
+mod convert;
+mod duration;
+mod raw;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A loaded and fully validated farm config; cross references (builder to
+/// host, builder to repo) are known to resolve.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FarmConfig {
+    /// Kept so the coordinator can reload the same file and quote it in errors.
+    pub path: PathBuf,
+    pub farm: FarmSettings,
+    pub repos: BTreeMap<String, RepoConfig>,
+    /// Keyed by host type, e.g. "host-linux-amd64-alice".
+    pub hosts: BTreeMap<String, HostConfig>,
+    pub builders: BTreeMap<String, BuildConfig>,
+}
+
+impl FarmConfig {
+    /// The builders that should build `branch` of `repo`; empty when the repo
+    /// is not configured or does not watch that branch, because
+    /// [`BuildConfig::builds`] alone cannot know the repos' branch lists.
+    pub fn builders_for<'a>(&'a self, repo: &str, branch: &str) -> Vec<&'a BuildConfig> {
+        let watched = self
+            .repos
+            .get(repo)
+            .is_some_and(|r| r.branches.iter().any(|b| b == branch));
+        if !watched {
+            return Vec::new();
+        }
+        self.builders
+            .values()
+            .filter(|b| b.builds(repo, branch))
+            .collect()
+    }
+}
+
+/// Farm-wide knobs, in `[farm]`; every one has a default so a small farm
+/// needs no `[farm]` section at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FarmSettings {
+    /// Buildlets older than this are refused, so a protocol change can be
+    /// rolled out by publishing a new buildlet and raising the number.
+    pub min_buildlet_version: u32,
+    /// Attempts per build before it is reported as an infrastructure error:
+    /// bounded so a dying machine cannot hide a stall behind endless retries.
+    pub max_attempts: u32,
+    /// How often a connected buildlet is pinged.
+    pub heartbeat: Duration,
+    /// Silence after which a buildlet is considered gone and its build re-run.
+    pub heartbeat_timeout: Duration,
+}
+
+impl Default for FarmSettings {
+    fn default() -> Self {
+        FarmSettings {
+            min_buildlet_version: 1,
+            max_attempts: 3,
+            heartbeat: Duration::from_secs(10),
+            heartbeat_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How machines of a host type come to the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PoolKind {
+    /// Donated machines dial in (NAT friendly); the coordinator only waits for them.
+    Reverse,
+    /// The coordinator starts the buildlets itself on its own machine (demo, small farms).
+    Local,
+}
+
+impl PoolKind {
+    /// The spelling used in the config file, for pages and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolKind::Reverse => "reverse",
+            PoolKind::Local => "local",
+        }
+    }
+}
+
+impl fmt::Display for PoolKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A kind of machine. Builders share host types, so capacity and ownership
+/// are described once here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostConfig {
+    pub name: String,
+    pub pool: PoolKind,
+    /// Machines that should be connected, so a missing one is visible.
+    pub expected: u32,
+    /// Buildlets the coordinator starts for a local host (`count`, default
+    /// `expected`); always 0 for a reverse host, whose machines start themselves.
+    pub local_count: u32,
+    /// Who to contact when these machines are missing or failing.
+    pub owners: Vec<String>,
+    pub notes: String,
+    /// Base environment for every command on this host, in file order.
+    pub env: Vec<(String, String)>,
+    /// Facts about the machine (os, arch, ...) shown on pages and usable for matching.
+    pub dimensions: BTreeMap<String, String>,
+    /// Only trusted machines may run pre-submit (unreviewed) code.
+    pub trusted: bool,
+}
+
+/// A kind of build: what to run, where, and on which repos and branches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildConfig {
+    pub name: String,
+    /// The host type its buildlets come from (`host` in the file).
+    pub host_type: String,
+    /// Added after the host's environment, in file order.
+    pub env: Vec<(String, String)>,
+    /// Repos it builds; empty means every repo.
+    pub repos: Vec<String>,
+    /// Branches it builds; empty means every configured branch of its repos.
+    pub branches: Vec<String>,
+    /// Never empty.
+    pub steps: Vec<Step>,
+    /// Overall limit, so a hung build fails instead of holding a machine forever.
+    pub timeout: Duration,
+    /// Whether pre-submit (try) work may run; it still only goes to trusted
+    /// hosts, which is checked when the work is requested, not here.
+    pub presubmit: bool,
+    pub notes: String,
+}
+
+impl BuildConfig {
+    /// Whether this builder wants `branch` of `repo`, assuming the farm polls
+    /// that pair (see [`FarmConfig::builders_for`] for the full check).
+    pub fn builds(&self, repo: &str, branch: &str) -> bool {
+        (self.repos.is_empty() || self.repos.iter().any(|r| r == repo))
+            && (self.branches.is_empty() || self.branches.iter().any(|b| b == branch))
+    }
+}
+
+/// One command of a build; each step has its own log section and timeout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub name: String,
+    /// Program and arguments; `run = "..."` in the file becomes `["sh", "-c", run]`.
+    pub command: Vec<String>,
+    /// Relative to the source root in the work dir, never escaping it.
+    pub dir: Option<String>,
+    /// Added after the host's and the builder's environment.
+    pub env: Vec<(String, String)>,
+    pub timeout: Duration,
+}
+
+/// A source repository the farm watches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoConfig {
+    pub name: String,
+    /// A URL, or an absolute local path (a relative path in the file is
+    /// resolved against the config file's directory, so the farm does not
+    /// depend on the coordinator's working directory).
+    pub url: String,
+    pub branches: Vec<String>,
+    pub poll_interval: Duration,
+}
+
+/// One problem in a farm config, located so an editor can jump to it.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{}:{line}:{column}: {}{message}", .file.display(), field_prefix(.field))]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based; 0 when the problem has no place in the text (e.g. unreadable file).
+    pub line: usize,
+    /// 1-based, in characters; 0 when unknown.
+    pub column: usize,
+    /// Dotted path of the offending field, e.g. "builders.linux-amd64.host";
+    /// empty for syntax and read errors.
+    pub field: String,
+    pub message: String,
+}
+
+fn field_prefix(field: &str) -> String {
+    if field.is_empty() {
+        String::new()
+    } else {
+        format!("{field}: ")
+    }
+}
+
+/// Every problem found in a farm config, in file order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses and validates a farm config; `file` is only used to resolve relative
+/// repo paths and to label errors.
+pub fn parse(file: &Path, text: &str) -> Result<FarmConfig, ConfigErrors> {
+    let mut ctx = raw::Ctx::new(file, text);
+    let tree: raw::Raw = match toml::from_str(text) {
+        Ok(tree) => tree,
+        Err(e) => {
+            let message = syntax_message(&e);
+            ctx.error(e.span().map(|s| s.start), "", message);
+            return Err(ConfigErrors(ctx.errors));
+        }
+    };
+    let config = convert::farm_config(&mut ctx, &tree);
+    if ctx.errors.is_empty() {
+        Ok(config)
+    } else {
+        let mut errors = ctx.errors;
+        errors.sort_by_key(|e| (e.line, e.column));
+        Err(ConfigErrors(errors))
+    }
+}
+
+fn syntax_message(e: &toml::de::Error) -> String {
+    let message = e.message().trim();
+    if message.contains("$__toml_private_datetime") {
+        // The located tree has no place for TOML dates; say so plainly.
+        return "dates and times are not used in a farm config; durations are strings like \"10m\""
+            .into();
+    }
+    let message = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>();
+    format!("invalid TOML: {}", message.join("; "))
+}
+
+/// Reads and parses a farm config file.
+pub fn load(file: &Path) -> Result<FarmConfig, ConfigErrors> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: file.to_path_buf(),
+            line: 0,
+            column: 0,
+            field: String::new(),
+            message: format!("cannot read the farm config {}: {e}", file.display()),
+        }])
+    })?;
+    let config = parse(file, &text)?;
+    tracing::debug!(
+        file = %file.display(),
+        repos = config.repos.len(),
+        hosts = config.hosts.len(),
+        builders = config.builders.len(),
+        "loaded farm config"
+    );
+    Ok(config)
+}

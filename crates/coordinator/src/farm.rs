@@ -1,0 +1,448 @@
+//! The coordinator's shared state and its background loops: dispatch (queued
+//! build + idle machine → running build), machine health checks, and config
+//! reloads. Builds themselves run in [`crate::builds`].
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::config::{self, FarmConfig, PoolKind};
+use crate::git;
+use crate::keys::MasterKey;
+use crate::logs::LiveLog;
+use crate::metrics::Metrics;
+use crate::pool::Pool;
+use crate::scheduler::Scheduler;
+use crate::store::{BuildKind, BuildStatus, NewBuild, Store};
+
+/// A build running in this process.
+pub struct RunningBuild {
+    pub build_id: i64,
+    pub log: Arc<LiveLog>,
+    pub cancel: watch::Sender<bool>,
+    /// Host name of the machine of the current attempt.
+    pub machine: Mutex<String>,
+    /// Name of the step running now.
+    pub step: Mutex<String>,
+}
+
+/// Why a request to create a build was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TriggerError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub struct Farm {
+    pub data_dir: PathBuf,
+    config: RwLock<Arc<FarmConfig>>,
+    pub store: Store,
+    pub pool: Pool,
+    pub scheduler: Scheduler,
+    pub master: MasterKey,
+    pub admin_token: String,
+    /// Accept `/reverse` without TLS (loopback demos and tests only).
+    pub allow_plaintext: bool,
+    pub started: Instant,
+    pub started_ms: i64,
+    pub tls_fingerprint: Option<String>,
+    pub metrics: Metrics,
+    repos: Mutex<HashMap<String, Arc<git::Repo>>>,
+    running: Mutex<HashMap<i64, Arc<RunningBuild>>>,
+    sources: Mutex<VecDeque<((String, String), Bytes)>>,
+    /// Per-repo last poll error, shown on the status page.
+    pub poll_errors: Mutex<HashMap<String, String>>,
+}
+
+const SOURCE_CACHE: usize = 16;
+
+/// Options for [`Farm::new`].
+pub struct FarmOptions {
+    pub data_dir: PathBuf,
+    pub config: FarmConfig,
+    pub store: Store,
+    pub master: MasterKey,
+    pub admin_token: String,
+    pub allow_plaintext: bool,
+    pub tls_fingerprint: Option<String>,
+}
+
+impl Farm {
+    pub fn new(o: FarmOptions) -> Arc<Farm> {
+        Arc::new(Farm {
+            data_dir: o.data_dir,
+            config: RwLock::new(Arc::new(o.config)),
+            store: o.store,
+            pool: Pool::new(),
+            scheduler: Scheduler::new(),
+            master: o.master,
+            admin_token: o.admin_token,
+            allow_plaintext: o.allow_plaintext,
+            started: Instant::now(),
+            started_ms: crate::store::now_ms(),
+            tls_fingerprint: o.tls_fingerprint,
+            metrics: Metrics::default(),
+            repos: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+            sources: Mutex::new(VecDeque::new()),
+            poll_errors: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn config(&self) -> Arc<FarmConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the config file. A broken file keeps the old config and
+    /// returns the errors.
+    pub fn reload(&self) -> Result<(), config::ConfigErrors> {
+        let path = self.config().path.clone();
+        let new = config::load(&path)?;
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        tracing::info!(path = %path.display(), "config reloaded");
+        self.scheduler.changed.notify_one();
+        Ok(())
+    }
+
+    /// Loads queued builds from the store into the scheduler (at start).
+    pub async fn load_queue(&self) -> Result<usize, crate::store::StoreError> {
+        let q = self.store.queued_builds().await?;
+        for b in &q {
+            self.scheduler
+                .push(b.id, &b.host_type, b.kind, b.commit_time);
+        }
+        Ok(q.len())
+    }
+
+    pub fn running(&self, id: i64) -> Option<Arc<RunningBuild>> {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    pub fn running_builds(&self) -> Vec<Arc<RunningBuild>> {
+        let mut v: Vec<_> = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by_key(|r| r.build_id);
+        v
+    }
+
+    pub(crate) fn register_running(&self, build_id: i64) -> Arc<RunningBuild> {
+        let mut r = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        r.entry(build_id)
+            .or_insert_with(|| {
+                let (cancel, _) = watch::channel(false);
+                Arc::new(RunningBuild {
+                    build_id,
+                    log: Arc::new(LiveLog::new()),
+                    cancel,
+                    machine: Mutex::new(String::new()),
+                    step: Mutex::new(String::new()),
+                })
+            })
+            .clone()
+    }
+
+    pub(crate) fn unregister_running(&self, build_id: i64) {
+        if let Some(rb) = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&build_id)
+        {
+            rb.log.finish();
+        }
+    }
+
+    /// The repository handle for a configured repo, opened on first use.
+    pub async fn repo(&self, name: &str) -> Result<Arc<git::Repo>, String> {
+        if let Some(r) = self
+            .repos
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
+            return Ok(r.clone());
+        }
+        let cfg = self.config();
+        let rc = cfg
+            .repos
+            .get(name)
+            .ok_or_else(|| format!("repo {name:?} is not in the config"))?;
+        let url = rc.url.clone();
+        let cache = self.data_dir.join("git").join(name);
+        let repo = tokio::task::spawn_blocking(move || git::Repo::open(&url, &cache))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let repo = Arc::new(repo);
+        self.repos
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), repo.clone());
+        Ok(repo)
+    }
+
+    /// The tar.gz of a commit's tree, cached for the few most recent commits
+    /// (every builder of a commit pushes the same tree).
+    pub async fn source_tgz(&self, repo: &str, commit: &str) -> Result<Bytes, String> {
+        let key = (repo.to_string(), commit.to_string());
+        if let Some((_, b)) = self
+            .sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(k, _)| *k == key)
+        {
+            return Ok(b.clone());
+        }
+        let r = self.repo(repo).await?;
+        let c = commit.to_string();
+        let tgz = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            r.archive_tgz(&c, &mut out).map(|_| out)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        let tgz = Bytes::from(tgz);
+        let mut s = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        s.push_back((key, tgz.clone()));
+        while s.len() > SOURCE_CACHE {
+            s.pop_front();
+        }
+        Ok(tgz)
+    }
+
+    /// Creates and queues a build; checks the builder, the repo and the
+    /// pre-submit policy first.
+    pub async fn trigger(
+        &self,
+        builder: &str,
+        repo: Option<&str>,
+        branch: Option<&str>,
+        commit: &str,
+        kind: BuildKind,
+        requested_by: &str,
+    ) -> Result<i64, TriggerError> {
+        let cfg = self.config();
+        let b = cfg
+            .builders
+            .get(builder)
+            .ok_or_else(|| TriggerError::NotFound(format!("no builder named {builder:?}")))?;
+        let repo =
+            match repo {
+                Some(r) => r.to_string(),
+                None => match b.repos.first() {
+                    Some(r) => r.clone(),
+                    None => cfg.repos.keys().next().cloned().ok_or_else(|| {
+                        TriggerError::Invalid("the config defines no repo".into())
+                    })?,
+                },
+            };
+        let rc = cfg
+            .repos
+            .get(&repo)
+            .ok_or_else(|| TriggerError::NotFound(format!("no repo named {repo:?}")))?;
+        let host = cfg.hosts.get(&b.host_type).ok_or_else(|| {
+            TriggerError::Invalid(format!(
+                "builder {builder:?} uses unknown host type {:?}",
+                b.host_type
+            ))
+        })?;
+        if kind == BuildKind::PreSubmit {
+            if !b.presubmit {
+                return Err(TriggerError::Forbidden(format!(
+                    "builder {builder:?} does not take pre-submit work (presubmit = false in its config)"
+                )));
+            }
+            if !host.trusted {
+                return Err(TriggerError::Forbidden(format!(
+                    "pre-submit work only runs on trusted machines; {} is not trusted",
+                    b.host_type
+                )));
+            }
+        }
+        let branch = branch
+            .map(str::to_string)
+            .or_else(|| rc.branches.first().cloned())
+            .unwrap_or_else(|| "main".into());
+        let r = self.repo(&repo).await.map_err(TriggerError::Internal)?;
+        let c = commit.to_string();
+        let r2 = r.clone();
+        let br = branch.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            let hash = if c.len() == 40 && c.bytes().all(|x| x.is_ascii_hexdigit()) {
+                c.clone()
+            } else {
+                match r2.branch_head(&c) {
+                    Ok(Some(h)) => h,
+                    _ if c.is_empty() => r2.branch_head(&br).ok().flatten().unwrap_or_default(),
+                    _ => c.clone(),
+                }
+            };
+            r2.commit(&hash)
+        })
+        .await
+        .map_err(|e| TriggerError::Internal(e.to_string()))?
+        .map_err(|e| TriggerError::NotFound(format!("commit {commit:?} in repo {repo:?}: {e}")))?;
+        let id = self
+            .store
+            .create_build(&NewBuild {
+                builder: builder.to_string(),
+                host_type: b.host_type.clone(),
+                repo: repo.clone(),
+                branch,
+                commit: found.hash.clone(),
+                commit_time: found.time,
+                kind,
+                requested_by: requested_by.to_string(),
+            })
+            .await
+            .map_err(|e| TriggerError::Internal(e.to_string()))?
+            .ok_or_else(|| TriggerError::Invalid("an identical build already exists".into()))?;
+        self.scheduler.push(id, &b.host_type, kind, found.time);
+        Ok(id)
+    }
+
+    /// Cancels a queued or running build.
+    pub async fn cancel(&self, id: i64) -> Result<BuildStatus, TriggerError> {
+        let b = self
+            .store
+            .build(id)
+            .await
+            .map_err(|e| TriggerError::Internal(e.to_string()))?
+            .ok_or_else(|| TriggerError::NotFound(format!("no build {id}")))?;
+        match b.status {
+            BuildStatus::Queued => {
+                self.scheduler.remove(id);
+                self.store
+                    .finish_build(id, BuildStatus::Cancelled, "cancelled while queued")
+                    .await
+                    .map_err(|e| TriggerError::Internal(e.to_string()))?;
+                self.metrics.build_finished(BuildStatus::Cancelled);
+                Ok(BuildStatus::Cancelled)
+            }
+            BuildStatus::Running => {
+                if let Some(rb) = self.running(id) {
+                    let _ = rb.cancel.send(true);
+                }
+                Ok(BuildStatus::Running)
+            }
+            s => Err(TriggerError::Invalid(format!(
+                "build {id} already finished ({s})"
+            ))),
+        }
+    }
+
+    /// Explains why queued work for a host type waits, in words.
+    pub fn wait_reason(&self, host_type: &str) -> String {
+        let cfg = self.config();
+        let counts = self
+            .pool
+            .counts()
+            .get(host_type)
+            .copied()
+            .unwrap_or_default();
+        let expected = cfg.hosts.get(host_type).map_or(0, |h| h.expected);
+        if counts.connected == 0 {
+            format!("waiting: no machine of {host_type} connected, expected {expected}")
+        } else {
+            format!(
+                "waiting: all {} connected machines of {host_type} are busy (expected {expected})",
+                counts.connected
+            )
+        }
+    }
+
+    /// Matches queued builds with idle machines until one side runs out.
+    pub fn dispatch_once(self: &Arc<Self>) {
+        for ht in self.scheduler.host_types_with_work() {
+            while self.pool.has_idle(&ht) {
+                let Some(entry) = self.scheduler.pop(&ht) else {
+                    break;
+                };
+                let Some(lease) = self.pool.lease(&ht) else {
+                    self.scheduler.push(
+                        entry.build_id,
+                        &entry.host_type,
+                        entry.kind,
+                        entry.commit_time,
+                    );
+                    break;
+                };
+                let me = self.clone();
+                tokio::spawn(async move { me.run_build(entry, lease).await });
+            }
+        }
+    }
+
+    /// Runs forever: dispatches whenever work or a machine appears.
+    pub async fn dispatch_loop(self: Arc<Self>) {
+        loop {
+            self.dispatch_once();
+            tokio::select! {
+                _ = self.scheduler.changed.notified() => {}
+                _ = self.pool.changed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Runs forever: asks idle machines for `/status`; one that does not
+    /// answer within the heartbeat timeout leaves the pool.
+    pub async fn health_loop(self: Arc<Self>) {
+        loop {
+            let (every, timeout) = {
+                let c = self.config();
+                (c.farm.heartbeat, c.farm.heartbeat_timeout)
+            };
+            tokio::time::sleep(every).await;
+            for (id, client) in self.pool.idle_machines() {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(timeout, client.status()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            me.pool.remove(id, &format!("health check failed: {e}"));
+                        }
+                        Err(_) => {
+                            me.pool
+                                .remove(id, &format!("health check: no answer within {timeout:?}"));
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    /// Host types whose machines this coordinator starts itself.
+    pub fn local_host_types(&self) -> Vec<(String, u32)> {
+        self.config()
+            .hosts
+            .values()
+            .filter(|h| h.pool == PoolKind::Local)
+            .map(|h| (h.name.clone(), h.local_count))
+            .collect()
+    }
+}

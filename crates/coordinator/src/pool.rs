@@ -1,0 +1,273 @@
+//! The reverse pool: every connected buildlet, by host type.
+//!
+//! Machines register through [`crate::reverse`]; the pool leases them one
+//! build at a time, and knows at every moment what each machine does and
+//! since when, so the status page can say why work waits. A machine that
+//! reconnects under the same host name replaces its old entry. Refused
+//! registrations are counted per host type with their reason, because a
+//! machine owner's first question is "why is my machine not there?".
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use buildlet::client::Client;
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::store::now_ms;
+
+/// What a machine is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum MachineState {
+    Idle,
+    /// Leased for a build (or by a dispatcher about to start one).
+    Busy {
+        build_id: Option<i64>,
+    },
+    /// Being emptied (`removeall .`) after a build.
+    Cleaning,
+}
+
+/// A connected machine, as shown on the status page and in `/api/machines`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MachineView {
+    pub id: u64,
+    pub hostname: String,
+    pub host_type: String,
+    pub version: u32,
+    pub build: String,
+    pub addr: String,
+    pub connected_at: i64,
+    #[serde(flatten)]
+    pub state: MachineState,
+    /// When the current state began (ms since the epoch).
+    pub state_since: i64,
+}
+
+struct Machine {
+    view: MachineView,
+    client: Client,
+    /// Aborts the connection task (closing the link) when the machine is dropped.
+    conn: tokio::task::AbortHandle,
+}
+
+/// A machine leased for one build.
+#[derive(Clone, Debug)]
+pub struct Lease {
+    pub id: u64,
+    pub hostname: String,
+    pub host_type: String,
+    pub client: Client,
+}
+
+/// A refused registration, kept for the status page.
+#[derive(Debug, Clone, Serialize)]
+pub struct Refusal {
+    pub at: i64,
+    pub host_type: String,
+    pub hostname: String,
+    pub addr: String,
+    pub reason: String,
+    /// Short machine-readable reason, the label of the refusal metrics.
+    pub kind: String,
+}
+
+#[derive(Default)]
+struct Refusals {
+    recent: VecDeque<Refusal>,
+    counts: BTreeMap<(String, String), u64>,
+}
+
+/// Connected and busy counts of one host type.
+#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Counts {
+    pub connected: u32,
+    pub busy: u32,
+}
+
+#[derive(Default)]
+pub struct Pool {
+    machines: Mutex<HashMap<u64, Machine>>,
+    refusals: Mutex<Refusals>,
+    next_id: AtomicU64,
+    /// Signalled whenever a machine becomes idle or joins.
+    pub changed: Notify,
+}
+
+const RECENT_REFUSALS: usize = 100;
+
+impl Pool {
+    pub fn new() -> Pool {
+        Pool::default()
+    }
+
+    /// Adds a registered machine (idle). An older entry with the same host
+    /// name is dropped and its connection closed. Returns the new id.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add(
+        &self,
+        hostname: &str,
+        host_type: &str,
+        version: u32,
+        build: &str,
+        addr: &str,
+        client: Client,
+        conn: tokio::task::AbortHandle,
+    ) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = now_ms();
+        let mut m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
+        let old: Vec<u64> = m
+            .values()
+            .filter(|x| x.view.hostname == hostname)
+            .map(|x| x.view.id)
+            .collect();
+        for o in old {
+            if let Some(old) = m.remove(&o) {
+                tracing::info!(
+                    hostname,
+                    "machine reconnected; dropping its previous connection"
+                );
+                old.conn.abort();
+            }
+        }
+        m.insert(
+            id,
+            Machine {
+                view: MachineView {
+                    id,
+                    hostname: hostname.into(),
+                    host_type: host_type.into(),
+                    version,
+                    build: build.into(),
+                    addr: addr.into(),
+                    connected_at: now,
+                    state: MachineState::Idle,
+                    state_since: now,
+                },
+                client,
+                conn,
+            },
+        );
+        drop(m);
+        self.changed.notify_one();
+        id
+    }
+
+    /// Removes a machine and closes its connection. Returns whether it was there.
+    pub fn remove(&self, id: u64, reason: &str) -> bool {
+        let removed = self
+            .machines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        match removed {
+            Some(m) => {
+                tracing::info!(hostname = %m.view.hostname, host_type = %m.view.host_type, "machine left the pool: {reason}");
+                m.conn.abort();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Leases the idle machine of `host_type` that has been idle longest.
+    pub fn lease(&self, host_type: &str) -> Option<Lease> {
+        let mut m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
+        let best = m
+            .values_mut()
+            .filter(|x| x.view.host_type == host_type && x.view.state == MachineState::Idle)
+            .min_by_key(|x| (x.view.state_since, x.view.id))?;
+        best.view.state = MachineState::Busy { build_id: None };
+        best.view.state_since = now_ms();
+        Some(Lease {
+            id: best.view.id,
+            hostname: best.view.hostname.clone(),
+            host_type: best.view.host_type.clone(),
+            client: best.client.clone(),
+        })
+    }
+
+    /// Records which build a leased machine runs.
+    pub fn set_state(&self, id: u64, state: MachineState) {
+        let mut m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(x) = m.get_mut(&id) {
+            let idle = state == MachineState::Idle;
+            x.view.state = state;
+            x.view.state_since = now_ms();
+            drop(m);
+            if idle {
+                self.changed.notify_one();
+            }
+        }
+    }
+
+    /// An idle machine's client, for health checks (marks it busy meanwhile).
+    pub fn idle_machines(&self) -> Vec<(u64, Client)> {
+        let m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
+        m.values()
+            .filter(|x| x.view.state == MachineState::Idle)
+            .map(|x| (x.view.id, x.client.clone()))
+            .collect()
+    }
+
+    pub fn contains(&self, id: u64) -> bool {
+        self.machines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&id)
+    }
+
+    pub fn snapshot(&self) -> Vec<MachineView> {
+        let m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = m.values().map(|x| x.view.clone()).collect();
+        v.sort_by(|a, b| (&a.host_type, &a.hostname).cmp(&(&b.host_type, &b.hostname)));
+        v
+    }
+
+    pub fn counts(&self) -> HashMap<String, Counts> {
+        let m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: HashMap<String, Counts> = HashMap::new();
+        for x in m.values() {
+            let c = out.entry(x.view.host_type.clone()).or_default();
+            c.connected += 1;
+            if x.view.state != MachineState::Idle {
+                c.busy += 1;
+            }
+        }
+        out
+    }
+
+    pub fn has_idle(&self, host_type: &str) -> bool {
+        let m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
+        m.values()
+            .any(|x| x.view.host_type == host_type && x.view.state == MachineState::Idle)
+    }
+
+    /// Records a refused registration.
+    pub fn refuse(&self, r: Refusal) {
+        tracing::warn!(host_type = %r.host_type, hostname = %r.hostname, addr = %r.addr, "refused a buildlet: {}", r.reason);
+        let mut g = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        *g.counts
+            .entry((r.host_type.clone(), r.kind.clone()))
+            .or_default() += 1;
+        g.recent.push_front(r);
+        g.recent.truncate(RECENT_REFUSALS);
+    }
+
+    pub fn recent_refusals(&self) -> Vec<Refusal> {
+        let g = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        g.recent.iter().cloned().collect()
+    }
+
+    /// Refusal counts by (host type, reason kind).
+    pub fn refusal_counts(&self) -> BTreeMap<(String, String), u64> {
+        self.refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .counts
+            .clone()
+    }
+}

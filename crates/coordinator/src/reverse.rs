@@ -1,0 +1,290 @@
+//! Registration of reverse buildlets (`GET /reverse`).
+//!
+//! The buildlet dials in and asks to upgrade the connection. The coordinator
+//! checks, in order: TLS (unless plaintext was allowed), the upgrade token,
+//! the registration headers, that the host type is configured, the builder
+//! key, and the buildlet version. Each refusal is a status and a sentence the
+//! machine owner can act on, and is counted per host type. On success it
+//! answers `101`, runs an HTTP/2 *client* over the connection, confirms the
+//! buildlet with `/status`, and adds it to the pool; when the connection
+//! ends (or HTTP/2 PINGs go unanswered), the machine leaves the pool.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use buildlet::client::{BoxError, Client, ReqBody, Transport};
+use buildlet::proto;
+use http::{StatusCode, header};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::farm::Farm;
+use crate::pool::Refusal;
+use crate::store::now_ms;
+
+/// Facts about the TCP connection a request arrived on, set by the server.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// Sends requests over the HTTP/2 connection a buildlet dialled.
+struct H2Transport {
+    sender: hyper::client::conn::http2::SendRequest<ReqBody>,
+}
+
+impl Transport for H2Transport {
+    fn send(
+        &self,
+        req: http::Request<ReqBody>,
+    ) -> Pin<Box<dyn Future<Output = Result<http::Response<Incoming>, BoxError>> + Send + '_>> {
+        let mut sender = self.sender.clone();
+        Box::pin(async move {
+            sender.ready().await?;
+            Ok(sender.send_request(req).await?)
+        })
+    }
+}
+
+fn refuse(
+    farm: &Farm,
+    status: StatusCode,
+    kind: &str,
+    host_type: &str,
+    hostname: &str,
+    peer: SocketAddr,
+    reason: String,
+) -> Response {
+    farm.pool.refuse(Refusal {
+        at: now_ms(),
+        host_type: host_type.to_string(),
+        hostname: hostname.to_string(),
+        addr: peer.to_string(),
+        reason: reason.clone(),
+        kind: kind.to_string(),
+    });
+    (status, format!("{reason}\n")).into_response()
+}
+
+pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response {
+    let info = req
+        .extensions()
+        .get::<ConnInfo>()
+        .copied()
+        .unwrap_or(ConnInfo {
+            peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+            tls: false,
+        });
+    let hv = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .unwrap_or("")
+            .to_string()
+    };
+    let host_type = hv(proto::HDR_HOST_TYPE);
+    let hostname = hv(proto::HDR_HOSTNAME);
+    let peer = info.peer;
+    if !info.tls && !farm.allow_plaintext {
+        return refuse(&farm, StatusCode::FORBIDDEN, "plaintext", &host_type, &hostname, peer,
+            "this coordinator accepts buildlets only over TLS; drop -insecure-plaintext and use -tls-pin or -ca-file".into());
+    }
+    if !hv(header::UPGRADE.as_str()).eq_ignore_ascii_case(proto::REVERSE_UPGRADE) {
+        return refuse(
+            &farm,
+            StatusCode::BAD_REQUEST,
+            "protocol",
+            &host_type,
+            &hostname,
+            peer,
+            format!(
+                "expected an upgrade to {:?}: this endpoint is for farmer buildlets in reverse mode",
+                proto::REVERSE_UPGRADE
+            ),
+        );
+    }
+    if host_type.is_empty() || hostname.is_empty() {
+        return refuse(
+            &farm,
+            StatusCode::BAD_REQUEST,
+            "protocol",
+            &host_type,
+            &hostname,
+            peer,
+            format!(
+                "registration needs the {} and {} headers",
+                proto::HDR_HOST_TYPE,
+                proto::HDR_HOSTNAME
+            ),
+        );
+    }
+    let cfg = farm.config();
+    if !cfg.hosts.contains_key(&host_type) {
+        let known: Vec<&str> = cfg.hosts.keys().map(String::as_str).collect();
+        return refuse(
+            &farm,
+            StatusCode::FORBIDDEN,
+            "unknown-host-type",
+            &host_type,
+            &hostname,
+            peer,
+            format!(
+                "unknown host type {host_type:?}: the farm's config has no [hosts.{host_type}] (known: {}); check -reverse-type or ask the farm admin to add it",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        );
+    }
+    let key = hv(proto::HDR_BUILDER_KEY);
+    if key.is_empty() {
+        return refuse(
+            &farm,
+            StatusCode::UNAUTHORIZED,
+            "missing-key",
+            &host_type,
+            &hostname,
+            peer,
+            format!(
+                "no builder key sent for {host_type}; store the output of `genbuilderkey {host_type}` in ~/.gobuildkey-{host_type}"
+            ),
+        );
+    }
+    if !farm.master.verify(&host_type, &key) {
+        return refuse(
+            &farm,
+            StatusCode::FORBIDDEN,
+            "wrong-key",
+            &host_type,
+            &hostname,
+            peer,
+            format!(
+                "wrong builder key for {host_type}: this key was not issued by this farm for {host_type}; ask the farm admin for `genbuilderkey {host_type}`"
+            ),
+        );
+    }
+    let version: u32 = match hv(proto::HDR_VERSION).parse() {
+        Ok(v) => v,
+        Err(_) => {
+            return refuse(
+                &farm,
+                StatusCode::BAD_REQUEST,
+                "protocol",
+                &host_type,
+                &hostname,
+                peer,
+                format!("missing or malformed {} header", proto::HDR_VERSION),
+            );
+        }
+    };
+    if version < cfg.farm.min_buildlet_version {
+        return refuse(
+            &farm,
+            StatusCode::UPGRADE_REQUIRED,
+            "too-old",
+            &host_type,
+            &hostname,
+            peer,
+            format!(
+                "buildlet protocol version {version} is too old: this farm needs at least {}; update the buildlet (stage0 does it automatically)",
+                cfg.farm.min_buildlet_version
+            ),
+        );
+    }
+    let build = hv(proto::HDR_BUILD);
+    let (heartbeat, hb_timeout) = (cfg.farm.heartbeat, cfg.farm.heartbeat_timeout);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(%hostname, "reverse upgrade failed: {e}");
+                return;
+            }
+        };
+        let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(heartbeat))
+            .keep_alive_timeout(
+                hb_timeout
+                    .saturating_sub(heartbeat)
+                    .max(Duration::from_secs(1)),
+            )
+            .keep_alive_while_idle(true)
+            .handshake::<_, ReqBody>(upgraded)
+            .await;
+        let (sender, conn) = match handshake {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(%hostname, "HTTP/2 over the reverse connection failed: {e}");
+                return;
+            }
+        };
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let conn_task = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("reverse connection ended: {e}");
+            }
+            let _ = done_tx.send(());
+        });
+        let client = Client::with_transport(
+            Arc::new(H2Transport { sender }),
+            "http://buildlet".into(),
+            None,
+        );
+        let status = match tokio::time::timeout(Duration::from_secs(10), client.status()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(%hostname, "buildlet did not answer /status after registering: {e}");
+                conn_task.abort();
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%hostname, "buildlet did not answer /status within 10s after registering");
+                conn_task.abort();
+                return;
+            }
+        };
+        let id = farm.pool.add(
+            &hostname,
+            &host_type,
+            status.version,
+            &build,
+            &peer.to_string(),
+            client,
+            conn_task.abort_handle(),
+        );
+        tracing::info!(%hostname, %host_type, version = status.version, %peer, "machine joined the pool");
+        if let Err(e) = farm
+            .store
+            .machine_seen(
+                &hostname,
+                &host_type,
+                status.version as i64,
+                &build,
+                &peer.to_string(),
+            )
+            .await
+        {
+            tracing::warn!("recording machine: {e}");
+        }
+        let _ = done_rx.await;
+        farm.pool.remove(id, "connection closed");
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, proto::REVERSE_UPGRADE)
+        .body(Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}

@@ -1,0 +1,165 @@
+//! Starting and stopping a whole coordinator: config, keys, TLS, store
+//! recovery, the listener, the background loops and the local pool.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+
+use crate::farm::{Farm, FarmOptions};
+use crate::keys::{MasterKey, hex, write_private};
+use crate::local::{LocalPool, LocalTarget};
+use crate::store::Store;
+
+/// How to run a coordinator.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub data_dir: PathBuf,
+    pub config: PathBuf,
+    pub listen: String,
+    /// Accept reverse buildlets without TLS (loopback only).
+    pub allow_plaintext: bool,
+    /// Certificate and key (PEM); default: a self-signed pair in the data dir.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Program (and leading args) that runs a buildlet for the local pool.
+    pub local_buildlet: Option<Vec<String>>,
+}
+
+/// What a started coordinator tells its caller.
+pub struct Started {
+    pub farm: Arc<Farm>,
+    pub addr: SocketAddr,
+}
+
+/// The admin token file inside the data dir.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+fn admin_token(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        _ => {
+            let mut t = [0u8; 24];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut t);
+            let t = hex(&t);
+            write_private(&path, format!("{t}\n").as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
+            Ok(t)
+        }
+    }
+}
+
+/// Runs a coordinator until `shutdown` resolves, then stops the local pool.
+/// `on_start` is called once the port is bound and everything runs.
+pub async fn run(
+    opts: RunOptions,
+    on_start: impl FnOnce(&Started),
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&opts.data_dir)
+        .with_context(|| format!("creating data dir {}", opts.data_dir.display()))?;
+    let config = match crate::config::load(&opts.config) {
+        Ok(c) => c,
+        Err(errs) => bail!("the config has errors; not starting:\n{errs}"),
+    };
+    let master = MasterKey::load_or_create(&opts.data_dir)?;
+    let token = admin_token(&opts.data_dir)?;
+    let tls_dir = opts.data_dir.join("tls");
+    std::fs::create_dir_all(&tls_dir)?;
+    let (cert, key) = match (&opts.tls_cert, &opts.tls_key) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+        (None, None) => (tls_dir.join("cert.pem"), tls_dir.join("key.pem")),
+        _ => bail!("--tls-cert and --tls-key go together"),
+    };
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    let host = buildlet::server::default_hostname();
+    if !names.contains(&host) {
+        names.push(host);
+    }
+    let identity = crate::tls::load_or_create(&cert, &key, &names)?;
+    let store = Store::open(&opts.data_dir.join("farmer.db"))
+        .await
+        .context("opening the store")?;
+    let rec = store.recover().await?;
+    if rec.lost_attempts > 0 || rec.requeued_builds > 0 {
+        tracing::warn!(
+            lost_attempts = rec.lost_attempts,
+            requeued = rec.requeued_builds,
+            "recovered from an unclean stop: attempts that were running are recorded as lost and their builds re-queued"
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(&opts.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}: is another farmer (or something else) using that port? Pick another with --listen", opts.listen))?;
+    let addr = listener.local_addr()?;
+    let farm = Farm::new(FarmOptions {
+        data_dir: opts.data_dir.clone(),
+        config,
+        store,
+        master,
+        admin_token: token,
+        allow_plaintext: opts.allow_plaintext,
+        tls_fingerprint: Some(identity.fingerprint.clone()),
+    });
+    let queued = farm.load_queue().await?;
+    if queued > 0 {
+        tracing::info!(queued, "queued builds loaded from the store");
+    }
+    let router = crate::api::router(farm.clone()).merge(crate::dashboard::router(farm.clone()));
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(crate::server::serve(
+        listener,
+        router,
+        Some(identity.config.clone()),
+    ));
+    tasks.spawn(farm.clone().dispatch_loop());
+    tasks.spawn(farm.clone().health_loop());
+    for repo in farm.config().repos.keys().cloned() {
+        tasks.spawn(crate::poller::poll_loop(farm.clone(), repo));
+    }
+    #[cfg(unix)]
+    {
+        let f = farm.clone();
+        tasks.spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                if let Err(e) = f.reload() {
+                    tracing::error!("config reload failed; keeping the old config:\n{e}");
+                }
+            }
+        });
+    }
+    let connect = match addr {
+        SocketAddr::V4(a) if a.ip().is_unspecified() => format!("127.0.0.1:{}", a.port()),
+        SocketAddr::V6(a) if a.ip().is_unspecified() => format!("[::1]:{}", a.port()),
+        a => a.to_string(),
+    };
+    let target = match &opts.local_buildlet {
+        Some(p) => LocalTarget {
+            addr: connect,
+            pin: Some(identity.fingerprint.clone()),
+            program: p.clone(),
+        },
+        None => LocalTarget::this_exe(connect, Some(identity.fingerprint.clone()))?,
+    };
+    let local = LocalPool::start(&farm, target)?;
+    on_start(&Started {
+        farm: farm.clone(),
+        addr,
+    });
+    shutdown.await;
+    tracing::info!("stopping: local buildlets first");
+    local.shutdown().await;
+    tasks.abort_all();
+    Ok(())
+}

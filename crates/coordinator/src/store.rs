@@ -1,0 +1,719 @@
+//! The coordinator's durable state: repos' commits, builds, attempts, steps
+//! with their (compressed) logs, and machines seen, in SQLite (WAL).
+//!
+//! Everything a restart must not lose is written here before it is acted on:
+//! a build exists in the store before it is queued, an attempt before the
+//! machine is used, and a build's final status is written exactly once (the
+//! update is guarded by the running state). [`Store::recover`] turns what a
+//! killed coordinator left running into recorded lost attempts and re-queued
+//! builds.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("database migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Where a build stands. Terminal states never change again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BuildStatus {
+    Queued,
+    Running,
+    Passed,
+    Failed,
+    InfraError,
+    Cancelled,
+}
+
+impl BuildStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildStatus::Queued => "queued",
+            BuildStatus::Running => "running",
+            BuildStatus::Passed => "passed",
+            BuildStatus::Failed => "failed",
+            BuildStatus::InfraError => "infra-error",
+            BuildStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, BuildStatus::Queued | BuildStatus::Running)
+    }
+
+    pub const ALL: [BuildStatus; 6] = [
+        BuildStatus::Queued,
+        BuildStatus::Running,
+        BuildStatus::Passed,
+        BuildStatus::Failed,
+        BuildStatus::InfraError,
+        BuildStatus::Cancelled,
+    ];
+}
+
+impl FromStr for BuildStatus {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        BuildStatus::ALL
+            .into_iter()
+            .find(|b| b.as_str() == s)
+            .ok_or_else(|| format!("unknown build status {s:?}"))
+    }
+}
+
+impl std::fmt::Display for BuildStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a build exists; also its scheduling priority class (first = most urgent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BuildKind {
+    Release,
+    Interactive,
+    PreSubmit,
+    PostSubmit,
+}
+
+impl BuildKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildKind::Release => "release",
+            BuildKind::Interactive => "interactive",
+            BuildKind::PreSubmit => "pre-submit",
+            BuildKind::PostSubmit => "post-submit",
+        }
+    }
+}
+
+impl FromStr for BuildKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        [
+            BuildKind::Release,
+            BuildKind::Interactive,
+            BuildKind::PreSubmit,
+            BuildKind::PostSubmit,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+        .ok_or_else(|| {
+            format!("unknown build kind {s:?} (release, interactive, pre-submit, post-submit)")
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CommitRow {
+    pub repo: String,
+    pub hash: String,
+    pub author: String,
+    pub email: String,
+    pub time: i64,
+    pub subject: String,
+    pub parents: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildRow {
+    pub id: i64,
+    pub builder: String,
+    pub host_type: String,
+    pub repo: String,
+    pub branch: String,
+    pub commit: String,
+    pub commit_time: i64,
+    pub kind: BuildKind,
+    pub status: BuildStatus,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub attempts: i64,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptRow {
+    pub id: i64,
+    pub build_id: i64,
+    pub number: i64,
+    pub machine: String,
+    pub host_type: String,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub result: String,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRow {
+    pub id: i64,
+    pub build_id: i64,
+    pub attempt_id: i64,
+    pub number: i64,
+    pub name: String,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub result: String,
+    pub detail: String,
+    pub log_size: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MachineRow {
+    pub hostname: String,
+    pub host_type: String,
+    pub version: i64,
+    pub build: String,
+    pub addr: String,
+    pub first_seen: i64,
+    pub last_seen: i64,
+}
+
+/// A build to create.
+#[derive(Debug, Clone)]
+pub struct NewBuild {
+    pub builder: String,
+    pub host_type: String,
+    pub repo: String,
+    pub branch: String,
+    pub commit: String,
+    pub commit_time: i64,
+    pub kind: BuildKind,
+    pub requested_by: String,
+}
+
+/// What [`Store::recover`] found after an unclean stop.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    pub lost_attempts: u64,
+    pub requeued_builds: u64,
+}
+
+/// Filter for [`Store::builds`].
+#[derive(Debug, Default, Clone)]
+pub struct BuildFilter {
+    pub builder: Option<String>,
+    pub repo: Option<String>,
+    pub commit: Option<String>,
+    pub status: Option<BuildStatus>,
+    pub machine: Option<String>,
+    pub host_type: Option<String>,
+    pub limit: i64,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+const BUILD_COLS: &str = "id, builder, host_type, repo, branch, commit_hash, commit_time, kind, status, created_at, started_at, finished_at, attempts, error";
+
+fn build_row(r: &sqlx::sqlite::SqliteRow) -> Result<BuildRow> {
+    let kind: String = r.try_get("kind")?;
+    let status: String = r.try_get("status")?;
+    Ok(BuildRow {
+        id: r.try_get("id")?,
+        builder: r.try_get("builder")?,
+        host_type: r.try_get("host_type")?,
+        repo: r.try_get("repo")?,
+        branch: r.try_get("branch")?,
+        commit: r.try_get("commit_hash")?,
+        commit_time: r.try_get("commit_time")?,
+        kind: kind.parse().map_err(StoreError::Invalid)?,
+        status: status.parse().map_err(StoreError::Invalid)?,
+        created_at: r.try_get("created_at")?,
+        started_at: r.try_get("started_at")?,
+        finished_at: r.try_get("finished_at")?,
+        attempts: r.try_get("attempts")?,
+        error: r.try_get("error")?,
+    })
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite database at `path` and migrates it.
+    pub async fn open(path: &Path) -> Result<Store> {
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Store { pool })
+    }
+
+    /// Marks attempts left running by a previous process as lost and puts
+    /// their builds back in the queue. Run once at start, before scheduling.
+    pub async fn recover(&self) -> Result<Recovery> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let lost = sqlx::query(
+            "UPDATE attempts SET result = 'lost', finished_at = ?, error = 'the coordinator stopped while this attempt ran; the build was re-queued' WHERE result = 'running'",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("UPDATE steps SET result = 'lost', finished_at = ? WHERE result = 'running'")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        let requeued = sqlx::query("UPDATE builds SET status = 'queued' WHERE status = 'running'")
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(Recovery {
+            lost_attempts: lost,
+            requeued_builds: requeued,
+        })
+    }
+
+    /// Records a commit and its branch; returns true if the commit was new.
+    pub async fn add_commit(&self, c: &CommitRow, branch: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let new = sqlx::query(
+            "INSERT OR IGNORE INTO commits (repo, hash, author, email, time, subject, parents, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&c.repo)
+        .bind(&c.hash)
+        .bind(&c.author)
+        .bind(&c.email)
+        .bind(c.time)
+        .bind(&c.subject)
+        .bind(c.parents.join(" "))
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        sqlx::query("INSERT OR IGNORE INTO commit_branches (repo, branch, hash) VALUES (?, ?, ?)")
+            .bind(&c.repo)
+            .bind(branch)
+            .bind(&c.hash)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(new)
+    }
+
+    /// Hashes of every commit already seen on a repo's branch.
+    pub async fn known_commits(&self, repo: &str, branch: &str) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT hash FROM commit_branches WHERE repo = ? AND branch = ?")
+            .bind(repo)
+            .bind(branch)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| r.try_get("hash").map_err(Into::into))
+            .collect()
+    }
+
+    pub async fn commit(&self, repo: &str, hash: &str) -> Result<Option<CommitRow>> {
+        let r = sqlx::query("SELECT repo, hash, author, email, time, subject, parents FROM commits WHERE repo = ? AND hash = ?")
+            .bind(repo)
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        r.map(|r| commit_row(&r)).transpose()
+    }
+
+    /// Commits of a repo branch, newest first.
+    pub async fn commits(
+        &self,
+        repo: &str,
+        branch: &str,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<CommitRow>> {
+        let rows = sqlx::query(
+            "SELECT c.repo, c.hash, c.author, c.email, c.time, c.subject, c.parents FROM commits c JOIN commit_branches b ON b.repo = c.repo AND b.hash = c.hash WHERE c.repo = ? AND b.branch = ? ORDER BY c.time DESC, c.seen_at DESC LIMIT ? OFFSET ?",
+        )
+        .bind(repo)
+        .bind(branch)
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(commit_row).collect()
+    }
+
+    /// Creates a build in state `queued`. A post-submit build of a
+    /// (builder, commit) that already exists is not created again: `None`.
+    pub async fn create_build(&self, b: &NewBuild) -> Result<Option<i64>> {
+        let r = sqlx::query(
+            "INSERT OR IGNORE INTO builds (builder, host_type, repo, branch, commit_hash, commit_time, kind, status, created_at, requested_by) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+        )
+        .bind(&b.builder)
+        .bind(&b.host_type)
+        .bind(&b.repo)
+        .bind(&b.branch)
+        .bind(&b.commit)
+        .bind(b.commit_time)
+        .bind(b.kind.as_str())
+        .bind(now_ms())
+        .bind(&b.requested_by)
+        .execute(&self.pool)
+        .await?;
+        Ok((r.rows_affected() > 0).then(|| r.last_insert_rowid()))
+    }
+
+    pub async fn build(&self, id: i64) -> Result<Option<BuildRow>> {
+        let r = sqlx::query(&format!("SELECT {BUILD_COLS} FROM builds WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        r.as_ref().map(build_row).transpose()
+    }
+
+    /// Builds matching a filter, newest first.
+    pub async fn builds(&self, f: &BuildFilter) -> Result<Vec<BuildRow>> {
+        let mut sql = format!("SELECT {BUILD_COLS} FROM builds WHERE 1=1");
+        let mut binds: Vec<String> = Vec::new();
+        if let Some(v) = &f.builder {
+            sql.push_str(" AND builder = ?");
+            binds.push(v.clone());
+        }
+        if let Some(v) = &f.repo {
+            sql.push_str(" AND repo = ?");
+            binds.push(v.clone());
+        }
+        if let Some(v) = &f.commit {
+            sql.push_str(" AND commit_hash = ?");
+            binds.push(v.clone());
+        }
+        if let Some(v) = &f.status {
+            sql.push_str(" AND status = ?");
+            binds.push(v.as_str().to_string());
+        }
+        if let Some(v) = &f.host_type {
+            sql.push_str(" AND host_type = ?");
+            binds.push(v.clone());
+        }
+        if let Some(v) = &f.machine {
+            sql.push_str(" AND id IN (SELECT build_id FROM attempts WHERE machine = ?)");
+            binds.push(v.clone());
+        }
+        sql.push_str(" ORDER BY id DESC LIMIT ?");
+        let mut q = sqlx::query(&sql);
+        for b in &binds {
+            q = q.bind(b);
+        }
+        let limit = if f.limit <= 0 {
+            100
+        } else {
+            f.limit.min(10_000)
+        };
+        let rows = q.bind(limit).fetch_all(&self.pool).await?;
+        rows.iter().map(build_row).collect()
+    }
+
+    /// Queued builds, oldest first, for filling the scheduler at start.
+    pub async fn queued_builds(&self) -> Result<Vec<BuildRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {BUILD_COLS} FROM builds WHERE status = 'queued' ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(build_row).collect()
+    }
+
+    /// Counts builds per status.
+    pub async fn status_counts(&self) -> Result<Vec<(BuildStatus, i64)>> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM builds GROUP BY status")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = Vec::new();
+        for r in rows {
+            let s: String = r.try_get("status")?;
+            out.push((s.parse().map_err(StoreError::Invalid)?, r.try_get("n")?));
+        }
+        Ok(out)
+    }
+
+    /// Starts an attempt: the build becomes `running` on `machine`. Returns
+    /// `None` if the build is no longer queued (cancelled meanwhile).
+    pub async fn start_attempt(
+        &self,
+        build_id: i64,
+        machine: &str,
+        host_type: &str,
+    ) -> Result<Option<(i64, i64)>> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE builds SET status = 'running', attempts = attempts + 1, started_at = COALESCE(started_at, ?) WHERE id = ? AND status = 'queued'",
+        )
+        .bind(now)
+        .bind(build_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            return Ok(None);
+        }
+        let number: i64 = sqlx::query("SELECT attempts FROM builds WHERE id = ?")
+            .bind(build_id)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("attempts")?;
+        let id = sqlx::query(
+            "INSERT INTO attempts (build_id, number, machine, host_type, started_at, result) VALUES (?, ?, ?, ?, ?, 'running')",
+        )
+        .bind(build_id)
+        .bind(number)
+        .bind(machine)
+        .bind(host_type)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .last_insert_rowid();
+        tx.commit().await?;
+        Ok(Some((id, number)))
+    }
+
+    pub async fn finish_attempt(&self, attempt_id: i64, result: &str, error: &str) -> Result<()> {
+        sqlx::query("UPDATE attempts SET result = ?, error = ?, finished_at = ? WHERE id = ? AND result = 'running'")
+            .bind(result)
+            .bind(error)
+            .bind(now_ms())
+            .bind(attempt_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Puts a running build back in the queue after a lost attempt.
+    pub async fn requeue(&self, build_id: i64) -> Result<bool> {
+        let n =
+            sqlx::query("UPDATE builds SET status = 'queued' WHERE id = ? AND status = 'running'")
+                .bind(build_id)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        Ok(n > 0)
+    }
+
+    /// Records a build's final status, once: returns false if it was already final.
+    pub async fn finish_build(
+        &self,
+        build_id: i64,
+        status: BuildStatus,
+        error: &str,
+    ) -> Result<bool> {
+        debug_assert!(status.is_terminal());
+        let n = sqlx::query(
+            "UPDATE builds SET status = ?, error = ?, finished_at = ? WHERE id = ? AND status IN ('queued', 'running')",
+        )
+        .bind(status.as_str())
+        .bind(error)
+        .bind(now_ms())
+        .bind(build_id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n > 0)
+    }
+
+    pub async fn start_step(
+        &self,
+        build_id: i64,
+        attempt_id: i64,
+        number: i64,
+        name: &str,
+    ) -> Result<i64> {
+        let id = sqlx::query(
+            "INSERT INTO steps (build_id, attempt_id, number, name, started_at, result) VALUES (?, ?, ?, ?, ?, 'running')",
+        )
+        .bind(build_id)
+        .bind(attempt_id)
+        .bind(number)
+        .bind(name)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?
+        .last_insert_rowid();
+        Ok(id)
+    }
+
+    /// Finishes a step and stores its log gzip-compressed.
+    pub async fn finish_step(
+        &self,
+        step_id: i64,
+        result: &str,
+        detail: &str,
+        log: &[u8],
+    ) -> Result<()> {
+        let gz = gzip(log);
+        sqlx::query("UPDATE steps SET result = ?, detail = ?, finished_at = ?, log_gz = ?, log_size = ? WHERE id = ?")
+            .bind(result)
+            .bind(detail)
+            .bind(now_ms())
+            .bind(gz)
+            .bind(log.len() as i64)
+            .bind(step_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn attempts(&self, build_id: i64) -> Result<Vec<AttemptRow>> {
+        let rows = sqlx::query(
+            "SELECT id, build_id, number, machine, host_type, started_at, finished_at, result, error FROM attempts WHERE build_id = ? ORDER BY number",
+        )
+        .bind(build_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AttemptRow {
+                    id: r.try_get("id")?,
+                    build_id: r.try_get("build_id")?,
+                    number: r.try_get("number")?,
+                    machine: r.try_get("machine")?,
+                    host_type: r.try_get("host_type")?,
+                    started_at: r.try_get("started_at")?,
+                    finished_at: r.try_get("finished_at")?,
+                    result: r.try_get("result")?,
+                    error: r.try_get("error")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn steps(&self, build_id: i64) -> Result<Vec<StepRow>> {
+        let rows = sqlx::query(
+            "SELECT id, build_id, attempt_id, number, name, started_at, finished_at, result, detail, log_size FROM steps WHERE build_id = ? ORDER BY attempt_id, number",
+        )
+        .bind(build_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(StepRow {
+                    id: r.try_get("id")?,
+                    build_id: r.try_get("build_id")?,
+                    attempt_id: r.try_get("attempt_id")?,
+                    number: r.try_get("number")?,
+                    name: r.try_get("name")?,
+                    started_at: r.try_get("started_at")?,
+                    finished_at: r.try_get("finished_at")?,
+                    result: r.try_get("result")?,
+                    detail: r.try_get("detail")?,
+                    log_size: r.try_get("log_size")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The stored (finished) log of one step, decompressed.
+    pub async fn step_log(&self, step_id: i64) -> Result<Option<Vec<u8>>> {
+        let r = sqlx::query("SELECT log_gz FROM steps WHERE id = ?")
+            .bind(step_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(r) = r else { return Ok(None) };
+        let gz: Option<Vec<u8>> = r.try_get("log_gz")?;
+        Ok(Some(gz.map(|g| gunzip(&g)).unwrap_or_default()))
+    }
+
+    pub async fn machine_seen(
+        &self,
+        hostname: &str,
+        host_type: &str,
+        version: i64,
+        build: &str,
+        addr: &str,
+    ) -> Result<()> {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO machines (hostname, host_type, version, build, addr, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (hostname) DO UPDATE SET host_type = excluded.host_type, version = excluded.version, build = excluded.build, addr = excluded.addr, last_seen = excluded.last_seen",
+        )
+        .bind(hostname)
+        .bind(host_type)
+        .bind(version)
+        .bind(build)
+        .bind(addr)
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn machines(&self) -> Result<Vec<MachineRow>> {
+        let rows = sqlx::query("SELECT hostname, host_type, version, build, addr, first_seen, last_seen FROM machines ORDER BY host_type, hostname")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(MachineRow {
+                    hostname: r.try_get("hostname")?,
+                    host_type: r.try_get("host_type")?,
+                    version: r.try_get("version")?,
+                    build: r.try_get("build")?,
+                    addr: r.try_get("addr")?,
+                    first_seen: r.try_get("first_seen")?,
+                    last_seen: r.try_get("last_seen")?,
+                })
+            })
+            .collect()
+    }
+}
+
+fn commit_row(r: &sqlx::sqlite::SqliteRow) -> Result<CommitRow> {
+    let parents: String = r.try_get("parents")?;
+    Ok(CommitRow {
+        repo: r.try_get("repo")?,
+        hash: r.try_get("hash")?,
+        author: r.try_get("author")?,
+        email: r.try_get("email")?,
+        time: r.try_get("time")?,
+        subject: r.try_get("subject")?,
+        parents: parents.split_whitespace().map(str::to_string).collect(),
+    })
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let _ = e.write_all(data);
+    e.finish().unwrap_or_default()
+}
+
+fn gunzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let _ = flate2::read::GzDecoder::new(data).read_to_end(&mut out);
+    out
+}

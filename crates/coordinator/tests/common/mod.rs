@@ -1,0 +1,426 @@
+//! Real coordinator and buildlet processes on loopback, and real git
+//! repositories, for the coordinator's integration tests.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const FARMER: &str = env!("CARGO_BIN_EXE_farmer");
+
+/// A git repository made with the git CLI, for tests.
+pub struct TestRepo {
+    pub path: PathBuf,
+    n: u32,
+}
+
+impl TestRepo {
+    pub fn new(path: &Path) -> TestRepo {
+        std::fs::create_dir_all(path).unwrap();
+        git(path, &["init", "-q", "-b", "main"]);
+        TestRepo {
+            path: path.to_path_buf(),
+            n: 0,
+        }
+    }
+
+    /// Writes files and commits them; returns the commit hash.
+    pub fn commit(&mut self, msg: &str, files: &[(&str, &str)]) -> String {
+        for (p, c) in files {
+            let full = self.path.join(p);
+            std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+            std::fs::write(&full, c).unwrap();
+        }
+        self.n += 1;
+        git(&self.path, &["add", "-A"]);
+        let date = format!("{} +0000", 1_700_000_000 + self.n as i64 * 60);
+        let out = Command::new("git")
+            .current_dir(&self.path)
+            .args([
+                "-c",
+                "user.name=Test Author",
+                "-c",
+                "user.email=test@example.com",
+                "commit",
+                "-q",
+                "-m",
+                msg,
+            ])
+            .env("GIT_AUTHOR_DATE", &date)
+            .env("GIT_COMMITTER_DATE", &date)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git commit: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        git(&self.path, &["rev-parse", "HEAD"]).trim().to_string()
+    }
+}
+
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Collects a child's output lines in the background.
+#[derive(Clone, Default)]
+pub struct Lines(Arc<Mutex<Vec<String>>>);
+
+impl Lines {
+    pub fn all(&self) -> String {
+        self.0.lock().unwrap().join("\n")
+    }
+    pub fn wait_for(&self, needle: &str, limit: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.all().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+fn collect<R: std::io::Read + Send + 'static>(
+    r: R,
+    lines: Lines,
+    first: Option<std::sync::mpsc::Sender<String>>,
+) {
+    std::thread::spawn(move || {
+        let mut first = first;
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if let Some(tx) = &first
+                && line.starts_with("listening on ")
+            {
+                let _ = tx.send(line.clone());
+                first = None;
+            }
+            lines.0.lock().unwrap().push(line);
+        }
+    });
+}
+
+/// A `farmer serve` process.
+pub struct Coordinator {
+    pub child: Child,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub config: PathBuf,
+    pub out: Lines,
+    pub err: Lines,
+    pub fingerprint: String,
+    pub token: String,
+}
+
+impl Coordinator {
+    pub fn start(data_dir: &Path, config: &Path) -> Coordinator {
+        Coordinator::start_on(data_dir, config, "127.0.0.1:0")
+    }
+
+    pub fn start_on(data_dir: &Path, config: &Path, listen: &str) -> Coordinator {
+        let mut child = Command::new(FARMER)
+            .args(["serve", "--config"])
+            .arg(config)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", listen])
+            .env("FARMER_LOG", "info,sqlx=warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = Lines::default();
+        let err = Lines::default();
+        let (tx, rx) = std::sync::mpsc::channel();
+        collect(child.stdout.take().unwrap(), out.clone(), Some(tx));
+        collect(child.stderr.take().unwrap(), err.clone(), None);
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("coordinator did not start; stderr:\n{}", err.all());
+            }
+        };
+        let addr = line.trim_start_matches("listening on ").trim().to_string();
+        assert!(out.wait_for("-tls-pin=", Duration::from_secs(10)));
+        let fingerprint = out
+            .all()
+            .split("-tls-pin=")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
+        let token = std::fs::read_to_string(data_dir.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        Coordinator {
+            child,
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            config: config.to_path_buf(),
+            out,
+            err,
+            fingerprint,
+            token,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn key(&self, host_type: &str) -> String {
+        let out = Command::new(FARMER)
+            .args(["genbuilderkey", host_type, "--data-dir"])
+            .arg(&self.data_dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    pub fn get(&self, path: &str) -> serde_json::Value {
+        let body = http_get(&self.url(path));
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+    }
+
+    pub fn get_text(&self, path: &str) -> String {
+        http_get(&self.url(path))
+    }
+
+    pub fn post(&self, path: &str, body: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+        http_post(&self.url(path), body, token)
+    }
+
+    /// Polls `f` on `/api/...` JSON until it returns Some, bounded.
+    pub fn wait<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut f: impl FnMut(&Coordinator) -> Option<T>,
+    ) -> T {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(v) = f(self) {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "timed out waiting for {what}; coordinator stderr:\n{}",
+            self.err.all()
+        );
+    }
+
+    pub fn connected(&self) -> Vec<String> {
+        self.get("/api/machines")["connected"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["hostname"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    pub fn wait_connected(&self, n: usize) {
+        self.wait(&format!("{n} machines"), Duration::from_secs(30), |c| {
+            (c.connected().len() >= n).then_some(())
+        });
+    }
+
+    /// Waits until every build has a final status; returns them.
+    pub fn wait_builds_done(&self, n: usize, limit: Duration) -> Vec<serde_json::Value> {
+        self.wait(&format!("{n} finished builds"), limit, |c| {
+            let b = c.get("/api/builds?limit=1000");
+            let v = b.as_array().unwrap().clone();
+            let done = v
+                .iter()
+                .filter(|b| !matches!(b["status"].as_str(), Some("queued" | "running")))
+                .count();
+            (v.len() >= n && done == v.len()).then_some(v)
+        })
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `farmer buildlet` in reverse mode.
+pub struct Bot {
+    pub child: Child,
+    pub log: Lines,
+    pub workdir: PathBuf,
+}
+
+impl Bot {
+    pub fn start(
+        c: &Coordinator,
+        dir: &Path,
+        host_type: &str,
+        hostname: &str,
+        key: Option<&str>,
+    ) -> Bot {
+        Bot::start_args(c, dir, host_type, hostname, key, &[])
+    }
+
+    pub fn start_args(
+        c: &Coordinator,
+        dir: &Path,
+        host_type: &str,
+        hostname: &str,
+        key: Option<&str>,
+        extra: &[&str],
+    ) -> Bot {
+        std::fs::create_dir_all(dir).unwrap();
+        let workdir = dir.join(format!("wd-{hostname}"));
+        let mut cmd = Command::new(FARMER);
+        cmd.arg("buildlet")
+            .arg(format!("-coordinator={}", c.addr))
+            .arg(format!("-reverse-type={host_type}"))
+            .arg(format!("-hostname={hostname}"))
+            .arg(format!("-workdir={}", workdir.display()))
+            .arg(format!("-tls-pin={}", c.fingerprint))
+            .arg("-reboot=false")
+            .args(extra)
+            .env("HOME", dir)
+            .env_remove("GO_BUILD_KEY_PATH")
+            .env("BUILDLET_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(k) = key {
+            let kf = dir.join(format!("key-{hostname}"));
+            std::fs::write(&kf, k).unwrap();
+            cmd.arg(format!("-key-file={}", kf.display()));
+        }
+        let mut child = cmd.spawn().unwrap();
+        let log = Lines::default();
+        collect(child.stdout.take().unwrap(), log.clone(), None);
+        collect(child.stderr.take().unwrap(), log.clone(), None);
+        Bot {
+            child,
+            log,
+            workdir,
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Bot {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+pub fn http_get(url: &str) -> String {
+    rt().block_on(async {
+        use http_body_util::BodyExt;
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let resp = tokio::time::timeout(Duration::from_secs(30), client.get(url.parse().unwrap()))
+            .await
+            .expect("GET timed out")
+            .unwrap();
+        let body = tokio::time::timeout(Duration::from_secs(60), resp.into_body().collect())
+            .await
+            .expect("GET body timed out")
+            .unwrap()
+            .to_bytes();
+        String::from_utf8_lossy(&body).into_owned()
+    })
+}
+
+pub fn http_post(url: &str, body: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+    rt().block_on(async {
+        use http_body_util::BodyExt;
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Full<bytes::Bytes>>();
+        let mut req = http::Request::post(url).header("content-type", "application/json");
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
+            .await
+            .expect("POST timed out")
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v = serde_json::from_slice(&body).unwrap_or(serde_json::Value::String(
+            String::from_utf8_lossy(&body).into_owned(),
+        ));
+        (status, v)
+    })
+}
+
+/// A config with one reverse host type (and optionally an untrusted one),
+/// pointing at `repo`.
+pub fn config(repo: &Path, builders: &str) -> String {
+    format!(
+        r#"[farm]
+max_attempts = 3
+heartbeat = "1s"
+heartbeat_timeout = "5s"
+
+[repos.r]
+url = "{}"
+branches = ["main"]
+poll_interval = "300ms"
+
+[hosts.host-test-trusted]
+pool = "reverse"
+expected = 2
+trusted = true
+owners = ["owner@example.com"]
+
+[hosts.host-test-untrusted]
+pool = "reverse"
+expected = 1
+trusted = false
+
+{builders}
+"#,
+        repo.display()
+    )
+}

@@ -1,0 +1,358 @@
+//! The coordinator end to end: real `farmer serve` and `farmer buildlet`
+//! processes over loopback (TLS, real builder keys), real git repositories.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Bot, Coordinator, TestRepo, config};
+
+const BUILDER: &str = r#"
+[builders.linux-test]
+host = "host-test-trusted"
+repos = ["r"]
+presubmit = true
+timeout = "2m"
+env = { GREETING = "hi" }
+[[builders.linux-test.steps]]
+name = "build"
+run = "echo building $FARMER_COMMIT; echo $GREETING from $FARMER_BUILDER; sh build.sh"
+timeout = "1m"
+[[builders.linux-test.steps]]
+name = "test"
+command = ["sh", "test.sh"]
+timeout = "1m"
+"#;
+
+fn setup(builders: &str) -> (tempfile::TempDir, TestRepo, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = TestRepo::new(&dir.path().join("repo"));
+    let cfg = dir.path().join("farm.toml");
+    std::fs::write(&cfg, config(&repo.path, builders)).unwrap();
+    (dir, repo, cfg)
+}
+
+#[test]
+fn builds_end_to_end_pass_and_fail_with_logs() {
+    let (dir, mut repo, cfg) = setup(BUILDER);
+    let good = repo.commit(
+        "good",
+        &[
+            ("build.sh", "echo compiled\n"),
+            ("test.sh", "echo all tests ok\n"),
+        ],
+    );
+    let bad = repo.commit("bad", &[("test.sh", "echo FAIL TestThing; exit 1\n")]);
+    let c = Coordinator::start(&dir.path().join("data"), &cfg);
+    let key = c.key("host-test-trusted");
+    let _b = Bot::start(
+        &c,
+        &dir.path().join("bots"),
+        "host-test-trusted",
+        "bot-1",
+        Some(&key),
+    );
+    c.wait_connected(1);
+    let builds = c.wait_builds_done(2, Duration::from_secs(60));
+    let by_commit = |h: &str| builds.iter().find(|b| b["commit"] == h).unwrap().clone();
+    let g = by_commit(&good);
+    let b = by_commit(&bad);
+    assert_eq!(g["status"], "passed", "{g}");
+    assert_eq!(b["status"], "failed", "{b}");
+    assert!(
+        b["error"]
+            .as_str()
+            .unwrap()
+            .contains("step test failed: exit status 1"),
+        "{b}"
+    );
+
+    let log = c.get_text(&format!("/api/builds/{}/log", g["id"]));
+    assert!(log.contains(&format!("building {good}")), "{log}");
+    assert!(log.contains("hi from linux-test"), "{log}");
+    assert!(
+        log.contains("compiled") && log.contains("all tests ok"),
+        "{log}"
+    );
+    let log = c.get_text(&format!("/api/builds/{}/log", b["id"]));
+    assert!(log.contains("FAIL TestThing"), "{log}");
+
+    let detail = c.get(&format!("/api/builds/{}", b["id"]));
+    let steps = detail["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2);
+    assert_eq!(steps[0]["result"], "passed");
+    assert_eq!(steps[1]["result"], "failed");
+    assert_eq!(detail["attempts"].as_array().unwrap().len(), 1);
+    assert_eq!(detail["attempts"][0]["machine"], "bot-1");
+
+    // A new commit is noticed by the poller and built.
+    let third = repo.commit("third", &[("test.sh", "echo fixed\n")]);
+    let builds = c.wait_builds_done(3, Duration::from_secs(60));
+    assert_eq!(
+        builds
+            .iter()
+            .find(|b| b["commit"] == third.as_str())
+            .unwrap()["status"],
+        "passed"
+    );
+    // Commits are listed newest first.
+    let commits = c.get("/api/commits?repo=r");
+    let hashes: Vec<_> = commits["commits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["hash"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(hashes, vec![third, bad, good]);
+}
+
+#[test]
+fn wrong_missing_and_unknown_keys_are_refused_with_reasons() {
+    let (dir, mut repo, cfg) = setup(BUILDER);
+    repo.commit("one", &[("build.sh", "true\n"), ("test.sh", "true\n")]);
+    let c = Coordinator::start(&dir.path().join("data"), &cfg);
+    let bots = dir.path().join("bots");
+
+    let wrong = Bot::start(
+        &c,
+        &bots,
+        "host-test-trusted",
+        "bad-key",
+        Some(&"0".repeat(64)),
+    );
+    assert!(
+        wrong.log.wait_for(
+            "wrong builder key for host-test-trusted",
+            Duration::from_secs(20)
+        ),
+        "{}",
+        wrong.log.all()
+    );
+    // Another host type's key does not work either.
+    let other = c.key("host-test-untrusted");
+    let cross = Bot::start(&c, &bots, "host-test-trusted", "cross-key", Some(&other));
+    assert!(
+        cross
+            .log
+            .wait_for("wrong builder key", Duration::from_secs(20))
+    );
+    let unknown = Bot::start(&c, &bots, "host-nope", "unknown", Some("abc"));
+    assert!(
+        unknown
+            .log
+            .wait_for("unknown host type \"host-nope\"", Duration::from_secs(20)),
+        "{}",
+        unknown.log.all()
+    );
+
+    // No key anywhere: the buildlet says where it looked.
+    let mut missing = Bot::start(&c, &bots, "host-test-trusted", "no-key", None);
+    let st = missing.child.wait().unwrap();
+    assert!(!st.success());
+    assert!(
+        missing
+            .log
+            .wait_for(".gobuildkey-host-test-trusted", Duration::from_secs(5)),
+        "{}",
+        missing.log.all()
+    );
+
+    assert!(c.connected().is_empty());
+    let status = c.get("/api/status");
+    let reasons: Vec<String> = status["refusals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("wrong builder key")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("unknown host type")),
+        "{reasons:?}"
+    );
+    let metrics = c.get_text("/metrics");
+    assert!(metrics.contains("farmer_registrations_refused_total{host_type=\"host-test-trusted\",reason=\"wrong-key\"}"), "{metrics}");
+
+    // The key from the home directory is found (~/.gobuildkey-<host type>).
+    std::fs::write(
+        bots.join(".gobuildkey-host-test-trusted"),
+        c.key("host-test-trusted"),
+    )
+    .unwrap();
+    let _home = Bot::start(&c, &bots, "host-test-trusted", "home-key", None);
+    c.wait(&"home-key connected", Duration::from_secs(20), |c| {
+        c.connected()
+            .contains(&"home-key".to_string())
+            .then_some(())
+    });
+}
+
+#[test]
+fn reconnect_with_same_hostname_replaces_the_old_entry() {
+    let (dir, mut repo, cfg) = setup(BUILDER);
+    repo.commit("one", &[("build.sh", "true\n"), ("test.sh", "true\n")]);
+    let c = Coordinator::start(&dir.path().join("data"), &cfg);
+    let key = c.key("host-test-trusted");
+    let bots = dir.path().join("bots");
+    let _a = Bot::start(&c, &bots.join("a"), "host-test-trusted", "same", Some(&key));
+    c.wait_connected(1);
+    let first_id = c.get("/api/machines")["connected"][0]["id"].clone();
+    let _b = Bot::start(&c, &bots.join("b"), "host-test-trusted", "same", Some(&key));
+    c.wait(
+        "the second connection to replace the first",
+        Duration::from_secs(20),
+        |c| {
+            let m = c.get("/api/machines");
+            let conn = m["connected"].as_array().unwrap();
+            (conn.len() == 1 && conn[0]["id"] != first_id).then_some(())
+        },
+    );
+}
+
+#[test]
+fn step_timeout_fails_the_build() {
+    let builders = r#"
+[builders.slow]
+host = "host-test-trusted"
+repos = ["r"]
+[[builders.slow.steps]]
+name = "hang"
+run = "echo started; sleep 60"
+timeout = "1s"
+"#;
+    let (dir, mut repo, cfg) = setup(builders);
+    repo.commit("one", &[("x", "x")]);
+    let c = Coordinator::start(&dir.path().join("data"), &cfg);
+    let _b = Bot::start(
+        &c,
+        &dir.path().join("bots"),
+        "host-test-trusted",
+        "bot",
+        Some(&c.key("host-test-trusted")),
+    );
+    let builds = c.wait_builds_done(1, Duration::from_secs(60));
+    assert_eq!(builds[0]["status"], "failed");
+    assert!(
+        builds[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("step hang timed out after 1s"),
+        "{}",
+        builds[0]
+    );
+    // The machine was cleaned and returned to the pool.
+    c.wait("machine idle again", Duration::from_secs(20), |c| {
+        let m = c.get("/api/machines");
+        (m["connected"][0]["state"] == "idle").then_some(())
+    });
+}
+
+#[test]
+fn presubmit_only_on_trusted_hosts() {
+    let builders = r#"
+[builders.trusted]
+host = "host-test-trusted"
+repos = ["r"]
+presubmit = true
+[[builders.trusted.steps]]
+name = "s"
+run = "echo trusted-ran"
+
+[builders.untrusted]
+host = "host-test-untrusted"
+repos = ["r"]
+presubmit = true
+[[builders.untrusted.steps]]
+name = "s"
+run = "echo untrusted-ran"
+"#;
+    let (dir, mut repo, cfg) = setup(builders);
+    let head = repo.commit("one", &[("x", "x")]);
+    let c = Coordinator::start(&dir.path().join("data"), &cfg);
+    let bots = dir.path().join("bots");
+    let _t = Bot::start(
+        &c,
+        &bots,
+        "host-test-trusted",
+        "t",
+        Some(&c.key("host-test-trusted")),
+    );
+    let _u = Bot::start(
+        &c,
+        &bots,
+        "host-test-untrusted",
+        "u",
+        Some(&c.key("host-test-untrusted")),
+    );
+    c.wait_connected(2);
+    c.wait_builds_done(2, Duration::from_secs(60));
+
+    let body = format!(r#"{{"builder":"untrusted","commit":"{head}","kind":"pre-submit"}}"#);
+    let (code, v) = c.post("/api/builds", &body, Some(&c.token));
+    assert_eq!(code, 403, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("not trusted"), "{v}");
+
+    // Without the admin token, nothing is created.
+    let body = format!(r#"{{"builder":"trusted","commit":"{head}","kind":"pre-submit"}}"#);
+    let (code, _) = c.post("/api/builds", &body, None);
+    assert_eq!(code, 401);
+    let (code, _) = c.post("/api/builds", &body, Some("wrong"));
+    assert_eq!(code, 403);
+
+    let (code, v) = c.post("/api/builds", &body, Some(&c.token));
+    assert_eq!(code, 201, "{v}");
+    let id = v["id"].as_i64().unwrap();
+    let builds = c.wait_builds_done(3, Duration::from_secs(60));
+    let b = builds.iter().find(|b| b["id"] == id).unwrap();
+    assert_eq!(b["status"], "passed");
+    assert_eq!(b["kind"], "pre-submit");
+    let detail = c.get(&format!("/api/builds/{id}"));
+    assert_eq!(detail["attempts"][0]["machine"], "t");
+    // No pre-submit build ever ran on the untrusted host.
+    let all = c.get("/api/builds?host_type=host-test-untrusted&limit=100");
+    assert!(
+        all.as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["kind"] != "pre-submit")
+    );
+}
+
+#[test]
+fn cancel_a_running_build() {
+    let builders = r#"
+[builders.slow]
+host = "host-test-trusted"
+repos = ["r"]
+[[builders.slow.steps]]
+name = "hang"
+run = "echo started; sleep 60"
+timeout = "2m"
+"#;
+    let (dir, mut repo, cfg) = setup(builders);
+    repo.commit("one", &[("x", "x")]);
+    let c = Coordinator::start(&dir.path().join("data"), &cfg);
+    let _b = Bot::start(
+        &c,
+        &dir.path().join("bots"),
+        "host-test-trusted",
+        "bot",
+        Some(&c.key("host-test-trusted")),
+    );
+    let id = c.wait("a running build", Duration::from_secs(30), |c| {
+        let b = c.get("/api/builds?status=running");
+        b.as_array()
+            .unwrap()
+            .first()
+            .map(|b| b["id"].as_i64().unwrap())
+    });
+    let (code, v) = c.post(&format!("/api/builds/{id}/cancel"), "", Some(&c.token));
+    assert_eq!(code, 200, "{v}");
+    let builds = c.wait_builds_done(1, Duration::from_secs(30));
+    assert_eq!(builds[0]["status"], "cancelled");
+    let (code, _) = c.post(&format!("/api/builds/{id}/cancel"), "", Some(&c.token));
+    assert_eq!(code, 400);
+}

@@ -310,7 +310,7 @@ impl Repo {
             commit: id.to_string(),
             detail,
         };
-        let gz = flate2::write::GzEncoder::new(out, flate2::Compression::default());
+        let gz = flate2::write::GzEncoder::new(out, flate2::Compression::new(std::env::var("GZL").ok().and_then(|v| v.parse().ok()).unwrap_or(6)));
         let mut ar = Archiver {
             repo: &repo,
             tar: tar::Builder::new(gz),

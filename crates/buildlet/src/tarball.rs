@@ -170,6 +170,11 @@ impl Extractor<'_> {
         if kind.is_dir() {
             let path = paths::resolve(self.root, &name, &comps, true)?;
             self.mkdirs(&path)?;
+            // The destination directory itself keeps its permissions.
+            if rel.is_empty() {
+                self.stats.dirs += 1;
+                return Ok(());
+            }
             if let Ok(mode) = entry.header().mode() {
                 set_mode(&path, (mode & 0o777) | 0o700);
             }
@@ -193,7 +198,7 @@ impl Extractor<'_> {
                 .header()
                 .mtime()
                 .ok()
-                .map(|s| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s))
+                .and_then(|s| SystemTime::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(s)))
                 .map_or(self.now, |t| t.min(self.now));
             let _ = f.set_modified(mtime);
             drop(f);
@@ -233,6 +238,10 @@ impl Extractor<'_> {
             link_comps.extend(link_rel);
             let src = paths::resolve(self.root, &link, &link_comps, true)
                 .map_err(|e| bad(&format!("hard link target {e}")))?;
+            let followed = paths::resolve(self.root, &name, &comps, true)?;
+            if src == followed {
+                return Err(bad("hard link points to itself"));
+            }
             match fs::symlink_metadata(&src) {
                 Ok(m) if m.is_file() => {}
                 _ => {
@@ -410,4 +419,76 @@ pub fn walk(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex_bytes(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// Found by the tar_extract fuzz target: a base-256 mtime of 2^63+
+    /// overflowed `SystemTime` and panicked, skipping the cleanup.
+    #[test]
+    fn huge_mtime_is_clamped_not_a_panic() {
+        let tgz = hex_bytes(
+            "1f8b08008e9a046b02ff4b63a03d300002331313300d04e83498ddf01f010c0c8dcc4c0d18140ce8e03686d2e292c422a0531846c1281805a360640100d4b4f72a00060000",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let stats = extract(&tgz[..], &root, &[]).unwrap();
+        assert_eq!(stats.files, 1);
+        let mtime = fs::metadata(root.join("f")).unwrap().modified().unwrap();
+        assert!(mtime <= SystemTime::now());
+    }
+
+    #[test]
+    fn hard_link_to_itself_is_refused() {
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(1);
+        h.set_path("a").unwrap();
+        h.set_cksum();
+        b.append(&h, &b"x"[..]).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Link);
+        h.set_size(0);
+        h.set_path("a").unwrap();
+        h.set_link_name("a").unwrap();
+        h.set_cksum();
+        b.append(&h, &b""[..]).unwrap();
+        let tgz = b.into_inner().unwrap().finish().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let err = extract(&tgz[..], &root, &[]).unwrap_err();
+        assert!(err.is_client_error(), "{err}");
+        assert!(err.to_string().contains("itself"), "{err}");
+        assert_eq!(fs::read_dir(&root).unwrap().count(), 0, "partial extraction left behind");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn dot_entry_keeps_destination_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_size(0);
+        h.set_mode(0o777);
+        h.set_path("./").unwrap();
+        h.set_cksum();
+        b.append(&h, &b""[..]).unwrap();
+        let tgz = b.into_inner().unwrap().finish().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+        extract(&tgz[..], &root, &[]).unwrap();
+        assert_eq!(fs::metadata(&root).unwrap().permissions().mode() & 0o777, 0o755);
+    }
 }

@@ -31,12 +31,18 @@ pub struct Cli {
 
     /// Reverse mode: dial the coordinator at HOST[:PORT] (port 443 if
     /// omitted) instead of listening, and serve it over that connection.
-    #[arg(long, value_name = "HOST[:PORT]", requires = "reverse_type")]
+    #[arg(long, value_name = "HOST[:PORT]")]
     coordinator: Option<String>,
 
     /// Reverse mode: the host type this machine is (e.g. host-linux-amd64-alice).
     #[arg(long = "reverse-type", value_name = "HOST-TYPE")]
     reverse_type: Option<String>,
+
+    /// Bot mode: authenticate with the machine token in this file (kept
+    /// fresh by machine-tokend) instead of a builder key; the coordinator
+    /// decides the host type from the certified hostname.
+    #[arg(long = "token-file", value_name = "FILE")]
+    token_file: Option<PathBuf>,
 
     /// Reverse mode: file with the builder key. Default: $GO_BUILD_KEY_PATH,
     /// then ~/.gobuildkey-<host-type>, then ~/.gobuildkey.
@@ -183,10 +189,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn run_reverse(cli: Cli, coordinator: String) -> anyhow::Result<()> {
     use crate::reverse::{self, ReverseConfig, Tls};
-    let host_type = cli
-        .reverse_type
-        .clone()
-        .context("-coordinator needs -reverse-type=HOST-TYPE")?;
+    let host_type = match (&cli.reverse_type, &cli.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(_)) => String::new(),
+        (None, None) => bail!(
+            "-coordinator needs -reverse-type=HOST-TYPE (or -token-file=FILE for a bot with a machine certificate)"
+        ),
+    };
     let coordinator = if coordinator
         .rsplit_once(':')
         .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
@@ -196,8 +205,11 @@ async fn run_reverse(cli: Cli, coordinator: String) -> anyhow::Result<()> {
     } else {
         format!("{coordinator}:443")
     };
-    let (key, key_path) =
-        reverse::find_key(cli.key_file.as_deref(), &host_type).map_err(anyhow::Error::msg)?;
+    let (key, key_path) = if cli.token_file.is_some() {
+        (String::new(), PathBuf::from("(machine token)"))
+    } else {
+        reverse::find_key(cli.key_file.as_deref(), &host_type).map_err(anyhow::Error::msg)?
+    };
     let tls = if cli.insecure_plaintext {
         Tls::Plaintext
     } else if let Some(pin) = &cli.tls_pin {
@@ -214,6 +226,7 @@ async fn run_reverse(cli: Cli, coordinator: String) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("farmer-buildlet-{host_type}")));
     let mut cfg = Config::new(workdir);
+    cfg.token_file = cli.token_file.clone();
     cfg.reboot = cli.reboot;
     cfg.max_body = cli.max_body;
     if let Some(h) = &cli.hostname {
@@ -231,6 +244,7 @@ async fn run_reverse(cli: Cli, coordinator: String) -> anyhow::Result<()> {
         host_type,
         hostname,
         key,
+        token_file: cli.token_file.clone(),
         tls,
     };
     tokio::select! {

@@ -279,6 +279,12 @@ impl Client {
         serde_json::from_slice(&b).map_err(|e| Error::Protocol(format!("/status: {e}")))
     }
 
+    /// `GET /machine-token`: the bot's current machine token (bot mode).
+    pub async fn machine_token(&self) -> Result<String, Error> {
+        let b = self.get_bytes("/machine-token", &[]).await?;
+        Ok(String::from_utf8_lossy(&b).trim().to_string())
+    }
+
     /// `GET /workdir`: the absolute work dir on the machine.
     pub async fn workdir(&self) -> Result<String, Error> {
         let b = self.get_bytes("/workdir", &[]).await?;

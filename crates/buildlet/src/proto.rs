@@ -29,6 +29,8 @@ pub const HDR_HOST_TYPE: &str = "x-farmer-host-type";
 pub const HDR_HOSTNAME: &str = "x-farmer-hostname";
 pub const HDR_VERSION: &str = "x-farmer-buildlet-version";
 pub const HDR_BUILDER_KEY: &str = "x-farmer-builder-key";
+/// Bot mode: a machine token (from `machine-tokend`) instead of a builder key.
+pub const HDR_MACHINE_TOKEN: &str = "x-farmer-machine-token";
 /// The buildlet's build (crate version), shown on the status page.
 pub const HDR_BUILD: &str = "x-farmer-buildlet-build";
 

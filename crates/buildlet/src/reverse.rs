@@ -47,9 +47,30 @@ pub struct ReverseConfig {
     pub coordinator: String,
     pub host_type: String,
     pub hostname: String,
-    /// The builder key for `host_type`.
+    /// The builder key for `host_type` (empty when a machine token is used).
     pub key: String,
+    /// Bot mode: authenticate with the machine token in this file (written by
+    /// `machine-tokend`), re-read at every connection, instead of a key.
+    pub token_file: Option<PathBuf>,
     pub tls: Tls,
+}
+
+/// Reads the token from a machine token file (JSON with a `token` field).
+pub fn read_token(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("machine token file {}: {e}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("machine token file {}: {e}", path.display()))?;
+    v["token"]
+        .as_str()
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| {
+            format!(
+                "machine token file {} has no token; is machine-tokend running?",
+                path.display()
+            )
+        })
 }
 
 /// Why one connection attempt ended.
@@ -167,6 +188,12 @@ fn jitter(d: Duration) -> Duration {
 }
 
 fn tls_connector(tls: &Tls) -> Result<Option<tokio_rustls::TlsConnector>, ReverseError> {
+    Ok(client_config(tls)?.map(tokio_rustls::TlsConnector::from))
+}
+
+/// The TLS client configuration for talking to the coordinator (`None` for
+/// plaintext); other farm tools (the token daemon) reuse it.
+pub fn client_config(tls: &Tls) -> Result<Option<Arc<rustls::ClientConfig>>, ReverseError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -207,7 +234,7 @@ fn tls_connector(tls: &Tls) -> Result<Option<tokio_rustls::TlsConnector>, Revers
             builder.with_root_certificates(roots).with_no_client_auth()
         }
     };
-    Ok(Some(tokio_rustls::TlsConnector::from(Arc::new(config))))
+    Ok(Some(Arc::new(config)))
 }
 
 /// Accepts exactly one certificate, by the SHA-256 of its DER encoding.
@@ -332,7 +359,12 @@ where
         .await
         .map_err(|e| ReverseError::Protocol(format!("HTTP handshake: {e}")))?;
     let conn = tokio::spawn(conn.with_upgrades());
-    let req = Request::get(proto::REVERSE_PATH)
+    let mut req = Request::get(proto::REVERSE_PATH);
+    if let Some(tf) = &cfg.token_file {
+        let token = read_token(tf).map_err(ReverseError::Config)?;
+        req = req.header(proto::HDR_MACHINE_TOKEN, token);
+    }
+    let req = req
         .header(header::HOST, cfg.coordinator.as_str())
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, proto::REVERSE_UPGRADE)

@@ -449,7 +449,10 @@ mod tests {
 
     #[test]
     fn hard_link_to_itself_is_refused() {
-        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Regular);
         h.set_size(1);
@@ -469,14 +472,21 @@ mod tests {
         let err = extract(&tgz[..], &root, &[]).unwrap_err();
         assert!(err.is_client_error(), "{err}");
         assert!(err.to_string().contains("itself"), "{err}");
-        assert_eq!(fs::read_dir(&root).unwrap().count(), 0, "partial extraction left behind");
+        assert_eq!(
+            fs::read_dir(&root).unwrap().count(),
+            0,
+            "partial extraction left behind"
+        );
     }
 
     #[cfg(unix)]
     #[test]
     fn dot_entry_keeps_destination_permissions() {
         use std::os::unix::fs::PermissionsExt;
-        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Directory);
         h.set_size(0);
@@ -489,6 +499,9 @@ mod tests {
         let root = dir.path().canonicalize().unwrap();
         fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
         extract(&tgz[..], &root, &[]).unwrap();
-        assert_eq!(fs::metadata(&root).unwrap().permissions().mode() & 0o777, 0o755);
+        assert_eq!(
+            fs::metadata(&root).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
     }
 }

@@ -62,6 +62,8 @@ pub struct Farm {
     sources: Mutex<VecDeque<((String, String), Bytes)>>,
     /// Per-repo last poll error, shown on the status page.
     pub poll_errors: Mutex<HashMap<String, String>>,
+    /// Connected bots that authenticated with machine tokens.
+    pub bots: crate::machine_auth::BotRegistry,
 }
 
 const SOURCE_CACHE: usize = 16;
@@ -96,6 +98,7 @@ impl Farm {
             running: Mutex::new(HashMap::new()),
             sources: Mutex::new(VecDeque::new()),
             poll_errors: Mutex::new(HashMap::new()),
+            bots: Default::default(),
         })
     }
 

@@ -129,6 +129,13 @@ const REMOTE_NAME: &str = "origin";
 /// force-updated (a branch force-pushed upstream is followed).
 const MIRROR_REFSPEC: &str = "+refs/heads/*:refs/heads/*";
 
+/// gzip level for source archives. Measured on ~2000 real source files
+/// (16 MB): level 3 compresses at ~120 MB/s to 4.0 MB, level 6 (the
+/// default) at ~65 MB/s to 3.7 MB, level 1 at ~190 MB/s to 5.6 MB. The
+/// archive is made once per commit, while every builder of that commit
+/// waits, then cached and sent to each of them: 3 balances the two.
+const GZIP_LEVEL: u32 = 3;
+
 /// Nesting deeper than this is refused when archiving (git itself refuses
 /// 4096 levels; real trees are a few dozen deep).
 const MAX_TREE_DEPTH: usize = 1024;
@@ -198,7 +205,7 @@ impl Repo {
             .map_err(err)?
             .receive(gix::progress::Discard, &AtomicBool::new(false))
             .map_err(err)?;
-        tracing::debug!(repo = %self.name, status = ?status_name(&outcome.status), "fetched");
+        tracing::debug!(repo = %self.name, status = status_name(&outcome.status), "fetched");
         Ok(())
     }
 
@@ -206,17 +213,7 @@ impl Repo {
     /// last fetched), or `None` if there is no such branch.
     pub fn branch_head(&self, branch: &str) -> Result<Option<String>, GitError> {
         let repo = self.repo.to_thread_local();
-        let full = format!("refs/heads/{branch}");
-        let name: gix::refs::FullName =
-            full.as_str()
-                .try_into()
-                .map_err(
-                    |e: gix::validate::reference::name::Error| GitError::Invalid {
-                        repo: self.name.clone(),
-                        what: format!("branch name {branch:?}"),
-                        detail: e.to_string(),
-                    },
-                )?;
+        let name = branch_ref(&self.name, branch)?;
         let read_err = |e: gix::Error| GitError::Read {
             repo: self.name.clone(),
             what: format!("branch {branch:?}"),
@@ -310,7 +307,7 @@ impl Repo {
             commit: id.to_string(),
             detail,
         };
-        let gz = flate2::write::GzEncoder::new(out, flate2::Compression::new(std::env::var("GZL").ok().and_then(|v| v.parse().ok()).unwrap_or(6)));
+        let gz = flate2::write::GzEncoder::new(out, flate2::Compression::new(GZIP_LEVEL));
         let mut ar = Archiver {
             repo: &repo,
             tar: tar::Builder::new(gz),
@@ -411,6 +408,16 @@ impl Repo {
             subject: c.message().summary().to_str_lossy().into_owned(),
         })
     }
+}
+
+/// `refs/heads/<branch>`, or an error if git would not allow that name.
+fn branch_ref(repo: &str, branch: &str) -> Result<gix::refs::FullName, GitError> {
+    let full = format!("refs/heads/{branch}");
+    gix::refs::FullName::try_from(full.as_str()).map_err(|e| GitError::Invalid {
+        repo: repo.to_string(),
+        what: format!("branch name {branch:?}"),
+        detail: e.to_string(),
+    })
 }
 
 /// A revision that is just a name (no `~`, `^`, `@`, `:`…): failing to
@@ -771,17 +778,8 @@ pub fn write_history(path: &Path, branch: &str, commits: &[NewCommit]) -> Result
         what: what.to_string(),
         detail: chain(&e),
     };
-    let full = format!("refs/heads/{branch}");
-    let ref_name: gix::refs::FullName =
-        full.as_str()
-            .try_into()
-            .map_err(
-                |e: gix::validate::reference::name::Error| GitError::Invalid {
-                    repo: name.clone(),
-                    what: format!("branch name {branch:?}"),
-                    detail: e.to_string(),
-                },
-            )?;
+    let ref_name = branch_ref(&name, branch)?;
+    let full = ref_name.as_bstr().to_string();
     let is_empty_dir = path
         .read_dir()
         .map(|mut d| d.next().is_none())

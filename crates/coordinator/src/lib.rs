@@ -2,8 +2,10 @@
 //! pool, the scheduler, builds, the store, the API and the demo farm.
 //! `ARCHITECTURE.md` at the repository root maps each concept to its module.
 
+pub mod admin_cli;
 pub mod api;
 pub mod builds;
+pub mod ca;
 pub mod config;
 pub mod dashboard;
 pub mod demo;
@@ -12,6 +14,7 @@ pub mod git;
 pub mod keys;
 pub mod local;
 pub mod logs;
+pub mod machine_auth;
 pub mod metrics;
 pub mod poller;
 pub mod pool;

@@ -55,6 +55,24 @@ enum Cmd {
         #[arg(long = "data-dir", default_value = "farmer-data")]
         data_dir: PathBuf,
     },
+    /// Builder requests for certificate onboarding (submit, status, list, approve, reject).
+    #[command(subcommand)]
+    Request(coordinator::admin_cli::RequestCmd),
+    /// The farm's machine certificate authority (revoke).
+    #[command(subcommand)]
+    Ca(coordinator::admin_cli::CaCmd),
+    /// Make a bot's private key and CSR (same as the `genbotcert` binary).
+    #[command(disable_help_flag = true)]
+    Genbotcert {
+        #[arg(allow_hyphen_values = true, trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Keep a machine token fresh (same as the `machine-tokend` binary).
+    #[command(name = "machine-tokend", disable_help_flag = true)]
+    MachineTokend {
+        #[arg(allow_hyphen_values = true, trailing_var_arg = true)]
+        args: Vec<String>,
+    },
     /// Run a buildlet (same flags as the `buildlet` binary; see `farmer buildlet --help`).
     #[command(disable_help_flag = true)]
     Buildlet {
@@ -69,6 +87,14 @@ fn main() -> anyhow::Result<()> {
         let mut rest = vec![std::ffi::OsString::from("buildlet")];
         rest.extend(args.into_iter().skip(2));
         return buildlet::cli::main_from(rest);
+    }
+    // The owner-side tools of certificate onboarding, also as subcommands so
+    // one binary carries the whole farm.
+    if args.get(1).is_some_and(|a| a == "genbotcert") {
+        return botauth::cli::genbotcert(args.into_iter().skip(1));
+    }
+    if args.get(1).is_some_and(|a| a == "machine-tokend") {
+        std::process::exit(botauth::cli::machine_tokend(args.into_iter().skip(1)));
     }
     let cli: Cli = goflags::parse_from(args);
     tracing_subscriber::fmt()
@@ -105,7 +131,11 @@ fn main() -> anyhow::Result<()> {
             println!("{}", m.builder_key(&host_type));
             Ok(())
         }
-        Cmd::Buildlet { .. } => unreachable!("handled before parsing"),
+        Cmd::Buildlet { .. } | Cmd::Genbotcert { .. } | Cmd::MachineTokend { .. } => {
+            unreachable!("handled before parsing")
+        }
+        Cmd::Request(r) => coordinator::admin_cli::run_request(r),
+        Cmd::Ca(c) => coordinator::admin_cli::run_ca(c),
         Cmd::Up { data_dir, listen } => {
             let config =
                 coordinator::demo::prepare(&data_dir).context("preparing the demo farm")?;

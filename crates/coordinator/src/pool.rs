@@ -213,6 +213,15 @@ impl Pool {
             .collect()
     }
 
+    /// The client of a connected machine.
+    pub fn client(&self, id: u64) -> Option<Client> {
+        self.machines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .map(|m| m.client.clone())
+    }
+
     pub fn contains(&self, id: u64) -> bool {
         self.machines
             .lock()

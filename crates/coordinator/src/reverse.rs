@@ -82,22 +82,38 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
             peer: SocketAddr::from(([0, 0, 0, 0], 0)),
             tls: false,
         });
-    let hv = |name: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .unwrap_or("")
-            .to_string()
+    let (host_type, hostname, token, key, version_header, build, upgrade) = {
+        let hv = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .unwrap_or("")
+                .to_string()
+        };
+        let host_type = hv(proto::HDR_HOST_TYPE);
+        let hostname = hv(proto::HDR_HOSTNAME);
+        let token = hv(proto::HDR_MACHINE_TOKEN);
+        let key = hv(proto::HDR_BUILDER_KEY);
+        let version_header = hv(proto::HDR_VERSION);
+        let build = hv(proto::HDR_BUILD);
+        let upgrade = hv(header::UPGRADE.as_str());
+        (
+            host_type,
+            hostname,
+            token,
+            key,
+            version_header,
+            build,
+            upgrade,
+        )
     };
-    let host_type = hv(proto::HDR_HOST_TYPE);
-    let hostname = hv(proto::HDR_HOSTNAME);
     let peer = info.peer;
     if !info.tls && !farm.allow_plaintext {
         return refuse(&farm, StatusCode::FORBIDDEN, "plaintext", &host_type, &hostname, peer,
             "this coordinator accepts buildlets only over TLS; drop -insecure-plaintext and use -tls-pin or -ca-file".into());
     }
-    if !hv(header::UPGRADE.as_str()).eq_ignore_ascii_case(proto::REVERSE_UPGRADE) {
+    if !upgrade.eq_ignore_ascii_case(proto::REVERSE_UPGRADE) {
         return refuse(
             &farm,
             StatusCode::BAD_REQUEST,
@@ -111,7 +127,7 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
             ),
         );
     }
-    if host_type.is_empty() || hostname.is_empty() {
+    if hostname.is_empty() || (host_type.is_empty() && token.is_empty()) {
         return refuse(
             &farm,
             StatusCode::BAD_REQUEST,
@@ -127,6 +143,55 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
         );
     }
     let cfg = farm.config();
+    let bot = !token.is_empty();
+    let host_type = if bot {
+        let claims = match crate::machine_auth::verify_token(&farm, &token).await {
+            Ok(c) => c,
+            Err((msg, kind)) => {
+                return refuse(
+                    &farm,
+                    StatusCode::FORBIDDEN,
+                    kind,
+                    &host_type,
+                    &hostname,
+                    peer,
+                    msg,
+                );
+            }
+        };
+        if claims.hostname != hostname {
+            return refuse(
+                &farm,
+                StatusCode::FORBIDDEN,
+                "wrong-hostname",
+                &host_type,
+                &hostname,
+                peer,
+                format!(
+                    "this bot says it is {hostname:?} but its machine token was issued to {:?}; run it with -hostname={}",
+                    claims.hostname, claims.hostname
+                ),
+            );
+        }
+        match crate::machine_auth::bound_host_type(&farm, &hostname).await {
+            Some((ht, serial)) if serial == claims.serial => ht,
+            _ => {
+                return refuse(
+                    &farm,
+                    StatusCode::FORBIDDEN,
+                    "unknown-hostname",
+                    &host_type,
+                    &hostname,
+                    peer,
+                    format!(
+                        "{hostname} is not bound to a host type with this certificate; submit a builder request and wait for approval"
+                    ),
+                );
+            }
+        }
+    } else {
+        host_type
+    };
     if !cfg.hosts.contains_key(&host_type) {
         let known: Vec<&str> = cfg.hosts.keys().map(String::as_str).collect();
         return refuse(
@@ -146,8 +211,7 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
             ),
         );
     }
-    let key = hv(proto::HDR_BUILDER_KEY);
-    if key.is_empty() {
+    if !bot && key.is_empty() {
         return refuse(
             &farm,
             StatusCode::UNAUTHORIZED,
@@ -160,7 +224,7 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
             ),
         );
     }
-    if !farm.master.verify(&host_type, &key) {
+    if !bot && !farm.master.verify(&host_type, &key) {
         return refuse(
             &farm,
             StatusCode::FORBIDDEN,
@@ -173,7 +237,7 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
             ),
         );
     }
-    let version: u32 = match hv(proto::HDR_VERSION).parse() {
+    let version: u32 = match version_header.parse() {
         Ok(v) => v,
         Err(_) => {
             return refuse(
@@ -201,7 +265,6 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
             ),
         );
     }
-    let build = hv(proto::HDR_BUILD);
     let (heartbeat, hb_timeout) = (cfg.farm.heartbeat, cfg.farm.heartbeat_timeout);
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
@@ -264,7 +327,10 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
             client,
             conn_task.abort_handle(),
         );
-        tracing::info!(%hostname, %host_type, version = status.version, %peer, "machine joined the pool");
+        if bot {
+            farm.bots.add(id, &hostname);
+        }
+        tracing::info!(%hostname, %host_type, version = status.version, %peer, bot, "machine joined the pool");
         if let Err(e) = farm
             .store
             .machine_seen(

@@ -112,7 +112,9 @@ pub async fn run(
     if queued > 0 {
         tracing::info!(queued, "queued builds loaded from the store");
     }
-    let router = crate::api::router(farm.clone()).merge(crate::dashboard::router(farm.clone()));
+    let router = crate::api::router(farm.clone())
+        .merge(crate::dashboard::router(farm.clone()))
+        .merge(crate::machine_auth::router(farm.clone()));
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(crate::server::serve(
         listener,
@@ -121,6 +123,7 @@ pub async fn run(
     ));
     tasks.spawn(farm.clone().dispatch_loop());
     tasks.spawn(farm.clone().health_loop());
+    tasks.spawn(crate::machine_auth::check_loop(farm.clone()));
     for repo in farm.config().repos.keys().cloned() {
         tasks.spawn(crate::poller::poll_loop(farm.clone(), repo));
     }

@@ -272,6 +272,11 @@ impl Store {
         Ok(Store { pool })
     }
 
+    /// The connection pool, for modules that keep their own tables.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     /// Marks attempts left running by a previous process as lost and puts
     /// their builds back in the queue. Run once at start, before scheduling.
     pub async fn recover(&self) -> Result<Recovery> {
@@ -669,6 +674,52 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Every build of some commits of a repo, newest first: one query for
+    /// the rows of the build grid.
+    pub async fn builds_of_commits(&self, repo: &str, hashes: &[String]) -> Result<Vec<BuildRow>> {
+        let mut out = Vec::new();
+        for chunk in hashes.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = format!(
+                "SELECT {BUILD_COLS} FROM builds WHERE repo = ? AND commit_hash IN ({marks}) ORDER BY id DESC"
+            );
+            let mut q = sqlx::query(&sql).bind(repo);
+            for h in chunk {
+                q = q.bind(h);
+            }
+            for r in q.fetch_all(&self.pool).await? {
+                out.push(build_row(&r)?);
+            }
+        }
+        out.sort_by(|a, b| b.id.cmp(&a.id));
+        Ok(out)
+    }
+
+    /// Commits of a repo branch, newest first, whose latest build on some
+    /// builder failed or hit an infrastructure error (the grid's
+    /// failures-only view).
+    pub async fn failing_commits(
+        &self,
+        repo: &str,
+        branch: &str,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<CommitRow>> {
+        let rows = sqlx::query(
+            "SELECT c.repo, c.hash, c.author, c.email, c.time, c.subject, c.parents FROM commits c JOIN commit_branches b ON b.repo = c.repo AND b.hash = c.hash \
+             WHERE c.repo = ? AND b.branch = ? AND EXISTS (SELECT 1 FROM builds x WHERE x.repo = c.repo AND x.commit_hash = c.hash AND x.status IN ('failed', 'infra-error') \
+             AND NOT EXISTS (SELECT 1 FROM builds y WHERE y.repo = x.repo AND y.commit_hash = x.commit_hash AND y.builder = x.builder AND y.id > x.id)) \
+             ORDER BY c.time DESC, c.seen_at DESC LIMIT ? OFFSET ?",
+        )
+        .bind(repo)
+        .bind(branch)
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(commit_row).collect()
     }
 
     pub async fn machines(&self) -> Result<Vec<MachineRow>> {

@@ -152,35 +152,75 @@ fn up_builds_the_sample_on_every_builder_and_stops_cleanly() {
         .spawn()
         .unwrap();
     let mut first = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut first).unwrap();
-    let addr = first.trim().strip_prefix("listening on ").unwrap().to_string();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    let addr = first
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
     let start = std::time::Instant::now();
     let builds = loop {
-        assert!(start.elapsed() < Duration::from_secs(120), "demo builds did not finish");
-        let v: serde_json::Value = serde_json::from_str(&common::http_get(&format!("http://{addr}/api/builds?limit=100"))).unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "demo builds did not finish"
+        );
+        let v: serde_json::Value = serde_json::from_str(&common::http_get(&format!(
+            "http://{addr}/api/builds?limit=100"
+        )))
+        .unwrap();
         let v = v.as_array().unwrap().clone();
-        if v.len() == 12 && v.iter().all(|b| b["status"] == "passed" || b["status"] == "failed") {
+        if v.len() == 12
+            && v.iter()
+                .all(|b| b["status"] == "passed" || b["status"] == "failed")
+        {
             break v;
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    let builders: std::collections::BTreeSet<_> = builds.iter().map(|b| b["builder"].as_str().unwrap().to_string()).collect();
+    let builders: std::collections::BTreeSet<_> = builds
+        .iter()
+        .map(|b| b["builder"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(builders.len(), 3);
     assert!(builds.iter().any(|b| b["status"] == "failed"));
     assert!(builds.iter().any(|b| b["status"] == "passed"));
     let grid = common::http_get(&format!("http://{addr}/"));
-    assert!(grid.contains("class='failed'") && grid.contains("class='passed'"), "{grid}");
+    assert!(
+        grid.contains("class='failed'") && grid.contains("class='passed'"),
+        "{grid}"
+    );
     // Ctrl-C: the coordinator and every local buildlet exit.
-    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(st) = child.try_wait().unwrap() {
             assert!(st.success(), "{st}");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "farmer up did not stop");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "farmer up did not stop"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let left = Command::new("pgrep").arg("-f").arg(data.display().to_string()).output().unwrap();
-    assert!(left.stdout.is_empty(), "processes left behind: {}", String::from_utf8_lossy(&left.stdout));
+    let left = Command::new("pgrep")
+        .arg("-f")
+        .arg(data.display().to_string())
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "processes left behind: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
 }

@@ -361,7 +361,9 @@ timeout = "2m"
 fn work_waits_visibly_and_old_buildlets_are_refused() {
     let (dir, mut repo, cfg) = setup(BUILDER);
     repo.commit("one", &[("build.sh", "true\n"), ("test.sh", "true\n")]);
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("[farm]\n", "[farm]\nmin_buildlet_version = 99\n");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[farm]\n", "[farm]\nmin_buildlet_version = 99\n");
     std::fs::write(&cfg, text).unwrap();
     let c = Coordinator::start(&dir.path().join("data"), &cfg);
     let q = c.wait("a queued build", Duration::from_secs(30), |c| {
@@ -369,9 +371,25 @@ fn work_waits_visibly_and_old_buildlets_are_refused() {
         q.as_array().unwrap().first().cloned()
     });
     assert_eq!(q["host_type"], "host-test-trusted");
-    assert_eq!(q["reason"], "waiting: no machine of host-test-trusted connected, expected 2");
-    let bot = Bot::start(&c, &dir.path().join("bots"), "host-test-trusted", "old", Some(&c.key("host-test-trusted")));
-    assert!(bot.log.wait_for("too old: this farm needs at least 99", Duration::from_secs(20)), "{}", bot.log.all());
+    assert_eq!(
+        q["reason"],
+        "waiting: no machine of host-test-trusted connected, expected 2"
+    );
+    let bot = Bot::start(
+        &c,
+        &dir.path().join("bots"),
+        "host-test-trusted",
+        "old",
+        Some(&c.key("host-test-trusted")),
+    );
+    assert!(
+        bot.log.wait_for(
+            "too old: this farm needs at least 99",
+            Duration::from_secs(20)
+        ),
+        "{}",
+        bot.log.all()
+    );
     let health = c.get("/api/status")["health"].clone();
     assert!(health.to_string().contains("2 missing"), "{health}");
 }
@@ -379,25 +397,54 @@ fn work_waits_visibly_and_old_buildlets_are_refused() {
 #[test]
 fn hung_machine_leaves_the_pool_and_workdir_is_cleaned() {
     let (dir, mut repo, cfg) = setup(BUILDER);
-    repo.commit("one", &[("build.sh", "echo data > artifact\n"), ("test.sh", "true\n")]);
+    repo.commit(
+        "one",
+        &[
+            ("build.sh", "echo data > artifact\n"),
+            ("test.sh", "true\n"),
+        ],
+    );
     let c = Coordinator::start(&dir.path().join("data"), &cfg);
-    let bot = Bot::start(&c, &dir.path().join("bots"), "host-test-trusted", "sleepy", Some(&c.key("host-test-trusted")));
+    let bot = Bot::start(
+        &c,
+        &dir.path().join("bots"),
+        "host-test-trusted",
+        "sleepy",
+        Some(&c.key("host-test-trusted")),
+    );
     let builds = c.wait_builds_done(1, Duration::from_secs(60));
     assert_eq!(builds[0]["status"], "passed");
     // Cleaned before reuse: only tmp/ is left in the work dir.
     c.wait("the machine to be cleaned", Duration::from_secs(20), |c| {
         let idle = c.get("/api/machines")["connected"][0]["state"] == "idle";
-        let left: Vec<_> = std::fs::read_dir(&bot.workdir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let left: Vec<_> = std::fs::read_dir(&bot.workdir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         (idle && left == vec!["tmp"]).then_some(())
     });
     // Freeze the process: it stops answering HTTP/2 PINGs and health checks.
     let pid = bot.child.id().to_string();
-    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let start = std::time::Instant::now();
-    c.wait("the hung machine to leave", Duration::from_secs(30), |c| c.connected().is_empty().then_some(()));
+    c.wait("the hung machine to leave", Duration::from_secs(30), |c| {
+        c.connected().is_empty().then_some(())
+    });
     // heartbeat 1s, timeout 5s in the test config
-    assert!(start.elapsed() < Duration::from_secs(20), "took {:?}", start.elapsed());
-    let _ = std::process::Command::new("kill").args(["-CONT", &pid]).status();
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        start.elapsed()
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status();
 }
 
 #[test]
@@ -418,18 +465,37 @@ run = "echo never-reached"
     let (dir, mut repo, cfg) = setup(builders);
     repo.commit("one", &[("x", "x")]);
     let c = Coordinator::start(&dir.path().join("data"), &cfg);
-    let _b = Bot::start(&c, &dir.path().join("bots"), "host-test-trusted", "bot", Some(&c.key("host-test-trusted")));
+    let _b = Bot::start(
+        &c,
+        &dir.path().join("bots"),
+        "host-test-trusted",
+        "bot",
+        Some(&c.key("host-test-trusted")),
+    );
     let id = c.wait("a running build", Duration::from_secs(30), |c| {
         let b = c.get("/api/builds?status=running");
-        b.as_array().unwrap().first().map(|b| b["id"].as_i64().unwrap())
+        b.as_array()
+            .unwrap()
+            .first()
+            .map(|b| b["id"].as_i64().unwrap())
     });
     // The log endpoint follows the running build and ends when it is done.
     let t0 = std::time::Instant::now();
     let log = c.get_text(&format!("/api/builds/{id}/log"));
-    assert!(t0.elapsed() > Duration::from_secs(1), "log did not follow the running build");
+    assert!(
+        t0.elapsed() > Duration::from_secs(1),
+        "log did not follow the running build"
+    );
     assert!(log.contains("tick 1") && log.contains("tick 4"), "{log}");
     assert!(!log.contains("never-reached"));
     let builds = c.wait_builds_done(1, Duration::from_secs(30));
     assert_eq!(builds[0]["status"], "failed");
-    assert!(builds[0]["error"].as_str().unwrap().contains("build timed out after 3s"), "{}", builds[0]);
+    assert!(
+        builds[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("build timed out after 3s"),
+        "{}",
+        builds[0]
+    );
 }

@@ -45,6 +45,9 @@ pub struct Config {
     pub reboot: bool,
     /// Reported in `/status`.
     pub hostname: String,
+    /// Bot mode: the machine token file, served at `/machine-token` so the
+    /// coordinator can re-check a connected bot's credentials.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -55,6 +58,7 @@ impl Config {
             max_body: proto::DEFAULT_MAX_BODY,
             reboot: false,
             hostname: default_hostname(),
+            token_file: None,
         }
     }
 }
@@ -222,6 +226,16 @@ impl Buildlet {
         }
         let resp = match (method.clone(), path.as_str()) {
             (Method::GET, "/status") => json(&self.status()),
+            (Method::GET, "/machine-token") => match &self.cfg.token_file {
+                Some(f) => match crate::reverse::read_token(f) {
+                    Ok(t) => text(StatusCode::OK, t),
+                    Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+                },
+                None => text(
+                    StatusCode::NOT_FOUND,
+                    "this buildlet uses no machine token\n",
+                ),
+            },
             (Method::GET, "/workdir") => text(StatusCode::OK, format!("{}\n", self.root.display())),
             (Method::PUT, "/writetgz") => files::write_tgz_body(&self, req).await,
             (Method::POST, "/writetgz") => files::write_tgz_url(&self, req).await,

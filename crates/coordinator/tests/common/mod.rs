@@ -77,7 +77,7 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
 
 /// Collects a child's output lines in the background.
 #[derive(Clone, Default)]
-pub struct Lines(Arc<Mutex<Vec<String>>>);
+pub struct Lines(pub Arc<Mutex<Vec<String>>>);
 
 impl Lines {
     pub fn all(&self) -> String {

@@ -1,0 +1,150 @@
+//! Machine tokens: the signed request that trades a certificate for a token,
+//! and the token file a machine keeps.
+//!
+//! The request proves possession of the certificate's private key by signing
+//! [`signed_message`]: a fixed label, a timestamp (checked within ±10 min by
+//! the coordinator, so a captured request is useless later) and the SHA-256 of
+//! the certificate.
+
+use std::path::Path;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+/// Path of the coordinator's token endpoint.
+pub const TOKEN_PATH: &str = "/auth/machine-token";
+
+/// Environment variable naming the token file, as LUCI's bots use.
+pub const TOKEN_ENV: &str = "LUCI_MACHINE_TOKEN";
+
+/// What a machine POSTs to [`TOKEN_PATH`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRequest {
+    pub cert_pem: String,
+    /// Unix seconds when the request was signed.
+    pub timestamp: i64,
+    /// Base64 of the signature over [`signed_message`].
+    pub signature: String,
+}
+
+/// What the coordinator answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenResponse {
+    pub token: String,
+    pub hostname: String,
+    /// Unix seconds.
+    pub expiry: i64,
+}
+
+/// The bytes a token request signs.
+pub fn signed_message(timestamp: i64, cert_der: &[u8]) -> Vec<u8> {
+    let digest = sha2::Sha256::digest(cert_der);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("farmer-machine-token-v1\n{timestamp}\n{hex}\n").into_bytes()
+}
+
+/// Decodes the first certificate of a PEM text.
+pub fn cert_der(cert_pem: &str) -> Result<Vec<u8>, String> {
+    let body: String = cert_pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE-----"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    if body.is_empty() {
+        return Err("no PEM CERTIFICATE block".into());
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(body.trim())
+        .map_err(|e| format!("certificate PEM is not valid base64: {e}"))
+}
+
+/// Signs a token request with the machine's private key (PKCS#8 PEM).
+pub fn sign_request(cert_pem: &str, key_pem: &str, timestamp: i64) -> Result<TokenRequest, String> {
+    use rcgen::SigningKey;
+    let der = cert_der(cert_pem)?;
+    let key = rcgen::KeyPair::from_pem(key_pem).map_err(|e| format!("private key: {e}"))?;
+    let sig = key
+        .sign(&signed_message(timestamp, &der))
+        .map_err(|e| format!("signing: {e}"))?;
+    Ok(TokenRequest {
+        cert_pem: cert_pem.to_string(),
+        timestamp,
+        signature: base64::engine::general_purpose::STANDARD.encode(sig),
+    })
+}
+
+/// The token file `machine-tokend` writes and bots read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenFile {
+    pub token: String,
+    pub hostname: String,
+    /// Unix seconds when the token expires.
+    pub expiry: i64,
+    /// Unix seconds of the last successful refresh.
+    pub last_update: i64,
+    /// Unix seconds after which the next run refreshes (half-life).
+    pub next_update: i64,
+    /// SHA-256 (hex) of the certificate the token was minted for; a new
+    /// certificate forces a refresh.
+    pub cert_sha256: String,
+}
+
+impl TokenFile {
+    pub fn read(path: &Path) -> Result<TokenFile, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("token file {}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("token file {}: {e}", path.display()))
+    }
+
+    /// Writes the file atomically (temp file + rename), mode 0644.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let data = serde_json::to_vec_pretty(self)?;
+        write_atomic(path, &data, 0o644)
+    }
+}
+
+/// Writes `data` to `path` via a temp file in the same directory and a rename,
+/// so readers see the old or the new content, never a partial one.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut f = opts.open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    drop(f);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// The default token file path: `$LUCI_MACHINE_TOKEN`, else
+/// `~/.farmer/machine-token.json`.
+pub fn default_token_path() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os(TOKEN_ENV).filter(|p| !p.is_empty()) {
+        return p.into();
+    }
+    let home = std::env::var_os("HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| ".".into());
+    home.join(".farmer").join("machine-token.json")
+}

@@ -1,0 +1,946 @@
+//! End-to-end figures for the coordinator: dispatch latency, build
+//! throughput, and memory per idle reverse connection.
+//!
+//! Run with `cargo bench -p coordinator`. It prints figures and asserts
+//! nothing about speed; it only fails when the farm answers wrongly (a build
+//! that does not pass, a refused request, a bounded wait that runs out).
+//!
+//! Everything is real and over loopback: `farmer serve` child processes with
+//! generated configs in a temp dir, a one-file git repository made with the
+//! git CLI, and reverse buildlets speaking TLS (pinned to the coordinator's
+//! certificate) with real builder keys from `farmer genbuilderkey`.
+//!
+//! 1. **Dispatch latency.** One idle `farmer buildlet` process; a builder
+//!    whose single step is `date +%s%N`. Builds are triggered one at a time
+//!    with `POST /api/builds` (kind `interactive`); each is awaited before the
+//!    next. The latency is the step's printed start time (wall clock, ns)
+//!    minus the wall clock just before the POST: it covers the API, the
+//!    store, the scheduler, the lease, pushing the source tree, and spawning
+//!    the command on the buildlet. Also shown: the POST round trip, the time
+//!    until the build is seen `passed`, and the coordinator's own
+//!    `farmer_dispatch_latency_seconds` histogram (queued → machine leased)
+//!    over the measured builds.
+//! 2. **Throughput.** Four `farmer buildlet` processes; trivial one-step
+//!    builds (`true`). 1,000 builds are submitted by 8 concurrent clients as
+//!    fast as the API takes them; the clock stops when `/metrics` counts all
+//!    of them finished.
+//! 3. **Memory.** A fresh coordinator's resident set (`VmRSS`, Linux only)
+//!    with no connection, then with 1,000 idle reverse connections. Those run
+//!    in this process as tokio tasks of [`buildlet::reverse::run`], each with
+//!    its own work dir, doing the real handshake and serving the real
+//!    protocol (the coordinator's `/status` confirmation, HTTP/2 PINGs and
+//!    health checks). `RLIMIT_NOFILE` is raised first so the coordinator
+//!    inherits it.
+//!
+//! The coordinators log (`FARMER_LOG=warn`) and the buildlets log
+//! (`BUILDLET_LOG=warn`) to files in the temp dir; every child is killed at
+//! the end, also on a panic, and the temp dir is removed.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow, bail, ensure};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+const FARMER: &str = env!("CARGO_BIN_EXE_farmer");
+
+const DISPATCH_WARMUP: usize = 10;
+const DISPATCH_RUNS: usize = 200;
+const TPUT_BUILDLETS: usize = 4;
+const TPUT_BUILDS: usize = 1000;
+const TPUT_CLIENTS: usize = 8;
+/// How long the throughput phase may take before it reports what finished.
+const TPUT_LIMIT: Duration = Duration::from_secs(90);
+const IDLE_CONNS: usize = 1000;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn main() {
+    let nofile = raise_nofile();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("starting the tokio runtime");
+    let started = Instant::now();
+    if let Err(e) = runtime.block_on(run(nofile)) {
+        eprintln!("coordinator bench failed: {e:#}");
+        std::process::exit(1);
+    }
+    println!(
+        "coordinator bench: done in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+async fn run(nofile: Option<String>) -> anyhow::Result<()> {
+    // Declared first so it is dropped last, after every child is killed.
+    let tmp = tempfile::Builder::new()
+        .prefix("farmer-coordinator-bench")
+        .tempdir()
+        .context("creating the temp dir")?;
+    let dir = tmp
+        .path()
+        .canonicalize()
+        .context("canonicalizing the temp dir")?;
+    let repo = dir.join("repo");
+    let commit = make_repo(&repo)?;
+    println!(
+        "coordinator bench: {} CPUs, RLIMIT_NOFILE {}, repo {} at {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        nofile.as_deref().unwrap_or("unknown"),
+        repo.display(),
+        &commit[..12]
+    );
+    bench_dispatch(&dir, &repo, &commit).await?;
+    bench_throughput(&dir, &repo, &commit).await?;
+    bench_memory(&dir).await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 1. Dispatch latency
+
+async fn bench_dispatch(dir: &Path, repo: &Path, commit: &str) -> anyhow::Result<()> {
+    println!();
+    println!(
+        "== dispatch latency: 1 idle buildlet, {DISPATCH_RUNS} builds one at a time (+{DISPATCH_WARMUP} warm-up) =="
+    );
+    let config = farm_config(
+        Some(repo),
+        &[("bench-one", 1)],
+        &[("stamp", "bench-one", r#"command = ["date", "+%s%N"]"#)],
+    );
+    let c = Coordinator::start(dir, "dispatch", &config)?;
+    let api = Api::new(&c);
+    let key = c.key("bench-one")?;
+    let _bot = start_buildlet(&c, dir, "bench-one", "one-1", &key)?;
+    wait_connected(&api, "bench-one", 1, Duration::from_secs(30)).await?;
+    // The poller queues one post-submit build of the commit at start; let it
+    // finish (it also warms the source cache) before measuring.
+    wait_builds_done(&api, 1, Duration::from_secs(60)).await?;
+
+    for _ in 0..DISPATCH_WARMUP {
+        dispatch_one(&api, "stamp", commit).await?;
+    }
+    let before = Histogram::parse(&api.get_text("/metrics").await?);
+    let mut start = Vec::with_capacity(DISPATCH_RUNS);
+    let mut post = Vec::with_capacity(DISPATCH_RUNS);
+    let mut passed = Vec::with_capacity(DISPATCH_RUNS);
+    for _ in 0..DISPATCH_RUNS {
+        let s = dispatch_one(&api, "stamp", commit).await?;
+        start.push(s.start_ms);
+        post.push(s.post_ms);
+        passed.push(s.passed_ms);
+    }
+    let after = Histogram::parse(&api.get_text("/metrics").await?);
+    let p50 = percentile(&mut start, 0.5);
+    println!(
+        "dispatch: POST -> step command started   {}  (target p50 < 5 ms: {})",
+        summary(&mut start),
+        if p50 < 5.0 { "met" } else { "NOT met" }
+    );
+    println!(
+        "dispatch: POST round trip (build queued)  {}",
+        summary(&mut post)
+    );
+    println!(
+        "dispatch: POST -> build seen passed       {}  (polling GET /api/builds/ID every 1 ms)",
+        summary(&mut passed)
+    );
+    let h = after.minus(&before);
+    println!(
+        "dispatch: coordinator farmer_dispatch_latency_seconds (queued -> machine leased), {} builds: {}",
+        h.count,
+        h.describe()
+    );
+    Ok(())
+}
+
+struct DispatchSample {
+    start_ms: f64,
+    post_ms: f64,
+    passed_ms: f64,
+}
+
+async fn dispatch_one(api: &Api, builder: &str, commit: &str) -> anyhow::Result<DispatchSample> {
+    let wall = now_ns();
+    let t0 = Instant::now();
+    let id = api.trigger(builder, commit).await?;
+    let post = t0.elapsed();
+    loop {
+        let v = api.get_json(&format!("/api/builds/{id}")).await?;
+        match v["build"]["status"].as_str() {
+            Some("queued" | "running") => {}
+            Some("passed") => break,
+            other => bail!(
+                "build {id} ended {other:?}: {}",
+                v["build"]["error"].as_str().unwrap_or("")
+            ),
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!("build {id} did not pass within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let passed = t0.elapsed();
+    let log = api.get_text(&format!("/api/builds/{id}/log")).await?;
+    let stamp: i128 = log
+        .lines()
+        .map(str::trim)
+        .find(|l| l.len() >= 18 && l.bytes().all(|b| b.is_ascii_digit()))
+        .with_context(|| format!("no `date +%s%N` output in the log of build {id}:\n{log}"))?
+        .parse()?;
+    Ok(DispatchSample {
+        start_ms: (stamp - wall) as f64 / 1e6,
+        post_ms: post.as_secs_f64() * 1e3,
+        passed_ms: passed.as_secs_f64() * 1e3,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// 2. Throughput
+
+async fn bench_throughput(dir: &Path, repo: &Path, commit: &str) -> anyhow::Result<()> {
+    println!();
+    println!(
+        "== throughput: {TPUT_BUILDLETS} buildlets, {TPUT_BUILDS} trivial builds (`true`) from {TPUT_CLIENTS} concurrent clients =="
+    );
+    let config = farm_config(
+        Some(repo),
+        &[("bench-four", TPUT_BUILDLETS)],
+        &[("nop", "bench-four", r#"command = ["true"]"#)],
+    );
+    let c = Coordinator::start(dir, "throughput", &config)?;
+    let api = Api::new(&c);
+    let key = c.key("bench-four")?;
+    let mut bots = Vec::new();
+    for i in 1..=TPUT_BUILDLETS {
+        bots.push(start_buildlet(
+            &c,
+            dir,
+            "bench-four",
+            &format!("four-{i}"),
+            &key,
+        )?);
+    }
+    wait_connected(&api, "bench-four", TPUT_BUILDLETS, Duration::from_secs(30)).await?;
+    wait_builds_done(&api, 1, Duration::from_secs(60)).await?;
+
+    let finished0 = Finished::parse(&api.get_text("/metrics").await?);
+    let cpu0 = cpu_secs(c.pid());
+    let t0 = Instant::now();
+    let mut clients = tokio::task::JoinSet::new();
+    for k in 0..TPUT_CLIENTS {
+        let api = api.clone();
+        let commit = commit.to_string();
+        let n = (k + 1) * TPUT_BUILDS / TPUT_CLIENTS - k * TPUT_BUILDS / TPUT_CLIENTS;
+        clients.spawn(async move {
+            for _ in 0..n {
+                api.trigger("nop", &commit).await?;
+            }
+            anyhow::Ok(n)
+        });
+    }
+    let mut submitted = 0;
+    while let Some(r) = clients.join_next().await {
+        submitted += r.context("a submitting client panicked")??;
+    }
+    let submit = t0.elapsed();
+    let (done_at, last) = loop {
+        let now = Finished::parse(&api.get_text("/metrics").await?);
+        if now.total - finished0.total >= submitted as u64 {
+            break (Some(t0.elapsed()), now);
+        }
+        if t0.elapsed() > TPUT_LIMIT {
+            break (None, now);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let cpu = cpu_secs(c.pid()).zip(cpu0).map(|(a, b)| a - b);
+    let done = last.total - finished0.total;
+    let passed = last.passed - finished0.passed;
+    println!(
+        "throughput: submitted {submitted} builds in {:.2} s ({:.0} POST/s)",
+        submit.as_secs_f64(),
+        submitted as f64 / submit.as_secs_f64()
+    );
+    match done_at {
+        Some(t) => {
+            let rate = done as f64 / t.as_secs_f64();
+            println!(
+                "throughput: all {done} finished {:.2} s after the first POST: {rate:.0} builds/s  (target > 200: {})",
+                t.as_secs_f64(),
+                if rate > 200.0 { "met" } else { "NOT met" }
+            );
+        }
+        None => println!(
+            "throughput: only {done} of {submitted} finished within {} s: {:.0} builds/s  (target > 200: NOT met)",
+            TPUT_LIMIT.as_secs(),
+            done as f64 / TPUT_LIMIT.as_secs_f64()
+        ),
+    }
+    println!(
+        "throughput: {passed} passed, {} other; coordinator CPU {}",
+        done - passed,
+        match cpu {
+            Some(s) if done > 0 => format!("{s:.2} s ({:.2} ms per build)", s * 1e3 / done as f64),
+            _ => "n/a".to_string(),
+        }
+    );
+    ensure!(
+        passed == done,
+        "{} builds did not pass; see {}",
+        done - passed,
+        c.log.display()
+    );
+    Ok(())
+}
+
+/// Finished-build counters from `/metrics` (`farmer_builds_finished_total`).
+#[derive(Default)]
+struct Finished {
+    total: u64,
+    passed: u64,
+}
+
+impl Finished {
+    fn parse(metrics: &str) -> Finished {
+        let mut f = Finished::default();
+        for line in metrics.lines() {
+            let Some(rest) = line.strip_prefix("farmer_builds_finished_total{") else {
+                continue;
+            };
+            let Some(n) = rest.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()) else {
+                continue;
+            };
+            f.total += n;
+            if rest.starts_with("status=\"passed\"") {
+                f.passed += n;
+            }
+        }
+        f
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 3. Memory
+
+async fn bench_memory(dir: &Path) -> anyhow::Result<()> {
+    println!();
+    println!(
+        "== memory: coordinator RSS with 0 and {IDLE_CONNS} idle reverse connections (in-process buildlet tasks) =="
+    );
+    let config = farm_config(None, &[("bench-idle", IDLE_CONNS)], &[]);
+    let c = Coordinator::start(dir, "memory", &config)?;
+    let api = Api::new(&c);
+    let key = c.key("bench-idle")?;
+    let pin = buildlet::reverse::parse_pin(&c.pin)
+        .with_context(|| format!("the coordinator printed a bad pin {:?}", c.pin))?;
+    // Let the coordinator settle, and touch the API once, before the baseline.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    api.get_json("/api/machines").await?;
+    let coord0 = rss_kb(&format!("/proc/{}/status", c.pid()));
+    let self0 = rss_kb("/proc/self/status");
+
+    let t0 = Instant::now();
+    let mut tasks = Tasks(Vec::with_capacity(IDLE_CONNS));
+    let workdirs = dir.join("idle");
+    for i in 0..IDLE_CONNS {
+        let hostname = format!("idle-{i:04}");
+        let mut cfg = buildlet::server::Config::new(workdirs.join(&hostname));
+        cfg.hostname = hostname.clone();
+        let b = buildlet::server::Buildlet::new(cfg)?;
+        let rc = buildlet::reverse::ReverseConfig {
+            coordinator: c.addr.clone(),
+            host_type: "bench-idle".into(),
+            hostname,
+            key: key.clone(),
+            token_file: None,
+            tls: buildlet::reverse::Tls::Pinned(pin),
+        };
+        tasks.0.push(tokio::spawn(async move {
+            let _ = buildlet::reverse::run(b, rc).await;
+        }));
+        if i % 100 == 99 {
+            // Pace the dialling a little so the accept backlog never overflows.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let limit = Duration::from_secs(60);
+    let mut connected;
+    loop {
+        connected = count_connected(&api, "bench-idle").await?;
+        if connected >= IDLE_CONNS || t0.elapsed() > limit {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if connected < IDLE_CONNS {
+        println!(
+            "memory: WARNING only {connected} of {IDLE_CONNS} connected within {} s; figures below are for {connected}",
+            limit.as_secs()
+        );
+    } else {
+        println!(
+            "memory: {connected} buildlets connected {:.2} s after the first dial",
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let coord1 = rss_kb(&format!("/proc/{}/status", c.pid()));
+    let coord_hwm = hwm_kb(&format!("/proc/{}/status", c.pid()));
+    let self1 = rss_kb("/proc/self/status");
+    let still = count_connected(&api, "bench-idle").await?;
+    drop(tasks);
+
+    match (coord0, coord1) {
+        (Some(a), Some(b)) => {
+            let per = (b as f64 - a as f64) / connected.max(1) as f64;
+            println!("memory: coordinator RSS, 0 connections          {a} KB");
+            println!(
+                "memory: coordinator RSS, {connected} connections       {b} KB (peak {} KB)",
+                coord_hwm.map_or("n/a".into(), |h| h.to_string())
+            );
+            println!(
+                "memory: coordinator RSS per idle connection      {per:.1} KB  (target < 64 KB: {})",
+                if per < 64.0 { "met" } else { "NOT met" }
+            );
+        }
+        _ => println!("memory: coordinator RSS n/a (no /proc)"),
+    }
+    if let (Some(a), Some(b)) = (self0, self1) {
+        println!(
+            "memory: bench-side RSS per buildlet task         {:.1} KB  ({a} KB -> {b} KB for {connected} tasks)",
+            (b as f64 - a as f64) / connected.max(1) as f64
+        );
+    }
+    println!("memory: still connected at the RSS reading       {still}");
+    Ok(())
+}
+
+/// Aborts the in-process buildlet tasks when dropped (also on a panic).
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+
+/// A child process, killed when dropped (also on a panic).
+struct Proc {
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `farmer serve` process.
+struct Coordinator {
+    proc: Proc,
+    addr: String,
+    pin: String,
+    token: String,
+    data_dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Coordinator {
+    fn start(dir: &Path, name: &str, config: &str) -> anyhow::Result<Coordinator> {
+        let config_path = dir.join(format!("{name}.toml"));
+        std::fs::write(&config_path, config)?;
+        let data_dir = dir.join(format!("{name}-data"));
+        let log = dir.join(format!("{name}-coordinator.log"));
+        let err = File::create(&log)?;
+        let child = Command::new(FARMER)
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("FARMER_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {FARMER} serve"))?;
+        let mut proc = Proc { child };
+        let stdout = proc.child.stdout.take().context("no stdout pipe")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Keeps draining stdout after the banner was read.
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let (mut addr, mut pin) = (None, None);
+        while addr.is_none() || pin.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = rx.recv_timeout(left) else {
+                bail!(
+                    "the {name} coordinator did not print its address and pin within 60 s; its log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            };
+            if let Some(a) = line.strip_prefix("listening on ") {
+                addr = Some(a.trim().to_string());
+            }
+            if let Some(p) = line.split("-tls-pin=").nth(1) {
+                pin = p.split_whitespace().next().map(str::to_string);
+            }
+        }
+        let token = std::fs::read_to_string(data_dir.join("admin.token"))
+            .context("reading admin.token")?
+            .trim()
+            .to_string();
+        Ok(Coordinator {
+            proc,
+            addr: addr.unwrap_or_default(),
+            pin: pin.unwrap_or_default(),
+            token,
+            data_dir,
+            log,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.proc.child.id()
+    }
+
+    /// A builder key for `host_type`, from `farmer genbuilderkey`.
+    fn key(&self, host_type: &str) -> anyhow::Result<String> {
+        let out = Command::new(FARMER)
+            .args(["genbuilderkey", host_type, "--data-dir"])
+            .arg(&self.data_dir)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "genbuilderkey {host_type}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    }
+}
+
+/// Starts `farmer buildlet` in reverse mode with a key file and the pin.
+fn start_buildlet(
+    c: &Coordinator,
+    dir: &Path,
+    host_type: &str,
+    hostname: &str,
+    key: &str,
+) -> anyhow::Result<Proc> {
+    let home = dir.join(format!("bot-{hostname}"));
+    std::fs::create_dir_all(&home)?;
+    let key_file = home.join("builder.key");
+    std::fs::write(&key_file, key)?;
+    let log = File::create(home.join("buildlet.log"))?;
+    let child = Command::new(FARMER)
+        .arg("buildlet")
+        .arg(format!("-coordinator={}", c.addr))
+        .arg(format!("-reverse-type={host_type}"))
+        .arg(format!("-hostname={hostname}"))
+        .arg(format!("-key-file={}", key_file.display()))
+        .arg(format!("-tls-pin={}", c.pin))
+        .arg(format!("-workdir={}", home.join("work").display()))
+        .arg("-reboot=false")
+        .env("HOME", &home)
+        .env_remove("GO_BUILD_KEY_PATH")
+        .env("BUILDLET_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {FARMER} buildlet"))?;
+    Ok(Proc { child })
+}
+
+/// A one-file repository on branch `main`; returns the commit hash.
+fn make_repo(path: &Path) -> anyhow::Result<String> {
+    std::fs::create_dir_all(path)?;
+    git(path, &["init", "-q", "-b", "main"])?;
+    std::fs::write(path.join("README"), "farmer coordinator bench\n")?;
+    git(path, &["add", "-A"])?;
+    git(
+        path,
+        &[
+            "-c",
+            "user.name=Bench",
+            "-c",
+            "user.email=bench@example.com",
+            "commit",
+            "-q",
+            "-m",
+            "bench",
+        ],
+    )?;
+    Ok(git(path, &["rev-parse", "HEAD"])?.trim().to_string())
+}
+
+fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .context("running git")?;
+    ensure!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// A farm config: reverse host types with their expected counts, and
+/// one-step builders `(name, host type, step command line)`.
+fn farm_config(
+    repo: Option<&Path>,
+    hosts: &[(&str, usize)],
+    builders: &[(&str, &str, &str)],
+) -> String {
+    let mut s = String::new();
+    if let Some(r) = repo {
+        // A long poll interval: the only poll that matters is the first.
+        s.push_str(&format!(
+            "[repos.r]\nurl = \"{}\"\nbranches = [\"main\"]\npoll_interval = \"1h\"\n\n",
+            r.display()
+        ));
+    }
+    for (name, expected) in hosts {
+        s.push_str(&format!(
+            "[hosts.{name}]\npool = \"reverse\"\nexpected = {expected}\ntrusted = true\n\n"
+        ));
+    }
+    for (name, host, step) in builders {
+        s.push_str(&format!(
+            "[builders.{name}]\nhost = \"{host}\"\nrepos = [\"r\"]\ntimeout = \"1m\"\n[[builders.{name}.steps]]\nname = \"only\"\n{step}\ntimeout = \"30s\"\n\n"
+        ));
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------
+// The coordinator's HTTP API
+
+#[derive(Clone)]
+struct Api {
+    http: HttpClient<HttpConnector, Full<Bytes>>,
+    base: String,
+    token: String,
+}
+
+impl Api {
+    fn new(c: &Coordinator) -> Api {
+        Api {
+            http: HttpClient::builder(TokioExecutor::new()).build_http(),
+            base: format!("http://{}", c.addr),
+            token: c.token.clone(),
+        }
+    }
+
+    async fn request(&self, post: Option<String>, path: &str) -> anyhow::Result<(u16, Bytes)> {
+        let mut req = http::Request::builder().uri(format!("{}{path}", self.base));
+        if post.is_some() {
+            req = req
+                .method(http::Method::POST)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .header(
+                    http::header::AUTHORIZATION,
+                    format!("Bearer {}", self.token),
+                );
+        }
+        let req = req.body(Full::new(Bytes::from(post.unwrap_or_default())))?;
+        let exchange = async {
+            let resp = self.http.request(req).await?;
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await?.to_bytes();
+            anyhow::Ok((status, body))
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| anyhow!("{path}: no answer within {REQUEST_TIMEOUT:?}"))?
+            .with_context(|| format!("request to {path}"))
+    }
+
+    async fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        let (status, body) = self.request(None, path).await?;
+        let text = String::from_utf8_lossy(&body).into_owned();
+        ensure!(status == 200, "GET {path}: {status}: {text}");
+        Ok(text)
+    }
+
+    async fn get_json(&self, path: &str) -> anyhow::Result<Value> {
+        let text = self.get_text(path).await?;
+        serde_json::from_str(&text).with_context(|| format!("GET {path}: not JSON: {text}"))
+    }
+
+    /// `POST /api/builds` of an interactive build; returns its id.
+    async fn trigger(&self, builder: &str, commit: &str) -> anyhow::Result<i64> {
+        let body = serde_json::json!({"builder": builder, "commit": commit, "kind": "interactive"});
+        let (status, resp) = self.request(Some(body.to_string()), "/api/builds").await?;
+        let v: Value = serde_json::from_slice(&resp).unwrap_or(Value::Null);
+        match (status, v["id"].as_i64()) {
+            (201, Some(id)) => Ok(id),
+            _ => bail!(
+                "POST /api/builds: {status}: {}",
+                String::from_utf8_lossy(&resp)
+            ),
+        }
+    }
+}
+
+async fn count_connected(api: &Api, host_type: &str) -> anyhow::Result<usize> {
+    let v = api.get_json("/api/machines").await?;
+    Ok(v["connected"].as_array().map_or(0, |a| {
+        a.iter().filter(|m| m["host_type"] == host_type).count()
+    }))
+}
+
+async fn wait_connected(
+    api: &Api,
+    host_type: &str,
+    n: usize,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    loop {
+        let got = count_connected(api, host_type).await?;
+        if got >= n {
+            return Ok(());
+        }
+        if t0.elapsed() > limit {
+            bail!("only {got} of {n} {host_type} buildlets connected within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until at least `n` builds exist and none is queued or running.
+async fn wait_builds_done(api: &Api, n: usize, limit: Duration) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    loop {
+        let v = api.get_json("/api/builds?limit=1000").await?;
+        let builds = v.as_array().cloned().unwrap_or_default();
+        let open = builds
+            .iter()
+            .filter(|b| matches!(b["status"].as_str(), Some("queued" | "running")))
+            .count();
+        if builds.len() >= n && open == 0 {
+            return Ok(());
+        }
+        if t0.elapsed() > limit {
+            bail!("{} builds, {open} still open after {limit:?}", builds.len());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `farmer_dispatch_latency_seconds` from `/metrics`.
+#[derive(Debug, Clone, Default)]
+struct Histogram {
+    /// (upper bound in seconds, cumulative count)
+    buckets: Vec<(f64, u64)>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn parse(metrics: &str) -> Histogram {
+        const NAME: &str = "farmer_dispatch_latency_seconds";
+        let mut h = Histogram::default();
+        for line in metrics.lines() {
+            let Some(rest) = line.strip_prefix(NAME) else {
+                continue;
+            };
+            let Some((key, value)) = rest.rsplit_once(' ') else {
+                continue;
+            };
+            if let Some(le) = key
+                .strip_prefix("_bucket{le=\"")
+                .and_then(|k| k.strip_suffix("\"}"))
+            {
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().unwrap_or(f64::NAN)
+                };
+                h.buckets.push((le, value.parse().unwrap_or(0)));
+            } else if key == "_sum" {
+                h.sum = value.parse().unwrap_or(0.0);
+            } else if key == "_count" {
+                h.count = value.parse().unwrap_or(0);
+            }
+        }
+        h
+    }
+
+    fn minus(&self, before: &Histogram) -> Histogram {
+        Histogram {
+            buckets: self
+                .buckets
+                .iter()
+                .map(|&(le, n)| {
+                    let b = before
+                        .buckets
+                        .iter()
+                        .find(|(l, _)| *l == le)
+                        .map_or(0, |(_, n)| *n);
+                    (le, n.saturating_sub(b))
+                })
+                .collect(),
+            sum: self.sum - before.sum,
+            count: self.count.saturating_sub(before.count),
+        }
+    }
+
+    /// The upper bound of the bucket holding quantile `q`.
+    fn quantile_bound(&self, q: f64) -> Option<f64> {
+        let want = (q * self.count as f64).ceil().max(1.0) as u64;
+        self.buckets
+            .iter()
+            .find(|(_, n)| *n >= want)
+            .map(|(le, _)| *le)
+    }
+
+    fn describe(&self) -> String {
+        if self.count == 0 {
+            return "no observations".into();
+        }
+        let ms = |s: Option<f64>| match s {
+            Some(s) if s.is_finite() => format!("<= {} ms", s * 1e3),
+            Some(_) => "> last bucket".into(),
+            None => "n/a".into(),
+        };
+        let mut below = Vec::new();
+        for (le, n) in &self.buckets {
+            if le.is_finite() && *le <= 0.01 {
+                below.push(format!("<={}ms:{n}", le * 1e3));
+            }
+        }
+        format!(
+            "mean {:.3} ms, p50 {}, p99 {} [{}]",
+            self.sum / self.count as f64 * 1e3,
+            ms(self.quantile_bound(0.5)),
+            ms(self.quantile_bound(0.99)),
+            below.join(" ")
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Small helpers
+
+fn now_ns() -> i128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
+/// The `q` quantile (nearest rank) of `v`, sorting it.
+fn percentile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+fn summary(v: &mut [f64]) -> String {
+    let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+    format!(
+        "p50 {:7.3} ms  p99 {:7.3} ms  mean {:7.3} ms  min {:7.3} ms  max {:7.3} ms",
+        percentile(v, 0.5),
+        percentile(v, 0.99),
+        mean,
+        percentile(v, 0.0),
+        percentile(v, 1.0)
+    )
+}
+
+fn status_field_kb(status_file: &str, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(status_file).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Resident set (`VmRSS`) in KB, from a `/proc/PID/status` file.
+fn rss_kb(status_file: &str) -> Option<u64> {
+    status_field_kb(status_file, "VmRSS:")
+}
+
+/// Peak resident set (`VmHWM`) in KB.
+fn hwm_kb(status_file: &str) -> Option<u64> {
+    status_field_kb(status_file, "VmHWM:")
+}
+
+/// User + system CPU seconds of a process, from `/proc/PID/stat`.
+#[cfg(unix)]
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5); index 0 here is field 3.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks as f64 / hz as f64)
+}
+
+#[cfg(not(unix))]
+fn cpu_secs(_pid: u32) -> Option<f64> {
+    None
+}
+
+/// Raises the soft open-files limit to the hard one (at most 65,536), so the
+/// coordinator started afterwards inherits room for every connection.
+#[cfg(unix)]
+fn raise_nofile() -> Option<String> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write to / read from a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return None;
+        }
+        let want = r.rlim_max.min(65_536);
+        if r.rlim_cur < want {
+            r.rlim_cur = want;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                eprintln!(
+                    "coordinator bench: cannot raise RLIMIT_NOFILE: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        }
+    }
+    Some(r.rlim_cur.to_string())
+}
+
+#[cfg(not(unix))]
+fn raise_nofile() -> Option<String> {
+    None
+}

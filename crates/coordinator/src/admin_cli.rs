@@ -1,0 +1,226 @@
+//! `farmer request ...` and `farmer ca ...`: the owner's and the admin's side
+//! of certificate onboarding, talking to a coordinator's API.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use http_body_util::BodyExt;
+
+/// How to reach the coordinator.
+#[derive(Args, Debug, Clone)]
+pub struct Remote {
+    /// Coordinator URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub coordinator: String,
+    /// Trust exactly the coordinator certificate with this SHA-256 (for https URLs).
+    #[arg(long = "tls-pin")]
+    pub tls_pin: Option<String>,
+    /// Admin token file (admin commands). Default: DATA_DIR/admin.token.
+    #[arg(long = "token-file")]
+    pub token_file: Option<PathBuf>,
+    #[arg(long = "data-dir", default_value = "farmer-data")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RequestCmd {
+    /// Submit a builder request (machine owner): prints the request id and secret.
+    Submit {
+        #[command(flatten)]
+        remote: Remote,
+        /// The machine's hostname (as given to genbotcert).
+        #[arg(long)]
+        hostname: String,
+        /// The CSR written by genbotcert.
+        #[arg(long)]
+        csr: PathBuf,
+        /// How the admin reaches you.
+        #[arg(long)]
+        contact: String,
+        #[arg(long, default_value = "")]
+        notes: String,
+    },
+    /// Check a request (owner, with its secret); writes the certificate once approved.
+    Status {
+        #[command(flatten)]
+        remote: Remote,
+        id: i64,
+        #[arg(long)]
+        secret: String,
+        /// Where to write the certificate when approved.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// List requests (admin).
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Approve a request, binding the hostname to a host type (admin).
+    Approve {
+        #[command(flatten)]
+        remote: Remote,
+        id: i64,
+        #[arg(long = "host-type")]
+        host_type: String,
+    },
+    /// Reject a request with a reason the owner reads (admin).
+    Reject {
+        #[command(flatten)]
+        remote: Remote,
+        id: i64,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCmd {
+    /// Revoke a machine certificate by serial or hostname (admin).
+    Revoke {
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long, conflicts_with = "hostname")]
+        serial: Option<String>,
+        #[arg(long)]
+        hostname: Option<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+async fn call(
+    remote: &Remote,
+    method: http::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+    admin: bool,
+) -> anyhow::Result<serde_json::Value> {
+    let tls = match &remote.tls_pin {
+        Some(p) => buildlet::reverse::Tls::Pinned(
+            buildlet::reverse::parse_pin(p).context("-tls-pin is not a hex SHA-256")?,
+        ),
+        None => buildlet::reverse::Tls::WebPki,
+    };
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let connector = match buildlet::reverse::client_config(&tls)? {
+        Some(c) => builder
+            .with_tls_config(Arc::unwrap_or_clone(c))
+            .https_or_http()
+            .enable_http1()
+            .build(),
+        None => builder
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .build(),
+    };
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, http_body_util::Full<Bytes>>(connector);
+    let url = format!("{}{path}", remote.coordinator.trim_end_matches('/'));
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(&url)
+        .header("content-type", "application/json");
+    if admin {
+        let f = remote
+            .token_file
+            .clone()
+            .unwrap_or_else(|| remote.data_dir.join(crate::run::ADMIN_TOKEN_FILE));
+        let t = std::fs::read_to_string(&f)
+            .with_context(|| format!("reading the admin token {}", f.display()))?;
+        req = req.header("authorization", format!("Bearer {}", t.trim()));
+    }
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.request(req.body(http_body_util::Full::new(Bytes::from(body)))?),
+    )
+    .await
+    .with_context(|| format!("{url}: no answer within 30s"))?
+    .with_context(|| format!("{url}"))?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::String(
+        String::from_utf8_lossy(&bytes).into_owned(),
+    ));
+    if !status.is_success() {
+        bail!(
+            "{status}: {}",
+            v["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string())
+        );
+    }
+    Ok(v)
+}
+
+pub fn run_request(cmd: RequestCmd) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match cmd {
+            RequestCmd::Submit { remote, hostname, csr, contact, notes } => {
+                botauth::hostname::validate(&hostname).map_err(anyhow::Error::msg)?;
+                let csr_pem = std::fs::read_to_string(&csr).with_context(|| format!("reading {}", csr.display()))?;
+                let v = call(&remote, http::Method::POST, "/api/requests", Some(serde_json::json!({"hostname": hostname, "csr_pem": csr_pem, "contact": contact, "notes": notes})), false).await?;
+                println!("request {} submitted; keep its secret: {}", v["id"], v["secret"].as_str().unwrap_or(""));
+                println!("check it with: farmer request status {} --secret {} --out {hostname}.crt", v["id"], v["secret"].as_str().unwrap_or(""));
+            }
+            RequestCmd::Status { remote, id, secret, out } => {
+                let v = call(&remote, http::Method::GET, &format!("/api/requests/{id}?secret={secret}"), None, false).await?;
+                let status = v["status"].as_str().unwrap_or("");
+                match status {
+                    "approved" => {
+                        println!("request {id} approved as {}", v["host_type"].as_str().unwrap_or(""));
+                        if let Some(out) = out {
+                            std::fs::write(&out, v["cert_pem"].as_str().unwrap_or("")).with_context(|| format!("writing {}", out.display()))?;
+                            println!("wrote the certificate to {}", out.display());
+                        }
+                    }
+                    "rejected" => bail!("request {id} was rejected: {}", v["reason"].as_str().unwrap_or("")),
+                    s => println!("request {id} is {s}"),
+                }
+            }
+            RequestCmd::List { remote } => {
+                let v = call(&remote, http::Method::GET, "/api/requests", None, true).await?;
+                for r in v.as_array().into_iter().flatten() {
+                    println!("{:>4}  {:<10} {:<30} {}  {}", r["id"], r["status"].as_str().unwrap_or(""), r["hostname"].as_str().unwrap_or(""), r["contact"].as_str().unwrap_or(""), r["notes"].as_str().unwrap_or(""));
+                }
+            }
+            RequestCmd::Approve { remote, id, host_type } => {
+                let v = call(&remote, http::Method::POST, &format!("/api/requests/{id}/approve"), Some(serde_json::json!({"host_type": host_type})), true).await?;
+                println!("approved request {id}: {} is now {} (certificate serial {})", v["hostname"].as_str().unwrap_or(""), host_type, v["serial"].as_str().unwrap_or(""));
+            }
+            RequestCmd::Reject { remote, id, reason } => {
+                call(&remote, http::Method::POST, &format!("/api/requests/{id}/reject"), Some(serde_json::json!({"reason": reason})), true).await?;
+                println!("rejected request {id}");
+            }
+        }
+        Ok(())
+    })
+}
+
+pub fn run_ca(cmd: CaCmd) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match cmd {
+            CaCmd::Revoke { remote, serial, hostname, reason } => {
+                if serial.is_none() && hostname.is_none() {
+                    bail!("give --serial or --hostname");
+                }
+                let v = call(&remote, http::Method::POST, "/api/ca/revoke", Some(serde_json::json!({"serial": serial, "hostname": hostname, "reason": reason})), true).await?;
+                println!("revoked serial {} ({})", v["serial"].as_str().unwrap_or(""), v["hostname"].as_str().unwrap_or(""));
+            }
+        }
+        Ok(())
+    })
+}

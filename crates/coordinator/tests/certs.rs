@@ -1,0 +1,517 @@
+//! Certificate onboarding end to end with real processes and real
+//! certificates: genbotcert → request → approve → machine-tokend → the bot
+//! takes a build; and every refusal of the token endpoint and of bots.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Coordinator, FARMER, Lines, TestRepo, http_post};
+
+const HOST: &str = "linux-riscv64-alice";
+
+fn farmer(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(FARMER)
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+struct Farm {
+    _dir: tempfile::TempDir,
+    c: Coordinator,
+    owner: std::path::PathBuf,
+}
+
+fn start() -> Farm {
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = TestRepo::new(&dir.path().join("repo"));
+    repo.commit("one", &[("x", "x")]);
+    let cfg = dir.path().join("farm.toml");
+    let text = format!(
+        r#"[farm]
+heartbeat = "1s"
+heartbeat_timeout = "5s"
+
+[repos.r]
+url = "{}"
+poll_interval = "300ms"
+
+[hosts.host-linux-riscv64]
+pool = "reverse"
+expected = 1
+
+[builders.linux-riscv64]
+host = "host-linux-riscv64"
+[[builders.linux-riscv64.steps]]
+name = "hello"
+run = "echo hello from $(hostname) on $FARMER_HOST_TYPE"
+"#,
+        repo.path.display()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let c = Coordinator::start(&dir.path().join("data"), &cfg);
+    let owner = dir.path().join("owner");
+    std::fs::create_dir_all(&owner).unwrap();
+    Farm {
+        _dir: dir,
+        c,
+        owner,
+    }
+}
+
+impl Farm {
+    fn url(&self) -> String {
+        format!("http://{}", self.c.addr)
+    }
+
+    fn admin(&self, args: &[&str]) -> (bool, String, String) {
+        let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        a.extend([
+            "--coordinator".into(),
+            self.url(),
+            "--data-dir".into(),
+            self.c.data_dir.display().to_string(),
+        ]);
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        farmer(&refs)
+    }
+
+    /// genbotcert + submit + approve + fetch the certificate. Returns (key, cert) paths.
+    fn onboard(&self, host: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let owner = self.owner.display().to_string();
+        let (ok, out, err) = farmer(&[
+            "genbotcert",
+            &format!("-bot-hostname={host}"),
+            &format!("-out-dir={owner}"),
+        ]);
+        assert!(ok, "{out}{err}");
+        let key = self.owner.join(format!("{host}.key"));
+        let csr = self.owner.join(format!("{host}.csr"));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(
+                std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+        }
+        let (ok, out, err) = self.admin(&[
+            "request",
+            "submit",
+            "--hostname",
+            host,
+            "--csr",
+            csr.to_str().unwrap(),
+            "--contact",
+            "alice@example.com",
+            "--notes",
+            "a VisionFive 2 board",
+        ]);
+        assert!(ok, "{out}{err}");
+        let id = out.split_whitespace().nth(1).unwrap().to_string();
+        let secret = out
+            .split("secret: ")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
+        let (ok, out, _) = self.admin(&["request", "status", &id, "--secret", &secret]);
+        assert!(ok && out.contains("pending"), "{out}");
+        let (ok, out, _) = self.admin(&["request", "list"]);
+        assert!(
+            ok && out.contains(host) && out.contains("a VisionFive 2 board"),
+            "{out}"
+        );
+        let (ok, out, err) = self.admin(&[
+            "request",
+            "approve",
+            &id,
+            "--host-type",
+            "host-linux-riscv64",
+        ]);
+        assert!(ok, "{out}{err}");
+        let cert = self.owner.join(format!("{host}.crt"));
+        let (ok, out, err) = self.admin(&[
+            "request",
+            "status",
+            &id,
+            "--secret",
+            &secret,
+            "--out",
+            cert.to_str().unwrap(),
+        ]);
+        assert!(ok && out.contains("approved"), "{out}{err}");
+        // The wrong secret sees nothing.
+        let (ok, _, err) = self.admin(&["request", "status", &id, "--secret", "nope"]);
+        assert!(!ok && err.contains("wrong secret"), "{err}");
+        (key, cert)
+    }
+
+    fn tokend(&self, key: &Path, cert: &Path, token: &Path) -> (bool, String, String) {
+        farmer(&[
+            "machine-tokend",
+            &format!("-backend={}", self.url()),
+            &format!("-cert-pem={}", cert.display()),
+            &format!("-pkey-pem={}", key.display()),
+            &format!("-token-file={}", token.display()),
+        ])
+    }
+
+    fn bot(&self, hostname: &str, token: &Path) -> (std::process::Child, Lines) {
+        let mut child = Command::new(FARMER)
+            .arg("buildlet")
+            .arg(format!("-coordinator={}", self.c.addr))
+            .arg(format!("-hostname={hostname}"))
+            .arg(format!("-token-file={}", token.display()))
+            .arg(format!("-tls-pin={}", self.c.fingerprint))
+            .arg(format!(
+                "-workdir={}",
+                self.owner.join(format!("wd-{hostname}")).display()
+            ))
+            .env("BUILDLET_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = Lines::default();
+        let l = lines.clone();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                l.0.lock().unwrap().push(line);
+            }
+        });
+        (child, lines)
+    }
+}
+
+#[test]
+fn the_whole_certificate_path_then_revocation() {
+    let f = start();
+    let (key, cert) = f.onboard(HOST);
+    let token = f.owner.join("token.json");
+    let (ok, out, err) = f.tokend(&key, &cert, &token);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("wrote a new token"), "{out}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&token).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+    }
+    let first = std::fs::read_to_string(&token).unwrap();
+    let tf: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(tf["hostname"], HOST);
+    assert!(tf["next_update"].as_i64().unwrap() > tf["last_update"].as_i64().unwrap());
+    // Idempotent: a second run before half-life writes nothing.
+    let (ok, out, _) = f.tokend(&key, &cert, &token);
+    assert!(ok && out.contains("fresh"), "{out}");
+    assert_eq!(std::fs::read_to_string(&token).unwrap(), first);
+    let status: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.owner.join("token.json.status")).unwrap())
+            .unwrap();
+    assert_eq!(status["ok"], true);
+    // No temp files left beside the token.
+    let names: Vec<String> = std::fs::read_dir(&f.owner)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.contains(".tmp")), "{names:?}");
+
+    // The bot joins the host type bound by the admin, and builds.
+    let (mut bot, log) = f.bot(HOST, &token);
+    f.c.wait("the bot to connect", Duration::from_secs(30), |c| {
+        let m = c.get("/api/machines");
+        m["connected"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["hostname"] == HOST)
+            .map(|m| m["host_type"].clone())
+    });
+    let m = f.c.get("/api/machines");
+    assert_eq!(m["connected"][0]["host_type"], "host-linux-riscv64");
+    let builds = f.c.wait_builds_done(1, Duration::from_secs(60));
+    assert_eq!(builds[0]["status"], "passed", "{}", builds[0]);
+    // Token checks of the connected bot pass (heartbeat is 1s here).
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(f.c.connected(), vec![HOST.to_string()]);
+    let blog =
+        f.c.get_text(&format!("/api/builds/{}/log", builds[0]["id"]));
+    assert!(blog.contains("on host-linux-riscv64"), "{blog}");
+
+    // Revocation: the connected bot is dropped at the next check, and the
+    // token daemon is refused with the reason.
+    let (ok, out, err) = f.admin(&[
+        "ca",
+        "revoke",
+        "--hostname",
+        HOST,
+        "--reason",
+        "board returned",
+    ]);
+    assert!(ok, "{out}{err}");
+    f.c.wait(
+        "the revoked bot to be dropped",
+        Duration::from_secs(20),
+        |c| c.connected().is_empty().then_some(()),
+    );
+    let st = f.c.get("/api/status");
+    let refusals = st["refusals"].as_array().unwrap();
+    assert_eq!(refusals.len(), 1, "{st}");
+    assert_eq!(refusals[0]["kind"], "revoked", "{st}");
+    assert!(
+        refusals[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("board returned"),
+        "{st}"
+    );
+    std::fs::remove_file(&token).unwrap();
+    let (ok, _, err) = f.tokend(&key, &cert, &token);
+    assert!(!ok && err.contains("revoked"), "{err}");
+    let status: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.owner.join("token.json.status")).unwrap())
+            .unwrap();
+    assert_eq!(status["ok"], false);
+    assert!(status["message"].as_str().unwrap().contains("revoked"));
+    // And the bot itself logs the refusal when it reconnects with its old token.
+    let _ = log;
+    let _ = bot.kill();
+    let _ = bot.wait();
+}
+
+fn token_post(f: &Farm, body: serde_json::Value) -> (u16, String) {
+    let (code, v) = http_post(
+        &format!("{}/auth/machine-token", f.url()),
+        &body.to_string(),
+        None,
+    );
+    (code, v["error"].as_str().unwrap_or("").to_string())
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[test]
+fn token_endpoint_refusals() {
+    let f = start();
+    let (key, cert) = f.onboard(HOST);
+    let cert_pem = std::fs::read_to_string(&cert).unwrap();
+    let key_pem = std::fs::read_to_string(&key).unwrap();
+    let ok = botauth::token::sign_request(&cert_pem, &key_pem, now()).unwrap();
+    let (code, e) = token_post(&f, serde_json::to_value(&ok).unwrap());
+    assert_eq!(code, 200, "{e}");
+
+    // Stale timestamp.
+    let stale = botauth::token::sign_request(&cert_pem, &key_pem, now() - 3600).unwrap();
+    let (code, e) = token_post(&f, serde_json::to_value(&stale).unwrap());
+    assert_eq!(code, 401);
+    assert!(e.contains("timestamp"), "{e}");
+
+    // Forged signature: signed by another key.
+    let other =
+        botauth::csr::generate("mallory", "x.test", botauth::csr::KeyType::Ed25519).unwrap();
+    let forged = botauth::token::sign_request(&cert_pem, &other.key_pem, now()).unwrap();
+    let (code, e) = token_post(&f, serde_json::to_value(&forged).unwrap());
+    assert_eq!(code, 401);
+    assert!(e.contains("signature does not match"), "{e}");
+
+    // Garbage certificate.
+    let mut bad = serde_json::to_value(&ok).unwrap();
+    bad["cert_pem"] = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into();
+    let (code, e) = token_post(&f, bad);
+    assert_eq!(code, 400);
+    assert!(e.contains("does not parse"), "{e}");
+
+    // A certificate from another CA, for the same name and key.
+    let dns = botauth::hostname::bot_dns_name(HOST, botauth::hostname::DEFAULT_BOT_DOMAIN);
+    let rogue_dir = tempfile::tempdir().unwrap();
+    let rogue = coordinator::ca::Ca::load_or_create(rogue_dir.path()).unwrap();
+    let generated = botauth::csr::generate(
+        HOST,
+        botauth::hostname::DEFAULT_BOT_DOMAIN,
+        botauth::csr::KeyType::P256,
+    )
+    .unwrap();
+    let rogue_cert = rogue.sign(&generated.csr_pem, &dns, 30).unwrap();
+    let req =
+        botauth::token::sign_request(&rogue_cert.cert_pem, &generated.key_pem, now()).unwrap();
+    let (code, e) = token_post(&f, serde_json::to_value(&req).unwrap());
+    assert_eq!(code, 401);
+    assert!(e.contains("not issued by this farm's CA"), "{e}");
+
+    // Expired: really issued by the farm CA, but in the past.
+    let farm_ca = coordinator::ca::Ca::load_or_create(&f.c.data_dir).unwrap();
+    let expired = farm_ca
+        .sign_with_validity(&generated.csr_pem, &dns, now() - 86400 * 10, now() - 86400)
+        .unwrap();
+    let req = botauth::token::sign_request(&expired.cert_pem, &generated.key_pem, now()).unwrap();
+    let (code, e) = token_post(&f, serde_json::to_value(&req).unwrap());
+    assert_eq!(code, 401);
+    assert!(e.contains("not valid now"), "{e}");
+
+    // A valid farm certificate for a hostname nobody approved.
+    let stranger = botauth::csr::generate(
+        "stranger",
+        botauth::hostname::DEFAULT_BOT_DOMAIN,
+        botauth::csr::KeyType::Ed25519,
+    )
+    .unwrap();
+    let sdns = botauth::hostname::bot_dns_name("stranger", botauth::hostname::DEFAULT_BOT_DOMAIN);
+    let scert = farm_ca.sign(&stranger.csr_pem, &sdns, 30).unwrap();
+    let req = botauth::token::sign_request(&scert.cert_pem, &stranger.key_pem, now()).unwrap();
+    let (code, e) = token_post(&f, serde_json::to_value(&req).unwrap());
+    assert_eq!(code, 403);
+    assert!(e.contains("not bound to a host type"), "{e}");
+
+    // The refusals are visible on the status page and in metrics.
+    let metrics = f.c.get_text("/metrics");
+    assert!(metrics.contains("reason=\"stale-timestamp\""), "{metrics}");
+    assert!(metrics.contains("reason=\"unknown-ca\""), "{metrics}");
+}
+
+#[test]
+fn bots_claiming_another_hostname_or_without_a_token_are_refused() {
+    let f = start();
+    let (key, cert) = f.onboard(HOST);
+    let token = f.owner.join("token.json");
+    assert!(f.tokend(&key, &cert, &token).0);
+    // The token says alice; the bot claims to be bob.
+    let (mut bot, log) = f.bot("linux-riscv64-bob", &token);
+    assert!(
+        log.wait_for(
+            "was issued to \"linux-riscv64-alice\"",
+            Duration::from_secs(20)
+        ),
+        "{}",
+        log.all()
+    );
+    let _ = bot.kill();
+    // A forged token.
+    let forged = f.owner.join("forged.json");
+    std::fs::write(&forged, r#"{"token":"v1.eyJoIjoibGludXgtcmlzY3Y2NC1hbGljZSIsInMiOiIwMCIsImUiOjk5OTk5OTk5OTl9.AAAA"}"#).unwrap();
+    let (mut bot2, log2) = f.bot(HOST, &forged);
+    assert!(
+        log2.wait_for("not issued by this farm", Duration::from_secs(20)),
+        "{}",
+        log2.all()
+    );
+    let _ = bot2.kill();
+    // A missing token file: the bot says what to run.
+    let (mut bot3, log3) = f.bot(HOST, &f.owner.join("missing.json"));
+    assert!(
+        log3.wait_for("machine token file", Duration::from_secs(20)),
+        "{}",
+        log3.all()
+    );
+    let _ = bot3.kill();
+    assert!(f.c.connected().is_empty());
+}
+
+#[test]
+fn csr_must_match_the_request_and_rejections_carry_a_reason() {
+    let f = start();
+    let owner = f.owner.display().to_string();
+    assert!(
+        farmer(&[
+            "genbotcert",
+            "-bot-hostname=linux-riscv64-alice",
+            &format!("-out-dir={owner}")
+        ])
+        .0
+    );
+    // Bob submits Alice's CSR.
+    let csr = f.owner.join("linux-riscv64-alice.csr");
+    let (ok, _, err) = f.admin(&[
+        "request",
+        "submit",
+        "--hostname",
+        "linux-riscv64-bob",
+        "--csr",
+        csr.to_str().unwrap(),
+        "--contact",
+        "bob@example.com",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("subject CN") && err.contains("linux-riscv64-bob"),
+        "{err}"
+    );
+    // Bad hostnames are refused before anything is sent.
+    let (ok, _, err) = farmer(&[
+        "genbotcert",
+        "-bot-hostname=Linux--Box",
+        &format!("-out-dir={owner}"),
+    ]);
+    assert!(!ok && err.contains("lowercase"), "{err}");
+    // A rejection needs a reason, and the owner sees it.
+    let (ok, out, err) = f.admin(&[
+        "request",
+        "submit",
+        "--hostname",
+        "linux-riscv64-alice",
+        "--csr",
+        csr.to_str().unwrap(),
+        "--contact",
+        "alice@example.com",
+    ]);
+    assert!(ok, "{err}");
+    let id = out.split_whitespace().nth(1).unwrap().to_string();
+    let secret = out
+        .split("secret: ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let (ok, _, err) = f.admin(&["request", "reject", &id, "--reason", ""]);
+    assert!(!ok && err.contains("reason"), "{err}");
+    let (ok, _, err) = f.admin(&[
+        "request",
+        "reject",
+        &id,
+        "--reason",
+        "we have enough riscv64 boards",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = f.admin(&["request", "status", &id, "--secret", &secret]);
+    assert!(
+        !ok && err.contains("we have enough riscv64 boards"),
+        "{err}"
+    );
+    // Approving an unknown host type is refused.
+    let (ok, out, _) = f.admin(&[
+        "request",
+        "submit",
+        "--hostname",
+        "linux-riscv64-alice",
+        "--csr",
+        csr.to_str().unwrap(),
+        "--contact",
+        "alice@example.com",
+    ]);
+    assert!(ok);
+    let id = out.split_whitespace().nth(1).unwrap().to_string();
+    let (ok, _, err) = f.admin(&["request", "approve", &id, "--host-type", "host-nope"]);
+    assert!(!ok && err.contains("not in the config"), "{err}");
+}

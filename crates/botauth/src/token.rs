@@ -148,3 +148,47 @@ pub fn default_token_path() -> std::path::PathBuf {
         .unwrap_or_else(|| ".".into());
     home.join(".farmer").join("machine-token.json")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_whole_files_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("token.json");
+        let a = TokenFile {
+            token: "a".repeat(1000),
+            hostname: "h".into(),
+            expiry: 10,
+            last_update: 1,
+            next_update: 5,
+            cert_sha256: "00".into(),
+        };
+        a.write(&p).unwrap();
+        assert_eq!(TokenFile::read(&p).unwrap(), a);
+        let b = TokenFile { token: "b".into(), ..a.clone() };
+        b.write(&p).unwrap();
+        assert_eq!(TokenFile::read(&p).unwrap(), b);
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec!["token.json"]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o644);
+        }
+    }
+
+    #[test]
+    fn request_signatures_cover_timestamp_and_certificate() {
+        let g = crate::csr::generate("host-a", "x.test", crate::csr::KeyType::P256).unwrap();
+        // A throwaway self-signed certificate stands in for the farm's.
+        let kp = rcgen::KeyPair::from_pem(&g.key_pem).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["host-a.x.test".to_string()]).unwrap().self_signed(&kp).unwrap();
+        let r1 = sign_request(&cert.pem(), &g.key_pem, 100).unwrap();
+        let r2 = sign_request(&cert.pem(), &g.key_pem, 101).unwrap();
+        assert_ne!(r1.signature, r2.signature);
+        assert_ne!(signed_message(100, b"a"), signed_message(100, b"b"));
+        assert!(sign_request("not pem", &g.key_pem, 1).is_err());
+    }
+}

@@ -69,6 +69,7 @@ impl Farm {
     /// machine to the pool (cleaned) or drops it (broken).
     pub(crate) async fn run_build(self: Arc<Self>, entry: Entry, lease: Lease) {
         let id = entry.build_id;
+        self.metrics.observe_dispatch(entry.enqueued.elapsed());
         let release = |me: &Arc<Farm>| me.pool.set_state(lease.id, MachineState::Idle);
         let build = match self.store.build(id).await {
             Ok(Some(b)) if b.status == BuildStatus::Queued => b,
@@ -119,7 +120,6 @@ impl Farm {
                 return release(&self);
             }
         };
-        self.metrics.observe_dispatch(entry.enqueued.elapsed());
         self.pool
             .set_state(lease.id, MachineState::Busy { build_id: Some(id) });
         let rb = self.register_running(id);

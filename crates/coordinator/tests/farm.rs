@@ -183,7 +183,7 @@ fn wrong_missing_and_unknown_keys_are_refused_with_reasons() {
     )
     .unwrap();
     let _home = Bot::start(&c, &bots, "host-test-trusted", "home-key", None);
-    c.wait(&"home-key connected", Duration::from_secs(20), |c| {
+    c.wait("home-key connected", Duration::from_secs(20), |c| {
         c.connected()
             .contains(&"home-key".to_string())
             .then_some(())

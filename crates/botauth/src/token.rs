@@ -167,15 +167,24 @@ mod tests {
         };
         a.write(&p).unwrap();
         assert_eq!(TokenFile::read(&p).unwrap(), a);
-        let b = TokenFile { token: "b".into(), ..a.clone() };
+        let b = TokenFile {
+            token: "b".into(),
+            ..a.clone()
+        };
         b.write(&p).unwrap();
         assert_eq!(TokenFile::read(&p).unwrap(), b);
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec!["token.json"]);
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o644);
+            assert_eq!(
+                std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o644
+            );
         }
     }
 
@@ -184,7 +193,10 @@ mod tests {
         let g = crate::csr::generate("host-a", "x.test", crate::csr::KeyType::P256).unwrap();
         // A throwaway self-signed certificate stands in for the farm's.
         let kp = rcgen::KeyPair::from_pem(&g.key_pem).unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["host-a.x.test".to_string()]).unwrap().self_signed(&kp).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["host-a.x.test".to_string()])
+            .unwrap()
+            .self_signed(&kp)
+            .unwrap();
         let r1 = sign_request(&cert.pem(), &g.key_pem, 100).unwrap();
         let r2 = sign_request(&cert.pem(), &g.key_pem, 101).unwrap();
         assert_ne!(r1.signature, r2.signature);

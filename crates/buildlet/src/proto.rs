@@ -33,6 +33,25 @@ pub const HDR_BUILDER_KEY: &str = "x-farmer-builder-key";
 pub const HDR_MACHINE_TOKEN: &str = "x-farmer-machine-token";
 /// The buildlet's build (crate version), shown on the status page.
 pub const HDR_BUILD: &str = "x-farmer-buildlet-build";
+/// Hex SHA-256 of the running buildlet executable: tells the coordinator
+/// which published release the machine runs (see `crates/stage0`).
+pub const HDR_BINARY_SHA256: &str = "x-farmer-buildlet-sha256";
+/// Set when stage0 started the buildlet: the platform (`os/arch`) stage0
+/// fetched. Only such machines are halted to upgrade them.
+pub const HDR_STAGE0: &str = "x-farmer-stage0";
+/// The environment variable stage0 sets for the buildlet (its value goes
+/// into [`HDR_STAGE0`]); the same name as `stage0::ENV_STAGE0`.
+pub const ENV_STAGE0: &str = "FARMER_STAGE0";
+
+/// Embedded in every buildlet executable (the CLI references it), so
+/// `farmer buildlet publish` can read the protocol version of a binary built
+/// for any platform without running it. Keep the number equal to [`VERSION`]
+/// (a test checks).
+pub static BINARY_INFO: &str = concat!(
+    "\nFARMER_BUILDLET_INFO protocol=1 build=",
+    env!("CARGO_PKG_VERSION"),
+    "\n"
+);
 
 /// Default cap on request bodies (`/writetgz`, `/write`): 4 GiB.
 pub const DEFAULT_MAX_BODY: u64 = 4 << 30;
@@ -200,6 +219,15 @@ mod tests {
         ] {
             assert_eq!(ProcessState::from_trailer(&st.to_trailer()), st);
         }
+    }
+
+    #[test]
+    fn binary_info_matches_the_version() {
+        let protocol = BINARY_INFO
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("protocol="))
+            .and_then(|v| v.parse::<u32>().ok());
+        assert_eq!(protocol, Some(VERSION));
     }
 
     #[test]

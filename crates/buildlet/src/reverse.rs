@@ -143,6 +143,8 @@ pub fn parse_pin(s: &str) -> Option<[u8; 32]> {
 /// whenever the link drops.
 pub async fn run(b: Arc<Buildlet>, cfg: ReverseConfig) -> Result<(), ReverseError> {
     let connector = tls_connector(&cfg.tls)?;
+    // Hash the executable once, off the async threads, before registering.
+    let _ = tokio::task::spawn_blocking(binary_sha256).await;
     let mut backoff = Duration::from_secs(1);
     let max_backoff = Duration::from_secs(60);
     loop {
@@ -160,6 +162,11 @@ pub async fn run(b: Arc<Buildlet>, cfg: ReverseConfig) -> Result<(), ReverseErro
                     backoff = Duration::from_secs(1);
                 }
             }
+            Err(e @ ReverseError::Refused { .. }) if e.upgrade_required() && under_stage0() => {
+                // stage0 fetches the current release when we exit.
+                tracing::error!("{e}; exiting so stage0 can fetch the current buildlet");
+                return Err(e);
+            }
             Err(e @ ReverseError::Refused { .. }) => {
                 tracing::error!("{e}");
                 backoff = backoff.max(Duration::from_secs(10));
@@ -173,6 +180,60 @@ pub async fn run(b: Arc<Buildlet>, cfg: ReverseConfig) -> Result<(), ReverseErro
             _ = b.halted() => return Ok(()),
         }
         backoff = (backoff * 2).min(max_backoff);
+    }
+}
+
+/// Hex SHA-256 of the running executable (empty if it cannot be read),
+/// computed once. On Linux `/proc/self/exe` is read, which is the running
+/// image even if the file was replaced since.
+pub fn binary_sha256() -> &'static str {
+    static DIGEST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DIGEST.get_or_init(|| {
+        use sha2::Digest;
+        use std::io::Read;
+        let open = || {
+            #[cfg(target_os = "linux")]
+            if let Ok(f) = std::fs::File::open("/proc/self/exe") {
+                return Ok(f);
+            }
+            std::fs::File::open(std::env::current_exe()?)
+        };
+        let hash = || -> io::Result<String> {
+            let mut f = open()?;
+            let mut h = sha2::Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+        };
+        hash().unwrap_or_else(|e| {
+            tracing::warn!("cannot hash this executable to report its version: {e}");
+            String::new()
+        })
+    })
+}
+
+/// The platform stage0 fetched this binary for, when stage0 started it.
+fn stage0_platform() -> String {
+    std::env::var(proto::ENV_STAGE0)
+        .ok()
+        .filter(|v| v.bytes().all(|b| b.is_ascii_graphic()))
+        .unwrap_or_default()
+}
+
+fn under_stage0() -> bool {
+    !stage0_platform().is_empty()
+}
+
+impl ReverseError {
+    /// The coordinator refused this buildlet as too old (`426 Upgrade Required`).
+    pub fn upgrade_required(&self) -> bool {
+        matches!(self, ReverseError::Refused { status, .. } if *status == StatusCode::UPGRADE_REQUIRED)
     }
 }
 
@@ -372,6 +433,8 @@ where
         .header(proto::HDR_HOSTNAME, cfg.hostname.as_str())
         .header(proto::HDR_VERSION, proto::VERSION.to_string())
         .header(proto::HDR_BUILD, env!("CARGO_PKG_VERSION"))
+        .header(proto::HDR_BINARY_SHA256, binary_sha256())
+        .header(proto::HDR_STAGE0, stage0_platform())
         .header(proto::HDR_BUILDER_KEY, cfg.key.as_str())
         .body(Empty::new())
         .map_err(|e| ReverseError::Config(format!("registration headers: {e}")))?;

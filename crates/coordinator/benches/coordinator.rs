@@ -12,8 +12,8 @@
 //!
 //! 1. **Dispatch latency.** One idle `farmer buildlet` process; a builder
 //!    whose single step is `date +%s%N`. Builds are triggered one at a time
-//!    with `POST /api/builds` (kind `interactive`); each is awaited before the
-//!    next. The latency is the step's printed start time (wall clock, ns)
+//!    with `POST /api/builds` (kind `interactive`); each is awaited, and the
+//!    machine seen idle again (cleaned), before the next. The latency is the step's printed start time (wall clock, ns)
 //!    minus the wall clock just before the POST: it covers the API, the
 //!    store, the scheduler, the lease, pushing the source tree, and spawning
 //!    the command on the buildlet. Also shown: the POST round trip, the time
@@ -114,27 +114,27 @@ async fn bench_dispatch(dir: &Path, repo: &Path, commit: &str) -> anyhow::Result
     );
     let config = farm_config(
         Some(repo),
-        &[("bench-one", 1)],
-        &[("stamp", "bench-one", r#"command = ["date", "+%s%N"]"#)],
+        &[("host-bench-one", 1)],
+        &[("stamp", "host-bench-one", r#"command = ["date", "+%s%N"]"#)],
     );
     let c = Coordinator::start(dir, "dispatch", &config)?;
     let api = Api::new(&c);
-    let key = c.key("bench-one")?;
-    let _bot = start_buildlet(&c, dir, "bench-one", "one-1", &key)?;
-    wait_connected(&api, "bench-one", 1, Duration::from_secs(30)).await?;
+    let key = c.key("host-bench-one")?;
+    let _bot = start_buildlet(&c, dir, "host-bench-one", "one-1", &key)?;
+    wait_connected(&api, "host-bench-one", 1, Duration::from_secs(30)).await?;
     // The poller queues one post-submit build of the commit at start; let it
     // finish (it also warms the source cache) before measuring.
     wait_builds_done(&api, 1, Duration::from_secs(60)).await?;
 
     for _ in 0..DISPATCH_WARMUP {
-        dispatch_one(&api, "stamp", commit).await?;
+        dispatch_one(&api, "stamp", "one-1", commit).await?;
     }
     let before = Histogram::parse(&api.get_text("/metrics").await?);
     let mut start = Vec::with_capacity(DISPATCH_RUNS);
     let mut post = Vec::with_capacity(DISPATCH_RUNS);
     let mut passed = Vec::with_capacity(DISPATCH_RUNS);
     for _ in 0..DISPATCH_RUNS {
-        let s = dispatch_one(&api, "stamp", commit).await?;
+        let s = dispatch_one(&api, "stamp", "one-1", commit).await?;
         start.push(s.start_ms);
         post.push(s.post_ms);
         passed.push(s.passed_ms);
@@ -169,7 +169,12 @@ struct DispatchSample {
     passed_ms: f64,
 }
 
-async fn dispatch_one(api: &Api, builder: &str, commit: &str) -> anyhow::Result<DispatchSample> {
+async fn dispatch_one(
+    api: &Api,
+    builder: &str,
+    machine: &str,
+    commit: &str,
+) -> anyhow::Result<DispatchSample> {
     let wall = now_ns();
     let t0 = Instant::now();
     let id = api.trigger(builder, commit).await?;
@@ -190,6 +195,15 @@ async fn dispatch_one(api: &Api, builder: &str, commit: &str) -> anyhow::Result<
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let passed = t0.elapsed();
+    // The machine is cleaned after the build is recorded; the next build
+    // should again find it idle.
+    let idle_since = Instant::now();
+    while !machine_idle(api, machine).await? {
+        if idle_since.elapsed() > Duration::from_secs(10) {
+            bail!("{machine} did not become idle within 10 s after build {id}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let log = api.get_text(&format!("/api/builds/{id}/log")).await?;
     let stamp: i128 = log
         .lines()
@@ -214,23 +228,29 @@ async fn bench_throughput(dir: &Path, repo: &Path, commit: &str) -> anyhow::Resu
     );
     let config = farm_config(
         Some(repo),
-        &[("bench-four", TPUT_BUILDLETS)],
-        &[("nop", "bench-four", r#"command = ["true"]"#)],
+        &[("host-bench-four", TPUT_BUILDLETS)],
+        &[("nop", "host-bench-four", r#"command = ["true"]"#)],
     );
     let c = Coordinator::start(dir, "throughput", &config)?;
     let api = Api::new(&c);
-    let key = c.key("bench-four")?;
+    let key = c.key("host-bench-four")?;
     let mut bots = Vec::new();
     for i in 1..=TPUT_BUILDLETS {
         bots.push(start_buildlet(
             &c,
             dir,
-            "bench-four",
+            "host-bench-four",
             &format!("four-{i}"),
             &key,
         )?);
     }
-    wait_connected(&api, "bench-four", TPUT_BUILDLETS, Duration::from_secs(30)).await?;
+    wait_connected(
+        &api,
+        "host-bench-four",
+        TPUT_BUILDLETS,
+        Duration::from_secs(30),
+    )
+    .await?;
     wait_builds_done(&api, 1, Duration::from_secs(60)).await?;
 
     let finished0 = Finished::parse(&api.get_text("/metrics").await?);
@@ -337,10 +357,10 @@ async fn bench_memory(dir: &Path) -> anyhow::Result<()> {
     println!(
         "== memory: coordinator RSS with 0 and {IDLE_CONNS} idle reverse connections (in-process buildlet tasks) =="
     );
-    let config = farm_config(None, &[("bench-idle", IDLE_CONNS)], &[]);
+    let config = farm_config(None, &[("host-bench-idle", IDLE_CONNS)], &[]);
     let c = Coordinator::start(dir, "memory", &config)?;
     let api = Api::new(&c);
-    let key = c.key("bench-idle")?;
+    let key = c.key("host-bench-idle")?;
     let pin = buildlet::reverse::parse_pin(&c.pin)
         .with_context(|| format!("the coordinator printed a bad pin {:?}", c.pin))?;
     // Let the coordinator settle, and touch the API once, before the baseline.
@@ -359,7 +379,7 @@ async fn bench_memory(dir: &Path) -> anyhow::Result<()> {
         let b = buildlet::server::Buildlet::new(cfg)?;
         let rc = buildlet::reverse::ReverseConfig {
             coordinator: c.addr.clone(),
-            host_type: "bench-idle".into(),
+            host_type: "host-bench-idle".into(),
             hostname,
             key: key.clone(),
             token_file: None,
@@ -376,7 +396,7 @@ async fn bench_memory(dir: &Path) -> anyhow::Result<()> {
     let limit = Duration::from_secs(60);
     let mut connected;
     loop {
-        connected = count_connected(&api, "bench-idle").await?;
+        connected = count_connected(&api, "host-bench-idle").await?;
         if connected >= IDLE_CONNS || t0.elapsed() > limit {
             break;
         }
@@ -397,7 +417,7 @@ async fn bench_memory(dir: &Path) -> anyhow::Result<()> {
     let coord1 = rss_kb(&format!("/proc/{}/status", c.pid()));
     let coord_hwm = hwm_kb(&format!("/proc/{}/status", c.pid()));
     let self1 = rss_kb("/proc/self/status");
-    let still = count_connected(&api, "bench-idle").await?;
+    let still = count_connected(&api, "host-bench-idle").await?;
     drop(tasks);
 
     match (coord0, coord1) {
@@ -495,8 +515,12 @@ impl Coordinator {
         while addr.is_none() || pin.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
             let Ok(line) = rx.recv_timeout(left) else {
+                let why = match proc.child.try_wait() {
+                    Ok(Some(st)) => format!("exited ({st})"),
+                    _ => "did not print its address and pin within 60 s".into(),
+                };
                 bail!(
-                    "the {name} coordinator did not print its address and pin within 60 s; its log:\n{}",
+                    "the {name} coordinator {why}; its log:\n{}",
                     std::fs::read_to_string(&log).unwrap_or_default()
                 );
             };
@@ -711,6 +735,14 @@ async fn count_connected(api: &Api, host_type: &str) -> anyhow::Result<usize> {
     let v = api.get_json("/api/machines").await?;
     Ok(v["connected"].as_array().map_or(0, |a| {
         a.iter().filter(|m| m["host_type"] == host_type).count()
+    }))
+}
+
+async fn machine_idle(api: &Api, hostname: &str) -> anyhow::Result<bool> {
+    let v = api.get_json("/api/machines").await?;
+    Ok(v["connected"].as_array().is_some_and(|a| {
+        a.iter()
+            .any(|m| m["hostname"] == hostname && m["state"] == "idle")
     }))
 }
 

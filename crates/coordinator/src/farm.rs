@@ -64,6 +64,8 @@ pub struct Farm {
     pub poll_errors: Mutex<HashMap<String, String>>,
     /// Connected bots that authenticated with machine tokens.
     pub bots: crate::machine_auth::BotRegistry,
+    /// Published buildlet releases and fleet upgrades (stage0).
+    pub releases: crate::release::Releases,
 }
 
 const SOURCE_CACHE: usize = 16;
@@ -81,6 +83,7 @@ pub struct FarmOptions {
 
 impl Farm {
     pub fn new(o: FarmOptions) -> Arc<Farm> {
+        let releases = crate::release::Releases::local(&o.data_dir);
         Arc::new(Farm {
             data_dir: o.data_dir,
             config: RwLock::new(Arc::new(o.config)),
@@ -99,6 +102,7 @@ impl Farm {
             sources: Mutex::new(VecDeque::new()),
             poll_errors: Mutex::new(HashMap::new()),
             bots: Default::default(),
+            releases,
         })
     }
 
@@ -427,11 +431,14 @@ impl Farm {
                     match tokio::time::timeout(timeout, client.status()).await {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => {
-                            me.pool.remove(id, &format!("health check failed: {e}"));
+                            me.pool
+                                .remove_if_idle(id, &format!("health check failed: {e}"));
                         }
                         Err(_) => {
-                            me.pool
-                                .remove(id, &format!("health check: no answer within {timeout:?}"));
+                            me.pool.remove_if_idle(
+                                id,
+                                &format!("health check: no answer within {timeout:?}"),
+                            );
                         }
                     }
                 });

@@ -4,6 +4,7 @@
 
 pub mod admin_cli;
 pub mod api;
+pub mod artifacts;
 pub mod builds;
 pub mod ca;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod machine_auth;
 pub mod metrics;
 pub mod poller;
 pub mod pool;
+pub mod release;
 pub mod reverse;
 pub mod run;
 pub mod scheduler;

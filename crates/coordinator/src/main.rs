@@ -73,7 +73,20 @@ enum Cmd {
         #[arg(allow_hyphen_values = true, trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Run a buildlet (same flags as the `buildlet` binary; see `farmer buildlet --help`).
+    /// Download the bot and keep it running with a machine token (same as the `bootstrapswarm` binary).
+    #[command(disable_help_flag = true)]
+    Bootstrapswarm {
+        #[arg(allow_hyphen_values = true, trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run stage0, which downloads, verifies and runs the published buildlet (see `farmer stage0 --help`).
+    #[command(disable_help_flag = true)]
+    Stage0 {
+        #[arg(allow_hyphen_values = true, trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run a buildlet (same flags as the `buildlet` binary; see `farmer buildlet --help`),
+    /// or publish one for stage0: `farmer buildlet publish --os OS --arch ARCH FILE`.
     #[command(disable_help_flag = true)]
     Buildlet {
         #[arg(allow_hyphen_values = true, trailing_var_arg = true)]
@@ -83,6 +96,27 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // Run as a buildlet when installed under that name (stage0 saves the
+    // binary it downloads as `buildlet`, and `farmer up` publishes itself).
+    if args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_stem())
+        .is_some_and(|s| s == "buildlet")
+    {
+        return buildlet::cli::main_from(args);
+    }
+    if args.get(1).is_some_and(|a| a == "buildlet") && args.get(2).is_some_and(|a| a == "publish") {
+        let mut rest = vec![std::ffi::OsString::from("farmer buildlet publish")];
+        rest.extend(args.into_iter().skip(3));
+        init_logging();
+        return coordinator::release::publish_main(rest);
+    }
+    if args.get(1).is_some_and(|a| a == "bootstrapswarm") {
+        std::process::exit(stage0::bootstrapswarm::main_from(args.into_iter().skip(1)));
+    }
+    if args.get(1).is_some_and(|a| a == "stage0") {
+        std::process::exit(stage0::cli::main_from(args.into_iter().skip(1)));
+    }
     if args.get(1).is_some_and(|a| a == "buildlet") {
         let mut rest = vec![std::ffi::OsString::from("buildlet")];
         rest.extend(args.into_iter().skip(2));
@@ -97,14 +131,7 @@ fn main() -> anyhow::Result<()> {
         std::process::exit(botauth::cli::machine_tokend(args.into_iter().skip(1)));
     }
     let cli: Cli = goflags::parse_from(args);
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FARMER_LOG").unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,sqlx=warn,hyper=warn")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     match cli.cmd {
         Cmd::CheckConfig { file } => match coordinator::config::load(&file) {
             Ok(c) => {
@@ -131,7 +158,11 @@ fn main() -> anyhow::Result<()> {
             println!("{}", m.builder_key(&host_type));
             Ok(())
         }
-        Cmd::Buildlet { .. } | Cmd::Genbotcert { .. } | Cmd::MachineTokend { .. } => {
+        Cmd::Buildlet { .. }
+        | Cmd::Stage0 { .. }
+        | Cmd::Bootstrapswarm { .. }
+        | Cmd::Genbotcert { .. }
+        | Cmd::MachineTokend { .. } => {
             unreachable!("handled before parsing")
         }
         Cmd::Request(r) => coordinator::admin_cli::run_request(r),
@@ -139,6 +170,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Up { data_dir, listen } => {
             let config =
                 coordinator::demo::prepare(&data_dir).context("preparing the demo farm")?;
+            coordinator::release::publish_for_demo(&data_dir)
+                .context("publishing this executable as the demo's buildlet")?;
             serve(RunOptions {
                 data_dir,
                 config,
@@ -168,6 +201,18 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FARMER_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,sqlx=warn,hyper=warn")
+            }),
+        )
+        .with_writer(std::io::stderr)
+        .try_init()
+        .ok();
+}
+
 fn serve(opts: RunOptions) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -195,6 +240,12 @@ fn print_banner(s: &Started, data_dir: &std::path::Path) {
     if let Some(fp) = &s.farm.tls_fingerprint {
         println!(
             "  buildlets     buildlet -coordinator={} -reverse-type=HOST-TYPE -tls-pin={fp}",
+            s.addr
+        );
+    }
+    if let (Some(fp), Some(key)) = (&s.farm.tls_fingerprint, s.farm.releases.public_key()) {
+        println!(
+            "  stage0        stage0 -coordinator={} -reverse-type=HOST-TYPE -tls-pin={fp} -release-key={key}",
             s.addr
         );
     }

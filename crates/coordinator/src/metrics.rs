@@ -81,11 +81,33 @@ pub async fn render(farm: &Farm) -> String {
     let cfg = farm.config();
     let _ = writeln!(
         out,
-        "# HELP farmer_builds_total Builds by status (finished in this process; queued/running are current)."
+        "# HELP farmer_build_info The coordinator's version (value 1)."
+    );
+    let _ = writeln!(out, "# TYPE farmer_build_info gauge");
+    let _ = writeln!(
+        out,
+        "farmer_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    let _ = writeln!(
+        out,
+        "# HELP farmer_uptime_seconds Seconds since the coordinator started."
+    );
+    let _ = writeln!(out, "# TYPE farmer_uptime_seconds gauge");
+    let _ = writeln!(
+        out,
+        "farmer_uptime_seconds {}",
+        farm.started.elapsed().as_secs()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP farmer_builds Builds by status (finished in this process; queued/running are current)."
     );
     let _ = writeln!(out, "# TYPE farmer_builds gauge");
     if let Ok(counts) = farm.store.status_counts().await {
-        for (s, n) in counts {
+        // Every status, zeros included, so a series never has gaps.
+        for s in BuildStatus::ALL {
+            let n = counts.iter().find(|(x, _)| *x == s).map_or(0, |(_, n)| *n);
             let _ = writeln!(out, "farmer_builds{{status=\"{s}\"}} {n}");
         }
     }
@@ -96,7 +118,8 @@ pub async fn render(farm: &Farm) -> String {
             "# HELP farmer_builds_finished_total Builds that reached a final status since start."
         );
         let _ = writeln!(out, "# TYPE farmer_builds_finished_total counter");
-        for (s, n) in &g.finished {
+        for s in BuildStatus::ALL.iter().filter(|s| s.is_terminal()) {
+            let n = g.finished.get(s.as_str()).copied().unwrap_or(0);
             let _ = writeln!(out, "farmer_builds_finished_total{{status=\"{s}\"}} {n}");
         }
         let _ = writeln!(

@@ -44,6 +44,8 @@ pub struct MachineView {
     pub state: MachineState,
     /// When the current state began (ms since the epoch).
     pub state_since: i64,
+    /// Which buildlet binary it runs, and whether that is the current release.
+    pub binary: crate::release::MachineBinary,
 }
 
 struct Machine {
@@ -51,6 +53,16 @@ struct Machine {
     client: Client,
     /// Aborts the connection task (closing the link) when the machine is dropped.
     conn: tokio::task::AbortHandle,
+    /// Takes no new builds (it is to be halted, e.g. for an upgrade).
+    draining: bool,
+}
+
+/// What [`Pool::drain`] found.
+pub enum Drained {
+    /// It was idle and is now taken (not leasable); the caller halts it.
+    Idle(Client),
+    /// It is busy; it takes no new builds. Call again when it is idle.
+    Busy,
 }
 
 /// A machine leased for one build.
@@ -146,9 +158,11 @@ impl Pool {
                     connected_at: now,
                     state: MachineState::Idle,
                     state_since: now,
+                    binary: Default::default(),
                 },
                 client,
                 conn,
+                draining: false,
             },
         );
         drop(m);
@@ -178,7 +192,9 @@ impl Pool {
         let mut m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
         let best = m
             .values_mut()
-            .filter(|x| x.view.host_type == host_type && x.view.state == MachineState::Idle)
+            .filter(|x| {
+                x.view.host_type == host_type && x.view.state == MachineState::Idle && !x.draining
+            })
             .min_by_key(|x| (x.view.state_since, x.view.id))?;
         best.view.state = MachineState::Busy { build_id: None };
         best.view.state_since = now_ms();
@@ -204,7 +220,20 @@ impl Pool {
         }
     }
 
-    /// An idle machine's client, for health checks (marks it busy meanwhile).
+    /// Removes a machine only if it is still idle (a health check that failed
+    /// while the machine was leased meanwhile leaves it to its build, which
+    /// notices a broken machine on its own).
+    pub fn remove_if_idle(&self, id: u64, reason: &str) -> bool {
+        let idle = self
+            .machines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .is_some_and(|m| m.view.state == MachineState::Idle);
+        idle && self.remove(id, reason)
+    }
+
+    /// Idle machines' clients, for health checks.
     pub fn idle_machines(&self) -> Vec<(u64, Client)> {
         let m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
         m.values()
@@ -220,6 +249,34 @@ impl Pool {
             .unwrap_or_else(|e| e.into_inner())
             .get(&id)
             .map(|m| m.client.clone())
+    }
+
+    /// Records which binary a machine runs (see [`crate::release`]).
+    pub fn set_binary(&self, id: u64, b: crate::release::MachineBinary) {
+        if let Some(x) = self
+            .machines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&id)
+        {
+            x.view.binary = b;
+        }
+    }
+
+    /// Stops leasing a machine. An idle one is taken at once (marked busy)
+    /// and its client returned; a busy one finishes its build first. `None`
+    /// if it left the pool.
+    pub fn drain(&self, id: u64) -> Option<Drained> {
+        let mut m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
+        let x = m.get_mut(&id)?;
+        x.draining = true;
+        if x.view.state == MachineState::Idle {
+            x.view.state = MachineState::Busy { build_id: None };
+            x.view.state_since = now_ms();
+            Some(Drained::Idle(x.client.clone()))
+        } else {
+            Some(Drained::Busy)
+        }
     }
 
     pub fn contains(&self, id: u64) -> bool {
@@ -251,8 +308,9 @@ impl Pool {
 
     pub fn has_idle(&self, host_type: &str) -> bool {
         let m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
-        m.values()
-            .any(|x| x.view.host_type == host_type && x.view.state == MachineState::Idle)
+        m.values().any(|x| {
+            x.view.host_type == host_type && x.view.state == MachineState::Idle && !x.draining
+        })
     }
 
     /// Records a refused registration.

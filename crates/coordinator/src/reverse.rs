@@ -266,6 +266,7 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
         );
     }
     let (heartbeat, hb_timeout) = (cfg.farm.heartbeat, cfg.farm.heartbeat_timeout);
+    let binary = crate::release::Registration::from_headers(req.headers());
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
@@ -327,6 +328,8 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
             client,
             conn_task.abort_handle(),
         );
+        farm.releases
+            .machine_joined(&farm, id, &hostname, &status, &binary);
         if bot {
             farm.bots.add(id, &hostname);
         }

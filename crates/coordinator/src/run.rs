@@ -114,7 +114,8 @@ pub async fn run(
     }
     let router = crate::api::router(farm.clone())
         .merge(crate::dashboard::router(farm.clone()))
-        .merge(crate::machine_auth::router(farm.clone()));
+        .merge(crate::machine_auth::router(farm.clone()))
+        .merge(crate::release::router(farm.clone()));
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(crate::server::serve(
         listener,
@@ -124,6 +125,7 @@ pub async fn run(
     tasks.spawn(farm.clone().dispatch_loop());
     tasks.spawn(farm.clone().health_loop());
     tasks.spawn(crate::machine_auth::check_loop(farm.clone()));
+    tasks.spawn(crate::release::upgrade_loop(farm.clone()));
     for repo in farm.config().repos.keys().cloned() {
         tasks.spawn(crate::poller::poll_loop(farm.clone(), repo));
     }

@@ -194,6 +194,15 @@ pub struct MachineRow {
     pub last_seen: i64,
 }
 
+/// The newest build of a builder at a commit (see [`Store::latest_builds`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatestBuild {
+    pub commit: String,
+    pub builder: String,
+    pub status: BuildStatus,
+    pub id: i64,
+}
+
 /// A build to create.
 #[derive(Debug, Clone)]
 pub struct NewBuild {
@@ -676,24 +685,43 @@ impl Store {
         Ok(())
     }
 
-    /// Every build of some commits of a repo, newest first: one query for
-    /// the rows of the build grid.
-    pub async fn builds_of_commits(&self, repo: &str, hashes: &[String]) -> Result<Vec<BuildRow>> {
+    /// The newest build of each builder at each of some commits of a repo:
+    /// the cells of the build grid. SQLite picks the newest build and packs
+    /// each commit's cells into one string (as the Go dashboard's per-commit
+    /// `ResultData`), so a page of 50 commits × 100 builders is 50 rows.
+    pub async fn latest_builds(&self, repo: &str, hashes: &[String]) -> Result<Vec<LatestBuild>> {
         let mut out = Vec::new();
         for chunk in hashes.chunks(500) {
             let marks = vec!["?"; chunk.len()].join(", ");
             let sql = format!(
-                "SELECT {BUILD_COLS} FROM builds WHERE repo = ? AND commit_hash IN ({marks}) ORDER BY id DESC"
+                "SELECT commit_hash, group_concat(builder || char(31) || status || char(31) || id, char(30)) AS cells \
+                 FROM (SELECT commit_hash, builder, status, MAX(id) AS id FROM builds WHERE repo = ? AND commit_hash IN ({marks}) GROUP BY commit_hash, builder) \
+                 GROUP BY commit_hash"
             );
             let mut q = sqlx::query(&sql).bind(repo);
             for h in chunk {
                 q = q.bind(h);
             }
             for r in q.fetch_all(&self.pool).await? {
-                out.push(build_row(&r)?);
+                let commit: String = r.try_get("commit_hash")?;
+                let cells: String = r.try_get("cells")?;
+                for cell in cells.split('\u{1e}') {
+                    let mut f = cell.rsplitn(3, '\u{1f}');
+                    let (Some(id), Some(status), Some(builder)) = (f.next(), f.next(), f.next())
+                    else {
+                        continue;
+                    };
+                    out.push(LatestBuild {
+                        commit: commit.clone(),
+                        builder: builder.to_string(),
+                        status: status.parse().map_err(StoreError::Invalid)?,
+                        id: id
+                            .parse()
+                            .map_err(|_| StoreError::Invalid(format!("bad build id {id:?}")))?,
+                    });
+                }
             }
         }
-        out.sort_by(|a, b| b.id.cmp(&a.id));
         Ok(out)
     }
 

@@ -515,3 +515,85 @@ fn csr_must_match_the_request_and_rejections_carry_a_reason() {
     let (ok, _, err) = f.admin(&["request", "approve", &id, "--host-type", "host-nope"]);
     assert!(!ok && err.contains("not in the config"), "{err}");
 }
+
+#[test]
+fn bootstrapswarm_downloads_the_bot_and_it_takes_a_build() {
+    let f = start();
+    // The admin publishes the bot; its copy of the farmer binary acts as the buildlet.
+    let os = std::env::consts::OS;
+    let arch = std::env::consts::ARCH;
+    let (ok, out, err) = farmer(&[
+        "buildlet",
+        "publish",
+        "--os",
+        os,
+        "--arch",
+        arch,
+        FARMER,
+        "--data-dir",
+        f.c.data_dir.to_str().unwrap(),
+        "--version",
+        "v1",
+    ]);
+    assert!(ok, "{out}{err}");
+    let release_key = std::fs::read_to_string(f.c.data_dir.join("release").join("release.pub"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let (key, cert) = f.onboard(HOST);
+    let token = f.owner.join("token.json");
+    // bootstrapswarm starts before the token exists and waits for it.
+    let mut swarm = Command::new(FARMER)
+        .arg("bootstrapswarm")
+        .arg(format!("-hostname={HOST}"))
+        .arg(format!("-coordinator={}", f.c.addr))
+        .arg(format!("-release-key={release_key}"))
+        .arg(format!("-tls-pin={}", f.c.fingerprint))
+        .arg(format!("-dir={}", f.owner.join("swarm").display()))
+        .arg(format!("-workdir={}", f.owner.join("swarm-wd").display()))
+        .env(botauth::token::TOKEN_ENV, &token)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Lines::default();
+    let l = log.clone();
+    let stderr = swarm.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            l.0.lock().unwrap().push(line);
+        }
+    });
+    assert!(
+        log.wait_for("waiting for the machine token", Duration::from_secs(20)),
+        "{}",
+        log.all()
+    );
+    assert!(f.tokend(&key, &cert, &token).0);
+    f.c.wait(
+        "the bot from bootstrapswarm to connect",
+        Duration::from_secs(60),
+        |c| c.connected().contains(&HOST.to_string()).then_some(()),
+    );
+    let m = f.c.get("/api/machines");
+    assert_eq!(m["connected"][0]["host_type"], "host-linux-riscv64");
+    let builds = f.c.wait_builds_done(1, Duration::from_secs(60));
+    assert_eq!(builds[0]["status"], "passed", "{}", builds[0]);
+    // The downloaded bot was verified before it ran.
+    assert!(log.all().contains("running buildlet v1"), "{}", log.all());
+    let _ = Command::new("kill")
+        .args(["-TERM", &swarm.id().to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while swarm.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bootstrapswarm did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -24,11 +24,15 @@ fn buildlet_trusts_a_ca_file() {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "test farm CA");
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test farm CA");
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca_params, &ca_key);
     let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
     let cert = params.signed_by(&key, &issuer).unwrap();
     let pem = dir.path().join("server.pem");
     let key_pem = dir.path().join("server.key");
@@ -52,9 +56,21 @@ fn buildlet_trusts_a_ca_file() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening on ").unwrap().to_string();
-    let keyout = Command::new(FARMER).args(["genbuilderkey", "host-test-trusted", "--data-dir"]).arg(&data).output().unwrap();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    let keyout = Command::new(FARMER)
+        .args(["genbuilderkey", "host-test-trusted", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
     let bkey = dir.path().join("bkey");
     std::fs::write(&bkey, &keyout.stdout).unwrap();
     let run_bot = |extra: &str| {
@@ -82,11 +98,19 @@ fn buildlet_trusts_a_ca_file() {
         (c, lines)
     };
     let (mut bot, log) = run_bot(&format!("-ca-file={}", ca_pem.display()));
-    assert!(log.wait_for("registered with the coordinator", Duration::from_secs(20)), "{}", log.all());
+    assert!(
+        log.wait_for("registered with the coordinator", Duration::from_secs(20)),
+        "{}",
+        log.all()
+    );
     let _ = bot.kill();
     // A pin that does not match is refused by the buildlet itself.
     let (mut bot, log) = run_bot(&format!("-tls-pin={}", "ab".repeat(32)));
-    assert!(log.wait_for("does not match the pinned SHA-256", Duration::from_secs(20)), "{}", log.all());
+    assert!(
+        log.wait_for("does not match the pinned SHA-256", Duration::from_secs(20)),
+        "{}",
+        log.all()
+    );
     let _ = bot.kill();
     let _ = child.kill();
     let _ = child.wait();
@@ -97,7 +121,19 @@ fn plaintext_needs_both_sides() {
     let (dir, cfg) = farm();
     let c = Coordinator::start(&dir.path().join("data"), &cfg);
     let key = c.key("host-test-trusted");
-    let bot = Bot::start_args(&c, &dir.path().join("bots"), "host-test-trusted", "plain", Some(&key), &["-insecure-plaintext"]);
-    assert!(bot.log.wait_for("accepts buildlets only over TLS", Duration::from_secs(20)), "{}", bot.log.all());
+    let bot = Bot::start_args(
+        &c,
+        &dir.path().join("bots"),
+        "host-test-trusted",
+        "plain",
+        Some(&key),
+        &["-insecure-plaintext"],
+    );
+    assert!(
+        bot.log
+            .wait_for("accepts buildlets only over TLS", Duration::from_secs(20)),
+        "{}",
+        bot.log.all()
+    );
     assert!(c.connected().is_empty());
 }

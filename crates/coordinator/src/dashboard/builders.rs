@@ -1,0 +1,169 @@
+//! Builders (`/builders`): build configs at the top, host configs at the
+//! bottom, with owners, notes, pool kind and expected machine counts.
+//! `?mode=json` gives the same data as JSON: `{"builders": {NAME: ...},
+//! "hosts": {HOST_TYPE: ...}}`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use askama::Template;
+use axum::extract::{Query, State};
+use serde::{Deserialize, Serialize};
+
+use super::util::duration_ms;
+use super::{Layout, PageResult, html, json};
+use crate::farm::Farm;
+
+#[derive(Serialize)]
+pub struct StepView {
+    pub name: String,
+    pub command: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+    pub timeout_secs: u64,
+    #[serde(skip)]
+    pub timeout: String,
+}
+
+#[derive(Serialize)]
+pub struct BuilderView {
+    pub name: String,
+    pub host_type: String,
+    pub os: String,
+    pub arch: String,
+    /// Empty: every repo.
+    pub repos: Vec<String>,
+    /// Empty: every watched branch.
+    pub branches: Vec<String>,
+    pub presubmit: bool,
+    pub timeout_secs: u64,
+    #[serde(skip)]
+    pub timeout: String,
+    pub steps: Vec<StepView>,
+    /// The host type's owners.
+    pub owners: Vec<String>,
+    pub notes: String,
+}
+
+#[derive(Serialize)]
+pub struct HostView {
+    pub name: String,
+    pub pool: &'static str,
+    pub expected: u32,
+    pub connected: u32,
+    pub busy: u32,
+    pub trusted: bool,
+    pub owners: Vec<String>,
+    pub notes: String,
+    pub dimensions: BTreeMap<String, String>,
+    /// Builders running on this host type.
+    pub builders: Vec<String>,
+}
+
+impl HostView {
+    pub fn dims(&self) -> String {
+        self.dimensions
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+#[derive(Serialize)]
+pub struct BuildersView {
+    pub builders: BTreeMap<String, BuilderView>,
+    pub hosts: BTreeMap<String, HostView>,
+}
+
+pub fn load(farm: &Farm) -> BuildersView {
+    let cfg = farm.config();
+    let counts = farm.pool.counts();
+    let cols = super::grid::columns(&cfg, "", "");
+    let builders = cfg
+        .builders
+        .values()
+        .map(|b| {
+            let host = cfg.hosts.get(&b.host_type);
+            let col = cols.iter().find(|c| c.name == b.name);
+            (
+                b.name.clone(),
+                BuilderView {
+                    name: b.name.clone(),
+                    host_type: b.host_type.clone(),
+                    os: col.map(|c| c.os.clone()).unwrap_or_default(),
+                    arch: col.map(|c| c.arch.clone()).unwrap_or_default(),
+                    repos: b.repos.clone(),
+                    branches: b.branches.clone(),
+                    presubmit: b.presubmit,
+                    timeout_secs: b.timeout.as_secs(),
+                    timeout: duration_ms(b.timeout.as_millis() as i64),
+                    steps: b
+                        .steps
+                        .iter()
+                        .map(|s| StepView {
+                            name: s.name.clone(),
+                            command: s.command.clone(),
+                            dir: s.dir.clone(),
+                            timeout_secs: s.timeout.as_secs(),
+                            timeout: duration_ms(s.timeout.as_millis() as i64),
+                        })
+                        .collect(),
+                    owners: host.map(|h| h.owners.clone()).unwrap_or_default(),
+                    notes: b.notes.clone(),
+                },
+            )
+        })
+        .collect();
+    let hosts = cfg
+        .hosts
+        .values()
+        .map(|h| {
+            let c = counts.get(&h.name).copied().unwrap_or_default();
+            (
+                h.name.clone(),
+                HostView {
+                    name: h.name.clone(),
+                    pool: h.pool.as_str(),
+                    expected: h.expected,
+                    connected: c.connected,
+                    busy: c.busy,
+                    trusted: h.trusted,
+                    owners: h.owners.clone(),
+                    notes: h.notes.clone(),
+                    dimensions: h.dimensions.clone(),
+                    builders: cfg
+                        .builders
+                        .values()
+                        .filter(|b| b.host_type == h.name)
+                        .map(|b| b.name.clone())
+                        .collect(),
+                },
+            )
+        })
+        .collect();
+    BuildersView { builders, hosts }
+}
+
+#[derive(Deserialize)]
+pub struct ModeQuery {
+    mode: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "builders.html")]
+struct BuildersPage {
+    l: Layout,
+    v: BuildersView,
+}
+
+pub async fn page(State(farm): State<Arc<Farm>>, Query(q): Query<ModeQuery>) -> PageResult {
+    let v = load(&farm);
+    if q.mode.as_deref() == Some("json") {
+        return json(&v);
+    }
+    html(&BuildersPage {
+        l: Layout::new("Builders", "builders"),
+        v,
+    })
+}

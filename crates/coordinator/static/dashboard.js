@@ -1,0 +1,116 @@
+// farmer dashboard: live updates by server-sent events, and the admin
+// buttons of the build page. Everything the server sends is rendered and
+// escaped by the server; log text is added as text, never as HTML.
+(function () {
+  'use strict';
+
+  var state = document.getElementById('live-state');
+  function showState(text) {
+    if (!state) return;
+    state.textContent = text;
+    state.hidden = !text;
+  }
+
+  function handleHtml(e) {
+    var m = JSON.parse(e.data);
+    var el = document.getElementById(m.target);
+    if (el) el.innerHTML = m.html;
+  }
+
+  // Grid cells: [[row, column, "<td>...</td>"], ...]
+  function handleCells(e) {
+    var table = document.querySelector('#grid table.grid');
+    if (!table) return;
+    var lead = parseInt(table.getAttribute('data-lead'), 10) || 0;
+    JSON.parse(e.data).forEach(function (c) {
+      var row = table.tBodies[0].rows[c[0]];
+      var cell = row && row.cells[lead + c[1]];
+      if (cell) cell.outerHTML = c[2];
+    });
+  }
+
+  function open(url, handlers) {
+    var es = new EventSource(url);
+    es.onopen = function () { showState(''); };
+    es.onerror = function () {
+      if (es.readyState !== EventSource.CLOSED) showState('reconnecting…');
+    };
+    Object.keys(handlers).forEach(function (k) {
+      es.addEventListener(k, function (e) { handlers[k](e, es); });
+    });
+    return es;
+  }
+
+  document.querySelectorAll('[data-live]').forEach(function (el) {
+    open(el.getAttribute('data-live'), { html: handleHtml, cells: handleCells });
+  });
+
+  // The build page's live log.
+  var log = document.getElementById('log');
+  if (log && log.getAttribute('data-log')) {
+    var logState = document.getElementById('log-state');
+    var lines = 0;
+    open(log.getAttribute('data-log'), {
+      html: handleHtml,
+      log: function (e) {
+        var text = JSON.parse(e.data);
+        var box = log.getBoundingClientRect();
+        var follow = log.scrollTop + log.clientHeight >= log.scrollHeight - 30;
+        var pageFollow = box.bottom <= window.innerHeight + 40;
+        log.appendChild(document.createTextNode(text));
+        lines += (text.match(/\n/g) || []).length;
+        log.setAttribute('data-lines', String(lines));
+        if (follow) log.scrollTop = log.scrollHeight;
+        if (pageFollow) window.scrollTo(0, document.body.scrollHeight);
+        if (logState) logState.textContent = 'Following the log live.';
+      },
+      end: function (e, es) {
+        es.close();
+        showState('');
+        log.setAttribute('data-ended', '1');
+        if (logState) logState.textContent = 'The build is over; reload for the stored log of each step.';
+      }
+    });
+  }
+
+  // Admin actions on the build page, through the JSON API.
+  var admin = document.getElementById('admin');
+  if (admin) {
+    var KEY = 'farmer-admin-token';
+    var input = document.getElementById('admin-token');
+    var msg = document.getElementById('admin-msg');
+    var id = admin.getAttribute('data-build');
+    try { input.value = localStorage.getItem(KEY) || ''; } catch (err) { /* storage off */ }
+    input.addEventListener('change', function () {
+      try { localStorage.setItem(KEY, input.value.trim()); } catch (err) { /* storage off */ }
+    });
+    admin.addEventListener('click', function (e) {
+      var action = e.target && e.target.getAttribute('data-action');
+      if (!action) return;
+      if (action === 'forget') {
+        try { localStorage.removeItem(KEY); } catch (err) { /* storage off */ }
+        input.value = '';
+        msg.textContent = 'Token forgotten.';
+        return;
+      }
+      var token = input.value.trim();
+      if (!token) { msg.textContent = 'Paste the admin token first.'; return; }
+      try { localStorage.setItem(KEY, token); } catch (err) { /* storage off */ }
+      msg.textContent = action === 'rebuild' ? 'Asking for a rebuild…' : 'Cancelling…';
+      fetch('/api/builds/' + encodeURIComponent(id) + '/' + action, {
+        method: 'POST',
+        headers: { 'Authorization': 'Bearer ' + token }
+      }).then(function (r) {
+        return r.json().catch(function () { return {}; }).then(function (j) {
+          if (!r.ok) { msg.textContent = 'Refused (' + r.status + '): ' + (j.error || r.statusText); return; }
+          if (action === 'rebuild' && j.id) {
+            msg.textContent = 'Rebuild queued as build ' + j.id + '.';
+            window.location.href = '/builds/' + encodeURIComponent(j.id);
+          } else {
+            msg.textContent = j.message || 'Done.';
+          }
+        });
+      }, function (err) { msg.textContent = 'Request failed: ' + err; });
+    });
+  }
+})();

@@ -1,0 +1,549 @@
+//! stage0 and buildlet releases end to end, with real processes: a `farmer
+//! serve` coordinator, `farmer buildlet publish`, and `farmer stage0`
+//! (the same code as the `stage0` binary) downloading, verifying and running
+//! published buildlets that register over TLS and run builds.
+//!
+//! The published "buildlets" are copies of the `farmer` test binary (which
+//! runs as a buildlet when saved as `buildlet`, as stage0 does) with a few
+//! bytes appended, so each version has its own SHA-256 and really runs.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use common::{Coordinator, FARMER, TestRepo, config};
+
+/// Output lines of a child, collected in the background.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<String>>>);
+
+impl Log {
+    fn push(&self, l: String) {
+        self.0.lock().unwrap().push(l);
+    }
+    fn all(&self) -> String {
+        self.0.lock().unwrap().join("\n")
+    }
+    fn wait_for(&self, needle: &str, limit: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.all().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+/// The machine that ran a build's (only) attempt.
+fn build_machine(c: &Coordinator, id: &serde_json::Value) -> String {
+    let d = c.get(&format!("/api/builds/{id}"));
+    d["attempts"][0]["machine"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+const BUILDER: &str = r#"
+[builders.linux-test]
+host = "host-test-trusted"
+repos = ["r"]
+timeout = "2m"
+[[builders.linux-test.steps]]
+name = "test"
+command = ["sh", "test.sh"]
+timeout = "1m"
+"#;
+
+fn platform() -> stage0::Platform {
+    stage0::Platform::current()
+}
+
+/// A copy of the farmer binary (without debug info when objcopy is there,
+/// to keep the copies small) with `tag` appended: a distinct, runnable
+/// buildlet binary.
+fn buildlet_binary(dir: &Path, tag: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let base = dir.join("farmer-base");
+    if !base.exists() {
+        let stripped = Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(FARMER)
+            .arg(&base)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !stripped {
+            std::fs::copy(FARMER, &base).unwrap();
+        }
+    }
+    let out = dir.join(format!("buildlet-{tag}"));
+    let mut data = std::fs::read(&base).unwrap();
+    data.extend_from_slice(format!("\nrelease {tag}\n").as_bytes());
+    std::fs::write(&out, data).unwrap();
+    out
+}
+
+/// `farmer buildlet publish`; returns its stdout.
+fn publish(c: &Coordinator, file: &Path, version: &str) -> String {
+    let p = platform();
+    let out = Command::new(FARMER)
+        .args(["buildlet", "publish", "--os", &p.os, "--arch", &p.arch])
+        .arg(file)
+        .arg("--data-dir")
+        .arg(&c.data_dir)
+        .args(["--version", version])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "publish failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn release_key(c: &Coordinator) -> String {
+    std::fs::read_to_string(c.data_dir.join("release").join("release.pub"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// A `farmer stage0 -loop` process for one machine.
+struct Stage0 {
+    child: Child,
+    log: Log,
+    dir: PathBuf,
+}
+
+impl Stage0 {
+    fn start(
+        addr: &str,
+        pin: &str,
+        key: &str,
+        builder_key: &str,
+        dir: &Path,
+        hostname: &str,
+        extra: &[&str],
+    ) -> Stage0 {
+        std::fs::create_dir_all(dir).unwrap();
+        let kf = dir.join("builder.key");
+        std::fs::write(&kf, builder_key).unwrap();
+        let mut child = Command::new(FARMER)
+            .arg("stage0")
+            .arg(format!("-coordinator={addr}"))
+            .arg(format!("-tls-pin={pin}"))
+            .arg(format!("-release-key={key}"))
+            .arg(format!("-dir={}", dir.join("stage0").display()))
+            .arg("-reverse-type=host-test-trusted")
+            .arg(format!("-hostname={hostname}"))
+            .arg(format!("-workdir={}", dir.join("wd").display()))
+            .arg(format!("-key-file={}", kf.display()))
+            .arg("-loop")
+            .args(extra)
+            .env("HOME", dir)
+            .env("STAGE0_LOG", "info")
+            .env("BUILDLET_LOG", "info")
+            .env_remove("GO_BUILDER_ENV")
+            .env_remove("FARMER_STAGE0_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Log::default();
+        for r in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(r).lines() {
+                    let Ok(line) = line else { break };
+                    log.push(line);
+                }
+            });
+        }
+        Stage0 {
+            child,
+            log,
+            dir: dir.join("stage0"),
+        }
+    }
+
+    fn for_coordinator(c: &Coordinator, dir: &Path, hostname: &str) -> Stage0 {
+        Stage0::start(
+            &c.addr,
+            &c.fingerprint,
+            &release_key(c),
+            &c.key("host-test-trusted"),
+            dir,
+            hostname,
+            &[],
+        )
+    }
+
+    fn installed_version(&self) -> String {
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.dir.join("buildlet.json")).unwrap())
+                .unwrap();
+        m["version"].as_str().unwrap().to_string()
+    }
+
+    fn expect(&self, needle: &str, limit: Duration) {
+        assert!(
+            self.log.wait_for(needle, limit),
+            "stage0 log has no {needle:?}:\n{}",
+            self.log.all()
+        );
+    }
+}
+
+impl Drop for Stage0 {
+    fn drop(&mut self) {
+        // SIGTERM first: stage0 passes it on, so no buildlet is left behind.
+        #[cfg(unix)]
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The connected machine `hostname` from `/api/machines`.
+fn machine(c: &Coordinator, hostname: &str) -> Option<serde_json::Value> {
+    c.get("/api/machines")["connected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["hostname"] == hostname)
+        .cloned()
+}
+
+/// Waits until `hostname` is connected running release `version`.
+fn wait_on_release(
+    c: &Coordinator,
+    hostname: &str,
+    version: &str,
+    limit: Duration,
+) -> serde_json::Value {
+    c.wait(&format!("{hostname} connected on {version}"), limit, |c| {
+        machine(c, hostname).filter(|m| m["binary"]["release"] == version)
+    })
+}
+
+fn setup() -> (tempfile::TempDir, TestRepo, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = TestRepo::new(&dir.path().join("repo"));
+    let cfg = dir.path().join("farm.toml");
+    std::fs::write(&cfg, config(&repo.path, BUILDER)).unwrap();
+    (dir, repo, cfg)
+}
+
+#[test]
+fn stage0_downloads_verifies_registers_and_builds() {
+    let (dir, mut repo, cfg) = setup();
+    let commit = repo.commit("one", &[("test.sh", "echo tests pass\n")]);
+    let c = Coordinator::start(&dir.path().join("data"), &cfg);
+    // Nothing published yet: the endpoints say what to do.
+    let p = platform();
+    let none = c.get_text(&format!("/stage0/manifest?os={}&arch={}", p.os, p.arch));
+    assert!(none.contains("farmer buildlet publish"), "{none}");
+
+    let v1 = buildlet_binary(&dir.path().join("bin"), "v1");
+    let out = publish(&c, &v1, "v1");
+    assert!(out.contains("published buildlet v1"), "{out}");
+    let key = release_key(&c);
+    assert!(out.contains(&format!("-release-key={key}")), "{out}");
+    assert_eq!(c.get_text("/stage0/release-key").trim(), key);
+    // Publishing the same thing again changes nothing.
+    assert!(publish(&c, &v1, "v1").contains("already the current release"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(c.data_dir.join("release").join("release.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    let s = Stage0::for_coordinator(&c, &dir.path().join("m1"), "s0-1");
+    let m = wait_on_release(&c, "s0-1", "v1", Duration::from_secs(60));
+    assert_eq!(m["binary"]["status"], "current", "{m}");
+    assert_eq!(m["binary"]["stage0"], true, "{m}");
+    assert_eq!(m["binary"]["platform"], p.to_string(), "{m}");
+    s.expect(
+        "downloaded and verified buildlet v1",
+        Duration::from_secs(5),
+    );
+    assert_eq!(s.installed_version(), "v1");
+
+    let builds = c.wait_builds_done(1, Duration::from_secs(60));
+    assert_eq!(builds[0]["status"], "passed", "{builds:?}");
+    assert_eq!(builds[0]["commit"], commit.as_str());
+    assert_eq!(build_machine(&c, &builds[0]["id"]), "s0-1");
+
+    let st = c.get("/api/status");
+    assert_eq!(st["buildlets"]["current"], 1, "{st}");
+    assert_eq!(st["buildlets"]["outdated"], 0, "{st}");
+    assert_eq!(st["buildlets"]["releases"][0]["version"], "v1", "{st}");
+    assert_eq!(st["buildlets"]["release_key"], key.as_str());
+}
+
+#[test]
+fn a_new_release_moves_the_fleet_without_losing_a_build() {
+    let (dir, mut repo, cfg) = setup();
+    let c = Coordinator::start(&dir.path().join("data"), &cfg);
+    let bin = dir.path().join("bin");
+    publish(&c, &buildlet_binary(&bin, "v1"), "v1");
+    let _a = Stage0::for_coordinator(&c, &dir.path().join("a"), "s0-a");
+    let _b = Stage0::for_coordinator(&c, &dir.path().join("b"), "s0-b");
+    wait_on_release(&c, "s0-a", "v1", Duration::from_secs(60));
+    wait_on_release(&c, "s0-b", "v1", Duration::from_secs(60));
+
+    // One machine is busy with a slow build when v2 is published.
+    repo.commit("slow", &[("test.sh", "echo start; sleep 15; echo done\n")]);
+    let busy = c.wait("a running build", Duration::from_secs(30), |c| {
+        let st = c.get("/api/status");
+        st["running"]
+            .as_array()
+            .unwrap()
+            .first()
+            .map(|r| r["machine"].as_str().unwrap().to_string())
+            .filter(|m| !m.is_empty())
+    });
+    let idle = if busy == "s0-a" { "s0-b" } else { "s0-a" };
+    let out = publish(&c, &buildlet_binary(&bin, "v2"), "v2");
+    assert!(out.contains("published buildlet v2"), "{out}");
+
+    // The idle machine comes back on v2 while the other still builds on v1.
+    wait_on_release(&c, idle, "v2", Duration::from_secs(60));
+    let m = machine(&c, &busy).expect("the busy machine stays connected during its build");
+    assert_eq!(m["binary"]["release"], "v1", "{m}");
+    let st = c.get("/api/status");
+    assert!(st["buildlets"]["outdated"].as_u64().unwrap() >= 1, "{st}");
+
+    // More work while the busy machine drains: it takes none of it.
+    let commits: Vec<String> = (0..3)
+        .map(|i| {
+            repo.commit(
+                &format!("more {i}"),
+                &[("test.sh", &format!("echo quick {i}\n"))],
+            )
+        })
+        .collect();
+    wait_on_release(&c, &busy, "v2", Duration::from_secs(90));
+    let builds = c.wait_builds_done(4, Duration::from_secs(120));
+    for b in &builds {
+        assert_eq!(b["status"], "passed", "{b}");
+        assert_eq!(b["attempts"], 1, "a build was retried or lost: {b}");
+    }
+    assert_eq!(builds.len(), 1 + commits.len());
+
+    let st = c.get("/api/status");
+    assert_eq!(st["buildlets"]["current"], 2, "{st}");
+    assert_eq!(st["buildlets"]["outdated"], 0, "{st}");
+    assert!(
+        c.err.all().contains("asking an outdated machine to halt"),
+        "{}",
+        c.err.all()
+    );
+}
+
+#[test]
+fn a_tampered_binary_or_bad_signature_is_refused_and_the_last_good_one_runs() {
+    let (dir, mut repo, cfg) = setup();
+    let c = Coordinator::start(&dir.path().join("data"), &cfg);
+    let bin = dir.path().join("bin");
+    publish(&c, &buildlet_binary(&bin, "v1"), "v1");
+    let s = Stage0::for_coordinator(&c, &dir.path().join("m"), "s0-t");
+    wait_on_release(&c, "s0-t", "v1", Duration::from_secs(60));
+
+    // v2's stored binary is changed after it was signed.
+    let v2 = buildlet_binary(&bin, "v2");
+    let (sha2, _) = stage0::manifest::sha256_file(&v2).unwrap();
+    publish(&c, &v2, "v2");
+    let blob = c.data_dir.join("artifacts/stage0/blobs").join(&sha2);
+    let mut data = std::fs::read(&blob).unwrap();
+    let n = data.len();
+    data[n - 2] ^= 0xff;
+    std::fs::write(&blob, data).unwrap();
+
+    s.expect("but the signed manifest says", Duration::from_secs(60));
+    s.expect("keeping the last good buildlet v1", Duration::from_secs(10));
+    let m = c.wait("s0-t back on v1, stuck", Duration::from_secs(60), |c| {
+        machine(c, "s0-t").filter(|m| m["binary"]["status"] == "stuck")
+    });
+    assert_eq!(m["binary"]["release"], "v1", "{m}");
+    assert!(
+        m["binary"]["note"]
+            .as_str()
+            .unwrap()
+            .contains("could not download or verify"),
+        "{m}"
+    );
+    assert_eq!(s.installed_version(), "v1");
+    // It is asked once, not halted in a loop, and still builds.
+    repo.commit("one", &[("test.sh", "echo ok\n")]);
+    let builds = c.wait_builds_done(1, Duration::from_secs(60));
+    assert_eq!(builds[0]["status"], "passed", "{builds:?}");
+    assert_eq!(build_machine(&c, &builds[0]["id"]), "s0-t");
+
+    // v3's manifest signature is broken in the index.
+    publish(&c, &buildlet_binary(&bin, "v3"), "v3");
+    let index_path = c.data_dir.join("artifacts/stage0/index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let p = platform().to_string();
+    let sig = index["current"][&p]["signature"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let flipped = if sig.starts_with('0') { "1" } else { "0" };
+    index["current"][&p]["signature"] = format!("{flipped}{}", &sig[1..]).into();
+    std::fs::write(&index_path, serde_json::to_vec_pretty(&index).unwrap()).unwrap();
+
+    s.expect(
+        "does not verify against the release key",
+        Duration::from_secs(60),
+    );
+    c.wait("s0-t back on v1 again", Duration::from_secs(60), |c| {
+        machine(c, "s0-t").filter(|m| {
+            m["binary"]["status"] == "stuck" && m["binary"]["note"].as_str().unwrap().contains("v3")
+        })
+    });
+    assert_eq!(s.installed_version(), "v1");
+    let st = c.get("/api/status");
+    assert_eq!(st["buildlets"]["outdated"], 1, "{st}");
+    assert_eq!(
+        st["buildlets"]["outdated_machines"][0]["hostname"], "s0-t",
+        "{st}"
+    );
+}
+
+#[test]
+fn stage0_waits_for_a_coordinator_that_is_down_at_start() {
+    let (dir, mut repo, cfg) = setup();
+    repo.commit("one", &[("test.sh", "echo ok\n")]);
+    let data = dir.path().join("data");
+    // A first start creates the TLS certificate and the builder keys; the
+    // release is published while the coordinator is down.
+    let mut c = Coordinator::start(&data, &cfg);
+    let (addr, pin, bkey) = (
+        c.addr.clone(),
+        c.fingerprint.clone(),
+        c.key("host-test-trusted"),
+    );
+    c.kill();
+    drop(c);
+    let p = platform();
+    let out = Command::new(FARMER)
+        .args(["buildlet", "publish", "--os", &p.os, "--arch", &p.arch])
+        .arg(buildlet_binary(&dir.path().join("bin"), "v1"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--version", "v1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = std::fs::read_to_string(data.join("release/release.pub")).unwrap();
+
+    let s = Stage0::start(
+        &addr,
+        &pin,
+        key.trim(),
+        &bkey,
+        &dir.path().join("m"),
+        "s0-late",
+        &["-network-wait=3s"],
+    );
+    s.expect("waiting for the network", Duration::from_secs(10));
+    s.expect("gave up waiting for the network", Duration::from_secs(15));
+    s.expect(
+        "no verified buildlet to fall back to",
+        Duration::from_secs(30),
+    );
+    s.expect("trying again in", Duration::from_secs(10));
+
+    let c = Coordinator::start_on(&data, &cfg, &addr);
+    wait_on_release(&c, "s0-late", "v1", Duration::from_secs(90));
+    let builds = c.wait_builds_done(1, Duration::from_secs(60));
+    assert_eq!(builds[0]["status"], "passed", "{builds:?}");
+}
+
+#[test]
+fn min_buildlet_version_is_coherent_with_releases() {
+    let (dir, _repo, cfg) = setup();
+    let c = Coordinator::start(&dir.path().join("data"), &cfg);
+    let bin = dir.path().join("bin");
+    publish(&c, &buildlet_binary(&bin, "v1"), "v1");
+
+    // The farm now needs a newer protocol than any published buildlet speaks.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replacen("[farm]\n", "[farm]\nmin_buildlet_version = 2\n", 1),
+    )
+    .unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &c.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let warning = c.wait("a release warning", Duration::from_secs(20), |c| {
+        c.get("/api/status")["buildlets"]["warnings"][0]
+            .as_str()
+            .map(str::to_string)
+    });
+    assert!(warning.contains("min_buildlet_version = 2"), "{warning}");
+
+    // Publishing a buildlet below the minimum is refused.
+    let p = platform();
+    let out = Command::new(FARMER)
+        .args(["buildlet", "publish", "--os", &p.os, "--arch", &p.arch])
+        .arg(buildlet_binary(&bin, "v2"))
+        .arg("--data-dir")
+        .arg(&c.data_dir)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("below the farm's min_buildlet_version = 2"),
+        "{err}"
+    );
+
+    // A machine under stage0 refused as too old exits, so its stage0 looks
+    // for a newer release instead of retrying forever with the old binary.
+    let s = Stage0::for_coordinator(&c, &dir.path().join("m"), "s0-old");
+    s.expect("is too old", Duration::from_secs(60));
+    s.expect(
+        "exiting so stage0 can fetch the current buildlet",
+        Duration::from_secs(10),
+    );
+    s.expect("checking for a new version", Duration::from_secs(10));
+    assert!(machine(&c, "s0-old").is_none());
+}

@@ -143,7 +143,7 @@ where
             return 1;
         }
     };
-    let code = rt.block_on(async {
+    rt.block_on(async {
         let mut backoff = Duration::from_secs(5);
         loop {
             let r = tokend::run_once(&opts).await;
@@ -179,6 +179,5 @@ where
             }
             tokio::time::sleep(sleep).await;
         }
-    });
-    code
+    })
 }

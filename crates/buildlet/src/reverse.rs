@@ -26,19 +26,7 @@ use tokio::net::TcpStream;
 use crate::proto;
 use crate::server::Buildlet;
 
-/// How the buildlet authenticates the coordinator's TLS certificate.
-#[derive(Debug, Clone)]
-pub enum Tls {
-    /// No TLS. Only for loopback tests and demos; the coordinator must allow it too.
-    Plaintext,
-    /// Accept exactly the certificate with this SHA-256 (of its DER), as
-    /// printed by the coordinator on start. Suits self-signed coordinators.
-    Pinned([u8; 32]),
-    /// Verify against the CA certificates in this PEM file.
-    CaFile(PathBuf),
-    /// Verify against the public web PKI roots.
-    WebPki,
-}
+pub use farmtls::{Tls, parse_pin};
 
 /// Where and as whom to register.
 #[derive(Debug, Clone)]
@@ -123,20 +111,6 @@ fn home_dir() -> Option<PathBuf> {
         .or_else(|| std::env::var_os("USERPROFILE"))
         .filter(|h| !h.is_empty())
         .map(PathBuf::from)
-}
-
-/// Parses a hex SHA-256 pin (colons allowed, as in `openssl x509 -fingerprint`).
-pub fn parse_pin(s: &str) -> Option<[u8; 32]> {
-    let hex: String = s.chars().filter(|c| *c != ':').collect();
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
-        let s = std::str::from_utf8(chunk).ok()?;
-        out[i] = u8::from_str_radix(s, 16).ok()?;
-    }
-    Some(out)
 }
 
 /// Registers with the coordinator and serves it until `/halt`, reconnecting
@@ -255,117 +229,10 @@ fn tls_connector(tls: &Tls) -> Result<Option<tokio_rustls::TlsConnector>, Revers
 /// The TLS client configuration for talking to the coordinator (`None` for
 /// plaintext); other farm tools (the token daemon) reuse it.
 pub fn client_config(tls: &Tls) -> Result<Option<Arc<rustls::ClientConfig>>, ReverseError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ReverseError::Config(e.to_string()))?;
-    let config = match tls {
-        Tls::Plaintext => return Ok(None),
-        Tls::Pinned(pin) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinVerifier {
-                pin: *pin,
-                provider,
-            }))
-            .with_no_client_auth(),
-        Tls::CaFile(path) => {
-            use rustls::pki_types::{CertificateDer, pem::PemObject};
-            let mut roots = rustls::RootCertStore::empty();
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| ReverseError::Config(format!("CA file {}: {e}", path.display())))?;
-            for c in certs {
-                let c = c.map_err(|e| {
-                    ReverseError::Config(format!("CA file {}: {e}", path.display()))
-                })?;
-                roots.add(c).map_err(|e| {
-                    ReverseError::Config(format!("CA file {}: {e}", path.display()))
-                })?;
-            }
-            if roots.is_empty() {
-                return Err(ReverseError::Config(format!(
-                    "CA file {} holds no certificate",
-                    path.display()
-                )));
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
-        Tls::WebPki => {
-            let roots =
-                rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
-    };
-    Ok(Some(Arc::new(config)))
+    farmtls::client_config(tls).map_err(|e| ReverseError::Config(e.to_string()))
 }
 
-/// Accepts exactly one certificate, by the SHA-256 of its DER encoding.
-#[derive(Debug)]
-struct PinVerifier {
-    pin: [u8; 32],
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl rustls::client::danger::ServerCertVerifier for PinVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        use sha2::Digest;
-        let got: [u8; 32] = sha2::Sha256::digest(end_entity.as_ref()).into();
-        if bool::from(subtle::ConstantTimeEq::ct_eq(&got[..], &self.pin[..])) {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(
-                "the coordinator's certificate does not match the pinned SHA-256 (-tls-pin)".into(),
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-fn host_part(addr: &str) -> &str {
-    if let Some(rest) = addr.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
-}
+use farmtls::host_part;
 
 /// One connection: dial, register, serve until the link drops. Returns how
 /// long the buildlet was registered.
@@ -483,23 +350,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pins() {
-        let hex = "ab".repeat(32);
-        assert_eq!(parse_pin(&hex), Some([0xab; 32]));
-        let colons = vec!["AB"; 32].join(":");
-        assert_eq!(parse_pin(&colons), Some([0xab; 32]));
-        assert_eq!(parse_pin("abc"), None);
-        assert_eq!(parse_pin(&"zz".repeat(32)), None);
-    }
-
-    #[test]
-    fn host_parts() {
-        assert_eq!(host_part("farm.example:443"), "farm.example");
-        assert_eq!(host_part("[::1]:8080"), "::1");
-        assert_eq!(host_part("127.0.0.1:1"), "127.0.0.1");
-    }
 
     #[test]
     fn jitter_is_within_bounds() {

@@ -142,7 +142,7 @@ async fn call(
     )
     .await
     .with_context(|| format!("{url}: no answer within 30s"))?
-    .with_context(|| format!("{url}"))?;
+    .with_context(|| url.clone())?;
     let status = resp.status();
     let bytes = resp.into_body().collect().await?.to_bytes();
     let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::String(

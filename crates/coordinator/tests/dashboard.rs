@@ -161,7 +161,10 @@ fn sse(url: &str, headers: &[(&str, &str)], limit: Duration) -> mpsc::Receiver<S
                         let line: String = buf.drain(..=nl).collect();
                         let line = line.trim_end_matches(['\n', '\r']);
                         if line.is_empty() {
-                            if !cur.event.is_empty() || !cur.data.is_empty() {
+                            // As browsers do: an event without data is not one.
+                            if cur.data.is_empty() {
+                                cur = Sse::default();
+                            } else {
                                 cur.at = Some(Instant::now());
                                 if tx.send(std::mem::take(&mut cur)).is_err() {
                                     return;

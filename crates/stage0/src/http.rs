@@ -2,10 +2,9 @@
 //! per request (stage0 makes a handful), TLS verified by a pinned
 //! certificate, a CA file or the web PKI, with timeouts on every step.
 //!
-//! The pin verifier mirrors the buildlet's (`buildlet::reverse`): stage0
-//! does not depend on the buildlet crate, to stay small.
+//! Certificate checks (pin, CA file, web PKI) come from the `farmtls` crate,
+//! shared with the buildlet; stage0 does not depend on the buildlet crate.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,18 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-/// How the coordinator's certificate is checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Tls {
-    /// No TLS (loopback tests and demos only).
-    Plaintext,
-    /// Exactly the certificate with this SHA-256 of its DER (`-tls-pin`).
-    Pinned([u8; 32]),
-    /// The CA certificates in this PEM file (`-ca-file`).
-    CaFile(PathBuf),
-    /// The public web PKI roots.
-    WebPki,
-}
+pub use farmtls::Tls;
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -154,115 +142,15 @@ pub fn with_port(addr: &str) -> String {
     }
 }
 
-fn host_part(addr: &str) -> &str {
-    if let Some(rest) = addr.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
-}
+use farmtls::host_part;
 
 /// Parses a hex SHA-256 pin (colons allowed).
 pub fn parse_pin(s: &str) -> Option<[u8; 32]> {
-    let hex: String = s.chars().filter(|c| *c != ':').collect();
-    crate::manifest::unhex(&hex)?.try_into().ok()
+    farmtls::parse_pin(s)
 }
 
 fn client_config(tls: &Tls) -> Result<Option<Arc<rustls::ClientConfig>>, HttpError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| HttpError::Config(e.to_string()))?;
-    let config = match tls {
-        Tls::Plaintext => return Ok(None),
-        Tls::Pinned(pin) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinVerifier {
-                pin: *pin,
-                provider,
-            }))
-            .with_no_client_auth(),
-        Tls::CaFile(path) => {
-            use rustls::pki_types::{CertificateDer, pem::PemObject};
-            let err = |e: String| HttpError::Config(format!("CA file {}: {e}", path.display()));
-            let mut roots = rustls::RootCertStore::empty();
-            for c in CertificateDer::pem_file_iter(path).map_err(|e| err(e.to_string()))? {
-                roots
-                    .add(c.map_err(|e| err(e.to_string()))?)
-                    .map_err(|e| err(e.to_string()))?;
-            }
-            if roots.is_empty() {
-                return Err(err("holds no certificate".into()));
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
-        Tls::WebPki => {
-            let roots =
-                rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
-    };
-    Ok(Some(Arc::new(config)))
-}
-
-#[derive(Debug)]
-struct PinVerifier {
-    pin: [u8; 32],
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl rustls::client::danger::ServerCertVerifier for PinVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        use sha2::Digest;
-        let got: [u8; 32] = sha2::Sha256::digest(end_entity.as_ref()).into();
-        if bool::from(subtle::ConstantTimeEq::ct_eq(&got[..], &self.pin[..])) {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(
-                "the coordinator's certificate does not match the pinned SHA-256 (-tls-pin)".into(),
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    farmtls::client_config(tls).map_err(|e| HttpError::Config(e.to_string()))
 }
 
 #[cfg(test)]

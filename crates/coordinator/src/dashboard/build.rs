@@ -318,12 +318,12 @@ pub async fn events(
             match farm.store.build(id).await {
                 Ok(Some(b)) if b.status.is_terminal() => {
                     send_summary(&farm, id, &tx, &mut summary).await;
-                    let _ = tx.send(Event::default().event("end").data("")).await;
+                    let _ = tx.send(Event::default().event("end").data("done")).await;
                     return;
                 }
                 Ok(Some(_)) => {}
                 _ => {
-                    let _ = tx.send(Event::default().event("end").data("")).await;
+                    let _ = tx.send(Event::default().event("end").data("done")).await;
                     return;
                 }
             }
@@ -392,7 +392,7 @@ pub async fn events(
         }
         // The log ends after the final status is stored.
         send_summary(&farm, id, &tx, &mut summary).await;
-        let _ = tx.send(Event::default().event("end").data("")).await;
+        let _ = tx.send(Event::default().event("end").data("done")).await;
     })
 }
 

@@ -1,0 +1,367 @@
+//! The dashboard in a real browser: `farmer up` (the demo farm: three local
+//! buildlets, the sample repository) driven with headless Chromium over the
+//! DevTools protocol, all on loopback.
+//!
+//! Checks: the grid shows the demo's green and red cells; a running
+//! build's log page gains lines without a reload, and the grid turns its
+//! cell from running to passed in place; the status page lists the
+//! connected machines. Every page is kept as a screenshot at desktop and
+//! phone widths under `test-artifacts/dashboard/` (gitignored).
+
+mod cdp;
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// A `farmer up` process (in its own process group, with its buildlets).
+struct Up {
+    child: Child,
+    addr: String,
+    data_dir: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Up {
+    fn start(data_dir: &Path) -> Up {
+        let mut child = Command::new(common::FARMER)
+            .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("FARMER_LOG", "info,sqlx=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(a) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(a.trim().to_string());
+                }
+                l.lock().unwrap().push(line);
+            }
+        });
+        let err = child.stderr.take().unwrap();
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                l.lock().unwrap().push(line);
+            }
+        });
+        let mut up = Up {
+            child,
+            addr: String::new(),
+            data_dir: data_dir.to_path_buf(),
+            log,
+        };
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(a) => up.addr = a,
+            Err(_) => panic!("farmer up did not start:\n{}", up.log()),
+        }
+        up
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn get(&self, path: &str) -> Value {
+        let body = common::http_get(&self.url(path));
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+    }
+
+    fn token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    fn wait<T>(&self, what: &str, limit: Duration, mut f: impl FnMut(&Up) -> Option<T>) -> T {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(v) = f(self) {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("timed out waiting for {what}; farmer says:\n{}", self.log());
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        // Stop cleanly (the local buildlets too), then make sure.
+        let pid = self.child.id() as i32;
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn artifacts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../test-artifacts/dashboard")
+}
+
+/// Screenshots of the current page at desktop and phone widths.
+fn shoot(tab: &cdp::Tab, name: &str) {
+    let dir = artifacts();
+    tab.viewport(390, 844, 2.0, true);
+    std::thread::sleep(Duration::from_millis(300));
+    tab.screenshot(&dir.join(format!("{name}-phone.png")));
+    tab.viewport(1280, 900, 1.0, false);
+    std::thread::sleep(Duration::from_millis(300));
+    tab.screenshot(&dir.join(format!("{name}-desktop.png")));
+}
+
+const SLOW_BUILDER: &str = r#"
+# Added by the browser test: a build that prints a line every 250 ms.
+[builders.linux-amd64-slow]
+host = "host-linux-amd64-local"
+repos = ["sample"]
+timeout = "5m"
+notes = "Prints a line every 250 ms (browser test)."
+[[builders.linux-amd64-slow.steps]]
+name = "count"
+run = "for i in $(seq 1 48); do echo \"slow line $i\"; sleep 0.25; done"
+"#;
+
+#[test]
+fn grid_live_log_and_status_in_headless_chromium() {
+    let chromium = cdp::chromium();
+    eprintln!("browser: {}", chromium.display());
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start(&dir.path().join("farm"));
+
+    // The demo builds 4 commits on 3 builders: 8 pass, 4 fail.
+    let builds = up.wait("the demo builds", Duration::from_secs(120), |up| {
+        let v = up.get("/api/builds?limit=100");
+        let v = v.as_array().unwrap().clone();
+        (v.len() == 12
+            && v.iter()
+                .all(|b| matches!(b["status"].as_str(), Some("passed" | "failed"))))
+        .then_some(v)
+    });
+    let passed = builds.iter().filter(|b| b["status"] == "passed").count();
+    assert_eq!((passed, builds.len() - passed), (8, 4), "{builds:#?}");
+
+    let browser = cdp::Browser::launch();
+    let tab = browser.tab();
+    tab.viewport(1280, 900, 1.0, false);
+
+    // The grid: green and red cells where the demo put them.
+    tab.goto(&up.url("/"));
+    tab.wait_for(
+        "four commit rows",
+        "document.querySelectorAll('table.grid tbody tr').length === 4",
+        Duration::from_secs(10),
+    );
+    let cells = tab.eval(
+        "[...document.querySelectorAll('table.grid tbody tr')].map(r => [...r.querySelectorAll('td.ok, td.fail')].map(td => td.className))",
+    );
+    assert_eq!(
+        cells,
+        json!([
+            ["ok", "ok", "fail"],
+            ["fail", "fail", "fail"],
+            ["ok", "ok", "ok"],
+            ["ok", "ok", "ok"]
+        ]),
+        "rows newest first; columns linux/amd64 (2), linux/arm64"
+    );
+    // Green is green and red is red, as the browser paints them.
+    let colors = tab.eval(
+        "['td.ok', 'td.fail'].map(s => getComputedStyle(document.querySelector(s)).backgroundColor.match(/\\d+/g).map(Number))",
+    );
+    let (ok, fail) = (&colors[0], &colors[1]);
+    assert!(
+        ok[1].as_u64() > ok[0].as_u64(),
+        "passed cells are not green: {colors}"
+    );
+    assert!(
+        fail[0].as_u64() > fail[1].as_u64(),
+        "failed cells are not red: {colors}"
+    );
+    let heads = tab.eval("[...document.querySelectorAll('table.grid thead tr.os th:not(.lead), table.grid thead tr.arch th')].map(th => th.textContent + ':' + th.colSpan)");
+    assert_eq!(heads, json!(["linux:3", "amd64:2", "arm64:1"]));
+    shoot(&tab, "grid");
+    tab.goto(&up.url("/?failures=1"));
+    assert_eq!(
+        tab.eval("document.querySelectorAll('table.grid tbody tr').length"),
+        json!(2)
+    );
+
+    // The status page lists the connected machines.
+    let machines: Vec<String> = up.get("/api/machines")["connected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["hostname"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(machines.len(), 3, "{machines:?}");
+    tab.goto(&up.url("/status"));
+    let listed =
+        tab.eval("[...document.querySelectorAll('#machines a.hostname')].map(a => a.textContent)");
+    let mut listed: Vec<String> = serde_json::from_value(listed).unwrap();
+    listed.sort();
+    let mut want = machines.clone();
+    want.sort();
+    assert_eq!(listed, want);
+    let text = tab.eval("document.body.innerText").to_string();
+    assert!(
+        text.contains("All host types have their expected machines"),
+        "{text}"
+    );
+    assert!(text.contains("3 connected / 3 expected"), "{text}");
+    // It refreshes itself: the uptime changes without a reload.
+    tab.eval("window.farmerMarker = 'status'");
+    let before = tab.eval("document.querySelector('#status-live dd').textContent");
+    tab.wait_for(
+        "the status page to refresh",
+        &format!(
+            "document.querySelector('#status-live dd').textContent !== {before} && window.farmerMarker === 'status'"
+        ),
+        Duration::from_secs(10),
+    );
+    shoot(&tab, "status");
+
+    // Builders, a finished failed build, a machine and a host type.
+    tab.goto(&up.url("/builders"));
+    assert_eq!(
+        tab.eval("document.querySelectorAll('#build-configs tbody tr').length"),
+        json!(3)
+    );
+    shoot(&tab, "builders");
+    let failed = builds
+        .iter()
+        .find(|b| b["status"] == "failed" && b["builder"] == "linux-arm64-sim")
+        .unwrap()["id"]
+        .clone();
+    tab.goto(&up.url(&format!("/builds/{failed}")));
+    let log =
+        tab.eval("[...document.querySelectorAll('pre.log')].map(p => p.textContent).join('')");
+    assert!(log.as_str().unwrap().contains("FAIL"), "{log}");
+    shoot(&tab, "build-failed");
+    tab.goto(&up.url(&format!("/machines/{}", machines[0])));
+    tab.wait_for(
+        "recent builds",
+        "document.querySelectorAll('table.list tbody tr').length > 0",
+        Duration::from_secs(5),
+    );
+    shoot(&tab, "machine");
+    tab.goto(&up.url("/hosts/host-linux-amd64-local"));
+    shoot(&tab, "host");
+
+    // A running build: add a slow builder (config reload on SIGHUP), start
+    // it, and watch its log page and the grid in two tabs.
+    let cfg = up.data_dir.join("farmer.toml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(SLOW_BUILDER);
+    std::fs::write(&cfg, text).unwrap();
+    unsafe {
+        libc::kill(up.child.id() as i32, libc::SIGHUP);
+    }
+    up.wait("the slow builder", Duration::from_secs(10), |up| {
+        up.get("/api/builders")
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["name"] == "linux-amd64-slow")
+            .then_some(())
+    });
+    let grid_tab = browser.tab();
+    grid_tab.viewport(1280, 900, 1.0, false);
+    grid_tab.goto(&up.url("/"));
+    grid_tab.eval("window.farmerMarker = 'grid'");
+    let (code, created) = common::http_post(
+        &up.url("/api/builds"),
+        r#"{"builder": "linux-amd64-slow", "commit": "main"}"#,
+        Some(&up.token()),
+    );
+    assert_eq!(code, 201, "{created}");
+    let id = created["id"].as_i64().unwrap();
+
+    tab.goto(&up.url(&format!("/builds/{id}")));
+    tab.eval("window.farmerMarker = 'log'");
+    let lines = "(document.getElementById('log') || {textContent: ''}).textContent.split('\\n').filter(l => l.startsWith('slow line')).length";
+    let start = Instant::now();
+    let mut seen: Vec<u64> = Vec::new();
+    while start.elapsed() < Duration::from_secs(30) {
+        let n = tab.eval(lines).as_u64().unwrap();
+        if seen.last() != Some(&n) {
+            seen.push(n);
+        }
+        if n >= 12 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        seen.len() >= 4 && seen.windows(2).all(|w| w[0] < w[1]) && *seen.last().unwrap() >= 12,
+        "the log should gain lines while the build runs; line counts seen: {seen:?}"
+    );
+    assert_eq!(
+        tab.eval("window.farmerMarker"),
+        json!("log"),
+        "the page was reloaded"
+    );
+    let status = tab.eval("document.getElementById('build-status').textContent");
+    assert_eq!(status, json!("running"));
+    shoot(&tab, "build-running");
+
+    // Meanwhile the grid shows the running build as a live link...
+    let newest_slow = "document.querySelector('table.grid tbody tr').cells[4 + [...document.querySelectorAll('table.grid tr.names th')].findIndex(th => th.textContent === 'linux-amd64-slow')]";
+    grid_tab.wait_for(
+        "the running cell",
+        &format!("{newest_slow}.className === 'run'"),
+        Duration::from_secs(15),
+    );
+    assert_eq!(
+        grid_tab.eval(&format!(
+            "{newest_slow}.querySelector('a').getAttribute('href')"
+        )),
+        json!(format!("/builds/{id}"))
+    );
+    shoot(&grid_tab, "grid-running");
+    // ... and turns it green when it passes, both without a reload.
+    grid_tab.wait_for(
+        "the cell to pass",
+        &format!("{newest_slow}.className === 'ok'"),
+        Duration::from_secs(30),
+    );
+    assert_eq!(grid_tab.eval("window.farmerMarker"), json!("grid"));
+    tab.wait_for(
+        "the log to end",
+        "document.getElementById('log').getAttribute('data-ended') === '1' && document.getElementById('build-status').textContent === 'passed'",
+        Duration::from_secs(15),
+    );
+    assert_eq!(tab.eval(lines), json!(48));
+    assert_eq!(tab.eval("window.farmerMarker"), json!("log"));
+}

@@ -364,4 +364,50 @@ fn grid_live_log_and_status_in_headless_chromium() {
     );
     assert_eq!(tab.eval(lines), json!(48));
     assert_eq!(tab.eval("window.farmerMarker"), json!("log"));
+
+    // An admin rebuilds the failed build from its page: a wrong token is
+    // refused with the API's reason; the right one is kept in the
+    // browser's local storage and leads to the new build's page.
+    tab.goto(&up.url(&format!("/builds/{failed}")));
+    let click = |token: &str| {
+        tab.eval(&format!(
+            "(() => {{ document.getElementById('admin').open = true; \
+             const i = document.getElementById('admin-token'); i.value = {}; \
+             i.dispatchEvent(new Event('change')); \
+             document.querySelector('#admin [data-action=rebuild]').click(); return true; }})()",
+            json!(token)
+        ));
+    };
+    click("not-the-token");
+    tab.wait_for(
+        "the refusal",
+        "document.getElementById('admin-msg').textContent.includes('Refused (403): wrong admin token')",
+        Duration::from_secs(10),
+    );
+    let token = up.token();
+    click(&token);
+    let rebuilt = tab.wait_for(
+        "the rebuild's page",
+        &format!(
+            "location.pathname !== '/builds/{failed}' && document.readyState === 'complete' && location.pathname"
+        ),
+        Duration::from_secs(15),
+    );
+    let new_id: i64 = rebuilt
+        .as_str()
+        .unwrap()
+        .trim_start_matches("/builds/")
+        .parse()
+        .unwrap();
+    let b = up.get(&format!("/api/builds/{new_id}"));
+    assert_eq!(b["build"]["builder"], "linux-arm64-sim", "{b}");
+    assert_eq!(
+        tab.eval("localStorage.getItem('farmer-admin-token')"),
+        json!(token)
+    );
+    assert_eq!(
+        tab.eval("document.getElementById('admin-token').value"),
+        json!(token),
+        "the token is filled in on the next page"
+    );
 }

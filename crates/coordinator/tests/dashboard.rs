@@ -279,6 +279,11 @@ fn pages_show_the_farm_and_escape_everything() {
         let v = v.as_array().unwrap().clone();
         (v.iter().filter(|b| b["status"] == "queued").count() >= 3).then_some(v)
     });
+    // The machine is cleaned after each build; wait until it is idle again.
+    c.wait("bot-1 to be idle", Duration::from_secs(30), |c| {
+        let m = c.get("/api/machines");
+        (m["connected"][0]["state"] == "idle").then_some(())
+    });
     let good_id = build_id(&builds, "linux-test", &good);
     let bad_id = build_id(&builds, "linux-test", &bad);
     let queued_id = build_id(&all, "plan9-sim", &bad);
@@ -368,6 +373,8 @@ fn pages_show_the_farm_and_escape_everything() {
     assert!(nope.contains("no repo named &#34;nope&#34;"), "{nope}");
     let (code, _, _) = fetch(&c.url("/?branch=nope"), &[]);
     assert_eq!(code, 404);
+    let (code, _, _) = fetch(&c.url("/grid/events?repo=nope"), &[]);
+    assert_eq!(code, 404, "a stream of a grid that does not exist");
     // JSON mode.
     let j: serde_json::Value = serde_json::from_str(&fetch(&c.url("/?mode=json"), &[]).2).unwrap();
     assert_eq!(j["repo"], "r");
@@ -428,7 +435,7 @@ fn pages_show_the_farm_and_escape_everything() {
         "{b}"
     );
     assert!(b.contains("owner@example.com") && b.contains("volunteer@example.com"));
-    assert!(b.contains("<td>reverse</td>"), "{b}");
+    assert!(b.contains("<td data-label=\"pool\">reverse</td>"), "{b}");
     let j: serde_json::Value =
         serde_json::from_str(&fetch(&c.url("/builders?mode=json"), &[]).2).unwrap();
     assert_eq!(

@@ -545,13 +545,26 @@ pub async fn events(
     Query(q): Query<EventsQuery>,
 ) -> axum::response::Response {
     let have: Option<u64> = q.v.as_deref().and_then(|v| v.parse().ok());
+    // A grid that does not exist is an error, not a stream (the browser's
+    // EventSource gives up instead of retrying).
+    let mut next = match load(&farm, &q.grid).await {
+        Err(e @ PageError::NotFound(_)) => return e.into_response(),
+        r => Some(r),
+    };
     super::event_stream(move |tx| async move {
         let mut last: Option<GridView> = None;
         let _ = tx
             .send(Event::default().retry(Duration::from_secs(2)))
             .await;
         loop {
-            if let Ok(now) = load(&farm, &q.grid).await {
+            let now = match next.take() {
+                Some(r) => r,
+                None => load(&farm, &q.grid).await,
+            };
+            if let Err(PageError::NotFound(_)) = now {
+                return; // the config changed under the viewer
+            }
+            if let Ok(now) = now {
                 let ev = match &last {
                     None if have == Some(now.fingerprint()) => None,
                     Some(prev) if prev.shape() == now.shape() => {

@@ -16,7 +16,9 @@ pub fn duration_ms(ms: i64) -> String {
     }
     let s = ms / 1000;
     match s {
+        s if s < 3600 && s % 60 == 0 => format!("{}m", s / 60),
         s if s < 3600 => format!("{}m {:02}s", s / 60, s % 60),
+        s if s < 86_400 && s % 3600 == 0 => format!("{}h", s / 3600),
         s if s < 86_400 => format!("{}h {:02}m", s / 3600, (s % 3600) / 60),
         s => format!("{}d {}h", s / 86_400, (s % 86_400) / 3600),
     }
@@ -159,6 +161,8 @@ mod tests {
         assert_eq!(duration_ms(4_250), "4.2s");
         assert_eq!(duration_ms(185_000), "3m 05s");
         assert_eq!(duration_ms(7_800_000), "2h 10m");
+        assert_eq!(duration_ms(300_000), "5m");
+        assert_eq!(duration_ms(7_200_000), "2h");
         assert_eq!(since(0, 5_000), "5s");
         assert_eq!(date_secs(1_767_225_600), "2026-01-01 00:00");
         assert_eq!(date_ms(1_767_225_601_000), "2026-01-01 00:00:01 UTC");

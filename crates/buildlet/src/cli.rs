@@ -172,7 +172,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         version = crate::proto::VERSION,
         "buildlet serving on http://{addr}"
     );
-    println!("listening on {addr}");
+    {
+        // A caller may close stdout after reading this line; never panic on it.
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on {addr}");
+        let _ = out.flush();
+    }
     let server = buildlet.clone().serve(listener);
     tokio::select! {
         r = server => r?,

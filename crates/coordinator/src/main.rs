@@ -225,31 +225,38 @@ fn serve(opts: RunOptions) -> anyhow::Result<()> {
     ))
 }
 
+/// Prints where everything is. Write errors are ignored: a supervisor or a
+/// test may close stdout after reading the first line, and the farm must keep
+/// running (println! would panic on the broken pipe).
 fn print_banner(s: &Started, data_dir: &std::path::Path) {
+    use std::io::Write;
     let url = format!("http://{}", s.addr);
-    println!("listening on {}", s.addr);
-    println!("farmer is running:");
-    println!("  dashboard     {url}/");
-    println!("  farm status   {url}/status");
-    println!("  API           {url}/api/builds");
-    println!("  metrics       {url}/metrics");
-    println!(
-        "  admin token   {}",
+    let mut text = format!("listening on {}\n", s.addr);
+    text.push_str("farmer is running:\n");
+    text.push_str(&format!("  dashboard     {url}/\n"));
+    text.push_str(&format!("  farm status   {url}/status\n"));
+    text.push_str(&format!("  API           {url}/api/builds\n"));
+    text.push_str(&format!("  metrics       {url}/metrics\n"));
+    text.push_str(&format!(
+        "  admin token   {}\n",
         data_dir.join(coordinator::run::ADMIN_TOKEN_FILE).display()
-    );
+    ));
     if let Some(fp) = &s.farm.tls_fingerprint {
-        println!(
-            "  buildlets     buildlet -coordinator={} -reverse-type=HOST-TYPE -tls-pin={fp}",
+        text.push_str(&format!(
+            "  buildlets     buildlet -coordinator={} -reverse-type=HOST-TYPE -tls-pin={fp}\n",
             s.addr
-        );
+        ));
     }
     if let (Some(fp), Some(key)) = (&s.farm.tls_fingerprint, s.farm.releases.public_key()) {
-        println!(
-            "  stage0        stage0 -coordinator={} -reverse-type=HOST-TYPE -tls-pin={fp} -release-key={key}",
+        text.push_str(&format!(
+            "  stage0        stage0 -coordinator={} -reverse-type=HOST-TYPE -tls-pin={fp} -release-key={key}\n",
             s.addr
-        );
+        ));
     }
-    println!("Press Ctrl-C to stop.");
+    text.push_str("Press Ctrl-C to stop.\n");
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
 }
 
 async fn shutdown_signal() {

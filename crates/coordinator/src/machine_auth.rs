@@ -256,13 +256,31 @@ async fn submit(
     State(farm): State<Arc<Farm>>,
     Json(s): Json<Submit>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
-    botauth::hostname::validate(&s.hostname).map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
-    let dns = botauth::hostname::bot_dns_name(&s.hostname, &bot_domain());
-    Ca::check_csr(&s.csr_pem, &dns).map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
-    if s.contact.trim().is_empty() {
-        return Err(err(
+    let (id, secret) = submit_request(&farm, &s.hostname, &s.csr_pem, &s.contact, &s.notes)
+        .await
+        .map_err(|(code, msg)| err(code, msg))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": id, "secret": secret, "status": "pending" })),
+    ))
+}
+
+/// Records a builder request after checking the hostname and that the CSR
+/// names exactly that bot; returns the request id and the owner's secret.
+pub async fn submit_request(
+    farm: &Farm,
+    hostname: &str,
+    csr_pem: &str,
+    contact: &str,
+    notes: &str,
+) -> Result<(i64, String), (StatusCode, String)> {
+    botauth::hostname::validate(hostname).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
+    let dns = botauth::hostname::bot_dns_name(hostname, &bot_domain());
+    Ca::check_csr(csr_pem, &dns).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
+    if contact.trim().is_empty() {
+        return Err((
             StatusCode::BAD_REQUEST,
-            "a contact (e-mail or name) is required so the admin can reach you",
+            "a contact (e-mail or name) is required so the admin can reach you".into(),
         ));
     }
     let mut secret = [0u8; 24];
@@ -271,21 +289,18 @@ async fn submit(
     let id = sqlx::query(
         "INSERT INTO bot_requests (hostname, csr_pem, contact, notes, secret_sha256, status, created_at) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
     )
-    .bind(&s.hostname)
-    .bind(&s.csr_pem)
-    .bind(&s.contact)
-    .bind(&s.notes)
+    .bind(hostname)
+    .bind(csr_pem)
+    .bind(contact)
+    .bind(notes)
     .bind(hex(&Sha256::digest(secret.as_bytes())))
     .bind(now_ms())
     .execute(farm.store.pool())
     .await
-    .map_err(db)?
+    .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("database: {e}")))?
     .last_insert_rowid();
-    tracing::info!(id, hostname = %s.hostname, "builder request submitted");
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({ "id": id, "secret": secret, "status": "pending" })),
-    ))
+    tracing::info!(id, %hostname, "builder request submitted");
+    Ok((id, secret))
 }
 
 #[derive(Deserialize)]

@@ -114,3 +114,57 @@
     });
   }
 })();
+
+// Builder requests (/requests): list, approve and reject with the admin token.
+(function () {
+  var box = document.getElementById('requests-admin');
+  if (!box) { return; }
+  var KEY = 'farmer-admin-token';
+  var input = document.getElementById('requests-token');
+  var msg = document.getElementById('requests-msg');
+  var rows = document.getElementById('requests-rows');
+  var hostTypes = (box.getAttribute('data-host-types') || '').split(',').filter(Boolean);
+  try { input.value = localStorage.getItem(KEY) || ''; } catch (err) { /* storage off */ }
+  function cell(tr, text) { var td = document.createElement('td'); td.textContent = text; tr.appendChild(td); return td; }
+  function call(method, path, body) {
+    var token = input.value.trim();
+    try { localStorage.setItem(KEY, token); } catch (err) { /* storage off */ }
+    return fetch(path, {
+      method: method,
+      headers: { 'Authorization': 'Bearer ' + token, 'Content-Type': 'application/json' },
+      body: body ? JSON.stringify(body) : undefined
+    }).then(function (r) {
+      return r.json().then(function (v) { if (!r.ok) { throw new Error(v.error || r.statusText); } return v; });
+    });
+  }
+  function load() {
+    msg.textContent = 'loading…';
+    call('GET', '/api/requests').then(function (list) {
+      msg.textContent = list.length + ' request(s)';
+      rows.textContent = '';
+      list.forEach(function (q) {
+        var tr = document.createElement('tr');
+        cell(tr, String(q.id)); cell(tr, q.status + (q.host_type ? ' (' + q.host_type + ')' : '') + (q.reason ? ': ' + q.reason : ''));
+        cell(tr, q.hostname); cell(tr, q.contact); cell(tr, q.notes);
+        var td = cell(tr, '');
+        if (q.status === 'pending') {
+          var sel = document.createElement('select');
+          hostTypes.forEach(function (h) { var o = document.createElement('option'); o.value = h; o.textContent = h; sel.appendChild(o); });
+          var ok = document.createElement('button'); ok.type = 'button'; ok.textContent = 'Approve';
+          ok.addEventListener('click', function () {
+            call('POST', '/api/requests/' + q.id + '/approve', { host_type: sel.value }).then(load, function (e) { msg.textContent = e.message; });
+          });
+          var reason = document.createElement('input'); reason.placeholder = 'reason to reject';
+          var no = document.createElement('button'); no.type = 'button'; no.textContent = 'Reject';
+          no.addEventListener('click', function () {
+            call('POST', '/api/requests/' + q.id + '/reject', { reason: reason.value }).then(load, function (e) { msg.textContent = e.message; });
+          });
+          td.appendChild(sel); td.appendChild(ok); td.appendChild(reason); td.appendChild(no);
+        }
+        rows.appendChild(tr);
+      });
+    }, function (e) { msg.textContent = e.message; });
+  }
+  document.getElementById('requests-load').addEventListener('click', load);
+  if (input.value) { load(); }
+})();

@@ -597,3 +597,75 @@ fn bootstrapswarm_downloads_the_bot_and_it_takes_a_build() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+fn post_form(url: &str, body: &str) -> (u16, String) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            use http_body_util::BodyExt;
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<http_body_util::Full<bytes::Bytes>>();
+            let req = http::Request::post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(http_body_util::Full::new(bytes::Bytes::from(
+                    body.to_string(),
+                )))
+                .unwrap();
+            let resp = client.request(req).await.unwrap();
+            let code = resp.status().as_u16();
+            let b = resp.into_body().collect().await.unwrap().to_bytes();
+            (code, String::from_utf8_lossy(&b).into_owned())
+        })
+}
+
+#[test]
+fn dashboard_request_form_submits_and_explains_refusals() {
+    let f = start();
+    let page = f.c.get_text("/requests");
+    assert!(
+        page.contains("action=\"/requests/submit\"") && page.contains("host-linux-riscv64"),
+        "{page}"
+    );
+    let g = botauth::csr::generate(
+        HOST,
+        botauth::hostname::DEFAULT_BOT_DOMAIN,
+        botauth::csr::KeyType::Ed25519,
+    )
+    .unwrap();
+    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    // A CSR for another name is refused with the reason, and nothing is stored.
+    let body = format!(
+        "hostname=linux-riscv64-bob&csr_pem={}&contact=bob%40example.com&notes=",
+        enc(&g.csr_pem)
+    );
+    let (code, html) = post_form(&format!("{}/requests/submit", f.url()), &body);
+    assert_eq!(code, 200);
+    assert!(
+        html.contains("id=\"submit-error\"") && html.contains("subject CN"),
+        "{html}"
+    );
+    // The right one is accepted: id and secret shown, and the secret works.
+    let body = format!(
+        "hostname={HOST}&csr_pem={}&contact=alice%40example.com&notes=board+%3Cb%3E",
+        enc(&g.csr_pem)
+    );
+    let (_, html) = post_form(&format!("{}/requests/submit", f.url()), &body);
+    assert!(
+        html.contains("Request <strong>1</strong> submitted"),
+        "{html}"
+    );
+    let secret = html
+        .split("<code id=\"secret\">")
+        .nth(1)
+        .unwrap()
+        .split('<')
+        .next()
+        .unwrap()
+        .to_string();
+    let v = f.c.get(&format!("/api/requests/1?secret={secret}"));
+    assert_eq!(v["status"], "pending");
+    assert_eq!(v["notes"], "board <b>");
+}

@@ -16,11 +16,13 @@
 //! | `/builders` | build and host configs (`?mode=json`) | `builders` |
 //! | `/builds/{id}` | one build: steps, attempts, live log, admin actions | `build` |
 //! | `/machines/{hostname}`, `/hosts/{host_type}` | what a machine / host type did | `machines` |
+//! | `/requests` | builder requests: the owner's form, the admin's list | `requests` |
 
 mod build;
 mod builders;
 pub mod grid;
 mod machines;
+mod requests;
 mod status;
 mod util;
 
@@ -51,6 +53,8 @@ pub fn router(farm: Arc<Farm>) -> Router {
         .route("/builds/{id}/events", get(build::events))
         .route("/machines/{hostname}", get(machines::machine_page))
         .route("/hosts/{host_type}", get(machines::host_page))
+        .route("/requests", get(requests::page))
+        .route("/requests/submit", axum::routing::post(requests::submit))
         .route("/static/dashboard.css", get(css))
         .route("/static/dashboard.js", get(js))
         .layer(axum::middleware::map_response(security_headers))

@@ -303,6 +303,13 @@ fn stage0_downloads_verifies_registers_and_builds() {
     assert_eq!(st["buildlets"]["outdated"], 0, "{st}");
     assert_eq!(st["buildlets"]["releases"][0]["version"], "v1", "{st}");
     assert_eq!(st["buildlets"]["release_key"], key.as_str());
+    // The status page shows each machine's release and the fleet summary.
+    let page = c.get_text("/status");
+    assert!(page.contains("runs the current buildlet release"), "{page}");
+    assert!(
+        page.contains("<code>v1</code> <span class=\"muted\">current</span>"),
+        "{page}"
+    );
 }
 
 #[test]

@@ -30,6 +30,12 @@ fn machine_line(m: &crate::pool::MachineView, now: i64) -> MachineLine {
         addr: m.addr.clone(),
         version: m.version,
         build: m.build.clone(),
+        binary: m
+            .binary
+            .release
+            .clone()
+            .unwrap_or_else(|| m.binary.sha256.chars().take(12).collect()),
+        binary_status: m.binary.status.clone(),
         connected_for: since(m.connected_at, now),
         connected_at: date_ms(m.connected_at),
         state,

@@ -51,6 +51,11 @@ pub struct MachineLine {
     pub addr: String,
     pub version: u32,
     pub build: String,
+    /// Which buildlet binary it runs (release label, else a digest prefix)
+    /// and how that compares with the current release (`current`,
+    /// `outdated`, `upgrading`, `stuck`, `not-managed`, ...).
+    pub binary: String,
+    pub binary_status: String,
     pub connected_for: String,
     pub connected_at: String,
     /// `idle`, `working`, `leased` or `cleaning`.
@@ -90,6 +95,8 @@ pub struct StatusView {
     pub queues: Vec<QueueView>,
     pub pools: Vec<PoolView>,
     pub machines: Vec<MachineLine>,
+    /// Connected machines not on the current buildlet release.
+    pub outdated: usize,
     pub gone: Vec<GoneLine>,
     pub refusals: Vec<RefusalLine>,
     pub active: Vec<BuildLine>,
@@ -192,6 +199,12 @@ pub async fn load(farm: &Farm) -> Result<StatusView, PageError> {
                 addr: m.addr.clone(),
                 version: m.version,
                 build: m.build.clone(),
+                binary: m
+                    .binary
+                    .release
+                    .clone()
+                    .unwrap_or_else(|| m.binary.sha256.chars().take(12).collect()),
+                binary_status: m.binary.status.clone(),
                 connected_for: since(m.connected_at, now),
                 connected_at: date_ms(m.connected_at),
                 state,
@@ -304,6 +317,7 @@ pub async fn load(farm: &Farm) -> Result<StatusView, PageError> {
         health,
         queues,
         pools,
+        outdated: snapshot.iter().filter(|m| m.binary.is_outdated()).count(),
         machines,
         gone,
         refusals,

@@ -12,7 +12,7 @@ use rcgen::{
 };
 use x509_parser::prelude::*;
 
-use crate::keys::write_private;
+use crate::keys::{hex, write_private};
 
 pub struct Ca {
     cert_pem: String,
@@ -177,8 +177,4 @@ impl Ca {
 
 fn time_now() -> ::time::OffsetDateTime {
     ::time::OffsetDateTime::now_utc()
-}
-
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }

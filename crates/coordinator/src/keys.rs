@@ -78,12 +78,18 @@ impl MasterKey {
         Some(MasterKey(out))
     }
 
-    /// The builder key for a host type.
-    pub fn builder_key(&self, host_type: &str) -> String {
+    /// A key derived from the master key for one purpose (a host type's
+    /// builder key, the machine-token MAC key, ...).
+    pub fn derive(&self, label: &str) -> [u8; 32] {
         let mut mac =
             <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC accepts any key length");
-        mac.update(host_type.as_bytes());
-        hex(&mac.finalize().into_bytes())
+        mac.update(label.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// The builder key for a host type.
+    pub fn builder_key(&self, host_type: &str) -> String {
+        hex(&self.derive(host_type))
     }
 
     /// Checks a presented key in constant time.

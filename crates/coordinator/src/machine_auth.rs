@@ -28,8 +28,9 @@ use sha2::{Digest, Sha256};
 use sqlx::Row;
 use x509_parser::prelude::*;
 
-use crate::ca::{Ca, hex};
+use crate::ca::Ca;
 use crate::farm::Farm;
+use crate::keys::hex;
 use crate::pool::Refusal;
 use crate::store::now_ms;
 
@@ -56,10 +57,12 @@ pub fn bot_domain() -> String {
         .unwrap_or_else(|| botauth::hostname::DEFAULT_BOT_DOMAIN.to_string())
 }
 
-/// Connected bots that authenticated with a machine token: machine id → hostname.
+/// The farm's machine-auth state: connected bots that authenticated with a
+/// machine token (machine id → hostname), and the CA, loaded once.
 #[derive(Default)]
 pub struct BotRegistry {
     bots: Mutex<HashMap<u64, String>>,
+    ca: Mutex<Option<Arc<Ca>>>,
 }
 
 impl BotRegistry {
@@ -96,14 +99,8 @@ pub struct Claims {
     pub expiry: i64,
 }
 
-fn mac_key(farm: &Farm) -> Vec<u8> {
-    hex_decode(&farm.master.builder_key("farmer machine tokens v1"))
-}
-
-fn hex_decode(s: &str) -> Vec<u8> {
-    (0..s.len() / 2)
-        .filter_map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
-        .collect()
+fn mac_key(farm: &Farm) -> [u8; 32] {
+    farm.master.derive("farmer machine tokens v1")
 }
 
 fn b64() -> base64::engine::GeneralPurpose {
@@ -229,13 +226,20 @@ fn admin(farm: &Farm, headers: &HeaderMap) -> ApiResult<()> {
     }
 }
 
-fn ca(farm: &Farm) -> ApiResult<Ca> {
-    Ca::load_or_create(&farm.data_dir).map_err(|e| {
+/// The farm CA, read (or created) on first use and kept.
+fn ca(farm: &Farm) -> ApiResult<Arc<Ca>> {
+    let mut slot = farm.bots.ca.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(ca) = slot.as_ref() {
+        return Ok(ca.clone());
+    }
+    let ca = Arc::new(Ca::load_or_create(&farm.data_dir).map_err(|e| {
         err(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("the farm CA: {e}"),
         )
-    })
+    })?);
+    *slot = Some(ca.clone());
+    Ok(ca)
 }
 
 async fn ca_cert(State(farm): State<Arc<Farm>>) -> ApiResult<String> {

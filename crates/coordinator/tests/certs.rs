@@ -184,15 +184,7 @@ impl Farm {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let lines = Lines::default();
-        let l = lines.clone();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
-                l.0.lock().unwrap().push(line);
-            }
-        });
+        let lines = Lines::follow(child.stderr.take().unwrap());
         (child, lines)
     }
 }
@@ -556,18 +548,7 @@ fn bootstrapswarm_downloads_the_bot_and_it_takes_a_build() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let log = Lines::default();
-    let l = log.clone();
-    let stderr = swarm.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            l.0.lock().unwrap().push(line);
-        }
-    });
+    let log = Lines::follow(swarm.stderr.take().unwrap());
     assert!(
         log.wait_for("waiting for the machine token", Duration::from_secs(20)),
         "{}",

@@ -86,15 +86,7 @@ fn buildlet_trusts_a_ca_file() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let lines = Lines::default();
-        let l = lines.clone();
-        let err = c.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
-                l.0.lock().unwrap().push(line);
-            }
-        });
+        let lines = Lines::follow(c.stderr.take().unwrap());
         (c, lines)
     };
     let (mut bot, log) = run_bot(&format!("-ca-file={}", ca_pem.display()));

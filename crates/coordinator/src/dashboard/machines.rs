@@ -17,7 +17,9 @@ use crate::store::{BuildFilter, now_ms};
 /// Builds listed on a machine or host type page.
 const RECENT: i64 = 50;
 
-fn machine_line(m: &crate::pool::MachineView, now: i64) -> MachineLine {
+/// One machine's line on the status, machine and host pages; `work` says
+/// what a working machine builds.
+pub(super) fn machine_line(m: &crate::pool::MachineView, now: i64, work: String) -> MachineLine {
     let (state, build_id) = match &m.state {
         MachineState::Idle => ("idle", 0),
         MachineState::Busy { build_id: Some(b) } => ("working", *b),
@@ -40,7 +42,7 @@ fn machine_line(m: &crate::pool::MachineView, now: i64) -> MachineLine {
         connected_at: date_ms(m.connected_at),
         state,
         build_id,
-        work: String::new(),
+        work,
         state_for: since(m.state_since, now),
     }
 }
@@ -84,7 +86,7 @@ pub async fn machine_page(
         .snapshot()
         .iter()
         .find(|m| m.hostname == hostname)
-        .map(|m| machine_line(m, now));
+        .map(|m| machine_line(m, now, String::new()));
     let row = farm
         .store
         .machines()
@@ -154,7 +156,7 @@ pub async fn host_page(State(farm): State<Arc<Farm>>, Path(host_type): Path<Stri
     let machines: Vec<MachineLine> = snapshot
         .iter()
         .filter(|m| m.host_type == host_type)
-        .map(|m| machine_line(m, now))
+        .map(|m| machine_line(m, now, String::new()))
         .collect();
     let gone = farm
         .store

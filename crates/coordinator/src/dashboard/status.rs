@@ -177,41 +177,20 @@ pub async fn load(farm: &Farm) -> Result<StatusView, PageError> {
     let machines: Vec<MachineLine> = snapshot
         .iter()
         .map(|m| {
-            let (state, build_id, work) = match &m.state {
-                MachineState::Idle => ("idle", 0, String::new()),
+            let work = match &m.state {
                 MachineState::Busy { build_id: Some(b) } => {
                     let step = step_of(*b);
                     let builder = by_id.get(b).map(|r| r.builder.clone()).unwrap_or_default();
-                    let work = match (builder.is_empty(), step.is_empty()) {
+                    match (builder.is_empty(), step.is_empty()) {
                         (false, false) => format!("{builder}, step {step}"),
                         (false, true) => builder,
                         (true, false) => format!("step {step}"),
                         (true, true) => String::new(),
-                    };
-                    ("working", *b, work)
+                    }
                 }
-                MachineState::Busy { build_id: None } => ("leased", 0, String::new()),
-                MachineState::Cleaning => ("cleaning", 0, String::new()),
+                _ => String::new(),
             };
-            MachineLine {
-                hostname: m.hostname.clone(),
-                host_type: m.host_type.clone(),
-                addr: m.addr.clone(),
-                version: m.version,
-                build: m.build.clone(),
-                binary: m
-                    .binary
-                    .release
-                    .clone()
-                    .unwrap_or_else(|| m.binary.sha256.chars().take(12).collect()),
-                binary_status: m.binary.status.clone(),
-                connected_for: since(m.connected_at, now),
-                connected_at: date_ms(m.connected_at),
-                state,
-                build_id,
-                work,
-                state_for: since(m.state_since, now),
-            }
+            super::machines::machine_line(m, now, work)
         })
         .collect();
 

@@ -80,6 +80,13 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
 pub struct Lines(pub Arc<Mutex<Vec<String>>>);
 
 impl Lines {
+    /// Collects the lines of `r` (a child's stdout or stderr) in the background.
+    pub fn follow<R: std::io::Read + Send + 'static>(r: R) -> Lines {
+        let lines = Lines::default();
+        collect(r, lines.clone(), None);
+        lines
+    }
+
     pub fn all(&self) -> String {
         self.0.lock().unwrap().join("\n")
     }

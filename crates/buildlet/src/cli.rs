@@ -44,8 +44,9 @@ pub struct Cli {
     #[arg(long = "token-file", value_name = "FILE")]
     token_file: Option<PathBuf>,
 
-    /// Reverse mode: file with the builder key. Default: $GO_BUILD_KEY_PATH,
-    /// then ~/.gobuildkey-<host-type>, then ~/.gobuildkey.
+    /// Reverse mode: file with the builder key (`-` reads it from standard
+    /// input). Default: $GO_BUILD_KEY_PATH, then ~/.gobuildkey-<host-type>,
+    /// then ~/.gobuildkey.
     #[arg(long = "key-file", value_name = "FILE")]
     key_file: Option<PathBuf>,
 

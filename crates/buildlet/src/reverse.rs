@@ -94,6 +94,17 @@ pub fn find_key(key_file: Option<&Path>, host_type: &str) -> Result<(String, Pat
         }
     }
     for c in candidates {
+        if c.as_os_str() == "-" {
+            // `-key-file=-`: the key arrives on standard input (how the
+            // coordinator hands keys to its local buildlets, so no build
+            // can read them from a file).
+            let mut s = String::new();
+            return match std::io::Read::read_to_string(&mut std::io::stdin(), &mut s) {
+                Ok(_) if !s.trim().is_empty() => Ok((s.trim().to_string(), c)),
+                Ok(_) => Err("-key-file=-: standard input held no builder key".into()),
+                Err(e) => Err(format!("-key-file=-: reading standard input: {e}")),
+            };
+        }
         match std::fs::read_to_string(&c) {
             Ok(s) if !s.trim().is_empty() => return Ok((s.trim().to_string(), c)),
             Ok(_) => tried.push(format!("{} (empty)", c.display())),

@@ -22,6 +22,8 @@ pub mod pool;
 pub mod release;
 pub mod reverse;
 pub mod run;
+#[cfg(unix)]
+pub mod sandbox;
 pub mod scheduler;
 pub mod server;
 pub mod store;

@@ -1,20 +1,26 @@
 //! The local pool: for host types with `pool = "local"`, the coordinator
 //! starts buildlet processes itself. They are ordinary reverse buildlets —
-//! own work dirs, real builder keys, TLS over loopback — so the demo farm
-//! exercises exactly the path a remote machine takes. Each is supervised:
-//! restarted with backoff if it exits (e.g. after `/halt`), and stopped
-//! (SIGTERM, then SIGKILL) when the coordinator stops.
+//! real builder keys, TLS over loopback — so the demo farm exercises exactly
+//! the path a remote machine takes. Each is supervised: restarted with
+//! backoff if it exits (e.g. after `/halt`), and stopped (SIGTERM, then
+//! SIGKILL) when the coordinator stops.
+//!
+//! Their builds run repository code next to the farm's secrets, so each
+//! local buildlet starts in a sandbox ([`crate::sandbox`]) that hides the
+//! data dir, with its work dir in a private temporary directory outside the
+//! data dir, a clean environment, and its builder key passed on standard
+//! input (never written where a build could read it).
 
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::farm::Farm;
-use crate::keys::write_private;
 
 /// How the local buildlets reach the coordinator.
 #[derive(Clone, Debug)]
@@ -26,56 +32,142 @@ pub struct LocalTarget {
     /// The program and leading arguments that run a buildlet
     /// (`farmer buildlet` by default).
     pub program: Vec<String>,
+    /// Files and directories no build may read (the data dir, a TLS key
+    /// kept elsewhere, the config).
+    pub secrets: Vec<PathBuf>,
 }
 
 impl LocalTarget {
     /// Runs buildlets as `<this executable> buildlet ...`.
-    pub fn this_exe(addr: String, pin: Option<String>) -> std::io::Result<LocalTarget> {
+    pub fn this_exe(
+        addr: String,
+        pin: Option<String>,
+        secrets: Vec<PathBuf>,
+    ) -> std::io::Result<LocalTarget> {
         let exe = std::env::current_exe()?;
         Ok(LocalTarget {
             addr,
             pin,
             program: vec![exe.display().to_string(), "buildlet".into()],
+            secrets,
         })
     }
+}
+
+/// One local buildlet's start recipe.
+struct Spec {
+    name: String,
+    program: PathBuf,
+    args: Vec<String>,
+    key: String,
+    home: PathBuf,
+    log: PathBuf,
+    #[cfg(unix)]
+    sandbox: Option<Arc<crate::sandbox::Sandbox>>,
 }
 
 pub struct LocalPool {
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    /// Removed when the pool is dropped.
+    _work_root: Option<tempfile::TempDir>,
 }
 
 impl LocalPool {
     /// Starts `count` buildlets for every local host type of the farm.
-    pub fn start(farm: &Arc<Farm>, target: LocalTarget) -> std::io::Result<LocalPool> {
+    pub fn start(farm: &Arc<Farm>, target: LocalTarget) -> anyhow::Result<LocalPool> {
+        use anyhow::Context;
         let (stop, _) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        for (host_type, count) in farm.local_host_types() {
+        let hosts = farm.local_host_types();
+        if hosts.is_empty() {
+            return Ok(LocalPool {
+                stop,
+                tasks,
+                _work_root: None,
+            });
+        }
+        let settings = farm.config().farm.clone();
+        #[cfg(unix)]
+        let sandbox = if settings.local_sandbox {
+            let s = crate::sandbox::Sandbox::new(
+                &std::env::current_exe().context("finding this executable")?,
+                &target.secrets,
+                &settings.local_user,
+            )
+            .context("sandboxing the local buildlets")?;
+            Some(Arc::new(s))
+        } else {
+            tracing::warn!(
+                "local_sandbox = false: builds on local buildlets can read the data dir and its secrets"
+            );
+            None
+        };
+        #[cfg(not(unix))]
+        if settings.local_sandbox {
+            anyhow::bail!(
+                "local buildlets need a sandbox, which this platform lacks (set `local_sandbox = false` in [farm] to run them unsandboxed)"
+            );
+        }
+        // Work dirs live outside the data dir, in a fresh private directory
+        // that only the buildlets' user can enter.
+        let work_root = tempfile::Builder::new()
+            .prefix("farmer-local-")
+            .tempdir()
+            .context("creating the local buildlets' work dir")?;
+        #[cfg(unix)]
+        if let Some(ids) = sandbox.as_ref().and_then(|s| s.user()) {
+            crate::sandbox::give_dir(work_root.path(), ids).with_context(|| {
+                format!(
+                    "giving {} to local_user {:?}",
+                    work_root.path().display(),
+                    settings.local_user
+                )
+            })?;
+        }
+        for (host_type, count) in hosts {
             for i in 1..=count {
                 let name = format!("{}-{i}", host_type.trim_start_matches("host-"));
                 let dir = farm.data_dir.join("local").join(&name);
                 std::fs::create_dir_all(&dir)?;
-                let key_file = dir.join("builder.key");
-                write_private(&key_file, farm.master.builder_key(&host_type).as_bytes())?;
+                // Keys were once written here; a build could read them.
+                let _ = std::fs::remove_file(dir.join("builder.key"));
+                let home = work_root.path().join(&name);
                 let mut args: Vec<String> = target.program[1..].to_vec();
+                #[cfg(unix)]
+                if sandbox.is_some() && !runs_this_exe(&target.program) {
+                    // The sandbox runs the program after entering.
+                    args.insert(0, target.program[0].clone());
+                }
                 args.extend([
                     format!("-coordinator={}", target.addr),
                     format!("-reverse-type={host_type}"),
                     format!("-hostname={name}"),
-                    format!("-key-file={}", key_file.display()),
-                    format!("-workdir={}", dir.join("workdir").display()),
+                    "-key-file=-".to_string(),
+                    format!("-workdir={}", home.join("workdir").display()),
                 ]);
                 match &target.pin {
                     Some(p) => args.push(format!("-tls-pin={p}")),
                     None => args.push("-insecure-plaintext".into()),
                 }
-                let program = PathBuf::from(&target.program[0]);
-                let log = dir.join("buildlet.log");
-                let stop_rx = stop.subscribe();
-                tasks.spawn(supervise(name, program, args, log, stop_rx));
+                let spec = Spec {
+                    program: PathBuf::from(&target.program[0]),
+                    args,
+                    key: farm.master.builder_key(&host_type),
+                    home,
+                    log: dir.join("buildlet.log"),
+                    #[cfg(unix)]
+                    sandbox: sandbox.clone(),
+                    name,
+                };
+                tasks.spawn(supervise(spec, stop.subscribe()));
             }
         }
-        Ok(LocalPool { stop, tasks })
+        Ok(LocalPool {
+            stop,
+            tasks,
+            _work_root: Some(work_root),
+        })
     }
 
     /// Stops every buildlet and waits until all have exited.
@@ -85,13 +177,8 @@ impl LocalPool {
     }
 }
 
-async fn supervise(
-    name: String,
-    program: PathBuf,
-    args: Vec<String>,
-    log: PathBuf,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn supervise(spec: Spec, mut stop: watch::Receiver<bool>) {
+    let name = &spec.name;
     let mut backoff = Duration::from_millis(500);
     loop {
         if *stop.borrow() {
@@ -100,22 +187,42 @@ async fn supervise(
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&log);
+            .open(&spec.log);
         let (stdout, stderr) = match out.and_then(|f| Ok((f.try_clone()?, f))) {
             Ok((a, b)) => (Stdio::from(a), Stdio::from(b)),
             Err(_) => (Stdio::null(), Stdio::null()),
         };
-        let mut cmd = tokio::process::Command::new(&program);
-        cmd.args(&args)
-            .stdin(Stdio::null())
+        #[cfg(unix)]
+        let mut cmd = match &spec.sandbox {
+            Some(s) => s.command(&spec.args),
+            None => plain(&spec),
+        };
+        #[cfg(not(unix))]
+        let mut cmd = plain(&spec);
+        // A clean environment: the coordinator's may hold credentials.
+        cmd.env_clear()
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+            )
+            .env("HOME", &spec.home)
+            .env("LANG", "C.UTF-8")
+            .env("BUILDLET_LOG", "info")
+            .stdin(Stdio::piped())
             .stdout(stdout)
             .stderr(stderr)
-            .env("BUILDLET_LOG", "info")
             .kill_on_drop(true);
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
+        let spawned = cmd.spawn();
+        let mut child = match spawned {
+            Ok(mut c) => {
+                // The key goes over a pipe, read once at start.
+                if let Some(mut stdin) = c.stdin.take() {
+                    let _ = stdin.write_all(spec.key.as_bytes()).await;
+                }
+                c
+            }
             Err(e) => {
-                tracing::error!(%name, "cannot start local buildlet {}: {e}", program.display());
+                tracing::error!(%name, "cannot start local buildlet {}: {e}", spec.program.display());
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
                     _ = stop.wait_for(|s| *s) => return,
@@ -146,6 +253,21 @@ async fn supervise(
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
+}
+
+/// Whether `program` is `<this executable> buildlet`, which the sandbox runs
+/// in its own process instead of executing it.
+#[cfg(unix)]
+fn runs_this_exe(program: &[String]) -> bool {
+    let this = std::env::current_exe().ok();
+    program.get(1).is_some_and(|a| a == "buildlet")
+        && this.is_some_and(|t| std::path::Path::new(&program[0]) == t)
+}
+
+fn plain(spec: &Spec) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(&spec.program);
+    cmd.args(&spec.args);
+    cmd
 }
 
 /// SIGTERM (the buildlet then kills its running commands), SIGKILL after 5 s.

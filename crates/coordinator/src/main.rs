@@ -105,6 +105,21 @@ fn main() -> anyhow::Result<()> {
     {
         return buildlet::cli::main_from(args);
     }
+    // Internal: how the coordinator starts a local buildlet (see
+    // coordinator::sandbox). Runs before any thread exists.
+    #[cfg(unix)]
+    if args.get(1).is_some_and(|a| a == "sandbox") {
+        let rest = coordinator::sandbox::enter(&args[2..]).map_err(anyhow::Error::msg)?;
+        if rest.first().is_some_and(|a| a == "buildlet") {
+            return buildlet::cli::main_from(rest);
+        }
+        let Some(program) = rest.first() else {
+            anyhow::bail!("sandbox: nothing to run after --");
+        };
+        use std::os::unix::process::CommandExt;
+        let err = std::process::Command::new(program).args(&rest[1..]).exec();
+        anyhow::bail!("sandbox: cannot run {program:?}: {err}");
+    }
     if args.get(1).is_some_and(|a| a == "buildlet") && args.get(2).is_some_and(|a| a == "publish") {
         let mut rest = vec![std::ffi::OsString::from("farmer buildlet publish")];
         rest.extend(args.into_iter().skip(3));

@@ -61,6 +61,15 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&opts.data_dir)
         .with_context(|| format!("creating data dir {}", opts.data_dir.display()))?;
+    // Secrets live in the data dir: only its owner may enter it, and no
+    // process of the same user (a local build) may read our memory.
+    #[cfg(unix)]
+    {
+        crate::sandbox::restrict_dir(&opts.data_dir).with_context(|| {
+            format!("making data dir {} private (0700)", opts.data_dir.display())
+        })?;
+        crate::sandbox::protect_self();
+    }
     let config = match crate::config::load(&opts.config) {
         Ok(c) => c,
         Err(errs) => bail!("the config has errors; not starting:\n{errs}"),
@@ -149,13 +158,22 @@ pub async fn run(
         SocketAddr::V6(a) if a.ip().is_unspecified() => format!("[::1]:{}", a.port()),
         a => a.to_string(),
     };
+    // What no local build may read: the data dir, and the TLS key and the
+    // config wherever they are kept.
+    let secrets = vec![
+        opts.data_dir.clone(),
+        key.clone(),
+        cert.clone(),
+        opts.config.clone(),
+    ];
     let target = match &opts.local_buildlet {
         Some(p) => LocalTarget {
             addr: connect,
             pin: Some(identity.fingerprint.clone()),
             program: p.clone(),
+            secrets,
         },
-        None => LocalTarget::this_exe(connect, Some(identity.fingerprint.clone()))?,
+        None => LocalTarget::this_exe(connect, Some(identity.fingerprint.clone()), secrets)?,
     };
     let local = LocalPool::start(&farm, target)?;
     on_start(&Started {

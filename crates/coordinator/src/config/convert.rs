@@ -16,6 +16,8 @@ const FARM_KEYS: &[&str] = &[
     "max_attempts",
     "heartbeat",
     "heartbeat_timeout",
+    "local_user",
+    "local_sandbox",
 ];
 const REPO_KEYS: &[&str] = &["url", "branches", "poll_interval"];
 const HOST_KEYS: &[&str] = &[
@@ -114,6 +116,16 @@ fn farm_settings(ctx: &mut Ctx<'_>, t: &Table<'_>) -> FarmSettings {
             Some(v) => s.max_attempts = v,
             None => {}
         }
+    }
+    if let Some(e) = t.get(ctx, "local_user") {
+        match ctx.string(&e) {
+            Some(u) if !u.trim().is_empty() => s.local_user = u,
+            Some(_) => ctx.error(Some(e.at), &e.path, "local_user must name a user"),
+            None => {}
+        }
+    }
+    if let Some(v) = t.get(ctx, "local_sandbox").and_then(|e| ctx.boolean(&e)) {
+        s.local_sandbox = v;
     }
     let heartbeat = t.get(ctx, "heartbeat");
     let heartbeat_value = heartbeat.as_ref().and_then(|e| ctx.duration(e));

@@ -60,6 +60,12 @@ pub struct FarmSettings {
     pub heartbeat: Duration,
     /// Silence after which a buildlet is considered gone and its build re-run.
     pub heartbeat_timeout: Duration,
+    /// Whom local buildlets run as when the coordinator runs as root, so
+    /// builds cannot read root's files (the farm's secrets among them).
+    pub local_user: String,
+    /// Run local buildlets in a sandbox that hides the data dir. Turning it
+    /// off lets every build on the local pool read the farm's secrets.
+    pub local_sandbox: bool,
 }
 
 impl Default for FarmSettings {
@@ -69,6 +75,8 @@ impl Default for FarmSettings {
             max_attempts: 3,
             heartbeat: Duration::from_secs(10),
             heartbeat_timeout: Duration::from_secs(30),
+            local_user: "nobody".to_string(),
+            local_sandbox: true,
         }
     }
 }

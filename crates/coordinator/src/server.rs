@@ -6,48 +6,65 @@
 //! upgrades (for `/reverse`) and HTTP/2.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use httpguard::Limits;
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceExt;
 
 use crate::reverse::ConnInfo;
 
 /// Serves `router` on `listener` until the returned future is dropped.
+///
+/// Every connection is watched by [`httpguard`]: it must send its first
+/// request (TLS handshake included) within 10 s, is closed when idle, and
+/// at most 512 may wait for their first request at once (the oldest is
+/// closed to make room), so a flood of idle or slow connections cannot
+/// keep machines from registering.
 pub async fn serve(listener: TcpListener, router: Router, tls: Option<Arc<rustls::ServerConfig>>) {
+    serve_with(
+        listener,
+        router,
+        tls,
+        httpguard::Guard::new(Limits::COORDINATOR),
+    )
+    .await
+}
+
+/// [`serve`] with explicit limits (tests use small ones).
+pub async fn serve_with(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    guard: Arc<httpguard::Guard>,
+) {
+    httpguard::raise_fd_limit();
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!("accept: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        let (stream, peer) = guard.accept(&listener).await;
+        let Some(mut conn) = guard.admit() else {
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let is_tls =
-                match tokio::time::timeout(Duration::from_secs(10), peek_tls(&stream)).await {
-                    Ok(Ok(t)) => t,
-                    _ => return,
-                };
+            let Some(Ok(is_tls)) = conn.before(peek_tls(&stream)).await else {
+                return;
+            };
             if is_tls {
                 let Some(acceptor) = acceptor else {
                     tracing::debug!(%peer, "TLS connection but TLS is off");
                     return;
                 };
-                match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => serve_conn(s, router, ConnInfo { peer, tls: true }).await,
-                    Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                match conn.before(acceptor.accept(stream)).await {
+                    Some(Ok(s)) => serve_conn(s, router, ConnInfo { peer, tls: true }, conn).await,
+                    Some(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                    None => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
             } else {
-                serve_conn(stream, router, ConnInfo { peer, tls: false }).await;
+                serve_conn(stream, router, ConnInfo { peer, tls: false }, conn).await;
             }
         });
     }
@@ -59,20 +76,23 @@ async fn peek_tls(stream: &TcpStream) -> std::io::Result<bool> {
     Ok(n == 1 && b[0] == 0x16)
 }
 
-async fn serve_conn<S>(stream: S, router: Router, info: ConnInfo)
+async fn serve_conn<S>(stream: S, router: Router, info: ConnInfo, conn: httpguard::Conn)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(info);
-        let router = router.clone();
-        async move { router.oneshot(req).await }
-    });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-        .await
-    {
-        tracing::debug!(peer = %info.peer, "connection: {e}");
+    let svc = hyper::service::service_fn(
+        move |mut req: http::Request<httpguard::DeadlineBody<hyper::body::Incoming>>| {
+            req.extensions_mut().insert(info);
+            let router = router.clone();
+            async move { router.oneshot(req.map(axum::body::Body::new)).await }
+        },
+    );
+    let svc = conn.service(svc);
+    let builder = httpguard::builder();
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    match conn.run(served).await {
+        Some(Err(e)) => tracing::debug!(peer = %info.peer, "connection: {e}"),
+        Some(Ok(())) => {}
+        None => tracing::debug!(peer = %info.peer, "connection closed by the guard"),
     }
 }

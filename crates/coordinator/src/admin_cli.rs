@@ -102,11 +102,11 @@ async fn call(
     admin: bool,
 ) -> anyhow::Result<serde_json::Value> {
     let tls = match &remote.tls_pin {
-        Some(p) => buildlet::reverse::Tls::Pinned(
-            buildlet::reverse::parse_pin(p).with_context(|| {
+        Some(p) => {
+            buildlet::reverse::Tls::Pinned(buildlet::reverse::parse_pin(p).with_context(|| {
                 format!("-tls-pin={p:?} is not {}", buildlet::reverse::PIN_FORMS)
-            })?,
-        ),
+            })?)
+        }
         None => buildlet::reverse::Tls::WebPki,
     };
     let builder = hyper_rustls::HttpsConnectorBuilder::new();

@@ -48,9 +48,10 @@ impl Ca {
                 KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
             let mut params = CertificateParams::default();
             let id: [u8; 8] = rand::random();
-            params
-                .distinguished_name
-                .push(DnType::CommonName, format!("farmer machine CA {}", hex(&id)));
+            params.distinguished_name.push(
+                DnType::CommonName,
+                format!("farmer machine CA {}", hex(&id)),
+            );
             params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
             params.key_usages = vec![
                 rcgen::KeyUsagePurpose::KeyCertSign,
@@ -58,7 +59,9 @@ impl Ca {
             ];
             // Valid from its creation (a fixed past date would claim it
             // signed things before it existed), for 20 years.
-            let now = time_now().replace_nanosecond(0).map_err(|e| e.to_string())?;
+            let now = time_now()
+                .replace_nanosecond(0)
+                .map_err(|e| e.to_string())?;
             params.not_before = now;
             params.not_after = now + ::time::Duration::days(20 * 365);
             let cert = params.self_signed(&key).map_err(|e| e.to_string())?;

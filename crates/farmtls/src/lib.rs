@@ -211,7 +211,9 @@ impl rustls::client::danger::ServerCertVerifier for PinVerifier {
             Pin::Cert(_) => "certificate does not match the pinned SHA-256",
             Pin::Spki(_) => "public key does not match the pinned SHA-256 (spki-sha256:)",
         };
-        let presented = got.map_or("a certificate that does not parse".into(), |p| p.to_string());
+        let presented = got.map_or("a certificate that does not parse".into(), |p| {
+            p.to_string()
+        });
         Err(rustls::Error::General(format!(
             "the coordinator's {what} (-tls-pin={}); it presented {presented}",
             self.pin
@@ -317,7 +319,10 @@ mod tests {
         assert!(verify(Pin::Spki(spki), &new).is_ok());
         assert!(verify(Pin::Cert(cert_sha256(&old)), &old).is_ok());
         let e = verify(Pin::Cert(cert_sha256(&old)), &new).unwrap_err();
-        assert!(e.contains("certificate does not match the pinned SHA-256"), "{e}");
+        assert!(
+            e.contains("certificate does not match the pinned SHA-256"),
+            "{e}"
+        );
         let e = verify(Pin::Spki([7; 32]), &new).unwrap_err();
         assert!(
             e.contains("public key does not match") && e.contains(&Pin::Spki(spki).to_string()),

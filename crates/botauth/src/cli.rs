@@ -89,7 +89,7 @@ pub struct TokendCli {
     /// Where to write the token. Default: $LUCI_MACHINE_TOKEN or ~/.farmer/machine-token.json.
     #[arg(long = "token-file")]
     token_file: Option<PathBuf>,
-    /// Trust exactly the coordinator certificate with this SHA-256 (hex).
+    /// Trust exactly the coordinator key (spki-sha256:HEX) or certificate (HEX) this pin names.
     #[arg(long = "tls-pin")]
     tls_pin: Option<String>,
     /// Verify the coordinator against the CA certificates in this PEM file.
@@ -115,7 +115,10 @@ where
         match buildlet::reverse::parse_pin(p) {
             Some(pin) => buildlet::reverse::Tls::Pinned(pin),
             None => {
-                eprintln!("machine-tokend: -tls-pin={p:?} is not a SHA-256 in hex");
+                eprintln!(
+                    "machine-tokend: -tls-pin={p:?} is not {}",
+                    buildlet::reverse::PIN_FORMS
+                );
                 return 2;
             }
         }

@@ -61,6 +61,10 @@ pub fn cert_der(cert_pem: &str) -> Result<Vec<u8>, String> {
 }
 
 /// Signs a token request with the machine's private key (PKCS#8 PEM).
+///
+/// Both PKCS#8 v1 (what genbotcert and `openssl genpkey` write) and v2 (what
+/// genbotcert wrote before, with the public key embedded) are read, so
+/// machines onboarded earlier keep working.
 pub fn sign_request(cert_pem: &str, key_pem: &str, timestamp: i64) -> Result<TokenRequest, String> {
     use rcgen::SigningKey;
     let der = cert_der(cert_pem)?;
@@ -202,5 +206,22 @@ mod tests {
         assert_ne!(r1.signature, r2.signature);
         assert_ne!(signed_message(100, b"a"), signed_message(100, b"b"));
         assert!(sign_request("not pem", &g.key_pem, 1).is_err());
+    }
+
+    #[test]
+    fn keys_written_before_v1_still_sign() {
+        // genbotcert used to write ring's PKCS#8 v2; machine-tokend must keep
+        // reading those keys, and the v1 form of the same key signs the same
+        // (Ed25519 signatures are deterministic).
+        let v2 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let v1_der = crate::csr::ed25519_pkcs8_v1(v2.serialized_der()).unwrap();
+        let v1 = rcgen::KeyPair::try_from(v1_der).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["host-a.x.test".to_string()])
+            .unwrap()
+            .self_signed(&v2)
+            .unwrap();
+        let a = sign_request(&cert.pem(), &v2.serialize_pem(), 100).unwrap();
+        let b = sign_request(&cert.pem(), &v1.serialize_pem(), 100).unwrap();
+        assert_eq!(a.signature, b.signature);
     }
 }

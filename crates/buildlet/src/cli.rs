@@ -50,9 +50,10 @@ pub struct Cli {
     #[arg(long = "key-file", value_name = "FILE")]
     key_file: Option<PathBuf>,
 
-    /// Reverse mode: trust exactly the coordinator certificate with this
-    /// SHA-256 (hex, as the coordinator prints at start).
-    #[arg(long = "tls-pin", value_name = "SHA256")]
+    /// Reverse mode: trust exactly the coordinator key (spki-sha256:HEX) or
+    /// certificate (plain HEX SHA-256) this pin names, as the coordinator
+    /// prints at start. The key pin survives certificate renewal.
+    #[arg(long = "tls-pin", value_name = "PIN")]
     tls_pin: Option<String>,
 
     /// Reverse mode: verify the coordinator against the CA certificates in this PEM file.
@@ -222,9 +223,10 @@ async fn run_reverse(cli: Cli, coordinator: String) -> anyhow::Result<()> {
     let tls = if cli.insecure_plaintext {
         Tls::Plaintext
     } else if let Some(pin) = &cli.tls_pin {
-        Tls::Pinned(reverse::parse_pin(pin).with_context(|| {
-            format!("-tls-pin={pin:?} is not a SHA-256 in hex (64 hex digits, colons allowed)")
-        })?)
+        Tls::Pinned(
+            reverse::parse_pin(pin)
+                .with_context(|| format!("-tls-pin={pin:?} is not {}", reverse::PIN_FORMS))?,
+        )
     } else if let Some(ca) = &cli.ca_file {
         Tls::CaFile(ca.clone())
     } else {

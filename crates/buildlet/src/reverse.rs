@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use crate::proto;
 use crate::server::Buildlet;
 
-pub use farmtls::{Tls, parse_pin};
+pub use farmtls::{PIN_FORMS, Pin, Tls, parse_pin};
 
 /// Where and as whom to register.
 #[derive(Debug, Clone)]

@@ -180,6 +180,7 @@ async fn run() -> anyhow::Result<()> {
         admin_token: "bench".into(),
         allow_plaintext: false,
         tls_fingerprint: None,
+        tls_spki_pin: None,
     });
     let q = GridQuery {
         n: Some(COMMITS.to_string()),

@@ -16,7 +16,8 @@ pub struct Remote {
     /// Coordinator URL.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub coordinator: String,
-    /// Trust exactly the coordinator certificate with this SHA-256 (for https URLs).
+    /// Trust exactly the coordinator key (spki-sha256:HEX) or certificate
+    /// (HEX) this pin names (for https URLs).
     #[arg(long = "tls-pin")]
     pub tls_pin: Option<String>,
     /// Admin token file (admin commands). Default: DATA_DIR/admin.token.
@@ -101,9 +102,11 @@ async fn call(
     admin: bool,
 ) -> anyhow::Result<serde_json::Value> {
     let tls = match &remote.tls_pin {
-        Some(p) => buildlet::reverse::Tls::Pinned(
-            buildlet::reverse::parse_pin(p).context("-tls-pin is not a hex SHA-256")?,
-        ),
+        Some(p) => {
+            buildlet::reverse::Tls::Pinned(buildlet::reverse::parse_pin(p).with_context(|| {
+                format!("-tls-pin={p:?} is not {}", buildlet::reverse::PIN_FORMS)
+            })?)
+        }
         None => buildlet::reverse::Tls::WebPki,
     };
     let builder = hyper_rustls::HttpsConnectorBuilder::new();

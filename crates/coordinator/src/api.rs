@@ -181,6 +181,7 @@ async fn status(State(farm): State<Arc<Farm>>) -> ApiResult<Json<serde_json::Val
         "refusals": farm.pool.recent_refusals(),
         "running": running,
         "tls_fingerprint": farm.tls_fingerprint,
+        "tls_spki_pin": farm.tls_spki_pin,
         "buildlets": crate::release::status_json(&farm),
     })))
 }

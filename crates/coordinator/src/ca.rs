@@ -4,6 +4,13 @@
 //! It signs a bot's CSR only when the CSR's subject CN and its single DNS SAN
 //! are exactly the name the builder request was made for, and it verifies
 //! that a presented certificate was issued by it.
+//!
+//! Certificates are made to pass `openssl verify -x509_strict`: the CA
+//! carries a Subject Key Identifier and every issued certificate an
+//! Authority Key Identifier naming it, so tools that build chains by key id
+//! (OpenSSL, Go, browsers' strict modes) find the issuer. Each farm's CA has
+//! its own subject, so two farms' CAs (or a farm's old and new CA) are never
+//! confused by name in a trust store or a log.
 
 use std::path::Path;
 
@@ -18,6 +25,8 @@ pub struct Ca {
     cert_pem: String,
     cert_der: Vec<u8>,
     key: KeyPair,
+    /// The CA's notBefore (Unix seconds); no issued certificate starts earlier.
+    not_before: i64,
 }
 
 /// Facts about a certificate the CA issued.
@@ -38,16 +47,23 @@ impl Ca {
             let key =
                 KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
             let mut params = CertificateParams::default();
-            params
-                .distinguished_name
-                .push(DnType::CommonName, "farmer machine CA");
+            let id: [u8; 8] = rand::random();
+            params.distinguished_name.push(
+                DnType::CommonName,
+                format!("farmer machine CA {}", hex(&id)),
+            );
             params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
             params.key_usages = vec![
                 rcgen::KeyUsagePurpose::KeyCertSign,
                 rcgen::KeyUsagePurpose::CrlSign,
             ];
-            params.not_before = rcgen::date_time_ymd(2024, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2046, 1, 1);
+            // Valid from its creation (a fixed past date would claim it
+            // signed things before it existed), for 20 years.
+            let now = time_now()
+                .replace_nanosecond(0)
+                .map_err(|e| e.to_string())?;
+            params.not_before = now;
+            params.not_after = now + ::time::Duration::days(20 * 365);
             let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
             write_private(&key_path, key.serialize_pem().as_bytes())
                 .map_err(|e| format!("{}: {e}", key_path.display()))?;
@@ -62,10 +78,17 @@ impl Ca {
         let key =
             KeyPair::from_pem(&key_pem).map_err(|e| format!("{}: {e}", key_path.display()))?;
         let cert_der = botauth::token::cert_der(&cert_pem)?;
+        let not_before = X509Certificate::from_der(&cert_der)
+            .map_err(|e| format!("{}: {e}", cert_path.display()))?
+            .1
+            .validity()
+            .not_before
+            .timestamp();
         Ok(Ca {
             cert_pem,
             cert_der,
             key,
+            not_before,
         })
     }
 
@@ -121,8 +144,13 @@ impl Ca {
         serial[0] |= 0x01;
         csr.params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let now = time_now();
-        csr.params.not_before = now - ::time::Duration::minutes(5);
+        // Five minutes of slack for a machine whose clock is a little behind,
+        // but never before the CA itself existed.
+        let not_before = (now.unix_timestamp() - 300).max(self.not_before);
+        csr.params.not_before =
+            ::time::OffsetDateTime::from_unix_timestamp(not_before).map_err(|e| e.to_string())?;
         csr.params.not_after = now + ::time::Duration::days(days);
+        csr.params.use_authority_key_identifier_extension = true;
         csr.params.is_ca = rcgen::IsCa::ExplicitNoCa;
         csr.params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
         csr.params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
@@ -154,6 +182,7 @@ impl Ca {
             ::time::OffsetDateTime::from_unix_timestamp(not_before).map_err(|e| e.to_string())?;
         csr.params.not_after =
             ::time::OffsetDateTime::from_unix_timestamp(not_after).map_err(|e| e.to_string())?;
+        csr.params.use_authority_key_identifier_extension = true;
         let issuer = Issuer::from_ca_cert_der(&self.cert_der.clone().into(), &self.key)
             .map_err(|e| e.to_string())?;
         let cert = csr

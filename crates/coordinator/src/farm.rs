@@ -55,7 +55,10 @@ pub struct Farm {
     pub allow_plaintext: bool,
     pub started: Instant,
     pub started_ms: i64,
+    /// The TLS certificate's SHA-256 (plain-hex `-tls-pin`).
     pub tls_fingerprint: Option<String>,
+    /// The TLS public key's pin (`spki-sha256:HEX`), which survives renewal.
+    pub tls_spki_pin: Option<String>,
     pub metrics: Metrics,
     repos: Mutex<HashMap<String, Arc<git::Repo>>>,
     running: Mutex<HashMap<i64, Arc<RunningBuild>>>,
@@ -79,6 +82,7 @@ pub struct FarmOptions {
     pub admin_token: String,
     pub allow_plaintext: bool,
     pub tls_fingerprint: Option<String>,
+    pub tls_spki_pin: Option<String>,
 }
 
 impl Farm {
@@ -96,6 +100,7 @@ impl Farm {
             started: Instant::now(),
             started_ms: crate::store::now_ms(),
             tls_fingerprint: o.tls_fingerprint,
+            tls_spki_pin: o.tls_spki_pin,
             metrics: Metrics::default(),
             repos: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),

@@ -256,13 +256,24 @@ fn print_banner(s: &Started, data_dir: &std::path::Path) {
         "  admin token   {}\n",
         data_dir.join(coordinator::run::ADMIN_TOKEN_FILE).display()
     ));
-    if let Some(fp) = &s.farm.tls_fingerprint {
+    // The key pin goes in the commands: it keeps working when the
+    // certificate is re-issued with the same key. The certificate pin is
+    // listed for machines set up with it and for `openssl x509 -fingerprint`.
+    if let (Some(spki), Some(cert)) = (&s.farm.tls_spki_pin, &s.farm.tls_fingerprint) {
+        text.push_str(&format!(
+            "  TLS key pin   {spki}   (for -tls-pin; survives renewal with the same key)\n"
+        ));
+        text.push_str(&format!(
+            "  TLS cert pin  {cert}   (for -tls-pin; changes with every certificate)\n"
+        ));
+    }
+    if let Some(fp) = &s.farm.tls_spki_pin {
         text.push_str(&format!(
             "  buildlets     buildlet -coordinator={} -reverse-type=HOST-TYPE -tls-pin={fp}\n",
             s.addr
         ));
     }
-    if let (Some(fp), Some(key)) = (&s.farm.tls_fingerprint, s.farm.releases.public_key()) {
+    if let (Some(fp), Some(key)) = (&s.farm.tls_spki_pin, s.farm.releases.public_key()) {
         text.push_str(&format!(
             "  stage0        stage0 -coordinator={} -reverse-type=HOST-TYPE -tls-pin={fp} -release-key={key}\n",
             s.addr

@@ -116,6 +116,7 @@ pub async fn run(
         admin_token: token,
         allow_plaintext: opts.allow_plaintext,
         tls_fingerprint: Some(identity.fingerprint.clone()),
+        tls_spki_pin: Some(identity.spki_pin.clone()),
     });
     let queued = farm.load_queue().await?;
     if queued > 0 {

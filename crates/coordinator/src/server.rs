@@ -4,6 +4,11 @@
 //! with 0x16), so browsers can use plain HTTP on loopback while buildlets
 //! dial in over TLS on the same address. Connections support HTTP/1.1
 //! upgrades (for `/reverse`) and HTTP/2.
+//!
+//! Over TLS the ALPN result decides the protocol: `h2` gets HTTP/2 only,
+//! `http/1.1` gets HTTP/1.1 only (so a client that asked for HTTP/1.1, like
+//! the buildlet's `/reverse` upgrade, never sees an HTTP/2 preface check),
+//! and no ALPN keeps sniffing the connection preface as plaintext does.
 
 use std::sync::Arc;
 
@@ -59,12 +64,22 @@ pub async fn serve_with(
                     return;
                 };
                 match conn.before(acceptor.accept(stream)).await {
-                    Some(Ok(s)) => serve_conn(s, router, ConnInfo { peer, tls: true }, conn).await,
+                    Some(Ok(s)) => {
+                        let proto = Proto::from_alpn(s.get_ref().1.alpn_protocol());
+                        serve_conn(s, router, ConnInfo { peer, tls: true }, proto, conn).await
+                    }
                     Some(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
                     None => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
             } else {
-                serve_conn(stream, router, ConnInfo { peer, tls: false }, conn).await;
+                serve_conn(
+                    stream,
+                    router,
+                    ConnInfo { peer, tls: false },
+                    Proto::Sniff,
+                    conn,
+                )
+                .await;
             }
         });
     }
@@ -76,8 +91,32 @@ async fn peek_tls(stream: &TcpStream) -> std::io::Result<bool> {
     Ok(n == 1 && b[0] == 0x16)
 }
 
-async fn serve_conn<S>(stream: S, router: Router, info: ConnInfo, conn: httpguard::Conn)
-where
+/// Which HTTP versions a connection is served with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Http1,
+    Http2,
+    /// Decide by the first bytes (the HTTP/2 preface or not).
+    Sniff,
+}
+
+impl Proto {
+    fn from_alpn(alpn: Option<&[u8]>) -> Proto {
+        match alpn {
+            Some(b"h2") => Proto::Http2,
+            Some(b"http/1.1") => Proto::Http1,
+            _ => Proto::Sniff,
+        }
+    }
+}
+
+async fn serve_conn<S>(
+    stream: S,
+    router: Router,
+    info: ConnInfo,
+    proto: Proto,
+    conn: httpguard::Conn,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let svc = hyper::service::service_fn(
@@ -88,8 +127,26 @@ where
         },
     );
     let svc = conn.service(svc);
-    let builder = httpguard::builder();
-    let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    let io = TokioIo::new(stream);
+    // The auto builder's http1_only/http2_only are ignored with upgrades, so
+    // an ALPN choice is enforced with the version-specific builders.
+    let served = async move {
+        match proto {
+            Proto::Http1 => httpguard::http1_builder()
+                .serve_connection(io, svc)
+                .with_upgrades()
+                .await
+                .map_err(|e| e.to_string()),
+            Proto::Http2 => httpguard::http2_builder()
+                .serve_connection(io, svc)
+                .await
+                .map_err(|e| e.to_string()),
+            Proto::Sniff => httpguard::builder()
+                .serve_connection_with_upgrades(io, svc)
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    };
     match conn.run(served).await {
         Some(Err(e)) => tracing::debug!(peer = %info.peer, "connection: {e}"),
         Some(Ok(())) => {}

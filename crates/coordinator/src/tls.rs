@@ -1,16 +1,22 @@
 //! The coordinator's TLS identity.
 //!
 //! A farm without a certificate from a public CA still gets TLS: on first
-//! start the coordinator creates a self-signed certificate in the data dir and
-//! prints its SHA-256, which buildlets pin with `-tls-pin`. An admin with a
+//! start the coordinator creates a self-signed certificate in the data dir
+//! (`tls/cert.pem`, `tls/key.pem`) and prints two pins for `-tls-pin`: the
+//! SHA-256 of its public key (`spki-sha256:HEX`, recommended: it survives
+//! re-issuing the certificate with the same key) and the SHA-256 of the
+//! certificate (plain hex, what older machines were given). An admin with a
 //! real certificate points `--tls-cert`/`--tls-key` at it instead.
+//!
+//! The server offers ALPN `h2` and `http/1.1`; `server.rs` serves whichever
+//! was chosen.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
-use crate::keys::{hex, write_private};
+use crate::keys::write_private;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -25,8 +31,10 @@ pub enum TlsError {
 /// A loaded certificate and key, ready to serve.
 pub struct Identity {
     pub config: Arc<rustls::ServerConfig>,
-    /// SHA-256 of the leaf certificate's DER, for `-tls-pin`.
+    /// SHA-256 of the leaf certificate's DER: the plain-hex `-tls-pin`.
     pub fingerprint: String,
+    /// SHA-256 of the leaf's public key: the `-tls-pin=spki-sha256:HEX` form.
+    pub spki_pin: String,
     pub cert_path: PathBuf,
 }
 
@@ -73,8 +81,12 @@ pub fn load(cert: &Path, key: &Path) -> Result<Identity, TlsError> {
         path: cert.into(),
         msg: "no certificate in the file".into(),
     })?;
-    use sha2::Digest;
-    let fingerprint = hex(&sha2::Sha256::digest(leaf.as_ref()));
+    let fingerprint = farmtls::Pin::Cert(farmtls::cert_sha256(leaf.as_ref())).to_string();
+    let spki = farmtls::spki_sha256(leaf.as_ref()).ok_or_else(|| TlsError::Bad {
+        path: cert.into(),
+        msg: "the certificate does not parse as an X.509 v3 certificate".into(),
+    })?;
+    let spki_pin = farmtls::Pin::Spki(spki).to_string();
     let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Bad {
         path: key.into(),
         msg: e.to_string(),
@@ -89,10 +101,14 @@ pub fn load(cert: &Path, key: &Path) -> Result<Identity, TlsError> {
             path: key.into(),
             msg: e.to_string(),
         })?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // h2 first: clients that can (curl, browsers) get HTTP/2; those that
+    // offer only http/1.1, or no ALPN (the buildlet's `/reverse` upgrade),
+    // get HTTP/1.1.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Identity {
         config: Arc::new(config),
         fingerprint,
+        spki_pin,
         cert_path: cert.into(),
     })
 }

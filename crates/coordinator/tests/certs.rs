@@ -94,16 +94,22 @@ impl Farm {
             &format!("-out-dir={owner}"),
         ]);
         assert!(ok, "{out}{err}");
-        let key = self.owner.join(format!("{host}.key"));
-        let csr = self.owner.join(format!("{host}.csr"));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
+            let key = self.owner.join(format!("{host}.key"));
             assert_eq!(
                 std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
                 0o600
             );
         }
+        self.onboard_files(host)
+    }
+
+    /// submit + approve + fetch for the OWNER/HOST.key and .csr already there.
+    fn onboard_files(&self, host: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let key = self.owner.join(format!("{host}.key"));
+        let csr = self.owner.join(format!("{host}.csr"));
         let (ok, out, err) = self.admin(&[
             "request",
             "submit",
@@ -649,4 +655,174 @@ fn dashboard_request_form_submits_and_explains_refusals() {
     let v = f.c.get(&format!("/api/requests/1?secret={secret}"));
     assert_eq!(v["status"], "pending");
     assert_eq!(v["notes"], "board <b>");
+}
+
+/// Runs openssl; returns stdout, failing the test with stderr if it fails.
+fn openssl(args: &[&str], stdin: Option<&[u8]>) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("these tests need the openssl CLI");
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or_default()).unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// True when python3 with the cryptography package is installed.
+fn python_cryptography() -> bool {
+    Command::new("python3")
+        .args(["-c", "import cryptography"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn genbotcert_keys_load_in_openssl_and_python() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().display().to_string();
+    let python = python_cryptography();
+    if !python {
+        eprintln!("python3 -c 'import cryptography' failed: checking the keys with openssl only");
+    }
+    for kt in ["ed25519", "p256"] {
+        let host = format!("linux-keys-{kt}");
+        let (ok, out, err) = farmer(&[
+            "genbotcert",
+            &format!("-bot-hostname={host}"),
+            &format!("-key-type={kt}"),
+            &format!("-out-dir={out_dir}"),
+        ]);
+        assert!(ok, "{out}{err}");
+        let key = dir.path().join(format!("{host}.key"));
+        let csr = dir.path().join(format!("{host}.csr"));
+        let (key, csr) = (key.to_str().unwrap(), csr.to_str().unwrap());
+        openssl(&["pkey", "-in", key, "-noout"], None);
+        // The key openssl reads is the one the CSR was made for.
+        assert_eq!(
+            openssl(&["pkey", "-in", key, "-pubout"], None),
+            openssl(&["req", "-in", csr, "-pubkey", "-noout"], None),
+            "{kt}"
+        );
+        if python {
+            let script = "import sys\nfrom cryptography.hazmat.primitives.serialization import load_pem_private_key\nprint(type(load_pem_private_key(open(sys.argv[1], 'rb').read(), None)).__name__)";
+            let o = Command::new("python3")
+                .args(["-c", script, key])
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "{kt}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
+}
+
+#[test]
+fn keys_written_by_the_old_genbotcert_still_get_tokens() {
+    // Before, genbotcert wrote Ed25519 keys as PKCS#8 v2 (what ring makes);
+    // machines onboarded with one must keep refreshing their tokens.
+    let f = start();
+    let dns = botauth::hostname::bot_dns_name(HOST, botauth::hostname::DEFAULT_BOT_DOMAIN);
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    assert_eq!(key.serialized_der().len(), 83, "not a v2 key");
+    let mut params = rcgen::CertificateParams::new(vec![dns.clone()]).unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, dns.clone());
+    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    std::fs::write(f.owner.join(format!("{HOST}.key")), key.serialize_pem()).unwrap();
+    std::fs::write(f.owner.join(format!("{HOST}.csr")), csr).unwrap();
+    let (key, cert) = f.onboard_files(HOST);
+    let token = f.owner.join("token.json");
+    let (ok, out, err) = f.tokend(&key, &cert, &token);
+    assert!(ok && out.contains("wrote a new token"), "{out}{err}");
+}
+
+#[test]
+fn issued_certificates_pass_openssl_strict_verification() {
+    let f = start();
+    let (key, cert) = f.onboard(HOST);
+    let ca = f.c.data_dir.join("ca").join("ca.pem");
+    let (ca, cert, key) = (
+        ca.to_str().unwrap(),
+        cert.to_str().unwrap(),
+        key.to_str().unwrap(),
+    );
+    let out = openssl(&["verify", "-x509_strict", "-CAfile", ca, cert], None);
+    assert!(
+        String::from_utf8_lossy(&out).contains(": OK"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    // The certificate names its issuer by key id, and that is the CA's key id.
+    let key_id = |file: &str, ext: &str| {
+        let text = openssl(&["x509", "-in", file, "-noout", "-ext", ext], None);
+        let text = String::from_utf8(text).unwrap();
+        let id = text
+            .lines()
+            .skip(1)
+            .map(|l| l.trim().trim_start_matches("keyid:"))
+            .find(|l| !l.is_empty())
+            .unwrap_or_default()
+            .to_string();
+        assert!(id.len() >= 20 && id.contains(':'), "{ext}: {text}");
+        id
+    };
+    assert_eq!(
+        key_id(cert, "authorityKeyIdentifier"),
+        key_id(ca, "subjectKeyIdentifier")
+    );
+    // And the private key genbotcert wrote is the certificate's.
+    assert_eq!(
+        openssl(&["pkey", "-in", key, "-pubout"], None),
+        openssl(&["x509", "-in", cert, "-pubkey", "-noout"], None)
+    );
+}
+
+#[test]
+fn each_farm_ca_has_its_own_subject_and_starts_at_its_creation() {
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let f = start();
+        let before = now();
+        // The CA is created on first use; fetching it is a use.
+        let pem = f.c.get_text("/api/ca/cert");
+        let after = now();
+        let file = f.owner.join("ca.pem");
+        std::fs::write(&file, &pem).unwrap();
+        let subject = String::from_utf8(openssl(
+            &["x509", "-in", file.to_str().unwrap(), "-noout", "-subject"],
+            None,
+        ))
+        .unwrap();
+        assert!(subject.contains("farmer machine CA "), "{subject}");
+        let der = botauth::token::cert_der(&pem).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let not_before = cert.validity().not_before.timestamp();
+        assert!(
+            (before - 2..=after + 2).contains(&not_before),
+            "notBefore {not_before} is not the creation time ({before}..{after})"
+        );
+        assert!(cert.validity().not_after.timestamp() > after + 10 * 365 * 86400);
+        seen.push(subject);
+        if seen.len() == 1 {
+            // The second farm's CA is made at another time as well as in another dir.
+            std::thread::sleep(Duration::from_millis(1100));
+        }
+    }
+    assert_ne!(seen[0], seen[1]);
 }

@@ -1,5 +1,6 @@
 //! TLS choices of reverse buildlets: a CA file instead of a pin, a wrong
-//! pin, and plaintext only when both sides allow it.
+//! pin, plaintext only when both sides allow it, a key pin that survives
+//! certificate renewal; and the coordinator's ALPN (HTTP/2 when chosen).
 
 mod common;
 
@@ -7,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{Bot, Coordinator, FARMER, Lines, TestRepo, config};
+use std::sync::Arc;
 
 fn farm() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
@@ -128,4 +130,248 @@ fn plaintext_needs_both_sides() {
         bot.log.all()
     );
     assert!(c.connected().is_empty());
+}
+
+/// GETs `path` over TLS offering `alpn`, trusting the coordinator by `pin`.
+/// Returns the negotiated ALPN, the response's HTTP version and its body.
+fn tls_get(
+    addr: &str,
+    pin: &str,
+    alpn: &[&[u8]],
+    path: &str,
+) -> (Option<Vec<u8>>, http::Version, String) {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tls = farmtls::Tls::Pinned(farmtls::parse_pin(pin).unwrap());
+        let mut cfg = Arc::unwrap_or_clone(farmtls::client_config(&tls).unwrap().unwrap());
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let negotiated = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        let empty = http_body_util::Empty::<bytes::Bytes>::new();
+        let io = TokioIo::new(stream);
+        let resp = if negotiated.as_deref() == Some(b"h2") {
+            let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let req = http::Request::get(format!("https://{addr}{path}"))
+                .body(empty)
+                .unwrap();
+            send.send_request(req).await.unwrap()
+        } else {
+            let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            let req = http::Request::get(path)
+                .header("host", addr)
+                .body(empty)
+                .unwrap();
+            send.send_request(req).await.unwrap()
+        };
+        let version = resp.version();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            negotiated,
+            version,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    })
+}
+
+#[test]
+fn http2_over_tls_when_alpn_chooses_it_and_reverse_still_upgrades() {
+    let (dir, cfg) = farm();
+    let c = Coordinator::start(&dir.path().join("data"), &cfg);
+    let (alpn, version, body) = tls_get(
+        &c.addr,
+        &c.fingerprint,
+        &[b"h2", b"http/1.1"],
+        "/api/status",
+    );
+    assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+    assert_eq!(version, http::Version::HTTP_2);
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["tls_spki_pin"], c.fingerprint.as_str());
+    assert_eq!(status["tls_fingerprint"], c.cert_pin.as_str());
+    // Clients that ask for HTTP/1.1, or do not use ALPN, get HTTP/1.1.
+    let (alpn, version, _) = tls_get(&c.addr, &c.fingerprint, &[b"http/1.1"], "/api/status");
+    assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+    assert_eq!(version, http::Version::HTTP_11);
+    let (alpn, version, _) = tls_get(&c.addr, &c.cert_pin, &[], "/api/status");
+    assert_eq!(alpn, None);
+    assert_eq!(version, http::Version::HTTP_11);
+    // curl, an independent client, agrees (when it is built with HTTP/2).
+    let curl_h2 = Command::new("curl")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("HTTP2"));
+    if curl_h2 {
+        let url = format!("https://{}/api/status", c.addr);
+        for (flag, want) in [("--http2", "2"), ("--http1.1", "1.1")] {
+            let o = Command::new("curl")
+                .args([
+                    "-sk",
+                    flag,
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_version}",
+                    &url,
+                ])
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&o.stdout), want, "curl {flag}");
+        }
+    } else {
+        eprintln!("curl without HTTP/2: checked with the hyper client only");
+    }
+    // The buildlet's /reverse upgrade (TLS without ALPN, HTTP/1.1) still works.
+    let key = c.key("host-test-trusted");
+    let _bot = Bot::start(
+        &c,
+        &dir.path().join("bots"),
+        "host-test-trusted",
+        "h2-era",
+        Some(&key),
+    );
+    c.wait_connected(1);
+}
+
+/// Runs openssl; returns stdout, failing the test with stderr if it fails.
+fn openssl(args: &[&str], stdin: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("this test needs the openssl CLI");
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin).unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// The pins of a certificate file as openssl computes them (not farmer).
+fn openssl_pins(cert: &std::path::Path) -> (String, String) {
+    let cert = cert.to_str().unwrap();
+    let dgst = |der: &[u8]| {
+        let out = String::from_utf8(openssl(&["dgst", "-sha256", "-r"], der)).unwrap();
+        out.split_whitespace().next().unwrap().to_string()
+    };
+    let pubkey = openssl(&["x509", "-in", cert, "-pubkey", "-noout"], b"");
+    let spki = openssl(&["pkey", "-pubin", "-outform", "der"], &pubkey);
+    let der = openssl(&["x509", "-in", cert, "-outform", "der"], b"");
+    (format!("spki-sha256:{}", dgst(&spki)), dgst(&der))
+}
+
+#[test]
+fn key_pin_survives_renewing_the_certificate_with_the_same_key() {
+    let (dir, cfg) = farm();
+    let data = dir.path().join("data");
+    let cert = data.join("tls").join("cert.pem");
+    let mut c = Coordinator::start(&data, &cfg);
+    // The banner's pins are the standard ones.
+    assert!(
+        c.fingerprint.starts_with("spki-sha256:"),
+        "{}",
+        c.fingerprint
+    );
+    assert_eq!(
+        openssl_pins(&cert),
+        (c.fingerprint.clone(), c.cert_pin.clone())
+    );
+    let key = c.key("host-test-trusted");
+    let bots = dir.path().join("bots");
+    let _bot = Bot::start(&c, &bots, "host-test-trusted", "keypinned", Some(&key));
+    c.wait_connected(1);
+
+    // The admin renews the certificate with the same key (with openssl, as
+    // one would for a real certificate) and restarts the coordinator.
+    let (addr, old_cert_pin, key_pin) = (c.addr.clone(), c.cert_pin.clone(), c.fingerprint.clone());
+    c.kill();
+    let key_file = data.join("tls").join("key.pem");
+    openssl(
+        &[
+            "req",
+            "-new",
+            "-x509",
+            "-key",
+            key_file.to_str().unwrap(),
+            "-subj",
+            "/CN=farmer coordinator renewed",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-days",
+            "30",
+            "-out",
+            cert.to_str().unwrap(),
+        ],
+        b"",
+    );
+    let c = Coordinator::start_on(&data, &cfg, &addr);
+    assert_eq!(c.fingerprint, key_pin);
+    assert_ne!(c.cert_pin, old_cert_pin);
+    // The machine pinned to the key comes back by itself.
+    c.wait(
+        "the key-pinned bot to reconnect",
+        Duration::from_secs(60),
+        |c| (c.connected() == ["keypinned"]).then_some(()),
+    );
+    // A machine pinned to the old certificate is stranded (why the key pin
+    // exists), and a wrong key pin is refused.
+    let old = Bot::start_pinned(
+        &c,
+        &bots,
+        "host-test-trusted",
+        "certpinned",
+        Some(&key),
+        &old_cert_pin,
+        &[],
+    );
+    assert!(
+        old.log.wait_for(
+            "certificate does not match the pinned SHA-256",
+            Duration::from_secs(20)
+        ),
+        "{}",
+        old.log.all()
+    );
+    let wrong = format!("spki-sha256:{}", "ab".repeat(32));
+    let bad = Bot::start_pinned(
+        &c,
+        &bots,
+        "host-test-trusted",
+        "wrongkey",
+        Some(&key),
+        &wrong,
+        &[],
+    );
+    assert!(
+        bad.log.wait_for(
+            "public key does not match the pinned SHA-256",
+            Duration::from_secs(20)
+        ),
+        "{}",
+        bad.log.all()
+    );
+    // And the message says what the coordinator presented, to pin it knowingly.
+    assert!(bad.log.all().contains(&key_pin), "{}", bad.log.all());
+    assert_eq!(c.connected(), vec!["keypinned".to_string()]);
 }

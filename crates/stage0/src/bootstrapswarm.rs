@@ -33,7 +33,7 @@ pub struct Cli {
     /// The machine token file. Default: $LUCI_MACHINE_TOKEN, else ~/.farmer/machine-token.json.
     #[arg(long = "token-file")]
     pub token_file: Option<PathBuf>,
-    /// Trust exactly the coordinator certificate with this SHA-256.
+    /// Trust exactly the coordinator key (spki-sha256:HEX) or certificate (HEX) this pin names.
     #[arg(long = "tls-pin")]
     pub tls_pin: Option<String>,
     /// Verify the coordinator against the CA certificates in this PEM file.

@@ -74,7 +74,8 @@ pub struct Cli {
     #[arg(long = "token-file", value_name = "FILE")]
     token_file: Option<PathBuf>,
 
-    /// Trust exactly the coordinator certificate with this SHA-256 (also passed to the buildlet).
+    /// Trust exactly the coordinator key (spki-sha256:HEX) or certificate
+    /// (HEX) this pin names, as printed at its start (also passed to the buildlet).
     #[arg(long = "tls-pin", value_name = "SHA256")]
     tls_pin: Option<String>,
 
@@ -124,7 +125,7 @@ Config file (TOML; flags and environment variables win over it):
   key_file = \"/etc/farmer/builder.key\"
   workdir = \"/var/lib/farmer/workdir\"
   dir = \"/var/lib/farmer/stage0\"
-  tls_pin = \"<sha256 of the coordinator's certificate>\"   # or ca_file = \"...\"
+  tls_pin = \"spki-sha256:<hex printed by the coordinator>\"   # or ca_file = \"...\"
   network_wait = \"2m\"
   buildlet_args = [\"-max-body=8589934592\"]";
 
@@ -228,9 +229,10 @@ impl Cli {
         let tls = if plaintext {
             Tls::Plaintext
         } else if let Some(p) = pin {
-            Tls::Pinned(crate::http::parse_pin(&p).ok_or_else(|| {
-                format!("-tls-pin={p:?} is not a SHA-256 in hex (64 hex digits, colons allowed)")
-            })?)
+            Tls::Pinned(
+                crate::http::parse_pin(&p)
+                    .ok_or_else(|| format!("-tls-pin={p:?} is not {}", farmtls::PIN_FORMS))?,
+            )
         } else if let Some(ca) = ca {
             Tls::CaFile(ca)
         } else {
@@ -387,7 +389,7 @@ mod tests {
         .unwrap();
         assert_eq!(r.config.coordinator, "farm.example:443");
         assert_eq!(r.config.reverse_type.as_deref(), Some("host-flag"));
-        assert_eq!(r.config.tls, Tls::Pinned([0xcd; 32]));
+        assert_eq!(r.config.tls, Tls::Pinned(farmtls::Pin::Cert([0xcd; 32])));
         assert!(r.run_loop);
         assert_eq!(r.config.extra_args, vec!["-a"]);
 

@@ -144,8 +144,8 @@ pub fn with_port(addr: &str) -> String {
 
 use farmtls::host_part;
 
-/// Parses a hex SHA-256 pin (colons allowed).
-pub fn parse_pin(s: &str) -> Option<[u8; 32]> {
+/// Parses a `-tls-pin` (see [`farmtls::parse_pin`]).
+pub fn parse_pin(s: &str) -> Option<farmtls::Pin> {
     farmtls::parse_pin(s)
 }
 
@@ -164,7 +164,10 @@ mod tests {
         assert_eq!(with_port("[::1]"), "[::1]:443");
         assert_eq!(with_port("[::1]:80"), "[::1]:80");
         assert_eq!(host_part("[::1]:80"), "::1");
-        assert_eq!(parse_pin(&vec!["AB"; 32].join(":")), Some([0xab; 32]));
+        assert_eq!(
+            parse_pin(&vec!["AB"; 32].join(":")),
+            Some(farmtls::Pin::Cert([0xab; 32]))
+        );
         assert_eq!(parse_pin("abc"), None);
     }
 }

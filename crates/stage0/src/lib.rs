@@ -143,7 +143,7 @@ impl Config {
         }
         match &self.tls {
             Tls::Plaintext => a.push("-insecure-plaintext".into()),
-            Tls::Pinned(p) => a.push(format!("-tls-pin={}", manifest::hex(p))),
+            Tls::Pinned(p) => a.push(format!("-tls-pin={p}")),
             Tls::CaFile(f) => a.push(format!("-ca-file={}", f.display())),
             Tls::WebPki => {}
         }
@@ -757,7 +757,12 @@ mod tests {
         let k = k.unwrap_or_else(|_| {
             ReleaseKey::from_signing(&ed25519_dalek::SigningKey::from_bytes(&[1; 32]))
         });
-        let mut c = Config::new("farm.example", Tls::Pinned([0xab; 32]), k, "/x".into());
+        let mut c = Config::new(
+            "farm.example",
+            Tls::Pinned(farmtls::Pin::Cert([0xab; 32])),
+            k,
+            "/x".into(),
+        );
         c.reverse_type = Some("host-linux-amd64-alice".into());
         c.hostname = Some("alice-1".into());
         c.workdir = Some("/var/wd".into());
@@ -774,6 +779,12 @@ mod tests {
                 format!("-tls-pin={}", "ab".repeat(32)),
                 "-max-body=10".into(),
             ]
+        );
+        // A key pin is passed on with its prefix, so the buildlet pins the key too.
+        c.tls = Tls::Pinned(farmtls::Pin::Spki([0xcd; 32]));
+        assert!(
+            c.buildlet_args()
+                .contains(&format!("-tls-pin=spki-sha256:{}", "cd".repeat(32)))
         );
         c.tls = Tls::Plaintext;
         assert!(

@@ -130,7 +130,10 @@ pub struct Coordinator {
     pub config: PathBuf,
     pub out: Lines,
     pub err: Lines,
+    /// The `-tls-pin` the banner's commands use (the key pin, `spki-sha256:HEX`).
     pub fingerprint: String,
+    /// The certificate's SHA-256 (plain hex), the banner's "TLS cert pin".
+    pub cert_pin: String,
     pub token: String,
 }
 
@@ -174,6 +177,15 @@ impl Coordinator {
             .next()
             .unwrap()
             .to_string();
+        let cert_pin = out
+            .all()
+            .split("TLS cert pin")
+            .nth(1)
+            .expect("the banner prints the certificate pin")
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
         let token = std::fs::read_to_string(data_dir.join("admin.token"))
             .unwrap()
             .trim()
@@ -186,6 +198,7 @@ impl Coordinator {
             out,
             err,
             fingerprint,
+            cert_pin,
             token,
         }
     }
@@ -303,6 +316,19 @@ impl Bot {
         key: Option<&str>,
         extra: &[&str],
     ) -> Bot {
+        Bot::start_pinned(c, dir, host_type, hostname, key, &c.fingerprint, extra)
+    }
+
+    /// A bot that trusts the coordinator by `pin` instead of the banner's pin.
+    pub fn start_pinned(
+        c: &Coordinator,
+        dir: &Path,
+        host_type: &str,
+        hostname: &str,
+        key: Option<&str>,
+        pin: &str,
+        extra: &[&str],
+    ) -> Bot {
         std::fs::create_dir_all(dir).unwrap();
         let workdir = dir.join(format!("wd-{hostname}"));
         let mut cmd = Command::new(FARMER);
@@ -311,7 +337,7 @@ impl Bot {
             .arg(format!("-reverse-type={host_type}"))
             .arg(format!("-hostname={hostname}"))
             .arg(format!("-workdir={}", workdir.display()))
-            .arg(format!("-tls-pin={}", c.fingerprint))
+            .arg(format!("-tls-pin={pin}"))
             .arg("-reboot=false")
             .args(extra)
             .env("HOME", dir)

@@ -147,9 +147,11 @@ impl Guard {
             let full = self.live.load(Ordering::Relaxed) >= self.limits.max_conns;
             if full_pending || full {
                 // Make room by closing the connection that has waited
-                // longest; dropping its sender wakes it.
+                // longest (a send closes it; a dropped sender means it
+                // made its first request).
                 match pending.pop_first() {
-                    Some(_) => {
+                    Some((_, oldest)) => {
+                        let _ = oldest.send(());
                         self.evicted.fetch_add(1, Ordering::Relaxed);
                     }
                     None if full => {
@@ -255,7 +257,11 @@ impl Conn {
         tokio::select! {
             out = fut => Some(out),
             _ = tokio::time::sleep_until(deadline) => None,
-            _ = evicted => None,
+            r = evicted => {
+                // Only an eviction sends; no request can have come yet.
+                debug_assert!(r.is_ok());
+                None
+            }
         }
     }
 
@@ -300,18 +306,20 @@ impl Conn {
             };
             let evict = async {
                 match (&mut evicted, first) {
-                    (Some(rx), true) => {
-                        let _ = rx.await;
-                    }
+                    (Some(rx), true) => rx.await.is_ok(),
                     _ => std::future::pending().await,
                 }
             };
             tokio::select! {
                 out = &mut conn => return Some(out),
                 _ = changed => continue,
-                _ = evict => {
-                    tracing::debug!("closing a connection that waited for its first request while others arrived");
-                    return None;
+                was_evicted = evict => {
+                    if was_evicted {
+                        tracing::debug!("closing a connection that waited for its first request while others arrived");
+                        return None;
+                    }
+                    // It made its first request: nothing to evict any more.
+                    evicted = None;
                 }
                 _ = sleep => {
                     // Re-check: a request may have started at the deadline.

@@ -81,6 +81,16 @@ pub struct Cli {
     #[arg(long = "max-body", default_value_t = crate::proto::DEFAULT_MAX_BODY, value_name = "BYTES")]
     max_body: u64,
 
+    /// Largest size a tarball pushed to /writetgz may expand to (the
+    /// uncompressed tar stream), in bytes. Bounds gzip bombs, which
+    /// -max-body cannot.
+    #[arg(long = "max-expanded", default_value_t = crate::proto::DEFAULT_MAX_EXPANDED, value_name = "BYTES")]
+    max_expanded: u64,
+
+    /// Most entries (files, directories, links) one tarball may hold.
+    #[arg(long = "max-entries", default_value_t = crate::proto::DEFAULT_MAX_ENTRIES, value_name = "N")]
+    max_entries: u64,
+
     /// Host name reported in /status. Default: the machine's.
     #[arg(long, value_name = "NAME")]
     hostname: Option<String>,
@@ -163,6 +173,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     cfg.password = password;
     cfg.reboot = cli.reboot;
     cfg.max_body = cli.max_body;
+    cfg.max_expanded = cli.max_expanded;
+    cfg.max_entries = cli.max_entries;
     if let Some(h) = cli.hostname {
         cfg.hostname = h;
     }
@@ -237,6 +249,8 @@ async fn run_reverse(cli: Cli, coordinator: String) -> anyhow::Result<()> {
     cfg.token_file = cli.token_file.clone();
     cfg.reboot = cli.reboot;
     cfg.max_body = cli.max_body;
+    cfg.max_expanded = cli.max_expanded;
+    cfg.max_entries = cli.max_entries;
     if let Some(h) = &cli.hostname {
         cfg.hostname = h.clone();
     }

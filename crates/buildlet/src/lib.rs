@@ -13,6 +13,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod fault;
 pub mod paths;
 pub mod proto;
 pub mod reverse;

@@ -8,12 +8,11 @@
 //!
 //! Packing ([`pack`]) streams a directory without following symbolic links.
 
+use crate::fault::{self, IoFault};
+use crate::paths::{self, PathError};
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
-
-use crate::paths::{self, PathError};
 
 /// Why an archive could not be extracted.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +20,12 @@ pub enum TarError {
     /// The body was larger than the configured limit.
     #[error("request body is larger than the limit of {0} bytes")]
     TooLarge(u64),
+    /// The uncompressed tar stream passed [`Limits::max_expanded`].
+    #[error("tarball expands past -max-expanded={0} bytes")]
+    ExpandsTooFar(u64),
+    /// The archive has more than [`Limits::max_entries`] entries.
+    #[error("tarball has more than -max-entries={0} entries")]
+    TooManyEntries(u64),
     /// The gzip or tar framing is broken (or the stream ended early).
     #[error("bad tar.gz stream: {0}")]
     Format(io::Error),
@@ -35,9 +40,77 @@ pub enum TarError {
 }
 
 impl TarError {
-    /// True when the fault lies with the archive or the request, not the machine.
+    /// True when the fault lies with the archive or the request, not the
+    /// machine. An OS error counts as the request's when no machine could
+    /// do better (a name too long for any file system, see [`fault`]).
     pub fn is_client_error(&self) -> bool {
-        !matches!(self, TarError::Io { .. })
+        match self {
+            TarError::Io { err, .. } => matches!(fault::classify(err), IoFault::Request(_)),
+            _ => true,
+        }
+    }
+
+    /// True when an extraction limit was hit (answered with 413).
+    pub fn is_too_large(&self) -> bool {
+        matches!(
+            self,
+            TarError::TooLarge(_) | TarError::ExpandsTooFar(_) | TarError::TooManyEntries(_)
+        )
+    }
+
+    /// True when the machine's disk or quota is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, TarError::Io { err, .. } if fault::classify(err) == IoFault::DiskFull)
+    }
+}
+
+/// Bounds on what one archive may expand to. The compressed size is bounded
+/// separately, by the caller's [`LimitedReader`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most bytes of uncompressed tar stream (headers, contents, padding).
+    pub max_expanded: u64,
+    /// Most entries, of any type.
+    pub max_entries: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_expanded: crate::proto::DEFAULT_MAX_EXPANDED,
+            max_entries: crate::proto::DEFAULT_MAX_ENTRIES,
+        }
+    }
+}
+
+/// Marker error for the uncompressed stream passing [`Limits::max_expanded`].
+#[derive(Debug)]
+struct ExpandedTooFar(u64);
+
+impl std::fmt::Display for ExpandedTooFar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "uncompressed stream larger than {} bytes", self.0)
+    }
+}
+
+impl std::error::Error for ExpandedTooFar {}
+
+/// Counts the decompressed bytes and fails once more than `max` passed, so
+/// a gzip bomb stops after `max` bytes of work, not when the disk is full.
+struct ExpandLimit<R> {
+    inner: R,
+    read: u64,
+    max: u64,
+}
+
+impl<R: Read> Read for ExpandLimit<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        if self.read > self.max {
+            return Err(io::Error::other(ExpandedTooFar(self.max)));
+        }
+        Ok(n)
     }
 }
 
@@ -94,19 +167,42 @@ fn classify_read_error(err: io::Error) -> TarError {
     if let Some(too_large) = err.get_ref().and_then(|e| e.downcast_ref::<BodyTooLarge>()) {
         return TarError::TooLarge(too_large.0);
     }
+    if let Some(too_far) = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<ExpandedTooFar>())
+    {
+        return TarError::ExpandsTooFar(too_far.0);
+    }
     TarError::Format(err)
 }
 
-/// Extracts a gzip-compressed tar stream into `root/dest`.
+/// Extracts a gzip-compressed tar stream into `root/dest` with the default
+/// [`Limits`].
 ///
 /// `root` must be the canonical work dir; `dest` a path already passed through
 /// [`paths::clean`]. On error, everything this call created is removed.
 pub fn extract<R: Read>(reader: R, root: &Path, dest: &[String]) -> Result<ExtractStats, TarError> {
+    extract_with(reader, root, dest, Limits::default())
+}
+
+/// [`extract`] with explicit limits on what the archive expands to.
+///
+/// Files get the time of extraction as their modification time, not the
+/// one in the archive: sources of an older commit pushed after a newer one
+/// must still look newer than build outputs cached in the work dir, or
+/// incremental tools (make, go build's cache keyed on mtimes) skip work.
+pub fn extract_with<R: Read>(
+    reader: R,
+    root: &Path,
+    dest: &[String],
+    limits: Limits,
+) -> Result<ExtractStats, TarError> {
     let mut ex = Extractor {
         root,
         created: Vec::new(),
         stats: ExtractStats::default(),
-        now: SystemTime::now(),
+        limits,
+        entries: 0,
     };
     match ex.run(reader, dest) {
         Ok(()) => Ok(ex.stats),
@@ -122,18 +218,28 @@ struct Extractor<'a> {
     /// Paths this extraction created, in creation order, for cleanup on error.
     created: Vec<PathBuf>,
     stats: ExtractStats,
-    now: SystemTime,
+    limits: Limits,
+    /// Entries seen so far, of any type.
+    entries: u64,
 }
 
 impl Extractor<'_> {
     fn run<R: Read>(&mut self, reader: R, dest: &[String]) -> Result<(), TarError> {
         let dest_path = paths::resolve(self.root, &dest.join("/"), dest, true)?;
         self.mkdirs(&dest_path)?;
-        let gz = flate2::read::GzDecoder::new(reader);
+        let gz = ExpandLimit {
+            inner: flate2::read::GzDecoder::new(reader),
+            read: 0,
+            max: self.limits.max_expanded,
+        };
         let mut archive = tar::Archive::new(gz);
         let entries = archive.entries().map_err(classify_read_error)?;
         for entry in entries {
             let mut entry = entry.map_err(classify_read_error)?;
+            self.entries += 1;
+            if self.entries > self.limits.max_entries {
+                return Err(TarError::TooManyEntries(self.limits.max_entries));
+            }
             self.entry(&mut entry, dest)?;
         }
         // Drain trailing bytes so a truncated or corrupt gzip tail is noticed
@@ -194,13 +300,7 @@ impl Extractor<'_> {
                 .map_err(|err| io_err(&target, err))?;
             self.created.push(target.clone());
             let n = copy_entry(entry, &mut f, &target)?;
-            let mtime = entry
-                .header()
-                .mtime()
-                .ok()
-                .and_then(|s| SystemTime::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(s)))
-                .map_or(self.now, |t| t.min(self.now));
-            let _ = f.set_modified(mtime);
+            // The header's mtime is ignored on purpose; see `extract_with`.
             drop(f);
             if let Ok(mode) = entry.header().mode() {
                 set_mode(&target, mode & 0o777);
@@ -433,9 +533,10 @@ mod tests {
     }
 
     /// Found by the tar_extract fuzz target: a base-256 mtime of 2^63+
-    /// overflowed `SystemTime` and panicked, skipping the cleanup.
+    /// overflowed `SystemTime` and panicked, skipping the cleanup. (Header
+    /// mtimes are now ignored altogether.)
     #[test]
-    fn huge_mtime_is_clamped_not_a_panic() {
+    fn huge_mtime_is_not_a_panic() {
         let tgz = hex_bytes(
             "1f8b08008e9a046b02ff4b63a03d300002331313300d04e83498ddf01f010c0c8dcc4c0d18140ce8e03686d2e292c422a0531846c1281805a360640100d4b4f72a00060000",
         );
@@ -444,7 +545,7 @@ mod tests {
         let stats = extract(&tgz[..], &root, &[]).unwrap();
         assert_eq!(stats.files, 1);
         let mtime = fs::metadata(root.join("f")).unwrap().modified().unwrap();
-        assert!(mtime <= SystemTime::now());
+        assert!(mtime <= std::time::SystemTime::now());
     }
 
     #[test]

@@ -72,8 +72,12 @@ async fn extract_response<R: Read + Send + 'static>(
     };
     let root = b.root.clone();
     let max = b.cfg.max_body;
+    let limits = tarball::Limits {
+        max_expanded: b.cfg.max_expanded,
+        max_entries: b.cfg.max_entries,
+    };
     let result = tokio::task::spawn_blocking(move || {
-        tarball::extract(LimitedReader::new(reader, max), &root, &dest)
+        tarball::extract_with(LimitedReader::new(reader, max), &root, &dest, limits)
     })
     .await;
     super::release_memory();
@@ -83,7 +87,9 @@ async fn extract_response<R: Read + Send + 'static>(
             text(StatusCode::OK, "OK\n")
         }
         Ok(Err(TarError::TooLarge(max))) => too_large(max),
+        Ok(Err(e)) if e.is_too_large() => text(StatusCode::PAYLOAD_TOO_LARGE, format!("{e}\n")),
         Ok(Err(e)) if e.is_client_error() => bad(e),
+        Ok(Err(e)) if e.is_disk_full() => text(StatusCode::INSUFFICIENT_STORAGE, format!("{e}\n")),
         Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         Err(e) => text(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -225,7 +231,7 @@ where
         Err(e) => return bad(e),
     };
     if let Err(e) = fs::create_dir_all(&parent) {
-        return bad(format!("path {path:?}: creating parent directory: {e}"));
+        return super::io_error(format_args!("path {path:?}: creating parent directory"), &e);
     }
     if fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
         return bad(format!("path {path:?}: a directory exists at this path"));
@@ -247,10 +253,7 @@ where
             match e {
                 WriteError::TooLarge => too_large(b.cfg.max_body),
                 WriteError::Body(e) => bad(format!("reading request body: {e}")),
-                WriteError::Io(e) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("writing {path:?}: {e}\n"),
-                ),
+                WriteError::Io(e) => super::io_error(format_args!("writing {path:?}"), &e),
             }
         }
     }

@@ -41,6 +41,10 @@ pub struct Config {
     pub password: Option<String>,
     /// Largest request body accepted by `/writetgz` and `/write`.
     pub max_body: u64,
+    /// Most bytes one tarball may expand to (`-max-expanded`).
+    pub max_expanded: u64,
+    /// Most entries one tarball may hold (`-max-entries`).
+    pub max_entries: u64,
     /// Reboot the machine after `/halt` instead of just exiting.
     pub reboot: bool,
     /// Reported in `/status`.
@@ -56,6 +60,8 @@ impl Config {
             workdir: workdir.into(),
             password: None,
             max_body: proto::DEFAULT_MAX_BODY,
+            max_expanded: proto::DEFAULT_MAX_EXPANDED,
+            max_entries: proto::DEFAULT_MAX_ENTRIES,
             reboot: false,
             hostname: default_hostname(),
             token_file: None,
@@ -343,6 +349,21 @@ pub(crate) fn release_memory() {
     // SAFETY: malloc_trim only returns free memory to the OS; it is thread-safe.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// The answer to a failed file operation: 400 when the request asked for
+/// something no machine can do (see [`crate::fault`]), 507 for a full disk,
+/// 500 otherwise. `what` says what was being done.
+pub(crate) fn io_error(what: impl std::fmt::Display, err: &io::Error) -> Response<ResponseBody> {
+    use crate::fault::IoFault;
+    match crate::fault::classify(err) {
+        IoFault::Request(why) => text(StatusCode::BAD_REQUEST, format!("{what}: {why} ({err})\n")),
+        IoFault::DiskFull => text(StatusCode::INSUFFICIENT_STORAGE, format!("{what}: {err}\n")),
+        IoFault::Machine => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{what}: {err}\n"),
+        ),
     }
 }
 

@@ -91,6 +91,14 @@ pub struct Cli {
     #[arg(long = "max-entries", default_value_t = crate::proto::DEFAULT_MAX_ENTRIES, value_name = "N")]
     max_entries: u64,
 
+    /// How the processes of a command are kept together so that they all
+    /// die with it (disconnect, timeout, /halt): `cgroup` (Linux, a cgroup v2
+    /// per command), `reaper` (Linux, child subreaper and a /proc walk),
+    /// `group` (process group only; other Unix), or `auto` for the best
+    /// available.
+    #[arg(long, default_value_t = crate::server::ContainMode::Auto, value_name = "MODE")]
+    contain: crate::server::ContainMode,
+
     /// Host name reported in /status. Default: the machine's.
     #[arg(long, value_name = "NAME")]
     hostname: Option<String>,
@@ -175,6 +183,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     cfg.max_body = cli.max_body;
     cfg.max_expanded = cli.max_expanded;
     cfg.max_entries = cli.max_entries;
+    cfg.contain = cli.contain;
     if let Some(h) = cli.hostname {
         cfg.hostname = h;
     }
@@ -182,6 +191,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(
         workdir = %buildlet.workdir().display(),
         version = crate::proto::VERSION,
+        contain = buildlet.containment(),
         "buildlet serving on http://{addr}"
     );
     {
@@ -197,10 +207,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         _ = shutdown_signal() => {
             tracing::info!("signal received, stopping");
             buildlet.halt();
+            buildlet.shutdown();
             return Ok(());
         }
     }
     tracing::info!("halted by /halt");
+    buildlet.shutdown();
     if cli.reboot {
         reboot();
     }
@@ -251,6 +263,7 @@ async fn run_reverse(cli: Cli, coordinator: String) -> anyhow::Result<()> {
     cfg.max_body = cli.max_body;
     cfg.max_expanded = cli.max_expanded;
     cfg.max_entries = cli.max_entries;
+    cfg.contain = cli.contain;
     if let Some(h) = &cli.hostname {
         cfg.hostname = h.clone();
     }
@@ -274,10 +287,12 @@ async fn run_reverse(cli: Cli, coordinator: String) -> anyhow::Result<()> {
         _ = shutdown_signal() => {
             tracing::info!("signal received, stopping");
             buildlet.halt();
+            buildlet.shutdown();
             return Ok(());
         }
     }
     tracing::info!("halted by /halt");
+    buildlet.shutdown();
     if cli.reboot {
         reboot();
     }

@@ -9,14 +9,14 @@
 #![allow(clippy::result_large_err)]
 
 mod body;
+mod contain;
 mod exec;
 mod files;
 
-use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -28,6 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use body::ResponseBody;
+pub use contain::{ContainMode, SCOPE_ENV};
 
 use crate::proto;
 
@@ -47,6 +48,8 @@ pub struct Config {
     pub max_entries: u64,
     /// Reboot the machine after `/halt` instead of just exiting.
     pub reboot: bool,
+    /// How commands' processes are kept together so they die together.
+    pub contain: ContainMode,
     /// Reported in `/status`.
     pub hostname: String,
     /// Bot mode: the machine token file, served at `/machine-token` so the
@@ -63,6 +66,7 @@ impl Config {
             max_expanded: proto::DEFAULT_MAX_EXPANDED,
             max_entries: proto::DEFAULT_MAX_ENTRIES,
             reboot: false,
+            contain: ContainMode::Auto,
             hostname: default_hostname(),
             token_file: None,
         }
@@ -107,8 +111,8 @@ pub struct Buildlet {
     root: PathBuf,
     started: Instant,
     halt_tx: watch::Sender<bool>,
-    /// Process groups of running `/exec` commands, killed on halt.
-    running: Mutex<HashSet<u32>>,
+    /// Keeps every process of a command together, to kill them together.
+    contain: Arc<contain::Containment>,
 }
 
 impl Buildlet {
@@ -124,6 +128,8 @@ impl Buildlet {
         if is_dangerous(&root) {
             return Err(SetupError::DangerousWorkdir(root));
         }
+        // Before emptying: a leftover process could be writing there.
+        let contain = Arc::new(contain::Containment::setup(cfg.contain, &root));
         files::empty_dir(&root).map_err(werr)?;
         std::fs::create_dir_all(root.join("tmp")).map_err(werr)?;
         let (halt_tx, _) = watch::channel(false);
@@ -132,7 +138,7 @@ impl Buildlet {
             root,
             started: Instant::now(),
             halt_tx,
-            running: Mutex::new(HashSet::new()),
+            contain,
         }))
     }
 
@@ -306,26 +312,23 @@ impl Buildlet {
         Some(resp)
     }
 
-    fn track(&self, pgid: u32) {
-        if let Ok(mut r) = self.running.lock() {
-            r.insert(pgid);
-        }
+    /// Kills every process of every running command; returns how many
+    /// commands were running. Reverse mode calls it when the link to the
+    /// coordinator drops: by then the coordinator has given those builds up.
+    pub fn kill_all(&self) -> usize {
+        self.contain.kill_all()
     }
 
-    fn untrack(&self, pgid: u32) {
-        if let Ok(mut r) = self.running.lock() {
-            r.remove(&pgid);
-        }
+    /// Kills what is still running and removes this buildlet's cgroups;
+    /// for a clean exit (a `SIGKILL`ed buildlet is cleaned up by the next
+    /// one on the same work dir instead).
+    pub fn shutdown(&self) {
+        self.contain.shutdown();
     }
 
-    fn kill_all(&self) {
-        let pids: Vec<u32> = match self.running.lock() {
-            Ok(r) => r.iter().copied().collect(),
-            Err(_) => return,
-        };
-        for pid in pids {
-            exec::kill_group(pid);
-        }
+    /// How commands are contained here: `cgroup`, `reaper` or `group`.
+    pub fn containment(&self) -> &'static str {
+        self.contain.mode_name()
     }
 }
 

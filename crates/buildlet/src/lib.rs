@@ -11,6 +11,7 @@
 //! * [`paths`] and [`tarball`] — the rules that keep every write inside the
 //!   work dir.
 
+pub mod beneath;
 pub mod cli;
 pub mod client;
 pub mod fault;

@@ -256,7 +256,15 @@ impl Containment {
         if let Some(dir) = lock(&jail.shared.cgroup).take() {
             std::thread::Builder::new()
                 .name("cgroup-rmdir".into())
-                .spawn(move || platform::remove_cgroup(&dir))
+                .spawn(move || {
+                    platform::remove_cgroup(&dir);
+                    // The base goes too when this was the last command (the
+                    // rmdir fails otherwise), so an idle buildlet leaves no
+                    // cgroups; the next command makes it again.
+                    if let Some(base) = dir.parent() {
+                        let _ = std::fs::remove_dir(base);
+                    }
+                })
                 .ok();
         }
     }
@@ -276,7 +284,9 @@ impl Containment {
     pub fn shutdown(&self) {
         self.kill_all();
         #[cfg(target_os = "linux")]
-        if let Active::Cgroup(base) = &*lock(&self.active) {
+        if let Active::Cgroup(base) = &*lock(&self.active)
+            && base.exists()
+        {
             platform::remove_cgroup(base);
         }
     }
@@ -418,8 +428,10 @@ mod platform {
             Group => Active::Group,
             Reaper => fallback(),
             Auto | Cgroup => {
+                // Probe: may we make cgroups here? The base is made for real
+                // when a command needs it and removed when none runs.
                 let made = base.as_ref().map(|b| match fs::create_dir(b) {
-                    Ok(()) => Ok(()),
+                    Ok(()) => fs::remove_dir(b),
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
                     Err(e) => Err(e),
                 });
@@ -517,10 +529,23 @@ mod platform {
     /// Creates `base/cmd-<id>` and opens its `cgroup.procs` for writing.
     pub(super) fn new_cgroup(base: &Path, id: u64) -> io::Result<(PathBuf, OwnedFd)> {
         let dir = base.join(format!("cmd-{id}"));
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => kill_cgroup(&dir),
-            Err(e) => return Err(e),
+        let mut tries = 0;
+        loop {
+            match fs::create_dir(base) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+            match fs::create_dir(&dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    kill_cgroup(&dir);
+                    break;
+                }
+                // The last command's cleanup removed the base meanwhile.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 5 => tries += 1,
+                Err(e) => return Err(e),
+            }
         }
         let f = fs::OpenOptions::new()
             .write(true)

@@ -109,6 +109,8 @@ pub struct Buildlet {
     cfg: Config,
     /// Canonical absolute work dir.
     root: PathBuf,
+    /// Its device and inode, to notice it being replaced ([`Buildlet::open_root`]).
+    root_id: (u64, u64),
     started: Instant,
     halt_tx: watch::Sender<bool>,
     /// Keeps every process of a command together, to kill them together.
@@ -130,16 +132,30 @@ impl Buildlet {
         }
         // Before emptying: a leftover process could be writing there.
         let contain = Arc::new(contain::Containment::setup(cfg.contain, &root));
-        files::empty_dir(&root).map_err(werr)?;
-        std::fs::create_dir_all(root.join("tmp")).map_err(werr)?;
+        let root_dir = crate::beneath::Root::open(&root).map_err(werr)?;
+        root_dir.as_dir().empty().map_err(werr)?;
+        root_dir.as_dir().mkdir("tmp").map_err(werr)?;
         let (halt_tx, _) = watch::channel(false);
         Ok(Arc::new(Buildlet {
             cfg,
             root,
+            root_id: root_dir.id(),
             started: Instant::now(),
             halt_tx,
             contain,
         }))
+    }
+
+    /// A handle on the work dir for one request's file operations. Opened
+    /// anew each time, so a work dir a step removed and recreated is
+    /// refused (500) rather than written into blindly.
+    pub(crate) fn open_root(&self) -> Result<crate::beneath::Root, Response<ResponseBody>> {
+        crate::beneath::Root::reopen(&self.root, self.root_id).map_err(|e| {
+            io_error(
+                format_args!("opening the work dir {}", self.root.display()),
+                &e,
+            )
+        })
     }
 
     /// The canonical work dir.

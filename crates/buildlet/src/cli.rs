@@ -83,6 +83,24 @@ pub struct Cli {
     #[arg(long = "max-body", default_value_t = crate::proto::DEFAULT_MAX_BODY, value_name = "BYTES")]
     max_body: u64,
 
+    /// Largest size a tarball pushed to /writetgz may expand to (the
+    /// uncompressed tar stream), in bytes. Bounds gzip bombs, which
+    /// -max-body cannot.
+    #[arg(long = "max-expanded", default_value_t = crate::proto::DEFAULT_MAX_EXPANDED, value_name = "BYTES")]
+    max_expanded: u64,
+
+    /// Most entries (files, directories, links) one tarball may hold.
+    #[arg(long = "max-entries", default_value_t = crate::proto::DEFAULT_MAX_ENTRIES, value_name = "N")]
+    max_entries: u64,
+
+    /// How the processes of a command are kept together so that they all
+    /// die with it (disconnect, timeout, /halt): `cgroup` (Linux, a cgroup v2
+    /// per command), `reaper` (Linux, child subreaper and a /proc walk),
+    /// `group` (process group only; other Unix), or `auto` for the best
+    /// available.
+    #[arg(long, default_value_t = crate::server::ContainMode::Auto, value_name = "MODE")]
+    contain: crate::server::ContainMode,
+
     /// Host name reported in /status. Default: the machine's.
     #[arg(long, value_name = "NAME")]
     hostname: Option<String>,
@@ -165,6 +183,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     cfg.password = password;
     cfg.reboot = cli.reboot;
     cfg.max_body = cli.max_body;
+    cfg.max_expanded = cli.max_expanded;
+    cfg.max_entries = cli.max_entries;
+    cfg.contain = cli.contain;
     if let Some(h) = cli.hostname {
         cfg.hostname = h;
     }
@@ -172,6 +193,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(
         workdir = %buildlet.workdir().display(),
         version = crate::proto::VERSION,
+        contain = buildlet.containment(),
         "buildlet serving on http://{addr}"
     );
     {
@@ -187,10 +209,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         _ = shutdown_signal() => {
             tracing::info!("signal received, stopping");
             buildlet.halt();
+            buildlet.shutdown();
             return Ok(());
         }
     }
     tracing::info!("halted by /halt");
+    buildlet.shutdown();
     if cli.reboot {
         reboot();
     }
@@ -240,6 +264,9 @@ async fn run_reverse(cli: Cli, coordinator: String) -> anyhow::Result<()> {
     cfg.token_file = cli.token_file.clone();
     cfg.reboot = cli.reboot;
     cfg.max_body = cli.max_body;
+    cfg.max_expanded = cli.max_expanded;
+    cfg.max_entries = cli.max_entries;
+    cfg.contain = cli.contain;
     if let Some(h) = &cli.hostname {
         cfg.hostname = h.clone();
     }
@@ -263,10 +290,12 @@ async fn run_reverse(cli: Cli, coordinator: String) -> anyhow::Result<()> {
         _ = shutdown_signal() => {
             tracing::info!("signal received, stopping");
             buildlet.halt();
+            buildlet.shutdown();
             return Ok(());
         }
     }
     tracing::info!("halted by /halt");
+    buildlet.shutdown();
     if cli.reboot {
         reboot();
     }

@@ -11,8 +11,10 @@
 //! * [`paths`] and [`tarball`] — the rules that keep every write inside the
 //!   work dir.
 
+pub mod beneath;
 pub mod cli;
 pub mod client;
+pub mod fault;
 pub mod paths;
 pub mod proto;
 pub mod reverse;

@@ -162,6 +162,12 @@ pub fn check_link_target(
         .map_err(|_| PathError::new(entry, "link directory is outside the work dir"))?
         .components()
         .count();
+    check_link_depth(entry, depth, target)
+}
+
+/// [`check_link_target`] for a link created `depth` directories below the
+/// work dir (as measured on an open directory handle).
+pub fn check_link_depth(entry: &str, depth: usize, target: &Path) -> Result<(), PathError> {
     let mut ups = 0usize;
     let mut seen_normal = false;
     for c in target.components() {

@@ -56,6 +56,18 @@ pub static BINARY_INFO: &str = concat!(
 /// Default cap on request bodies (`/writetgz`, `/write`): 4 GiB.
 pub const DEFAULT_MAX_BODY: u64 = 4 << 30;
 
+/// Default cap on what one tarball expands to (the uncompressed tar stream:
+/// headers and contents): 8 GiB. `-max-body` bounds only compressed bytes,
+/// and gzip reaches ratios near 1000:1, so without this a 1 MB body could
+/// fill the disk. Twice the default body limit leaves room for ordinary
+/// source trees, which compress 2-5x.
+pub const DEFAULT_MAX_EXPANDED: u64 = 8 << 30;
+
+/// Default cap on the number of entries in one tarball: a million. Tiny
+/// entries cost inodes and metadata writes far beyond their bytes; the
+/// largest source trees pushed to builders have a few hundred thousand.
+pub const DEFAULT_MAX_ENTRIES: u64 = 1_000_000;
+
 /// What `GET /status` returns.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {

@@ -138,6 +138,12 @@ pub async fn run(b: Arc<Buildlet>, cfg: ReverseConfig) -> Result<(), ReverseErro
             r = attempt => r,
             _ = b.halted() => return Ok(()),
         };
+        // The coordinator writes off a machine whose link dropped and runs
+        // its builds elsewhere; nothing from before may keep running here.
+        let killed = b.kill_all();
+        if killed > 0 {
+            tracing::warn!(killed, "link lost: killed the commands it was running");
+        }
         match result {
             Ok(served_for) => {
                 tracing::warn!(

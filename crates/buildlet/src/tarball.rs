@@ -8,12 +8,12 @@
 //!
 //! Packing ([`pack`]) streams a directory without following symbolic links.
 
+use crate::beneath::{Dir, DirError, Kind, Root};
+use crate::fault::{self, IoFault};
+use crate::paths::{self, PathError};
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
-
-use crate::paths::{self, PathError};
 
 /// Why an archive could not be extracted.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +21,12 @@ pub enum TarError {
     /// The body was larger than the configured limit.
     #[error("request body is larger than the limit of {0} bytes")]
     TooLarge(u64),
+    /// The uncompressed tar stream passed [`Limits::max_expanded`].
+    #[error("tarball expands past -max-expanded={0} bytes")]
+    ExpandsTooFar(u64),
+    /// The archive has more than [`Limits::max_entries`] entries.
+    #[error("tarball has more than -max-entries={0} entries")]
+    TooManyEntries(u64),
     /// The gzip or tar framing is broken (or the stream ended early).
     #[error("bad tar.gz stream: {0}")]
     Format(io::Error),
@@ -29,15 +35,85 @@ pub enum TarError {
     Entry { entry: String, reason: String },
     #[error(transparent)]
     Path(#[from] PathError),
-    /// The buildlet's own file system failed (disk full, permissions).
+    /// The file system refused an entry: the machine's fault (disk full,
+    /// permissions) or, for names no file system takes, the request's
+    /// ([`TarError::is_client_error`]). `path` is the entry's name.
     #[error("writing {path}: {err}")]
     Io { path: PathBuf, err: io::Error },
 }
 
 impl TarError {
-    /// True when the fault lies with the archive or the request, not the machine.
+    /// True when the fault lies with the archive or the request, not the
+    /// machine. An OS error counts as the request's when no machine could
+    /// do better (a name too long for any file system, see [`fault`]).
     pub fn is_client_error(&self) -> bool {
-        !matches!(self, TarError::Io { .. })
+        match self {
+            TarError::Io { err, .. } => matches!(fault::classify(err), IoFault::Request(_)),
+            _ => true,
+        }
+    }
+
+    /// True when an extraction limit was hit (answered with 413).
+    pub fn is_too_large(&self) -> bool {
+        matches!(
+            self,
+            TarError::TooLarge(_) | TarError::ExpandsTooFar(_) | TarError::TooManyEntries(_)
+        )
+    }
+
+    /// True when the machine's disk or quota is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, TarError::Io { err, .. } if fault::classify(err) == IoFault::DiskFull)
+    }
+}
+
+/// Bounds on what one archive may expand to. The compressed size is bounded
+/// separately, by the caller's [`LimitedReader`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most bytes of uncompressed tar stream (headers, contents, padding).
+    pub max_expanded: u64,
+    /// Most entries, of any type.
+    pub max_entries: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_expanded: crate::proto::DEFAULT_MAX_EXPANDED,
+            max_entries: crate::proto::DEFAULT_MAX_ENTRIES,
+        }
+    }
+}
+
+/// Marker error for the uncompressed stream passing [`Limits::max_expanded`].
+#[derive(Debug)]
+struct ExpandedTooFar(u64);
+
+impl std::fmt::Display for ExpandedTooFar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "uncompressed stream larger than {} bytes", self.0)
+    }
+}
+
+impl std::error::Error for ExpandedTooFar {}
+
+/// Counts the decompressed bytes and fails once more than `max` passed, so
+/// a gzip bomb stops after `max` bytes of work, not when the disk is full.
+struct ExpandLimit<R> {
+    inner: R,
+    read: u64,
+    max: u64,
+}
+
+impl<R: Read> Read for ExpandLimit<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        if self.read > self.max {
+            return Err(io::Error::other(ExpandedTooFar(self.max)));
+        }
+        Ok(n)
     }
 }
 
@@ -94,19 +170,55 @@ fn classify_read_error(err: io::Error) -> TarError {
     if let Some(too_large) = err.get_ref().and_then(|e| e.downcast_ref::<BodyTooLarge>()) {
         return TarError::TooLarge(too_large.0);
     }
+    if let Some(too_far) = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<ExpandedTooFar>())
+    {
+        return TarError::ExpandsTooFar(too_far.0);
+    }
     TarError::Format(err)
 }
 
-/// Extracts a gzip-compressed tar stream into `root/dest`.
+/// Extracts a gzip-compressed tar stream into `root/dest` with the default
+/// [`Limits`].
 ///
 /// `root` must be the canonical work dir; `dest` a path already passed through
 /// [`paths::clean`]. On error, everything this call created is removed.
 pub fn extract<R: Read>(reader: R, root: &Path, dest: &[String]) -> Result<ExtractStats, TarError> {
+    extract_with(reader, root, dest, Limits::default())
+}
+
+/// [`extract`] with explicit limits on what the archive expands to.
+///
+/// Files get the time of extraction as their modification time, not the
+/// one in the archive: sources of an older commit pushed after a newer one
+/// must still look newer than build outputs cached in the work dir, or
+/// incremental tools (make, go build's cache keyed on mtimes) skip work.
+pub fn extract_with<R: Read>(
+    reader: R,
+    root: &Path,
+    dest: &[String],
+    limits: Limits,
+) -> Result<ExtractStats, TarError> {
+    let root = Root::open(root).map_err(|err| io_err(root, err))?;
+    extract_in(reader, &root, dest, limits)
+}
+
+/// [`extract_with`] into an already open work dir. Every entry is created
+/// relative to a handle on its parent directory ([`crate::beneath`]), so a
+/// step swapping a directory for a symlink meanwhile cannot redirect it.
+pub fn extract_in<R: Read>(
+    reader: R,
+    root: &Root,
+    dest: &[String],
+    limits: Limits,
+) -> Result<ExtractStats, TarError> {
     let mut ex = Extractor {
         root,
         created: Vec::new(),
         stats: ExtractStats::default(),
-        now: SystemTime::now(),
+        limits,
+        entries: 0,
     };
     match ex.run(reader, dest) {
         Ok(()) => Ok(ex.stats),
@@ -118,22 +230,32 @@ pub fn extract<R: Read>(reader: R, root: &Path, dest: &[String]) -> Result<Extra
 }
 
 struct Extractor<'a> {
-    root: &'a Path,
-    /// Paths this extraction created, in creation order, for cleanup on error.
-    created: Vec<PathBuf>,
+    root: &'a Root,
+    /// Paths (components below the root) this extraction created, in
+    /// creation order, for cleanup on error.
+    created: Vec<Vec<String>>,
     stats: ExtractStats,
-    now: SystemTime,
+    limits: Limits,
+    /// Entries seen so far, of any type.
+    entries: u64,
 }
 
 impl Extractor<'_> {
     fn run<R: Read>(&mut self, reader: R, dest: &[String]) -> Result<(), TarError> {
-        let dest_path = paths::resolve(self.root, &dest.join("/"), dest, true)?;
-        self.mkdirs(&dest_path)?;
-        let gz = flate2::read::GzDecoder::new(reader);
+        self.dir(&dest.join("/"), dest)?;
+        let gz = ExpandLimit {
+            inner: flate2::read::GzDecoder::new(reader),
+            read: 0,
+            max: self.limits.max_expanded,
+        };
         let mut archive = tar::Archive::new(gz);
         let entries = archive.entries().map_err(classify_read_error)?;
         for entry in entries {
             let mut entry = entry.map_err(classify_read_error)?;
+            self.entries += 1;
+            if self.entries > self.limits.max_entries {
+                return Err(TarError::TooManyEntries(self.limits.max_entries));
+            }
             self.entry(&mut entry, dest)?;
         }
         // Drain trailing bytes so a truncated or corrupt gzip tail is noticed
@@ -141,6 +263,13 @@ impl Extractor<'_> {
         let mut gz = archive.into_inner();
         io::copy(&mut gz, &mut io::sink()).map_err(classify_read_error)?;
         Ok(())
+    }
+
+    /// Opens (creating as needed) the directory at `comps`.
+    fn dir(&mut self, name: &str, comps: &[String]) -> Result<Dir, TarError> {
+        self.root
+            .dir(name, comps, Some(&mut self.created))
+            .map_err(|e| dir_err(name, e))
     }
 
     fn entry<R: Read>(
@@ -168,43 +297,30 @@ impl Extractor<'_> {
             return Err(bad("names the destination directory itself"));
         }
         if kind.is_dir() {
-            let path = paths::resolve(self.root, &name, &comps, true)?;
-            self.mkdirs(&path)?;
+            let dir = self.dir(&name, &comps)?;
             // The destination directory itself keeps its permissions.
-            if rel.is_empty() {
-                self.stats.dirs += 1;
-                return Ok(());
-            }
-            if let Ok(mode) = entry.header().mode() {
-                set_mode(&path, (mode & 0o777) | 0o700);
+            if !rel.is_empty()
+                && let Ok(mode) = entry.header().mode()
+            {
+                let _ = dir.set_mode((mode & 0o777) | 0o700);
             }
             self.stats.dirs += 1;
             return Ok(());
         }
-        let (parent_comps, _) = comps.split_at(comps.len() - 1);
-        let parent = paths::resolve(self.root, &name, parent_comps, true)?;
-        self.mkdirs(&parent)?;
-        let target = paths::resolve(self.root, &name, &comps, false)?;
+        let (parent_comps, last) = comps.split_at(comps.len() - 1);
+        let last = &last[0];
+        let parent = self.dir(&name, parent_comps)?;
+        let ioe = |err| io_err(Path::new(&name), err);
         if kind.is_file() || kind == tar::EntryType::Continuous {
-            self.make_room(&target, &name)?;
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&target)
-                .map_err(|err| io_err(&target, err))?;
-            self.created.push(target.clone());
-            let n = copy_entry(entry, &mut f, &target)?;
-            let mtime = entry
-                .header()
-                .mtime()
-                .ok()
-                .and_then(|s| SystemTime::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(s)))
-                .map_or(self.now, |t| t.min(self.now));
-            let _ = f.set_modified(mtime);
-            drop(f);
+            self.make_room(&parent, last, &name)?;
+            let mut f = parent.create_new(last, 0o600).map_err(ioe)?;
+            self.created.push(comps.clone());
+            let n = copy_entry(entry, &mut f, Path::new(&name))?;
+            // The header's mtime is ignored on purpose; see `extract_with`.
             if let Ok(mode) = entry.header().mode() {
-                set_mode(&target, mode & 0o777);
+                set_file_mode(&f, mode & 0o777);
             }
+            drop(f);
             self.stats.files += 1;
             self.stats.bytes += n;
             Ok(())
@@ -214,15 +330,22 @@ impl Extractor<'_> {
                 .map_err(classify_read_error)?
                 .ok_or_else(|| bad("symbolic link without a target"))?
                 .into_owned();
-            paths::check_link_target(self.root, &name, &parent, &link)?;
-            self.make_room(&target, &name)?;
-            make_symlink(&link, &target).map_err(|err| match err.kind() {
-                io::ErrorKind::Unsupported => {
-                    bad("symbolic links are not supported on this system")
-                }
-                _ => io_err(&target, err),
-            })?;
-            self.created.push(target);
+            let depth = self
+                .root
+                .depth(&parent)
+                .map_err(ioe)?
+                .ok_or_else(|| bad("link directory is outside the work dir"))?;
+            paths::check_link_depth(&name, depth, &link)?;
+            self.make_room(&parent, last, &name)?;
+            parent
+                .symlink(&link, last)
+                .map_err(|err| match err.kind() {
+                    io::ErrorKind::Unsupported => {
+                        bad("symbolic links are not supported on this system")
+                    }
+                    _ => ioe(err),
+                })?;
+            self.created.push(comps.clone());
             self.stats.links += 1;
             Ok(())
         } else if kind.is_hard_link() {
@@ -236,23 +359,35 @@ impl Extractor<'_> {
                 paths::clean(&link).map_err(|e| bad(&format!("hard link target {e}")))?;
             let mut link_comps = dest.to_vec();
             link_comps.extend(link_rel);
-            let src = paths::resolve(self.root, &link, &link_comps, true)
-                .map_err(|e| bad(&format!("hard link target {e}")))?;
-            let followed = paths::resolve(self.root, &name, &comps, true)?;
-            if src == followed {
+            let not_file = || {
+                bad(&format!(
+                    "hard link target {link:?} is not a regular file already in the tree"
+                ))
+            };
+            let Some((src_name, src_parent_comps)) = link_comps.split_last() else {
+                return Err(not_file());
+            };
+            let src_dir = match self.root.dir(&link, src_parent_comps, None) {
+                Ok(d) => d,
+                Err(DirError::Path(e)) => return Err(bad(&format!("hard link target {e}"))),
+                Err(DirError::Io(_)) => return Err(not_file()),
+            };
+            let src = match src_dir.lstat(src_name) {
+                Ok(Some(st)) if st.kind == Kind::File => st,
+                _ => return Err(not_file()),
+            };
+            if let Ok(Some(existing)) = parent.lstat(last)
+                && existing.id == src.id
+                && src.id != (0, 0)
+            {
                 return Err(bad("hard link points to itself"));
             }
-            match fs::symlink_metadata(&src) {
-                Ok(m) if m.is_file() => {}
-                _ => {
-                    return Err(bad(&format!(
-                        "hard link target {link:?} is not a regular file already in the tree"
-                    )));
-                }
+            if src_parent_comps == parent_comps && src_name == last {
+                return Err(bad("hard link points to itself"));
             }
-            self.make_room(&target, &name)?;
-            fs::hard_link(&src, &target).map_err(|err| io_err(&target, err))?;
-            self.created.push(target);
+            self.make_room(&parent, last, &name)?;
+            parent.hard_link(&src_dir, src_name, last).map_err(ioe)?;
+            self.created.push(comps.clone());
             self.stats.links += 1;
             Ok(())
         } else if kind.is_character_special() || kind.is_block_special() {
@@ -268,55 +403,49 @@ impl Extractor<'_> {
     }
 
     /// Removes a file or link that an entry replaces; refuses to replace a directory.
-    fn make_room(&mut self, target: &Path, name: &str) -> Result<(), TarError> {
-        match fs::symlink_metadata(target) {
-            Ok(m) if m.is_dir() => Err(TarError::Entry {
+    fn make_room(&mut self, parent: &Dir, last: &str, name: &str) -> Result<(), TarError> {
+        match parent.lstat(last) {
+            Ok(Some(st)) if st.kind == Kind::Dir => Err(TarError::Entry {
                 entry: name.to_string(),
                 reason: "a directory already exists at this path".into(),
             }),
-            Ok(_) => fs::remove_file(target).map_err(|err| io_err(target, err)),
-            Err(_) => Ok(()),
+            Ok(Some(_)) => parent
+                .unlink(last)
+                .map_err(|err| io_err(Path::new(name), err)),
+            Ok(None) => Ok(()),
+            Err(err) => Err(io_err(Path::new(name), err)),
         }
     }
 
-    /// Creates `path` and its missing ancestors below the root, recording each.
-    fn mkdirs(&mut self, path: &Path) -> Result<(), TarError> {
-        let mut missing = Vec::new();
-        let mut cur = path;
-        while cur != self.root && fs::symlink_metadata(cur).is_err() {
-            missing.push(cur.to_path_buf());
-            match cur.parent() {
-                Some(p) => cur = p,
-                None => break,
-            }
-        }
-        for dir in missing.into_iter().rev() {
-            fs::create_dir(&dir).map_err(|err| io_err(&dir, err))?;
-            self.created.push(dir);
-        }
-        match fs::metadata(path) {
-            Ok(m) if m.is_dir() => Ok(()),
-            _ => Err(io_err(
-                path,
-                io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
-            )),
-        }
-    }
-
+    /// Removes what this extraction created, newest first. Each path is
+    /// opened through the root again, so the cleanup is confined as well.
     fn undo(&mut self) {
         for p in self.created.drain(..).rev() {
-            match fs::symlink_metadata(&p) {
-                Ok(m) if m.is_dir() => {
-                    let _ = fs::remove_dir_all(&p);
-                }
-                Ok(_) => {
-                    let _ = fs::remove_file(&p);
-                }
-                Err(_) => {}
+            let Some((last, parent)) = p.split_last() else {
+                continue;
+            };
+            if let Ok(dir) = self.root.dir("", parent, None) {
+                let _ = dir.remove_all(last);
             }
         }
     }
 }
+
+fn dir_err(name: &str, e: DirError) -> TarError {
+    match e {
+        DirError::Path(p) => TarError::Path(p),
+        DirError::Io(err) => io_err(Path::new(name), err),
+    }
+}
+
+#[cfg(unix)]
+fn set_file_mode(f: &fs::File, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = f.set_permissions(fs::Permissions::from_mode(mode));
+}
+
+#[cfg(not(unix))]
+fn set_file_mode(_f: &fs::File, _mode: u32) {}
 
 fn copy_entry<R: Read>(
     entry: &mut tar::Entry<'_, R>,
@@ -353,28 +482,6 @@ fn io_err(path: &Path, err: io::Error) -> TarError {
         path: path.to_path_buf(),
         err,
     }
-}
-
-#[cfg(unix)]
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = fs::set_permissions(path, fs::Permissions::from_mode(mode));
-}
-
-#[cfg(not(unix))]
-fn set_mode(_path: &Path, _mode: u32) {}
-
-#[cfg(unix)]
-fn make_symlink(target: &Path, link: &Path) -> io::Result<()> {
-    std::os::unix::fs::symlink(target, link)
-}
-
-#[cfg(not(unix))]
-fn make_symlink(_target: &Path, _link: &Path) -> io::Result<()> {
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        "symlinks unsupported",
-    ))
 }
 
 /// Writes a gzip-compressed tar of `dir` to `out`, entries named relative to
@@ -433,9 +540,10 @@ mod tests {
     }
 
     /// Found by the tar_extract fuzz target: a base-256 mtime of 2^63+
-    /// overflowed `SystemTime` and panicked, skipping the cleanup.
+    /// overflowed `SystemTime` and panicked, skipping the cleanup. (Header
+    /// mtimes are now ignored altogether.)
     #[test]
-    fn huge_mtime_is_clamped_not_a_panic() {
+    fn huge_mtime_is_not_a_panic() {
         let tgz = hex_bytes(
             "1f8b08008e9a046b02ff4b63a03d300002331313300d04e83498ddf01f010c0c8dcc4c0d18140ce8e03686d2e292c422a0531846c1281805a360640100d4b4f72a00060000",
         );
@@ -444,7 +552,7 @@ mod tests {
         let stats = extract(&tgz[..], &root, &[]).unwrap();
         assert_eq!(stats.files, 1);
         let mtime = fs::metadata(root.join("f")).unwrap().modified().unwrap();
-        assert!(mtime <= SystemTime::now());
+        assert!(mtime <= std::time::SystemTime::now());
     }
 
     #[test]

@@ -186,23 +186,6 @@ fn is_executable(p: &Path) -> bool {
     p.is_file()
 }
 
-/// Kills a process group (Unix) started by `/exec`.
-pub(super) fn kill_group(pgid: u32) {
-    #[cfg(unix)]
-    {
-        if let Ok(pgid) = i32::try_from(pgid)
-            && pgid > 0
-        {
-            // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
-            unsafe {
-                libc::kill(-pgid, libc::SIGKILL);
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = pgid;
-}
-
 pub(super) async fn exec<B>(b: Arc<Buildlet>, req: Request<B>) -> Response<ResponseBody>
 where
     B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
@@ -234,28 +217,49 @@ where
             );
         }
     };
+    let contain = b.contain.clone();
+    contain.start_reaper();
+    let mut jail = contain.prepare();
     let mut command = tokio::process::Command::new(&plan.program);
     command
         .args(&plan.args)
         .env_clear()
         .envs(plan.env.iter().map(|(k, v)| (k, v)))
+        .env(super::contain::SCOPE_ENV, &jail.marker)
         .current_dir(&plan.dir)
         .stdin(Stdio::null())
         .stdout(writer)
         .stderr(writer2)
         .kill_on_drop(true);
     #[cfg(unix)]
-    command.process_group(0);
-    let spawned = command.spawn();
+    {
+        command.process_group(0);
+        // SAFETY: the hook only makes async-signal-safe calls (see its docs).
+        unsafe {
+            command.pre_exec(jail.pre_exec_hook());
+        }
+    }
+    let spawned = {
+        // Held from spawn to registration, so the orphan reaper cannot
+        // take the child's exit status from tokio in between.
+        let mut children = contain.children.lock().unwrap_or_else(|e| e.into_inner());
+        let spawned = command.spawn();
+        if let Ok(c) = &spawned {
+            let pid = c.id().unwrap_or(0);
+            children.insert(i32::try_from(pid).unwrap_or(0));
+            contain.started(&mut jail, pid);
+        }
+        spawned
+    };
     drop(command);
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
+            contain.finish(jail);
             return bad(format!("cannot start {}: {e}", plan.program.display()));
         }
     };
-    let pid = child.id().unwrap_or(0);
-    b.track(pid);
+    let pid = jail.pid();
     tracing::info!(pid, program = %plan.program.display(), args = ?plan.args, dir = %plan.dir.display(), "exec");
 
     let (tx, body) = ResponseBody::channel(16);
@@ -314,8 +318,10 @@ where
                         Ok(s) => exit = Some(s),
                         Err(e) => wait_error = Some(e.to_string()),
                     }
-                    // Stragglers in the group would keep the pipe open.
-                    kill_group(pid);
+                    contain.exited(&jail);
+                    // Whatever the command left running dies with it (and
+                    // would keep the pipe open otherwise).
+                    contain.kill(&jail);
                     drain_deadline = Some(tokio::time::Instant::now() + DRAIN_GRACE);
                 }
                 _ = tx.closed() => {
@@ -324,24 +330,25 @@ where
                 }
                 _ = &mut sleep, if !timed_out && exit.is_none() => {
                     timed_out = true;
-                    kill_group(pid);
+                    contain.kill(&jail);
                     let _ = child.start_kill();
                 }
                 _ = drain => {
-                    tracing::warn!(pid, "output still open {DRAIN_GRACE:?} after exit; a process left the group");
+                    tracing::warn!(pid, "output still open {DRAIN_GRACE:?} after exit; a process escaped containment");
                     output_done = true;
                 }
             }
         }
         if client_gone {
-            tracing::info!(pid, "client went away; killing the process group");
-            kill_group(pid);
+            tracing::info!(pid, "client went away; killing the command");
+            contain.kill(&jail);
             let _ = child.start_kill();
             let _ = child.wait().await;
-            b.untrack(pid);
+            contain.exited(&jail);
+            contain.finish(jail);
             return;
         }
-        b.untrack(pid);
+        contain.finish(jail);
         let state = if timed_out {
             ProcessState::TimedOut(timeout.unwrap_or_default())
         } else if let Some(e) = wait_error {

@@ -4,6 +4,7 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::TryStreamExt;
@@ -15,6 +16,7 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use super::body::BodyFrame;
 use super::{Buildlet, Form, ResponseBody, query_pairs, read_form, text};
+use crate::beneath::{DirError, Kind};
 use crate::paths;
 use crate::proto::{EntryKind, LsEntry};
 use crate::tarball::{self, LimitedReader, TarError};
@@ -70,10 +72,17 @@ async fn extract_response<R: Read + Send + 'static>(
         Ok(d) => d,
         Err(e) => return bad(e),
     };
-    let root = b.root.clone();
+    let root = match b.open_root() {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
     let max = b.cfg.max_body;
+    let limits = tarball::Limits {
+        max_expanded: b.cfg.max_expanded,
+        max_entries: b.cfg.max_entries,
+    };
     let result = tokio::task::spawn_blocking(move || {
-        tarball::extract(LimitedReader::new(reader, max), &root, &dest)
+        tarball::extract_in(LimitedReader::new(reader, max), &root, &dest, limits)
     })
     .await;
     super::release_memory();
@@ -83,7 +92,9 @@ async fn extract_response<R: Read + Send + 'static>(
             text(StatusCode::OK, "OK\n")
         }
         Ok(Err(TarError::TooLarge(max))) => too_large(max),
+        Ok(Err(e)) if e.is_too_large() => text(StatusCode::PAYLOAD_TOO_LARGE, format!("{e}\n")),
         Ok(Err(e)) if e.is_client_error() => bad(e),
+        Ok(Err(e)) if e.is_disk_full() => text(StatusCode::INSUFFICIENT_STORAGE, format!("{e}\n")),
         Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         Err(e) => text(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -216,41 +227,47 @@ where
         Ok(c) => c,
         Err(e) => return bad(e),
     };
-    let parent = match paths::resolve(&b.root, &path, &comps[..comps.len() - 1], true) {
-        Ok(p) => p,
-        Err(e) => return bad(e),
+    let root = match b.open_root() {
+        Ok(r) => r,
+        Err(resp) => return resp,
     };
-    let target = match paths::resolve(&b.root, &path, &comps, false) {
+    let (last, parent_comps) = comps.split_last().expect("comps is not empty");
+    // The parent is opened (and created) below the root by handle; the
+    // file is created, filled and renamed relative to that handle.
+    let parent = match root.dir(&path, parent_comps, Some(&mut Vec::new())) {
         Ok(p) => p,
-        Err(e) => return bad(e),
+        Err(DirError::Path(e)) => return bad(e),
+        Err(DirError::Io(e)) => {
+            return super::io_error(format_args!("path {path:?}: creating parent directory"), &e);
+        }
     };
-    if let Err(e) = fs::create_dir_all(&parent) {
-        return bad(format!("path {path:?}: creating parent directory: {e}"));
+    match parent.lstat(last) {
+        Ok(Some(st)) if st.kind == Kind::Dir => {
+            return bad(format!("path {path:?}: a directory exists at this path"));
+        }
+        Ok(_) => {}
+        Err(e) => return super::io_error(format_args!("path {path:?}"), &e),
     }
-    if fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
-        return bad(format!("path {path:?}: a directory exists at this path"));
-    }
-    let tmp = parent.join(format!(
-        ".{}.farmer-tmp-{}",
-        comps[comps.len() - 1],
-        std::process::id()
-    ));
-    let result = write_body(req.into_body(), &tmp, b.cfg.max_body).await;
-    let finish = result.and_then(|()| {
-        set_mode(&tmp, mode)?;
-        fs::rename(&tmp, &target).map_err(WriteError::Io)
-    });
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let tmp = format!(
+        ".farmer-write-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    let file = match parent.create_new(&tmp, 0o600) {
+        Ok(f) => f,
+        Err(e) => return super::io_error(format_args!("writing {path:?}"), &e),
+    };
+    let result = write_body(req.into_body(), file, mode, b.cfg.max_body).await;
+    let finish = result.and_then(|()| parent.rename(&tmp, last).map_err(WriteError::Io));
     match finish {
         Ok(()) => text(StatusCode::OK, "OK\n"),
         Err(e) => {
-            let _ = fs::remove_file(&tmp);
+            let _ = parent.unlink(&tmp);
             match e {
                 WriteError::TooLarge => too_large(b.cfg.max_body),
                 WriteError::Body(e) => bad(format!("reading request body: {e}")),
-                WriteError::Io(e) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("writing {path:?}: {e}\n"),
-                ),
+                WriteError::Io(e) => super::io_error(format_args!("writing {path:?}"), &e),
             }
         }
     }
@@ -262,13 +279,14 @@ enum WriteError {
     Io(io::Error),
 }
 
-async fn write_body<B>(mut body: B, tmp: &Path, max: u64) -> Result<(), WriteError>
+async fn write_body<B>(mut body: B, file: fs::File, mode: u32, max: u64) -> Result<(), WriteError>
 where
     B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     use tokio::io::AsyncWriteExt;
-    let mut f = tokio::fs::File::create(tmp).await.map_err(WriteError::Io)?;
+    set_mode(&file, mode)?;
+    let mut f = tokio::fs::File::from_std(file);
     let mut total = 0u64;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| WriteError::Body(e.into()))?;
@@ -284,13 +302,14 @@ where
 }
 
 #[cfg(unix)]
-fn set_mode(path: &Path, mode: u32) -> Result<(), WriteError> {
+fn set_mode(f: &fs::File, mode: u32) -> Result<(), WriteError> {
     use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(WriteError::Io)
+    f.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(WriteError::Io)
 }
 
 #[cfg(not(unix))]
-fn set_mode(_path: &Path, _mode: u32) -> Result<(), WriteError> {
+fn set_mode(_f: &fs::File, _mode: u32) -> Result<(), WriteError> {
     Ok(())
 }
 
@@ -526,24 +545,41 @@ where
             Ok(c) => c,
             Err(e) => return bad(e),
         };
-        if comps.is_empty() {
-            targets.push(None);
-        } else {
-            match paths::resolve(&b.root, p, &comps, false) {
-                Ok(t) => targets.push(Some(t)),
-                Err(e) => return bad(e),
-            }
+        if !comps.is_empty()
+            && let Err(e) = paths::resolve(&b.root, p, &comps, false)
+        {
+            return bad(e);
         }
+        targets.push((p.clone(), comps));
     }
-    let root = b.root.clone();
-    let result = tokio::task::spawn_blocking(move || -> io::Result<()> {
-        for t in targets {
-            match t {
+    let root = match b.open_root() {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    // Removal goes through handles: the parent is opened below the root and
+    // the entry removed relative to it, never following a symlink.
+    let result = tokio::task::spawn_blocking(move || -> Result<(), Response<ResponseBody>> {
+        for (p, comps) in targets {
+            let ioe = |e: &io::Error| super::io_error(format_args!("removing {p:?}"), e);
+            match comps.split_last() {
                 None => {
-                    empty_dir(&root)?;
-                    fs::create_dir_all(root.join("tmp"))?;
+                    root.as_dir().empty().map_err(|e| ioe(&e))?;
+                    match root.as_dir().mkdir("tmp") {
+                        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(ioe(&e)),
+                        _ => {}
+                    }
                 }
-                Some(t) => remove_path(&t)?,
+                Some((last, parent)) => match root.dir(&p, parent, None) {
+                    Ok(dir) => dir.remove_all(last).map_err(|e| ioe(&e))?,
+                    Err(DirError::Path(e)) => return Err(bad(e)),
+                    // Nothing there to remove.
+                    Err(DirError::Io(e))
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                        ) => {}
+                    Err(DirError::Io(e)) => return Err(ioe(&e)),
+                },
             }
         }
         Ok(())
@@ -551,72 +587,10 @@ where
     .await;
     match result {
         Ok(Ok(())) => text(StatusCode::OK, "OK\n"),
-        Ok(Err(e)) => text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("removing: {e}\n"),
-        ),
+        Ok(Err(resp)) => resp,
         Err(e) => text(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("remove task failed: {e}\n"),
         ),
     }
-}
-
-/// Removes a file, link or directory tree; read-only directories are made
-/// writable first. A missing path is not an error.
-pub(crate) fn remove_path(p: &Path) -> io::Result<()> {
-    let meta = match fs::symlink_metadata(p) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    if !meta.is_dir() {
-        return fs::remove_file(p);
-    }
-    match fs::remove_dir_all(p) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(_) => {
-            make_writable(p);
-            fs::remove_dir_all(p)
-        }
-    }
-}
-
-#[cfg(unix)]
-fn make_writable(dir: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
-    if let Ok(rd) = fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                make_writable(&e.path());
-            }
-        }
-    }
-}
-
-#[cfg(not(unix))]
-fn make_writable(dir: &Path) {
-    if let Ok(rd) = fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if let Ok(m) = e.metadata() {
-                let mut p = m.permissions();
-                #[allow(clippy::permissions_set_readonly_false)]
-                p.set_readonly(false);
-                let _ = fs::set_permissions(e.path(), p);
-            }
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                make_writable(&e.path());
-            }
-        }
-    }
-}
-
-/// Removes everything inside `dir`, keeping `dir` itself.
-pub(crate) fn empty_dir(dir: &Path) -> io::Result<()> {
-    for e in fs::read_dir(dir)? {
-        remove_path(&e?.path())?;
-    }
-    Ok(())
 }

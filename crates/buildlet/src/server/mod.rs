@@ -9,14 +9,14 @@
 #![allow(clippy::result_large_err)]
 
 mod body;
+mod contain;
 mod exec;
 mod files;
 
-use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -28,6 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use body::ResponseBody;
+pub use contain::{ContainMode, SCOPE_ENV};
 
 use crate::proto;
 
@@ -41,8 +42,14 @@ pub struct Config {
     pub password: Option<String>,
     /// Largest request body accepted by `/writetgz` and `/write`.
     pub max_body: u64,
+    /// Most bytes one tarball may expand to (`-max-expanded`).
+    pub max_expanded: u64,
+    /// Most entries one tarball may hold (`-max-entries`).
+    pub max_entries: u64,
     /// Reboot the machine after `/halt` instead of just exiting.
     pub reboot: bool,
+    /// How commands' processes are kept together so they die together.
+    pub contain: ContainMode,
     /// Reported in `/status`.
     pub hostname: String,
     /// Bot mode: the machine token file, served at `/machine-token` so the
@@ -56,7 +63,10 @@ impl Config {
             workdir: workdir.into(),
             password: None,
             max_body: proto::DEFAULT_MAX_BODY,
+            max_expanded: proto::DEFAULT_MAX_EXPANDED,
+            max_entries: proto::DEFAULT_MAX_ENTRIES,
             reboot: false,
+            contain: ContainMode::Auto,
             hostname: default_hostname(),
             token_file: None,
         }
@@ -99,10 +109,12 @@ pub struct Buildlet {
     cfg: Config,
     /// Canonical absolute work dir.
     root: PathBuf,
+    /// Its device and inode, to notice it being replaced ([`Buildlet::open_root`]).
+    root_id: (u64, u64),
     started: Instant,
     halt_tx: watch::Sender<bool>,
-    /// Process groups of running `/exec` commands, killed on halt.
-    running: Mutex<HashSet<u32>>,
+    /// Keeps every process of a command together, to kill them together.
+    contain: Arc<contain::Containment>,
 }
 
 impl Buildlet {
@@ -118,16 +130,32 @@ impl Buildlet {
         if is_dangerous(&root) {
             return Err(SetupError::DangerousWorkdir(root));
         }
-        files::empty_dir(&root).map_err(werr)?;
-        std::fs::create_dir_all(root.join("tmp")).map_err(werr)?;
+        // Before emptying: a leftover process could be writing there.
+        let contain = Arc::new(contain::Containment::setup(cfg.contain, &root));
+        let root_dir = crate::beneath::Root::open(&root).map_err(werr)?;
+        root_dir.as_dir().empty().map_err(werr)?;
+        root_dir.as_dir().mkdir("tmp").map_err(werr)?;
         let (halt_tx, _) = watch::channel(false);
         Ok(Arc::new(Buildlet {
             cfg,
             root,
+            root_id: root_dir.id(),
             started: Instant::now(),
             halt_tx,
-            running: Mutex::new(HashSet::new()),
+            contain,
         }))
+    }
+
+    /// A handle on the work dir for one request's file operations. Opened
+    /// anew each time, so a work dir a step removed and recreated is
+    /// refused (500) rather than written into blindly.
+    pub(crate) fn open_root(&self) -> Result<crate::beneath::Root, Response<ResponseBody>> {
+        crate::beneath::Root::reopen(&self.root, self.root_id).map_err(|e| {
+            io_error(
+                format_args!("opening the work dir {}", self.root.display()),
+                &e,
+            )
+        })
     }
 
     /// The canonical work dir.
@@ -300,26 +328,23 @@ impl Buildlet {
         Some(resp)
     }
 
-    fn track(&self, pgid: u32) {
-        if let Ok(mut r) = self.running.lock() {
-            r.insert(pgid);
-        }
+    /// Kills every process of every running command; returns how many
+    /// commands were running. Reverse mode calls it when the link to the
+    /// coordinator drops: by then the coordinator has given those builds up.
+    pub fn kill_all(&self) -> usize {
+        self.contain.kill_all()
     }
 
-    fn untrack(&self, pgid: u32) {
-        if let Ok(mut r) = self.running.lock() {
-            r.remove(&pgid);
-        }
+    /// Kills what is still running and removes this buildlet's cgroups;
+    /// for a clean exit (a `SIGKILL`ed buildlet is cleaned up by the next
+    /// one on the same work dir instead).
+    pub fn shutdown(&self) {
+        self.contain.shutdown();
     }
 
-    fn kill_all(&self) {
-        let pids: Vec<u32> = match self.running.lock() {
-            Ok(r) => r.iter().copied().collect(),
-            Err(_) => return,
-        };
-        for pid in pids {
-            exec::kill_group(pid);
-        }
+    /// How commands are contained here: `cgroup`, `reaper` or `group`.
+    pub fn containment(&self) -> &'static str {
+        self.contain.mode_name()
     }
 }
 
@@ -343,6 +368,21 @@ pub(crate) fn release_memory() {
     // SAFETY: malloc_trim only returns free memory to the OS; it is thread-safe.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// The answer to a failed file operation: 400 when the request asked for
+/// something no machine can do (see [`crate::fault`]), 507 for a full disk,
+/// 500 otherwise. `what` says what was being done.
+pub(crate) fn io_error(what: impl std::fmt::Display, err: &io::Error) -> Response<ResponseBody> {
+    use crate::fault::IoFault;
+    match crate::fault::classify(err) {
+        IoFault::Request(why) => text(StatusCode::BAD_REQUEST, format!("{what}: {why} ({err})\n")),
+        IoFault::DiskFull => text(StatusCode::INSUFFICIENT_STORAGE, format!("{what}: {err}\n")),
+        IoFault::Machine => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{what}: {err}\n"),
+        ),
     }
 }
 

@@ -16,6 +16,8 @@ pub struct Harness {
     pub base: tempfile::TempDir,
     pub workdir: PathBuf,
     pub password: Option<String>,
+    /// The extra flags it was started with, for [`Harness::restart`].
+    extra: Vec<String>,
 }
 
 impl Harness {
@@ -30,29 +32,11 @@ impl Harness {
         std::fs::create_dir_all(outside.join("sub")).unwrap();
         std::fs::write(outside.join("sentinel"), b"do not touch").unwrap();
         std::fs::write(outside.join("sub/file"), b"nested").unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_buildlet"));
-        cmd.arg("-listen=127.0.0.1:0")
-            .arg(format!("-workdir={}", workdir.display()))
-            .args(extra)
-            .env("BUILDLET_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
         if let Some(p) = password {
-            let pf = base.path().join("password");
-            std::fs::write(&pf, format!("{p}\n")).unwrap();
-            cmd.arg(format!("-password-file={}", pf.display()));
+            std::fs::write(base.path().join("password"), format!("{p}\n")).unwrap();
         }
-        let mut child = cmd.spawn().expect("spawn buildlet");
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read listen line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let (child, addr) = spawn(base.path(), &workdir, password.is_some(), &extra);
         let workdir = workdir.canonicalize().unwrap();
         Harness {
             child,
@@ -60,7 +44,23 @@ impl Harness {
             base,
             workdir,
             password: password.map(str::to_string),
+            extra,
         }
+    }
+
+    /// Starts a new buildlet on the same work dir and flags, as a
+    /// supervisor would after the old one died (kill it first).
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, addr) = spawn(
+            self.base.path(),
+            &self.workdir,
+            self.password.is_some(),
+            &self.extra,
+        );
+        self.child = child;
+        self.addr = addr;
     }
 
     pub fn client(&self) -> Client {
@@ -91,6 +91,34 @@ impl Harness {
     }
 }
 
+fn spawn(base: &Path, workdir: &Path, password: bool, extra: &[String]) -> (Child, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_buildlet"));
+    cmd.arg("-listen=127.0.0.1:0")
+        .arg(format!("-workdir={}", workdir.display()))
+        .args(extra)
+        .env("BUILDLET_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if password {
+        cmd.arg(format!(
+            "-password-file={}",
+            base.join("password").display()
+        ));
+    }
+    let mut child = cmd.spawn().expect("spawn buildlet");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read listen line");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    (child, addr)
+}
+
 fn snapshot(root: &Path, dir: &Path, skip: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
     let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().collect();
     entries.sort_by_key(|e| e.file_name());
@@ -119,7 +147,20 @@ fn snapshot(root: &Path, dir: &Path, skip: &Path, out: &mut BTreeMap<PathBuf, Ve
 }
 
 impl Drop for Harness {
+    /// SIGTERM first, so the buildlet removes its cgroups; SIGKILL if it
+    /// does not exit within a few seconds.
     fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            if let Ok(pid) = i32::try_from(self.child.id()) {
+                // SAFETY: kill(2) on our own child.
+                unsafe {
+                    libc::kill(pid, libc::SIGTERM);
+                }
+            }
+            if self.wait_exit(Duration::from_secs(5)).is_some() {
+                return;
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

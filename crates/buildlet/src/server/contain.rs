@@ -1,0 +1,788 @@
+//! Making every process of a command die with it.
+//!
+//! Killing a command's process group misses any descendant that called
+//! `setsid` (or `setpgid`), and nothing at all happens to a step whose
+//! buildlet was `SIGKILL`ed. A build machine must not keep running work the
+//! coordinator has written off: it would hold the CPU, the disk and maybe
+//! locks the next build needs. So, on Linux:
+//!
+//! * **cgroup** (preferred): each command runs in its own cgroup v2, created
+//!   below the buildlet's own cgroup as `farmer-buildlet-<scope>/cmd-<n>`.
+//!   The child joins it before `exec`, so every descendant, `setsid` or not,
+//!   is inside; killing writes `cgroup.kill` (or, before Linux 5.14,
+//!   `SIGKILL`s every member until none is left).
+//! * **reaper** (no writable cgroup v2): the buildlet is a child subreaper,
+//!   so orphans of a command are reparented to it instead of to init; each
+//!   command carries `FARMER_BUILDLET_SCOPE=<scope>.<n>` in its environment.
+//!   Killing walks `/proc` for descendants of the command and for processes
+//!   carrying its marker. A process that both leaves the tree and scrubs
+//!   its environment escapes this mode; cgroups have no such hole.
+//! * **group** (other Unix, or by choice): the process group, as before.
+//!
+//! In every Linux mode the direct child has `PR_SET_PDEATHSIG(SIGKILL)`, so
+//! it dies the moment the buildlet does. Its `setsid`ed descendants may
+//! survive a `SIGKILL`ed buildlet; the next buildlet on the same work dir
+//! kills them at start ([`Containment::setup`]): the leftover cgroup is
+//! found by its name, which is derived from the work dir (`<scope>`), and
+//! the environment marker finds the rest. So a machine that comes back
+//! after being declared dead runs nothing from before.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The environment variable every command gets: `<scope>.<n>`.
+pub const SCOPE_ENV: &str = "FARMER_BUILDLET_SCOPE";
+
+/// How commands are contained; `-contain` on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ContainMode {
+    /// The best the platform offers: cgroup, else reaper, else group.
+    #[default]
+    Auto,
+    /// One cgroup v2 per command (Linux).
+    Cgroup,
+    /// Child subreaper plus a `/proc` walk (Linux).
+    Reaper,
+    /// Process group only.
+    Group,
+}
+
+impl std::str::FromStr for ContainMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ContainMode, String> {
+        match s {
+            "auto" => Ok(ContainMode::Auto),
+            "cgroup" => Ok(ContainMode::Cgroup),
+            "reaper" => Ok(ContainMode::Reaper),
+            "group" => Ok(ContainMode::Group),
+            _ => Err(format!("{s:?} is not one of auto, cgroup, reaper, group")),
+        }
+    }
+}
+
+impl std::fmt::Display for ContainMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ContainMode::Auto => "auto",
+            ContainMode::Cgroup => "cgroup",
+            ContainMode::Reaper => "reaper",
+            ContainMode::Group => "group",
+        })
+    }
+}
+
+/// The mode in effect after [`Containment::setup`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Active {
+    /// The directory holding one cgroup per command.
+    Cgroup(PathBuf),
+    Reaper,
+    Group,
+}
+
+/// Per-buildlet containment state.
+pub(crate) struct Containment {
+    active: Mutex<Active>,
+    /// Derived from the work dir: names the cgroup and the env marker, so a
+    /// later buildlet on the same work dir finds what this one left.
+    scope: String,
+    next: AtomicU64,
+    /// Commands running now, by id.
+    running: Mutex<HashMap<u64, Arc<Shared>>>,
+    /// Direct children of running commands, which tokio reaps; the orphan
+    /// reaper must leave them alone. Held across spawn and registration.
+    pub(crate) children: Mutex<std::collections::HashSet<i32>>,
+    reaper_started: AtomicBool,
+}
+
+/// What kill needs to know about one command; shared with `kill_all`.
+#[derive(Debug)]
+struct Shared {
+    /// The direct child, 0 before spawn.
+    pid: AtomicI32,
+    /// Set once tokio reaped the direct child: its pid may be reused, so
+    /// only the cgroup, the process group and the marker are used then.
+    exited: AtomicBool,
+    marker: String,
+    cgroup: Mutex<Option<PathBuf>>,
+}
+
+/// One command's containment, from before spawn until it is cleaned up.
+pub(crate) struct Jail {
+    id: u64,
+    /// `<scope>.<id>`, the value of [`SCOPE_ENV`] in the command's environment.
+    pub marker: String,
+    shared: Arc<Shared>,
+    /// `cgroup.procs` of the command's cgroup, opened before the fork so the
+    /// child only has to `write` to it.
+    #[cfg(target_os = "linux")]
+    procs: Option<std::os::fd::OwnedFd>,
+}
+
+impl Jail {
+    fn new(id: u64, marker: String, cgroup: Option<PathBuf>) -> Jail {
+        Jail {
+            id,
+            shared: Arc::new(Shared {
+                pid: AtomicI32::new(0),
+                exited: AtomicBool::new(false),
+                marker: marker.clone(),
+                cgroup: Mutex::new(cgroup),
+            }),
+            marker,
+            #[cfg(target_os = "linux")]
+            procs: None,
+        }
+    }
+}
+
+impl Containment {
+    /// Picks the mode and kills whatever an earlier buildlet on the same
+    /// work dir (`root`) left running. Call before emptying the work dir.
+    pub fn setup(mode: ContainMode, root: &std::path::Path) -> Containment {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(root.as_os_str().as_encoded_bytes());
+        let scope = super::files::hex(&digest[..8]);
+        let active = platform::setup(mode, &scope);
+        tracing::debug!(?active, %scope, "process containment");
+        Containment {
+            active: Mutex::new(active),
+            scope,
+            next: AtomicU64::new(1),
+            running: Mutex::new(HashMap::new()),
+            children: Mutex::new(Default::default()),
+            reaper_started: AtomicBool::new(false),
+        }
+    }
+
+    /// The mode in effect, for logs and `/status`.
+    pub fn mode_name(&self) -> &'static str {
+        match &*lock(&self.active) {
+            Active::Cgroup(_) => "cgroup",
+            Active::Reaper => "reaper",
+            Active::Group => "group",
+        }
+    }
+
+    /// Prepares containment for a command about to be spawned.
+    pub fn prepare(&self) -> Jail {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let marker = format!("{}.{id}", self.scope);
+        let active = lock(&self.active).clone();
+        #[cfg(target_os = "linux")]
+        {
+            if let Active::Cgroup(base) = &active {
+                match platform::new_cgroup(base, id) {
+                    Ok((dir, procs)) => {
+                        let mut j = Jail::new(id, marker, Some(dir));
+                        j.procs = Some(procs);
+                        return j;
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            "cannot create a cgroup in {}: {e}; falling back to reaper mode",
+                            base.display()
+                        );
+                        self.degrade();
+                    }
+                }
+            }
+            Jail::new(id, marker, None)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = active;
+            Jail::new(id, marker, None)
+        }
+    }
+
+    /// Gives up on cgroups (a spawn into one failed) for reaper mode.
+    pub fn degrade(&self) {
+        let mut a = lock(&self.active);
+        if matches!(*a, Active::Cgroup(_)) {
+            *a = platform::fallback();
+        }
+    }
+
+    /// Records a spawned command so [`Containment::kill_all`] reaches it.
+    /// Call with [`Containment::children`] held since before the spawn.
+    ///
+    /// A child that did not land in its cgroup (the write in the pre-exec
+    /// hook failed: a cgroup file system that refuses us) switches the
+    /// buildlet to reaper mode instead of failing the command.
+    pub fn started(&self, jail: &mut Jail, pid: u32) {
+        let pid = i32::try_from(pid).unwrap_or(0);
+        jail.shared.pid.store(pid, Ordering::SeqCst);
+        lock(&self.running).insert(jail.id, jail.shared.clone());
+        #[cfg(target_os = "linux")]
+        {
+            jail.procs = None;
+            let mut cg = lock(&jail.shared.cgroup);
+            if let Some(dir) = cg.clone()
+                && !platform::in_cgroup(pid, &dir)
+            {
+                tracing::warn!(
+                    pid,
+                    "command did not join its cgroup {}; falling back to reaper mode",
+                    dir.display()
+                );
+                *cg = None;
+                drop(cg);
+                self.degrade();
+                platform::remove_cgroup(&dir);
+            }
+        }
+    }
+
+    /// Notes that tokio reaped the command's direct child.
+    pub fn exited(&self, jail: &Jail) {
+        jail.shared.exited.store(true, Ordering::SeqCst);
+        lock(&self.children).remove(&jail.shared.pid.load(Ordering::SeqCst));
+    }
+
+    /// Kills every process of the command.
+    pub fn kill(&self, jail: &Jail) {
+        kill_shared(&jail.shared);
+    }
+
+    /// Kills every process of the command and forgets it; its cgroup is
+    /// removed once empty.
+    pub fn finish(&self, jail: Jail) {
+        self.kill(&jail);
+        lock(&self.running).remove(&jail.id);
+        lock(&self.children).remove(&jail.shared.pid.load(Ordering::SeqCst));
+        if let Some(dir) = lock(&jail.shared.cgroup).take() {
+            std::thread::Builder::new()
+                .name("cgroup-rmdir".into())
+                .spawn(move || {
+                    platform::remove_cgroup(&dir);
+                    // The base goes too when this was the last command (the
+                    // rmdir fails otherwise), so an idle buildlet leaves no
+                    // cgroups; the next command makes it again.
+                    if let Some(base) = dir.parent() {
+                        let _ = std::fs::remove_dir(base);
+                    }
+                })
+                .ok();
+        }
+    }
+
+    /// Kills every process of every running command; returns how many
+    /// commands there were.
+    pub fn kill_all(&self) -> usize {
+        let all: Vec<Arc<Shared>> = lock(&self.running).values().cloned().collect();
+        for j in &all {
+            kill_shared(j);
+        }
+        all.len()
+    }
+
+    /// Kills every command and removes this buildlet's cgroups, waiting a
+    /// few seconds at most for killed processes to go.
+    pub fn shutdown(&self) {
+        self.kill_all();
+        #[cfg(target_os = "linux")]
+        if let Active::Cgroup(base) = &*lock(&self.active)
+            && base.exists()
+        {
+            platform::remove_cgroup(base);
+        }
+    }
+
+    /// In reaper mode, starts the task that reaps orphans reparented to the
+    /// buildlet (they would stay zombies otherwise). Idempotent.
+    pub fn start_reaper(self: &std::sync::Arc<Self>) {
+        if !matches!(*lock(&self.active), Active::Reaper)
+            || self.reaper_started.swap(true, Ordering::SeqCst)
+        {
+            return;
+        }
+        #[cfg(target_os = "linux")]
+        {
+            let me = self.clone();
+            tokio::spawn(async move {
+                use tokio::signal::unix::{SignalKind, signal};
+                let mut sigchld = signal(SignalKind::child()).ok();
+                loop {
+                    match &mut sigchld {
+                        Some(s) => {
+                            tokio::select! {
+                                _ = s.recv() => {}
+                                _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                            }
+                        }
+                        None => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
+                    }
+                    let children = lock(&me.children);
+                    platform::reap_orphans(&children);
+                }
+            });
+        }
+    }
+}
+
+impl Jail {
+    /// Runs in the forked child before `exec`; only async-signal-safe calls.
+    /// Returns the hook for `Command::pre_exec`.
+    #[cfg(unix)]
+    pub fn pre_exec_hook(&self) -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
+        #[cfg(target_os = "linux")]
+        let procs = self.procs.as_ref().map(|f| {
+            use std::os::fd::AsRawFd;
+            f.as_raw_fd()
+        });
+        // SAFETY: getpid has no preconditions.
+        let parent = unsafe { libc::getpid() };
+        move || {
+            #[cfg(target_os = "linux")]
+            {
+                // SAFETY: prctl, getppid and write are async-signal-safe and
+                // touch only the memory passed (a static byte string).
+                unsafe {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The buildlet died between fork and prctl: do not run.
+                    if libc::getppid() != parent {
+                        libc::_exit(1);
+                    }
+                    // Join the command's cgroup. A failure is not fatal
+                    // here: `Containment::started` notices and falls back.
+                    if let Some(fd) = procs {
+                        libc::write(fd, b"0".as_ptr().cast(), 1);
+                    }
+                }
+            }
+            #[cfg(not(target_os = "linux"))]
+            let _ = parent;
+            Ok(())
+        }
+    }
+
+    /// The direct child's pid (0 before spawn).
+    pub fn pid(&self) -> u32 {
+        self.shared.pid.load(Ordering::SeqCst).max(0) as u32
+    }
+}
+
+fn kill_shared(j: &Shared) {
+    let pid = j.pid.load(Ordering::SeqCst);
+    #[cfg(unix)]
+    if pid > 0 {
+        // SAFETY: kill(2) with a negative pid signals a process group. The
+        // group outlives its leader while members remain, so this is safe
+        // to repeat after the leader exited.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+    }
+    #[cfg(target_os = "linux")]
+    {
+        let cgroup = lock(&j.cgroup).clone();
+        match cgroup {
+            Some(dir) => platform::kill_cgroup(&dir),
+            None => {
+                let root = if j.exited.load(Ordering::SeqCst) {
+                    0
+                } else {
+                    pid
+                };
+                platform::kill_tree(root, &j.marker)
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = &j.marker;
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(target_os = "linux")]
+mod platform {
+    use super::Active;
+    use std::collections::{HashMap, HashSet};
+    use std::fs;
+    use std::io;
+    use std::os::fd::OwnedFd;
+    use std::path::{Path, PathBuf};
+    use std::time::{Duration, Instant};
+
+    /// How many kill rounds before giving up on a process that keeps forking.
+    const KILL_ROUNDS: usize = 100;
+
+    pub(super) fn setup(mode: super::ContainMode, scope: &str) -> Active {
+        use super::ContainMode::*;
+        let base = cgroup_base(scope);
+        // Whatever the mode now, clean up what any mode left before.
+        if let Some(b) = &base
+            && b.is_dir()
+        {
+            kill_cgroup_tree(b);
+        }
+        kill_marked(&format!("{scope}."));
+        match mode {
+            Group => Active::Group,
+            Reaper => fallback(),
+            Auto | Cgroup => {
+                // Probe: may we make cgroups here? The base is made for real
+                // when a command needs it and removed when none runs.
+                let made = base.as_ref().map(|b| match fs::create_dir(b) {
+                    Ok(()) => fs::remove_dir(b),
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+                    Err(e) => Err(e),
+                });
+                match (base, made) {
+                    (Some(b), Some(Ok(()))) => Active::Cgroup(b),
+                    (b, made) => {
+                        let why = match (b, made) {
+                            (Some(b), Some(Err(e))) => format!("{}: {e}", b.display()),
+                            _ => "no cgroup v2 file system".into(),
+                        };
+                        if mode == Cgroup {
+                            tracing::warn!(
+                                "-contain=cgroup unavailable ({why}); using reaper mode"
+                            );
+                        } else {
+                            tracing::debug!("cgroups unavailable ({why}); using reaper mode");
+                        }
+                        fallback()
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reaper mode: become a child subreaper so orphans stay visible.
+    pub(super) fn fallback() -> Active {
+        // SAFETY: prctl with integer arguments only.
+        let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        if r != 0 {
+            tracing::warn!(
+                "cannot become a child subreaper: {}; commands are killed by process group and environment marker only",
+                io::Error::last_os_error()
+            );
+        }
+        Active::Reaper
+    }
+
+    /// `<cgroup2 mount><own cgroup>/farmer-buildlet-<scope>`, if cgroup v2 is mounted.
+    fn cgroup_base(scope: &str) -> Option<PathBuf> {
+        let own = fs::read_to_string("/proc/self/cgroup").ok()?;
+        let own = own.lines().find_map(|l| l.strip_prefix("0::"))?.trim();
+        let mounts = fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let mount = mounts.lines().find_map(|l| {
+            // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS... - FSTYPE SOURCE SUPER
+            let (pre, post) = l.split_once(" - ")?;
+            if post.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            let mut f = pre.split_whitespace();
+            let root = f.nth(3)?;
+            let point = f.next()?;
+            (root == "/").then(|| PathBuf::from(unescape(point)))
+        })?;
+        let rel = own.trim_start_matches('/');
+        // A cgroup path ending in " (deleted)" means ours is gone.
+        if rel.ends_with(" (deleted)") {
+            return None;
+        }
+        Some(mount.join(rel).join(format!("farmer-buildlet-{scope}")))
+    }
+
+    /// mountinfo escapes spaces and the like as `\ooo`.
+    fn unescape(s: &str) -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'\\'
+                && i + 3 < b.len()
+                && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+            {
+                out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+                i += 4;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// True when `pid` is in the cgroup `dir` (or cannot be checked: it exited).
+    pub(super) fn in_cgroup(pid: i32, dir: &Path) -> bool {
+        let Ok(s) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+            return true;
+        };
+        let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
+            return false;
+        };
+        s.lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .is_some_and(|p| p.trim_end().ends_with(&format!("/{name}")))
+    }
+
+    /// Creates `base/cmd-<id>` and opens its `cgroup.procs` for writing.
+    pub(super) fn new_cgroup(base: &Path, id: u64) -> io::Result<(PathBuf, OwnedFd)> {
+        let dir = base.join(format!("cmd-{id}"));
+        let mut tries = 0;
+        loop {
+            match fs::create_dir(base) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+            match fs::create_dir(&dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    kill_cgroup(&dir);
+                    break;
+                }
+                // The last command's cleanup removed the base meanwhile.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 5 => tries += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("cgroup.procs"))?;
+        Ok((dir, f.into()))
+    }
+
+    /// Kills every process in the cgroup `dir` and below.
+    pub(super) fn kill_cgroup(dir: &Path) {
+        if fs::write(dir.join("cgroup.kill"), b"1").is_ok() {
+            return;
+        }
+        // Before Linux 5.14: signal members until none is left.
+        for _ in 0..KILL_ROUNDS {
+            let pids = members(dir);
+            if pids.is_empty() {
+                return;
+            }
+            for p in pids {
+                // SAFETY: kill(2) on a pid read from the cgroup.
+                unsafe {
+                    libc::kill(p, libc::SIGKILL);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Pids in `dir/cgroup.procs` and in every sub-cgroup.
+    fn members(dir: &Path) -> Vec<i32> {
+        let mut out: Vec<i32> = fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        if let Ok(rd) = fs::read_dir(dir) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    out.extend(members(&e.path()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Kills a leftover base cgroup's processes and removes its sub-cgroups.
+    fn kill_cgroup_tree(base: &Path) {
+        if let Ok(rd) = fs::read_dir(base) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    let dir = e.path();
+                    tracing::info!(
+                        "killing leftovers of an earlier buildlet in {}",
+                        dir.display()
+                    );
+                    kill_cgroup(&dir);
+                    remove_cgroup(&dir);
+                }
+            }
+        }
+    }
+
+    /// Removes a cgroup (and sub-cgroups a command made) once its killed
+    /// processes are gone, waiting at most a few seconds.
+    pub(super) fn remove_cgroup(dir: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Ok(rd) = fs::read_dir(dir) {
+                for e in rd.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        remove_cgroup(&e.path());
+                    }
+                }
+            }
+            match fs::remove_dir(dir) {
+                Ok(()) => return,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+                Err(e) if Instant::now() > deadline => {
+                    tracing::warn!("cannot remove cgroup {}: {e}", dir.display());
+                    return;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+
+    /// One process as `/proc` shows it.
+    struct Proc {
+        ppid: i32,
+        zombie: bool,
+    }
+
+    fn processes() -> HashMap<i32, Proc> {
+        let mut out = HashMap::new();
+        let Ok(rd) = fs::read_dir("/proc") else {
+            return out;
+        };
+        for e in rd.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // "pid (comm) S ppid ..."; comm may contain spaces and parens.
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+                continue;
+            };
+            let mut f = rest.split_whitespace();
+            let state = f.next().unwrap_or("");
+            let ppid = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            out.insert(
+                pid,
+                Proc {
+                    ppid,
+                    zombie: state == "Z" || state == "X",
+                },
+            );
+        }
+        out
+    }
+
+    /// The value of [`super::SCOPE_ENV`] in a process's initial environment.
+    fn marker_of(pid: i32) -> Option<String> {
+        let env = fs::read(format!("/proc/{pid}/environ")).ok()?;
+        let key = format!("{}=", super::SCOPE_ENV);
+        env.split(|b| *b == 0)
+            .find_map(|kv| kv.strip_prefix(key.as_bytes()))
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    /// Kills the descendants of `root` and every process whose marker is
+    /// `marker`, in rounds until none is left (a process may fork while the
+    /// previous round is being killed).
+    pub(super) fn kill_tree(root: i32, marker: &str) {
+        let me = std::process::id() as i32;
+        for _ in 0..KILL_ROUNDS {
+            let procs = processes();
+            let mut kids: HashMap<i32, Vec<i32>> = HashMap::new();
+            for (pid, p) in &procs {
+                kids.entry(p.ppid).or_default().push(*pid);
+            }
+            let mut victims: HashSet<i32> = HashSet::new();
+            let mut stack = if root > 0 { vec![root] } else { vec![] };
+            while let Some(p) = stack.pop() {
+                if let Some(k) = kids.get(&p) {
+                    for &c in k {
+                        if victims.insert(c) {
+                            stack.push(c);
+                        }
+                    }
+                }
+            }
+            for pid in procs.keys() {
+                if *pid != me && marker_of(*pid).as_deref() == Some(marker) {
+                    victims.insert(*pid);
+                    // And their descendants, which may have scrubbed the env.
+                    let mut stack = vec![*pid];
+                    while let Some(p) = stack.pop() {
+                        for &c in kids.get(&p).map(Vec::as_slice).unwrap_or(&[]) {
+                            if victims.insert(c) {
+                                stack.push(c);
+                            }
+                        }
+                    }
+                }
+            }
+            victims.retain(|p| *p != me && procs.get(p).is_some_and(|p| !p.zombie));
+            if victims.is_empty() {
+                return;
+            }
+            for p in victims {
+                // SAFETY: kill(2) with a pid found above.
+                unsafe {
+                    libc::kill(p, libc::SIGKILL);
+                }
+            }
+        }
+    }
+
+    /// Kills every process whose marker starts with `prefix` (a scope), as
+    /// left by an earlier buildlet on the same work dir.
+    fn kill_marked(prefix: &str) {
+        let me = std::process::id() as i32;
+        for _ in 0..KILL_ROUNDS {
+            let victims: Vec<i32> = processes()
+                .into_iter()
+                .filter(|(pid, p)| {
+                    *pid != me
+                        && !p.zombie
+                        && marker_of(*pid).is_some_and(|m| m.starts_with(prefix))
+                })
+                .map(|(pid, _)| pid)
+                .collect();
+            if victims.is_empty() {
+                return;
+            }
+            tracing::info!(
+                count = victims.len(),
+                "killing processes an earlier buildlet on this work dir left"
+            );
+            for p in victims {
+                // SAFETY: kill(2) with a pid found above.
+                unsafe {
+                    libc::kill(p, libc::SIGKILL);
+                }
+            }
+        }
+    }
+
+    /// Reaps zombies reparented to the buildlet (reaper mode), leaving the
+    /// direct children of running commands to tokio.
+    pub(super) fn reap_orphans(children: &HashSet<i32>) {
+        let me = std::process::id() as i32;
+        for (pid, p) in processes() {
+            if p.ppid == me && p.zombie && !children.contains(&pid) {
+                let mut status = 0;
+                // SAFETY: waitpid on a specific zombie child of ours.
+                unsafe {
+                    libc::waitpid(pid, &mut status, libc::WNOHANG);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod platform {
+    use super::Active;
+
+    pub(super) fn setup(_mode: super::ContainMode, _scope: &str) -> Active {
+        Active::Group
+    }
+
+    pub(super) fn fallback() -> Active {
+        Active::Group
+    }
+
+    pub(super) fn remove_cgroup(_dir: &std::path::Path) {}
+}

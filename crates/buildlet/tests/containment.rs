@@ -1,0 +1,343 @@
+//! Every process of a command dies with it: on disconnect, timeout, /halt,
+//! normal exit, and when the buildlet itself is SIGKILLed (then the direct
+//! child dies at once and the next buildlet on the work dir kills the rest).
+//!
+//! Commands start `setsid`ed grandchildren and double-forked daemons, which
+//! a process-group kill misses. Each test gives its sleeps a unique duration
+//! (the marker) and finds them through `/proc/*/cmdline`. Each scenario runs
+//! in the default mode (cgroup where the machine allows) and in reaper mode.
+#![cfg(target_os = "linux")]
+
+mod common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use buildlet::client::{Error, ExecOptions};
+use buildlet::proto::ProcessState;
+use common::{Harness, runtime};
+
+/// A unique `sleep` duration for one test, e.g. `7000123.4567`.
+fn marker() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{}.{}",
+        7_000_000 + N.fetch_add(1, Ordering::SeqCst),
+        std::process::id()
+    )
+}
+
+/// Live (non-zombie) processes whose command line mentions `marker`.
+fn marked(marker: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if !String::from_utf8_lossy(&cmdline).contains(marker) {
+            continue;
+        }
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true);
+        if !zombie {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Polls until at least `n` marked processes run; returns them.
+fn await_marked(marker: &str, n: usize) -> Vec<i32> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let found = marked(marker);
+        if found.len() >= n {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {found:?} of {n} processes marked {marker} started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls until no marked process is left; panics naming the survivors.
+fn assert_none_left(marker: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = marked(marker);
+        if left.is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            let names: Vec<String> = left
+                .iter()
+                .map(|p| {
+                    let c = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                    format!("{p}: {}", String::from_utf8_lossy(&c).replace('\0', " "))
+                })
+                .collect();
+            panic!("{what}: processes survived: {names:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Kills whatever a failed test left behind, so no sleep outlives the run.
+struct Sweep(String);
+
+impl Drop for Sweep {
+    fn drop(&mut self) {
+        for p in marked(&self.0) {
+            // SAFETY: kill(2) on a process this test started.
+            unsafe {
+                libc::kill(p, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// A shell script that starts, all with the marker in their argv:
+/// a `setsid`ed grandchild, a double-forked `setsid` daemon (its parent
+/// exits at once, so it is orphaned), and a plain background child; then
+/// writes `started` and waits (or exits, with `exit_now`).
+fn script(marker: &str, exit_now: bool) -> String {
+    let tail = if exit_now { "exit 0" } else { "wait" };
+    format!(
+        "setsid sh -c 'sleep {marker}' & \
+         ( ( setsid sleep {marker} & ) & ) ; \
+         sleep {marker} & \
+         echo $$ > started; echo started; {tail}"
+    )
+}
+
+fn opts(script: &str) -> ExecOptions {
+    ExecOptions {
+        args: vec!["-c".into(), script.into()],
+        sys: true,
+        ..Default::default()
+    }
+}
+
+fn modes() -> [(&'static str, &'static [&'static str]); 2] {
+    [("default", &[]), ("reaper", &["-contain=reaper"])]
+}
+
+#[test]
+fn disconnect_kills_setsid_grandchildren_and_daemons() {
+    for (mode, flags) in modes() {
+        let m = marker();
+        let _sweep = Sweep(m.clone());
+        let h = Harness::start_with(None, flags);
+        let rt = runtime();
+        let c = h.client();
+        let s = script(&m, false);
+        let task = rt.spawn(async move {
+            let mut sink = Vec::new();
+            c.exec("sh", &opts(&s), &mut sink).await
+        });
+        // sh -c 'sleep', its sleep, the daemon sleep, the plain sleep.
+        await_marked(&m, 4);
+        task.abort(); // drops the connection
+        assert_none_left(&m, &format!("{mode}: client went away"));
+    }
+}
+
+#[test]
+fn timeout_kills_setsid_grandchildren_and_daemons() {
+    for (mode, flags) in modes() {
+        let m = marker();
+        let _sweep = Sweep(m.clone());
+        let h = Harness::start_with(None, flags);
+        let c = h.client();
+        let s = script(&m, false);
+        let watcher = {
+            let m = m.clone();
+            std::thread::spawn(move || await_marked(&m, 4).len())
+        };
+        let (st, _) = runtime()
+            .block_on(c.exec_output(
+                "sh",
+                &ExecOptions {
+                    timeout: Some(Duration::from_secs(2)),
+                    ..opts(&s)
+                },
+            ))
+            .unwrap();
+        assert!(matches!(st, ProcessState::TimedOut(_)), "{mode}: {st:?}");
+        assert!(watcher.join().unwrap() >= 4);
+        assert_none_left(&m, &format!("{mode}: timeout"));
+    }
+}
+
+#[test]
+fn halt_kills_setsid_grandchildren_and_daemons() {
+    for (mode, flags) in modes() {
+        let m = marker();
+        let _sweep = Sweep(m.clone());
+        let mut h = Harness::start_with(None, flags);
+        let rt = runtime();
+        let c = h.client();
+        let c2 = c.clone();
+        let s = script(&m, false);
+        let task = rt.spawn(async move {
+            let mut sink = Vec::new();
+            c2.exec("sh", &opts(&s), &mut sink).await
+        });
+        await_marked(&m, 4);
+        rt.block_on(c.halt()).unwrap();
+        assert!(h.wait_exit(Duration::from_secs(10)).is_some(), "{mode}");
+        assert_none_left(&m, &format!("{mode}: /halt"));
+        let res = rt.block_on(task).unwrap();
+        if let Err(e) = res {
+            assert!(e.is_communication(), "{mode}: {e}");
+        }
+    }
+}
+
+#[test]
+fn command_exit_kills_what_it_left_running() {
+    for (mode, flags) in modes() {
+        let m = marker();
+        let _sweep = Sweep(m.clone());
+        let h = Harness::start_with(None, flags);
+        let c = h.client();
+        let start = Instant::now();
+        // The daemons keep the output pipe open; the exec must still end
+        // promptly, and with the command's own status.
+        let (st, out) = runtime()
+            .block_on(c.exec_output("sh", &opts(&script(&m, true))))
+            .unwrap();
+        assert_eq!(st, ProcessState::Ok, "{mode}");
+        assert_eq!(out, b"started\n", "{mode}");
+        assert!(
+            start.elapsed() < Duration::from_secs(4),
+            "{mode}: exec took {:?}; the daemons kept it open",
+            start.elapsed()
+        );
+        assert_none_left(&m, &format!("{mode}: after the command exited"));
+    }
+}
+
+#[test]
+fn killed_buildlet_leaves_nothing_once_restarted() {
+    for (mode, flags) in modes() {
+        let m = marker();
+        let _sweep = Sweep(m.clone());
+        let mut h = Harness::start_with(None, flags);
+        let rt = runtime();
+        let c = h.client();
+        let s = script(&m, false);
+        let task = rt.spawn(async move {
+            let mut sink = Vec::new();
+            c.exec("sh", &opts(&s), &mut sink).await
+        });
+        await_marked(&m, 4);
+        let sh: i32 = std::fs::read_to_string(h.workdir.join("started"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        h.child.kill().unwrap(); // SIGKILL: no cleanup of its own
+        h.child.wait().unwrap();
+        // The direct child dies with the buildlet (PR_SET_PDEATHSIG).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !gone(sh) {
+            assert!(
+                Instant::now() < deadline,
+                "{mode}: the command's shell survived its buildlet"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let res = rt.block_on(task).unwrap();
+        assert!(
+            matches!(res, Err(Error::BrokeOff(_))),
+            "{mode}: {:?}",
+            res.map_err(|e| e.to_string())
+        );
+        // The supervisor starts a new buildlet on the same work dir: it
+        // kills what the old one's commands left.
+        h.restart();
+        assert_none_left(&m, &format!("{mode}: after restart"));
+        runtime().block_on(h.client().status()).unwrap();
+    }
+}
+
+fn gone(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+/// The buildlet's cgroup v2 directory (the test's own, which it inherits),
+/// if cgroup v2 is mounted and we may create cgroups in it, with the mount.
+fn writable_cgroup() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))?
+        .trim()
+        .to_string();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = mounts.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        (post.split_whitespace().next()? == "cgroup2").then(|| pre.split_whitespace().nth(4))?
+    })?;
+    let dir = std::path::Path::new(mount).join(own.trim_start_matches('/'));
+    let probe = dir.join(format!("farmer-test-probe-{}", std::process::id()));
+    std::fs::create_dir(&probe).ok()?;
+    std::fs::remove_dir(&probe).ok()?;
+    Some((std::path::PathBuf::from(mount), dir))
+}
+
+#[test]
+fn commands_run_in_their_own_cgroup_where_possible() {
+    let h = Harness::start_with(None, &["-contain=cgroup"]);
+    let (st, out) = runtime()
+        .block_on(h.client().exec_output(
+            "sh",
+            &opts("grep ^0:: /proc/self/cgroup; echo scope=$FARMER_BUILDLET_SCOPE"),
+        ))
+        .unwrap();
+    assert_eq!(st, ProcessState::Ok);
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.contains("scope="), "{out}");
+    match writable_cgroup() {
+        Some((mount, dir)) => {
+            assert!(
+                out.contains("/farmer-buildlet-") && out.contains("/cmd-"),
+                "cgroup v2 is writable at {} but the command ran in: {out}",
+                dir.display()
+            );
+            // Once no command runs, the buildlet's cgroups are gone.
+            let line = out.lines().find(|l| l.starts_with("0::")).unwrap();
+            let cmd = std::path::Path::new(line.trim_start_matches("0::").trim_start_matches('/'));
+            let base = mount.join(cmd.parent().unwrap());
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while base.exists() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{} left behind by an idle buildlet (in {})",
+                    base.display(),
+                    dir.display()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            drop(h);
+        }
+        None => eprintln!("cgroup v2 not writable here; the command ran in: {out}"),
+    }
+}

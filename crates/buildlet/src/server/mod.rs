@@ -22,7 +22,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Body as HttpBody;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -192,24 +192,26 @@ impl Buildlet {
         }
     }
 
-    /// Serves the API on `listener` until `/halt` is called.
+    /// Serves the API on `listener` until `/halt` is called. Connections
+    /// are bounded by [`httpguard`]: a first request within 10 s, idle ones
+    /// closed, the oldest of too many waiting ones dropped, accept errors
+    /// backed off, so idle or slow-loris connections cannot lock the
+    /// coordinator (or you) out.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> io::Result<()> {
+        httpguard::raise_fd_limit();
+        let guard = httpguard::Guard::new(httpguard::Limits::BUILDLET);
         let mut halted = std::pin::pin!(self.clone().halted_owned());
         loop {
             let (stream, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!("accept: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                accepted = guard.accept(&listener) => accepted,
                 _ = &mut halted => return Ok(()),
+            };
+            let Some(conn) = guard.admit() else {
+                continue;
             };
             let _ = stream.set_nodelay(true);
             let me = self.clone();
-            tokio::spawn(async move { me.serve_conn(stream, peer).await });
+            tokio::spawn(async move { me.serve_conn(stream, peer, conn).await });
         }
     }
 
@@ -217,14 +219,23 @@ impl Buildlet {
         self.halted().await
     }
 
-    async fn serve_conn(self: Arc<Self>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+    async fn serve_conn(
+        self: Arc<Self>,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+        conn: httpguard::Conn,
+    ) {
         let svc = hyper::service::service_fn(move |req| {
             let me = self.clone();
             async move { Ok::<_, std::convert::Infallible>(me.handle(req).await) }
         });
-        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
-            tracing::debug!(%peer, "connection ended: {e}");
+        let svc = conn.service(svc);
+        let builder = httpguard::builder();
+        let served = builder.serve_connection(TokioIo::new(stream), svc);
+        match conn.run(served).await {
+            Some(Err(e)) => tracing::debug!(%peer, "connection ended: {e}"),
+            Some(Ok(())) => {}
+            None => tracing::debug!(%peer, "connection closed by the guard"),
         }
     }
 

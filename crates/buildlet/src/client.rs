@@ -145,6 +145,8 @@ pub struct Client {
     base: String,
     auth: Option<HeaderValue>,
     header_timeout: Duration,
+    /// Most bytes `/tgz` may send.
+    max_download: u64,
 }
 
 impl std::fmt::Debug for Client {
@@ -182,7 +184,13 @@ impl Client {
             base,
             auth,
             header_timeout: Duration::from_secs(30),
+            max_download: DEFAULT_MAX_DOWNLOAD,
         }
+    }
+
+    /// The most bytes a `/tgz` download may have (default 16 GiB).
+    pub fn set_max_download(&mut self, bytes: u64) {
+        self.max_download = bytes;
     }
 
     /// How long to wait for response headers before declaring the buildlet
@@ -233,8 +241,10 @@ impl Client {
         if status.is_success() {
             return Ok(resp);
         }
-        let message = match resp.into_body().collect().await {
-            Ok(b) => String::from_utf8_lossy(&b.to_bytes()).trim().to_string(),
+        // An error body is a sentence; a machine that sends more (or never
+        // finishes) gets its first bytes quoted, not our memory.
+        let message = match read_limited(resp, MAX_ERROR_BODY, SMALL_BODY_TIME, true).await {
+            Ok(b) => String::from_utf8_lossy(&b).trim().to_string(),
             Err(e) => format!("(body unreadable: {e})"),
         };
         if status.is_server_error() {
@@ -244,11 +254,16 @@ impl Client {
         }
     }
 
-    async fn get_bytes(&self, path: &str, query: &[(&str, &str)]) -> Result<Bytes, Error> {
+    async fn get_bytes(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        limit: usize,
+    ) -> Result<Bytes, Error> {
         let resp = self
             .send(Method::GET, self.uri(path, query)?, empty(), None)
             .await?;
-        read_all(resp).await
+        read_limited(resp, limit, SMALL_BODY_TIME, false).await
     }
 
     async fn post_form(
@@ -270,24 +285,28 @@ impl Client {
 
     /// `GET /healthz`.
     pub async fn healthz(&self) -> Result<(), Error> {
-        self.get_bytes("/healthz", &[]).await.map(|_| ())
+        self.get_bytes("/healthz", &[], MAX_SMALL_BODY)
+            .await
+            .map(|_| ())
     }
 
     /// `GET /status`.
     pub async fn status(&self) -> Result<Status, Error> {
-        let b = self.get_bytes("/status", &[]).await?;
+        let b = self.get_bytes("/status", &[], MAX_SMALL_BODY).await?;
         serde_json::from_slice(&b).map_err(|e| Error::Protocol(format!("/status: {e}")))
     }
 
     /// `GET /machine-token`: the bot's current machine token (bot mode).
     pub async fn machine_token(&self) -> Result<String, Error> {
-        let b = self.get_bytes("/machine-token", &[]).await?;
+        let b = self
+            .get_bytes("/machine-token", &[], MAX_SMALL_BODY)
+            .await?;
         Ok(String::from_utf8_lossy(&b).trim().to_string())
     }
 
     /// `GET /workdir`: the absolute work dir on the machine.
     pub async fn workdir(&self) -> Result<String, Error> {
-        let b = self.get_bytes("/workdir", &[]).await?;
+        let b = self.get_bytes("/workdir", &[], MAX_SMALL_BODY).await?;
         Ok(String::from_utf8_lossy(&b).trim().to_string())
     }
 
@@ -380,8 +399,14 @@ impl Client {
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| Error::BrokeOff(e.to_string()))?;
             if let Ok(data) = frame.into_data() {
-                out.write_all(&data).await.map_err(Error::Local)?;
                 n += data.len() as u64;
+                if n > self.max_download {
+                    return Err(Error::Protocol(format!(
+                        "/tgz sent more than {} bytes; giving up",
+                        self.max_download
+                    )));
+                }
+                out.write_all(&data).await.map_err(Error::Local)?;
                 if let Some(p) = &progress {
                     p(n);
                 }
@@ -403,7 +428,10 @@ impl Client {
         for s in &opts.skip {
             q.push(("skip", s));
         }
-        let b = self.get_bytes("/ls", &q).await?;
+        let resp = self
+            .send(Method::GET, self.uri("/ls", &q)?, empty(), None)
+            .await?;
+        let b = read_limited(resp, MAX_LISTING, LISTING_TIME, false).await?;
         b.split(|c| *c == b'\n')
             .filter(|l| !l.is_empty())
             .map(|l| serde_json::from_slice(l).map_err(|e| Error::Protocol(format!("/ls: {e}"))))
@@ -502,9 +530,57 @@ fn full(b: Bytes) -> ReqBody {
 }
 
 async fn read_all(resp: Response<Incoming>) -> Result<Bytes, Error> {
-    resp.into_body()
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| Error::BrokeOff(e.to_string()))
+    read_limited(resp, MAX_SMALL_BODY, SMALL_BODY_TIME, false).await
+}
+
+/// Bodies of small answers (`/status`, `/workdir`, acknowledgements).
+pub const MAX_SMALL_BODY: usize = 64 << 10;
+/// Error messages; longer ones are cut.
+pub const MAX_ERROR_BODY: usize = 8 << 10;
+/// A `/ls` listing (about 100 bytes a file).
+pub const MAX_LISTING: usize = 64 << 20;
+/// Default cap on a `/tgz` download.
+pub const DEFAULT_MAX_DOWNLOAD: u64 = 16 << 30;
+const SMALL_BODY_TIME: Duration = Duration::from_secs(60);
+const LISTING_TIME: Duration = Duration::from_secs(600);
+
+/// Reads a body of at most `limit` bytes within `time`. Past the limit it
+/// is a protocol error, or with `truncate` the first `limit` bytes: a
+/// hostile machine must not make the coordinator buffer without bound.
+async fn read_limited(
+    resp: Response<Incoming>,
+    limit: usize,
+    time: Duration,
+    truncate: bool,
+) -> Result<Bytes, Error> {
+    let mut body = resp.into_body();
+    let mut buf = bytes::BytesMut::new();
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| Error::BrokeOff(e.to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if buf.len() + data.len() > limit {
+                if truncate {
+                    buf.extend_from_slice(&data[..limit - buf.len()]);
+                    return Ok(());
+                }
+                return Err(Error::Protocol(format!(
+                    "the answer is larger than {limit} bytes"
+                )));
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(time, read).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(Error::BrokeOff(format!(
+                "the answer did not finish within {time:?}"
+            )));
+        }
+    }
+    Ok(buf.freeze())
 }

@@ -317,6 +317,9 @@ struct BuildsQuery {
     limit: Option<i64>,
 }
 
+/// The most builds one `/api/builds` answer lists.
+pub const MAX_BUILDS_PAGE: i64 = 1000;
+
 async fn list_builds(
     State(farm): State<Arc<Farm>>,
     Query(q): Query<BuildsQuery>,
@@ -335,7 +338,8 @@ async fn list_builds(
         status,
         machine: q.machine,
         host_type: q.host_type,
-        limit: q.limit.unwrap_or(100),
+        // Bounded: a negative limit would mean "all rows" to SQLite.
+        limit: q.limit.unwrap_or(100).clamp(1, MAX_BUILDS_PAGE),
     };
     Ok(Json(json!(farm.store.builds(&f).await?)))
 }

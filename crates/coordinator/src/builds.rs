@@ -37,23 +37,19 @@ enum Outcome {
     CoordinatorError(String),
 }
 
-/// Copies exec output into the live log and the current step's buffer.
+/// Copies exec output into the live log; the step's own log is read back
+/// from it afterwards (one copy of the output, which spills to disk).
 struct LogWriter<'a> {
     live: &'a LiveLog,
-    step: Vec<u8>,
 }
 
 impl AsyncWrite for LogWriter<'_> {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         _: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         self.live.append(buf);
-        if self.step.len() < MAX_LOG {
-            let room = MAX_LOG - self.step.len();
-            self.step.extend_from_slice(&buf[..buf.len().min(room)]);
-        }
         Poll::Ready(Ok(buf.len()))
     }
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -320,17 +316,15 @@ impl Farm {
                 timeout: Some(step_timeout),
                 ..Default::default()
             };
-            let mut w = LogWriter {
-                live: &rb.log,
-                step: Vec::new(),
-            };
+            let mut w = LogWriter { live: &rb.log };
+            let step_start = rb.log.len();
             let t0 = Instant::now();
             let r = tokio::select! {
                 r = client.exec(&cmd, &opts, &mut w) => Some(r),
                 _ = cancel.wait_for(|c| *c) => None,
             };
             let took = t0.elapsed();
-            let log = std::mem::take(&mut w.step);
+            let log = rb.log.range(step_start, step_start + MAX_LOG);
             let Some(r) = r else {
                 let _ = self
                     .store

@@ -166,7 +166,7 @@ impl Farm {
                 let (cancel, _) = watch::channel(false);
                 Arc::new(RunningBuild {
                     build_id,
-                    log: Arc::new(LiveLog::new()),
+                    log: Arc::new(LiveLog::with_spill_dir(Some(self.data_dir.join("spill")))),
                     cancel,
                     machine: Mutex::new(String::new()),
                     step: Mutex::new(String::new()),

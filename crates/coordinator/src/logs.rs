@@ -4,20 +4,48 @@
 //! Writers append; each viewer keeps an offset and waits on a watch channel
 //! that carries the current length, so a slow viewer never holds up the
 //! build and a thousand viewers cost a thousand offsets.
+//!
+//! A log stays in memory only while it is small ([`MEM_LIMIT`]); past that
+//! it moves to an unlinked file in the spill directory, so a hundred chatty
+//! builds cost a hundred small buffers, not gigabytes of memory. Every log
+//! is capped at [`MAX_LOG`] (a machine that streams output forever fills
+//! that much disk, then is ignored).
 
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
 use std::sync::RwLock;
 
 use bytes::Bytes;
 use tokio::sync::watch;
 
-/// Largest live log kept in memory; past it, output is dropped with a note
-/// (the stored per-step logs keep the same cap).
+/// Largest live log; past it, output is dropped with a note (the stored
+/// per-step logs keep the same cap).
 pub const MAX_LOG: usize = 64 << 20;
+/// A log larger than this moves from memory to a spill file.
+pub const MEM_LIMIT: usize = 256 << 10;
+/// Most bytes one follower reads at a time.
+const CHUNK: usize = 1 << 20;
+
+const TRUNCATED: &[u8] = b"\n[farmer: log truncated at 64 MiB]\n";
 
 pub struct LiveLog {
-    data: RwLock<Vec<u8>>,
+    inner: RwLock<Inner>,
+    /// Where a large log moves; `None`: the system temp dir.
+    spill_dir: Option<PathBuf>,
     /// (length, finished)
     state: watch::Sender<(usize, bool)>,
+}
+
+#[derive(Default)]
+struct Inner {
+    mem: Vec<u8>,
+    file: Option<File>,
+    len: usize,
+    /// Writing the spill file failed: the log ends there, with a note.
+    broken: bool,
+    /// The cap was reached and the note written.
+    truncated: bool,
 }
 
 impl Default for LiveLog {
@@ -28,29 +56,120 @@ impl Default for LiveLog {
 
 impl LiveLog {
     pub fn new() -> LiveLog {
+        LiveLog::with_spill_dir(None)
+    }
+
+    /// A log that spills into `dir` (created if missing) when it grows.
+    pub fn with_spill_dir(dir: Option<PathBuf>) -> LiveLog {
         let (state, _) = watch::channel((0, false));
         LiveLog {
-            data: RwLock::new(Vec::new()),
+            inner: RwLock::new(Inner::default()),
+            spill_dir: dir,
             state,
         }
     }
 
+    /// Bytes written so far.
+    pub fn len(&self) -> usize {
+        self.inner.read().unwrap_or_else(|e| e.into_inner()).len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held in memory (the rest is in the spill file).
+    pub fn resident(&self) -> usize {
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .mem
+            .capacity()
+    }
+
     pub fn append(&self, chunk: &[u8]) {
         let len = {
-            let mut d = self.data.write().unwrap_or_else(|e| e.into_inner());
-            if d.len() >= MAX_LOG {
+            let mut d = self.inner.write().unwrap_or_else(|e| e.into_inner());
+            if d.truncated || d.broken {
                 return;
             }
-            let room = MAX_LOG - d.len();
+            let room = MAX_LOG - d.len;
             if chunk.len() > room {
-                d.extend_from_slice(&chunk[..room]);
-                d.extend_from_slice(b"\n[farmer: log truncated at 64 MiB]\n");
+                self.write(&mut d, &chunk[..room]);
+                self.write(&mut d, TRUNCATED);
+                d.truncated = true;
             } else {
-                d.extend_from_slice(chunk);
+                self.write(&mut d, chunk);
             }
-            d.len()
+            d.len
         };
         self.state.send_modify(|s| s.0 = len);
+    }
+
+    fn write(&self, d: &mut Inner, chunk: &[u8]) {
+        if d.file.is_none() && d.mem.len() + chunk.len() > MEM_LIMIT {
+            let spilled = self.spill_file().and_then(|mut f| {
+                f.write_all(&d.mem)?;
+                Ok(f)
+            });
+            match spilled {
+                Ok(f) => {
+                    d.file = Some(f);
+                    d.mem = Vec::new();
+                }
+                Err(e) => {
+                    tracing::error!("cannot spill a build log to disk: {e}");
+                    d.broken = true;
+                    let note = format!("\n[farmer: log cut: cannot spill it to disk: {e}]\n");
+                    d.mem.extend_from_slice(note.as_bytes());
+                    d.len += note.len();
+                    return;
+                }
+            }
+        }
+        match &mut d.file {
+            Some(f) => {
+                if let Err(e) = f.write_all(chunk) {
+                    tracing::error!("writing a spilled build log: {e}");
+                    d.broken = true;
+                    return;
+                }
+            }
+            None => d.mem.extend_from_slice(chunk),
+        }
+        d.len += chunk.len();
+    }
+
+    fn spill_file(&self) -> std::io::Result<File> {
+        match &self.spill_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                tempfile::tempfile_in(dir)
+            }
+            None => tempfile::tempfile(),
+        }
+    }
+
+    /// Bytes `[from, to)` of the log (clamped to what exists).
+    pub fn range(&self, from: usize, to: usize) -> Bytes {
+        let d = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let to = to.min(d.len);
+        if from >= to {
+            return Bytes::new();
+        }
+        match &d.file {
+            None => Bytes::copy_from_slice(&d.mem[from.min(d.mem.len())..to.min(d.mem.len())]),
+            Some(f) => {
+                let mut buf = vec![0u8; to - from];
+                match read_at(f, &mut buf, from as u64) {
+                    Ok(()) => Bytes::from(buf),
+                    Err(e) => {
+                        tracing::error!("reading a spilled build log: {e}");
+                        Bytes::new()
+                    }
+                }
+            }
+        }
     }
 
     /// Marks the log complete; followers end after reading the rest.
@@ -59,7 +178,7 @@ impl LiveLog {
     }
 
     pub fn snapshot(&self) -> Vec<u8> {
-        self.data.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.range(0, usize::MAX).to_vec()
     }
 
     /// Streams the log from the start, following it until it is finished.
@@ -69,11 +188,13 @@ impl LiveLog {
             loop {
                 let (len, done) = *rx.borrow_and_update();
                 if len > off {
-                    let chunk = {
-                        let d = log.data.read().unwrap_or_else(|e| e.into_inner());
-                        Bytes::copy_from_slice(&d[off..len])
-                    };
-                    return Some((chunk, (log, rx, len)));
+                    let end = len.min(off + CHUNK);
+                    let chunk = log.range(off, end);
+                    if chunk.is_empty() {
+                        return None;
+                    }
+                    let next = off + chunk.len();
+                    return Some((chunk, (log, rx, next)));
                 }
                 if done {
                     return None;
@@ -84,6 +205,24 @@ impl LiveLog {
             }
         })
     }
+}
+
+#[cfg(unix)]
+fn read_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(f, buf, off)
+}
+
+#[cfg(not(unix))]
+fn read_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = std::os::windows::fs::FileExt::seek_read(f, &mut buf[done..], off + done as u64)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        done += n;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -114,5 +253,46 @@ mod tests {
             want.extend_from_slice(format!("line {i}\n").as_bytes());
         }
         assert_eq!(all, want);
+    }
+
+    /// A chatty build keeps a small buffer in memory; the rest is on disk,
+    /// and followers, ranges and snapshots still see every byte.
+    #[tokio::test]
+    async fn large_logs_spill_to_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::sync::Arc::new(LiveLog::with_spill_dir(Some(dir.path().into())));
+        let follower = tokio::spawn(log.clone().follow().collect::<Vec<_>>());
+        let mut want = Vec::new();
+        for i in 0..40_000 {
+            let line = format!("output line {i} of a chatty build\n");
+            log.append(line.as_bytes());
+            want.extend_from_slice(line.as_bytes());
+        }
+        assert!(want.len() > 4 * MEM_LIMIT);
+        assert!(
+            log.resident() <= MEM_LIMIT,
+            "{} bytes in memory",
+            log.resident()
+        );
+        assert_eq!(log.len(), want.len());
+        assert_eq!(&log.range(100, 200)[..], &want[100..200]);
+        log.finish();
+        let chunks = tokio::time::timeout(std::time::Duration::from_secs(10), follower)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(chunks.concat(), want);
+        assert_eq!(log.snapshot(), want);
+    }
+
+    #[test]
+    fn endless_output_stops_at_the_cap() {
+        let log = LiveLog::new();
+        let block = vec![b'x'; 1 << 20];
+        for _ in 0..(MAX_LOG >> 20) + 10 {
+            log.append(&block);
+        }
+        assert_eq!(log.len(), MAX_LOG + TRUNCATED.len());
+        assert!(log.resident() <= MEM_LIMIT);
     }
 }

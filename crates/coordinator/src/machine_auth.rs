@@ -63,9 +63,45 @@ pub fn bot_domain() -> String {
 pub struct BotRegistry {
     bots: Mutex<HashMap<u64, String>>,
     ca: Mutex<Option<Arc<Ca>>>,
+    /// Builder requests per client address in the current window.
+    submits: Mutex<HashMap<std::net::IpAddr, (i64, u32)>>,
 }
 
+/// Builder requests one address may submit per [`SUBMIT_WINDOW_MS`].
+pub const SUBMITS_PER_ADDRESS: u32 = 10;
+const SUBMIT_WINDOW_MS: i64 = 3600 * 1000;
+/// Addresses remembered at most; past it, expired windows are forgotten.
+const SUBMIT_ADDRESSES: usize = 10_000;
+/// Pending builder requests at most; an admin must decide before more come.
+pub const MAX_PENDING_REQUESTS: i64 = 500;
+/// Field limits of a builder request, in bytes.
+pub const MAX_CSR: usize = 16 << 10;
+pub const MAX_CONTACT: usize = 256;
+pub const MAX_NOTES: usize = 4096;
+
 impl BotRegistry {
+    /// Counts a submission from `addr`; false when it is over its limit.
+    fn allow_submit(&self, addr: std::net::IpAddr) -> bool {
+        let now = now_ms();
+        let mut m = self.submits.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= SUBMIT_ADDRESSES && !m.contains_key(&addr) {
+            m.retain(|_, (start, _)| now - *start < SUBMIT_WINDOW_MS);
+            if m.len() >= SUBMIT_ADDRESSES {
+                // Every slot is in use: a flood from many addresses.
+                return false;
+            }
+        }
+        let e = m.entry(addr).or_insert((now, 0));
+        if now - e.0 >= SUBMIT_WINDOW_MS {
+            *e = (now, 0);
+        }
+        if e.1 >= SUBMITS_PER_ADDRESS {
+            return false;
+        }
+        e.1 += 1;
+        true
+    }
+
     pub fn add(&self, id: u64, hostname: &str) {
         self.bots
             .lock()
@@ -148,7 +184,10 @@ pub async fn verify_token(farm: &Farm, token: &str) -> Result<Claims, (String, &
             "expired-token",
         ));
     }
-    if let Some(reason) = revoked(farm, &claims.serial).await {
+    let revocation = revoked(farm, &claims.serial)
+        .await
+        .map_err(|e| (format!("refusing: {e}"), "store-error"))?;
+    if let Some(reason) = revocation {
         return Err((
             format!(
                 "the certificate (serial {}) of {} was revoked: {reason}",
@@ -160,24 +199,36 @@ pub async fn verify_token(farm: &Farm, token: &str) -> Result<Claims, (String, &
     Ok(claims)
 }
 
-async fn revoked(farm: &Farm, serial: &str) -> Option<String> {
-    sqlx::query("SELECT reason FROM revoked WHERE serial = ?")
+/// Why `serial` was revoked, if it was. A store error is an error, never
+/// "not revoked": callers refuse (fail closed).
+async fn revoked(farm: &Farm, serial: &str) -> Result<Option<String>, String> {
+    let row = sqlx::query("SELECT reason FROM revoked WHERE serial = ?")
         .bind(serial)
         .fetch_optional(farm.store.pool())
         .await
-        .ok()
-        .flatten()
-        .map(|r| r.try_get::<String, _>("reason").unwrap_or_default())
+        .map_err(|e| format!("cannot read the revocation list: {e}"))?;
+    Ok(row.map(|r| r.try_get::<String, _>("reason").unwrap_or_default()))
 }
 
-/// The host type a bot's hostname is bound to, if approved.
-pub async fn bound_host_type(farm: &Farm, hostname: &str) -> Option<(String, String)> {
-    let r = sqlx::query("SELECT host_type, serial FROM bots WHERE hostname = ?")
+/// The host type and certificate serial a bot's hostname is bound to, if
+/// approved. A store error is an error (callers refuse), not "unbound".
+pub async fn bound_host_type(
+    farm: &Farm,
+    hostname: &str,
+) -> Result<Option<(String, String)>, String> {
+    let row = sqlx::query("SELECT host_type, serial FROM bots WHERE hostname = ?")
         .bind(hostname)
         .fetch_optional(farm.store.pool())
         .await
-        .ok()??;
-    Some((r.try_get("host_type").ok()?, r.try_get("serial").ok()?))
+        .map_err(|e| format!("cannot read the bound host names: {e}"))?;
+    let Some(r) = row else {
+        return Ok(None);
+    };
+    let get = |c: &str| {
+        r.try_get::<String, _>(c)
+            .map_err(|e| format!("bad row for {hostname} in bots: {e}"))
+    };
+    Ok(Some((get("host_type")?, get("serial")?)))
 }
 
 pub fn router(farm: Arc<Farm>) -> Router {
@@ -258,9 +309,11 @@ struct Submit {
 
 async fn submit(
     State(farm): State<Arc<Farm>>,
+    conn: Option<axum::Extension<crate::reverse::ConnInfo>>,
     Json(s): Json<Submit>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
-    let (id, secret) = submit_request(&farm, &s.hostname, &s.csr_pem, &s.contact, &s.notes)
+    let peer = conn.map(|c| c.0.peer.ip());
+    let (id, secret) = submit_request(&farm, peer, &s.hostname, &s.csr_pem, &s.contact, &s.notes)
         .await
         .map_err(|(code, msg)| err(code, msg))?;
     Ok((
@@ -271,13 +324,56 @@ async fn submit(
 
 /// Records a builder request after checking the hostname and that the CSR
 /// names exactly that bot; returns the request id and the owner's secret.
+/// Anyone may submit, so every field is bounded, each address may submit
+/// [`SUBMITS_PER_ADDRESS`] an hour, and at most [`MAX_PENDING_REQUESTS`]
+/// wait for the admin; a refusal stores nothing.
 pub async fn submit_request(
     farm: &Farm,
+    peer: Option<std::net::IpAddr>,
     hostname: &str,
     csr_pem: &str,
     contact: &str,
     notes: &str,
 ) -> Result<(i64, String), (StatusCode, String)> {
+    for (field, value, max) in [
+        ("hostname", hostname, 64),
+        ("csr_pem", csr_pem, MAX_CSR),
+        ("contact", contact, MAX_CONTACT),
+        ("notes", notes, MAX_NOTES),
+    ] {
+        if value.len() > max {
+            return Err((
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "{field} is {} bytes; at most {max} are accepted",
+                    value.len()
+                ),
+            ));
+        }
+    }
+    if let Some(addr) = peer
+        && !farm.bots.allow_submit(addr)
+    {
+        return Err((
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many builder requests from {addr}: at most {SUBMITS_PER_ADDRESS} an hour; try again later"
+            ),
+        ));
+    }
+    let pending: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM bot_requests WHERE status = 'pending'")
+            .fetch_one(farm.store.pool())
+            .await
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("database: {e}")))?;
+    if pending >= MAX_PENDING_REQUESTS {
+        return Err((
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{pending} builder requests already wait for the farm admin; try again after they are decided"
+            ),
+        ));
+    }
     botauth::hostname::validate(hostname).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
     let dns = botauth::hostname::bot_dns_name(hostname, &bot_domain());
     Ca::check_csr(csr_pem, &dns).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
@@ -520,6 +616,7 @@ async fn revoke(
         (None, Some(h)) => {
             let (_, s) = bound_host_type(&farm, &h)
                 .await
+                .map_err(|e| err(StatusCode::SERVICE_UNAVAILABLE, e))?
                 .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no approved bot named {h}")))?;
             (s, h)
         }
@@ -550,14 +647,17 @@ async fn token(
     Json(req): Json<TokenRequest>,
 ) -> ApiResult<Json<TokenResponse>> {
     let refuse = |code: StatusCode, kind: &str, host: &str, msg: String| {
-        farm.pool.refuse(Refusal {
-            at: now_ms(),
-            host_type: String::new(),
-            hostname: host.to_string(),
-            addr: "token endpoint".into(),
-            reason: msg.clone(),
-            kind: kind.to_string(),
-        });
+        farm.pool.refuse(
+            Refusal {
+                at: now_ms(),
+                host_type: String::new(),
+                hostname: host.to_string(),
+                addr: "token endpoint".into(),
+                reason: msg.clone(),
+                kind: kind.to_string(),
+            },
+            false,
+        );
         err(code, msg)
     };
     let now = now_ms() / 1000;
@@ -651,7 +751,15 @@ async fn token(
         ));
     }
     let serial = hex(cert.raw_serial());
-    if let Some(reason) = revoked(&farm, &serial).await {
+    let revocation = revoked(&farm, &serial).await.map_err(|e| {
+        refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store-error",
+            &cn,
+            format!("refusing: {e}"),
+        )
+    })?;
+    if let Some(reason) = revocation {
         return Err(refuse(
             StatusCode::UNAUTHORIZED,
             "revoked",
@@ -664,7 +772,15 @@ async fn token(
         .strip_suffix(&format!(".{}", domain.trim_matches('.')))
         .unwrap_or(&cn)
         .to_string();
-    match bound_host_type(&farm, &hostname).await {
+    let bound = bound_host_type(&farm, &hostname).await.map_err(|e| {
+        refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store-error",
+            &hostname,
+            format!("refusing: {e}"),
+        )
+    })?;
+    match bound {
         Some((_, bound_serial)) if bound_serial == serial => {}
         Some(_) => {
             return Err(refuse(
@@ -759,13 +875,16 @@ pub async fn check_loop(farm: Arc<Farm>) {
 
 fn drop_bot(farm: &Farm, reg: &BotRegistry, id: u64, hostname: &str, reason: String, kind: &str) {
     reg.remove(id);
-    farm.pool.refuse(Refusal {
-        at: now_ms(),
-        host_type: String::new(),
-        hostname: hostname.to_string(),
-        addr: "token check".into(),
-        reason: reason.clone(),
-        kind: kind.to_string(),
-    });
+    farm.pool.refuse(
+        Refusal {
+            at: now_ms(),
+            host_type: String::new(),
+            hostname: hostname.to_string(),
+            addr: "token check".into(),
+            reason: reason.clone(),
+            kind: kind.to_string(),
+        },
+        false,
+    );
     farm.pool.remove(id, &format!("dropped: {reason}"));
 }

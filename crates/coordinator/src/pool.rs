@@ -55,6 +55,37 @@ struct Machine {
     conn: tokio::task::AbortHandle,
     /// Takes no new builds (it is to be halted, e.g. for an upgrade).
     draining: bool,
+    /// Registered with a machine certificate (bot) rather than a builder key.
+    bot: bool,
+}
+
+/// Who may take over a host name: the same host type with the same kind of
+/// credential. Anything else would let one machine evict another.
+pub fn identity_conflict(
+    hostname: &str,
+    held: (&str, bool),
+    claimed: (&str, bool),
+) -> Option<String> {
+    let kind = |bot: bool| {
+        if bot {
+            "a machine certificate"
+        } else {
+            "a builder key"
+        }
+    };
+    if held.0 != claimed.0 {
+        return Some(format!(
+            "host name {hostname:?} is in use by a connected machine of another host type; pick a unique -hostname"
+        ));
+    }
+    if held.1 != claimed.1 {
+        return Some(format!(
+            "host name {hostname:?} is in use by a machine that registered with {}, and this one used {}; pick a unique -hostname",
+            kind(held.1),
+            kind(claimed.1)
+        ));
+    }
+    None
 }
 
 /// What [`Pool::drain`] found.
@@ -110,27 +141,54 @@ pub struct Pool {
 
 const RECENT_REFUSALS: usize = 100;
 
+/// At most `max` characters of `s`, marked when cut.
+fn clip(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
 impl Pool {
     pub fn new() -> Pool {
         Pool::default()
     }
 
+    /// The host type and credential kind (bot or not) of the connected
+    /// machine called `hostname`, if any.
+    pub fn holder(&self, hostname: &str) -> Option<(String, bool)> {
+        let m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
+        m.values()
+            .find(|x| x.view.hostname == hostname)
+            .map(|x| (x.view.host_type.clone(), x.bot))
+    }
+
     /// Adds a registered machine (idle). An older entry with the same host
-    /// name is dropped and its connection closed. Returns the new id.
+    /// name and the same identity (host type and kind of credential) is
+    /// dropped and its connection closed: that is the machine reconnecting.
+    /// A different identity is refused with the reason. Returns the new id.
     #[allow(clippy::too_many_arguments)]
     pub fn add(
         &self,
         hostname: &str,
         host_type: &str,
+        bot: bool,
         version: u32,
         build: &str,
         addr: &str,
         client: Client,
         conn: tokio::task::AbortHandle,
-    ) -> u64 {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+    ) -> Result<u64, String> {
         let now = now_ms();
         let mut m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(why) = m
+            .values()
+            .filter(|x| x.view.hostname == hostname)
+            .find_map(|x| identity_conflict(hostname, (&x.view.host_type, x.bot), (host_type, bot)))
+        {
+            return Err(why);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let old: Vec<u64> = m
             .values()
             .filter(|x| x.view.hostname == hostname)
@@ -163,11 +221,12 @@ impl Pool {
                 client,
                 conn,
                 draining: false,
+                bot,
             },
         );
         drop(m);
         self.changed.notify_one();
-        id
+        Ok(id)
     }
 
     /// Removes a machine and closes its connection. Returns whether it was there.
@@ -313,13 +372,22 @@ impl Pool {
         })
     }
 
-    /// Records a refused registration.
-    pub fn refuse(&self, r: Refusal) {
+    /// Records a refused registration. Counts are keyed by configured host
+    /// types only (`configured` says whether this one is); anything a
+    /// stranger makes up counts under `unknown`, so refusals cannot grow
+    /// the metrics without bound. Long names are cut.
+    pub fn refuse(&self, mut r: Refusal, configured: bool) {
+        r.host_type = clip(&r.host_type, 100);
+        r.hostname = clip(&r.hostname, 100);
+        r.reason = clip(&r.reason, 1000);
         tracing::warn!(host_type = %r.host_type, hostname = %r.hostname, addr = %r.addr, "refused a buildlet: {}", r.reason);
+        let label = if configured {
+            r.host_type.clone()
+        } else {
+            "unknown".to_string()
+        };
         let mut g = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
-        *g.counts
-            .entry((r.host_type.clone(), r.kind.clone()))
-            .or_default() += 1;
+        *g.counts.entry((label, r.kind.clone())).or_default() += 1;
         g.recent.push_front(r);
         g.recent.truncate(RECENT_REFUSALS);
     }

@@ -62,14 +62,18 @@ fn refuse(
     peer: SocketAddr,
     reason: String,
 ) -> Response {
-    farm.pool.refuse(Refusal {
-        at: now_ms(),
-        host_type: host_type.to_string(),
-        hostname: hostname.to_string(),
-        addr: peer.to_string(),
-        reason: reason.clone(),
-        kind: kind.to_string(),
-    });
+    let configured = farm.config().hosts.contains_key(host_type);
+    farm.pool.refuse(
+        Refusal {
+            at: now_ms(),
+            host_type: host_type.to_string(),
+            hostname: hostname.to_string(),
+            addr: peer.to_string(),
+            reason: reason.clone(),
+            kind: kind.to_string(),
+        },
+        configured,
+    );
     (status, format!("{reason}\n")).into_response()
 }
 
@@ -174,7 +178,18 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
             );
         }
         match crate::machine_auth::bound_host_type(&farm, &hostname).await {
-            Some((ht, serial)) if serial == claims.serial => ht,
+            Err(e) => {
+                return refuse(
+                    &farm,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store-error",
+                    &host_type,
+                    &hostname,
+                    peer,
+                    format!("refusing for now: {e}"),
+                );
+            }
+            Ok(Some((ht, serial))) if serial == claims.serial => ht,
             _ => {
                 return refuse(
                     &farm,
@@ -193,7 +208,7 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
         host_type
     };
     if !cfg.hosts.contains_key(&host_type) {
-        let known: Vec<&str> = cfg.hosts.keys().map(String::as_str).collect();
+        // The farm's host types are not told to strangers.
         return refuse(
             &farm,
             StatusCode::FORBIDDEN,
@@ -202,12 +217,7 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
             &hostname,
             peer,
             format!(
-                "unknown host type {host_type:?}: the farm's config has no [hosts.{host_type}] (known: {}); check -reverse-type or ask the farm admin to add it",
-                if known.is_empty() {
-                    "none".to_string()
-                } else {
-                    known.join(", ")
-                }
+                "unknown host type {host_type:?}: the farm's config has no [hosts.{host_type}]; check -reverse-type or ask the farm admin to add it"
             ),
         );
     }
@@ -235,6 +245,51 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
             format!(
                 "wrong builder key for {host_type}: this key was not issued by this farm for {host_type}; ask the farm admin for `genbuilderkey {host_type}`"
             ),
+        );
+    }
+    // A host name belongs to one identity: a machine of another host type,
+    // or one with another kind of credential, cannot take it over. A key
+    // machine may not use a name bound to a machine certificate either.
+    let held = farm.pool.holder(&hostname);
+    let cert_bound = if bot {
+        None
+    } else {
+        match crate::machine_auth::bound_host_type(&farm, &hostname).await {
+            Ok(b) => b,
+            Err(e) => {
+                return refuse(
+                    &farm,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store-error",
+                    &host_type,
+                    &hostname,
+                    peer,
+                    format!("refusing for now: {e}"),
+                );
+            }
+        }
+    };
+    let conflict = held
+        .as_ref()
+        .and_then(|(ht, b)| {
+            crate::pool::identity_conflict(&hostname, (ht, *b), (&host_type, bot))
+        })
+        .or_else(|| {
+            cert_bound.map(|_| {
+                format!(
+                    "host name {hostname:?} belongs to a machine with a certificate; a builder key cannot register under it; pick another -hostname"
+                )
+            })
+        });
+    if let Some(why) = conflict {
+        return refuse(
+            &farm,
+            StatusCode::CONFLICT,
+            "hostname-taken",
+            &host_type,
+            &hostname,
+            peer,
+            why,
         );
     }
     let version: u32 = match version_header.parse() {
@@ -319,15 +374,24 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
                 return;
             }
         };
-        let id = farm.pool.add(
+        let id = match farm.pool.add(
             &hostname,
             &host_type,
+            bot,
             status.version,
             &build,
             &peer.to_string(),
             client,
             conn_task.abort_handle(),
-        );
+        ) {
+            Ok(id) => id,
+            Err(why) => {
+                // Another machine took the name while this one registered.
+                tracing::warn!(%hostname, %host_type, "dropping a registration: {why}");
+                conn_task.abort();
+                return;
+            }
+        };
         farm.releases
             .machine_joined(&farm, id, &hostname, &status, &binary);
         if bot {

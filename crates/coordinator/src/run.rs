@@ -125,7 +125,9 @@ pub async fn run(
     let router = crate::api::router(farm.clone())
         .merge(crate::dashboard::router(farm.clone()))
         .merge(crate::machine_auth::router(farm.clone()))
-        .merge(crate::release::router(farm.clone()));
+        .merge(crate::release::router(farm.clone()))
+        // No request the coordinator serves needs more; axum answers 413.
+        .layer(axum::extract::DefaultBodyLimit::max(256 << 10));
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(crate::server::serve(
         listener,

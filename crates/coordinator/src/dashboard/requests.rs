@@ -54,10 +54,15 @@ pub struct SubmitForm {
     notes: String,
 }
 
-pub async fn submit(State(farm): State<Arc<Farm>>, Form(f): Form<SubmitForm>) -> PageResult {
+pub async fn submit(
+    State(farm): State<Arc<Farm>>,
+    conn: Option<axum::Extension<crate::reverse::ConnInfo>>,
+    Form(f): Form<SubmitForm>,
+) -> PageResult {
     let mut p = page_for(&farm);
     match crate::machine_auth::submit_request(
         &farm,
+        conn.map(|c| c.0.peer.ip()),
         f.hostname.trim(),
         &f.csr_pem,
         &f.contact,

@@ -94,12 +94,27 @@ pub enum CaCmd {
     },
 }
 
+/// The header that carries a builder request's secret (never the URL, which
+/// proxies and logs keep).
+pub const SECRET_HEADER: &str = "x-farmer-request-secret";
+
 async fn call(
     remote: &Remote,
     method: http::Method,
     path: &str,
     body: Option<serde_json::Value>,
     admin: bool,
+) -> anyhow::Result<serde_json::Value> {
+    call_with(remote, method, path, body, admin, None).await
+}
+
+async fn call_with(
+    remote: &Remote,
+    method: http::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+    admin: bool,
+    secret: Option<&str>,
 ) -> anyhow::Result<serde_json::Value> {
     let tls = match &remote.tls_pin {
         Some(p) => {
@@ -138,6 +153,9 @@ async fn call(
             .with_context(|| format!("reading the admin token {}", f.display()))?;
         req = req.header("authorization", format!("Bearer {}", t.trim()));
     }
+    if let Some(s) = secret {
+        req = req.header(SECRET_HEADER, s);
+    }
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let resp = tokio::time::timeout(
         Duration::from_secs(30),
@@ -145,9 +163,24 @@ async fn call(
     )
     .await
     .with_context(|| format!("{url}: no answer within 30s"))?
-    .with_context(|| url.clone())?;
+    .map_err(|e| {
+        use std::error::Error as _;
+        let cause = e.source().map(|c| format!(": {c}")).unwrap_or_default();
+        if e.is_connect() {
+            anyhow::anyhow!("could not connect to {url}{cause}")
+        } else {
+            anyhow::anyhow!("{url}: {e}{cause}")
+        }
+    })?;
     let status = resp.status();
-    let bytes = resp.into_body().collect().await?.to_bytes();
+    let bytes = tokio::time::timeout(
+        Duration::from_secs(60),
+        http_body_util::Limited::new(resp.into_body(), 16 << 20).collect(),
+    )
+    .await
+    .with_context(|| format!("{url}: the answer did not finish within 60s"))?
+    .map_err(|e| anyhow::anyhow!("{url}: reading the answer: {e}"))?
+    .to_bytes();
     let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::String(
         String::from_utf8_lossy(&bytes).into_owned(),
     ));
@@ -177,7 +210,7 @@ pub fn run_request(cmd: RequestCmd) -> anyhow::Result<()> {
                 println!("check it with: farmer request status {} --secret {} --out {hostname}.crt", v["id"], v["secret"].as_str().unwrap_or(""));
             }
             RequestCmd::Status { remote, id, secret, out } => {
-                let v = call(&remote, http::Method::GET, &format!("/api/requests/{id}?secret={secret}"), None, false).await?;
+                let v = call_with(&remote, http::Method::GET, &format!("/api/requests/{id}"), None, false, Some(&secret)).await?;
                 let status = v["status"].as_str().unwrap_or("");
                 match status {
                     "approved" => {

@@ -440,8 +440,12 @@ async fn request_status(
         .map_err(db)?
         .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no request {id}")))?;
     let stored: String = r.try_get("secret_sha256").unwrap_or_default();
-    let given = q
-        .secret
+    // The header is preferred (URLs end up in logs); `?secret=` still works.
+    let given = headers
+        .get(crate::admin_cli::SECRET_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or(q.secret)
         .map(|s| hex(&Sha256::digest(s.as_bytes())))
         .unwrap_or_default();
     let owner = bool::from(subtle::ConstantTimeEq::ct_eq(

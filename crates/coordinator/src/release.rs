@@ -243,6 +243,19 @@ pub async fn publish(
         }
     };
     stage0::manifest::check_version_label(&version).map_err(anyhow::Error::msg)?;
+    // A stored blob that no longer matches its digest (a bad disk, a
+    // truncated copy) is replaced: publishing the same binary repairs it.
+    let blob = blob_key(&sha256);
+    let intact = match store.version(&blob).await? {
+        None => false,
+        Some(_) => blob_digest(store, &blob).await?.as_deref() == Some(sha256.as_str()),
+    };
+    if !intact {
+        store
+            .put(&blob, req.data.clone())
+            .await
+            .with_context(|| format!("storing the binary in {}", store.describe()))?;
+    }
     let mut index = load_index(store).await?;
     let platform = req.platform.to_string();
     let prev = index.current.get(&platform).cloned();
@@ -270,13 +283,6 @@ pub async fn publish(
         key: String::new(),
     };
     m.sign(key);
-    let blob = blob_key(&sha256);
-    if store.version(&blob).await?.is_none() {
-        store
-            .put(&blob, req.data)
-            .await
-            .with_context(|| format!("storing the binary in {}", store.describe()))?;
-    }
     index.current.insert(platform.clone(), m.clone());
     index.history.push(m.clone());
     let mut seen: HashMap<String, usize> = HashMap::new();
@@ -530,6 +536,8 @@ pub struct Releases {
     loaded: RwLock<Loaded>,
     asked: Mutex<HashMap<String, Asked>>,
     refresh_lock: tokio::sync::Mutex<()>,
+    /// Blobs whose digest was checked: key → stored version.
+    verified: Mutex<HashMap<String, String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -549,7 +557,37 @@ impl Releases {
             loaded: RwLock::new(Loaded::default()),
             asked: Mutex::new(HashMap::new()),
             refresh_lock: tokio::sync::Mutex::new(()),
+            verified: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Checks that the stored binary of `m` still has its digest.
+    async fn check_blob(&self, m: &Manifest, p: &Platform) -> Result<(), Response> {
+        let key = blob_key(&m.sha256);
+        let store = self.store();
+        let fail = |e: String| text(StatusCode::INTERNAL_SERVER_ERROR, e);
+        let version = store
+            .version(&key)
+            .await
+            .map_err(|e| fail(format!("reading buildlet {} for {p}: {e}", m.version)))?;
+        let Some(version) = version else {
+            return Ok(()); // the caller reports it missing
+        };
+        if lock(&self.verified).get(&key) == Some(&version) {
+            return Ok(());
+        }
+        let digest = blob_digest(store, &key)
+            .await
+            .map_err(|e| fail(format!("reading buildlet {} for {p}: {e}", m.version)))?;
+        if digest.as_deref() != Some(m.sha256.as_str()) {
+            tracing::error!(version = %m.version, %p, "the stored buildlet binary is corrupt");
+            return Err(fail(format!(
+                "the stored binary of buildlet {} for {p} is corrupt (its SHA-256 is not {}); the farm admin must publish it again with `farmer buildlet publish`",
+                m.version, m.sha256
+            )));
+        }
+        lock(&self.verified).insert(key, version);
+        Ok(())
     }
 
     pub fn store(&self) -> &dyn ArtifactStore {
@@ -896,6 +934,19 @@ async fn manifest(State(farm): State<Arc<Farm>>, Query(q): Query<PlatformQuery>)
     }
 }
 
+/// The SHA-256 (hex) of a stored blob, read as a stream; `None` if missing.
+async fn blob_digest(store: &dyn ArtifactStore, key: &str) -> std::io::Result<Option<String>> {
+    use futures_util::StreamExt;
+    let Some(mut obj) = store.open(key).await? else {
+        return Ok(None);
+    };
+    let mut h = sha2::Sha256::new();
+    while let Some(chunk) = obj.body.next().await {
+        h.update(&chunk?);
+    }
+    Ok(Some(crate::keys::hex(&h.finalize())))
+}
+
 async fn binary(State(farm): State<Arc<Farm>>, Query(q): Query<PlatformQuery>) -> Response {
     let p = match platform_of(&q) {
         Ok(p) => p,
@@ -917,6 +968,12 @@ async fn binary(State(farm): State<Arc<Farm>>, Query(q): Query<PlatformQuery>) -
             None => return no_release(&p),
         },
     };
+    // Never serve a blob that does not match its manifest: stage0 would
+    // refuse it anyway, after downloading it. Checked once per stored
+    // version of the blob, not per download.
+    if let Err(resp) = farm.releases.check_blob(&m, &p).await {
+        return resp;
+    }
     match farm.releases.store().open(&blob_key(&m.sha256)).await {
         Ok(Some(obj)) => Response::builder()
             .header(header::CONTENT_TYPE, "application/octet-stream")

@@ -26,6 +26,9 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
     Invalid(String),
+    /// Opening the store failed; names the file and, for a lock, says so.
+    #[error("{0}")]
+    Open(String),
 }
 
 /// Milliseconds since the Unix epoch.
@@ -265,19 +268,43 @@ fn build_row(r: &sqlx::sqlite::SqliteRow) -> Result<BuildRow> {
 
 impl Store {
     /// Opens (creating if needed) the SQLite database at `path` and migrates it.
+    /// Opens (creating if missing) and migrates the store at `path`. Errors
+    /// name the file; a database locked by another process is reported
+    /// within a second instead of after the usual 10 s wait.
     pub async fn open(path: &Path) -> Result<Store> {
+        let named = |e: &dyn std::fmt::Display| {
+            let text = e.to_string();
+            let hint = if text.contains("locked") || text.contains("busy") {
+                " (another process holds a lock on it: is another farmer running on this data dir?)"
+            } else {
+                ""
+            };
+            StoreError::Open(format!("SQLite database {}: {text}{hint}", path.display()))
+        };
         let opts = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
+        {
+            // Migrate over one connection that waits at most a second.
+            let quick = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(opts.clone().busy_timeout(Duration::from_secs(1)))
+                .await
+                .map_err(|e| named(&e))?;
+            sqlx::migrate!("./migrations")
+                .run(&quick)
+                .await
+                .map_err(|e| named(&e))?;
+            quick.close().await;
+        }
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(opts)
-            .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+            .connect_with(opts.busy_timeout(Duration::from_secs(10)))
+            .await
+            .map_err(|e| named(&e))?;
         Ok(Store { pool })
     }
 

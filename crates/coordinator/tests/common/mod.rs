@@ -143,12 +143,22 @@ impl Coordinator {
     }
 
     pub fn start_on(data_dir: &Path, config: &Path, listen: &str) -> Coordinator {
+        Coordinator::start_full(data_dir, config, listen, &[])
+    }
+
+    /// `farmer serve` with extra flags.
+    pub fn start_args(data_dir: &Path, config: &Path, extra: &[&str]) -> Coordinator {
+        Coordinator::start_full(data_dir, config, "127.0.0.1:0", extra)
+    }
+
+    fn start_full(data_dir: &Path, config: &Path, listen: &str, extra: &[&str]) -> Coordinator {
         let mut child = Command::new(FARMER)
             .args(["serve", "--config"])
             .arg(config)
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", listen])
+            .args(extra)
             .env("FARMER_LOG", "info,sqlx=warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -91,10 +91,6 @@ pub async fn poll_once(farm: &Farm, repo: &str) -> Result<usize, String> {
                 subject: c.subject.clone(),
                 parents: c.parents.clone(),
             };
-            farm.store
-                .add_commit(&row, branch)
-                .await
-                .map_err(|e| e.to_string())?;
             for b in cfg.builders_for(repo, branch) {
                 let nb = NewBuild {
                     builder: b.name.clone(),
@@ -117,6 +113,13 @@ pub async fn poll_once(farm: &Farm, repo: &str) -> Result<usize, String> {
                     queued += 1;
                 }
             }
+            // Recorded only once its builds exist: a coordinator killed in
+            // between sees the commit as new again and creates what is
+            // missing (creating a post-submit build is idempotent).
+            farm.store
+                .add_commit(&row, branch)
+                .await
+                .map_err(|e| e.to_string())?;
         }
     }
     Ok(queued)

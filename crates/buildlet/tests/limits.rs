@@ -221,3 +221,49 @@ fn names_too_long_are_the_requests_fault() {
     });
     assert_eq!(h.outside_snapshot(), before);
 }
+
+/// A thousand connections that never finish a request (idle, or a request
+/// head left half sent) do not keep the buildlet from serving its client,
+/// and are closed by the buildlet.
+#[test]
+fn idle_and_slow_connections_do_not_lock_the_client_out() {
+    use std::io::{Read, Write};
+    let h = Harness::start();
+    let conns: Vec<std::net::TcpStream> = (0..1000)
+        .filter_map(|i| {
+            let mut s = std::net::TcpStream::connect(&h.addr).ok()?;
+            if i % 2 == 1 {
+                let _ = s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+            }
+            Some(s)
+        })
+        .collect();
+    assert!(conns.len() >= 990, "opened only {}", conns.len());
+    let rt = common::runtime();
+    let st = rt
+        .block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(30), h.client().status()).await
+        })
+        .expect("/status did not answer while idle connections were open")
+        .unwrap();
+    assert_eq!(st.version, buildlet::proto::VERSION);
+    let mut closed = 0;
+    for mut s in conns {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let mut b = [0u8; 64];
+        // A reset (the server closed with our bytes unread) is closed too.
+        if s.read(&mut b).map_or_else(
+            |e| {
+                !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                )
+            },
+            |_| true,
+        ) {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 990, "only {closed} idle connections were closed");
+}

@@ -826,3 +826,34 @@ fn each_farm_ca_has_its_own_subject_and_starts_at_its_creation() {
     }
     assert_ne!(seen[0], seen[1]);
 }
+
+/// A store error while checking revocation refuses the token (fail
+/// closed); it is never taken to mean "not revoked".
+#[test]
+fn a_revocation_check_that_fails_refuses_the_token() {
+    let f = start();
+    let (key, cert) = f.onboard(HOST);
+    let token = f.owner.join("token.json");
+    let (ok, out, err) = f.tokend(&key, &cert, &token);
+    assert!(ok, "{out}{err}");
+    // The revocation list becomes unreadable under the running coordinator.
+    let db = f.c.data_dir.join("farmer.db");
+    let st = Command::new("python3")
+        .arg("-c")
+        .arg("import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('ALTER TABLE revoked RENAME TO revoked_gone'); c.commit()")
+        .arg(&db)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::remove_file(&token).unwrap();
+    let (ok, out, err) = f.tokend(&key, &cert, &token);
+    assert!(
+        !ok,
+        "a token was issued without a revocation check: {out}{err}"
+    );
+    assert!(
+        format!("{out}{err}").contains("revocation list"),
+        "{out}{err}"
+    );
+    assert!(!token.exists());
+}

@@ -438,3 +438,81 @@ fn store_errors_at_start_name_the_file_and_the_lock() {
     assert!(err.contains("farmer.db") && err.contains("locked"), "{err}");
     assert!(err.contains("another farmer"), "{err}");
 }
+
+/// A machine declared dead (frozen past the heartbeat timeout) that comes
+/// back runs nothing from before: its buildlet kills what the lost build
+/// started, `setsid` daemons included, so a re-run never races a stale copy.
+#[test]
+fn a_machine_back_from_the_dead_runs_nothing_from_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("pids");
+    let mut repo = TestRepo::new(&dir.path().join("repo"));
+    let script = format!(
+        "cp /bin/sleep ./sleeper\nsetsid ./sleeper 1000 &\necho $! >> {p}\n./sleeper 1000 &\necho $! >> {p}\nwait\n",
+        p = pids.display()
+    );
+    repo.commit("one", &[("forever.sh", &script)]);
+    let cfg = dir.path().join("farm.toml");
+    let builders = r#"
+[builders.forever]
+host = "host-test-trusted"
+repos = ["r"]
+timeout = "10m"
+[[builders.forever.steps]]
+name = "run"
+run = "sh forever.sh"
+"#;
+    std::fs::write(&cfg, config(&repo.path, builders)).unwrap();
+    let c = Coordinator::start(&dir.path().join("data"), &cfg);
+    let bot = Bot::start(
+        &c,
+        &dir.path().join("bots"),
+        "host-test-trusted",
+        "lazarus",
+        Some(&c.key("host-test-trusted")),
+    );
+    let read_pids = || -> Vec<u32> {
+        std::fs::read_to_string(&pids)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    c.wait("the step's processes", Duration::from_secs(60), |_| {
+        (read_pids().len() >= 2).then_some(())
+    });
+    let before: Vec<u32> = read_pids()[..2].to_vec();
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+    };
+    assert!(before.iter().all(|p| alive(*p)));
+    let signal = |sig: &str| {
+        Command::new("kill")
+            .args([sig, &bot.child.id().to_string()])
+            .status()
+            .unwrap()
+    };
+    assert!(signal("-STOP").success());
+    c.wait(
+        "the frozen machine to be declared dead",
+        Duration::from_secs(60),
+        |c| c.connected().is_empty().then_some(()),
+    );
+    assert!(signal("-CONT").success());
+    c.wait("the machine to come back", Duration::from_secs(60), |c| {
+        (!c.connected().is_empty()).then_some(())
+    });
+    let gone = c.wait(
+        "the lost build's processes to die",
+        Duration::from_secs(30),
+        |_| before.iter().all(|p| !alive(*p)).then_some(()),
+    );
+    // Whatever the re-run started is stopped with the test.
+    drop(bot);
+    for p in read_pids() {
+        let _ = Command::new("kill").args(["-9", &p.to_string()]).status();
+    }
+    let () = gone;
+}

@@ -1,7 +1,7 @@
 //! Hostile and broken input: every refusal names the problem, and nothing
 //! outside the work dir (nor, for a refused tarball, inside it) changes.
 
-mod common;
+use crate::common;
 
 use buildlet::client::{Error, ExecOptions, LsOptions};
 use bytes::Bytes;

@@ -1,7 +1,7 @@
 //! Nothing is lost: a buildlet killed mid-build, or the coordinator killed
 //! mid-build and restarted, leaves every build finished exactly once.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

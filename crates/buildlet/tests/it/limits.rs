@@ -1,7 +1,7 @@
 //! What a pushed tarball may expand to, the times extracted files get, and
 //! which status a request the file system cannot satisfy earns.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::time::{Duration, SystemTime};

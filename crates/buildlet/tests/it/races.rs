@@ -4,7 +4,7 @@
 //! directory. Requests may fail; nothing outside may change.
 #![cfg(unix)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -7,7 +7,7 @@
 //! runs as a buildlet when saved as `buildlet`, as stage0 does) with a few
 //! bytes appended, so each version has its own SHA-256 and really runs.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -8,8 +8,8 @@
 //! connected machines. Every page is kept as a screenshot at desktop and
 //! phone widths under `test-artifacts/dashboard/` (gitignored).
 
-mod cdp;
-mod common;
+use crate::cdp;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;

@@ -8,7 +8,7 @@
 //! in the default mode (cgroup where the machine allows) and in reaper mode.
 #![cfg(target_os = "linux")]
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};

@@ -1,6 +1,6 @@
 //! Each endpoint of the buildlet, against a real buildlet process on loopback.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! certificates: genbotcert → request → approve → machine-tokend → the bot
 //! takes a build; and every refusal of the token endpoint and of bots.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

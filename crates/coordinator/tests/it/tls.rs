@@ -2,7 +2,7 @@
 //! pin, plaintext only when both sides allow it, a key pin that survives
 //! certificate renewal; and the coordinator's ALPN (HTTP/2 when chosen).
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! that answers forever, a host name claimed across identities, and the
 //! bounds on what the API lists.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::net::TcpStream;

@@ -3,7 +3,7 @@
 //! secret file of a `farmer up` farm, the coordinator's `/proc` entries and
 //! ways out of the sandbox, and the test checks it read none of them.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

@@ -1,7 +1,7 @@
 //! The coordinator end to end: real `farmer serve` and `farmer buildlet`
 //! processes over loopback (TLS, real builder keys), real git repositories.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! serve` and `farmer buildlet` processes over loopback. (The same pages in
 //! a real browser: `tests/browser.rs`.)
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::mpsc;

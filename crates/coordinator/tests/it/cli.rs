@@ -1,7 +1,7 @@
 //! The `farmer` command line: config checking, refusing broken configs,
 //! reload keeping the old config, genbuilderkey, a taken port.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Duration;

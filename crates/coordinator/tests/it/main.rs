@@ -1,0 +1,19 @@
+//! The coordinator crate's integration tests, in one binary (one link of the
+//! crate's dependencies instead of one per file). Run one group with
+//! `cargo test -p coordinator --test it GROUP::`.
+
+mod cdp;
+mod common;
+
+mod browser;
+mod certs;
+mod cli;
+mod config;
+mod dashboard;
+mod farm;
+mod git;
+mod hostile;
+mod resilience;
+mod secrets;
+mod stage0;
+mod tls;

@@ -228,15 +228,12 @@ impl ReverseError {
     }
 }
 
-/// Spreads reconnects of many machines: a delay uniformly in [d/2, d].
+/// Spreads reconnects of many machines: a delay uniformly in [d/2, d],
+/// from the OS-seeded generator (a clock with microsecond resolution would
+/// give every machine restarted together the same delay).
 fn jitter(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|t| t.subsec_nanos())
-        .unwrap_or(0) as u64
-        ^ u64::from(std::process::id()).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let frac = (nanos % 1000) as f64 / 1000.0;
-    d.mul_f64(0.5 + 0.5 * frac)
+    use rand::Rng;
+    d.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
 }
 
 fn tls_connector(tls: &Tls) -> Result<Option<tokio_rustls::TlsConnector>, ReverseError> {
@@ -369,10 +366,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn jitter_is_within_bounds() {
-        for _ in 0..100 {
-            let j = jitter(Duration::from_secs(10));
-            assert!(j >= Duration::from_secs(5) && j <= Duration::from_secs(10));
-        }
+    fn jitter_is_within_bounds_and_spread() {
+        let js: Vec<Duration> = (0..200).map(|_| jitter(Duration::from_secs(10))).collect();
+        assert!(
+            js.iter()
+                .all(|j| *j >= Duration::from_secs(5) && *j <= Duration::from_secs(10))
+        );
+        // Not a constant: the delays cover both halves of the range.
+        assert!(js.iter().any(|j| *j < Duration::from_millis(7500)));
+        assert!(js.iter().any(|j| *j > Duration::from_millis(7500)));
+        let distinct: std::collections::BTreeSet<_> = js.iter().collect();
+        assert!(distinct.len() > 150, "{} distinct delays", distinct.len());
     }
 }

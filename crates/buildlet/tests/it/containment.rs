@@ -218,9 +218,17 @@ fn command_exit_kills_what_it_left_running() {
             .block_on(c.exec_output("sh", &opts(&script(&m, true))))
             .unwrap();
         assert_eq!(st, ProcessState::Ok, "{mode}");
-        assert_eq!(out, b"started\n", "{mode}");
+        // A shell of the script may report the daemon it lost ("Killed");
+        // what the command itself printed comes first.
         assert!(
-            start.elapsed() < Duration::from_secs(4),
+            out.starts_with(b"started\n"),
+            "{mode}: {}",
+            String::from_utf8_lossy(&out)
+        );
+        // A hang detector, not a speed test: without the kill the exec
+        // would wait for the daemons (1000 s).
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
             "{mode}: exec took {:?}; the daemons kept it open",
             start.elapsed()
         );

@@ -145,8 +145,6 @@ pub struct Client {
     base: String,
     auth: Option<HeaderValue>,
     header_timeout: Duration,
-    /// Most bytes `/tgz` may send.
-    max_download: u64,
 }
 
 impl std::fmt::Debug for Client {
@@ -184,13 +182,7 @@ impl Client {
             base,
             auth,
             header_timeout: Duration::from_secs(30),
-            max_download: DEFAULT_MAX_DOWNLOAD,
         }
-    }
-
-    /// The most bytes a `/tgz` download may have (default 16 GiB).
-    pub fn set_max_download(&mut self, bytes: u64) {
-        self.max_download = bytes;
     }
 
     /// How long to wait for response headers before declaring the buildlet
@@ -400,10 +392,9 @@ impl Client {
             let frame = frame.map_err(|e| Error::BrokeOff(e.to_string()))?;
             if let Ok(data) = frame.into_data() {
                 n += data.len() as u64;
-                if n > self.max_download {
+                if n > MAX_DOWNLOAD {
                     return Err(Error::Protocol(format!(
-                        "/tgz sent more than {} bytes; giving up",
-                        self.max_download
+                        "/tgz sent more than {MAX_DOWNLOAD} bytes; giving up"
                     )));
                 }
                 out.write_all(&data).await.map_err(Error::Local)?;
@@ -539,8 +530,8 @@ pub const MAX_SMALL_BODY: usize = 64 << 10;
 pub const MAX_ERROR_BODY: usize = 8 << 10;
 /// A `/ls` listing (about 100 bytes a file).
 pub const MAX_LISTING: usize = 64 << 20;
-/// Default cap on a `/tgz` download.
-pub const DEFAULT_MAX_DOWNLOAD: u64 = 16 << 30;
+/// Most bytes a `/tgz` download may have.
+pub const MAX_DOWNLOAD: u64 = 16 << 30;
 const SMALL_BODY_TIME: Duration = Duration::from_secs(60);
 const LISTING_TIME: Duration = Duration::from_secs(600);
 

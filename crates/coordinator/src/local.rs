@@ -125,6 +125,10 @@ impl LocalPool {
                 )
             })?;
         }
+        // The sandbox runs `<this executable> buildlet` in its own process
+        // and executes any other program after entering.
+        #[cfg(unix)]
+        let prepend_program = sandbox.is_some() && !runs_this_exe(&target.program);
         for (host_type, count) in hosts {
             for i in 1..=count {
                 let name = format!("{}-{i}", host_type.trim_start_matches("host-"));
@@ -135,8 +139,7 @@ impl LocalPool {
                 let home = work_root.path().join(&name);
                 let mut args: Vec<String> = target.program[1..].to_vec();
                 #[cfg(unix)]
-                if sandbox.is_some() && !runs_this_exe(&target.program) {
-                    // The sandbox runs the program after entering.
+                if prepend_program {
                     args.insert(0, target.program[0].clone());
                 }
                 args.extend([

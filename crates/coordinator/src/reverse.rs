@@ -77,6 +77,25 @@ fn refuse(
     (status, format!("{reason}\n")).into_response()
 }
 
+/// A credential check could not read the store: refuse (fail closed).
+fn refuse_store_error(
+    farm: &Farm,
+    host_type: &str,
+    hostname: &str,
+    peer: SocketAddr,
+    e: &str,
+) -> Response {
+    refuse(
+        farm,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store-error",
+        host_type,
+        hostname,
+        peer,
+        format!("refusing for now: {e}"),
+    )
+}
+
 pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response {
     let info = req
         .extensions()
@@ -178,17 +197,7 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
             );
         }
         match crate::machine_auth::bound_host_type(&farm, &hostname).await {
-            Err(e) => {
-                return refuse(
-                    &farm,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store-error",
-                    &host_type,
-                    &hostname,
-                    peer,
-                    format!("refusing for now: {e}"),
-                );
-            }
+            Err(e) => return refuse_store_error(&farm, &host_type, &hostname, peer, &e),
             Ok(Some((ht, serial))) if serial == claims.serial => ht,
             _ => {
                 return refuse(
@@ -256,17 +265,7 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
     } else {
         match crate::machine_auth::bound_host_type(&farm, &hostname).await {
             Ok(b) => b,
-            Err(e) => {
-                return refuse(
-                    &farm,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store-error",
-                    &host_type,
-                    &hostname,
-                    peer,
-                    format!("refusing for now: {e}"),
-                );
-            }
+            Err(e) => return refuse_store_error(&farm, &host_type, &hostname, peer, &e),
         }
     };
     let conflict = held

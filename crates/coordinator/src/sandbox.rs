@@ -5,7 +5,8 @@
 //! to the farm's secrets (master key, admin token, TLS and CA keys, release
 //! key, the store). A build on an untrusted host type must not be able to
 //! print them into its public log, so each local buildlet starts in a
-//! sandbox set up between `fork` and `exec`:
+//! sandbox, set up by a fresh process of our own executable (`farmer
+//! sandbox`, see [`Sandbox`]) before it becomes the buildlet:
 //!
 //! * a private mount namespace in which the data dir (and any secret file
 //!   kept outside it, such as `--tls-key`) is covered by an empty read-only
@@ -43,8 +44,6 @@ pub enum SandboxError {
     NoUser(String),
     #[error("{path}: {err}")]
     Io { path: PathBuf, err: std::io::Error },
-    #[error("path {0:?} has a NUL byte")]
-    Nul(PathBuf),
 }
 
 /// A user to run local buildlets as (root only).
@@ -238,6 +237,7 @@ fn enter_namespaces(hide: &[PathBuf], user: Option<Ids>) -> std::io::Result<()> 
     unsafe {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = (libc::getuid(), libc::getgid());
+        let parent = libc::getppid();
         if uid == 0 {
             check("unshare(mount namespace)", libc::unshare(libc::CLONE_NEWNS))?;
         } else {
@@ -301,7 +301,7 @@ fn enter_namespaces(hide: &[PathBuf], user: Option<Ids>) -> std::io::Result<()> 
             "PR_SET_PDEATHSIG",
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0),
         )?;
-        if libc::getppid() == 1 {
+        if libc::getppid() != parent {
             return Err(Error::other("the coordinator has exited"));
         }
     }
@@ -322,21 +322,12 @@ pub fn protect_self() {
 /// Restricts the data dir to its owner (0700): secrets inside are then
 /// unreadable to every other user whatever their own modes.
 pub fn restrict_dir(dir: &Path) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    }
-    let _ = dir;
-    Ok(())
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Gives `dir` to `ids` (the local buildlets' user), mode 0700.
 pub fn give_dir(dir: &Path, ids: Ids) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        std::os::unix::fs::chown(dir, Some(ids.uid), Some(ids.gid))?;
-        restrict_dir(dir)?;
-    }
-    Ok(())
+    std::os::unix::fs::chown(dir, Some(ids.uid), Some(ids.gid))?;
+    restrict_dir(dir)
 }

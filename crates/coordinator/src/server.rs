@@ -28,22 +28,7 @@ use crate::reverse::ConnInfo;
 /// closed to make room), so a flood of idle or slow connections cannot
 /// keep machines from registering.
 pub async fn serve(listener: TcpListener, router: Router, tls: Option<Arc<rustls::ServerConfig>>) {
-    serve_with(
-        listener,
-        router,
-        tls,
-        httpguard::Guard::new(Limits::COORDINATOR),
-    )
-    .await
-}
-
-/// [`serve`] with explicit limits (tests use small ones).
-pub async fn serve_with(
-    listener: TcpListener,
-    router: Router,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    guard: Arc<httpguard::Guard>,
-) {
+    let guard = httpguard::Guard::new(Limits::COORDINATOR);
     httpguard::raise_fd_limit();
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {

@@ -27,7 +27,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -82,8 +82,6 @@ pub struct Guard {
     /// Connections waiting for their first request, oldest first; sending
     /// on the channel (or dropping it) closes that connection.
     pending: Mutex<BTreeMap<u64, oneshot::Sender<()>>>,
-    evicted: AtomicU64,
-    refused: AtomicU64,
 }
 
 impl Guard {
@@ -93,32 +91,7 @@ impl Guard {
             live: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
             pending: Mutex::new(BTreeMap::new()),
-            evicted: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
         })
-    }
-
-    pub fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
-    /// Connections open now.
-    pub fn live(&self) -> usize {
-        self.live.load(Ordering::Relaxed)
-    }
-
-    /// Connections waiting for their first request now.
-    pub fn pending(&self) -> usize {
-        self.pending.lock().map(|p| p.len()).unwrap_or(0)
-    }
-
-    /// Waiting connections closed to make room, and connections refused
-    /// at the total cap, since start.
-    pub fn evicted(&self) -> (u64, u64) {
-        (
-            self.evicted.load(Ordering::Relaxed),
-            self.refused.load(Ordering::Relaxed),
-        )
     }
 
     /// Accepts the next connection, backing off on errors such as EMFILE.
@@ -152,12 +125,8 @@ impl Guard {
                 match pending.pop_first() {
                     Some((_, oldest)) => {
                         let _ = oldest.send(());
-                        self.evicted.fetch_add(1, Ordering::Relaxed);
                     }
-                    None if full => {
-                        self.refused.fetch_add(1, Ordering::Relaxed);
-                        return None;
-                    }
+                    None if full => return None,
                     None => {}
                 }
             }
@@ -165,15 +134,15 @@ impl Guard {
         }
         self.live.fetch_add(1, Ordering::Relaxed);
         let state = Arc::new(ConnState {
+            accepted: Instant::now(),
+            started: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
-            requests: AtomicU64::new(0),
             last_active: Mutex::new(Instant::now()),
             changed: Notify::new(),
         });
         Some(Conn {
             guard: self.clone(),
             id,
-            accepted: Instant::now(),
             evicted: Some(rx),
             state,
         })
@@ -219,19 +188,38 @@ impl RateLimitedLog {
 pub struct Conn {
     guard: Arc<Guard>,
     id: u64,
-    accepted: Instant,
     evicted: Option<oneshot::Receiver<()>>,
     state: Arc<ConnState>,
 }
 
 struct ConnState {
+    accepted: Instant,
+    /// A first request has arrived.
+    started: AtomicBool,
     inflight: AtomicUsize,
-    requests: AtomicU64,
     last_active: Mutex<Instant>,
     changed: Notify,
 }
 
 impl ConnState {
+    /// When the connection must be closed if nothing changes: the
+    /// first-request deadline, or the idle deadline; `None` while a
+    /// request is in flight.
+    fn deadline(&self, limits: &Limits) -> Option<Instant> {
+        if !self.started.load(Ordering::Acquire) {
+            return Some(self.accepted + limits.first_request);
+        }
+        if self.inflight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let last = self
+            .last_active
+            .lock()
+            .map(|t| *t)
+            .unwrap_or_else(|e| *e.into_inner());
+        Some(last + limits.idle)
+    }
+
     fn touch(&self) {
         if let Ok(mut t) = self.last_active.lock() {
             *t = Instant::now();
@@ -252,7 +240,7 @@ impl Conn {
     /// byte) under the first-request deadline and eviction; `None` if the
     /// connection must be closed instead.
     pub async fn before<F: Future>(&mut self, fut: F) -> Option<F::Output> {
-        let deadline = self.accepted + self.guard.limits.first_request;
+        let deadline = self.state.accepted + self.guard.limits.first_request;
         let evicted = self.evicted.as_mut()?;
         tokio::select! {
             out = fut => Some(out),
@@ -288,16 +276,7 @@ impl Conn {
             let changed = self.state.changed.notified();
             let mut changed = std::pin::pin!(changed);
             changed.as_mut().enable();
-            let first = self.state.requests.load(Ordering::Acquire) == 0;
-            let busy = self.state.inflight.load(Ordering::Acquire) > 0;
-            let deadline = if first {
-                Some(self.accepted + limits.first_request)
-            } else if busy {
-                None
-            } else {
-                let last = self.state.last_active.lock().map(|t| *t).ok()?;
-                Some(last + limits.idle)
-            };
+            let deadline = self.state.deadline(&limits);
             let sleep = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
@@ -305,14 +284,14 @@ impl Conn {
                 }
             };
             let evict = async {
-                match (&mut evicted, first) {
-                    (Some(rx), true) => rx.await.is_ok(),
-                    _ => std::future::pending().await,
+                match &mut evicted {
+                    Some(rx) => rx.await.is_ok(),
+                    None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 out = &mut conn => return Some(out),
-                _ = changed => continue,
+                _ = changed => {}
                 was_evicted = evict => {
                     if was_evicted {
                         tracing::debug!("closing a connection that waited for its first request while others arrived");
@@ -322,19 +301,10 @@ impl Conn {
                     evicted = None;
                 }
                 _ = sleep => {
-                    // Re-check: a request may have started at the deadline.
-                    let first_now = self.state.requests.load(Ordering::Acquire) == 0;
-                    let busy_now = self.state.inflight.load(Ordering::Acquire) > 0;
-                    if first && first_now {
-                        tracing::debug!("closing a connection that sent no request in {:?}", limits.first_request);
+                    // Re-checked: a request may have started at the deadline.
+                    if self.state.deadline(&limits).is_some_and(|d| d <= Instant::now()) {
+                        tracing::debug!("closing a connection that sent no request in time, or stayed idle");
                         return None;
-                    }
-                    if !first && !busy_now {
-                        let last = self.state.last_active.lock().map(|t| *t).ok()?;
-                        if last.elapsed() >= limits.idle {
-                            tracing::debug!("closing a connection idle for {:?}", limits.idle);
-                            return None;
-                        }
                     }
                 }
             }
@@ -376,7 +346,7 @@ where
     type Future = BoxFuture<Result<Self::Response, Self::Error>>;
 
     fn call(&self, req: Request<ReqB>) -> Self::Future {
-        if self.state.requests.fetch_add(1, Ordering::AcqRel) == 0 {
+        if !self.state.started.swap(true, Ordering::AcqRel) {
             self.guard.unpend(self.id);
         }
         self.state.inflight.fetch_add(1, Ordering::AcqRel);

@@ -77,6 +77,9 @@ fn refuse(
     (status, format!("{reason}\n")).into_response()
 }
 
+/// Longest host name or host type a registration may carry.
+const MAX_NAME: usize = 253;
+
 /// A credential check could not read the store: refuse (fail closed).
 fn refuse_store_error(
     farm: &Farm,
@@ -160,6 +163,23 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
             peer,
             format!(
                 "registration needs the {} and {} headers",
+                proto::HDR_HOST_TYPE,
+                proto::HDR_HOSTNAME
+            ),
+        );
+    }
+    // Host names are shown on every page and stored per machine: a DNS name
+    // is at most 253 bytes, and so is one here.
+    if hostname.len() > MAX_NAME || host_type.len() > MAX_NAME {
+        return refuse(
+            &farm,
+            StatusCode::BAD_REQUEST,
+            "protocol",
+            &host_type,
+            &hostname,
+            peer,
+            format!(
+                "the {} and {} headers may be at most {MAX_NAME} bytes",
                 proto::HDR_HOST_TYPE,
                 proto::HDR_HOSTNAME
             ),

@@ -262,6 +262,21 @@ fn a_machine_that_answers_forever_is_dropped_without_growing_memory() {
         &["--insecure-plaintext-reverse"],
     );
     let key = c.key("host-test-trusted");
+    // A name no DNS name could be is refused before anything else.
+    let mut s = TcpStream::connect(&c.addr).unwrap();
+    write!(
+        s,
+        "GET /reverse HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: farmer-buildlet\r\n\
+         x-farmer-host-type: host-test-trusted\r\nx-farmer-hostname: {}\r\nx-farmer-builder-key: {key}\r\n\r\n",
+        "h".repeat(300)
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = std::io::Read::read(&mut s, &mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("at most 253 bytes"), "{answer}");
     let sent = Arc::new(AtomicU64::new(0));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -335,8 +335,8 @@ pub async fn submit_request(
     contact: &str,
     notes: &str,
 ) -> Result<(i64, String), (StatusCode, String)> {
+    // The host name's own rules (length included) come with its validation.
     for (field, value, max) in [
-        ("hostname", hostname, 64),
         ("csr_pem", csr_pem, MAX_CSR),
         ("contact", contact, MAX_CONTACT),
         ("notes", notes, MAX_NOTES),

@@ -368,18 +368,21 @@ fn request_status_keeps_the_secret_out_of_urls() {
         let _ = s.write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 2\r\n\r\n{}");
         String::from_utf8_lossy(&buf).into_owned()
     });
-    let out = Command::new(common::FARMER)
-        .args([
-            "request",
-            "status",
-            "7",
-            "--secret",
-            "s3cr3t-value",
-            "--coordinator",
-        ])
-        .arg(format!("http://{addr}"))
-        .output()
-        .unwrap();
+    let status = |addr: std::net::SocketAddr| {
+        Command::new(common::FARMER)
+            .args([
+                "request",
+                "status",
+                "7",
+                "--secret",
+                "s3cr3t-value",
+                "--coordinator",
+            ])
+            .arg(format!("http://{addr}"))
+            .output()
+            .unwrap()
+    };
+    let out = status(addr);
     let head = seen.join().unwrap();
     let request_line = head.lines().next().unwrap_or_default().to_string();
     assert!(
@@ -399,18 +402,7 @@ fn request_status_keeps_the_secret_out_of_urls() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead = closed.local_addr().unwrap();
     drop(closed);
-    let out = Command::new(common::FARMER)
-        .args([
-            "request",
-            "status",
-            "7",
-            "--secret",
-            "s3cr3t-value",
-            "--coordinator",
-        ])
-        .arg(format!("http://{dead}"))
-        .output()
-        .unwrap();
+    let out = status(dead);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("could not connect to"), "{err}");
     assert!(!err.contains("s3cr3t"), "{err}");

@@ -217,7 +217,7 @@ async fn hosts(State(farm): State<Arc<Farm>>) -> Json<serde_json::Value> {
             let c = counts.get(&h.name).copied().unwrap_or_default();
             json!({
                 "name": h.name,
-                "pool": match h.pool { crate::config::PoolKind::Reverse => "reverse", crate::config::PoolKind::Local => "local" },
+                "pool": h.pool.as_str(),
                 "expected": h.expected,
                 "connected": c.connected,
                 "busy": c.busy,

@@ -20,9 +20,9 @@ use tokio::io::AsyncWrite;
 use crate::config::{BuildConfig, HostConfig};
 use crate::farm::{Farm, RunningBuild};
 use crate::logs::{LiveLog, MAX_LOG};
-use crate::pool::{Lease, MachineState};
-use crate::scheduler::Entry;
-use crate::store::{BuildRow, BuildStatus};
+use crate::pool::{Holder, Lease};
+use crate::scheduler::{LeaseRequest, Priority};
+use crate::store::{BuildKind, BuildRow, BuildStatus};
 
 /// The directory in the work dir that holds the source tree.
 pub const SRC_DIR: &str = "src";
@@ -60,21 +60,82 @@ impl AsyncWrite for LogWriter<'_> {
     }
 }
 
+/// A stored build waiting for a machine.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    pub build_id: i64,
+    pub host_type: String,
+    pub kind: BuildKind,
+    pub commit_time: i64,
+}
+
+/// What a build's driver does after one turn on a machine.
+enum Next {
+    /// The build ended (or is no longer this driver's to run).
+    Done,
+    /// Ask for another machine now (the last one broke).
+    Again,
+    /// The store failed; ask again after a pause.
+    AgainLater,
+}
+
+/// A build's place in the lease queue.
+pub fn priority(kind: BuildKind) -> Priority {
+    match kind {
+        BuildKind::Release => Priority::Release,
+        BuildKind::Interactive => Priority::Interactive,
+        BuildKind::PreSubmit => Priority::PreSubmit,
+        BuildKind::PostSubmit => Priority::PostSubmit,
+    }
+}
+
 impl Farm {
-    /// Runs a popped queue entry on a leased machine, then returns the
-    /// machine to the pool (cleaned) or drops it (broken).
-    pub(crate) async fn run_build(self: Arc<Self>, entry: Entry, lease: Lease) {
-        let id = entry.build_id;
-        self.metrics.observe_dispatch(entry.enqueued.elapsed());
-        let release = |me: &Arc<Farm>| me.pool.set_state(lease.id, MachineState::Idle);
+    /// Starts the driver of a stored, queued build: it asks the lease queue
+    /// for a machine, runs the build on it, and asks again after a machine
+    /// broke, until the build ends. Withdrawing the build's request
+    /// ([`Farm::cancel`]) ends a driver that waits.
+    pub(crate) fn enqueue(self: &Arc<Self>, q: Queued) {
+        let me = self.clone();
+        tokio::spawn(async move { me.drive(q).await });
+    }
+
+    async fn drive(self: Arc<Self>, q: Queued) {
+        loop {
+            let mut ticket = self.scheduler.request(LeaseRequest {
+                host_type: q.host_type.clone(),
+                priority: priority(q.kind),
+                holder: Holder::Build {
+                    build_id: q.build_id,
+                },
+                commit_time: q.commit_time,
+            });
+            let Ok(lease) = ticket.lease().await else {
+                return;
+            };
+            self.metrics.observe_dispatch(ticket.waited());
+            drop(ticket);
+            match self.clone().run_build(q.build_id, lease).await {
+                Next::Done => return,
+                Next::Again => {}
+                Next::AgainLater => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+        }
+    }
+
+    /// Runs a build on a leased machine, then ends the lease (the machine
+    /// is cleaned for reuse, retired, or dropped when broken).
+    async fn run_build(self: Arc<Self>, id: i64, lease: Lease) -> Next {
+        let release = |me: &Arc<Farm>| me.pool.release_idle(lease.id);
         let build = match self.store.build(id).await {
             Ok(Some(b)) if b.status == BuildStatus::Queued => b,
-            Ok(_) => return release(&self),
+            Ok(_) => {
+                release(&self);
+                return Next::Done;
+            }
             Err(e) => {
                 tracing::error!(build = id, "reading build: {e}");
-                self.scheduler
-                    .push(id, &entry.host_type, entry.kind, entry.commit_time);
-                return release(&self);
+                release(&self);
+                return Next::AgainLater;
             }
         };
         let cfg = self.config();
@@ -88,9 +149,10 @@ impl Farm {
             );
             let _ = self.store.finish_build(id, BuildStatus::Failed, &msg).await;
             self.metrics.build_finished(BuildStatus::Failed);
-            return release(&self);
+            release(&self);
+            return Next::Done;
         };
-        if entry.kind == crate::store::BuildKind::PreSubmit && !host.trusted {
+        if build.kind == BuildKind::PreSubmit && !host.trusted {
             let msg = format!(
                 "pre-submit work only runs on trusted machines; {} is not trusted",
                 host.name
@@ -100,7 +162,8 @@ impl Farm {
                 .finish_build(id, BuildStatus::Cancelled, &msg)
                 .await;
             self.metrics.build_finished(BuildStatus::Cancelled);
-            return release(&self);
+            release(&self);
+            return Next::Done;
         }
         let (attempt_id, number) = match self
             .store
@@ -108,16 +171,16 @@ impl Farm {
             .await
         {
             Ok(Some(a)) => a,
-            Ok(None) => return release(&self),
+            Ok(None) => {
+                release(&self);
+                return Next::Done;
+            }
             Err(e) => {
                 tracing::error!(build = id, "starting attempt: {e}");
-                self.scheduler
-                    .push(id, &entry.host_type, entry.kind, entry.commit_time);
-                return release(&self);
+                release(&self);
+                return Next::AgainLater;
             }
         };
-        self.pool
-            .set_state(lease.id, MachineState::Busy { build_id: Some(id) });
         let rb = self.register_running(id);
         *rb.machine.lock().unwrap_or_else(|e| e.into_inner()) = lease.hostname.clone();
         rb.log.append(
@@ -154,15 +217,15 @@ impl Farm {
             .as_bytes(),
         );
         let final_status = match outcome {
-            Outcome::Passed => Some((BuildStatus::Passed, String::new())),
-            Outcome::Failed(m) => Some((BuildStatus::Failed, m)),
-            Outcome::Cancelled => Some((BuildStatus::Cancelled, "cancelled by an admin".into())),
-            Outcome::CoordinatorError(m) => Some((BuildStatus::InfraError, m)),
+            Outcome::Passed => (BuildStatus::Passed, String::new()),
+            Outcome::Failed(m) => (BuildStatus::Failed, m),
+            Outcome::Cancelled => (BuildStatus::Cancelled, "cancelled by an admin".into()),
+            Outcome::CoordinatorError(m) => (BuildStatus::InfraError, m),
             Outcome::Infra(m) => {
                 self.pool
                     .remove(lease.id, &format!("broke during build {id}: {m}"));
                 if number < max {
-                    match self.store.requeue(id).await {
+                    return match self.store.requeue(id).await {
                         Ok(true) => {
                             rb.log.append(
                                 format!(
@@ -171,51 +234,31 @@ impl Farm {
                                 )
                                 .as_bytes(),
                             );
-                            self.scheduler.push(
-                                id,
-                                &build.host_type,
-                                build.kind,
-                                build.commit_time,
-                            );
-                            None
+                            Next::Again
                         }
-                        _ => None,
-                    }
-                } else {
-                    Some((
-                        BuildStatus::InfraError,
-                        format!("gave up after {number} attempts; last: {m}"),
-                    ))
+                        Ok(false) => Next::Done,
+                        Err(e) => {
+                            tracing::error!(build = id, "re-queueing: {e}");
+                            Next::Done
+                        }
+                    };
                 }
+                (
+                    BuildStatus::InfraError,
+                    format!("gave up after {number} attempts; last: {m}"),
+                )
             }
         };
-        if let Some((status, msg)) = final_status {
-            match self.store.finish_build(id, status, &msg).await {
-                Ok(true) => self.metrics.build_finished(status),
-                Ok(false) => {}
-                Err(e) => tracing::error!(build = id, "recording result: {e}"),
-            }
-            tracing::info!(build = id, %status, "build finished");
-            self.unregister_running(id);
-            if self.pool.contains(lease.id) {
-                self.clean(lease).await;
-            }
+        let (status, msg) = final_status;
+        match self.store.finish_build(id, status, &msg).await {
+            Ok(true) => self.metrics.build_finished(status),
+            Ok(false) => {}
+            Err(e) => tracing::error!(build = id, "recording result: {e}"),
         }
-    }
-
-    /// Empties a machine's work dir and returns it to the pool, or drops it.
-    async fn clean(&self, lease: Lease) {
-        self.pool.set_state(lease.id, MachineState::Cleaning);
-        match tokio::time::timeout(Duration::from_secs(120), lease.client.remove_all(&["."])).await
-        {
-            Ok(Ok(())) => self.pool.set_state(lease.id, MachineState::Idle),
-            Ok(Err(e)) => {
-                self.pool.remove(lease.id, &format!("cleaning failed: {e}"));
-            }
-            Err(_) => {
-                self.pool.remove(lease.id, "cleaning took longer than 120s");
-            }
-        }
+        tracing::info!(build = id, %status, "build finished");
+        self.unregister_running(id);
+        self.end_lease(lease).await;
+        Next::Done
     }
 
     async fn execute(

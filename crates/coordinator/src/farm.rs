@@ -2,7 +2,7 @@
 //! build + idle machine → running build), machine health checks, and config
 //! reloads. Builds themselves run in [`crate::builds`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -10,13 +10,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::config::{self, FarmConfig, PoolKind};
+use crate::builds::Queued;
+use crate::config::{self, FarmConfig};
 use crate::git;
 use crate::keys::MasterKey;
 use crate::logs::LiveLog;
 use crate::metrics::Metrics;
-use crate::pool::Pool;
+use crate::pool::{Holder, Lease, MachineState, Pool};
 use crate::scheduler::Scheduler;
+use crate::sources::Sources;
 use crate::store::{BuildKind, BuildStatus, NewBuild, Store};
 
 /// A build running in this process.
@@ -47,8 +49,9 @@ pub struct Farm {
     pub data_dir: PathBuf,
     config: RwLock<Arc<FarmConfig>>,
     pub store: Store,
-    pub pool: Pool,
-    pub scheduler: Scheduler,
+    pub pool: Arc<Pool>,
+    /// The lease queue: the one way to get a machine.
+    pub scheduler: Arc<Scheduler>,
     pub master: MasterKey,
     pub admin_token: String,
     /// Accept `/reverse` without TLS (loopback demos and tests only).
@@ -62,13 +65,17 @@ pub struct Farm {
     pub metrics: Metrics,
     repos: Mutex<HashMap<String, Arc<git::Repo>>>,
     running: Mutex<HashMap<i64, Arc<RunningBuild>>>,
-    sources: Mutex<VecDeque<((String, String), Bytes)>>,
+    source_cache: Mutex<VecDeque<((String, String), Bytes)>>,
     /// Per-repo last poll error, shown on the status page.
     pub poll_errors: Mutex<HashMap<String, String>>,
     /// Connected bots that authenticated with machine tokens.
     pub bots: crate::machine_auth::BotRegistry,
     /// Published buildlet releases and fleet upgrades (stage0).
     pub releases: crate::release::Releases,
+    /// Where each host type's machines come from.
+    pub sources: Sources,
+    /// One poller per configured repo.
+    pollers: Mutex<BTreeMap<String, tokio::task::AbortHandle>>,
 }
 
 const SOURCE_CACHE: usize = 16;
@@ -88,12 +95,23 @@ pub struct FarmOptions {
 impl Farm {
     pub fn new(o: FarmOptions) -> Arc<Farm> {
         let releases = crate::release::Releases::local(&o.data_dir);
+        let pool = Arc::new(Pool::new());
+        let scheduler = Scheduler::new(pool.clone());
+        let sources = Sources::new(
+            pool.clone(),
+            scheduler.clone(),
+            o.store.clone(),
+            o.master.clone(),
+            o.data_dir.clone(),
+        );
         Arc::new(Farm {
             data_dir: o.data_dir,
             config: RwLock::new(Arc::new(o.config)),
             store: o.store,
-            pool: Pool::new(),
-            scheduler: Scheduler::new(),
+            scheduler,
+            pool,
+            sources,
+            pollers: Mutex::new(BTreeMap::new()),
             master: o.master,
             admin_token: o.admin_token,
             allow_plaintext: o.allow_plaintext,
@@ -104,7 +122,7 @@ impl Farm {
             metrics: Metrics::default(),
             repos: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
-            sources: Mutex::new(VecDeque::new()),
+            source_cache: Mutex::new(VecDeque::new()),
             poll_errors: Mutex::new(HashMap::new()),
             bots: Default::default(),
             releases,
@@ -118,23 +136,77 @@ impl Farm {
             .clone()
     }
 
-    /// Re-reads the config file. A broken file keeps the old config and
-    /// returns the errors.
-    pub fn reload(&self) -> Result<(), config::ConfigErrors> {
-        let path = self.config().path.clone();
-        let new = config::load(&path)?;
-        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
-        tracing::info!(path = %path.display(), "config reloaded");
+    /// Re-reads the config file and applies it: pollers and machine
+    /// sources start and stop to match. A broken file keeps the old config
+    /// and returns the errors.
+    pub fn reload(self: &Arc<Self>) -> Result<Vec<String>, config::ConfigErrors> {
+        let old = self.config();
+        let new = Arc::new(config::load(&old.path)?);
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
+        // A repo whose URL changed is opened afresh.
+        self.repos
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|name, _| {
+                old.repos.get(name).map(|r| &r.url) == new.repos.get(name).map(|r| &r.url)
+            });
+        let changes = self.apply_config();
+        if changes.is_empty() {
+            tracing::info!(path = %new.path.display(), "config reloaded; nothing to start or stop");
+        }
+        for c in &changes {
+            tracing::info!(path = %new.path.display(), "config reloaded: {c}");
+        }
         self.scheduler.changed.notify_one();
-        Ok(())
+        Ok(changes)
     }
 
-    /// Loads queued builds from the store into the scheduler (at start).
-    pub async fn load_queue(&self) -> Result<usize, crate::store::StoreError> {
+    /// Starts and stops repo pollers and machine sources to match the
+    /// current config. Returns what changed.
+    pub fn apply_config(self: &Arc<Self>) -> Vec<String> {
+        let cfg = self.config();
+        let mut changes = Vec::new();
+        {
+            let mut pollers = self.pollers.lock().unwrap_or_else(|e| e.into_inner());
+            pollers.retain(|repo, task| {
+                let keep = cfg.repos.contains_key(repo);
+                if !keep {
+                    task.abort();
+                    changes.push(format!("repo {repo} removed; no longer polled"));
+                }
+                keep
+            });
+            for repo in cfg.repos.keys() {
+                if !pollers.contains_key(repo) {
+                    let t = tokio::spawn(crate::poller::poll_loop(self.clone(), repo.clone()));
+                    pollers.insert(repo.clone(), t.abort_handle());
+                    changes.push(format!("repo {repo} polled"));
+                }
+            }
+        }
+        changes.extend(self.sources.reconcile(&cfg));
+        changes
+    }
+
+    /// Stops pollers and machine sources (local buildlets stop, exec
+    /// machines are destroyed), waiting at most `limit`.
+    pub async fn stop(&self, limit: Duration) {
+        for (_, t) in std::mem::take(&mut *self.pollers.lock().unwrap_or_else(|e| e.into_inner())) {
+            t.abort();
+        }
+        self.sources.shutdown(limit).await;
+    }
+
+    /// Starts a driver for every queued build in the store (at start).
+    pub async fn load_queue(self: &Arc<Self>) -> Result<usize, crate::store::StoreError> {
         let q = self.store.queued_builds().await?;
         for b in &q {
-            self.scheduler
-                .push(b.id, &b.host_type, b.kind, b.commit_time);
+            self.enqueue(Queued {
+                build_id: b.id,
+                host_type: b.host_type.clone(),
+                kind: b.kind,
+                commit_time: b.commit_time,
+            });
         }
         Ok(q.len())
     }
@@ -220,7 +292,7 @@ impl Farm {
     pub async fn source_tgz(&self, repo: &str, commit: &str) -> Result<Bytes, String> {
         let key = (repo.to_string(), commit.to_string());
         if let Some((_, b)) = self
-            .sources
+            .source_cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
@@ -238,7 +310,7 @@ impl Farm {
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
         let tgz = Bytes::from(tgz);
-        let mut s = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.source_cache.lock().unwrap_or_else(|e| e.into_inner());
         s.push_back((key, tgz.clone()));
         while s.len() > SOURCE_CACHE {
             s.pop_front();
@@ -249,7 +321,7 @@ impl Farm {
     /// Creates and queues a build; checks the builder, the repo and the
     /// pre-submit policy first.
     pub async fn trigger(
-        &self,
+        self: &Arc<Self>,
         builder: &str,
         repo: Option<&str>,
         branch: Option<&str>,
@@ -333,7 +405,12 @@ impl Farm {
             .await
             .map_err(|e| TriggerError::Internal(e.to_string()))?
             .ok_or_else(|| TriggerError::Invalid("an identical build already exists".into()))?;
-        self.scheduler.push(id, &b.host_type, kind, found.time);
+        self.enqueue(Queued {
+            build_id: id,
+            host_type: b.host_type.clone(),
+            kind,
+            commit_time: found.time,
+        });
         Ok(id)
     }
 
@@ -347,7 +424,8 @@ impl Farm {
             .ok_or_else(|| TriggerError::NotFound(format!("no build {id}")))?;
         match b.status {
             BuildStatus::Queued => {
-                self.scheduler.remove(id);
+                self.scheduler
+                    .withdraw_holder(&Holder::Build { build_id: id });
                 self.store
                     .finish_build(id, BuildStatus::Cancelled, "cancelled while queued")
                     .await
@@ -377,34 +455,53 @@ impl Farm {
             .copied()
             .unwrap_or_default();
         let expected = cfg.hosts.get(host_type).map_or(0, |h| h.expected);
-        if counts.connected == 0 {
+        let mut s = if !cfg.hosts.contains_key(host_type) {
+            format!(
+                "waiting: host type {host_type} is not in the config, so no machine of it can connect"
+            )
+        } else if counts.connected == 0 {
             format!("waiting: no machine of {host_type} connected, expected {expected}")
         } else {
             format!(
                 "waiting: all {} connected machines of {host_type} are busy (expected {expected})",
                 counts.connected
             )
+        };
+        if let Some(d) = self.sources.describe(host_type) {
+            s.push_str("; ");
+            s.push_str(&d);
         }
+        s
     }
 
-    /// Matches queued builds with idle machines until one side runs out.
-    pub fn dispatch_once(self: &Arc<Self>) {
-        for ht in self.scheduler.host_types_with_work() {
-            while self.pool.has_idle(&ht) {
-                let Some(entry) = self.scheduler.pop(&ht) else {
-                    break;
-                };
-                let Some(lease) = self.pool.lease(&ht) else {
-                    self.scheduler.push(
-                        entry.build_id,
-                        &entry.host_type,
-                        entry.kind,
-                        entry.commit_time,
-                    );
-                    break;
-                };
-                let me = self.clone();
-                tokio::spawn(async move { me.run_build(entry, lease).await });
+    /// Ends a lease: the machine is cleaned and returned to the pool, or
+    /// retired when its source wants a fresh one (an ephemeral machine) or
+    /// its host type left the config.
+    pub async fn end_lease(&self, lease: Lease) {
+        if !self.pool.contains(lease.id) {
+            return;
+        }
+        let cfg = self.config();
+        let retire = match cfg.hosts.get(&lease.host_type) {
+            None => Some("its host type is no longer in the config".to_string()),
+            Some(h) if h.exec.as_ref().is_some_and(|e| e.ephemeral) => {
+                Some("ephemeral: one lease per machine".to_string())
+            }
+            Some(_) => None,
+        };
+        if let Some(why) = retire {
+            self.pool.remove(lease.id, &why);
+            return;
+        }
+        self.pool.set_state(lease.id, MachineState::Cleaning);
+        match tokio::time::timeout(Duration::from_secs(120), lease.client.remove_all(&["."])).await
+        {
+            Ok(Ok(())) => self.pool.set_state(lease.id, MachineState::Idle),
+            Ok(Err(e)) => {
+                self.pool.remove(lease.id, &format!("cleaning failed: {e}"));
+            }
+            Err(_) => {
+                self.pool.remove(lease.id, "cleaning took longer than 120s");
             }
         }
     }
@@ -412,7 +509,7 @@ impl Farm {
     /// Runs forever: dispatches whenever work or a machine appears.
     pub async fn dispatch_loop(self: Arc<Self>) {
         loop {
-            self.dispatch_once();
+            self.scheduler.dispatch();
             tokio::select! {
                 _ = self.scheduler.changed.notified() => {}
                 _ = self.pool.changed.notified() => {}
@@ -449,15 +546,5 @@ impl Farm {
                 });
             }
         }
-    }
-
-    /// Host types whose machines this coordinator starts itself.
-    pub fn local_host_types(&self) -> Vec<(String, u32)> {
-        self.config()
-            .hosts
-            .values()
-            .filter(|h| h.pool == PoolKind::Local)
-            .map(|h| (h.name.clone(), h.local_count))
-            .collect()
     }
 }

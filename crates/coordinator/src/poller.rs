@@ -43,7 +43,7 @@ pub async fn poll_loop(farm: Arc<Farm>, repo: String) {
 }
 
 /// One poll of every branch of a repo. Returns the number of builds queued.
-pub async fn poll_once(farm: &Farm, repo: &str) -> Result<usize, String> {
+pub async fn poll_once(farm: &Arc<Farm>, repo: &str) -> Result<usize, String> {
     let cfg = farm.config();
     let rc = cfg
         .repos
@@ -108,8 +108,12 @@ pub async fn poll_once(farm: &Farm, repo: &str) -> Result<usize, String> {
                     .await
                     .map_err(|e| e.to_string())?
                 {
-                    farm.scheduler
-                        .push(id, &b.host_type, BuildKind::PostSubmit, c.time);
+                    farm.enqueue(crate::builds::Queued {
+                        build_id: id,
+                        host_type: b.host_type.clone(),
+                        kind: BuildKind::PostSubmit,
+                        commit_time: c.time,
+                    });
                     queued += 1;
                 }
             }

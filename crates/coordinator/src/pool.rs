@@ -17,17 +17,54 @@ use tokio::sync::Notify;
 
 use crate::store::now_ms;
 
+/// Who holds a leased machine (and who asks for one in the lease queue).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(tag = "holder", rename_all = "kebab-case")]
+pub enum Holder {
+    /// A build runs on it.
+    Build { build_id: i64 },
+    /// It runs a shard of a build's tests for that build.
+    Helper { build_id: i64 },
+    /// Someone works on it interactively (gomote).
+    Interactive { session: String },
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Holder::Build { build_id } => write!(f, "build {build_id}"),
+            Holder::Helper { build_id } => write!(f, "helper of build {build_id}"),
+            Holder::Interactive { session } => write!(f, "interactive session {session}"),
+        }
+    }
+}
+
 /// What a machine is doing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "state", rename_all = "kebab-case")]
 pub enum MachineState {
     Idle,
-    /// Leased for a build (or by a dispatcher about to start one).
-    Busy {
-        build_id: Option<i64>,
+    /// Leased; the holder says to whom.
+    Leased {
+        #[serde(flatten)]
+        holder: Holder,
     },
-    /// Being emptied (`removeall .`) after a build.
+    /// Being emptied (`removeall .`) after a lease.
     Cleaning,
+    /// Taken out of service (to be halted or destroyed); no new lease.
+    Draining,
+}
+
+impl MachineState {
+    /// The build a machine works for, if any.
+    pub fn build_id(&self) -> Option<i64> {
+        match self {
+            MachineState::Leased {
+                holder: Holder::Build { build_id } | Holder::Helper { build_id },
+            } => Some(*build_id),
+            _ => None,
+        }
+    }
 }
 
 /// A connected machine, as shown on the status page and in `/api/machines`.
@@ -44,6 +81,8 @@ pub struct MachineView {
     pub state: MachineState,
     /// When the current state began (ms since the epoch).
     pub state_since: i64,
+    /// Takes no new lease (to be halted or destroyed after the current one).
+    pub draining: bool,
     /// Which buildlet binary it runs, and whether that is the current release.
     pub binary: crate::release::MachineBinary,
 }
@@ -53,8 +92,6 @@ struct Machine {
     client: Client,
     /// Aborts the connection task (closing the link) when the machine is dropped.
     conn: tokio::task::AbortHandle,
-    /// Takes no new builds (it is to be halted, e.g. for an upgrade).
-    draining: bool,
     /// Registered with a machine certificate (bot) rather than a builder key.
     bot: bool,
 }
@@ -96,7 +133,7 @@ pub enum Drained {
     Busy,
 }
 
-/// A machine leased for one build.
+/// A machine leased to one holder.
 #[derive(Clone, Debug)]
 pub struct Lease {
     pub id: u64,
@@ -216,11 +253,11 @@ impl Pool {
                     connected_at: now,
                     state: MachineState::Idle,
                     state_since: now,
+                    draining: false,
                     binary: Default::default(),
                 },
                 client,
                 conn,
-                draining: false,
                 bot,
             },
         );
@@ -246,16 +283,20 @@ impl Pool {
         }
     }
 
-    /// Leases the idle machine of `host_type` that has been idle longest.
-    pub fn lease(&self, host_type: &str) -> Option<Lease> {
+    /// Leases the idle machine of `host_type` that has been idle longest
+    /// to `holder`. Only the lease queue calls this
+    /// ([`crate::scheduler::Scheduler::dispatch`]).
+    pub(crate) fn lease(&self, host_type: &str, holder: Holder) -> Option<Lease> {
         let mut m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
         let best = m
             .values_mut()
             .filter(|x| {
-                x.view.host_type == host_type && x.view.state == MachineState::Idle && !x.draining
+                x.view.host_type == host_type
+                    && x.view.state == MachineState::Idle
+                    && !x.view.draining
             })
             .min_by_key(|x| (x.view.state_since, x.view.id))?;
-        best.view.state = MachineState::Busy { build_id: None };
+        best.view.state = MachineState::Leased { holder };
         best.view.state_since = now_ms();
         Some(Lease {
             id: best.view.id,
@@ -265,7 +306,12 @@ impl Pool {
         })
     }
 
-    /// Records which build a leased machine runs.
+    /// Gives a leased machine back as idle (a lease nobody took).
+    pub fn release_idle(&self, id: u64) {
+        self.set_state(id, MachineState::Idle);
+    }
+
+    /// Records what a machine does now.
     pub fn set_state(&self, id: u64, state: MachineState) {
         let mut m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(x) = m.get_mut(&id) {
@@ -328,14 +374,31 @@ impl Pool {
     pub fn drain(&self, id: u64) -> Option<Drained> {
         let mut m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
         let x = m.get_mut(&id)?;
-        x.draining = true;
+        x.view.draining = true;
         if x.view.state == MachineState::Idle {
-            x.view.state = MachineState::Busy { build_id: None };
+            x.view.state = MachineState::Draining;
             x.view.state_since = now_ms();
             Some(Drained::Idle(x.client.clone()))
         } else {
             Some(Drained::Busy)
         }
+    }
+
+    /// The connected machine of `host_type` called `hostname`.
+    pub fn find(&self, host_type: &str, hostname: &str) -> Option<MachineView> {
+        let m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
+        m.values()
+            .find(|x| x.view.hostname == hostname && x.view.host_type == host_type)
+            .map(|x| x.view.clone())
+    }
+
+    /// Connected machines of one host type.
+    pub fn of_type(&self, host_type: &str) -> Vec<MachineView> {
+        let m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
+        m.values()
+            .filter(|x| x.view.host_type == host_type)
+            .map(|x| x.view.clone())
+            .collect()
     }
 
     pub fn contains(&self, id: u64) -> bool {
@@ -368,7 +431,7 @@ impl Pool {
     pub fn has_idle(&self, host_type: &str) -> bool {
         let m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
         m.values().any(|x| {
-            x.view.host_type == host_type && x.view.state == MachineState::Idle && !x.draining
+            x.view.host_type == host_type && x.view.state == MachineState::Idle && !x.view.draining
         })
     }
 

@@ -311,6 +311,18 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
             why,
         );
     }
+    // Elastic pools take only the machines they created.
+    if let Err(why) = farm.sources.admits(&host_type, &hostname) {
+        return refuse(
+            &farm,
+            StatusCode::FORBIDDEN,
+            "not-created",
+            &host_type,
+            &hostname,
+            peer,
+            why,
+        );
+    }
     let version: u32 = match version_header.parse() {
         Ok(v) => v,
         Err(_) => {

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 
 use crate::farm::{Farm, FarmOptions};
 use crate::keys::{MasterKey, hex, write_private};
-use crate::local::{LocalPool, LocalTarget};
+use crate::sources::LocalTarget;
 use crate::store::Store;
 
 /// How to run a coordinator.
@@ -138,9 +138,6 @@ pub async fn run(
     tasks.spawn(farm.clone().health_loop());
     tasks.spawn(crate::machine_auth::check_loop(farm.clone()));
     tasks.spawn(crate::release::upgrade_loop(farm.clone()));
-    for repo in farm.config().repos.keys().cloned() {
-        tasks.spawn(crate::poller::poll_loop(farm.clone(), repo));
-    }
     #[cfg(unix)]
     {
         let f = farm.clone();
@@ -178,14 +175,18 @@ pub async fn run(
         },
         None => LocalTarget::this_exe(connect, Some(identity.fingerprint.clone()), secrets)?,
     };
-    let local = LocalPool::start(&farm, target)?;
+    farm.sources.set_target(target);
+    let started = farm.apply_config();
+    tracing::debug!(?started, "pollers and machine sources started");
     on_start(&Started {
         farm: farm.clone(),
         addr,
     });
     shutdown.await;
-    tracing::info!("stopping: local buildlets first");
-    local.shutdown().await;
+    tracing::info!(
+        "stopping: machine sources first (local buildlets stop, exec machines are destroyed)"
+    );
+    farm.stop(std::time::Duration::from_secs(120)).await;
     tasks.abort_all();
     Ok(())
 }

@@ -1,61 +1,95 @@
-//! The scheduler: one queue per host type.
+//! The lease queue: every user of a machine — a build, a helper of a
+//! sharded build, an interactive session — asks here, and nowhere else, for
+//! a machine of a host type ([`Scheduler::request`]). The answer is a
+//! [`Lease`] on a machine of the [`Pool`], or nothing if the asker gives up
+//! first (dropping its [`Ticket`] withdraws the request, and a machine
+//! handed to a ticket nobody reads goes back to the pool).
 //!
-//! Priority classes, most urgent first: release > interactive (gomote) >
-//! pre-submit > post-submit. Within a class work is first in, first out,
-//! except post-submit, which takes the newest commit first (the state of the
-//! branch tip matters more than history). The dispatcher pops from a queue
-//! only when a machine of that host type is idle, so a queue that grows says
-//! exactly which host type lacks machines.
+//! Priority classes, most urgent first: release > interactive >
+//! pre-submit > post-submit. Within a class requests are served first in,
+//! first out, except post-submit, which takes the newest commit first (the
+//! state of the branch tip matters more than history). [`Scheduler::dispatch`]
+//! only matches waiting requests with idle machines, so a queue that grows
+//! says exactly which host type lacks machines — which is also the demand
+//! an elastic machine source reads ([`Scheduler::waiting`]).
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap, HashSet};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 
-use crate::store::BuildKind;
+use crate::pool::{Holder, Lease, Pool};
 
-/// One queued build.
-#[derive(Debug, Clone)]
-pub struct Entry {
-    pub build_id: i64,
-    pub host_type: String,
-    pub kind: BuildKind,
-    pub commit_time: i64,
-    pub enqueued: Instant,
-    seq: u64,
+/// How urgent a request is; first = most urgent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Priority {
+    Release,
+    Interactive,
+    PreSubmit,
+    PostSubmit,
 }
 
-impl Entry {
-    fn rank(&self) -> (BuildKind, i64, u64) {
-        let newest_first = if self.kind == BuildKind::PostSubmit {
-            -self.commit_time
+/// A request for one machine.
+#[derive(Debug, Clone)]
+pub struct LeaseRequest {
+    pub host_type: String,
+    pub priority: Priority,
+    /// Who will hold the machine; shown as the machine's state.
+    pub holder: Holder,
+    /// Orders post-submit work newest first (seconds since the epoch).
+    pub commit_time: i64,
+}
+
+struct Waiting {
+    id: u64,
+    req: LeaseRequest,
+    enqueued: Instant,
+    tx: oneshot::Sender<Lease>,
+}
+
+impl Waiting {
+    fn rank(&self) -> (Priority, i64, u64) {
+        let newest_first = if self.req.priority == Priority::PostSubmit {
+            -self.req.commit_time
         } else {
             0
         };
-        (self.kind, newest_first, self.seq)
+        (self.req.priority, newest_first, self.id)
     }
 }
 
-impl PartialEq for Entry {
+impl PartialEq for Waiting {
     fn eq(&self, o: &Self) -> bool {
         self.rank() == o.rank()
     }
 }
-impl Eq for Entry {}
-impl PartialOrd for Entry {
+impl Eq for Waiting {}
+impl PartialOrd for Waiting {
     fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
         Some(self.cmp(o))
     }
 }
-impl Ord for Entry {
-    /// BinaryHeap is a max-heap: the most urgent entry must compare greatest.
+impl Ord for Waiting {
+    /// BinaryHeap is a max-heap: the most urgent request must compare greatest.
     fn cmp(&self, o: &Self) -> Ordering {
         o.rank().cmp(&self.rank())
     }
+}
+
+/// One waiting request, for `/api/queue` and the pages.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestView {
+    pub id: u64,
+    #[serde(flatten)]
+    pub holder: Holder,
+    pub priority: Priority,
+    pub waiting_secs: f64,
 }
 
 /// The state of one host type's queue, for the status page and metrics.
@@ -64,109 +98,220 @@ pub struct QueueView {
     pub host_type: String,
     pub waiting: usize,
     pub oldest_wait_secs: f64,
-    pub by_kind: Vec<(BuildKind, usize)>,
+    pub by_kind: Vec<(Priority, usize)>,
+    /// Builds waiting (as the holders of their requests), most urgent first.
     pub build_ids: Vec<i64>,
+    /// Every waiting request, most urgent first.
+    pub requests: Vec<RequestView>,
 }
 
-#[derive(Default)]
+/// Why a ticket got no machine.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the request for a machine was withdrawn")]
+pub struct Withdrawn;
+
+/// A waiting request. Await [`Ticket::lease`]; drop it to withdraw.
+pub struct Ticket {
+    id: u64,
+    host_type: String,
+    enqueued: Instant,
+    rx: Option<oneshot::Receiver<Lease>>,
+    scheduler: Arc<Scheduler>,
+}
+
+impl Ticket {
+    /// Waits for the machine. `Err` when the request was withdrawn by
+    /// someone else (e.g. the build was cancelled while it waited).
+    pub async fn lease(&mut self) -> Result<Lease, Withdrawn> {
+        let rx = self.rx.as_mut().ok_or(Withdrawn)?;
+        let r = rx.await.map_err(|_| Withdrawn);
+        self.rx = None;
+        r
+    }
+
+    /// How long the request has waited (so far, or until its lease).
+    pub fn waited(&self) -> Duration {
+        self.enqueued.elapsed()
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.scheduler.withdraw(&self.host_type, self.id);
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            // Handed over but never taken: the machine goes back.
+            if let Ok(lease) = rx.try_recv() {
+                self.scheduler.pool.release_idle(lease.id);
+            }
+        }
+    }
+}
+
 pub struct Scheduler {
-    queues: Mutex<HashMap<String, BinaryHeap<Entry>>>,
-    /// Builds removed (cancelled) while queued; skipped when popped.
-    removed: Mutex<HashSet<i64>>,
+    pool: Arc<Pool>,
+    queues: Mutex<HashMap<String, BinaryHeap<Waiting>>>,
     seq: AtomicU64,
-    /// Signalled on every push.
+    /// Signalled on every new request.
     pub changed: Notify,
 }
 
 impl Scheduler {
-    pub fn new() -> Scheduler {
-        Scheduler::default()
+    pub fn new(pool: Arc<Pool>) -> Arc<Scheduler> {
+        Arc::new(Scheduler {
+            pool,
+            queues: Mutex::new(HashMap::new()),
+            seq: AtomicU64::new(0),
+            changed: Notify::new(),
+        })
     }
 
-    pub fn push(&self, build_id: i64, host_type: &str, kind: BuildKind, commit_time: i64) {
-        let e = Entry {
-            build_id,
-            host_type: host_type.to_string(),
-            kind,
-            commit_time,
-            enqueued: Instant::now(),
-            seq: self.seq.fetch_add(1, AtomicOrdering::Relaxed),
-        };
-        self.queues
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(host_type.to_string())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, BinaryHeap<Waiting>>> {
+        self.queues.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks for a machine: the one way anything gets one.
+    pub fn request(self: &Arc<Self>, req: LeaseRequest) -> Ticket {
+        let id = self.seq.fetch_add(1, AtomicOrdering::Relaxed) + 1;
+        let (tx, rx) = oneshot::channel();
+        let enqueued = Instant::now();
+        let host_type = req.host_type.clone();
+        self.lock()
+            .entry(host_type.clone())
             .or_default()
-            .push(e);
+            .push(Waiting {
+                id,
+                req,
+                enqueued,
+                tx,
+            });
         self.changed.notify_one();
+        Ticket {
+            id,
+            host_type,
+            enqueued,
+            rx: Some(rx),
+            scheduler: self.clone(),
+        }
     }
 
-    /// The most urgent entry for a host type.
-    pub fn pop(&self, host_type: &str) -> Option<Entry> {
-        let mut q = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-        let heap = q.get_mut(host_type)?;
-        let mut removed = self.removed.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(e) = heap.pop() {
-            if !removed.remove(&e.build_id) {
-                return Some(e);
+    fn withdraw(&self, host_type: &str, id: u64) {
+        let mut q = self.lock();
+        if let Some(heap) = q.get_mut(host_type) {
+            heap.retain(|w| w.id != id);
+            if heap.is_empty() {
+                q.remove(host_type);
             }
         }
-        None
     }
 
-    /// Drops a queued build (cancelled).
-    pub fn remove(&self, build_id: i64) {
-        let q = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-        if q.values().any(|h| h.iter().any(|e| e.build_id == build_id)) {
-            self.removed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(build_id);
+    /// Withdraws every request held for `holder` (its ticket then gets
+    /// [`Withdrawn`]). Returns how many there were.
+    pub fn withdraw_holder(&self, holder: &Holder) -> usize {
+        let mut q = self.lock();
+        let mut n = 0;
+        for heap in q.values_mut() {
+            let before = heap.len();
+            heap.retain(|w| w.req.holder != *holder);
+            n += before - heap.len();
         }
+        q.retain(|_, h| !h.is_empty());
+        n
     }
 
-    /// Host types that have queued work.
-    pub fn host_types_with_work(&self) -> Vec<String> {
-        let q = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-        q.iter()
-            .filter(|(_, h)| !h.is_empty())
-            .map(|(k, _)| k.clone())
-            .collect()
+    /// Matches waiting requests with idle machines until one side runs
+    /// out. Returns the number of leases handed out.
+    pub fn dispatch(&self) -> usize {
+        let mut q = self.lock();
+        let mut handed = 0;
+        for (ht, heap) in q.iter_mut() {
+            while let Some(top) = heap.peek() {
+                let Some(lease) = self.pool.lease(ht, top.req.holder.clone()) else {
+                    break;
+                };
+                let Some(w) = heap.pop() else { break };
+                match w.tx.send(lease) {
+                    Ok(()) => handed += 1,
+                    // The asker is gone; the machine goes back.
+                    Err(lease) => self.pool.release_idle(lease.id),
+                }
+            }
+        }
+        q.retain(|_, h| !h.is_empty());
+        handed
+    }
+
+    /// Requests waiting for a host type: the demand elastic sources read.
+    pub fn waiting(&self, host_type: &str) -> usize {
+        self.lock().get(host_type).map_or(0, |h| h.len())
+    }
+
+    /// Where a holder's request stands: (1-based position, queue length).
+    pub fn position(&self, host_type: &str, holder: &Holder) -> Option<(usize, usize)> {
+        let q = self.lock();
+        let heap = q.get(host_type)?;
+        let mut sorted: Vec<&Waiting> = heap.iter().collect();
+        sorted.sort_by(|a, b| b.cmp(a));
+        let p = sorted.iter().position(|w| w.req.holder == *holder)?;
+        Some((p + 1, sorted.len()))
     }
 
     pub fn views(&self) -> Vec<QueueView> {
-        let q = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-        let removed = self.removed.lock().unwrap_or_else(|e| e.into_inner());
+        let q = self.lock();
         let mut out: Vec<QueueView> = q
             .iter()
+            .filter(|(_, h)| !h.is_empty())
             .map(|(ht, heap)| {
-                let live: Vec<&Entry> = heap
-                    .iter()
-                    .filter(|e| !removed.contains(&e.build_id))
-                    .collect();
-                let mut by_kind: HashMap<BuildKind, usize> = HashMap::new();
-                for e in &live {
-                    *by_kind.entry(e.kind).or_default() += 1;
-                }
-                let mut by_kind: Vec<_> = by_kind.into_iter().collect();
-                by_kind.sort();
-                let mut sorted = live.clone();
+                let mut sorted: Vec<&Waiting> = heap.iter().collect();
                 sorted.sort_by(|a, b| b.cmp(a));
+                let mut by_kind: BTreeMap<Priority, usize> = BTreeMap::new();
+                for w in &sorted {
+                    *by_kind.entry(w.req.priority).or_default() += 1;
+                }
                 QueueView {
                     host_type: ht.clone(),
-                    waiting: live.len(),
-                    oldest_wait_secs: live
+                    waiting: sorted.len(),
+                    oldest_wait_secs: sorted
                         .iter()
-                        .map(|e| e.enqueued.elapsed().as_secs_f64())
+                        .map(|w| w.enqueued.elapsed().as_secs_f64())
                         .fold(0.0, f64::max),
-                    by_kind,
-                    build_ids: sorted.iter().map(|e| e.build_id).collect(),
+                    by_kind: by_kind.into_iter().collect(),
+                    build_ids: sorted
+                        .iter()
+                        .filter_map(|w| match w.req.holder {
+                            Holder::Build { build_id } => Some(build_id),
+                            _ => None,
+                        })
+                        .collect(),
+                    requests: sorted
+                        .iter()
+                        .map(|w| RequestView {
+                            id: w.id,
+                            holder: w.req.holder.clone(),
+                            priority: w.req.priority,
+                            waiting_secs: w.enqueued.elapsed().as_secs_f64(),
+                        })
+                        .collect(),
                 }
             })
-            .filter(|v| v.waiting > 0)
             .collect();
         out.sort_by(|a, b| a.host_type.cmp(&b.host_type));
         out
+    }
+}
+
+impl fmt::Display for Priority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Priority::Release => "release",
+            Priority::Interactive => "interactive",
+            Priority::PreSubmit => "pre-submit",
+            Priority::PostSubmit => "post-submit",
+        })
     }
 }
 
@@ -174,30 +319,70 @@ impl Scheduler {
 mod tests {
     use super::*;
 
-    #[test]
-    fn priority_classes_and_newest_first() {
-        let s = Scheduler::new();
-        s.push(1, "h", BuildKind::PostSubmit, 100);
-        s.push(2, "h", BuildKind::PostSubmit, 300);
-        s.push(3, "h", BuildKind::PreSubmit, 1);
-        s.push(4, "h", BuildKind::Interactive, 1);
-        s.push(5, "h", BuildKind::PreSubmit, 999);
-        s.push(6, "h", BuildKind::Release, 1);
-        s.push(7, "h", BuildKind::PostSubmit, 200);
-        s.push(8, "other", BuildKind::Release, 1);
-        let order: Vec<i64> = std::iter::from_fn(|| s.pop("h").map(|e| e.build_id)).collect();
-        assert_eq!(order, vec![6, 4, 3, 5, 2, 7, 1]);
-        assert_eq!(s.pop("other").unwrap().build_id, 8);
+    fn req(ht: &str, p: Priority, t: i64, h: Holder) -> LeaseRequest {
+        LeaseRequest {
+            host_type: ht.into(),
+            priority: p,
+            holder: h,
+            commit_time: t,
+        }
+    }
+
+    fn build(id: i64) -> Holder {
+        Holder::Build { build_id: id }
     }
 
     #[test]
-    fn removed_entries_are_skipped() {
-        let s = Scheduler::new();
-        s.push(1, "h", BuildKind::PostSubmit, 1);
-        s.push(2, "h", BuildKind::PostSubmit, 2);
-        s.remove(2);
-        assert_eq!(s.views()[0].waiting, 1);
-        assert_eq!(s.pop("h").unwrap().build_id, 1);
-        assert!(s.pop("h").is_none());
+    fn views_order_by_priority_and_newest_post_submit_first() {
+        let s = Scheduler::new(Arc::new(Pool::new()));
+        let mut keep = Vec::new();
+        keep.push(s.request(req("h", Priority::PostSubmit, 100, build(1))));
+        keep.push(s.request(req("h", Priority::PostSubmit, 300, build(2))));
+        keep.push(s.request(req("h", Priority::PreSubmit, 1, build(3))));
+        keep.push(s.request(req(
+            "h",
+            Priority::Interactive,
+            1,
+            Holder::Interactive {
+                session: "s1".into(),
+            },
+        )));
+        keep.push(s.request(req("h", Priority::PreSubmit, 999, build(5))));
+        keep.push(s.request(req("h", Priority::Release, 1, build(6))));
+        keep.push(s.request(req("h", Priority::PostSubmit, 200, build(7))));
+        keep.push(s.request(req(
+            "h",
+            Priority::PostSubmit,
+            1,
+            Holder::Helper { build_id: 7 },
+        )));
+        let v = &s.views()[0];
+        assert_eq!(v.build_ids, vec![6, 3, 5, 2, 7, 1]);
+        assert_eq!(v.waiting, 8);
+        assert_eq!(
+            v.requests[1].holder,
+            Holder::Interactive {
+                session: "s1".into()
+            }
+        );
+        assert_eq!(v.requests[7].holder, Holder::Helper { build_id: 7 });
+        assert_eq!(s.position("h", &build(2)), Some((5, 8)));
+    }
+
+    #[test]
+    fn dropped_and_withdrawn_requests_leave_the_queue() {
+        let s = Scheduler::new(Arc::new(Pool::new()));
+        let a = s.request(req("h", Priority::PostSubmit, 1, build(1)));
+        let mut b = s.request(req("h", Priority::PostSubmit, 2, build(2)));
+        assert_eq!(s.waiting("h"), 2);
+        drop(a);
+        assert_eq!(s.waiting("h"), 1);
+        assert_eq!(s.withdraw_holder(&build(2)), 1);
+        assert_eq!(s.waiting("h"), 0);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert!(matches!(rt.block_on(b.lease()), Err(Withdrawn)));
+        assert!(s.views().is_empty());
     }
 }

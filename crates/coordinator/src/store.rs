@@ -777,6 +777,60 @@ impl Store {
         rows.iter().map(commit_row).collect()
     }
 
+    /// Records (or updates) a machine an exec source created.
+    pub async fn exec_instance_put(
+        &self,
+        hostname: &str,
+        host_type: &str,
+        state: &str,
+        detail: &str,
+    ) -> Result<()> {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO exec_instances (hostname, host_type, state, detail, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hostname) DO UPDATE SET state = excluded.state, detail = excluded.detail, updated_at = excluded.updated_at",
+        )
+        .bind(hostname)
+        .bind(host_type)
+        .bind(state)
+        .bind(detail)
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets a destroyed exec machine.
+    pub async fn exec_instance_delete(&self, hostname: &str) -> Result<()> {
+        sqlx::query("DELETE FROM exec_instances WHERE hostname = ?")
+            .bind(hostname)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Exec machines recorded for a host type (all of them: a restarted
+    /// coordinator destroys each).
+    pub async fn exec_instances(&self, host_type: &str) -> Result<Vec<ExecInstanceRow>> {
+        let rows = sqlx::query(
+            "SELECT hostname, host_type, state, detail, created_at FROM exec_instances WHERE host_type = ? ORDER BY created_at LIMIT 10000",
+        )
+        .bind(host_type)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ExecInstanceRow {
+                    hostname: r.try_get("hostname")?,
+                    host_type: r.try_get("host_type")?,
+                    state: r.try_get("state")?,
+                    detail: r.try_get("detail")?,
+                    created_at: r.try_get("created_at")?,
+                })
+            })
+            .collect()
+    }
+
     pub async fn machines(&self) -> Result<Vec<MachineRow>> {
         let rows = sqlx::query("SELECT hostname, host_type, version, build, addr, first_seen, last_seen FROM machines ORDER BY host_type, hostname")
             .fetch_all(&self.pool)
@@ -795,6 +849,16 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// A machine an exec source created (see `sources::exec`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ExecInstanceRow {
+    pub hostname: String,
+    pub host_type: String,
+    pub state: String,
+    pub detail: String,
+    pub created_at: i64,
 }
 
 fn commit_row(r: &sqlx::sqlite::SqliteRow) -> Result<CommitRow> {

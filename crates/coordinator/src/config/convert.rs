@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use super::raw::{At, Ctx, Entry, Located, Raw, Table, join};
 use super::{
-    BuildConfig, FarmConfig, FarmSettings, HostConfig, PoolKind, RepoConfig, Step, duration,
+    BuildConfig, ExecConfig, FarmConfig, FarmSettings, HostConfig, PoolKind, RepoConfig, Step,
+    duration,
 };
 
 const TOP_KEYS: &[&str] = &["farm", "repos", "hosts", "builders"];
@@ -29,6 +30,18 @@ const HOST_KEYS: &[&str] = &[
     "env",
     "dimensions",
     "trusted",
+];
+/// Keys of an exec host (`pool = "exec"`) besides [`HOST_KEYS`].
+const EXEC_KEYS: &[&str] = &[
+    "create",
+    "destroy",
+    "max",
+    "min_idle",
+    "idle_timeout",
+    "register_timeout",
+    "create_timeout",
+    "destroy_timeout",
+    "ephemeral",
 ];
 const BUILDER_KEYS: &[&str] = &[
     "host",
@@ -297,18 +310,17 @@ fn host(ctx: &mut Ctx<'_>, e: &Entry<'_>, t: &Table<'_>) -> HostConfig {
             ),
         );
     }
-    t.check_keys(ctx, HOST_KEYS, &who);
-
     let pool = match t.get(ctx, "pool") {
         Some(p) => match ctx.string(&p).as_deref() {
             Some("reverse") => Some(PoolKind::Reverse),
             Some("local") => Some(PoolKind::Local),
+            Some("exec") => Some(PoolKind::Exec),
             Some(other) => {
                 ctx.error(
                     Some(p.at),
                     &p.path,
                     format!(
-                        "{who}: pool \"{other}\" is not supported; use \"reverse\" or \"local\""
+                        "{who}: pool \"{other}\" is not supported; use \"reverse\", \"local\" or \"exec\""
                     ),
                 );
                 None
@@ -320,19 +332,36 @@ fn host(ctx: &mut Ctx<'_>, e: &Entry<'_>, t: &Table<'_>) -> HostConfig {
                 t.at,
                 &join(&t.path, "pool"),
                 format!(
-                    "{who}: pool is required: \"reverse\" (machines connect to the coordinator) \
-                     or \"local\" (the coordinator starts buildlets itself)"
+                    "{who}: pool is required: \"reverse\" (machines connect to the coordinator), \
+                     \"local\" (the coordinator starts buildlets itself) or \"exec\" (machines \
+                     created on demand by a command)"
                 ),
             );
             None
         }
     };
+    if pool == Some(PoolKind::Exec) {
+        let all: Vec<&str> = HOST_KEYS.iter().chain(EXEC_KEYS).copied().collect();
+        t.check_keys(ctx, &all, &who);
+    } else {
+        t.check_keys(ctx, HOST_KEYS, &who);
+        for key in EXEC_KEYS {
+            if let Some(e) = t.get(ctx, key) {
+                ctx.error(
+                    Some(e.key_at),
+                    &e.path,
+                    format!("{who}: {key} only applies to pool = \"exec\""),
+                );
+            }
+        }
+    }
+    let exec = (pool == Some(PoolKind::Exec)).then(|| exec(ctx, t, &who));
 
     let expected_entry = t.get(ctx, "expected");
     let expected = expected_entry
         .as_ref()
         .and_then(|e| ctx.uint(e))
-        .unwrap_or(1);
+        .unwrap_or(if pool == Some(PoolKind::Exec) { 0 } else { 1 });
     let count_entry = t.get(ctx, "count");
     let count = count_entry.as_ref().and_then(|e| ctx.uint(e));
     let local_count = match pool {
@@ -351,14 +380,14 @@ fn host(ctx: &mut Ctx<'_>, e: &Entry<'_>, t: &Table<'_>) -> HostConfig {
             }
             n
         }
-        Some(PoolKind::Reverse) => {
+        Some(PoolKind::Reverse | PoolKind::Exec) => {
             if let Some(c) = &count_entry {
                 ctx.error(
                     Some(c.key_at),
                     &c.path,
                     format!(
                         "{who}: count only applies to pool = \"local\"; the number of machines \
-                         of a reverse host is set with expected"
+                         of a reverse host is set with expected, of an exec host with max and min_idle"
                     ),
                 );
             }
@@ -402,6 +431,106 @@ fn host(ctx: &mut Ctx<'_>, e: &Entry<'_>, t: &Table<'_>) -> HostConfig {
         env,
         dimensions,
         trusted,
+        exec,
+    }
+}
+
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+const DEFAULT_REGISTER_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+const DEFAULT_CREATE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+const DEFAULT_DESTROY_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+
+/// The settings of an exec host.
+fn exec(ctx: &mut Ctx<'_>, t: &Table<'_>, who: &str) -> ExecConfig {
+    let create = hook(ctx, t, "create", who);
+    let destroy = hook(ctx, t, "destroy", who);
+    let max = match t.get(ctx, "max") {
+        Some(e) => match ctx.uint(&e) {
+            Some(0) => {
+                ctx.error(
+                    Some(e.at),
+                    &e.path,
+                    format!("{who}: max must be at least 1"),
+                );
+                1
+            }
+            Some(n) => n,
+            None => 1,
+        },
+        None => {
+            ctx.error(
+                t.at,
+                &join(&t.path, "max"),
+                format!("{who}: an exec host needs max = N, the most machines it may run at once"),
+            );
+            1
+        }
+    };
+    let min_idle_entry = t.get(ctx, "min_idle");
+    let min_idle = min_idle_entry
+        .as_ref()
+        .and_then(|e| ctx.uint(e))
+        .unwrap_or(0);
+    if min_idle > max {
+        if let Some(e) = &min_idle_entry {
+            ctx.error(
+                Some(e.at),
+                &e.path,
+                format!("{who}: min_idle ({min_idle}) must not exceed max ({max})"),
+            );
+        }
+    }
+    let dur = |ctx: &mut Ctx<'_>, key: &str, default: Duration| {
+        optional(ctx, t, key, Ctx::duration).unwrap_or(default)
+    };
+    ExecConfig {
+        create,
+        destroy,
+        max,
+        min_idle,
+        idle_timeout: dur(ctx, "idle_timeout", DEFAULT_IDLE_TIMEOUT),
+        register_timeout: dur(ctx, "register_timeout", DEFAULT_REGISTER_TIMEOUT),
+        create_timeout: dur(ctx, "create_timeout", DEFAULT_CREATE_TIMEOUT),
+        destroy_timeout: dur(ctx, "destroy_timeout", DEFAULT_DESTROY_TIMEOUT),
+        ephemeral: optional(ctx, t, "ephemeral", Ctx::boolean).unwrap_or(false),
+    }
+}
+
+/// A hook command: a shell string (run with `sh -c`) or a program with
+/// its arguments.
+fn hook(ctx: &mut Ctx<'_>, t: &Table<'_>, key: &str, who: &str) -> Vec<String> {
+    let Some(e) = t.get(ctx, key) else {
+        ctx.error(
+            t.at,
+            &join(&t.path, key),
+            format!(
+                "{who}: an exec host needs {key} = \"shell command\" or [\"program\", \"arg\", ...]"
+            ),
+        );
+        return Vec::new();
+    };
+    match e.value {
+        Raw::Str(s) if s.trim().is_empty() => {
+            ctx.error(
+                Some(e.at),
+                &e.path,
+                format!("{who}: {key} must not be empty"),
+            );
+            Vec::new()
+        }
+        Raw::Str(s) => vec!["sh".to_owned(), "-c".to_owned(), s.clone()],
+        _ => match ctx.string_list(&e) {
+            Some(list) if list.first().is_none_or(|p| p.value.is_empty()) => {
+                ctx.error(
+                    Some(e.at),
+                    &e.path,
+                    format!("{who}: {key} must start with the program to run"),
+                );
+                Vec::new()
+            }
+            Some(list) => list.into_iter().map(|l| l.value).collect(),
+            None => Vec::new(),
+        },
     }
 }
 

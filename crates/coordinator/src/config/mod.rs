@@ -88,6 +88,9 @@ pub enum PoolKind {
     Reverse,
     /// The coordinator starts the buildlets itself on its own machine (demo, small farms).
     Local,
+    /// Machines started on demand by an admin's `create` command and
+    /// removed by its `destroy` command (containers, VMs, spare boxes).
+    Exec,
 }
 
 impl PoolKind {
@@ -96,6 +99,7 @@ impl PoolKind {
         match self {
             PoolKind::Reverse => "reverse",
             PoolKind::Local => "local",
+            PoolKind::Exec => "exec",
         }
     }
 }
@@ -126,6 +130,36 @@ pub struct HostConfig {
     pub dimensions: BTreeMap<String, String>,
     /// Only trusted machines may run pre-submit (unreviewed) code.
     pub trusted: bool,
+    /// How an exec host's machines are created and destroyed; `Some` exactly
+    /// when `pool = "exec"`.
+    pub exec: Option<ExecConfig>,
+}
+
+/// The settings of an elastic host (`pool = "exec"`): the coordinator runs
+/// `create` when requests wait and `destroy` when a machine is no longer
+/// wanted. Both run with a clean environment plus `FARMER_HOSTNAME`,
+/// `FARMER_HOST_TYPE`, `FARMER_COORDINATOR`, `FARMER_TLS_PIN` and
+/// `FARMER_KEY_FILE`; the created machine must dial in as a reverse
+/// buildlet under that host name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecConfig {
+    /// Program and arguments (`create = "shell"` becomes `sh -c`).
+    pub create: Vec<String>,
+    pub destroy: Vec<String>,
+    /// Most machines at once, counting those being created or destroyed.
+    pub max: u32,
+    /// Idle machines kept warm when nothing waits.
+    pub min_idle: u32,
+    /// An idle machine beyond `min_idle` is destroyed after this long.
+    pub idle_timeout: Duration,
+    /// A created machine that has not dialled in by then is destroyed.
+    pub register_timeout: Duration,
+    /// A `create` still running after this long is killed (and destroyed).
+    pub create_timeout: Duration,
+    /// A `destroy` still running after this long is killed and retried.
+    pub destroy_timeout: Duration,
+    /// Destroy each machine after one lease instead of cleaning it.
+    pub ephemeral: bool,
 }
 
 /// A kind of build: what to run, where, and on which repos and branches.

@@ -11,7 +11,7 @@ use super::status::{GoneLine, MachineLine, RefusalLine};
 use super::util::{BuildLine, date_ms, since};
 use super::{Layout, PageError, PageResult, html};
 use crate::farm::Farm;
-use crate::pool::MachineState;
+use crate::pool::{Holder, MachineState};
 use crate::store::{BuildFilter, now_ms};
 
 /// Builds listed on a machine or host type page.
@@ -22,9 +22,17 @@ const RECENT: i64 = 50;
 pub(super) fn machine_line(m: &crate::pool::MachineView, now: i64, work: String) -> MachineLine {
     let (state, build_id) = match &m.state {
         MachineState::Idle => ("idle", 0),
-        MachineState::Busy { build_id: Some(b) } => ("working", *b),
-        MachineState::Busy { build_id: None } => ("leased", 0),
+        MachineState::Leased {
+            holder: Holder::Build { build_id },
+        } => ("working", *build_id),
+        MachineState::Leased {
+            holder: Holder::Helper { build_id },
+        } => ("helping", *build_id),
+        MachineState::Leased {
+            holder: Holder::Interactive { .. },
+        } => ("interactive", 0),
         MachineState::Cleaning => ("cleaning", 0),
+        MachineState::Draining => ("draining", 0),
     };
     MachineLine {
         hostname: m.hostname.clone(),

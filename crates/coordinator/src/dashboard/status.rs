@@ -14,7 +14,7 @@ use axum::extract::State;
 use super::util::{BuildLine, date_ms, since};
 use super::{Layout, PageError, PageResult, html, html_event};
 use crate::farm::Farm;
-use crate::pool::MachineState;
+use crate::pool::{Holder, MachineState};
 use crate::store::{BuildFilter, BuildStatus, now_ms};
 
 /// Finished builds listed.
@@ -130,7 +130,7 @@ pub async fn load(farm: &Farm) -> Result<StatusView, PageError> {
             by_kind: q
                 .by_kind
                 .iter()
-                .map(|(k, n)| format!("{n} {}", k.as_str()))
+                .map(|(k, n)| format!("{n} {k}"))
                 .collect::<Vec<_>>()
                 .join(", "),
             oldest: super::util::duration_ms((q.oldest_wait_secs * 1000.0) as i64),
@@ -178,7 +178,9 @@ pub async fn load(farm: &Farm) -> Result<StatusView, PageError> {
         .iter()
         .map(|m| {
             let work = match &m.state {
-                MachineState::Busy { build_id: Some(b) } => {
+                MachineState::Leased {
+                    holder: Holder::Build { build_id: b } | Holder::Helper { build_id: b },
+                } => {
                     let step = step_of(*b);
                     let builder = by_id.get(b).map(|r| r.builder.clone()).unwrap_or_default();
                     match (builder.is_empty(), step.is_empty()) {

@@ -20,7 +20,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::farm::Farm;
+use futures_util::future::BoxFuture;
+
+use super::{MachineSource, SourceCtx, SourceView};
 
 /// How the local buildlets reach the coordinator.
 #[derive(Clone, Debug)]
@@ -66,33 +68,25 @@ struct Spec {
     sandbox: Option<Arc<crate::sandbox::Sandbox>>,
 }
 
-pub struct LocalPool {
-    stop: watch::Sender<bool>,
-    tasks: JoinSet<()>,
-    /// Removed when the pool is dropped.
-    _work_root: Option<tempfile::TempDir>,
+/// The source of a `pool = "local"` host type: `count` supervised buildlets.
+pub struct LocalSource {
+    ctx: SourceCtx,
+    #[cfg(unix)]
+    sandbox: Option<Arc<crate::sandbox::Sandbox>>,
+    /// Removed when the source is dropped.
+    work_root: tempfile::TempDir,
 }
 
-impl LocalPool {
-    /// Starts `count` buildlets for every local host type of the farm.
-    pub fn start(farm: &Arc<Farm>, target: LocalTarget) -> anyhow::Result<LocalPool> {
+impl LocalSource {
+    /// Prepares the sandbox and a private work root; starts nothing yet.
+    pub fn new(ctx: SourceCtx) -> anyhow::Result<LocalSource> {
         use anyhow::Context;
-        let (stop, _) = watch::channel(false);
-        let mut tasks = JoinSet::new();
-        let hosts = farm.local_host_types();
-        if hosts.is_empty() {
-            return Ok(LocalPool {
-                stop,
-                tasks,
-                _work_root: None,
-            });
-        }
-        let settings = farm.config().farm.clone();
+        let settings = ctx.farm.clone();
         #[cfg(unix)]
         let sandbox = if settings.local_sandbox {
             let s = crate::sandbox::Sandbox::new(
                 &std::env::current_exe().context("finding this executable")?,
-                &target.secrets,
+                &ctx.target.secrets,
                 &settings.local_user,
             )
             .context("sandboxing the local buildlets")?;
@@ -125,58 +119,85 @@ impl LocalPool {
                 )
             })?;
         }
-        // The sandbox runs `<this executable> buildlet` in its own process
-        // and executes any other program after entering.
-        #[cfg(unix)]
-        let prepend_program = sandbox.is_some() && !runs_this_exe(&target.program);
-        for (host_type, count) in hosts {
-            for i in 1..=count {
-                let name = format!("{}-{i}", host_type.trim_start_matches("host-"));
-                let dir = farm.data_dir.join("local").join(&name);
-                std::fs::create_dir_all(&dir)?;
-                // Keys were once written here; a build could read them.
-                let _ = std::fs::remove_file(dir.join("builder.key"));
-                let home = work_root.path().join(&name);
-                let mut args: Vec<String> = target.program[1..].to_vec();
-                #[cfg(unix)]
-                if prepend_program {
-                    args.insert(0, target.program[0].clone());
-                }
-                args.extend([
-                    format!("-coordinator={}", target.addr),
-                    format!("-reverse-type={host_type}"),
-                    format!("-hostname={name}"),
-                    "-key-file=-".to_string(),
-                    format!("-workdir={}", home.join("workdir").display()),
-                ]);
-                match &target.pin {
-                    Some(p) => args.push(format!("-tls-pin={p}")),
-                    None => args.push("-insecure-plaintext".into()),
-                }
-                let spec = Spec {
-                    program: PathBuf::from(&target.program[0]),
-                    args,
-                    key: farm.master.builder_key(&host_type),
-                    home,
-                    log: dir.join("buildlet.log"),
-                    #[cfg(unix)]
-                    sandbox: sandbox.clone(),
-                    name,
-                };
-                tasks.spawn(supervise(spec, stop.subscribe()));
-            }
-        }
-        Ok(LocalPool {
-            stop,
-            tasks,
-            _work_root: Some(work_root),
+        Ok(LocalSource {
+            ctx,
+            #[cfg(unix)]
+            sandbox,
+            work_root,
         })
     }
 
-    /// Stops every buildlet and waits until all have exited.
-    pub async fn shutdown(mut self) {
-        let _ = self.stop.send(true);
-        while self.tasks.join_next().await.is_some() {}
+    fn specs(&self) -> std::io::Result<Vec<Spec>> {
+        let target = &self.ctx.target;
+        let host_type = &self.ctx.host.name;
+        // The sandbox runs `<this executable> buildlet` in its own process
+        // and executes any other program after entering.
+        #[cfg(unix)]
+        let prepend_program = self.sandbox.is_some() && !runs_this_exe(&target.program);
+        let mut out = Vec::new();
+        for i in 1..=self.ctx.host.local_count {
+            let name = format!("{}-{i}", host_type.trim_start_matches("host-"));
+            let dir = self.ctx.data_dir.join("local").join(&name);
+            std::fs::create_dir_all(&dir)?;
+            // Keys were once written here; a build could read them.
+            let _ = std::fs::remove_file(dir.join("builder.key"));
+            let home = self.work_root.path().join(&name);
+            let mut args: Vec<String> = target.program[1..].to_vec();
+            #[cfg(unix)]
+            if prepend_program {
+                args.insert(0, target.program[0].clone());
+            }
+            args.extend([
+                format!("-coordinator={}", target.addr),
+                format!("-reverse-type={host_type}"),
+                format!("-hostname={name}"),
+                "-key-file=-".to_string(),
+                format!("-workdir={}", home.join("workdir").display()),
+            ]);
+            match &target.pin {
+                Some(p) => args.push(format!("-tls-pin={p}")),
+                None => args.push("-insecure-plaintext".into()),
+            }
+            out.push(Spec {
+                program: PathBuf::from(&target.program[0]),
+                args,
+                key: self.ctx.key.clone(),
+                home,
+                log: dir.join("buildlet.log"),
+                #[cfg(unix)]
+                sandbox: self.sandbox.clone(),
+                name,
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl MachineSource for LocalSource {
+    fn run(self: Arc<Self>, stop: watch::Receiver<bool>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let specs = match self.specs() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(host_type = %self.ctx.host.name, "cannot prepare local buildlets: {e}");
+                    return;
+                }
+            };
+            let mut tasks = JoinSet::new();
+            for spec in specs {
+                tasks.spawn(supervise(spec, stop.clone()));
+            }
+            // Each supervisor stops its buildlet when `stop` turns true.
+            while tasks.join_next().await.is_some() {}
+        })
+    }
+
+    fn view(&self) -> SourceView {
+        SourceView {
+            host_type: self.ctx.host.name.clone(),
+            kind: "local".into(),
+            ..Default::default()
+        }
     }
 }
 

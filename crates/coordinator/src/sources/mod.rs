@@ -1,0 +1,317 @@
+//! Where machines come from. Every host type has one [`MachineSource`]:
+//! reverse (donated machines dial in; nothing to start), local (the
+//! coordinator starts buildlets on its own machine) or exec (an admin's
+//! command creates a machine when requests wait and destroys it when it is
+//! no longer wanted). Whatever the source, a machine joins the pool the same
+//! way — it dials in with the host type's builder key — so the pool, the
+//! lease queue, builds and pages never ask where a machine came from.
+//!
+//! [`Sources`] keeps the running sources in step with the config: a reload
+//! starts the sources of new host types, stops those of removed ones (whose
+//! machines are drained) and restarts those whose settings changed.
+
+pub mod exec;
+pub mod local;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{FarmConfig, FarmSettings, HostConfig, PoolKind};
+use crate::keys::MasterKey;
+use crate::pool::{Drained, Pool};
+use crate::scheduler::Scheduler;
+use crate::store::Store;
+
+pub use local::LocalTarget;
+
+/// One host type's source of machines.
+pub trait MachineSource: Send + Sync + 'static {
+    /// Whether a machine may register under `hostname`. Reverse and local
+    /// sources take any name; an exec source only the machines it created.
+    fn admits(&self, _hostname: &str) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Runs until `stop` turns true, then lets go of its machines (stops
+    /// local buildlets, destroys exec machines) before returning.
+    fn run(self: Arc<Self>, stop: watch::Receiver<bool>) -> BoxFuture<'static, ()>;
+
+    /// What it is doing, for `/api/sources`, `/status` and `/metrics`.
+    fn view(&self) -> SourceView;
+
+    /// Why requests for its host type may wait, beyond the pool's counts.
+    fn describe(&self) -> Option<String> {
+        None
+    }
+}
+
+/// A source's state for pages and metrics.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SourceView {
+    pub host_type: String,
+    pub kind: String,
+    /// Machines it created and has not destroyed yet (exec).
+    pub instances: Vec<InstanceView>,
+    /// Failures by reason since start (exec: create-failed,
+    /// create-timeout, register-timeout, destroy-failed).
+    pub failures: BTreeMap<String, u64>,
+    pub recent_failures: Vec<Failure>,
+    pub created: u64,
+    pub destroyed: u64,
+    /// Seconds until the next creation may start after failures.
+    pub backoff_secs: f64,
+}
+
+/// One machine a source manages.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceView {
+    pub hostname: String,
+    /// creating, registering, registered, destroying.
+    pub state: String,
+    pub state_secs: f64,
+}
+
+/// A failed hook or a machine that never came.
+#[derive(Debug, Clone, Serialize)]
+pub struct Failure {
+    pub at: i64,
+    pub hostname: String,
+    pub reason: String,
+    pub detail: String,
+}
+
+/// What every source may use: the pool it feeds, the demand it reads, the
+/// store that remembers its machines, and how machines reach the coordinator.
+#[derive(Clone)]
+pub struct SourceCtx {
+    pub host: HostConfig,
+    pub farm: FarmSettings,
+    pub pool: Arc<Pool>,
+    pub scheduler: Arc<Scheduler>,
+    pub store: Store,
+    /// The host type's builder key.
+    pub key: String,
+    pub data_dir: PathBuf,
+    pub target: LocalTarget,
+}
+
+/// The source that starts nothing: machines dial in on their own.
+struct Reverse {
+    host_type: String,
+}
+
+impl MachineSource for Reverse {
+    fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+    }
+
+    fn view(&self) -> SourceView {
+        SourceView {
+            host_type: self.host_type.clone(),
+            kind: "reverse".into(),
+            ..Default::default()
+        }
+    }
+}
+
+struct Running {
+    host: HostConfig,
+    farm: FarmSettings,
+    source: Arc<dyn MachineSource>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// The running sources, one per configured host type.
+pub struct Sources {
+    pool: Arc<Pool>,
+    scheduler: Arc<Scheduler>,
+    store: Store,
+    master: MasterKey,
+    data_dir: PathBuf,
+    target: OnceLock<LocalTarget>,
+    running: Mutex<BTreeMap<String, Running>>,
+    /// Sources being stopped (their machines let go of), awaited at shutdown.
+    stopping: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Sources {
+    pub fn new(
+        pool: Arc<Pool>,
+        scheduler: Arc<Scheduler>,
+        store: Store,
+        master: MasterKey,
+        data_dir: PathBuf,
+    ) -> Sources {
+        Sources {
+            pool,
+            scheduler,
+            store,
+            master,
+            data_dir,
+            target: OnceLock::new(),
+            running: Mutex::new(BTreeMap::new()),
+            stopping: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// How machines reach the coordinator; set once its port is bound.
+    /// Sources start only after this.
+    pub fn set_target(&self, t: LocalTarget) {
+        let _ = self.target.set(t);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn make(
+        &self,
+        host: &HostConfig,
+        farm: &FarmSettings,
+    ) -> anyhow::Result<Arc<dyn MachineSource>> {
+        let Some(target) = self.target.get() else {
+            anyhow::bail!("the coordinator's address is not known yet");
+        };
+        let ctx = SourceCtx {
+            host: host.clone(),
+            farm: farm.clone(),
+            pool: self.pool.clone(),
+            scheduler: self.scheduler.clone(),
+            store: self.store.clone(),
+            key: self.master.builder_key(&host.name),
+            data_dir: self.data_dir.clone(),
+            target: target.clone(),
+        };
+        Ok(match host.pool {
+            PoolKind::Reverse => Arc::new(Reverse {
+                host_type: host.name.clone(),
+            }),
+            PoolKind::Local => Arc::new(local::LocalSource::new(ctx)?),
+            PoolKind::Exec => Arc::new(exec::ExecSource::new(ctx)?),
+        })
+    }
+
+    /// Starts, stops and restarts sources to match `cfg`. Returns what
+    /// changed, in words, for the log.
+    pub fn reconcile(&self, cfg: &FarmConfig) -> Vec<String> {
+        if self.target.get().is_none() {
+            return Vec::new();
+        }
+        let mut changes = Vec::new();
+        let mut running = self.lock();
+        let gone: Vec<String> = running
+            .iter()
+            .filter(|(ht, r)| {
+                cfg.hosts.get(*ht) != Some(&r.host)
+                    || (r.host.pool == PoolKind::Local && r.farm != cfg.farm)
+            })
+            .map(|(ht, _)| ht.clone())
+            .collect();
+        for ht in gone {
+            let Some(r) = running.remove(&ht) else {
+                continue;
+            };
+            let _ = r.stop.send(true);
+            self.stopping
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(r.task);
+            if cfg.hosts.contains_key(&ht) {
+                changes.push(format!(
+                    "host type {ht} changed; its {} source restarts",
+                    r.host.pool
+                ));
+            } else {
+                changes.push(format!("host type {ht} removed; its machines are drained"));
+                self.drain_type(&ht);
+            }
+        }
+        for (ht, host) in &cfg.hosts {
+            if running.contains_key(ht) {
+                continue;
+            }
+            let source = match self.make(host, &cfg.farm) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(host_type = %ht, "cannot start the {} source: {e:#}", host.pool);
+                    changes.push(format!(
+                        "host type {ht}: its {} source failed to start: {e:#}",
+                        host.pool
+                    ));
+                    continue;
+                }
+            };
+            let (stop, stop_rx) = watch::channel(false);
+            let task = tokio::spawn(source.clone().run(stop_rx));
+            changes.push(format!("host type {ht}: {} source started", host.pool));
+            running.insert(
+                ht.clone(),
+                Running {
+                    host: host.clone(),
+                    farm: cfg.farm.clone(),
+                    source,
+                    stop,
+                    task,
+                },
+            );
+        }
+        changes
+    }
+
+    /// Idle machines of a removed host type leave now; busy ones after
+    /// their lease ([`crate::farm::Farm::end_lease`]).
+    fn drain_type(&self, host_type: &str) {
+        for m in self.pool.of_type(host_type) {
+            if let Some(Drained::Idle(_)) = self.pool.drain(m.id) {
+                self.pool
+                    .remove(m.id, "its host type was removed from the config");
+            }
+        }
+    }
+
+    /// Whether a machine may register as `hostname` of `host_type`.
+    pub fn admits(&self, host_type: &str, hostname: &str) -> Result<(), String> {
+        match self.lock().get(host_type) {
+            Some(r) => r.source.admits(hostname),
+            None => Ok(()),
+        }
+    }
+
+    pub fn describe(&self, host_type: &str) -> Option<String> {
+        self.lock().get(host_type).and_then(|r| r.source.describe())
+    }
+
+    pub fn views(&self) -> Vec<SourceView> {
+        self.lock().values().map(|r| r.source.view()).collect()
+    }
+
+    /// Stops every source and waits (at most `limit`) until each let go of
+    /// its machines.
+    pub async fn shutdown(&self, limit: Duration) {
+        let mut tasks: Vec<JoinHandle<()>> = {
+            let mut running = self.lock();
+            std::mem::take(&mut *running)
+                .into_values()
+                .map(|r| {
+                    let _ = r.stop.send(true);
+                    r.task
+                })
+                .collect()
+        };
+        tasks.append(&mut self.stopping.lock().unwrap_or_else(|e| e.into_inner()));
+        let all = futures_util::future::join_all(tasks);
+        if tokio::time::timeout(limit, all).await.is_err() {
+            tracing::warn!("machine sources did not stop within {limit:?}");
+        }
+    }
+}

@@ -30,6 +30,7 @@ pub fn router(farm: Arc<Farm>) -> Router {
         .route("/api/hosts", get(hosts))
         .route("/api/machines", get(machines))
         .route("/api/queue", get(queue))
+        .route("/api/sources", get(sources))
         .route("/api/commits", get(commits))
         .route("/api/builds", get(list_builds).post(trigger))
         .route("/api/builds/{id}", get(build))
@@ -247,6 +248,12 @@ async fn machines(State(farm): State<Arc<Farm>>) -> ApiResult<Json<serde_json::V
     ))
 }
 
+/// Where each host type's machines come from, and what an exec pool is
+/// doing: its machines by state and its failures by reason.
+async fn sources(State(farm): State<Arc<Farm>>) -> Json<serde_json::Value> {
+    Json(json!(farm.sources.views()))
+}
+
 async fn queue(State(farm): State<Arc<Farm>>) -> Json<serde_json::Value> {
     let v: Vec<_> = farm
         .scheduler
@@ -260,6 +267,7 @@ async fn queue(State(farm): State<Arc<Farm>>) -> Json<serde_json::Value> {
                 "oldest_wait_secs": q.oldest_wait_secs,
                 "by_kind": q.by_kind,
                 "build_ids": q.build_ids,
+                "requests": q.requests,
                 "reason": reason,
             })
         })

@@ -482,16 +482,19 @@ impl Farm {
             return;
         }
         let cfg = self.config();
-        let retire = match cfg.hosts.get(&lease.host_type) {
-            None => Some("its host type is no longer in the config".to_string()),
-            Some(h) if h.exec.as_ref().is_some_and(|e| e.ephemeral) => {
-                Some("ephemeral: one lease per machine".to_string())
+        match cfg.hosts.get(&lease.host_type) {
+            None => {
+                self.pool
+                    .remove(lease.id, "its host type is no longer in the config");
+                return;
             }
-            Some(_) => None,
-        };
-        if let Some(why) = retire {
-            self.pool.remove(lease.id, &why);
-            return;
+            // Its source destroys it; it stays connected until then so it
+            // cannot come back as a fresh machine.
+            Some(h) if h.exec.as_ref().is_some_and(|e| e.ephemeral) => {
+                self.pool.retire(lease.id);
+                return;
+            }
+            Some(_) => {}
         }
         self.pool.set_state(lease.id, MachineState::Cleaning);
         match tokio::time::timeout(Duration::from_secs(120), lease.client.remove_all(&["."])).await

@@ -214,5 +214,36 @@ pub async fn render(farm: &Farm) -> String {
             label(&kind)
         );
     }
+    let sources = farm.sources.views();
+    let _ = writeln!(
+        out,
+        "# HELP farmer_exec_failures_total Failed machines of exec pools by host type and reason (create-failed, create-timeout, register-timeout, destroy-failed, destroy-timeout)."
+    );
+    let _ = writeln!(out, "# TYPE farmer_exec_failures_total counter");
+    for s in sources.iter().filter(|s| s.kind == "exec") {
+        for (reason, n) in &s.failures {
+            let _ = writeln!(
+                out,
+                "farmer_exec_failures_total{{host_type=\"{}\",reason=\"{}\"}} {n}",
+                label(&s.host_type),
+                label(reason)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP farmer_exec_machines Machines of exec pools by host type and state (creating, registering, registered, destroying)."
+    );
+    let _ = writeln!(out, "# TYPE farmer_exec_machines gauge");
+    for s in sources.iter().filter(|s| s.kind == "exec") {
+        for state in ["creating", "registering", "registered", "destroying"] {
+            let n = s.instances.iter().filter(|i| i.state == state).count();
+            let _ = writeln!(
+                out,
+                "farmer_exec_machines{{host_type=\"{}\",state=\"{state}\"}} {n}",
+                label(&s.host_type)
+            );
+        }
+    }
     out
 }

@@ -368,6 +368,18 @@ impl Pool {
         }
     }
 
+    /// Takes a machine out of service for good (an ephemeral machine after
+    /// its lease): it keeps its link, so it cannot dial in again as new,
+    /// until its source destroys it.
+    pub fn retire(&self, id: u64) {
+        let mut m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(x) = m.get_mut(&id) {
+            x.view.draining = true;
+            x.view.state = MachineState::Draining;
+            x.view.state_since = now_ms();
+        }
+    }
+
     /// Stops leasing a machine. An idle one is taken at once (marked busy)
     /// and its client returned; a busy one finishes its build first. `None`
     /// if it left the pool.

@@ -335,27 +335,22 @@ mod tests {
     #[test]
     fn views_order_by_priority_and_newest_post_submit_first() {
         let s = Scheduler::new(Arc::new(Pool::new()));
-        let mut keep = Vec::new();
-        keep.push(s.request(req("h", Priority::PostSubmit, 100, build(1))));
-        keep.push(s.request(req("h", Priority::PostSubmit, 300, build(2))));
-        keep.push(s.request(req("h", Priority::PreSubmit, 1, build(3))));
-        keep.push(s.request(req(
-            "h",
-            Priority::Interactive,
-            1,
-            Holder::Interactive {
-                session: "s1".into(),
-            },
-        )));
-        keep.push(s.request(req("h", Priority::PreSubmit, 999, build(5))));
-        keep.push(s.request(req("h", Priority::Release, 1, build(6))));
-        keep.push(s.request(req("h", Priority::PostSubmit, 200, build(7))));
-        keep.push(s.request(req(
-            "h",
-            Priority::PostSubmit,
-            1,
-            Holder::Helper { build_id: 7 },
-        )));
+        let interactive = Holder::Interactive {
+            session: "s1".into(),
+        };
+        let _tickets: Vec<Ticket> = [
+            (Priority::PostSubmit, 100, build(1)),
+            (Priority::PostSubmit, 300, build(2)),
+            (Priority::PreSubmit, 1, build(3)),
+            (Priority::Interactive, 1, interactive),
+            (Priority::PreSubmit, 999, build(5)),
+            (Priority::Release, 1, build(6)),
+            (Priority::PostSubmit, 200, build(7)),
+            (Priority::PostSubmit, 1, Holder::Helper { build_id: 7 }),
+        ]
+        .into_iter()
+        .map(|(p, t, h)| s.request(req("h", p, t, h)))
+        .collect();
         let v = &s.views()[0];
         assert_eq!(v.build_ids, vec![6, 3, 5, 2, 7, 1]);
         assert_eq!(v.waiting, 8);

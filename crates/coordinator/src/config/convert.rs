@@ -340,11 +340,9 @@ fn host(ctx: &mut Ctx<'_>, e: &Entry<'_>, t: &Table<'_>) -> HostConfig {
             None
         }
     };
-    if pool == Some(PoolKind::Exec) {
-        let all: Vec<&str> = HOST_KEYS.iter().chain(EXEC_KEYS).copied().collect();
-        t.check_keys(ctx, &all, &who);
-    } else {
-        t.check_keys(ctx, HOST_KEYS, &who);
+    let all: Vec<&str> = HOST_KEYS.iter().chain(EXEC_KEYS).copied().collect();
+    t.check_keys(ctx, &all, &who);
+    if pool.is_some_and(|p| p != PoolKind::Exec) {
         for key in EXEC_KEYS {
             if let Some(e) = t.get(ctx, key) {
                 ctx.error(
@@ -471,14 +469,12 @@ fn exec(ctx: &mut Ctx<'_>, t: &Table<'_>, who: &str) -> ExecConfig {
         .as_ref()
         .and_then(|e| ctx.uint(e))
         .unwrap_or(0);
-    if min_idle > max {
-        if let Some(e) = &min_idle_entry {
-            ctx.error(
-                Some(e.at),
-                &e.path,
-                format!("{who}: min_idle ({min_idle}) must not exceed max ({max})"),
-            );
-        }
+    if let Some(e) = min_idle_entry.as_ref().filter(|_| min_idle > max) {
+        ctx.error(
+            Some(e.at),
+            &e.path,
+            format!("{who}: min_idle ({min_idle}) must not exceed max ({max})"),
+        );
     }
     let dur = |ctx: &mut Ctx<'_>, key: &str, default: Duration| {
         optional(ctx, t, key, Ctx::duration).unwrap_or(default)

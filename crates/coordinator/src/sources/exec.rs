@@ -366,6 +366,10 @@ impl ExecSource {
                     Some(m) if m.state == MachineState::Idle && !m.draining => {
                         idle.push((m.state_since, m.id, name.clone()));
                     }
+                    Some(m) if m.state == MachineState::Draining => to_destroy.push((
+                        name.clone(),
+                        "\0taken out of service (used once, or outdated)".into(),
+                    )),
                     Some(_) => {}
                 },
                 Phase::Destroying => {

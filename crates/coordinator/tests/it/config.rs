@@ -688,7 +688,7 @@ owners = ["ok@example.com", 7]
     );
     assert_eq!(
         errs[0].message,
-        "host \"host-a\": pool \"cloud\" is not supported; use \"reverse\" or \"local\""
+        "host \"host-a\": pool \"cloud\" is not supported; use \"reverse\", \"local\" or \"exec\""
     );
     assert!(errs[1].message.contains("pool is required"));
     assert!(errs[2].message.contains("at least one buildlet"));
@@ -701,6 +701,87 @@ owners = ["ok@example.com", 7]
     assert!(errs[6].message.contains("must not be empty"));
     assert_eq!(errs[7].message, "expected true or false, found a string");
     assert_eq!(errs[8].message, "expected a string, found an integer");
+}
+
+#[test]
+fn exec_host_errors() {
+    let text = r#"[hosts.host-a]
+pool = "exec"
+[hosts.host-b]
+pool = "exec"
+create = ""
+destroy = []
+max = 0
+[hosts.host-c]
+pool = "exec"
+create = "podman run x"
+destroy = ["podman", "rm", "-f"]
+max = 2
+min_idle = 3
+idle_timeout = "soon"
+[hosts.host-d]
+pool = "reverse"
+max = 2
+ephemeral = true
+"#;
+    let errs = errors(text);
+    let got: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.field.as_str())).collect();
+    assert_eq!(
+        got,
+        [
+            (1, "hosts.host-a.create"),
+            (1, "hosts.host-a.destroy"),
+            (1, "hosts.host-a.max"),
+            (5, "hosts.host-b.create"),
+            (6, "hosts.host-b.destroy"),
+            (7, "hosts.host-b.max"),
+            (13, "hosts.host-c.min_idle"),
+            (14, "hosts.host-c.idle_timeout"),
+            (17, "hosts.host-d.max"),
+            (18, "hosts.host-d.ephemeral"),
+        ],
+        "{errs:#?}"
+    );
+    assert!(errs[0].message.contains("needs create = \"shell command\""));
+    assert!(errs[2].message.contains("max = N"));
+    assert!(errs[3].message.contains("create must not be empty"));
+    assert!(errs[4].message.contains("must start with the program"));
+    assert!(errs[5].message.contains("at least 1"));
+    assert!(
+        errs[6]
+            .message
+            .contains("min_idle (3) must not exceed max (2)")
+    );
+    assert!(
+        errs[8]
+            .message
+            .contains("max only applies to pool = \"exec\"")
+    );
+
+    // A good one: strings run with sh -c, lists as they are, defaults.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("farm.toml");
+    std::fs::write(
+        &path,
+        r#"[hosts.host-e]
+pool = "exec"
+create = "podman run --rm x"
+destroy = ["podman", "rm", "-f", "x"]
+max = 4
+ephemeral = true
+"#,
+    )
+    .unwrap();
+    let cfg = coordinator::config::load(&path).unwrap();
+    let e = cfg.hosts["host-e"].exec.clone().unwrap();
+    assert_eq!(e.create, ["sh", "-c", "podman run --rm x"]);
+    assert_eq!(e.destroy, ["podman", "rm", "-f", "x"]);
+    assert_eq!((e.max, e.min_idle, e.ephemeral), (4, 0, true));
+    assert_eq!(e.idle_timeout, std::time::Duration::from_secs(600));
+    assert_eq!(
+        cfg.hosts["host-e"].pool,
+        coordinator::config::PoolKind::Exec
+    );
 }
 
 #[test]

@@ -15,5 +15,6 @@ mod git;
 mod hostile;
 mod resilience;
 mod secrets;
+mod sources;
 mod stage0;
 mod tls;

@@ -24,7 +24,13 @@
 //!    builds (`true`). 1,000 builds are submitted by 8 concurrent clients as
 //!    fast as the API takes them; the clock stops when `/metrics` counts all
 //!    of them finished.
-//! 3. **Memory.** A fresh coordinator's resident set (`VmRSS`, Linux only)
+//! 3. **Elastic machines.** An exec pool (`pool = "exec"`, `ephemeral`,
+//!    `max = 4`) whose `create` hook starts a `farmer buildlet` process and
+//!    whose `destroy` hook kills it. First builds one at a time with no
+//!    machine up: POST → attempt started is a lease request → machine
+//!    created, registered and leased. Then a burst of builds through fresh
+//!    machines (one per build): builds/s and machines created.
+//! 4. **Memory.** A fresh coordinator's resident set (`VmRSS`, Linux only)
 //!    with no connection, then with 1,000 idle reverse connections. Those run
 //!    in this process as tokio tasks of [`buildlet::reverse::run`], each with
 //!    its own work dir, doing the real handshake and serving the real
@@ -60,6 +66,9 @@ const TPUT_CLIENTS: usize = 8;
 /// How long the throughput phase may take before it reports what finished.
 const TPUT_LIMIT: Duration = Duration::from_secs(90);
 const IDLE_CONNS: usize = 1000;
+const ELASTIC_SEQUENTIAL: usize = 20;
+const ELASTIC_BURST: usize = 200;
+const ELASTIC_MAX: usize = 4;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn main() {
@@ -100,6 +109,7 @@ async fn run(nofile: Option<String>) -> anyhow::Result<()> {
     );
     bench_dispatch(&dir, &repo, &commit).await?;
     bench_throughput(&dir, &repo, &commit).await?;
+    bench_elastic(&dir, &repo, &commit).await?;
     bench_memory(&dir).await?;
     Ok(())
 }
@@ -350,7 +360,140 @@ impl Finished {
 }
 
 // ---------------------------------------------------------------------------
-// 3. Memory
+// 3. Elastic machines
+
+async fn bench_elastic(dir: &Path, repo: &Path, commit: &str) -> anyhow::Result<()> {
+    println!();
+    println!(
+        "== elastic: exec pool (ephemeral, max {ELASTIC_MAX}) starting `farmer buildlet` per build: {ELASTIC_SEQUENTIAL} builds one at a time, then {ELASTIC_BURST} at once =="
+    );
+    let hooks = dir.join("elastic-hooks");
+    std::fs::create_dir_all(hooks.join("pids"))?;
+    let h = hooks.display();
+    std::fs::write(
+        hooks.join("create.sh"),
+        format!(
+            "mkdir -p {h}/$FARMER_HOSTNAME\n\
+             BUILDLET_LOG=warn {FARMER} buildlet -coordinator=$FARMER_COORDINATOR -reverse-type=$FARMER_HOST_TYPE \
+             -hostname=$FARMER_HOSTNAME -key-file=$FARMER_KEY_FILE -tls-pin=$FARMER_TLS_PIN \
+             -workdir={h}/$FARMER_HOSTNAME/work -reboot=false > {h}/$FARMER_HOSTNAME/log 2>&1 < /dev/null &\n\
+             echo $! > {h}/pids/$FARMER_HOSTNAME\n"
+        ),
+    )?;
+    std::fs::write(
+        hooks.join("destroy.sh"),
+        format!(
+            "kill -9 $(cat {h}/pids/$FARMER_HOSTNAME) 2>/dev/null; rm -f {h}/pids/$FARMER_HOSTNAME; rm -rf {h}/$FARMER_HOSTNAME\n"
+        ),
+    )?;
+    let mut config = farm_config(
+        Some(repo),
+        &[],
+        &[("elastic", "host-bench-elastic", r#"command = ["true"]"#)],
+    );
+    config.push_str(&format!(
+        "[hosts.host-bench-elastic]\npool = \"exec\"\ncreate = [\"sh\", \"{h}/create.sh\"]\n\
+         destroy = [\"sh\", \"{h}/destroy.sh\"]\nmax = {ELASTIC_MAX}\nephemeral = true\ntrusted = true\n"
+    ));
+    let c = Coordinator::start(dir, "elastic", &config)?;
+    // Kills what the hooks started, also on a failure.
+    let _reap = Reap(hooks.join("pids"));
+    let api = Api::new(&c);
+    wait_builds_done(&api, 1, Duration::from_secs(60)).await?;
+
+    let mut lease = Vec::with_capacity(ELASTIC_SEQUENTIAL);
+    for _ in 0..ELASTIC_SEQUENTIAL {
+        let wall_ms = (now_ns() / 1_000_000) as i64;
+        let id = api.trigger("elastic", commit).await?;
+        let t0 = Instant::now();
+        let started = loop {
+            let v = api.get_json(&format!("/api/builds/{id}")).await?;
+            match v["build"]["status"].as_str() {
+                Some("queued" | "running") => {}
+                Some("passed") => break v["build"]["started_at"].as_i64().unwrap_or(0),
+                other => bail!("elastic build {id} ended {other:?}"),
+            }
+            ensure!(
+                t0.elapsed() < Duration::from_secs(60),
+                "elastic build {id} did not pass within 60 s; see {}",
+                c.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        lease.push((started - wall_ms) as f64);
+        // Wait until the used machine is gone, so the next build starts cold.
+        let t1 = Instant::now();
+        while count_connected(&api, "host-bench-elastic").await? > 0 {
+            ensure!(
+                t1.elapsed() < Duration::from_secs(30),
+                "the ephemeral machine of build {id} was not destroyed within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    println!(
+        "elastic: lease request -> fresh machine registered and leased  {}  (ms resolution)",
+        summary(&mut lease)
+    );
+
+    let finished0 = Finished::parse(&api.get_text("/metrics").await?);
+    let created0 = created_machines(&api).await?;
+    let t0 = Instant::now();
+    for _ in 0..ELASTIC_BURST {
+        api.trigger("elastic", commit).await?;
+    }
+    let done_at = loop {
+        let now = Finished::parse(&api.get_text("/metrics").await?);
+        if now.total - finished0.total >= ELASTIC_BURST as u64 {
+            ensure!(
+                now.passed - finished0.passed == ELASTIC_BURST as u64,
+                "elastic builds did not all pass; see {}",
+                c.log.display()
+            );
+            break t0.elapsed();
+        }
+        ensure!(
+            t0.elapsed() < Duration::from_secs(300),
+            "{ELASTIC_BURST} elastic builds did not finish within 300 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let created = created_machines(&api).await? - created0;
+    println!(
+        "elastic: {ELASTIC_BURST} builds through fresh machines in {:.1} s: {:.1} builds/s, {created} machines created",
+        done_at.as_secs_f64(),
+        ELASTIC_BURST as f64 / done_at.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Machines the exec pool created so far (`/api/sources`).
+async fn created_machines(api: &Api) -> anyhow::Result<u64> {
+    let v = api.get_json("/api/sources").await?;
+    Ok(v.as_array()
+        .and_then(|a| a.iter().find(|s| s["kind"] == "exec"))
+        .and_then(|s| s["created"].as_u64())
+        .unwrap_or(0))
+}
+
+/// Kills the processes whose pid files are in a directory, when dropped.
+struct Reap(PathBuf);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        for e in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            if let Ok(pid) = std::fs::read_to_string(e.path()) {
+                let _ = Command::new("kill")
+                    .args(["-9", pid.trim()])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 4. Memory
 
 async fn bench_memory(dir: &Path) -> anyhow::Result<()> {
     println!();

@@ -100,7 +100,16 @@ impl Farm {
     }
 
     async fn drive(self: Arc<Self>, q: Queued) {
+        let mut retry = false;
         loop {
+            // Between attempts the build may have been cancelled: then no
+            // request is made (it would be demand for nothing).
+            if retry
+                && !matches!(self.store.build(q.build_id).await, Ok(Some(b)) if b.status == BuildStatus::Queued)
+            {
+                self.unregister_running(q.build_id);
+                return;
+            }
             let mut ticket = self.scheduler.request(LeaseRequest {
                 host_type: q.host_type.clone(),
                 priority: priority(q.kind),
@@ -110,13 +119,15 @@ impl Farm {
                 commit_time: q.commit_time,
             });
             let Ok(lease) = ticket.lease().await else {
+                // Withdrawn: cancelled while it waited.
+                self.unregister_running(q.build_id);
                 return;
             };
             self.metrics.observe_dispatch(ticket.waited());
             drop(ticket);
             match self.clone().run_build(q.build_id, lease).await {
                 Next::Done => return,
-                Next::Again => {}
+                Next::Again => retry = true,
                 Next::AgainLater => tokio::time::sleep(Duration::from_secs(1)).await,
             }
         }
@@ -130,6 +141,7 @@ impl Farm {
             Ok(Some(b)) if b.status == BuildStatus::Queued => b,
             Ok(_) => {
                 release(&self);
+                self.unregister_running(id);
                 return Next::Done;
             }
             Err(e) => {
@@ -150,6 +162,7 @@ impl Farm {
             let _ = self.store.finish_build(id, BuildStatus::Failed, &msg).await;
             self.metrics.build_finished(BuildStatus::Failed);
             release(&self);
+            self.unregister_running(id);
             return Next::Done;
         };
         if build.kind == BuildKind::PreSubmit && !host.trusted {
@@ -163,8 +176,12 @@ impl Farm {
                 .await;
             self.metrics.build_finished(BuildStatus::Cancelled);
             release(&self);
+            self.unregister_running(id);
             return Next::Done;
         }
+        // Registered before the attempt starts, so a cancel that finds the
+        // build running can always reach it.
+        let rb = self.register_running(id);
         let (attempt_id, number) = match self
             .store
             .start_attempt(id, &lease.hostname, &lease.host_type)
@@ -173,6 +190,7 @@ impl Farm {
             Ok(Some(a)) => a,
             Ok(None) => {
                 release(&self);
+                self.unregister_running(id);
                 return Next::Done;
             }
             Err(e) => {
@@ -181,7 +199,6 @@ impl Farm {
                 return Next::AgainLater;
             }
         };
-        let rb = self.register_running(id);
         *rb.machine.lock().unwrap_or_else(|e| e.into_inner()) = lease.hostname.clone();
         rb.log.append(
             format!(
@@ -236,9 +253,15 @@ impl Farm {
                             );
                             Next::Again
                         }
-                        Ok(false) => Next::Done,
+                        Ok(false) => {
+                            self.unregister_running(id);
+                            Next::Done
+                        }
                         Err(e) => {
+                            // Left running in the store; the next start
+                            // recovers it (recorded as lost, re-queued).
                             tracing::error!(build = id, "re-queueing: {e}");
+                            self.unregister_running(id);
                             Next::Done
                         }
                     };

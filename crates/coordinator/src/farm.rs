@@ -422,18 +422,35 @@ impl Farm {
             .await
             .map_err(|e| TriggerError::Internal(e.to_string()))?
             .ok_or_else(|| TriggerError::NotFound(format!("no build {id}")))?;
-        match b.status {
-            BuildStatus::Queued => {
-                self.scheduler
-                    .withdraw_holder(&Holder::Build { build_id: id });
-                self.store
-                    .finish_build(id, BuildStatus::Cancelled, "cancelled while queued")
-                    .await
-                    .map_err(|e| TriggerError::Internal(e.to_string()))?;
-                self.metrics.build_finished(BuildStatus::Cancelled);
-                Ok(BuildStatus::Cancelled)
-            }
-            BuildStatus::Running => {
+        // A build leaves the queue only through the store: if it started
+        // meanwhile, it is cancelled as a running build.
+        let queued_cancelled = b.status == BuildStatus::Queued
+            && self
+                .store
+                .cancel_queued(id, "cancelled while queued")
+                .await
+                .map_err(|e| TriggerError::Internal(e.to_string()))?;
+        if queued_cancelled {
+            self.scheduler
+                .withdraw_holder(&Holder::Build { build_id: id });
+            self.metrics.build_finished(BuildStatus::Cancelled);
+            return Ok(BuildStatus::Cancelled);
+        }
+        let status = match b.status {
+            BuildStatus::Queued => self
+                .store
+                .build(id)
+                .await
+                .map_err(|e| TriggerError::Internal(e.to_string()))?
+                .map_or(b.status, |b| b.status),
+            s => s,
+        };
+        match status {
+            // Re-queued between two attempts: its driver finds it
+            // cancelled when it next gets a machine.
+            BuildStatus::Queued | BuildStatus::Running => {
+                // The driver registers the running build before it starts
+                // an attempt, so a build that runs can be reached here.
                 if let Some(rb) = self.running(id) {
                     let _ = rb.cancel.send(true);
                 }

@@ -368,6 +368,22 @@ impl Pool {
         }
     }
 
+    /// Takes an idle machine out of service (to destroy it); does nothing
+    /// and returns false if it is leased or already draining, so a
+    /// machine leased a moment ago keeps working.
+    pub fn take_if_idle(&self, id: u64) -> bool {
+        let mut m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
+        match m.get_mut(&id) {
+            Some(x) if x.view.state == MachineState::Idle && !x.view.draining => {
+                x.view.draining = true;
+                x.view.state = MachineState::Draining;
+                x.view.state_since = now_ms();
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Takes a machine out of service for good (an ephemeral machine after
     /// its lease): it keeps its link, so it cannot dial in again as new,
     /// until its source destroys it.

@@ -138,21 +138,6 @@ pub async fn run(
     tasks.spawn(farm.clone().health_loop());
     tasks.spawn(crate::machine_auth::check_loop(farm.clone()));
     tasks.spawn(crate::release::upgrade_loop(farm.clone()));
-    #[cfg(unix)]
-    {
-        let f = farm.clone();
-        tasks.spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let Ok(mut hup) = signal(SignalKind::hangup()) else {
-                return;
-            };
-            while hup.recv().await.is_some() {
-                if let Err(e) = f.reload() {
-                    tracing::error!("config reload failed; keeping the old config:\n{e}");
-                }
-            }
-        });
-    }
     let connect = match addr {
         SocketAddr::V4(a) if a.ip().is_unspecified() => format!("127.0.0.1:{}", a.port()),
         SocketAddr::V6(a) if a.ip().is_unspecified() => format!("[::1]:{}", a.port()),
@@ -178,6 +163,22 @@ pub async fn run(
     farm.sources.set_target(target);
     let started = farm.apply_config();
     tracing::debug!(?started, "pollers and machine sources started");
+    // Reloads apply to what is running, so they start after it.
+    #[cfg(unix)]
+    {
+        let f = farm.clone();
+        tasks.spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                if let Err(e) = f.reload() {
+                    tracing::error!("config reload failed; keeping the old config:\n{e}");
+                }
+            }
+        });
+    }
     on_start(&Started {
         farm: farm.clone(),
         addr,

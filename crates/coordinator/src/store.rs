@@ -565,6 +565,21 @@ impl Store {
         Ok(n > 0)
     }
 
+    /// Cancels a build only while it is queued: returns false if it has
+    /// started (or ended) meanwhile.
+    pub async fn cancel_queued(&self, build_id: i64, error: &str) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE builds SET status = 'cancelled', error = ?, finished_at = ? WHERE id = ? AND status = 'queued'",
+        )
+        .bind(error)
+        .bind(now_ms())
+        .bind(build_id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n > 0)
+    }
+
     /// Records a build's final status, once: returns false if it was already final.
     pub async fn finish_build(
         &self,

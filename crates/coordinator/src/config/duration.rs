@@ -11,6 +11,11 @@ const UNITS: [(&str, u128); 4] = [
     ("s", 1_000_000_000),
 ];
 
+/// The longest duration a config may hold: a year is beyond every sane
+/// timeout, and the bound keeps `Instant + duration` from overflowing.
+const MAX_HOURS: u128 = 24 * 366;
+const MAX_NANOS: u128 = MAX_HOURS * 3_600_000_000_000;
+
 /// Parses a sequence of `<number><unit>` terms such as "1h30m", "500ms" or "1.5h".
 ///
 /// The error is the tail of a sentence ("is not a valid duration: ...") so
@@ -63,9 +68,15 @@ pub(crate) fn parse(text: &str) -> Result<Duration, String> {
         }
         nanos = nanos.checked_add(term).ok_or_else(too_long)?;
     }
-    let secs = u64::try_from(nanos / 1_000_000_000)
-        .map_err(|_| format!("is too long to be a duration: {HINT}"))?;
-    Ok(Duration::new(secs, (nanos % 1_000_000_000) as u32))
+    if nanos > MAX_NANOS {
+        return Err(format!(
+            "is longer than {MAX_HOURS}h (a year), more than any timeout or interval of a farm needs"
+        ));
+    }
+    Ok(Duration::new(
+        (nanos / 1_000_000_000) as u64,
+        (nanos % 1_000_000_000) as u32,
+    ))
 }
 
 /// Formats a duration in the syntax [`parse`] accepts, so messages quote values
@@ -105,6 +116,7 @@ mod tests {
         assert_eq!(parse("1.5h"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse(".5s"), Ok(Duration::from_millis(500)));
         assert_eq!(parse("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse("8784h"), Ok(Duration::from_secs(8784 * 3600)));
     }
 
     #[test]
@@ -120,6 +132,8 @@ mod tests {
             "ten",
             "1..5s",
             "99999999999999999999999h",
+            "9223372036854775807s",
+            "8785h",
         ] {
             assert!(parse(bad).is_err(), "{bad:?} should not parse");
         }

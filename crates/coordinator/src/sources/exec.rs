@@ -20,7 +20,7 @@
 //! broken hook never becomes a hot loop.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::{Failure, InstanceView, MachineSource, SourceCtx, SourceView};
 use crate::config::ExecConfig;
-use crate::pool::{Drained, MachineState};
+use crate::pool::MachineState;
 use crate::store::now_ms;
 
 /// How often the source compares demand with its machines.
@@ -41,7 +41,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Failures kept for the status page.
 const RECENT_FAILURES: usize = 20;
 /// Bytes of a failed hook's output quoted in its failure.
-const OUTPUT_TAIL: u64 = 2048;
+const OUTPUT_TAIL: usize = 2048;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -103,7 +103,8 @@ struct HookError {
 
 pub struct ExecSource {
     ctx: SourceCtx,
-    cfg: ExecConfig,
+    /// Replaced in place by a reload ([`MachineSource::reconfigure`]).
+    cfg: Mutex<ExecConfig>,
     dir: PathBuf,
     state: Mutex<State>,
 }
@@ -117,7 +118,7 @@ impl ExecSource {
         std::fs::create_dir_all(&dir)?;
         Ok(ExecSource {
             ctx,
-            cfg,
+            cfg: Mutex::new(cfg),
             dir,
             state: Mutex::new(State::default()),
         })
@@ -125,6 +126,10 @@ impl ExecSource {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn cfg(&self) -> ExecConfig {
+        self.cfg.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn host_type(&self) -> &str {
@@ -147,10 +152,6 @@ impl ExecSource {
 
     fn key_file(&self, hostname: &str) -> PathBuf {
         self.dir.join(format!("{hostname}.key"))
-    }
-
-    fn log_file(&self, hostname: &str) -> PathBuf {
-        self.dir.join(format!("{hostname}.log"))
     }
 
     fn env(&self, hostname: &str) -> Vec<(String, String)> {
@@ -216,11 +217,11 @@ impl ExecSource {
             .map_err(|e| err(format!("recording the machine: {e}")))?;
         crate::keys::write_private(&self.key_file(hostname), self.ctx.key.as_bytes())
             .map_err(|e| err(format!("writing the key file: {e}")))?;
+        let cfg = self.cfg();
         run_hook(
-            &self.cfg.create,
+            &cfg.create,
             &self.env(hostname),
-            &self.log_file(hostname),
-            self.cfg.create_timeout,
+            cfg.create_timeout,
             "create",
         )
         .await
@@ -260,11 +261,11 @@ impl ExecSource {
                 .store
                 .exec_instance_put(&hostname, me.host_type(), "destroying", &why)
                 .await;
+            let cfg = me.cfg();
             let r = run_hook(
-                &me.cfg.destroy,
+                &cfg.destroy,
                 &me.env(&hostname),
-                &me.log_file(&hostname),
-                me.cfg.destroy_timeout,
+                cfg.destroy_timeout,
                 "destroy",
             )
             .await;
@@ -283,7 +284,7 @@ impl ExecSource {
                 match r {
                     Ok(()) if inst.phase == Phase::Creating => {
                         inst.phase = Phase::Registering {
-                            deadline: Instant::now() + self.cfg.register_timeout,
+                            deadline: Instant::now() + self.cfg().register_timeout,
                         };
                         inst.since = Instant::now();
                     }
@@ -321,7 +322,6 @@ impl ExecSource {
                 };
                 if done {
                     let _ = std::fs::remove_file(self.key_file(&hostname));
-                    let _ = std::fs::remove_file(self.log_file(&hostname));
                     if let Err(e) = self.ctx.store.exec_instance_delete(&hostname).await {
                         tracing::warn!(%hostname, "forgetting a destroyed machine: {e}");
                     }
@@ -330,93 +330,94 @@ impl ExecSource {
         }
     }
 
-    /// One comparison of demand and machines.
-    fn step(self: &Arc<Self>, tx: &mpsc::UnboundedSender<Event>) {
+    /// One comparison of demand and machines. Returns the machines that
+    /// registered since the last step (the caller records them).
+    fn step(self: &Arc<Self>, tx: &mpsc::UnboundedSender<Event>) -> Vec<String> {
+        let cfg = self.cfg();
         let now = Instant::now();
         let ht = self.host_type().to_string();
         let machines = self.ctx.pool.of_type(&ht);
         let mut st = self.lock();
-        let mut to_destroy: Vec<(String, String)> = Vec::new();
+        // (reason for the metrics or "" when none is a failure, detail)
+        let mut to_destroy: Vec<(String, &str, String)> = Vec::new();
         let mut idle: Vec<(i64, u64, String)> = Vec::new();
         let mut newly: Vec<String> = Vec::new();
         for (name, inst) in st.instances.iter_mut() {
             let m = machines.iter().find(|m| m.hostname == *name);
-            match inst.phase {
-                Phase::Creating => {}
-                Phase::Registering { deadline } => {
-                    if m.is_some() {
-                        inst.phase = Phase::Registered;
-                        inst.since = now;
-                        newly.push(name.clone());
-                    } else if now >= deadline {
-                        to_destroy.push((
-                            name.clone(),
-                            format!(
-                                "register-timeout\0did not dial in within {:?} of its creation",
-                                self.cfg.register_timeout
-                            ),
-                        ));
-                    }
-                }
-                Phase::Registered => match m {
-                    None => to_destroy.push((
+            if let Phase::Registering { deadline } = inst.phase {
+                if m.is_some() {
+                    inst.phase = Phase::Registered;
+                    inst.since = now;
+                    newly.push(name.clone());
+                } else if now >= deadline {
+                    to_destroy.push((
                         name.clone(),
-                        "\0left the pool (used once, or disconnected)".into(),
-                    )),
+                        "register-timeout",
+                        format!(
+                            "did not dial in within {:?} of its creation",
+                            cfg.register_timeout
+                        ),
+                    ));
+                }
+            }
+            match inst.phase {
+                Phase::Registered => match m {
+                    None => {
+                        to_destroy.push((name.clone(), "", "left the pool (disconnected)".into()))
+                    }
                     Some(m) if m.state == MachineState::Idle && !m.draining => {
                         idle.push((m.state_since, m.id, name.clone()));
                     }
-                    Some(m) if m.state == MachineState::Draining => to_destroy.push((
-                        name.clone(),
-                        "\0taken out of service (used once, or outdated)".into(),
-                    )),
+                    // Retired after its lease (ephemeral), or drained (an
+                    // outdated buildlet) and now idle.
+                    Some(m)
+                        if m.state == MachineState::Draining
+                            || (m.draining && m.state == MachineState::Idle) =>
+                    {
+                        to_destroy.push((
+                            name.clone(),
+                            "",
+                            "taken out of service (used once, or outdated)".into(),
+                        ))
+                    }
                     Some(_) => {}
                 },
                 Phase::Destroying => {
                     if !inst.busy && inst.retry_at.is_some_and(|t| now >= t) {
-                        to_destroy.push((name.clone(), "\0retrying destroy".into()));
+                        to_destroy.push((name.clone(), "", "retrying destroy".into()));
                     }
                 }
+                Phase::Creating | Phase::Registering { .. } => {}
             }
         }
         // A machine came: creation works again.
         if !newly.is_empty() {
             st.backoff = Duration::ZERO;
             st.paused_until = None;
-            let store = self.ctx.store.clone();
-            let ht = ht.clone();
-            tokio::spawn(async move {
-                for n in newly {
-                    let _ = store.exec_instance_put(&n, &ht, "registered", "").await;
-                }
-            });
         }
-        for (name, why) in to_destroy {
-            let (reason, detail) = why.split_once('\0').unwrap_or(("", &why));
+        for (name, reason, detail) in to_destroy {
             if !reason.is_empty() {
-                self.fail(
-                    &mut st,
-                    &name,
-                    &HookError {
-                        reason: reason.into(),
-                        detail: detail.into(),
-                    },
-                );
+                let e = HookError {
+                    reason: reason.into(),
+                    detail: detail.clone(),
+                };
+                self.fail(&mut st, &name, &e);
             }
-            self.destroy(&mut st, &name, detail, tx);
+            self.destroy(&mut st, &name, &detail, tx);
         }
-        // Idle beyond min_idle for longer than idle_timeout: longest idle first.
+        // Idle beyond min_idle for longer than idle_timeout: longest idle
+        // first. A machine leased since the snapshot is left alone.
         idle.sort();
-        let idle_timeout_ms = self.cfg.idle_timeout.as_millis() as i64;
+        let idle_timeout_ms = cfg.idle_timeout.as_millis() as i64;
         let mut idle_count = idle.len();
         let now_ms = now_ms();
         for (since, id, name) in &idle {
-            if idle_count <= self.cfg.min_idle as usize || now_ms - since < idle_timeout_ms {
+            if idle_count <= cfg.min_idle as usize || now_ms - since < idle_timeout_ms {
                 break;
             }
-            if let Some(Drained::Idle(_)) = self.ctx.pool.drain(*id) {
+            if self.ctx.pool.take_if_idle(*id) {
                 idle_count -= 1;
-                let why = format!("idle for longer than {:?}", self.cfg.idle_timeout);
+                let why = format!("idle for longer than {:?}", cfg.idle_timeout);
                 self.destroy(&mut st, name, &why, tx);
             }
         }
@@ -429,14 +430,15 @@ impl ExecSource {
             .filter(|i| matches!(i.phase, Phase::Creating | Phase::Registering { .. }))
             .count();
         let existing = st.instances.len();
-        let need = (waiting + self.cfg.min_idle as usize).saturating_sub(idle_count + in_flight);
-        let room = (self.cfg.max as usize).saturating_sub(existing);
+        let need = (waiting + cfg.min_idle as usize).saturating_sub(idle_count + in_flight);
+        let room = (cfg.max as usize).saturating_sub(existing);
         let n = need.min(room);
         if n > 0 && st.paused_until.is_none_or(|t| now >= t) {
             for _ in 0..n {
                 self.create(&mut st, tx);
             }
         }
+        newly
     }
 
     /// Machines recorded by an earlier run: destroy each.
@@ -479,16 +481,23 @@ impl ExecSource {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.step(&tx),
+                _ = tick.tick() => {
+                    // Recorded here, in order with the deletes of on_event.
+                    for n in self.step(&tx) {
+                        if let Err(e) = self.ctx.store.exec_instance_put(&n, self.host_type(), "registered", "").await {
+                            tracing::warn!(hostname = %n, "recording an exec machine: {e}");
+                        }
+                    }
+                }
                 Some(ev) = rx.recv() => self.on_event(ev, &tx).await,
                 _ = stopped(&mut stop) => break,
             }
         }
         // Stopping: every machine goes; wait for the hooks (bounded by
         // their timeouts), retrying failed destroys a few times.
-        let limit = Instant::now()
-            + self.cfg.destroy_timeout.max(self.cfg.create_timeout)
-            + Duration::from_secs(5);
+        let cfg = self.cfg();
+        let limit =
+            Instant::now() + cfg.destroy_timeout.max(cfg.create_timeout) + Duration::from_secs(5);
         loop {
             {
                 let mut st = self.lock();
@@ -542,6 +551,18 @@ impl MachineSource for ExecSource {
         Box::pin(self.run_loop(stop))
     }
 
+    /// New settings apply at once: new machines use the new hooks, `max`
+    /// and `min_idle` are the new targets; machines are not restarted.
+    fn reconfigure(&self, host: &crate::config::HostConfig) -> bool {
+        match &host.exec {
+            Some(e) => {
+                *self.cfg.lock().unwrap_or_else(|e| e.into_inner()) = e.clone();
+                true
+            }
+            None => false,
+        }
+    }
+
     fn view(&self) -> SourceView {
         let st = self.lock();
         let now = Instant::now();
@@ -574,7 +595,7 @@ impl MachineSource for ExecSource {
         let mut s = format!(
             "exec pool: {starting} starting, {} running, max {}",
             count(|p| *p == Phase::Registered),
-            self.cfg.max
+            self.cfg().max
         );
         if let Some(t) = st.paused_until {
             let left = t.saturating_duration_since(Instant::now());
@@ -594,12 +615,14 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Runs a hook with a clean environment, its output appended to `log`,
-/// killed with its process group after `timeout`.
+/// Runs a hook with a clean environment and its own process group, killed
+/// with that group after `timeout`. Its output is read through pipes and
+/// only the last [`OUTPUT_TAIL`] bytes are kept, for the failure message;
+/// what it leaves running (the machine it started) may keep writing: the
+/// pipes are drained, and discarded, until they close.
 async fn run_hook(
     cmd: &[String],
     env: &[(String, String)],
-    log: &Path,
     timeout: Duration,
     what: &str,
 ) -> Result<(), HookError> {
@@ -610,14 +633,6 @@ async fn run_hook(
     let Some((program, args)) = cmd.split_first() else {
         return Err(failed(format!("no {what} command")));
     };
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(|e| failed(format!("opening {}: {e}", log.display())))?;
-    let err = out
-        .try_clone()
-        .map_err(|e| failed(format!("opening {}: {e}", log.display())))?;
     let mut c = tokio::process::Command::new(program);
     c.args(args)
         .env_clear()
@@ -627,8 +642,8 @@ async fn run_hook(
         )
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err));
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     if let Some(home) = std::env::var_os("HOME") {
         c.env("HOME", home);
     }
@@ -638,42 +653,65 @@ async fn run_hook(
         .spawn()
         .map_err(|e| failed(format!("cannot run {program:?}: {e}")))?;
     let pid = child.id();
-    match tokio::time::timeout(timeout, child.wait()).await {
-        Ok(Ok(s)) if s.success() => Ok(()),
-        Ok(Ok(s)) => Err(failed(format!("{what} exited with {s}{}", tail(log)))),
-        Ok(Err(e)) => Err(failed(format!("waiting for {what}: {e}"))),
-        Err(_) => {
-            #[cfg(unix)]
-            if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
-                // SAFETY: signals the process group our own child leads.
-                unsafe {
-                    libc::kill(-pid, libc::SIGKILL);
-                }
+    let output = Arc::new(Mutex::new(VecDeque::<u8>::new()));
+    let mut readers = Vec::new();
+    if let Some(r) = child.stdout.take() {
+        readers.push(tokio::spawn(drain(r, output.clone())));
+    }
+    if let Some(r) = child.stderr.take() {
+        readers.push(tokio::spawn(drain(r, output.clone())));
+    }
+    let waited = tokio::time::timeout(timeout, child.wait()).await;
+    if waited.is_err() {
+        #[cfg(unix)]
+        if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+            // SAFETY: signals the process group our own child leads.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
             }
-            let _ = child.kill().await;
-            Err(HookError {
-                reason: format!("{what}-timeout"),
-                detail: format!("{what} still ran after {timeout:?}; killed{}", tail(log)),
-            })
         }
+        let _ = child.kill().await;
+    }
+    // Let the readers catch up with what was written before the exit.
+    let _ = tokio::time::timeout(
+        Duration::from_millis(200),
+        futures_util::future::join_all(&mut readers),
+    )
+    .await;
+    let tail = {
+        let buf = output.lock().unwrap_or_else(|e| e.into_inner());
+        let (a, b) = buf.as_slices();
+        let text = String::from_utf8_lossy(&[a, b].concat()).trim().to_string();
+        if text.is_empty() {
+            String::new()
+        } else {
+            format!("; output: {text}")
+        }
+    };
+    match waited {
+        Ok(Ok(s)) if s.success() => Ok(()),
+        Ok(Ok(s)) => Err(failed(format!("{what} exited with {s}{tail}"))),
+        Ok(Err(e)) => Err(failed(format!("waiting for {what}: {e}"))),
+        Err(_) => Err(HookError {
+            reason: format!("{what}-timeout"),
+            detail: format!("{what} still ran after {timeout:?}; killed{tail}"),
+        }),
     }
 }
 
-/// The end of a hook's output, for its failure message.
-fn tail(log: &Path) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(log) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(OUTPUT_TAIL)));
-    let mut buf = Vec::new();
-    let _ = f.take(OUTPUT_TAIL).read_to_end(&mut buf);
-    let s = String::from_utf8_lossy(&buf);
-    let s = s.trim();
-    if s.is_empty() {
-        String::new()
-    } else {
-        format!("; output: {s}")
+/// Reads a hook's pipe to its end, keeping the last [`OUTPUT_TAIL`] bytes.
+async fn drain(mut r: impl tokio::io::AsyncRead + Unpin, keep: Arc<Mutex<VecDeque<u8>>>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let mut k = keep.lock().unwrap_or_else(|e| e.into_inner());
+                k.extend(&buf[..n]);
+                let excess = k.len().saturating_sub(OUTPUT_TAIL);
+                k.drain(..excess);
+            }
+        }
     }
 }

@@ -192,6 +192,12 @@ impl MachineSource for LocalSource {
         })
     }
 
+    /// Its count and the sandbox settings restart it ([`super::Sources`]
+    /// checks those); anything else needs nothing from it.
+    fn reconfigure(&self, _host: &crate::config::HostConfig) -> bool {
+        true
+    }
+
     fn view(&self) -> SourceView {
         SourceView {
             host_type: self.ctx.host.name.clone(),

@@ -43,6 +43,12 @@ pub trait MachineSource: Send + Sync + 'static {
     /// local buildlets, destroys exec machines) before returning.
     fn run(self: Arc<Self>, stop: watch::Receiver<bool>) -> BoxFuture<'static, ()>;
 
+    /// Takes new settings of its host type without a restart, if it can.
+    /// `false` means the source must be stopped and started anew.
+    fn reconfigure(&self, _host: &HostConfig) -> bool {
+        false
+    }
+
     /// What it is doing, for `/api/sources`, `/status` and `/metrics`.
     fn view(&self) -> SourceView;
 
@@ -108,6 +114,11 @@ struct Reverse {
 }
 
 impl MachineSource for Reverse {
+    /// Nothing to start, so nothing to restart.
+    fn reconfigure(&self, _host: &HostConfig) -> bool {
+        true
+    }
+
     fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -140,8 +151,10 @@ pub struct Sources {
     data_dir: PathBuf,
     target: OnceLock<LocalTarget>,
     running: Mutex<BTreeMap<String, Running>>,
-    /// Sources being stopped (their machines let go of), awaited at shutdown.
-    stopping: Mutex<Vec<JoinHandle<()>>>,
+    /// Sources being stopped (letting go of their machines), by host type:
+    /// awaited by a new source of the same host type before it starts (so
+    /// two never manage the same machines), and at shutdown.
+    stopping: Mutex<Vec<(String, JoinHandle<()>)>>,
 }
 
 impl Sources {
@@ -201,22 +214,37 @@ impl Sources {
         })
     }
 
-    /// Starts, stops and restarts sources to match `cfg`. Returns what
-    /// changed, in words, for the log.
+    /// Starts, stops and restarts sources to match `cfg`: settings a
+    /// running source can take are applied in place (an exec pool keeps
+    /// its machines); a changed kind of pool, a local pool's count or the
+    /// sandbox settings restart it. Returns what changed, in words.
     pub fn reconcile(&self, cfg: &FarmConfig) -> Vec<String> {
         if self.target.get().is_none() {
             return Vec::new();
         }
         let mut changes = Vec::new();
         let mut running = self.lock();
-        let gone: Vec<String> = running
-            .iter()
-            .filter(|(ht, r)| {
-                cfg.hosts.get(*ht) != Some(&r.host)
-                    || (r.host.pool == PoolKind::Local && r.farm != cfg.farm)
-            })
-            .map(|(ht, _)| ht.clone())
-            .collect();
+        let mut gone = Vec::new();
+        for (ht, r) in running.iter_mut() {
+            let Some(new) = cfg.hosts.get(ht) else {
+                gone.push(ht.clone());
+                continue;
+            };
+            if *new == r.host && (r.host.pool != PoolKind::Local || r.farm == cfg.farm) {
+                continue;
+            }
+            let restart = new.pool != r.host.pool
+                || (new.pool == PoolKind::Local
+                    && (new.local_count != r.host.local_count || r.farm != cfg.farm))
+                || !r.source.reconfigure(new);
+            if restart {
+                gone.push(ht.clone());
+            } else {
+                r.host = new.clone();
+                r.farm = cfg.farm.clone();
+                changes.push(format!("host type {ht}: new settings applied"));
+            }
+        }
         for ht in gone {
             let Some(r) = running.remove(&ht) else {
                 continue;
@@ -225,7 +253,7 @@ impl Sources {
             self.stopping
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push(r.task);
+                .push((ht.clone(), r.task));
             if cfg.hosts.contains_key(&ht) {
                 changes.push(format!(
                     "host type {ht} changed; its {} source restarts",
@@ -251,8 +279,23 @@ impl Sources {
                     continue;
                 }
             };
+            // The previous source of this host type finishes first.
+            let before: Vec<JoinHandle<()>> = {
+                let mut stopping = self.stopping.lock().unwrap_or_else(|e| e.into_inner());
+                let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut *stopping)
+                    .into_iter()
+                    .partition(|(h, _)| h == ht);
+                *stopping = others;
+                mine.into_iter().map(|(_, t)| t).collect()
+            };
             let (stop, stop_rx) = watch::channel(false);
-            let task = tokio::spawn(source.clone().run(stop_rx));
+            let run = source.clone().run(stop_rx);
+            let task = tokio::spawn(async move {
+                for t in before {
+                    let _ = t.await;
+                }
+                run.await
+            });
             changes.push(format!("host type {ht}: {} source started", host.pool));
             running.insert(
                 ht.clone(),
@@ -308,7 +351,11 @@ impl Sources {
                 })
                 .collect()
         };
-        tasks.append(&mut self.stopping.lock().unwrap_or_else(|e| e.into_inner()));
+        tasks.extend(
+            std::mem::take(&mut *self.stopping.lock().unwrap_or_else(|e| e.into_inner()))
+                .into_iter()
+                .map(|(_, t)| t),
+        );
         let all = futures_util::future::join_all(tasks);
         if tokio::time::timeout(limit, all).await.is_err() {
             tracing::warn!("machine sources did not stop within {limit:?}");

@@ -526,12 +526,13 @@ run = "true"
 fn exec_machines_left_by_a_killed_coordinator_are_destroyed_after_restart() {
     let dir = tempfile::tempdir().unwrap();
     let hooks = Hooks::new(&dir.path().join("hooks"));
+    // No commit, so no build: the only demand is min_idle.
     let cfg = exec_farm(
         dir.path(),
         &hooks,
-        1,
+        0,
         "host-warm",
-        "max = 2\nmin_idle = 2",
+        "max = 4\nmin_idle = 2",
         "true",
     );
     let data = dir.path().join("data");
@@ -539,8 +540,18 @@ fn exec_machines_left_by_a_killed_coordinator_are_destroyed_after_restart() {
     c.wait("two warm machines", Duration::from_secs(60), |c| {
         (instances(c, "host-warm", "registered").len() == 2).then_some(())
     });
+    // Exactly min_idle: a machine that just registered counts as idle,
+    // not as a reason to create another. Watched for a few ticks.
+    for _ in 0..10 {
+        assert_eq!(
+            hooks.names("create", "host-warm").len(),
+            2,
+            "{:?}",
+            hooks.events()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let first: Vec<String> = hooks.names("create", "host-warm");
-    assert_eq!(first.len(), 2);
     c.kill();
     let leaked = hooks.live_pids();
     assert_eq!(leaked.len(), 2, "SIGKILL leaves the machines running");
@@ -565,12 +576,28 @@ fn exec_machines_left_by_a_killed_coordinator_are_destroyed_after_restart() {
         let reg = instances(c, "host-warm", "registered");
         (reg.len() == 2 && reg.iter().all(|n| !first.contains(n))).then_some(())
     });
+    // A reload that raises min_idle applies in place: one more machine,
+    // none of the running ones destroyed.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("min_idle = 2", "min_idle = 3")).unwrap();
+    let destroyed_before = hooks.names("destroy", "host-warm").len();
+    signal(&c, "-HUP");
+    c.wait("a third warm machine", Duration::from_secs(60), |c| {
+        (instances(c, "host-warm", "registered").len() == 3).then_some(())
+    });
+    assert_eq!(
+        hooks.names("destroy", "host-warm").len(),
+        destroyed_before,
+        "a settings change destroyed machines: {:?}",
+        hooks.events()
+    );
     // A graceful stop destroys what is running.
     let second: Vec<String> = hooks
         .names("create", "host-warm")
         .into_iter()
         .filter(|n| !first.contains(n))
         .collect();
+    assert_eq!(second.len(), 3);
     terminate(&mut c, Duration::from_secs(60));
     let destroyed = hooks.names("destroy", "host-warm");
     assert!(

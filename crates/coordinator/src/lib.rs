@@ -28,3 +28,4 @@ pub mod server;
 pub mod sources;
 pub mod store;
 pub mod tls;
+pub mod view;

@@ -84,7 +84,7 @@ pub struct MachineView {
     /// Takes no new lease (to be halted or destroyed after the current one).
     pub draining: bool,
     /// Which buildlet binary it runs, and whether that is the current release.
-    pub binary: crate::release::MachineBinary,
+    pub binary: MachineBinary,
 }
 
 struct Machine {
@@ -140,6 +140,38 @@ pub struct Lease {
     pub hostname: String,
     pub host_type: String,
     pub client: Client,
+}
+
+/// Which binary a machine runs, and whether it is the current release
+/// (filled in by [`crate::release`], which knows the releases).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct MachineBinary {
+    /// `os/arch` (what stage0 fetched, else from `/status`).
+    pub platform: String,
+    /// SHA-256 of its executable (empty if it did not say).
+    pub sha256: String,
+    /// The release label of that binary, if it was published here.
+    pub release: Option<String>,
+    /// Started by stage0 (so halting it upgrades it).
+    pub stage0: bool,
+    /// `current`, `outdated` (will be upgraded), `upgrading` (asked to
+    /// halt), `stuck` (asked, came back on the old binary), `not-managed`
+    /// (not under stage0), `no-release` (nothing published for its
+    /// platform), or `unknown`.
+    pub status: String,
+    /// A sentence for the status page when something needs attention.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub note: String,
+}
+
+impl MachineBinary {
+    /// Runs something other than its platform's current release.
+    pub fn is_outdated(&self) -> bool {
+        !matches!(
+            self.status.as_str(),
+            "current" | "no-release" | "unknown" | ""
+        )
+    }
 }
 
 /// A refused registration, kept for the status page.
@@ -357,7 +389,7 @@ impl Pool {
     }
 
     /// Records which binary a machine runs (see [`crate::release`]).
-    pub fn set_binary(&self, id: u64, b: crate::release::MachineBinary) {
+    pub fn set_binary(&self, id: u64, b: MachineBinary) {
         if let Some(x) = self
             .machines
             .lock()

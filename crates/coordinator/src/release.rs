@@ -53,6 +53,7 @@ use stage0::{Manifest, Platform, ReleaseKey};
 use crate::artifacts::{ArtifactStore, LocalDir};
 use crate::farm::Farm;
 use crate::pool::Drained;
+pub use crate::pool::MachineBinary;
 use crate::store::now_ms;
 
 /// The release index inside the artifact store.
@@ -454,37 +455,6 @@ pub fn publish_for_demo(data_dir: &Path) -> anyhow::Result<Manifest> {
     Ok(p.manifest)
 }
 
-/// Which binary a machine runs, and whether it is the current release.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct MachineBinary {
-    /// `os/arch` (what stage0 fetched, else from `/status`).
-    pub platform: String,
-    /// SHA-256 of its executable (empty if it did not say).
-    pub sha256: String,
-    /// The release label of that binary, if it was published here.
-    pub release: Option<String>,
-    /// Started by stage0 (so halting it upgrades it).
-    pub stage0: bool,
-    /// `current`, `outdated` (will be upgraded), `upgrading` (asked to
-    /// halt), `stuck` (asked, came back on the old binary), `not-managed`
-    /// (not under stage0), `no-release` (nothing published for its
-    /// platform), or `unknown`.
-    pub status: String,
-    /// A sentence for the status page when something needs attention.
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub note: String,
-}
-
-impl MachineBinary {
-    /// Runs something other than its platform's current release.
-    pub fn is_outdated(&self) -> bool {
-        !matches!(
-            self.status.as_str(),
-            "current" | "no-release" | "unknown" | ""
-        )
-    }
-}
-
 /// What a buildlet said about its binary when registering.
 #[derive(Debug, Clone, Default)]
 pub struct Registration {
@@ -715,7 +685,7 @@ impl Releases {
                 b.note = format!(
                     "was asked to restart on {} at {} but came back on {runs}: its stage0 could not download or verify the new binary (see the stage0 log on the machine)",
                     a.version,
-                    crate::api::human_duration(((now_ms() - a.at) / 1000).max(0)) + " ago"
+                    crate::view::human_duration(((now_ms() - a.at) / 1000).max(0)) + " ago"
                 );
             }
             _ => {

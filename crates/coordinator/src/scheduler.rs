@@ -141,8 +141,9 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.scheduler.withdraw(&self.host_type, self.id);
+        // A ticket that got its lease left the queue when it was served.
         if let Some(mut rx) = self.rx.take() {
+            self.scheduler.withdraw(&self.host_type, self.id);
             rx.close();
             // Handed over but never taken: the machine goes back.
             if let Ok(lease) = rx.try_recv() {

@@ -74,6 +74,29 @@ pub struct GoneLine {
     pub last_seen_at: String,
 }
 
+/// One exec pool's line: its machines by state and failures by reason.
+pub struct ElasticLine {
+    pub host_type: String,
+    pub starting: usize,
+    pub running: usize,
+    pub destroying: usize,
+    pub created: u64,
+    pub destroyed: u64,
+    /// `reason: n, ...`
+    pub failures: String,
+    pub describe: String,
+}
+
+/// A recent failure of an exec pool's machine.
+pub struct ExecFailureLine {
+    pub ago: String,
+    pub at: String,
+    pub host_type: String,
+    pub hostname: String,
+    pub reason: String,
+    pub detail: String,
+}
+
 pub struct RefusalLine {
     pub ago: String,
     pub at: String,
@@ -99,6 +122,8 @@ pub struct StatusView {
     pub outdated: usize,
     pub gone: Vec<GoneLine>,
     pub refusals: Vec<RefusalLine>,
+    pub elastic: Vec<ElasticLine>,
+    pub exec_failures: Vec<ExecFailureLine>,
     pub active: Vec<BuildLine>,
     pub pending: Vec<BuildLine>,
     pub recent: Vec<BuildLine>,
@@ -111,7 +136,7 @@ pub async fn load(farm: &Farm) -> Result<StatusView, PageError> {
     let counts = farm.pool.counts();
     let running_builds = farm.running_builds();
 
-    let health = crate::api::health(farm)
+    let health = crate::view::health(farm)
         .await
         .into_iter()
         .map(|h| HealthView {
@@ -228,6 +253,52 @@ pub async fn load(farm: &Farm) -> Result<StatusView, PageError> {
         })
         .collect();
 
+    let sources: Vec<_> = farm
+        .sources
+        .views()
+        .into_iter()
+        .filter(|v| v.kind == "exec")
+        .collect();
+    let count = |v: &crate::sources::SourceView, states: &[&str]| {
+        v.instances
+            .iter()
+            .filter(|i| states.contains(&i.state.as_str()))
+            .count()
+    };
+    let elastic = sources
+        .iter()
+        .map(|v| ElasticLine {
+            host_type: v.host_type.clone(),
+            starting: count(v, &["creating", "registering"]),
+            running: count(v, &["registered"]),
+            destroying: count(v, &["destroying"]),
+            created: v.created,
+            destroyed: v.destroyed,
+            failures: v
+                .failures
+                .iter()
+                .map(|(r, n)| format!("{r}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            describe: farm.sources.describe(&v.host_type).unwrap_or_default(),
+        })
+        .collect();
+    let mut exec_failures: Vec<ExecFailureLine> = sources
+        .iter()
+        .flat_map(|v| {
+            v.recent_failures.iter().map(|f| ExecFailureLine {
+                ago: since(f.at, now),
+                at: date_ms(f.at),
+                host_type: v.host_type.clone(),
+                hostname: f.hostname.clone(),
+                reason: f.reason.clone(),
+                detail: f.detail.clone(),
+            })
+        })
+        .collect();
+    exec_failures.sort_by(|a, b| b.at.cmp(&a.at));
+    exec_failures.truncate(20);
+
     let active: Vec<BuildLine> = running_rows
         .iter()
         .map(|b| {
@@ -302,6 +373,8 @@ pub async fn load(farm: &Farm) -> Result<StatusView, PageError> {
         machines,
         gone,
         refusals,
+        elastic,
+        exec_failures,
         active,
         pending,
         recent,

@@ -399,7 +399,7 @@ fn pages_show_the_farm_and_escape_everything() {
         "host-test-untrusted</a>: 1 missing: 0 of 1 expected machines connected",
         "<h2>Scheduler state</h2>",
         "waiting: no machine of host-test-untrusted connected, expected 1",
-        "<h2>Reverse pool summary</h2>",
+        "<h2>Pool summary</h2>",
         "<span class=\"warn-text\">1 missing</span>",
         "<h2>Machine detail</h2>",
         "<a class=\"hostname\" href=\"/machines/bot-1\">bot-1</a>",

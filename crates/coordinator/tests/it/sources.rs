@@ -495,6 +495,12 @@ run = "true"
         let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
         assert!(n >= 2, "{line}");
     }
+    // The status page shows the pools and their failures.
+    let page = c.get_text("/status");
+    assert!(page.contains("<h2>Exec pools</h2>"), "{page}");
+    for needle in ["host-hang", "create-timeout", "register-timeout", "boom"] {
+        assert!(page.contains(needle), "{needle} not on /status");
+    }
     let fail = source(&c, "host-fail");
     let detail = fail["recent_failures"][0]["detail"].as_str().unwrap();
     assert!(detail.contains("boom"), "{detail}");

@@ -1,0 +1,81 @@
+//! Shared views of the farm's state for the JSON API, the dashboard and
+//! `/metrics`: one wording of health and of durations, whichever page
+//! shows them.
+
+use serde::Serialize;
+
+use crate::farm::Farm;
+
+#[derive(Serialize)]
+pub struct HealthLine {
+    pub level: &'static str,
+    pub host_type: String,
+    pub message: String,
+}
+
+/// Warnings for host types with fewer machines than expected.
+pub async fn health(farm: &Farm) -> Vec<HealthLine> {
+    let cfg = farm.config();
+    let counts = farm.pool.counts();
+    let seen = farm.store.machines().await.unwrap_or_default();
+    let connected: std::collections::HashSet<String> = farm
+        .pool
+        .snapshot()
+        .into_iter()
+        .map(|m| m.hostname)
+        .collect();
+    let now = crate::store::now_ms();
+    let mut out = Vec::new();
+    for (ht, h) in &cfg.hosts {
+        let c = counts.get(ht).copied().unwrap_or_default();
+        if c.connected < h.expected {
+            let missing = h.expected - c.connected;
+            let gone: Vec<String> = seen
+                .iter()
+                .filter(|m| &m.host_type == ht && !connected.contains(&m.hostname))
+                .map(|m| {
+                    format!(
+                        "{} (not seen for {})",
+                        m.hostname,
+                        human_duration((now - m.last_seen).max(0) / 1000)
+                    )
+                })
+                .collect();
+            let level = if c.connected == 0 { "error" } else { "warning" };
+            let mut message = format!(
+                "{missing} missing: {} of {} expected machines connected",
+                c.connected, h.expected
+            );
+            if !gone.is_empty() {
+                message.push_str(&format!("; last seen: {}", gone.join(", ")));
+            }
+            out.push(HealthLine {
+                level,
+                host_type: ht.clone(),
+                message,
+            });
+        }
+    }
+    for (repo, err) in farm
+        .poll_errors
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        out.push(HealthLine {
+            level: "error",
+            host_type: String::new(),
+            message: format!("repo {repo}: {err}"),
+        });
+    }
+    out
+}
+
+pub fn human_duration(secs: i64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}

@@ -39,7 +39,7 @@ fn start() -> Farm {
     let text = format!(
         r#"[farm]
 heartbeat = "1s"
-heartbeat_timeout = "5s"
+heartbeat_timeout = "30s"
 
 [repos.r]
 url = "{}"
@@ -279,6 +279,7 @@ fn the_whole_certificate_path_then_revocation() {
             .contains("board returned"),
         "{st}"
     );
+    let old_token = std::fs::read(&token).unwrap();
     std::fs::remove_file(&token).unwrap();
     let (ok, _, err) = f.tokend(&key, &cert, &token);
     assert!(!ok && err.contains("revoked"), "{err}");
@@ -287,8 +288,21 @@ fn the_whole_certificate_path_then_revocation() {
             .unwrap();
     assert_eq!(status["ok"], false);
     assert!(status["message"].as_str().unwrap().contains("revoked"));
-    // And the bot itself logs the refusal when it reconnects with its old token.
-    let _ = log;
+    // And the bot itself logs the refusal, with the reason, when it
+    // reconnects with its old (still unexpired) token.
+    std::fs::write(&token, &old_token).unwrap();
+    assert!(
+        log.wait_for("refused this buildlet", Duration::from_secs(30)),
+        "{}",
+        log.all()
+    );
+    let refused = log
+        .all()
+        .lines()
+        .find(|l| l.contains("refused this buildlet"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(refused.contains("revoked"), "{refused}");
     let _ = bot.kill();
     let _ = bot.wait();
 }
@@ -570,19 +584,73 @@ fn bootstrapswarm_downloads_the_bot_and_it_takes_a_build() {
     assert_eq!(m["connected"][0]["host_type"], "host-linux-riscv64");
     let builds = f.c.wait_builds_done(1, Duration::from_secs(60));
     assert_eq!(builds[0]["status"], "passed", "{}", builds[0]);
-    // The downloaded bot was verified before it ran.
     assert!(log.all().contains("running buildlet v1"), "{}", log.all());
-    let _ = Command::new("kill")
-        .args(["-TERM", &swarm.id().to_string()])
-        .status();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while swarm.try_wait().unwrap().is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "bootstrapswarm did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let stop = |mut child: std::process::Child| {
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "bootstrapswarm did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    stop(swarm);
+
+    // The download is verified before it runs: with another farm's release
+    // key (well formed, wrong), nothing is run and the reason is logged.
+    let other = ring::signature::Ed25519KeyPair::from_pkcs8(
+        ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+            .unwrap()
+            .as_ref(),
+    )
+    .unwrap();
+    let other_key: String = ring::signature::KeyPair::public_key(&other)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut wrong = Command::new(FARMER)
+        .arg("bootstrapswarm")
+        .arg(format!("-hostname={HOST}"))
+        .arg(format!("-coordinator={}", f.c.addr))
+        .arg(format!("-release-key={other_key}"))
+        .arg(format!("-tls-pin={}", f.c.fingerprint))
+        .arg(format!("-dir={}", f.owner.join("swarm-wrong").display()))
+        .arg(format!(
+            "-workdir={}",
+            f.owner.join("swarm-wrong-wd").display()
+        ))
+        .env(botauth::token::TOKEN_ENV, &token)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let wlog = Lines::follow(wrong.stderr.take().unwrap());
+    assert!(
+        wlog.wait_for("signature", Duration::from_secs(30)),
+        "{}",
+        wlog.all()
+    );
+    assert!(!wlog.all().contains("running buildlet"), "{}", wlog.all());
+    let bin_dir = f.owner.join("swarm-wrong");
+    let kept: Vec<String> = std::fs::read_dir(&bin_dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        !kept
+            .iter()
+            .any(|n| n.starts_with("buildlet") && !n.contains(".tmp")),
+        "an unverified binary was kept: {kept:?}"
+    );
+    let _ = wrong.kill();
+    let _ = wrong.wait();
 }
 
 fn post_form(url: &str, body: &str) -> (u16, String) {

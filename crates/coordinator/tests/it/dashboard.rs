@@ -16,7 +16,7 @@ fn farm_config(repo: &std::path::Path, builders: &str) -> String {
         r#"[farm]
 max_attempts = 3
 heartbeat = "1s"
-heartbeat_timeout = "5s"
+heartbeat_timeout = "30s"
 
 [repos.r]
 url = "{}"

@@ -323,16 +323,21 @@ run = "echo untrusted-ran"
 
 #[test]
 fn cancel_a_running_build() {
-    let builders = r#"
+    let pids = tempfile::tempdir().unwrap();
+    let pid_file = pids.path().join("step.pid");
+    let builders = format!(
+        r#"
 [builders.slow]
 host = "host-test-trusted"
 repos = ["r"]
 [[builders.slow.steps]]
 name = "hang"
-run = "echo started; sleep 60"
+run = "echo started; echo $$ > {}; exec sleep 60"
 timeout = "2m"
-"#;
-    let (dir, mut repo, cfg) = setup(builders);
+"#,
+        pid_file.display()
+    );
+    let (dir, mut repo, cfg) = setup(&builders);
     repo.commit("one", &[("x", "x")]);
     let c = Coordinator::start(&dir.path().join("data"), &cfg);
     let _b = Bot::start(
@@ -349,10 +354,26 @@ timeout = "2m"
             .first()
             .map(|b| b["id"].as_i64().unwrap())
     });
+    let pid: u32 = c.wait("the step's process", Duration::from_secs(30), |_| {
+        std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()
+    });
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+    };
+    assert!(alive(pid));
     let (code, v) = c.post(&format!("/api/builds/{id}/cancel"), "", Some(&c.token));
     assert_eq!(code, 200, "{v}");
     let builds = c.wait_builds_done(1, Duration::from_secs(30));
     assert_eq!(builds[0]["status"], "cancelled");
+    // The command is killed, and the machine is cleaned and idle again.
+    c.wait("the step's process gone", Duration::from_secs(30), |_| {
+        (!alive(pid)).then_some(())
+    });
+    c.wait("the machine idle", Duration::from_secs(30), |c| {
+        (c.get("/api/machines")["connected"][0]["state"] == "idle").then_some(())
+    });
     let (code, _) = c.post(&format!("/api/builds/{id}/cancel"), "", Some(&c.token));
     assert_eq!(code, 400);
 }
@@ -397,6 +418,13 @@ fn work_waits_visibly_and_old_buildlets_are_refused() {
 #[test]
 fn hung_machine_leaves_the_pool_and_workdir_is_cleaned() {
     let (dir, mut repo, cfg) = setup(BUILDER);
+    // This test is about dropping a silent machine: a short timeout.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("heartbeat_timeout = \"30s\"", "heartbeat_timeout = \"5s\""),
+    )
+    .unwrap();
     repo.commit(
         "one",
         &[

@@ -165,7 +165,7 @@ fn farm_config(repo: &Path, rest: &str) -> String {
     format!(
         r#"[farm]
 heartbeat = "1s"
-heartbeat_timeout = "5s"
+heartbeat_timeout = "30s"
 
 [repos.r]
 url = "{}"

@@ -62,6 +62,24 @@ command = ["sh", "test.sh"]
 timeout = "1m"
 "#;
 
+/// A log line without its terminal colours.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn platform() -> stage0::Platform {
     stage0::Platform::current()
 }
@@ -331,7 +349,19 @@ fn a_new_release_moves_the_fleet_without_losing_a_build() {
     wait_on_release(&c, "s0-b", "v1", Duration::from_secs(60));
 
     // One machine is busy with a slow build when v2 is published.
-    repo.commit("slow", &[("test.sh", "echo start; sleep 15; echo done\n")]);
+    // The slow build holds its machine until the test lets it go (bounded:
+    // it gives up waiting after 50 s, inside the step timeout).
+    let go = dir.path().join("let-the-slow-build-finish");
+    repo.commit(
+        "slow",
+        &[(
+            "test.sh",
+            &format!(
+                "echo start; i=0; while [ ! -e {go} ] && [ $i -lt 500 ]; do sleep 0.1; i=$((i+1)); done; echo done\n",
+                go = go.display()
+            ),
+        )],
+    );
     let busy = c.wait("a running build", Duration::from_secs(30), |c| {
         let st = c.get("/api/status");
         st["running"]
@@ -361,6 +391,27 @@ fn a_new_release_moves_the_fleet_without_losing_a_build() {
             )
         })
         .collect();
+    // The idle machine does all of it while the other one drains.
+    let quick = c.wait("the quick builds done", Duration::from_secs(120), |c| {
+        let b = c.get("/api/builds?limit=1000");
+        let done: Vec<serde_json::Value> = b
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| commits.contains(&b["commit"].as_str().unwrap().to_string()))
+            .filter(|b| b["status"] == "passed")
+            .cloned()
+            .collect();
+        (done.len() == commits.len()).then_some(done)
+    });
+    for b in &quick {
+        assert_eq!(
+            build_machine(&c, &b["id"]),
+            idle,
+            "the draining machine took new work: {b}"
+        );
+    }
+    std::fs::write(&go, "").unwrap();
     wait_on_release(&c, &busy, "v2", Duration::from_secs(90));
     let builds = c.wait_builds_done(4, Duration::from_secs(120));
     for b in &builds {
@@ -368,7 +419,6 @@ fn a_new_release_moves_the_fleet_without_losing_a_build() {
         assert_eq!(b["attempts"], 1, "a build was retried or lost: {b}");
     }
     assert_eq!(builds.len(), 1 + commits.len());
-
     let st = c.get("/api/status");
     assert_eq!(st["buildlets"]["current"], 2, "{st}");
     assert_eq!(st["buildlets"]["outdated"], 0, "{st}");
@@ -437,6 +487,14 @@ fn a_tampered_binary_or_bad_signature_is_refused_and_the_last_good_one_runs() {
     let builds = c.wait_builds_done(1, Duration::from_secs(60));
     assert_eq!(builds[0]["status"], "passed", "{builds:?}");
     assert_eq!(build_machine(&c, &builds[0]["id"]), "s0-t");
+    let asked = c
+        .err
+        .all()
+        .lines()
+        .map(strip_ansi)
+        .filter(|l| l.contains("asking an outdated machine to halt") && l.contains("to=v2"))
+        .count();
+    assert_eq!(asked, 1, "{}", c.err.all());
 
     // v3's manifest signature is broken in the index.
     publish(&c, &buildlet_binary(&bin, "v3"), "v3");

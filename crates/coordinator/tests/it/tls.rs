@@ -98,6 +98,35 @@ fn buildlet_trusts_a_ca_file() {
         log.all()
     );
     let _ = bot.kill();
+    let _ = bot.wait();
+    // A CA file of another CA: the coordinator's certificate is refused,
+    // and the buildlet never registers.
+    let other_key = rcgen::KeyPair::generate().unwrap();
+    let mut other_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    other_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    other_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "another farm's CA");
+    let other_ca = other_params.self_signed(&other_key).unwrap();
+    let other_pem = dir.path().join("other-ca.pem");
+    std::fs::write(&other_pem, other_ca.pem()).unwrap();
+    let (mut bot, log) = run_bot(&format!("-ca-file={}", other_pem.display()));
+    assert!(
+        log.wait_for("certificate", Duration::from_secs(20)),
+        "{}",
+        log.all()
+    );
+    let refused = log.all();
+    assert!(
+        refused.contains("UnknownIssuer") || refused.contains("unknown issuer"),
+        "{refused}"
+    );
+    assert!(
+        !refused.contains("registered with the coordinator"),
+        "{refused}"
+    );
+    let _ = bot.kill();
+    let _ = bot.wait();
     // A pin that does not match is refused by the buildlet itself.
     let (mut bot, log) = run_bot(&format!("-tls-pin={}", "ab".repeat(32)));
     assert!(

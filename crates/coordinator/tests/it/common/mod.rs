@@ -439,12 +439,17 @@ pub fn http_post(url: &str, body: &str, token: Option<&str>) -> (u16, serde_json
 
 /// A config with one reverse host type (and optionally an untrusted one),
 /// pointing at `repo`.
+///
+/// Heartbeats go every second (token checks and health checks are quick to
+/// observe), but a machine is dropped only after 30 s of silence: a debug
+/// buildlet stalled on a loaded 2-core runner must not lose its build.
+/// Tests about dropping a silent machine shorten it themselves.
 pub fn config(repo: &Path, builders: &str) -> String {
     format!(
         r#"[farm]
 max_attempts = 3
 heartbeat = "1s"
-heartbeat_timeout = "5s"
+heartbeat_timeout = "30s"
 
 [repos.r]
 url = "{}"

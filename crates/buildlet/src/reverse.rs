@@ -134,9 +134,15 @@ pub async fn run(b: Arc<Buildlet>, cfg: ReverseConfig) -> Result<(), ReverseErro
     let max_backoff = Duration::from_secs(60);
     loop {
         let attempt = connect_once(&b, &cfg, connector.as_ref());
+        let mut attempt = std::pin::pin!(attempt);
         let result = tokio::select! {
-            r = attempt => r,
-            _ = b.halted() => return Ok(()),
+            r = attempt.as_mut() => r,
+            _ = b.halted() => {
+                // While serving, the link delivers its replies (the `/halt`
+                // one among them) before it closes; a dial is given up.
+                let _ = tokio::time::timeout(crate::server::HALT_GRACE, attempt).await;
+                return Ok(());
+            }
         };
         // The coordinator writes off a machine whose link dropped and runs
         // its builds elsewhere; nothing from before may keep running here.
@@ -353,8 +359,18 @@ where
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(15)))
         .keep_alive_timeout(Duration::from_secs(20))
-        .serve_connection(upgraded, svc)
-        .await;
+        .serve_connection(upgraded, svc);
+    let mut served = std::pin::pin!(served);
+    let served = tokio::select! {
+        r = served.as_mut() => r,
+        _ = b.halted() => {
+            // GOAWAY: streams in flight (the `/halt` reply) complete.
+            served.as_mut().graceful_shutdown();
+            tokio::time::timeout(crate::server::HALT_GRACE, served)
+                .await
+                .unwrap_or(Ok(()))
+        }
+    };
     if let Err(e) = served {
         tracing::debug!("reverse connection ended: {e}");
     }

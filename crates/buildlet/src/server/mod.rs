@@ -32,6 +32,9 @@ pub use contain::{ContainMode, SCOPE_ENV};
 
 use crate::proto;
 
+/// How long a halted buildlet lets its connections finish their replies.
+pub const HALT_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How a buildlet is set up.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -167,6 +170,11 @@ impl Buildlet {
         &self.cfg
     }
 
+    /// Whether `/halt` was called.
+    pub fn is_halted(&self) -> bool {
+        *self.halt_tx.borrow()
+    }
+
     /// Resolves when `/halt` was called.
     pub async fn halted(&self) {
         let mut rx = self.halt_tx.subscribe();
@@ -201,18 +209,27 @@ impl Buildlet {
         httpguard::raise_fd_limit();
         let guard = httpguard::Guard::new(httpguard::Limits::BUILDLET);
         let mut halted = std::pin::pin!(self.clone().halted_owned());
+        let mut conns = tokio::task::JoinSet::new();
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = guard.accept(&listener) => accepted,
-                _ = &mut halted => return Ok(()),
+                _ = &mut halted => break,
             };
+            while conns.try_join_next().is_some() {}
             let Some(conn) = guard.admit() else {
                 continue;
             };
             let _ = stream.set_nodelay(true);
             let me = self.clone();
-            tokio::spawn(async move { me.serve_conn(stream, peer, conn).await });
+            conns.spawn(async move { me.serve_conn(stream, peer, conn).await });
         }
+        // Halted: connections finish what they were answering (the `/halt`
+        // reply among them) and close; bounded, then the rest are dropped.
+        let _ = tokio::time::timeout(HALT_GRACE, async {
+            while conns.join_next().await.is_some() {}
+        })
+        .await;
+        Ok(())
     }
 
     async fn halted_owned(self: Arc<Self>) {
@@ -225,6 +242,7 @@ impl Buildlet {
         peer: SocketAddr,
         conn: httpguard::Conn,
     ) {
+        let halted = self.clone().halted_owned();
         let svc = hyper::service::service_fn(move |req| {
             let me = self.clone();
             async move { Ok::<_, std::convert::Infallible>(me.handle(req).await) }
@@ -232,7 +250,17 @@ impl Buildlet {
         let svc = conn.service(svc);
         let builder = httpguard::builder();
         let served = builder.serve_connection(TokioIo::new(stream), svc);
-        match conn.run(served).await {
+        let graceful = async move {
+            let mut served = std::pin::pin!(served);
+            tokio::select! {
+                r = served.as_mut() => r,
+                _ = halted => {
+                    served.as_mut().graceful_shutdown();
+                    served.await
+                }
+            }
+        };
+        match conn.run(graceful).await {
             Some(Err(e)) => tracing::debug!(%peer, "connection ended: {e}"),
             Some(Ok(())) => {}
             None => tracing::debug!(%peer, "connection closed by the guard"),
@@ -283,12 +311,10 @@ impl Buildlet {
             (Method::GET, "/ls") => files::ls(&self, req).await,
             (Method::POST, "/removeall") => files::remove_all(&self, req).await,
             (Method::POST, "/exec") => exec::exec(self.clone(), req).await,
+            // The connections shut down gracefully, so this reply is
+            // delivered before the buildlet stops.
             (Method::POST, "/halt") => {
-                let me = self.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    me.halt();
-                });
+                self.halt();
                 text(StatusCode::OK, "halting\n")
             }
             (

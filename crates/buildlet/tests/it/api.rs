@@ -549,14 +549,15 @@ fn exec_timeout_kills_tree_and_reports() {
                 "sh",
                 &ExecOptions {
                     sys: true,
-                    timeout: Some(Duration::from_millis(300)),
+                    // Long enough for `sh` to start on a loaded machine.
+                    timeout: Some(Duration::from_secs(2)),
                     ..opts(&["-c", "sleep 30 & echo $! > pid; echo begun; wait"])
                 },
             )
             .await
             .unwrap();
         assert!(
-            matches!(st, ProcessState::TimedOut(d) if d == Duration::from_millis(300)),
+            matches!(st, ProcessState::TimedOut(d) if d == Duration::from_secs(2)),
             "{st:?}"
         );
         assert_eq!(out, b"begun\n");
@@ -633,20 +634,33 @@ fn buildlet_killed_mid_exec_is_broke_off() {
     let mut h = Harness::start();
     let rt = runtime();
     let c = h.client();
+    // The output comes through a pipe the test reads: once "hi" arrived,
+    // the reply is streaming, and the buildlet dies mid-reply.
+    let (mut sink, mut seen) = tokio::io::duplex(1 << 16);
     let task = rt.spawn(async move {
-        let mut sink = Vec::new();
         c.exec(
             "sh",
             &ExecOptions {
                 sys: true,
-                ..opts(&["-c", "echo x > started; echo hi; sleep 30"])
+                ..opts(&["-c", "echo hi; sleep 30"])
             },
             &mut sink,
         )
         .await
     });
-    read_pids(&h.workdir.join("started"), 0, Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(100));
+    rt.block_on(async {
+        use tokio::io::AsyncReadExt;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        while !got.ends_with(b"hi\n") {
+            let n = tokio::time::timeout(Duration::from_secs(10), seen.read(&mut buf))
+                .await
+                .expect("no output within 10 s")
+                .unwrap();
+            assert!(n > 0, "the output ended early: {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+    });
     h.child.kill().unwrap();
     let res = rt.block_on(task).unwrap();
     let err = res.expect_err("a killed buildlet must not look like a command result");

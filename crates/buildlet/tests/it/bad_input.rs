@@ -419,21 +419,35 @@ fn refuses_to_listen_publicly_without_password() {
 
 #[test]
 fn refuses_dangerous_workdir() {
-    let home = tempfile::tempdir().unwrap();
-    std::fs::write(home.path().join("precious"), b"keep").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_buildlet"))
-        .arg("-listen=127.0.0.1:0")
-        .arg(format!("-workdir={}", home.path().display()))
-        .env("HOME", home.path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("refusing"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(home.path().join("precious").exists());
+    // $HOME itself, a parent of $HOME, and the file system root: each is
+    // refused before anything in it is touched.
+    let top = tempfile::tempdir().unwrap();
+    let home = top.path().join("users").join("alice");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(home.join("precious"), b"keep").unwrap();
+    std::fs::write(top.path().join("also-precious"), b"keep").unwrap();
+    for workdir in [
+        home.clone(),
+        home.parent().unwrap().to_path_buf(),
+        top.path().to_path_buf(),
+        std::path::PathBuf::from("/"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_buildlet"))
+            .arg("-listen=127.0.0.1:0")
+            .arg(format!("-workdir={}", workdir.display()))
+            .env("HOME", &home)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{}: {err}", workdir.display());
+        assert!(
+            err.contains("refusing") && err.contains("work dir"),
+            "{}: {err}",
+            workdir.display()
+        );
+        assert!(home.join("precious").exists());
+        assert!(top.path().join("also-precious").exists());
+    }
 }
 
 #[test]

@@ -527,3 +527,84 @@ run = "echo never-reached"
         builds[0]
     );
 }
+
+#[test]
+fn rebuild_through_the_api_runs_the_same_commit_again() {
+    let (dir, mut repo, cfg) = setup(BUILDER);
+    let commit = repo.commit("one", &[("build.sh", "true\n"), ("test.sh", "echo run\n")]);
+    let c = Coordinator::start(&dir.path().join("data"), &cfg);
+    let _b = Bot::start(
+        &c,
+        &dir.path().join("bots"),
+        "host-test-trusted",
+        "bot",
+        Some(&c.key("host-test-trusted")),
+    );
+    let first = c.wait_builds_done(1, Duration::from_secs(60));
+    let id = first[0]["id"].as_i64().unwrap();
+    // Without the admin token: refused, nothing created.
+    let (code, _) = c.post(&format!("/api/builds/{id}/rebuild"), "", None);
+    assert_eq!(code, 401);
+    let (code, v) = c.post(&format!("/api/builds/{id}/rebuild"), "", Some(&c.token));
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["rebuild_of"], id);
+    let new = v["id"].as_i64().unwrap();
+    assert_ne!(new, id);
+    let builds = c.wait_builds_done(2, Duration::from_secs(60));
+    let rebuilt = builds.iter().find(|b| b["id"] == new).unwrap();
+    assert_eq!(rebuilt["status"], "passed", "{rebuilt}");
+    assert_eq!(rebuilt["commit"], commit.as_str());
+    assert_eq!(rebuilt["builder"], first[0]["builder"]);
+    let (code, _) = c.post("/api/builds/999999/rebuild", "", Some(&c.token));
+    assert_eq!(code, 404);
+}
+
+#[test]
+fn machines_that_keep_breaking_end_in_an_infra_error_after_max_attempts() {
+    // Each attempt kills the buildlet that runs it: the machine breaks.
+    let builders = r#"
+[builders.breaker]
+host = "host-test-trusted"
+repos = ["r"]
+[[builders.breaker.steps]]
+name = "break"
+run = "echo breaking; kill -9 $PPID; sleep 30"
+"#;
+    let (dir, mut repo, cfg) = setup(builders);
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("max_attempts = 3", "max_attempts = 2");
+    std::fs::write(&cfg, text).unwrap();
+    repo.commit("one", &[("x", "x")]);
+    let c = Coordinator::start(&dir.path().join("data"), &cfg);
+    let key = c.key("host-test-trusted");
+    let bots = dir.path().join("bots");
+    let _a = Bot::start(&c, &bots, "host-test-trusted", "first", Some(&key));
+    let _b = Bot::start(&c, &bots, "host-test-trusted", "second", Some(&key));
+    let builds = c.wait_builds_done(1, Duration::from_secs(90));
+    let b = &builds[0];
+    assert_eq!(b["status"], "infra-error", "{b}");
+    assert!(
+        b["error"]
+            .as_str()
+            .unwrap()
+            .contains("gave up after 2 attempts"),
+        "{b}"
+    );
+    let detail = c.get(&format!("/api/builds/{}", b["id"]));
+    let attempts = detail["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{detail}");
+    assert!(
+        attempts.iter().all(|a| a["result"] == "infra-error"),
+        "{detail}"
+    );
+    let machines: std::collections::BTreeSet<&str> = attempts
+        .iter()
+        .map(|a| a["machine"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        machines.len(),
+        2,
+        "each attempt on another machine: {detail}"
+    );
+}

@@ -639,3 +639,98 @@ fn min_buildlet_version_is_coherent_with_releases() {
     s.expect("checking for a new version", Duration::from_secs(10));
     assert!(machine(&c, "s0-old").is_none());
 }
+
+#[test]
+fn a_replayed_older_release_is_refused_and_the_newer_one_kept() {
+    let (dir, _repo, cfg) = setup();
+    let c = Coordinator::start(&dir.path().join("data"), &cfg);
+    let bin = dir.path().join("bin");
+    publish(&c, &buildlet_binary(&bin, "v1"), "v1");
+    let index_path = c.data_dir.join("artifacts/stage0/index.json");
+    let p = platform().to_string();
+    let read_index = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap()
+    };
+    let v1_manifest = read_index()["current"][&p].clone();
+    publish(&c, &buildlet_binary(&bin, "v2"), "v2");
+    let s = Stage0::for_coordinator(&c, &dir.path().join("m"), "s0-d");
+    wait_on_release(&c, "s0-d", "v2", Duration::from_secs(60));
+    // Someone with write access to the releases serves v1's signed
+    // manifest again: validly signed, but older than what runs.
+    let mut index = read_index();
+    index["current"][&p] = v1_manifest;
+    std::fs::write(&index_path, serde_json::to_vec_pretty(&index).unwrap()).unwrap();
+    s.expect("refusing a downgrade", Duration::from_secs(60));
+    s.expect("keeping the last good buildlet v2", Duration::from_secs(10));
+    assert_eq!(s.installed_version(), "v2");
+    wait_on_release(&c, "s0-d", "v2", Duration::from_secs(60));
+}
+
+#[test]
+fn stage0_runs_the_last_good_buildlet_while_the_coordinator_is_away_and_passes_signals_on() {
+    let (dir, _repo, cfg) = setup();
+    let mut c = Coordinator::start(&dir.path().join("data"), &cfg);
+    publish(&c, &buildlet_binary(&dir.path().join("bin"), "v1"), "v1");
+    let (addr, pin, key, bkey) = (
+        c.addr.clone(),
+        c.fingerprint.clone(),
+        release_key(&c),
+        c.key("host-test-trusted"),
+    );
+    let m = dir.path().join("m");
+    let first = Stage0::start(&addr, &pin, &key, &bkey, &m, "s0-away", &[]);
+    wait_on_release(&c, "s0-away", "v1", Duration::from_secs(60));
+    drop(first);
+    c.kill();
+    // The coordinator is gone: after a few tries stage0 runs what it has.
+    let s = Stage0::start(
+        &addr,
+        &pin,
+        &key,
+        &bkey,
+        &m,
+        "s0-away",
+        &["-network-wait=1s"],
+    );
+    s.expect("keeping the last good buildlet v1", Duration::from_secs(60));
+    s.expect("running buildlet v1", Duration::from_secs(10));
+    // SIGTERM reaches the buildlet, which stops; stage0 exits with its status.
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", s.child.id()))
+        .unwrap_or_default();
+    let buildlet: Vec<u32> = children
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    assert_eq!(buildlet.len(), 1, "stage0 runs one buildlet: {children:?}");
+    let mut s = s;
+    // SAFETY: a signal to the stage0 process this test started.
+    unsafe {
+        libc::kill(s.child.id() as i32, libc::SIGTERM);
+    }
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "stage0 did not stop:\n{}",
+            s.log.all()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        s.log.all().contains("signal received, stopping"),
+        "the buildlet did not get the signal:\n{}",
+        s.log.all()
+    );
+    assert_eq!(status.code(), Some(0), "{}", s.log.all());
+    for pid in buildlet {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|st| st.contains(") Z ")),
+            "the buildlet {pid} outlived stage0"
+        );
+    }
+}

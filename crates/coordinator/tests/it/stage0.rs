@@ -694,6 +694,9 @@ fn stage0_runs_the_last_good_buildlet_while_the_coordinator_is_away_and_passes_s
     );
     s.expect("keeping the last good buildlet v1", Duration::from_secs(60));
     s.expect("running buildlet v1", Duration::from_secs(10));
+    // The buildlet is up (it tries to reach the coordinator), so its
+    // signal handler is in place.
+    s.expect("reconnecting in", Duration::from_secs(30));
     // SIGTERM reaches the buildlet, which stops; stage0 exits with its status.
     let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", s.child.id()))
         .unwrap_or_default();

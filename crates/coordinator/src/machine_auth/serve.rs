@@ -1,0 +1,536 @@
+//! The certificate onboarding endpoints: builder requests (`/api/requests`,
+//! submit, status, approve, reject), `/api/ca/revoke`, `/api/ca/cert` and the
+//! token endpoint. Apart from the checks ([`super`]) because the handlers
+//! take the farm (its store, CA, config and admin token), which holds the
+//! machine-auth state: the state stays below the farm, these handlers above.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use botauth::token::{TokenRequest, TokenResponse};
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+use x509_parser::prelude::*;
+
+use super::{
+    CERT_DAYS, Claims, MAX_SKEW_SECS, bot_domain, bound_host_type, mint, revoked, submit_request,
+    token_ttl,
+};
+use crate::ca::Ca;
+use crate::farm::Farm;
+use crate::keys::hex;
+use crate::pool::Refusal;
+use crate::store::now_ms;
+
+pub fn router(farm: Arc<Farm>) -> Router {
+    Router::new()
+        .route(botauth::token::TOKEN_PATH, post(token))
+        .route("/api/requests", get(list_requests).post(submit))
+        .route("/api/requests/{id}", get(request_status))
+        .route("/api/requests/{id}/approve", post(approve))
+        .route("/api/requests/{id}/reject", post(reject))
+        .route("/api/ca/revoke", post(revoke))
+        .route("/api/ca/cert", get(ca_cert))
+        .with_state(farm)
+}
+
+type ApiResult<T> = Result<T, (StatusCode, Json<serde_json::Value>)>;
+
+fn err(code: StatusCode, msg: impl Into<String>) -> (StatusCode, Json<serde_json::Value>) {
+    (code, Json(json!({ "error": msg.into() })))
+}
+
+fn db(e: impl std::fmt::Display) -> (StatusCode, Json<serde_json::Value>) {
+    err(StatusCode::INTERNAL_SERVER_ERROR, format!("database: {e}"))
+}
+
+fn is_admin(farm: &Farm, headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| {
+            bool::from(subtle::ConstantTimeEq::ct_eq(
+                t.trim().as_bytes(),
+                farm.admin_token.as_bytes(),
+            ))
+        })
+}
+
+fn admin(farm: &Farm, headers: &HeaderMap) -> ApiResult<()> {
+    if is_admin(farm, headers) {
+        Ok(())
+    } else {
+        Err(err(
+            StatusCode::UNAUTHORIZED,
+            "this needs the admin token (Authorization: Bearer TOKEN)",
+        ))
+    }
+}
+
+/// The farm CA, read (or created) on first use and kept.
+fn ca(farm: &Farm) -> ApiResult<Arc<Ca>> {
+    farm.bots
+        .ca(&farm.data_dir)
+        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e))
+}
+
+async fn ca_cert(State(farm): State<Arc<Farm>>) -> ApiResult<String> {
+    Ok(ca(&farm)?.cert_pem().to_string())
+}
+
+#[derive(Deserialize)]
+struct Submit {
+    hostname: String,
+    csr_pem: String,
+    #[serde(default)]
+    contact: String,
+    #[serde(default)]
+    notes: String,
+}
+
+async fn submit(
+    State(farm): State<Arc<Farm>>,
+    conn: Option<axum::Extension<crate::reverse::ConnInfo>>,
+    Json(s): Json<Submit>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let peer = conn.map(|c| c.0.peer.ip());
+    let (id, secret) = submit_request(
+        &farm.bots,
+        &farm.store,
+        peer,
+        &s.hostname,
+        &s.csr_pem,
+        &s.contact,
+        &s.notes,
+    )
+    .await
+    .map_err(|(code, msg)| err(code, msg))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": id, "secret": secret, "status": "pending" })),
+    ))
+}
+
+#[derive(Deserialize)]
+struct SecretQuery {
+    secret: Option<String>,
+}
+
+fn request_json(r: &sqlx::sqlite::SqliteRow, with_cert: bool) -> serde_json::Value {
+    let g = |c: &str| r.try_get::<String, _>(c).unwrap_or_default();
+    let mut v = json!({
+        "id": r.try_get::<i64, _>("id").unwrap_or_default(),
+        "hostname": g("hostname"),
+        "contact": g("contact"),
+        "notes": g("notes"),
+        "status": g("status"),
+        "reason": g("reason"),
+        "host_type": g("host_type"),
+        "serial": g("serial"),
+        "created_at": r.try_get::<i64, _>("created_at").unwrap_or_default(),
+    });
+    if with_cert {
+        v["cert_pem"] = json!(g("cert_pem"));
+    }
+    v
+}
+
+async fn request_status(
+    State(farm): State<Arc<Farm>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    Query(q): Query<SecretQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let r = sqlx::query("SELECT * FROM bot_requests WHERE id = ?")
+        .bind(id)
+        .fetch_optional(farm.store.pool())
+        .await
+        .map_err(db)?
+        .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no request {id}")))?;
+    let stored: String = r.try_get("secret_sha256").unwrap_or_default();
+    // The header is preferred (URLs end up in logs); `?secret=` still works.
+    let given = headers
+        .get(crate::admin_cli::SECRET_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or(q.secret)
+        .map(|s| hex(&Sha256::digest(s.as_bytes())))
+        .unwrap_or_default();
+    let owner = bool::from(subtle::ConstantTimeEq::ct_eq(
+        stored.as_bytes(),
+        given.as_bytes(),
+    ));
+    if !owner && !is_admin(&farm, &headers) {
+        return Err(err(
+            StatusCode::FORBIDDEN,
+            "wrong secret for this request (use the secret printed when you submitted it)",
+        ));
+    }
+    Ok(Json(request_json(&r, true)))
+}
+
+async fn list_requests(
+    State(farm): State<Arc<Farm>>,
+    headers: HeaderMap,
+) -> ApiResult<Json<serde_json::Value>> {
+    admin(&farm, &headers)?;
+    let rows = sqlx::query("SELECT * FROM bot_requests ORDER BY id DESC LIMIT 500")
+        .fetch_all(farm.store.pool())
+        .await
+        .map_err(db)?;
+    Ok(Json(json!(
+        rows.iter()
+            .map(|r| request_json(r, false))
+            .collect::<Vec<_>>()
+    )))
+}
+
+#[derive(Deserialize)]
+struct Approve {
+    host_type: String,
+}
+
+async fn approve(
+    State(farm): State<Arc<Farm>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    Json(a): Json<Approve>,
+) -> ApiResult<Json<serde_json::Value>> {
+    admin(&farm, &headers)?;
+    if !farm.config().hosts.contains_key(&a.host_type) {
+        let known: Vec<String> = farm.config().hosts.keys().cloned().collect();
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "host type {:?} is not in the config (known: {})",
+                a.host_type,
+                known.join(", ")
+            ),
+        ));
+    }
+    let r = sqlx::query("SELECT hostname, csr_pem, status FROM bot_requests WHERE id = ?")
+        .bind(id)
+        .fetch_optional(farm.store.pool())
+        .await
+        .map_err(db)?
+        .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no request {id}")))?;
+    let status: String = r.try_get("status").map_err(db)?;
+    if status != "pending" {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            format!("request {id} is already {status}"),
+        ));
+    }
+    let hostname: String = r.try_get("hostname").map_err(db)?;
+    let csr: String = r.try_get("csr_pem").map_err(db)?;
+    let dns = botauth::hostname::bot_dns_name(&hostname, &bot_domain());
+    let issued = ca(&farm)?
+        .sign(&csr, &dns, CERT_DAYS)
+        .map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
+    let now = now_ms();
+    let mut tx = farm.store.pool().begin().await.map_err(db)?;
+    sqlx::query("UPDATE bot_requests SET status = 'approved', host_type = ?, cert_pem = ?, serial = ?, decided_at = ? WHERE id = ?")
+        .bind(&a.host_type)
+        .bind(&issued.cert_pem)
+        .bind(&issued.serial)
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    sqlx::query(
+        "INSERT INTO bots (hostname, host_type, serial, not_after, approved_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (hostname) DO UPDATE SET host_type = excluded.host_type, serial = excluded.serial, not_after = excluded.not_after, approved_at = excluded.approved_at",
+    )
+    .bind(&hostname)
+    .bind(&a.host_type)
+    .bind(&issued.serial)
+    .bind(issued.not_after)
+    .bind(now)
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
+    tx.commit().await.map_err(db)?;
+    tracing::info!(id, %hostname, host_type = %a.host_type, serial = %issued.serial, "builder request approved");
+    Ok(Json(
+        json!({ "id": id, "status": "approved", "hostname": hostname, "host_type": a.host_type, "serial": issued.serial, "cert_pem": issued.cert_pem }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct Reject {
+    #[serde(default)]
+    reason: String,
+}
+
+async fn reject(
+    State(farm): State<Arc<Farm>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    Json(r): Json<Reject>,
+) -> ApiResult<Json<serde_json::Value>> {
+    admin(&farm, &headers)?;
+    if r.reason.trim().is_empty() {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            "a rejection needs a reason the owner will read",
+        ));
+    }
+    let n = sqlx::query("UPDATE bot_requests SET status = 'rejected', reason = ?, decided_at = ? WHERE id = ? AND status = 'pending'")
+        .bind(&r.reason)
+        .bind(now_ms())
+        .bind(id)
+        .execute(farm.store.pool())
+        .await
+        .map_err(db)?
+        .rows_affected();
+    if n == 0 {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            format!("request {id} does not exist or is not pending"),
+        ));
+    }
+    Ok(Json(
+        json!({ "id": id, "status": "rejected", "reason": r.reason }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct Revoke {
+    serial: Option<String>,
+    hostname: Option<String>,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn revoke(
+    State(farm): State<Arc<Farm>>,
+    headers: HeaderMap,
+    Json(r): Json<Revoke>,
+) -> ApiResult<Json<serde_json::Value>> {
+    admin(&farm, &headers)?;
+    let (serial, hostname) = match (r.serial, r.hostname) {
+        (Some(s), _) => {
+            let h: Option<String> =
+                sqlx::query("SELECT hostname FROM bot_requests WHERE serial = ?")
+                    .bind(&s)
+                    .fetch_optional(farm.store.pool())
+                    .await
+                    .map_err(db)?
+                    .and_then(|r| r.try_get("hostname").ok());
+            let h = h.ok_or_else(|| {
+                err(
+                    StatusCode::NOT_FOUND,
+                    format!("no certificate with serial {s}"),
+                )
+            })?;
+            (s, h)
+        }
+        (None, Some(h)) => {
+            let (_, s) = bound_host_type(&farm.store, &h)
+                .await
+                .map_err(|e| err(StatusCode::SERVICE_UNAVAILABLE, e))?
+                .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no approved bot named {h}")))?;
+            (s, h)
+        }
+        (None, None) => return Err(err(StatusCode::BAD_REQUEST, "give a serial or a hostname")),
+    };
+    let reason = if r.reason.is_empty() {
+        "revoked by an admin".to_string()
+    } else {
+        r.reason
+    };
+    sqlx::query("INSERT OR IGNORE INTO revoked (serial, hostname, at, reason) VALUES (?, ?, ?, ?)")
+        .bind(&serial)
+        .bind(&hostname)
+        .bind(now_ms())
+        .bind(&reason)
+        .execute(farm.store.pool())
+        .await
+        .map_err(db)?;
+    tracing::warn!(%serial, %hostname, "certificate revoked");
+    Ok(Json(
+        json!({ "serial": serial, "hostname": hostname, "revoked": true }),
+    ))
+}
+
+/// The token endpoint: checks the request in order and mints a token.
+async fn token(
+    State(farm): State<Arc<Farm>>,
+    Json(req): Json<TokenRequest>,
+) -> ApiResult<Json<TokenResponse>> {
+    let refuse = |code: StatusCode, kind: &str, host: &str, msg: String| {
+        farm.pool.refuse(
+            Refusal {
+                at: now_ms(),
+                host_type: String::new(),
+                hostname: host.to_string(),
+                addr: "token endpoint".into(),
+                reason: msg.clone(),
+                kind: kind.to_string(),
+            },
+            false,
+        );
+        err(code, msg)
+    };
+    let now = now_ms() / 1000;
+    if (now - req.timestamp).abs() > MAX_SKEW_SECS {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "stale-timestamp",
+            "",
+            format!(
+                "the request's timestamp is {}s away from the coordinator's clock (at most {MAX_SKEW_SECS}s allowed); check the machine's clock",
+                req.timestamp - now
+            ),
+        ));
+    }
+    let der = botauth::token::cert_der(&req.cert_pem).map_err(|e| {
+        refuse(
+            StatusCode::BAD_REQUEST,
+            "bad-cert",
+            "",
+            format!("the certificate does not parse: {e}"),
+        )
+    })?;
+    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| {
+        refuse(
+            StatusCode::BAD_REQUEST,
+            "bad-cert",
+            "",
+            format!("the certificate does not parse: {e}"),
+        )
+    })?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let sig = base64::engine::general_purpose::STANDARD
+        .decode(req.signature.trim())
+        .map_err(|_| {
+            refuse(
+                StatusCode::UNAUTHORIZED,
+                "bad-signature",
+                &cn,
+                "the request signature is not base64".into(),
+            )
+        })?;
+    let spki = cert.public_key();
+    let alg: &dyn ring::signature::VerificationAlgorithm =
+        match spki.algorithm.algorithm.to_id_string().as_str() {
+            "1.3.101.112" => &ring::signature::ED25519,
+            "1.2.840.10045.2.1" => &ring::signature::ECDSA_P256_SHA256_ASN1,
+            other => {
+                return Err(refuse(
+                    StatusCode::BAD_REQUEST,
+                    "bad-cert",
+                    &cn,
+                    format!("unsupported key algorithm {other}; use Ed25519 or ECDSA P-256"),
+                ));
+            }
+        };
+    let msg = botauth::token::signed_message(req.timestamp, &der);
+    ring::signature::UnparsedPublicKey::new(alg, &spki.subject_public_key.data)
+        .verify(&msg, &sig)
+        .map_err(|_| {
+            refuse(
+                StatusCode::UNAUTHORIZED,
+                "bad-signature",
+                &cn,
+                "the request signature does not match the certificate's key".into(),
+            )
+        })?;
+    let the_ca = ca(&farm)?;
+    if !the_ca.issued(&cert) {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "unknown-ca",
+            &cn,
+            format!("the certificate for {cn} was not issued by this farm's CA"),
+        ));
+    }
+    let not_after = cert.validity().not_after.timestamp();
+    if not_after <= now || cert.validity().not_before.timestamp() > now + MAX_SKEW_SECS {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "expired-cert",
+            &cn,
+            format!(
+                "the certificate for {cn} is not valid now (valid until {not_after}); submit a new request"
+            ),
+        ));
+    }
+    let serial = hex(cert.raw_serial());
+    let revocation = revoked(&farm.store, &serial).await.map_err(|e| {
+        refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store-error",
+            &cn,
+            format!("refusing: {e}"),
+        )
+    })?;
+    if let Some(reason) = revocation {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "revoked",
+            &cn,
+            format!("the certificate for {cn} (serial {serial}) was revoked: {reason}"),
+        ));
+    }
+    let domain = bot_domain();
+    let hostname = cn
+        .strip_suffix(&format!(".{}", domain.trim_matches('.')))
+        .unwrap_or(&cn)
+        .to_string();
+    let bound = bound_host_type(&farm.store, &hostname).await.map_err(|e| {
+        refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store-error",
+            &hostname,
+            format!("refusing: {e}"),
+        )
+    })?;
+    match bound {
+        Some((_, bound_serial)) if bound_serial == serial => {}
+        Some(_) => {
+            return Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                "superseded-cert",
+                &hostname,
+                format!(
+                    "{hostname} has a newer certificate; use the one from the latest approved request"
+                ),
+            ));
+        }
+        None => {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "unknown-hostname",
+                &hostname,
+                format!(
+                    "hostname {hostname} is not bound to a host type; submit a builder request and wait for approval"
+                ),
+            ));
+        }
+    }
+    let expiry = now + token_ttl();
+    let claims = Claims {
+        hostname: hostname.clone(),
+        serial,
+        expiry,
+    };
+    Ok(Json(TokenResponse {
+        token: mint(&farm.master, &claims),
+        hostname,
+        expiry,
+    }))
+}

@@ -15,8 +15,10 @@ use crate::config::{self, FarmConfig};
 use crate::git;
 use crate::keys::MasterKey;
 use crate::logs::LiveLog;
+use crate::machine_auth::BotRegistry;
 use crate::metrics::Metrics;
 use crate::pool::{Holder, Lease, MachineState, Pool};
+use crate::release::Releases;
 use crate::scheduler::Scheduler;
 use crate::sources::Sources;
 use crate::store::{BuildKind, BuildStatus, NewBuild, Store};
@@ -69,9 +71,10 @@ pub struct Farm {
     /// Per-repo last poll error, shown on the status page.
     pub poll_errors: Mutex<HashMap<String, String>>,
     /// Connected bots that authenticated with machine tokens.
-    pub bots: crate::machine_auth::BotRegistry,
-    /// Published buildlet releases and fleet upgrades (stage0).
-    pub releases: crate::release::Releases,
+    pub bots: BotRegistry,
+    /// Published buildlet releases and fleet upgrades (stage0); shared with
+    /// the upgrade loop.
+    pub releases: Arc<Releases>,
     /// Where each host type's machines come from.
     pub sources: Sources,
     /// One poller per configured repo.
@@ -94,7 +97,7 @@ pub struct FarmOptions {
 
 impl Farm {
     pub fn new(o: FarmOptions) -> Arc<Farm> {
-        let releases = crate::release::Releases::local(&o.data_dir);
+        let releases = Arc::new(Releases::local(&o.data_dir));
         let pool = Arc::new(Pool::new());
         let scheduler = Scheduler::new(pool.clone());
         let sources = Sources::new(

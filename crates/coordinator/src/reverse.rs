@@ -188,20 +188,21 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
     let cfg = farm.config();
     let bot = !token.is_empty();
     let host_type = if bot {
-        let claims = match crate::machine_auth::verify_token(&farm, &token).await {
-            Ok(c) => c,
-            Err((msg, kind)) => {
-                return refuse(
-                    &farm,
-                    StatusCode::FORBIDDEN,
-                    kind,
-                    &host_type,
-                    &hostname,
-                    peer,
-                    msg,
-                );
-            }
-        };
+        let claims =
+            match crate::machine_auth::verify_token(&farm.master, &farm.store, &token).await {
+                Ok(c) => c,
+                Err((msg, kind)) => {
+                    return refuse(
+                        &farm,
+                        StatusCode::FORBIDDEN,
+                        kind,
+                        &host_type,
+                        &hostname,
+                        peer,
+                        msg,
+                    );
+                }
+            };
         if claims.hostname != hostname {
             return refuse(
                 &farm,
@@ -216,7 +217,7 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
                 ),
             );
         }
-        match crate::machine_auth::bound_host_type(&farm, &hostname).await {
+        match crate::machine_auth::bound_host_type(&farm.store, &hostname).await {
             Err(e) => return refuse_store_error(&farm, &host_type, &hostname, peer, &e),
             Ok(Some((ht, serial))) if serial == claims.serial => ht,
             _ => {
@@ -283,7 +284,7 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
     let cert_bound = if bot {
         None
     } else {
-        match crate::machine_auth::bound_host_type(&farm, &hostname).await {
+        match crate::machine_auth::bound_host_type(&farm.store, &hostname).await {
             Ok(b) => b,
             Err(e) => return refuse_store_error(&farm, &host_type, &hostname, peer, &e),
         }
@@ -424,7 +425,7 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
             }
         };
         farm.releases
-            .machine_joined(&farm, id, &hostname, &status, &binary);
+            .machine_joined(&farm.pool, id, &hostname, &status, &binary);
         if bot {
             farm.bots.add(id, &hostname);
         }

@@ -124,8 +124,8 @@ pub async fn run(
     }
     let router = crate::api::router(farm.clone())
         .merge(crate::dashboard::router(farm.clone()))
-        .merge(crate::machine_auth::router(farm.clone()))
-        .merge(crate::release::router(farm.clone()))
+        .merge(crate::machine_auth::serve::router(farm.clone()))
+        .merge(crate::release::serve::router(farm.clone()))
         // No request the coordinator serves needs more; axum answers 413.
         .layer(axum::extract::DefaultBodyLimit::max(256 << 10));
     let mut tasks = tokio::task::JoinSet::new();
@@ -136,8 +136,11 @@ pub async fn run(
     ));
     tasks.spawn(farm.clone().dispatch_loop());
     tasks.spawn(farm.clone().health_loop());
-    tasks.spawn(crate::machine_auth::check_loop(farm.clone()));
-    tasks.spawn(crate::release::upgrade_loop(farm.clone()));
+    tasks.spawn(crate::machine_auth::check::check_loop(farm.clone()));
+    tasks.spawn(crate::release::upgrade_loop(
+        farm.releases.clone(),
+        farm.pool.clone(),
+    ));
     let connect = match addr {
         SocketAddr::V4(a) if a.ip().is_unspecified() => format!("127.0.0.1:{}", a.port()),
         SocketAddr::V6(a) if a.ip().is_unspecified() => format!("[::1]:{}", a.port()),

@@ -4,6 +4,7 @@
 
 use serde::Serialize;
 
+pub use crate::config::human_duration;
 use crate::farm::Farm;
 
 #[derive(Serialize)]
@@ -69,13 +70,4 @@ pub async fn health(farm: &Farm) -> Vec<HealthLine> {
         });
     }
     out
-}
-
-pub fn human_duration(secs: i64) -> String {
-    match secs {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86400),
-    }
 }

@@ -102,6 +102,18 @@ pub(crate) fn format(d: Duration) -> String {
     out
 }
 
+/// A rough age or wait for people to read on pages and in notes ("90s",
+/// "5m", "3h", "2d"), in whole units. Here rather than in the views (`view`) so
+/// that state below the farm (release notes) can word durations the same way.
+pub fn human_duration(secs: i64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,8 @@ mod convert;
 mod duration;
 mod raw;
 
+pub use duration::human_duration;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -61,7 +61,8 @@ pub async fn submit(
 ) -> PageResult {
     let mut p = page_for(&farm);
     match crate::machine_auth::submit_request(
-        &farm,
+        &farm.bots,
+        &farm.store,
         conn.map(|c| c.0.peer.ip()),
         f.hostname.trim(),
         &f.csr_pem,

@@ -13,7 +13,7 @@
 //!   ([`upgrade_loop`]) and on every manifest request, so a publish is live
 //!   within about a second, with no API call and no restart. (An object
 //!   store works the same way: the token is its ETag.)
-//! * **Serving** ([`router`]): `/stage0/manifest?os=&arch=` (the signed
+//! * **Serving** ([`serve::router`]): `/stage0/manifest?os=&arch=` (the signed
 //!   manifest, JSON), `/stage0/buildlet?os=&arch=[&sha256=]` (the binary,
 //!   streamed), `/stage0/release-key` (the public key), `/api/releases`.
 //! * **Upgrades**: every machine reports the SHA-256 of its executable and,
@@ -30,6 +30,11 @@
 //!   version. Publishing a binary whose embedded protocol version
 //!   ([`buildlet::proto::BINARY_INFO`]) is below it is refused, and a current
 //!   release below it is reported on `/api/status`.
+//!
+//! This module is the releases' state and logic, which need no farm: the
+//! farm holds a [`Releases`], and the upgrade loop works on the pool alone.
+//! The HTTP endpoints, which take the farm (for its config), are in
+//! [`serve`], a layer above the farm.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -37,12 +42,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use axum::body::Body;
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::http::HeaderMap;
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
@@ -51,10 +51,11 @@ use sha2::Digest;
 use stage0::{Manifest, Platform, ReleaseKey};
 
 use crate::artifacts::{ArtifactStore, LocalDir};
-use crate::farm::Farm;
-use crate::pool::Drained;
 pub use crate::pool::MachineBinary;
+use crate::pool::{Drained, Pool};
 use crate::store::now_ms;
+
+pub mod serve;
 
 /// The release index inside the artifact store.
 pub const INDEX_KEY: &str = "stage0/index.json";
@@ -71,6 +72,19 @@ const HISTORY_PER_PLATFORM: usize = 20;
 
 fn blob_key(sha256: &str) -> String {
     format!("stage0/blobs/{sha256}")
+}
+
+/// The SHA-256 (hex) of a stored blob, read as a stream; `None` if missing.
+async fn blob_digest(store: &dyn ArtifactStore, key: &str) -> std::io::Result<Option<String>> {
+    use futures_util::StreamExt;
+    let Some(mut obj) = store.open(key).await? else {
+        return Ok(None);
+    };
+    let mut h = sha2::Sha256::new();
+    while let Some(chunk) = obj.body.next().await {
+        h.update(&chunk?);
+    }
+    Ok(Some(crate::keys::hex(&h.finalize())))
 }
 
 /// The release index: the current manifest per platform and recent ones.
@@ -531,15 +545,15 @@ impl Releases {
         }
     }
 
-    /// Checks that the stored binary of `m` still has its digest.
-    async fn check_blob(&self, m: &Manifest, p: &Platform) -> Result<(), Response> {
+    /// Checks that the stored binary of `m` still has its digest; the error
+    /// is a sentence for the `500` answer.
+    async fn check_blob(&self, m: &Manifest, p: &Platform) -> Result<(), String> {
         let key = blob_key(&m.sha256);
         let store = self.store();
-        let fail = |e: String| text(StatusCode::INTERNAL_SERVER_ERROR, e);
         let version = store
             .version(&key)
             .await
-            .map_err(|e| fail(format!("reading buildlet {} for {p}: {e}", m.version)))?;
+            .map_err(|e| format!("reading buildlet {} for {p}: {e}", m.version))?;
         let Some(version) = version else {
             return Ok(()); // the caller reports it missing
         };
@@ -548,13 +562,13 @@ impl Releases {
         }
         let digest = blob_digest(store, &key)
             .await
-            .map_err(|e| fail(format!("reading buildlet {} for {p}: {e}", m.version)))?;
+            .map_err(|e| format!("reading buildlet {} for {p}: {e}", m.version))?;
         if digest.as_deref() != Some(m.sha256.as_str()) {
             tracing::error!(version = %m.version, %p, "the stored buildlet binary is corrupt");
-            return Err(fail(format!(
+            return Err(format!(
                 "the stored binary of buildlet {} for {p} is corrupt (its SHA-256 is not {}); the farm admin must publish it again with `farmer buildlet publish`",
                 m.version, m.sha256
-            )));
+            ));
         }
         lock(&self.verified).insert(key, version);
         Ok(())
@@ -685,7 +699,7 @@ impl Releases {
                 b.note = format!(
                     "was asked to restart on {} at {} but came back on {runs}: its stage0 could not download or verify the new binary (see the stage0 log on the machine)",
                     a.version,
-                    crate::view::human_duration(((now_ms() - a.at) / 1000).max(0)) + " ago"
+                    crate::config::human_duration(((now_ms() - a.at) / 1000).max(0)) + " ago"
                 );
             }
             _ => {
@@ -698,7 +712,7 @@ impl Releases {
     /// Records what a machine said about its binary when it registered.
     pub fn machine_joined(
         &self,
-        farm: &Farm,
+        pool: &Pool,
         id: u64,
         hostname: &str,
         status: &buildlet::proto::Status,
@@ -720,14 +734,14 @@ impl Releases {
         if b.status == "stuck" {
             tracing::warn!(%hostname, "{}", b.note);
         }
-        farm.pool.set_binary(id, b);
+        pool.set_binary(id, b);
     }
 
     /// Classifies every connected machine and asks the outdated idle ones
     /// under stage0 to halt (busy ones are drained and asked after their
     /// build).
-    pub fn tick(&self, farm: &Arc<Farm>) {
-        for m in farm.pool.snapshot() {
+    pub fn tick(&self, pool: &Arc<Pool>) {
+        for m in pool.snapshot() {
             if m.binary.status.is_empty() {
                 // Registering: `machine_joined` has not recorded its binary yet.
                 continue;
@@ -741,7 +755,7 @@ impl Releases {
                 else {
                     continue;
                 };
-                match farm.pool.drain(m.id) {
+                match pool.drain(m.id) {
                     Some(Drained::Idle(client)) => {
                         lock(&self.asked).insert(
                             m.hostname.clone(),
@@ -755,7 +769,7 @@ impl Releases {
                         b.status = "upgrading".into();
                         b.note = format!("asked to restart on {}", cur.version);
                         tracing::info!(hostname = %m.hostname, from = %b.release.as_deref().unwrap_or(&b.sha256), to = %cur.version, "asking an outdated machine to halt so its stage0 upgrades it");
-                        let farm2 = farm.clone();
+                        let pool = pool.clone();
                         let (id, version) = (m.id, cur.version.clone());
                         tokio::spawn(async move {
                             let r =
@@ -763,9 +777,7 @@ impl Releases {
                             if let Ok(Err(e)) = &r {
                                 tracing::debug!("halt for upgrade: {e}");
                             }
-                            farm2
-                                .pool
-                                .remove(id, &format!("halted to restart on buildlet {version}"));
+                            pool.remove(id, &format!("halted to restart on buildlet {version}"));
                         });
                     }
                     Some(Drained::Busy) => {
@@ -779,14 +791,14 @@ impl Releases {
                 }
             }
             if b != m.binary {
-                farm.pool.set_binary(m.id, b);
+                pool.set_binary(m.id, b);
             }
         }
     }
 
-    /// Sentences about releases that contradict the config.
-    pub fn warnings(&self, farm: &Farm) -> Vec<String> {
-        let min = farm.config().farm.min_buildlet_version;
+    /// Sentences about releases that contradict the config's
+    /// `min_buildlet_version`.
+    pub fn warnings(&self, min: u32) -> Vec<String> {
         self.all_current()
             .into_iter()
             .filter(|m| m.protocol < min)
@@ -801,11 +813,11 @@ impl Releases {
 }
 
 /// Runs forever: notices publishes (polling the index's change token every
-/// second) and moves outdated machines onto the current release.
-pub async fn upgrade_loop(farm: Arc<Farm>) {
+/// second) and moves the pool's outdated machines onto the current release.
+pub async fn upgrade_loop(releases: Arc<Releases>, pool: Arc<Pool>) {
     loop {
-        farm.releases.refresh().await;
-        farm.releases.tick(&farm);
+        releases.refresh().await;
+        releases.tick(&pool);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
@@ -822,10 +834,9 @@ fn release_json(m: &Manifest) -> serde_json::Value {
 }
 
 /// The `buildlets` part of `/api/status`: releases, and how many machines
-/// run which.
-pub fn status_json(farm: &Farm) -> serde_json::Value {
-    let r = &farm.releases;
-    let machines = farm.pool.snapshot();
+/// of the pool run which; `min` is the config's `min_buildlet_version`.
+pub fn status_json(r: &Releases, pool: &Pool, min: u32) -> serde_json::Value {
+    let machines = pool.snapshot();
     let mut counts: BTreeMap<String, u32> = BTreeMap::new();
     let mut outdated = Vec::new();
     for m in &machines {
@@ -849,154 +860,8 @@ pub fn status_json(farm: &Farm) -> serde_json::Value {
         "outdated": outdated.len(),
         "by_status": counts,
         "outdated_machines": outdated,
-        "warnings": r.warnings(farm),
+        "warnings": r.warnings(min),
     })
-}
-
-/// The stage0 endpoints and `/api/releases`.
-pub fn router(farm: Arc<Farm>) -> Router {
-    Router::new()
-        .route(stage0::MANIFEST_PATH, get(manifest))
-        .route(stage0::BINARY_PATH, get(binary))
-        .route(stage0::KEY_PATH, get(release_key))
-        .route("/api/releases", get(releases))
-        .with_state(farm)
-}
-
-#[derive(Deserialize)]
-struct PlatformQuery {
-    os: Option<String>,
-    arch: Option<String>,
-    sha256: Option<String>,
-}
-
-fn text(status: StatusCode, msg: String) -> Response {
-    (status, format!("{msg}\n")).into_response()
-}
-
-/// The platform a request asks for (a `400` sentence if it is missing or bad).
-fn platform_of(q: &PlatformQuery) -> Result<Platform, String> {
-    match (&q.os, &q.arch) {
-        (Some(os), Some(arch)) => Platform::parse(os, arch),
-        _ => Err("pass ?os=OS&arch=ARCH (like os=linux&arch=x86_64)".into()),
-    }
-}
-
-fn no_release(p: &Platform) -> Response {
-    text(
-        StatusCode::NOT_FOUND,
-        format!(
-            "no buildlet is published for {p}; the farm admin can run `farmer buildlet publish --os {} --arch {} FILE`",
-            p.os, p.arch
-        ),
-    )
-}
-
-async fn manifest(State(farm): State<Arc<Farm>>, Query(q): Query<PlatformQuery>) -> Response {
-    let p = match platform_of(&q) {
-        Ok(p) => p,
-        Err(e) => return text(StatusCode::BAD_REQUEST, e),
-    };
-    farm.releases.refresh().await;
-    match farm.releases.current(&p) {
-        Some(m) => ([(header::CACHE_CONTROL, "no-cache")], Json(m)).into_response(),
-        None => no_release(&p),
-    }
-}
-
-/// The SHA-256 (hex) of a stored blob, read as a stream; `None` if missing.
-async fn blob_digest(store: &dyn ArtifactStore, key: &str) -> std::io::Result<Option<String>> {
-    use futures_util::StreamExt;
-    let Some(mut obj) = store.open(key).await? else {
-        return Ok(None);
-    };
-    let mut h = sha2::Sha256::new();
-    while let Some(chunk) = obj.body.next().await {
-        h.update(&chunk?);
-    }
-    Ok(Some(crate::keys::hex(&h.finalize())))
-}
-
-async fn binary(State(farm): State<Arc<Farm>>, Query(q): Query<PlatformQuery>) -> Response {
-    let p = match platform_of(&q) {
-        Ok(p) => p,
-        Err(e) => return text(StatusCode::BAD_REQUEST, e),
-    };
-    farm.releases.refresh().await;
-    let m = match q.sha256.as_deref().filter(|s| !s.is_empty()) {
-        Some(sha) => match farm.releases.find(&p, &sha.to_ascii_lowercase()) {
-            Some(m) => m,
-            None => {
-                return text(
-                    StatusCode::NOT_FOUND,
-                    format!("no buildlet with sha256 {sha} was published for {p}"),
-                );
-            }
-        },
-        None => match farm.releases.current(&p) {
-            Some(m) => m,
-            None => return no_release(&p),
-        },
-    };
-    // Never serve a blob that does not match its manifest: stage0 would
-    // refuse it anyway, after downloading it. Checked once per stored
-    // version of the blob, not per download.
-    if let Err(resp) = farm.releases.check_blob(&m, &p).await {
-        return resp;
-    }
-    match farm.releases.store().open(&blob_key(&m.sha256)).await {
-        Ok(Some(obj)) => Response::builder()
-            .header(header::CONTENT_TYPE, "application/octet-stream")
-            .header(header::CONTENT_LENGTH, obj.size)
-            .header(buildlet::proto::HDR_BINARY_SHA256, &m.sha256)
-            .header(
-                header::CONTENT_DISPOSITION,
-                format!("attachment; filename=\"buildlet-{}-{}\"", m.os, m.arch),
-            )
-            .body(Body::from_stream(obj.body))
-            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()),
-        Ok(None) => text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!(
-                "the binary of buildlet {} for {p} is missing from {}",
-                m.version,
-                farm.releases.store().describe()
-            ),
-        ),
-        Err(e) => text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("reading buildlet {} for {p}: {e}", m.version),
-        ),
-    }
-}
-
-async fn release_key(State(farm): State<Arc<Farm>>) -> Response {
-    farm.releases.refresh().await;
-    match farm.releases.public_key() {
-        Some(k) => text(StatusCode::OK, k),
-        None => text(
-            StatusCode::NOT_FOUND,
-            "this farm has no release key yet: `farmer buildlet publish` creates it".into(),
-        ),
-    }
-}
-
-async fn releases(State(farm): State<Arc<Farm>>) -> Json<serde_json::Value> {
-    farm.releases.refresh().await;
-    let history: Vec<_> = {
-        let l = farm
-            .releases
-            .loaded
-            .read()
-            .unwrap_or_else(|e| e.into_inner());
-        l.index.history.iter().rev().map(release_json).collect()
-    };
-    Json(json!({
-        "release_key": farm.releases.public_key(),
-        "current": farm.releases.all_current().iter().map(release_json).collect::<Vec<_>>(),
-        "history": history,
-        "warnings": farm.releases.warnings(&farm),
-    }))
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //!
 //! Reads are open; writes (trigger, cancel, rebuild) need the admin token as
 //! `Authorization: Bearer TOKEN`. Errors are JSON `{"error": "..."}` with a
-//! sentence saying what was wrong.
+//! sentence saying what was wrong. The `/metrics` text is written in
+//! [`metrics`].
 
 use std::sync::Arc;
 
@@ -20,11 +21,13 @@ use subtle::ConstantTimeEq;
 use crate::farm::{Farm, TriggerError};
 use crate::store::{BuildFilter, BuildKind, BuildStatus};
 
+pub mod metrics;
+
 pub fn router(farm: Arc<Farm>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(buildlet::proto::REVERSE_PATH, get(crate::reverse::handle))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics_text))
         .route("/api/status", get(status))
         .route("/api/builders", get(builders))
         .route("/api/hosts", get(hosts))
@@ -84,8 +87,8 @@ fn require_admin(farm: &Farm, headers: &HeaderMap) -> ApiResult<()> {
     }
 }
 
-async fn metrics(State(farm): State<Arc<Farm>>) -> Response {
-    let body = crate::metrics::render(&farm).await;
+async fn metrics_text(State(farm): State<Arc<Farm>>) -> Response {
+    let body = metrics::render(&farm).await;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
@@ -109,7 +112,11 @@ async fn status(State(farm): State<Arc<Farm>>) -> ApiResult<Json<serde_json::Val
         "running": running,
         "tls_fingerprint": farm.tls_fingerprint,
         "tls_spki_pin": farm.tls_spki_pin,
-        "buildlets": crate::release::status_json(&farm),
+        "buildlets": crate::release::status_json(
+            &farm.releases,
+            &farm.pool,
+            farm.config().farm.min_buildlet_version,
+        ),
     })))
 }
 

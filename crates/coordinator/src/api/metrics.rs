@@ -89,16 +89,13 @@ pub async fn render(farm: &Farm) -> String {
         );
     }
     let queues = farm.scheduler.views();
+    // One family at a time: Prometheus reads a family's samples only
+    // right after its HELP and TYPE lines.
     let _ = writeln!(
         out,
-        "# HELP farmer_queue_length Queued builds per host type."
+        "# HELP farmer_queue_length Lease requests (builds and others) waiting per host type."
     );
     let _ = writeln!(out, "# TYPE farmer_queue_length gauge");
-    let _ = writeln!(
-        out,
-        "# HELP farmer_queue_oldest_wait_seconds Age of the oldest queued build per host type."
-    );
-    let _ = writeln!(out, "# TYPE farmer_queue_oldest_wait_seconds gauge");
     for ht in cfg.hosts.keys() {
         let q = queues.iter().find(|q| &q.host_type == ht);
         let _ = writeln!(
@@ -107,6 +104,14 @@ pub async fn render(farm: &Farm) -> String {
             label(ht),
             q.map_or(0, |q| q.waiting)
         );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP farmer_queue_oldest_wait_seconds Age of the oldest waiting request per host type."
+    );
+    let _ = writeln!(out, "# TYPE farmer_queue_oldest_wait_seconds gauge");
+    for ht in cfg.hosts.keys() {
+        let q = queues.iter().find(|q| &q.host_type == ht);
         let _ = writeln!(
             out,
             "farmer_queue_oldest_wait_seconds{{host_type=\"{}\"}} {}",

@@ -525,21 +525,26 @@ fn pages_show_the_farm_and_escape_everything() {
     assert!(headers["content-type"].starts_with("text/javascript"));
     assert!(js.contains("EventSource"));
 
-    // Metrics: every line parses; the figures match the farm.
+    // Metrics: the exposition parses as Prometheus reads it (each family
+    // once, its samples right after its HELP and TYPE); the figures match
+    // the farm.
     let metrics = c.get_text("/metrics");
-    for line in metrics
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-    {
-        let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
-        assert!(value.parse::<f64>().is_ok(), "bad value: {line}");
-        let name = name.split('{').next().unwrap();
-        assert!(
-            name.starts_with("farmer_")
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
-            "bad name: {line}"
-        );
+    let families = parse_exposition(&metrics).unwrap_or_else(|e| panic!("{e}:\n{metrics}"));
+    for family in [
+        "farmer_builds",
+        "farmer_queue_length",
+        "farmer_queue_oldest_wait_seconds",
+        "farmer_machines",
+        "farmer_dispatch_latency_seconds",
+        "farmer_exec_failures_total",
+    ] {
+        assert!(families.contains_key(family), "no family {family}");
     }
+    assert_eq!(
+        families["farmer_queue_length"].len(),
+        2,
+        "one per host type"
+    );
     for want in [
         "farmer_builds{status=\"passed\"} 1",
         "farmer_builds{status=\"failed\"} 1",
@@ -725,4 +730,72 @@ fn live_log_grid_and_status_stream_as_server_sent_events() {
     let last = events.last().unwrap();
     assert!(last.data.contains("\"target\":\"status-live\""), "{last:?}");
     assert!(last.data.contains("bot-1"), "{last:?}");
+}
+
+/// The families of a Prometheus text exposition, name → (type, samples).
+/// Fails where Prometheus would: a sample outside its family's block, a
+/// family declared twice, a bad name or value.
+fn parse_exposition(
+    text: &str,
+) -> Result<std::collections::BTreeMap<String, Vec<(String, f64)>>, String> {
+    let mut families: std::collections::BTreeMap<String, Vec<(String, f64)>> = Default::default();
+    let mut types: std::collections::BTreeMap<String, String> = Default::default();
+    let mut current: Option<String> = None;
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().unwrap_or_default().to_string();
+            if families.contains_key(&name) {
+                return Err(format!("family {name} declared twice"));
+            }
+            families.insert(name.clone(), Vec::new());
+            current = Some(name);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut f = rest.split(' ');
+            let (name, kind) = (f.next().unwrap_or_default(), f.next().unwrap_or_default());
+            if current.as_deref() != Some(name) {
+                return Err(format!("TYPE of {name} away from its HELP"));
+            }
+            if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) {
+                return Err(format!("bad type {kind:?} for {name}"));
+            }
+            types.insert(name.to_string(), kind.to_string());
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .ok_or_else(|| format!("no value: {line}"))?;
+        let value: f64 = value.parse().map_err(|_| format!("bad value: {line}"))?;
+        let name = series.split('{').next().unwrap_or_default();
+        if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            || !name.starts_with("farmer_")
+        {
+            return Err(format!("bad name: {line}"));
+        }
+        let Some(family) = current.as_deref() else {
+            return Err(format!("sample before any family: {line}"));
+        };
+        let histogram = types.get(family).is_some_and(|t| t == "histogram");
+        let belongs = name == family
+            || (histogram
+                && [
+                    format!("{family}_bucket"),
+                    format!("{family}_sum"),
+                    format!("{family}_count"),
+                ]
+                .iter()
+                .any(|n| n == name));
+        if !belongs {
+            return Err(format!("sample of {name} inside the block of {family}"));
+        }
+        families
+            .get_mut(family)
+            .unwrap()
+            .push((series.to_string(), value));
+    }
+    Ok(families)
 }

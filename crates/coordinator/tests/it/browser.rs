@@ -176,47 +176,53 @@ fn grid_live_log_and_status_in_headless_chromium() {
     let tab = browser.tab();
     tab.viewport(1280, 900, 1.0, false);
 
-    // The grid: green and red cells where the demo put them.
-    tab.goto(&up.url("/"));
-    tab.wait_for(
-        "four commit rows",
-        "document.querySelectorAll('table.grid tbody tr').length === 4",
-        Duration::from_secs(10),
-    );
-    let cells = tab.eval(
+    // Each part is checked on its own: a failure is reported with the
+    // others, not instead of them.
+    let mut failed_parts: Vec<String> = Vec::new();
+
+    part(&mut failed_parts, "grid", || {
+        // The grid: green and red cells where the demo put them.
+        tab.goto(&up.url("/"));
+        tab.wait_for(
+            "four commit rows",
+            "document.querySelectorAll('table.grid tbody tr').length === 4",
+            Duration::from_secs(10),
+        );
+        let cells = tab.eval(
         "[...document.querySelectorAll('table.grid tbody tr')].map(r => [...r.querySelectorAll('td.ok, td.fail')].map(td => td.className))",
     );
-    assert_eq!(
-        cells,
-        json!([
-            ["ok", "ok", "fail"],
-            ["fail", "fail", "fail"],
-            ["ok", "ok", "ok"],
-            ["ok", "ok", "ok"]
-        ]),
-        "rows newest first; columns linux/amd64 (2), linux/arm64"
-    );
-    // Green is green and red is red, as the browser paints them.
-    let colors = tab.eval(
+        assert_eq!(
+            cells,
+            json!([
+                ["ok", "ok", "fail"],
+                ["fail", "fail", "fail"],
+                ["ok", "ok", "ok"],
+                ["ok", "ok", "ok"]
+            ]),
+            "rows newest first; columns linux/amd64 (2), linux/arm64"
+        );
+        // Green is green and red is red, as the browser paints them.
+        let colors = tab.eval(
         "['td.ok', 'td.fail'].map(s => getComputedStyle(document.querySelector(s)).backgroundColor.match(/\\d+/g).map(Number))",
     );
-    let (ok, fail) = (&colors[0], &colors[1]);
-    assert!(
-        ok[1].as_u64() > ok[0].as_u64(),
-        "passed cells are not green: {colors}"
-    );
-    assert!(
-        fail[0].as_u64() > fail[1].as_u64(),
-        "failed cells are not red: {colors}"
-    );
-    let heads = tab.eval("[...document.querySelectorAll('table.grid thead tr.os th:not(.lead), table.grid thead tr.arch th')].map(th => th.textContent + ':' + th.colSpan)");
-    assert_eq!(heads, json!(["linux:3", "amd64:2", "arm64:1"]));
-    shoot(&tab, "grid");
-    tab.goto(&up.url("/?failures=1"));
-    assert_eq!(
-        tab.eval("document.querySelectorAll('table.grid tbody tr').length"),
-        json!(2)
-    );
+        let (ok, fail) = (&colors[0], &colors[1]);
+        assert!(
+            ok[1].as_u64() > ok[0].as_u64(),
+            "passed cells are not green: {colors}"
+        );
+        assert!(
+            fail[0].as_u64() > fail[1].as_u64(),
+            "failed cells are not red: {colors}"
+        );
+        let heads = tab.eval("[...document.querySelectorAll('table.grid thead tr.os th:not(.lead), table.grid thead tr.arch th')].map(th => th.textContent + ':' + th.colSpan)");
+        assert_eq!(heads, json!(["linux:3", "amd64:2", "arm64:1"]));
+        shoot(&tab, "grid");
+        tab.goto(&up.url("/?failures=1"));
+        assert_eq!(
+            tab.eval("document.querySelectorAll('table.grid tbody tr').length"),
+            json!(2)
+        );
+    });
 
     // The status page lists the connected machines.
     let machines: Vec<String> = up.get("/api/machines")["connected"]
@@ -226,188 +232,226 @@ fn grid_live_log_and_status_in_headless_chromium() {
         .map(|m| m["hostname"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(machines.len(), 3, "{machines:?}");
-    tab.goto(&up.url("/status"));
-    let listed =
-        tab.eval("[...document.querySelectorAll('#machines a.hostname')].map(a => a.textContent)");
-    let mut listed: Vec<String> = serde_json::from_value(listed).unwrap();
-    listed.sort();
-    let mut want = machines.clone();
-    want.sort();
-    assert_eq!(listed, want);
-    let text = tab.eval("document.body.innerText").to_string();
-    assert!(
-        text.contains("All host types have their expected machines"),
-        "{text}"
-    );
-    assert!(text.contains("3 connected / 3 expected"), "{text}");
-    // It refreshes itself: the uptime changes without a reload.
-    tab.eval("window.farmerMarker = 'status'");
-    let before = tab.eval("document.querySelector('#status-live dd').textContent");
-    tab.wait_for(
+    part(&mut failed_parts, "status page", || {
+        tab.goto(&up.url("/status"));
+        let listed = tab
+            .eval("[...document.querySelectorAll('#machines a.hostname')].map(a => a.textContent)");
+        let mut listed: Vec<String> = serde_json::from_value(listed).unwrap();
+        listed.sort();
+        let mut want = machines.clone();
+        want.sort();
+        assert_eq!(listed, want);
+        let text = tab.eval("document.body.innerText").to_string();
+        assert!(
+            text.contains("All host types have their expected machines"),
+            "{text}"
+        );
+        assert!(text.contains("3 connected / 3 expected"), "{text}");
+        // It refreshes itself: the uptime changes without a reload.
+        tab.eval("window.farmerMarker = 'status'");
+        let before = tab.eval("document.querySelector('#status-live dd').textContent");
+        tab.wait_for(
         "the status page to refresh",
         &format!(
             "document.querySelector('#status-live dd').textContent !== {before} && window.farmerMarker === 'status'"
         ),
         Duration::from_secs(10),
     );
-    shoot(&tab, "status");
+        shoot(&tab, "status");
+    });
 
-    // Builders, a finished failed build, a machine and a host type.
-    tab.goto(&up.url("/builders"));
-    assert_eq!(
-        tab.eval("document.querySelectorAll('#build-configs tbody tr').length"),
-        json!(3)
-    );
-    shoot(&tab, "builders");
     let failed = builds
         .iter()
         .find(|b| b["status"] == "failed" && b["builder"] == "linux-arm64-sim")
         .unwrap()["id"]
         .clone();
-    tab.goto(&up.url(&format!("/builds/{failed}")));
-    let log =
-        tab.eval("[...document.querySelectorAll('pre.log')].map(p => p.textContent).join('')");
-    assert!(log.as_str().unwrap().contains("FAIL"), "{log}");
-    shoot(&tab, "build-failed");
-    tab.goto(&up.url(&format!("/machines/{}", machines[0])));
-    tab.wait_for(
-        "recent builds",
-        "document.querySelectorAll('table.list tbody tr').length > 0",
-        Duration::from_secs(5),
+    part(
+        &mut failed_parts,
+        "builders, build, machine and host pages",
+        || {
+            // Builders, a finished failed build, a machine and a host type.
+            tab.goto(&up.url("/builders"));
+            assert_eq!(
+                tab.eval("document.querySelectorAll('#build-configs tbody tr').length"),
+                json!(3)
+            );
+            shoot(&tab, "builders");
+            tab.goto(&up.url(&format!("/builds/{failed}")));
+            let log = tab
+                .eval("[...document.querySelectorAll('pre.log')].map(p => p.textContent).join('')");
+            assert!(log.as_str().unwrap().contains("FAIL"), "{log}");
+            shoot(&tab, "build-failed");
+            tab.goto(&up.url(&format!("/machines/{}", machines[0])));
+            tab.wait_for(
+                "recent builds",
+                "document.querySelectorAll('table.list tbody tr').length > 0",
+                Duration::from_secs(5),
+            );
+            shoot(&tab, "machine");
+            tab.goto(&up.url("/hosts/host-linux-amd64-local"));
+            shoot(&tab, "host");
+        },
     );
-    shoot(&tab, "machine");
-    tab.goto(&up.url("/hosts/host-linux-amd64-local"));
-    shoot(&tab, "host");
 
-    // A running build: add a slow builder (config reload on SIGHUP), start
-    // it, and watch its log page and the grid in two tabs.
-    let cfg = up.data_dir.join("farmer.toml");
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str(SLOW_BUILDER);
-    std::fs::write(&cfg, text).unwrap();
-    unsafe {
-        libc::kill(up.child.id() as i32, libc::SIGHUP);
-    }
-    up.wait("the slow builder", Duration::from_secs(10), |up| {
-        up.get("/api/builders")
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|b| b["name"] == "linux-amd64-slow")
-            .then_some(())
-    });
-    let grid_tab = browser.tab();
-    grid_tab.viewport(1280, 900, 1.0, false);
-    grid_tab.goto(&up.url("/"));
-    grid_tab.eval("window.farmerMarker = 'grid'");
-    let (code, created) = common::http_post(
-        &up.url("/api/builds"),
-        r#"{"builder": "linux-amd64-slow", "commit": "main"}"#,
-        Some(&up.token()),
-    );
-    assert_eq!(code, 201, "{created}");
-    let id = created["id"].as_i64().unwrap();
+    part(
+        &mut failed_parts,
+        "a running build's log and grid cell",
+        || {
+            // A running build: add a slow builder (config reload on SIGHUP), start
+            // it, and watch its log page and the grid in two tabs.
+            let cfg = up.data_dir.join("farmer.toml");
+            let mut text = std::fs::read_to_string(&cfg).unwrap();
+            text.push_str(SLOW_BUILDER);
+            std::fs::write(&cfg, text).unwrap();
+            unsafe {
+                libc::kill(up.child.id() as i32, libc::SIGHUP);
+            }
+            up.wait("the slow builder", Duration::from_secs(10), |up| {
+                up.get("/api/builders")
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|b| b["name"] == "linux-amd64-slow")
+                    .then_some(())
+            });
+            let grid_tab = browser.tab();
+            grid_tab.viewport(1280, 900, 1.0, false);
+            grid_tab.goto(&up.url("/"));
+            grid_tab.eval("window.farmerMarker = 'grid'");
+            let (code, created) = common::http_post(
+                &up.url("/api/builds"),
+                r#"{"builder": "linux-amd64-slow", "commit": "main"}"#,
+                Some(&up.token()),
+            );
+            assert_eq!(code, 201, "{created}");
+            let id = created["id"].as_i64().unwrap();
 
-    tab.goto(&up.url(&format!("/builds/{id}")));
-    tab.eval("window.farmerMarker = 'log'");
-    let lines = "(document.getElementById('log') || {textContent: ''}).textContent.split('\\n').filter(l => l.startsWith('slow line')).length";
-    let start = Instant::now();
-    let mut seen: Vec<u64> = Vec::new();
-    while start.elapsed() < Duration::from_secs(30) {
-        let n = tab.eval(lines).as_u64().unwrap();
-        if seen.last() != Some(&n) {
-            seen.push(n);
-        }
-        if n >= 12 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        seen.len() >= 4 && seen.windows(2).all(|w| w[0] < w[1]) && *seen.last().unwrap() >= 12,
-        "the log should gain lines while the build runs; line counts seen: {seen:?}"
-    );
-    assert_eq!(
-        tab.eval("window.farmerMarker"),
-        json!("log"),
-        "the page was reloaded"
-    );
-    let status = tab.eval("document.getElementById('build-status').textContent");
-    assert_eq!(status, json!("running"));
-    shoot(&tab, "build-running");
+            tab.goto(&up.url(&format!("/builds/{id}")));
+            tab.eval("window.farmerMarker = 'log'");
+            let lines = "(document.getElementById('log') || {textContent: ''}).textContent.split('\\n').filter(l => l.startsWith('slow line')).length";
+            let start = Instant::now();
+            let mut seen: Vec<u64> = Vec::new();
+            while start.elapsed() < Duration::from_secs(30) {
+                let n = tab.eval(lines).as_u64().unwrap();
+                if seen.last() != Some(&n) {
+                    seen.push(n);
+                }
+                if n >= 12 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert!(
+                seen.len() >= 4
+                    && seen.windows(2).all(|w| w[0] < w[1])
+                    && *seen.last().unwrap() >= 12,
+                "the log should gain lines while the build runs; line counts seen: {seen:?}"
+            );
+            assert_eq!(
+                tab.eval("window.farmerMarker"),
+                json!("log"),
+                "the page was reloaded"
+            );
+            let status = tab.eval("document.getElementById('build-status').textContent");
+            assert_eq!(status, json!("running"));
+            shoot(&tab, "build-running");
 
-    // Meanwhile the grid shows the running build as a live link...
-    let newest_slow = "document.querySelector('table.grid tbody tr').cells[4 + [...document.querySelectorAll('table.grid tr.names th')].findIndex(th => th.textContent === 'linux-amd64-slow')]";
-    grid_tab.wait_for(
-        "the running cell",
-        &format!("{newest_slow}.className === 'run'"),
-        Duration::from_secs(15),
-    );
-    assert_eq!(
-        grid_tab.eval(&format!(
-            "{newest_slow}.querySelector('a').getAttribute('href')"
-        )),
-        json!(format!("/builds/{id}"))
-    );
-    shoot(&grid_tab, "grid-running");
-    // ... and turns it green when it passes, both without a reload.
-    grid_tab.wait_for(
-        "the cell to pass",
-        &format!("{newest_slow}.className === 'ok'"),
-        Duration::from_secs(30),
-    );
-    assert_eq!(grid_tab.eval("window.farmerMarker"), json!("grid"));
-    tab.wait_for(
+            // Meanwhile the grid shows the running build as a live link...
+            let newest_slow = "document.querySelector('table.grid tbody tr').cells[4 + [...document.querySelectorAll('table.grid tr.names th')].findIndex(th => th.textContent === 'linux-amd64-slow')]";
+            grid_tab.wait_for(
+                "the running cell",
+                &format!("{newest_slow}.className === 'run'"),
+                Duration::from_secs(15),
+            );
+            assert_eq!(
+                grid_tab.eval(&format!(
+                    "{newest_slow}.querySelector('a').getAttribute('href')"
+                )),
+                json!(format!("/builds/{id}"))
+            );
+            shoot(&grid_tab, "grid-running");
+            // ... and turns it green when it passes, both without a reload.
+            grid_tab.wait_for(
+                "the cell to pass",
+                &format!("{newest_slow}.className === 'ok'"),
+                Duration::from_secs(30),
+            );
+            assert_eq!(grid_tab.eval("window.farmerMarker"), json!("grid"));
+            tab.wait_for(
         "the log to end",
         "document.getElementById('log').getAttribute('data-ended') === '1' && document.getElementById('build-status').textContent === 'passed'",
         Duration::from_secs(15),
     );
-    assert_eq!(tab.eval(lines), json!(48));
-    assert_eq!(tab.eval("window.farmerMarker"), json!("log"));
+            assert_eq!(tab.eval(lines), json!(48));
+            assert_eq!(tab.eval("window.farmerMarker"), json!("log"));
+        },
+    );
 
-    // An admin rebuilds the failed build from its page: a wrong token is
-    // refused with the API's reason; the right one is kept in the
-    // browser's local storage and leads to the new build's page.
-    tab.goto(&up.url(&format!("/builds/{failed}")));
-    let click = |token: &str| {
-        tab.eval(&format!(
-            "(() => {{ document.getElementById('admin').open = true; \
+    part(&mut failed_parts, "rebuild from the build page", || {
+        // An admin rebuilds the failed build from its page: a wrong token is
+        // refused with the API's reason; the right one is kept in the
+        // browser's local storage and leads to the new build's page.
+        tab.goto(&up.url(&format!("/builds/{failed}")));
+        let click = |token: &str| {
+            tab.eval(&format!(
+                "(() => {{ document.getElementById('admin').open = true; \
              const i = document.getElementById('admin-token'); i.value = {}; \
              i.dispatchEvent(new Event('change')); \
              document.querySelector('#admin [data-action=rebuild]').click(); return true; }})()",
-            json!(token)
-        ));
-    };
-    click("not-the-token");
-    tab.wait_for(
+                json!(token)
+            ));
+        };
+        click("not-the-token");
+        tab.wait_for(
         "the refusal",
         "document.getElementById('admin-msg').textContent.includes('Refused (403): wrong admin token')",
         Duration::from_secs(10),
     );
-    let token = up.token();
-    click(&token);
-    let rebuilt = tab.wait_for(
+        let token = up.token();
+        click(&token);
+        let rebuilt = tab.wait_for(
         "the rebuild's page",
         &format!(
             "location.pathname !== '/builds/{failed}' && document.readyState === 'complete' && location.pathname"
         ),
         Duration::from_secs(15),
     );
-    let new_id: i64 = rebuilt
-        .as_str()
-        .unwrap()
-        .trim_start_matches("/builds/")
-        .parse()
-        .unwrap();
-    let b = up.get(&format!("/api/builds/{new_id}"));
-    assert_eq!(b["build"]["builder"], "linux-arm64-sim", "{b}");
-    assert_eq!(
-        tab.eval("localStorage.getItem('farmer-admin-token')"),
-        json!(token)
+        let new_id: i64 = rebuilt
+            .as_str()
+            .unwrap()
+            .trim_start_matches("/builds/")
+            .parse()
+            .unwrap();
+        let b = up.get(&format!("/api/builds/{new_id}"));
+        assert_eq!(b["build"]["builder"], "linux-arm64-sim", "{b}");
+        assert_eq!(
+            tab.eval("localStorage.getItem('farmer-admin-token')"),
+            json!(token)
+        );
+        assert_eq!(
+            tab.eval("document.getElementById('admin-token').value"),
+            json!(token),
+            "the token is filled in on the next page"
+        );
+    });
+
+    assert!(
+        failed_parts.is_empty(),
+        "{} part(s) failed:\n\n{}",
+        failed_parts.len(),
+        failed_parts.join("\n\n")
     );
-    assert_eq!(
-        tab.eval("document.getElementById('admin-token').value"),
-        json!(token),
-        "the token is filled in on the next page"
-    );
+}
+
+/// Runs one part of the browser test, recording its failure (with the
+/// panic message) instead of stopping the test.
+fn part(failed: &mut Vec<String>, name: &str, f: impl FnOnce()) {
+    if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        let msg = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "(no message)".into());
+        failed.push(format!("{name}: {msg}"));
+    }
 }

@@ -171,6 +171,19 @@ fn grid_live_log_and_status_in_headless_chromium() {
     });
     let passed = builds.iter().filter(|b| b["status"] == "passed").count();
     assert_eq!((passed, builds.len() - passed), (8, 4), "{builds:#?}");
+    // `farmer up` published itself as the buildlet release for this
+    // platform, so stage0 can be tried against the demo.
+    let releases = up.get("/api/releases");
+    let current = releases["current"].as_array().unwrap();
+    assert_eq!(current.len(), 1, "{releases}");
+    let exe_size = std::fs::metadata(common::FARMER).unwrap().len();
+    assert_eq!(current[0]["size"], exe_size, "{releases}");
+    assert!(
+        releases["release_key"]
+            .as_str()
+            .is_some_and(|k| k.len() == 64),
+        "{releases}"
+    );
 
     let browser = cdp::Browser::launch();
     let tab = browser.tab();

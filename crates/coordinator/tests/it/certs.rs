@@ -836,6 +836,33 @@ fn issued_certificates_pass_openssl_strict_verification() {
         "{}",
         String::from_utf8_lossy(&out)
     );
+    // The CA certificate the farm publishes is the one that verifies it.
+    let published = f.c.get_text("/api/ca/cert");
+    assert!(
+        published.starts_with("-----BEGIN CERTIFICATE-----"),
+        "{published}"
+    );
+    assert_eq!(
+        published.trim(),
+        std::fs::read_to_string(ca).unwrap().trim()
+    );
+    let served = f.owner.join("served-ca.pem");
+    std::fs::write(&served, &published).unwrap();
+    let out = openssl(
+        &[
+            "verify",
+            "-x509_strict",
+            "-CAfile",
+            served.to_str().unwrap(),
+            cert,
+        ],
+        None,
+    );
+    assert!(
+        String::from_utf8_lossy(&out).contains(": OK"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
     // The certificate names its issuer by key id, and that is the CA's key id.
     let key_id = |file: &str, ext: &str| {
         let text = openssl(&["x509", "-in", file, "-noout", "-ext", ext], None);

@@ -17,7 +17,7 @@ use std::time::Duration;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use common::{Coordinator, FARMER, TestRepo, config};
+use common::{Bot, Coordinator, FARMER, TestRepo, config};
 
 /// Output lines of a child, collected in the background.
 #[derive(Clone, Default)]
@@ -736,4 +736,51 @@ fn stage0_runs_the_last_good_buildlet_while_the_coordinator_is_away_and_passes_s
             "the buildlet {pid} outlived stage0"
         );
     }
+}
+
+#[test]
+fn releases_are_listed_and_a_machine_outside_stage0_is_not_managed() {
+    let (dir, _repo, cfg) = setup();
+    let c = Coordinator::start(&dir.path().join("data"), &cfg);
+    let bin = dir.path().join("bin");
+    let empty = c.get("/api/releases");
+    assert_eq!(empty["current"], serde_json::json!([]), "{empty}");
+    publish(&c, &buildlet_binary(&bin, "v1"), "v1");
+    publish(&c, &buildlet_binary(&bin, "v2"), "v2");
+    let r = c.get("/api/releases");
+    assert_eq!(r["release_key"], release_key(&c).as_str(), "{r}");
+    let current = r["current"].as_array().unwrap();
+    assert_eq!(current.len(), 1, "{r}");
+    assert_eq!(current[0]["version"], "v2");
+    assert_eq!(current[0]["platform"], platform().to_string());
+    let (sha, size) = stage0::manifest::sha256_file(&bin.join("buildlet-v2")).unwrap();
+    assert_eq!(current[0]["sha256"], sha.as_str(), "{r}");
+    assert_eq!(current[0]["size"], size, "{r}");
+    let versions: Vec<&str> = r["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(versions, ["v2", "v1"], "newest first: {r}");
+    // A buildlet started by hand, not by stage0: the farm does not try to
+    // upgrade it and says so.
+    let _bot = Bot::start(
+        &c,
+        &dir.path().join("bots"),
+        "host-test-trusted",
+        "by-hand",
+        Some(&c.key("host-test-trusted")),
+    );
+    let m = c.wait(
+        "the machine's binary status",
+        Duration::from_secs(30),
+        |c| machine(c, "by-hand").filter(|m| m["binary"]["status"] != "unknown"),
+    );
+    assert_eq!(m["binary"]["status"], "not-managed", "{m}");
+    assert_eq!(m["binary"]["stage0"], false, "{m}");
+    assert!(
+        !c.err.all().contains("asking an outdated machine to halt"),
+        "a machine outside stage0 was asked to halt"
+    );
 }

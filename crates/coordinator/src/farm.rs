@@ -83,6 +83,12 @@ pub struct Farm {
 
 const SOURCE_CACHE: usize = 16;
 
+impl crate::auth::AdminToken for Arc<Farm> {
+    fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+}
+
 /// Options for [`Farm::new`].
 pub struct FarmOptions {
     pub data_dir: PathBuf,

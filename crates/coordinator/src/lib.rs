@@ -5,6 +5,7 @@
 pub mod admin_cli;
 pub mod api;
 pub mod artifacts;
+pub mod auth;
 pub mod builds;
 pub mod ca;
 pub mod config;

@@ -9,15 +9,15 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
-use subtle::ConstantTimeEq;
 
+use crate::auth::Admin;
 use crate::farm::{Farm, TriggerError};
 use crate::store::{BuildFilter, BuildKind, BuildStatus};
 
@@ -70,22 +70,6 @@ impl From<TriggerError> for ApiError {
 }
 
 type ApiResult<T> = Result<T, ApiError>;
-
-fn require_admin(farm: &Farm, headers: &HeaderMap) -> ApiResult<()> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match token {
-        Some(t) if bool::from(t.as_bytes().ct_eq(farm.admin_token.as_bytes())) => Ok(()),
-        Some(_) => Err(ApiError(StatusCode::FORBIDDEN, "wrong admin token".into())),
-        None => Err(ApiError(
-            StatusCode::UNAUTHORIZED,
-            "this needs the admin token: send Authorization: Bearer TOKEN (the token is in the data dir's admin.token)".into(),
-        )),
-    }
-}
 
 async fn metrics_text(State(farm): State<Arc<Farm>>) -> Response {
     let body = metrics::render(&farm).await;
@@ -378,10 +362,9 @@ struct TriggerBody {
 
 async fn trigger(
     State(farm): State<Arc<Farm>>,
-    headers: HeaderMap,
+    _: Admin,
     Json(t): Json<TriggerBody>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
-    require_admin(&farm, &headers)?;
     let kind = match t.kind.as_deref() {
         None | Some("") => BuildKind::PostSubmit,
         Some(k) => k
@@ -403,10 +386,9 @@ async fn trigger(
 
 async fn cancel(
     State(farm): State<Arc<Farm>>,
-    headers: HeaderMap,
+    _: Admin,
     Path(id): Path<i64>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    require_admin(&farm, &headers)?;
     let st = farm.cancel(id).await?;
     Ok(Json(
         json!({ "id": id, "status": st, "message": if st == BuildStatus::Running { "cancelling: the running command is being stopped" } else { "cancelled" } }),
@@ -415,10 +397,9 @@ async fn cancel(
 
 async fn rebuild(
     State(farm): State<Arc<Farm>>,
-    headers: HeaderMap,
+    _: Admin,
     Path(id): Path<i64>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
-    require_admin(&farm, &headers)?;
     let b = farm
         .store
         .build(id)

@@ -22,6 +22,7 @@ use super::{
     CERT_DAYS, Claims, MAX_SKEW_SECS, bot_domain, bound_host_type, mint, revoked, submit_request,
     token_ttl,
 };
+use crate::auth::Admin;
 use crate::ca::Ca;
 use crate::farm::Farm;
 use crate::keys::hex;
@@ -51,27 +52,7 @@ fn db(e: impl std::fmt::Display) -> (StatusCode, Json<serde_json::Value>) {
 }
 
 fn is_admin(farm: &Farm, headers: &HeaderMap) -> bool {
-    headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| {
-            bool::from(subtle::ConstantTimeEq::ct_eq(
-                t.trim().as_bytes(),
-                farm.admin_token.as_bytes(),
-            ))
-        })
-}
-
-fn admin(farm: &Farm, headers: &HeaderMap) -> ApiResult<()> {
-    if is_admin(farm, headers) {
-        Ok(())
-    } else {
-        Err(err(
-            StatusCode::UNAUTHORIZED,
-            "this needs the admin token (Authorization: Bearer TOKEN)",
-        ))
-    }
+    crate::auth::admin(headers, &farm.admin_token).is_ok()
 }
 
 /// The farm CA, read (or created) on first use and kept.
@@ -178,9 +159,8 @@ async fn request_status(
 
 async fn list_requests(
     State(farm): State<Arc<Farm>>,
-    headers: HeaderMap,
+    _: Admin,
 ) -> ApiResult<Json<serde_json::Value>> {
-    admin(&farm, &headers)?;
     let rows = sqlx::query("SELECT * FROM bot_requests ORDER BY id DESC LIMIT 500")
         .fetch_all(farm.store.pool())
         .await
@@ -199,11 +179,10 @@ struct Approve {
 
 async fn approve(
     State(farm): State<Arc<Farm>>,
-    headers: HeaderMap,
+    _: Admin,
     Path(id): Path<i64>,
     Json(a): Json<Approve>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    admin(&farm, &headers)?;
     if !farm.config().hosts.contains_key(&a.host_type) {
         let known: Vec<String> = farm.config().hosts.keys().cloned().collect();
         return Err(err(
@@ -271,11 +250,10 @@ struct Reject {
 
 async fn reject(
     State(farm): State<Arc<Farm>>,
-    headers: HeaderMap,
+    _: Admin,
     Path(id): Path<i64>,
     Json(r): Json<Reject>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    admin(&farm, &headers)?;
     if r.reason.trim().is_empty() {
         return Err(err(
             StatusCode::BAD_REQUEST,
@@ -311,10 +289,9 @@ struct Revoke {
 
 async fn revoke(
     State(farm): State<Arc<Farm>>,
-    headers: HeaderMap,
+    _: Admin,
     Json(r): Json<Revoke>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    admin(&farm, &headers)?;
     let (serial, hostname) = match (r.serial, r.hostname) {
         (Some(s), _) => {
             let h: Option<String> =

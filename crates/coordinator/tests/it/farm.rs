@@ -542,9 +542,25 @@ fn rebuild_through_the_api_runs_the_same_commit_again() {
     );
     let first = c.wait_builds_done(1, Duration::from_secs(60));
     let id = first[0]["id"].as_i64().unwrap();
-    // Without the admin token: refused, nothing created.
-    let (code, _) = c.post(&format!("/api/builds/{id}/rebuild"), "", None);
-    assert_eq!(code, 401);
+    // Without the admin token: refused, nothing created. Every admin
+    // endpoint answers alike: 401 with no token, 403 with a wrong one.
+    for path in [
+        format!("/api/builds/{id}/rebuild"),
+        format!("/api/builds/{id}/cancel"),
+        "/api/requests/1/approve".to_string(),
+        "/api/ca/revoke".to_string(),
+    ] {
+        let (code, v) = c.post(&path, "{}", None);
+        assert_eq!(code, 401, "{path}: {v}");
+        assert!(
+            v.to_string().contains("needs the admin token"),
+            "{path}: {v}"
+        );
+        let (code, v) = c.post(&path, "{}", Some("not-the-token"));
+        assert_eq!(code, 403, "{path}: {v}");
+        assert!(v.to_string().contains("wrong admin token"), "{path}: {v}");
+    }
+    assert_eq!(c.get("/api/builds").as_array().unwrap().len(), 1);
     let (code, v) = c.post(&format!("/api/builds/{id}/rebuild"), "", Some(&c.token));
     assert_eq!(code, 201, "{v}");
     assert_eq!(v["rebuild_of"], id);

@@ -180,40 +180,11 @@ impl std::fmt::Display for ProcessState {
     }
 }
 
-/// Parses a duration the way Go's `time.ParseDuration` spells the common ones
-/// (`90s`, `1m30s`, `500ms`, `2h`), or a bare number of seconds.
+/// Parses a duration the way Go's `time.ParseDuration` spells it (`90s`,
+/// `1m30s`, `500ms`, `2h`), or a bare number of seconds (the shared
+/// parser, [`goflags::duration::parse_lenient`]).
 pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    if s.is_empty() {
-        return None;
-    }
-    if let Ok(secs) = s.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let n_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let n: f64 = rest[..n_end].parse().ok()?;
-        rest = &rest[n_end..];
-        let u_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let unit = match &rest[..u_end] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        rest = &rest[u_end..];
-        total += Duration::try_from_secs_f64(n * unit).ok()?;
-    }
-    Some(total)
+    goflags::duration::parse_lenient(s).ok()
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@
 //! Boolean flags that should accept Go's `-flag`, `-flag=true` and
 //! `-flag=false` forms are declared with [`go_bool`].
 
+pub mod duration;
+
 use std::collections::HashSet;
 use std::ffi::OsString;
 

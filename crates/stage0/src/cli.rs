@@ -160,24 +160,10 @@ pub struct Resolved {
     pub fetch_only: bool,
 }
 
-/// Parses `90s`, `2m`, `1h`, `500ms` or a number of seconds.
+/// Parses `90s`, `1m30s`, `2m`, `1h`, `500ms` or a number of seconds (the
+/// parser every farmer program shares).
 pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let (num, mul) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else if let Some(n) = s.strip_suffix('h') {
-        (n, 3600.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num.trim().parse().ok()?;
-    (v.is_finite() && v >= 0.0)
-        .then(|| Duration::try_from_secs_f64(v * mul).ok())
-        .flatten()
+    goflags::duration::parse_lenient(s).ok()
 }
 
 fn default_dir() -> PathBuf {
@@ -419,6 +405,10 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
+        // Go's compound form, as the coordinator's config and the buildlet
+        // accept it (stage0 once refused it).
+        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
         assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(parse_duration("3"), Some(Duration::from_secs(3)));

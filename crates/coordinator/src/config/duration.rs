@@ -3,80 +3,25 @@
 
 use std::time::Duration;
 
-/// Units accepted after a number, longest first so that "ms" is not read as "m".
-const UNITS: [(&str, u128); 4] = [
-    ("ms", 1_000_000),
-    ("h", 3_600_000_000_000),
-    ("m", 60_000_000_000),
-    ("s", 1_000_000_000),
-];
-
 /// The longest duration a config may hold: a year is beyond every sane
 /// timeout, and the bound keeps `Instant + duration` from overflowing.
 const MAX_HOURS: u128 = 24 * 366;
 const MAX_NANOS: u128 = MAX_HOURS * 3_600_000_000_000;
 
-/// Parses a sequence of `<number><unit>` terms such as "1h30m", "500ms" or "1.5h".
+/// Parses a sequence of `<number><unit>` terms such as "1h30m", "500ms" or
+/// "1.5h" (the parser every farmer program shares, which wants a unit on
+/// every number in a config), at most a year.
 ///
 /// The error is the tail of a sentence ("is not a valid duration: ...") so
 /// that callers can prefix it with the offending value.
 pub(crate) fn parse(text: &str) -> Result<Duration, String> {
-    const HINT: &str =
-        "write a number with a unit (ms, s, m or h), e.g. \"90s\", \"10m\" or \"1h30m\"";
-    if text.is_empty() {
-        return Err(format!("is empty; {HINT}"));
-    }
-    let mut rest = text;
-    let mut nanos: u128 = 0;
-    while !rest.is_empty() {
-        let int_len = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let int_part = &rest[..int_len];
-        rest = &rest[int_len..];
-        let mut frac_part = "";
-        if let Some(after_dot) = rest.strip_prefix('.') {
-            let frac_len = after_dot
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(after_dot.len());
-            frac_part = &after_dot[..frac_len];
-            rest = &after_dot[frac_len..];
-        }
-        if int_part.is_empty() && frac_part.is_empty() {
-            return Err(format!("is not a valid duration: {HINT}"));
-        }
-        let Some((unit, unit_nanos)) = UNITS.iter().find(|(u, _)| rest.starts_with(u)) else {
-            return Err(if rest.is_empty() {
-                format!("has a number without a unit: {HINT}")
-            } else {
-                format!("has an unknown unit: {HINT}")
-            });
-        };
-        rest = &rest[unit.len()..];
-        let too_long = || format!("is too long to be a duration: {HINT}");
-        let whole: u128 = if int_part.is_empty() {
-            0
-        } else {
-            int_part.parse().map_err(|_| too_long())?
-        };
-        let mut term = whole.checked_mul(*unit_nanos).ok_or_else(too_long)?;
-        // Digits past nanosecond precision cannot change the result.
-        let frac_digits = &frac_part[..frac_part.len().min(18)];
-        if !frac_digits.is_empty() {
-            let frac: u128 = frac_digits.parse().map_err(|_| too_long())?;
-            term += frac * unit_nanos / 10u128.pow(frac_digits.len() as u32);
-        }
-        nanos = nanos.checked_add(term).ok_or_else(too_long)?;
-    }
-    if nanos > MAX_NANOS {
+    let d = goflags::duration::parse(text).map_err(|e| e.to_string())?;
+    if d.as_nanos() > MAX_NANOS {
         return Err(format!(
             "is longer than {MAX_HOURS}h (a year), more than any timeout or interval of a farm needs"
         ));
     }
-    Ok(Duration::new(
-        (nanos / 1_000_000_000) as u64,
-        (nanos % 1_000_000_000) as u32,
-    ))
+    Ok(d)
 }
 
 /// Formats a duration in the syntax [`parse`] accepts, so messages quote values

@@ -40,7 +40,7 @@ pub struct TokenResponse {
 /// The bytes a token request signs.
 pub fn signed_message(timestamp: i64, cert_der: &[u8]) -> Vec<u8> {
     let digest = sha2::Sha256::digest(cert_der);
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = hex::encode(digest);
     format!("farmer-machine-token-v1\n{timestamp}\n{hex}\n").into_bytes()
 }
 

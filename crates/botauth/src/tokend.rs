@@ -90,12 +90,9 @@ async fn refresh(o: &Options) -> Result<Outcome, String> {
         .map_err(|e| format!("-pkey-pem {}: {e}", o.pkey_pem.display()))?;
     let der = token::cert_der(&cert_pem)
         .map_err(|e| format!("-cert-pem {}: {e}", o.cert_pem.display()))?;
-    let cert_sha: String = {
+    let cert_sha = {
         use sha2::Digest;
-        sha2::Sha256::digest(&der)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex::encode(sha2::Sha256::digest(&der))
     };
     let t = now();
     if let Ok(existing) = TokenFile::read(&o.token_file)

@@ -206,7 +206,7 @@ pub fn binary_sha256() -> &'static str {
                 }
                 h.update(&buf[..n]);
             }
-            Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+            Ok(hex::encode(h.finalize()))
         };
         hash().unwrap_or_else(|e| {
             tracing::warn!("cannot hash this executable to report its version: {e}");

@@ -533,10 +533,7 @@ mod tests {
     use super::*;
 
     fn hex_bytes(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
+        hex::decode(s).unwrap()
     }
 
     /// Found by the tar_extract fuzz target: a base-256 mtime of 2^63+

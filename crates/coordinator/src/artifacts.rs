@@ -99,7 +99,7 @@ fn put_file(path: &Path, data: &[u8]) -> io::Result<()> {
         .unwrap_or_default();
     let mut n = [0u8; 8];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut n);
-    let tmp = dir.join(format!(".{name}.{}.tmp", crate::keys::hex(&n)));
+    let tmp = dir.join(format!(".{name}.{}.tmp", hex::encode(n)));
     let r = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;

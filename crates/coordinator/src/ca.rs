@@ -19,7 +19,7 @@ use rcgen::{
 };
 use x509_parser::prelude::*;
 
-use crate::keys::{hex, write_private};
+use crate::keys::write_private;
 
 pub struct Ca {
     cert_pem: String,
@@ -50,7 +50,7 @@ impl Ca {
             let id: [u8; 8] = rand::random();
             params.distinguished_name.push(
                 DnType::CommonName,
-                format!("farmer machine CA {}", hex(&id)),
+                format!("farmer machine CA {}", hex::encode(id)),
             );
             params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
             params.key_usages = vec![
@@ -161,7 +161,7 @@ impl Ca {
             .map_err(|e| format!("signing: {e}"))?;
         Ok(Issued {
             cert_pem: cert.pem(),
-            serial: hex(&serial),
+            serial: hex::encode(serial),
             not_after: csr.params.not_after.unix_timestamp(),
         })
     }
@@ -190,7 +190,7 @@ impl Ca {
             .map_err(|e| format!("signing: {e}"))?;
         Ok(Issued {
             cert_pem: cert.pem(),
-            serial: hex(&serial),
+            serial: hex::encode(serial),
             not_after,
         })
     }

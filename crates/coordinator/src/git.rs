@@ -534,7 +534,7 @@ fn clone_dir(cache_dir: &Path, url: &str) -> PathBuf {
         .rev()
         .collect();
     let digest = sha2::Sha256::digest(url.as_bytes());
-    let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    let hex: String = hex::encode(&digest[..4]);
     cache_dir.join(format!("{slug}-{hex}.git"))
 }
 

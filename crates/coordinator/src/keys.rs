@@ -43,12 +43,12 @@ impl MasterKey {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let mut key = [0u8; 32];
                 rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
-                write_private(&path, format!("{}\n", hex(&key)).as_bytes()).map_err(|err| {
-                    KeyError::Io {
+                write_private(&path, format!("{}\n", hex::encode(key)).as_bytes()).map_err(
+                    |err| KeyError::Io {
                         path: path.clone(),
                         err,
-                    }
-                })?;
+                    },
+                )?;
                 tracing::info!(path = %path.display(), "created the farm master key");
                 Ok(MasterKey(key))
             }
@@ -72,9 +72,7 @@ impl MasterKey {
             return None;
         }
         let mut out = [0u8; 32];
-        for (i, c) in s.as_bytes().chunks(2).enumerate() {
-            out[i] = u8::from_str_radix(std::str::from_utf8(c).ok()?, 16).ok()?;
-        }
+        hex::decode_to_slice(s, &mut out).ok()?;
         Some(MasterKey(out))
     }
 
@@ -89,7 +87,7 @@ impl MasterKey {
 
     /// The builder key for a host type.
     pub fn builder_key(&self, host_type: &str) -> String {
-        hex(&self.derive(host_type))
+        hex::encode(self.derive(host_type))
     }
 
     /// Checks a presented key in constant time.
@@ -110,16 +108,6 @@ pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     f.write_all(data)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }
 
 #[cfg(test)]

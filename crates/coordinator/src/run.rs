@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 
 use crate::farm::{Farm, FarmOptions};
-use crate::keys::{MasterKey, hex, write_private};
+use crate::keys::{MasterKey, write_private};
 use crate::sources::LocalTarget;
 use crate::store::Store;
 
@@ -44,7 +44,7 @@ fn admin_token(data_dir: &Path) -> anyhow::Result<String> {
         _ => {
             let mut t = [0u8; 24];
             rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut t);
-            let t = hex(&t);
+            let t = hex::encode(t);
             write_private(&path, format!("{t}\n").as_bytes())
                 .with_context(|| format!("writing {}", path.display()))?;
             Ok(t)

@@ -82,10 +82,7 @@ impl std::fmt::Display for Pin {
         if let Pin::Spki(_) = self {
             f.write_str(SPKI_PREFIX)?;
         }
-        for b in self.bytes() {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        f.write_str(&hex::encode(self.bytes()))
     }
 }
 
@@ -125,9 +122,7 @@ fn parse_hex32(s: &str) -> Option<[u8; 32]> {
         return None;
     }
     let mut out = [0u8; 32];
-    for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
-        out[i] = u8::from_str_radix(std::str::from_utf8(chunk).ok()?, 16).ok()?;
-    }
+    hex::decode_to_slice(&hex, &mut out).ok()?;
     Some(out)
 }
 

@@ -431,7 +431,7 @@ pub async fn download(
         file.flush().await.map_err(local)?;
         file.sync_all().await.map_err(local)?;
         drop(file);
-        let digest = manifest::hex(&hasher.finalize());
+        let digest = hex::encode(hasher.finalize());
         m.check_digest(&digest, got)
             .map_err(|e| Error::Refused(format!("downloaded {what}: {e}")))?;
         #[cfg(unix)]

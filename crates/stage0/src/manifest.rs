@@ -146,8 +146,8 @@ impl Manifest {
     /// Fills `signature` and `key`.
     pub fn sign(&mut self, key: &SigningKey) {
         let sig = key.sign(&self.signed_message());
-        self.signature = hex(&sig.to_bytes());
-        self.key = hex(key.verifying_key().as_bytes());
+        self.signature = hex::encode(sig.to_bytes());
+        self.key = hex::encode(key.verifying_key().as_bytes());
     }
 
     /// Checks the fields, the platform and the signature.
@@ -162,7 +162,8 @@ impl Manifest {
         let bad = || VerifyError::BadSignature {
             key: key.to_string(),
         };
-        let sig: [u8; 64] = unhex(&self.signature)
+        let sig: [u8; 64] = hex::decode(&self.signature)
+            .ok()
             .and_then(|b| b.try_into().ok())
             .ok_or_else(bad)?;
         key.0
@@ -212,9 +213,12 @@ impl ReleaseKey {
     pub fn parse(s: &str) -> Result<ReleaseKey, String> {
         let t = s.trim();
         let t = t.strip_prefix("ed25519:").unwrap_or(t);
-        let bytes: [u8; 32] = unhex(t).and_then(|b| b.try_into().ok()).ok_or_else(|| {
-            format!("release key {t:?} is not an Ed25519 public key in hex (64 hex digits)")
-        })?;
+        let bytes: [u8; 32] = hex::decode(t)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| {
+                format!("release key {t:?} is not an Ed25519 public key in hex (64 hex digits)")
+            })?;
         VerifyingKey::from_bytes(&bytes)
             .map(ReleaseKey)
             .map_err(|e| format!("release key {t:?}: {e}"))
@@ -227,7 +231,7 @@ impl ReleaseKey {
 
 impl std::fmt::Display for ReleaseKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&hex(self.0.as_bytes()))
+        f.write_str(&hex::encode(self.0.as_bytes()))
     }
 }
 
@@ -251,29 +255,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
         h.update(&buf[..r]);
         n += r as u64;
     }
-    Ok((hex(&h.finalize()), n))
-}
-
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    const D: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(D[(b >> 4) as usize] as char);
-        s.push(D[(b & 15) as usize] as char);
-    }
-    s
-}
-
-/// Parses hex (either case); `None` if malformed.
-pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    s.as_bytes()
-        .chunks(2)
-        .map(|c| u8::from_str_radix(std::str::from_utf8(c).ok()?, 16).ok())
-        .collect()
+    Ok((hex::encode(h.finalize()), n))
 }
 
 #[cfg(test)]
@@ -377,7 +359,9 @@ mod tests {
     fn keys_parse() {
         assert!(ReleaseKey::parse("abc").is_err());
         assert!(ReleaseKey::parse(&"zz".repeat(32)).is_err());
-        assert_eq!(unhex("0aFF"), Some(vec![10, 255]));
-        assert_eq!(hex(&[10, 255]), "0aff");
+        assert_eq!(hex::decode("0aFF").ok(), Some(vec![10, 255]));
+        assert_eq!(hex::encode([10, 255]), "0aff");
+        // The hand-written decoder this replaced read "+f" as a byte.
+        assert!(hex::decode("+f").is_err());
     }
 }

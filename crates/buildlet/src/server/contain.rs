@@ -144,7 +144,7 @@ impl Containment {
     pub fn setup(mode: ContainMode, root: &std::path::Path) -> Containment {
         use sha2::Digest;
         let digest = sha2::Sha256::digest(root.as_os_str().as_encoded_bytes());
-        let scope = super::files::hex(&digest[..8]);
+        let scope = hex::encode(&digest[..8]);
         let active = platform::setup(mode, &scope);
         tracing::debug!(?active, %scope, "process containment");
         Containment {

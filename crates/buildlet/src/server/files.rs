@@ -478,7 +478,7 @@ fn ls_entry(full: &Path, rel: &Path, meta: &fs::Metadata, digest: bool) -> io::R
         use sha2::Digest;
         let mut h = sha2::Sha256::new();
         io::copy(&mut fs::File::open(full)?, &mut h)?;
-        Some(hex(&h.finalize()))
+        Some(hex::encode(h.finalize()))
     } else {
         None
     };
@@ -512,16 +512,6 @@ fn file_mode(meta: &fs::Metadata) -> u32 {
 #[cfg(not(unix))]
 fn file_mode(_meta: &fs::Metadata) -> u32 {
     0
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }
 
 /// `POST /removeall` with repeated `path` fields; `.` empties the work dir.

@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 use sqlx::Row;
 
 use crate::ca::Ca;
-use crate::keys::{MasterKey, hex};
+use crate::keys::MasterKey;
 use crate::store::{Store, now_ms};
 
 pub mod check;
@@ -313,7 +313,7 @@ pub async fn submit_request(
     }
     let mut secret = [0u8; 24];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
-    let secret = hex(&secret);
+    let secret = hex::encode(secret);
     let id = sqlx::query(
         "INSERT INTO bot_requests (hostname, csr_pem, contact, notes, secret_sha256, status, created_at) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
     )
@@ -321,7 +321,7 @@ pub async fn submit_request(
     .bind(csr_pem)
     .bind(contact)
     .bind(notes)
-    .bind(hex(&Sha256::digest(secret.as_bytes())))
+    .bind(hex::encode(Sha256::digest(secret.as_bytes())))
     .bind(now_ms())
     .execute(store.pool())
     .await

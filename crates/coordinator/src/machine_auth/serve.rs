@@ -25,7 +25,6 @@ use super::{
 use crate::auth::Admin;
 use crate::ca::Ca;
 use crate::farm::Farm;
-use crate::keys::hex;
 use crate::pool::Refusal;
 use crate::store::now_ms;
 
@@ -142,7 +141,7 @@ async fn request_status(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
         .or(q.secret)
-        .map(|s| hex(&Sha256::digest(s.as_bytes())))
+        .map(|s| hex::encode(Sha256::digest(s.as_bytes())))
         .unwrap_or_default();
     let owner = bool::from(subtle::ConstantTimeEq::ct_eq(
         stored.as_bytes(),
@@ -446,7 +445,7 @@ async fn token(
             ),
         ));
     }
-    let serial = hex(cert.raw_serial());
+    let serial = hex::encode(cert.raw_serial());
     let revocation = revoked(&farm.store, &serial).await.map_err(|e| {
         refuse(
             StatusCode::SERVICE_UNAVAILABLE,

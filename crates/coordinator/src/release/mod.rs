@@ -84,7 +84,7 @@ async fn blob_digest(store: &dyn ArtifactStore, key: &str) -> std::io::Result<Op
     while let Some(chunk) = obj.body.next().await {
         h.update(&chunk?);
     }
-    Ok(Some(crate::keys::hex(&h.finalize())))
+    Ok(Some(hex::encode(h.finalize())))
 }
 
 /// The release index: the current manifest per platform and recent ones.
@@ -116,7 +116,8 @@ pub fn key_dir(data_dir: &Path) -> PathBuf {
 pub fn load_or_create_key(path: &Path) -> anyhow::Result<SigningKey> {
     let key = match std::fs::read_to_string(path) {
         Ok(text) => {
-            let seed: [u8; 32] = stage0::manifest::unhex(text.trim())
+            let seed: [u8; 32] = hex::decode(text.trim())
+                .ok()
                 .and_then(|b| b.try_into().ok())
                 .with_context(|| {
                     format!("{} is not a release key (64 hex digits)", path.display())
@@ -142,7 +143,7 @@ pub fn load_or_create_key(path: &Path) -> anyhow::Result<SigningKey> {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating {}", dir.display()))?;
             }
-            crate::keys::write_private(path, format!("{}\n", crate::keys::hex(&seed)).as_bytes())
+            crate::keys::write_private(path, format!("{}\n", hex::encode(seed)).as_bytes())
                 .with_context(|| format!("writing {}", path.display()))?;
             tracing::info!("created the farm's release key {}", path.display());
             SigningKey::from_bytes(&seed)
@@ -236,7 +237,7 @@ pub async fn publish(
     if req.data.is_empty() {
         bail!("the file is empty");
     }
-    let sha256 = crate::keys::hex(&sha2::Sha256::digest(&req.data));
+    let sha256 = hex::encode(sha2::Sha256::digest(&req.data));
     let info = binary_info(&req.data);
     let protocol = protocol_of(req.protocol, &info)?;
     if let Some(min) = req.min_protocol

@@ -146,7 +146,7 @@ impl ExecSource {
             .chars()
             .take(40)
             .collect();
-        let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        let hex = hex::encode(b);
         format!("{base}-{hex}")
     }
 

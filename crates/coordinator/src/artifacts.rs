@@ -90,26 +90,7 @@ fn missing<T>(r: io::Result<T>) -> io::Result<Option<T>> {
 }
 
 fn put_file(path: &Path, data: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut n = [0u8; 8];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut n);
-    let tmp = dir.join(format!(".{name}.{}.tmp", hex::encode(n)));
-    let r = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
+    atomicfile::write(path, data, None)
 }
 
 impl ArtifactStore for LocalDir {

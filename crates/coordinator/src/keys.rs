@@ -6,7 +6,6 @@
 //! hand out a key per host type without storing any, and a leaked key only
 //! lets someone pose as that one host type. Keys are compared in constant time.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use hmac::{Hmac, Mac};
@@ -98,17 +97,7 @@ impl MasterKey {
 }
 
 /// Writes a file readable only by its owner, atomically.
-pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
+pub use atomicfile::write_private;
 
 #[cfg(test)]
 mod tests {

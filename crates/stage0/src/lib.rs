@@ -328,13 +328,7 @@ pub fn installed(cfg: &Config) -> Result<Installed, String> {
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, data)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
+    atomicfile::write(path, data, None)
 }
 
 fn save_manifest(cfg: &Config, m: &Manifest) -> Result<(), Error> {

@@ -21,7 +21,7 @@ use crate::config::{BuildConfig, HostConfig};
 use crate::farm::{Farm, RunningBuild};
 use crate::logs::{LiveLog, MAX_LOG};
 use crate::pool::{Holder, Lease};
-use crate::scheduler::{LeaseRequest, Priority};
+use crate::scheduler::{LeaseRequest, Priority, Ticket};
 use crate::store::{BuildKind, BuildRow, BuildStatus};
 
 /// The directory in the work dir that holds the source tree.
@@ -95,29 +95,40 @@ impl Farm {
     /// broke, until the build ends. Withdrawing the build's request
     /// ([`Farm::cancel`]) ends a driver that waits.
     pub(crate) fn enqueue(self: &Arc<Self>, q: Queued) {
+        // The request is queued now, not when the task first runs, so the
+        // queue (and `/api/queue`) shows the build as soon as it exists.
+        let ticket = self.request_for(&q);
         let me = self.clone();
-        tokio::spawn(async move { me.drive(q).await });
+        tokio::spawn(async move { me.drive(q, ticket).await });
     }
 
-    async fn drive(self: Arc<Self>, q: Queued) {
-        let mut retry = false;
+    fn request_for(&self, q: &Queued) -> Ticket {
+        self.scheduler.request(LeaseRequest {
+            host_type: q.host_type.clone(),
+            priority: priority(q.kind),
+            holder: Holder::Build {
+                build_id: q.build_id,
+            },
+            commit_time: q.commit_time,
+        })
+    }
+
+    async fn drive(self: Arc<Self>, q: Queued, first: Ticket) {
+        let mut next = Some(first);
         loop {
-            // Between attempts the build may have been cancelled: then no
-            // request is made (it would be demand for nothing).
-            if retry
-                && !matches!(self.store.build(q.build_id).await, Ok(Some(b)) if b.status == BuildStatus::Queued)
-            {
-                self.unregister_running(q.build_id);
-                return;
-            }
-            let mut ticket = self.scheduler.request(LeaseRequest {
-                host_type: q.host_type.clone(),
-                priority: priority(q.kind),
-                holder: Holder::Build {
-                    build_id: q.build_id,
-                },
-                commit_time: q.commit_time,
-            });
+            let mut ticket = match next.take() {
+                Some(t) => t,
+                None => {
+                    // Between attempts the build may have been cancelled:
+                    // then no request is made (it would be demand for nothing).
+                    let queued = matches!(self.store.build(q.build_id).await, Ok(Some(b)) if b.status == BuildStatus::Queued);
+                    if !queued {
+                        self.unregister_running(q.build_id);
+                        return;
+                    }
+                    self.request_for(&q)
+                }
+            };
             let Ok(lease) = ticket.lease().await else {
                 // Withdrawn: cancelled while it waited.
                 self.unregister_running(q.build_id);
@@ -127,7 +138,7 @@ impl Farm {
             drop(ticket);
             match self.clone().run_build(q.build_id, lease).await {
                 Next::Done => return,
-                Next::Again => retry = true,
+                Next::Again => {}
                 Next::AgainLater => tokio::time::sleep(Duration::from_secs(1)).await,
             }
         }

@@ -352,99 +352,20 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
             ),
         );
     }
-    let (heartbeat, hb_timeout) = (cfg.farm.heartbeat, cfg.farm.heartbeat_timeout);
-    let binary = crate::release::Registration::from_headers(req.headers());
+    let accepted = Accepted {
+        hostname,
+        host_type,
+        bot,
+        build,
+        peer,
+        binary: crate::release::Registration::from_headers(req.headers()),
+    };
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::warn!(%hostname, "reverse upgrade failed: {e}");
-                return;
-            }
-        };
-        let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Some(heartbeat))
-            .keep_alive_timeout(
-                hb_timeout
-                    .saturating_sub(heartbeat)
-                    .max(Duration::from_secs(1)),
-            )
-            .keep_alive_while_idle(true)
-            .handshake::<_, ReqBody>(upgraded)
-            .await;
-        let (sender, conn) = match handshake {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(%hostname, "HTTP/2 over the reverse connection failed: {e}");
-                return;
-            }
-        };
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-        let conn_task = tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!("reverse connection ended: {e}");
-            }
-            let _ = done_tx.send(());
-        });
-        let client = Client::with_transport(
-            Arc::new(H2Transport { sender }),
-            "http://buildlet".into(),
-            None,
-        );
-        let status = match tokio::time::timeout(Duration::from_secs(10), client.status()).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::warn!(%hostname, "buildlet did not answer /status after registering: {e}");
-                conn_task.abort();
-                return;
-            }
-            Err(_) => {
-                tracing::warn!(%hostname, "buildlet did not answer /status within 10s after registering");
-                conn_task.abort();
-                return;
-            }
-        };
-        let id = match farm.pool.add(
-            &hostname,
-            &host_type,
-            bot,
-            status.version,
-            &build,
-            &peer.to_string(),
-            client,
-            conn_task.abort_handle(),
-        ) {
-            Ok(id) => id,
-            Err(why) => {
-                // Another machine took the name while this one registered.
-                tracing::warn!(%hostname, %host_type, "dropping a registration: {why}");
-                conn_task.abort();
-                return;
-            }
-        };
-        farm.releases
-            .machine_joined(&farm.pool, id, &hostname, &status, &binary);
-        if bot {
-            farm.bots.add(id, &hostname);
+        match on_upgrade.await {
+            Ok(upgraded) => attach(farm, upgraded, accepted).await,
+            Err(e) => tracing::warn!(hostname = %accepted.hostname, "reverse upgrade failed: {e}"),
         }
-        tracing::info!(%hostname, %host_type, version = status.version, %peer, bot, "machine joined the pool");
-        if let Err(e) = farm
-            .store
-            .machine_seen(
-                &hostname,
-                &host_type,
-                status.version as i64,
-                &build,
-                &peer.to_string(),
-            )
-            .await
-        {
-            tracing::warn!("recording machine: {e}");
-        }
-        let _ = done_rx.await;
-        farm.pool.remove(id, "connection closed");
     });
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
@@ -452,4 +373,120 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
         .header(header::UPGRADE, proto::REVERSE_UPGRADE)
         .body(Body::empty())
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// A registration that passed every check of `GET /reverse`.
+pub struct Accepted {
+    pub hostname: String,
+    pub host_type: String,
+    /// Registered with a machine certificate (bot) rather than a builder key.
+    pub bot: bool,
+    pub build: String,
+    pub peer: SocketAddr,
+    pub binary: crate::release::Registration,
+}
+
+/// Serves an accepted machine over its link until the link closes: the
+/// coordinator is the HTTP/2 client of the buildlet on it, asks `/status`,
+/// and adds the machine to the pool. The link is the upgraded connection
+/// of `/reverse`, or any byte stream (the in-process test harness uses a
+/// pipe to a real buildlet handler), so both take the same path.
+pub async fn attach<IO>(farm: Arc<Farm>, io: IO, a: Accepted)
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let Accepted {
+        hostname,
+        host_type,
+        bot,
+        build,
+        peer,
+        binary,
+    } = a;
+    let (heartbeat, hb_timeout) = {
+        let c = farm.config();
+        (c.farm.heartbeat, c.farm.heartbeat_timeout)
+    };
+    let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(heartbeat))
+        .keep_alive_timeout(
+            hb_timeout
+                .saturating_sub(heartbeat)
+                .max(Duration::from_secs(1)),
+        )
+        .keep_alive_while_idle(true)
+        .handshake::<_, ReqBody>(io)
+        .await;
+    let (sender, conn) = match handshake {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(%hostname, "HTTP/2 over the reverse connection failed: {e}");
+            return;
+        }
+    };
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let conn_task = tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("reverse connection ended: {e}");
+        }
+        let _ = done_tx.send(());
+    });
+    let client = Client::with_transport(
+        Arc::new(H2Transport { sender }),
+        "http://buildlet".into(),
+        None,
+    );
+    let status = match tokio::time::timeout(Duration::from_secs(10), client.status()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::warn!(%hostname, "buildlet did not answer /status after registering: {e}");
+            conn_task.abort();
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%hostname, "buildlet did not answer /status within 10s after registering");
+            conn_task.abort();
+            return;
+        }
+    };
+    let id = match farm.pool.add(
+        &hostname,
+        &host_type,
+        bot,
+        status.version,
+        &build,
+        &peer.to_string(),
+        client,
+        conn_task.abort_handle(),
+    ) {
+        Ok(id) => id,
+        Err(why) => {
+            // Another machine took the name while this one registered.
+            tracing::warn!(%hostname, %host_type, "dropping a registration: {why}");
+            conn_task.abort();
+            return;
+        }
+    };
+    farm.releases
+        .machine_joined(&farm.pool, id, &hostname, &status, &binary);
+    if bot {
+        farm.bots.add(id, &hostname);
+    }
+    tracing::info!(%hostname, %host_type, version = status.version, %peer, bot, "machine joined the pool");
+    if let Err(e) = farm
+        .store
+        .machine_seen(
+            &hostname,
+            &host_type,
+            status.version as i64,
+            &build,
+            &peer.to_string(),
+        )
+        .await
+    {
+        tracing::warn!("recording machine: {e}");
+    }
+    let _ = done_rx.await;
+    farm.pool.remove(id, "connection closed");
 }

@@ -13,6 +13,7 @@ mod dashboard;
 mod farm;
 mod git;
 mod hostile;
+mod inproc;
 mod resilience;
 mod secrets;
 mod sources;

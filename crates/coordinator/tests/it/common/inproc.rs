@@ -1,0 +1,150 @@
+//! An in-process farm for fast tests of the coordinator's logic: the real
+//! `Farm` (lease queue, pool, builds, a real SQLite file in a temp dir)
+//! with machines that are the real buildlet handler, each joined to the
+//! farm over an in-memory pipe through the same code a `/reverse`
+//! registration takes ([`coordinator::reverse::attach`]). No processes, no
+//! sockets, no TLS: the scheduler, pool and builds get tests that take
+//! milliseconds. The process-level tests stay for everything end to end.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use buildlet::server::{Buildlet, ContainMode};
+use coordinator::farm::{Farm, FarmOptions};
+use coordinator::reverse::{Accepted, attach};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+pub struct InProc {
+    pub farm: Arc<Farm>,
+    pub dir: tempfile::TempDir,
+    dispatch: tokio::task::JoinHandle<()>,
+}
+
+impl InProc {
+    /// A farm with `config` (TOML, paths relative to the temp dir) and its
+    /// dispatcher running; no pollers, no machine sources.
+    pub async fn start(config: &str) -> InProc {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("farm.toml");
+        std::fs::write(&path, config).unwrap();
+        let cfg = coordinator::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let store = coordinator::store::Store::open(&data.join("farmer.db"))
+            .await
+            .unwrap();
+        let master = coordinator::keys::MasterKey::load_or_create(&data).unwrap();
+        let farm = Farm::new(FarmOptions {
+            data_dir: data,
+            config: cfg,
+            store,
+            master,
+            admin_token: "test-admin-token".into(),
+            allow_plaintext: true,
+            tls_fingerprint: None,
+            tls_spki_pin: None,
+        });
+        let dispatch = tokio::spawn(farm.clone().dispatch_loop());
+        InProc {
+            farm,
+            dir,
+            dispatch,
+        }
+    }
+
+    /// A machine of `host_type` called `hostname`: a real buildlet handler
+    /// with its own work dir, joined over a pipe. Returns once it is in the
+    /// pool.
+    pub async fn machine(&self, host_type: &str, hostname: &str) -> Arc<Buildlet> {
+        let mut cfg =
+            buildlet::server::Config::new(self.dir.path().join("machines").join(hostname));
+        cfg.hostname = hostname.to_string();
+        // The process group is enough here, and leaves the test process's
+        // cgroup and reaper settings alone.
+        cfg.contain = ContainMode::Group;
+        let b = Buildlet::new(cfg).unwrap();
+        let (coordinator_end, machine_end) = tokio::io::duplex(1 << 20);
+        let me = b.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let me = me.clone();
+                async move { Ok::<_, std::convert::Infallible>(me.handle(req).await) }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(machine_end), svc)
+                .await;
+        });
+        tokio::spawn(attach(
+            self.farm.clone(),
+            TokioIo::new(coordinator_end),
+            Accepted {
+                hostname: hostname.to_string(),
+                host_type: host_type.to_string(),
+                bot: false,
+                build: "in-process".into(),
+                peer: ([127, 0, 0, 1], 0).into(),
+                binary: Default::default(),
+            },
+        ));
+        self.until("the machine in the pool", Duration::from_secs(10), || {
+            self.farm.pool.find(host_type, hostname).is_some()
+        })
+        .await;
+        b
+    }
+
+    /// Waits (bounded) until `f` holds.
+    pub async fn until(&self, what: &str, limit: Duration, f: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !f() {
+            assert!(start.elapsed() < limit, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits (bounded) until build `id` has a final status; returns it.
+    pub async fn finished(&self, id: i64) -> coordinator::store::BuildRow {
+        let start = Instant::now();
+        loop {
+            let b = self.farm.store.build(id).await.unwrap().unwrap();
+            if b.status.is_terminal() {
+                return b;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "build {id} did not finish: {b:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for InProc {
+    fn drop(&mut self) {
+        self.dispatch.abort();
+    }
+}
+
+/// A config for the in-process farm: one repo at `repo`, host types
+/// `host-a` (trusted), and builders given as TOML.
+pub fn config(repo: &Path, builders: &str) -> String {
+    format!(
+        r#"[farm]
+heartbeat = "1s"
+heartbeat_timeout = "30s"
+
+[repos.r]
+url = "{}"
+branches = ["main"]
+
+[hosts.host-a]
+pool = "reverse"
+trusted = true
+
+{builders}
+"#,
+        repo.display()
+    )
+}

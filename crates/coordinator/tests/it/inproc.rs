@@ -1,0 +1,208 @@
+//! The lease queue, the pool and builds, tested in process (see
+//! `common/inproc.rs`): the real farm and the real buildlet handler joined
+//! by a pipe. Each test takes milliseconds.
+
+use crate::common::TestRepo;
+use crate::common::inproc::{InProc, config};
+
+use std::time::Duration;
+
+use coordinator::pool::{Holder, MachineState};
+use coordinator::scheduler::{LeaseRequest, Priority};
+use coordinator::store::{BuildKind, BuildStatus};
+
+const BUILDER: &str = r#"
+[builders.b]
+host = "host-a"
+[[builders.b.steps]]
+name = "say"
+run = "echo built $FARMER_COMMIT; cat file"
+"#;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn a_build_runs_on_a_real_buildlet_handler_in_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = TestRepo::new(&dir.path().join("repo"));
+    let commit = repo.commit("one", &[("file", "contents of the tree\n")]);
+    rt().block_on(async {
+        let f = InProc::start(&config(&repo.path, BUILDER)).await;
+        f.machine("host-a", "m1").await;
+        let id = f
+            .farm
+            .trigger("b", None, None, &commit, BuildKind::PostSubmit, "test")
+            .await
+            .unwrap();
+        let b = f.finished(id).await;
+        assert_eq!(b.status, BuildStatus::Passed, "{b:?}");
+        let steps = f.farm.store.steps(id).await.unwrap();
+        let log = f.farm.store.step_log(steps[0].id).await.unwrap().unwrap();
+        let log = String::from_utf8_lossy(&log);
+        assert!(log.contains(&format!("built {commit}")), "{log}");
+        assert!(log.contains("contents of the tree"), "{log}");
+        // The machine is cleaned and idle again.
+        f.until("the machine idle", Duration::from_secs(10), || {
+            f.farm
+                .pool
+                .find("host-a", "m1")
+                .is_some_and(|m| m.state == MachineState::Idle)
+        })
+        .await;
+    });
+}
+
+#[test]
+fn the_lease_queue_serves_release_interactive_presubmit_then_newest_postsubmit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = TestRepo::new(&dir.path().join("repo"));
+    let old = repo.commit("old", &[("file", "1\n")]);
+    let new = repo.commit("new", &[("file", "2\n")]);
+    let builders = BUILDER.replace(
+        "host = \"host-a\"\n",
+        "host = \"host-a\"\npresubmit = true\n",
+    );
+    rt().block_on(async {
+        let f = InProc::start(&config(&repo.path, &builders)).await;
+        let mut ids = Vec::new();
+        for (commit, kind) in [
+            (&old, BuildKind::PostSubmit),
+            (&new, BuildKind::PostSubmit),
+            (&old, BuildKind::PreSubmit),
+            (&old, BuildKind::Interactive),
+            (&old, BuildKind::Release),
+        ] {
+            ids.push(
+                f.farm
+                    .trigger("b", None, None, commit, kind, "test")
+                    .await
+                    .unwrap(),
+            );
+        }
+        // Everything waits: nothing to run on, and the queue says so.
+        let q = f.farm.scheduler.views();
+        assert_eq!(q[0].waiting, 5);
+        assert!(
+            f.farm
+                .wait_reason("host-a")
+                .contains("no machine of host-a"),
+            "{}",
+            f.farm.wait_reason("host-a")
+        );
+        // One machine: the builds run one after another, most urgent first.
+        f.machine("host-a", "only").await;
+        let mut order = Vec::new();
+        for id in &ids {
+            let b = f.finished(*id).await;
+            assert_eq!(b.status, BuildStatus::Passed, "{b:?}");
+            let a = f.farm.store.attempts(*id).await.unwrap();
+            order.push((a[0].id, *id));
+        }
+        order.sort();
+        let ran: Vec<i64> = order.iter().map(|(_, id)| *id).collect();
+        // release, interactive, pre-submit, post-submit of the newer commit, then the older.
+        assert_eq!(ran, vec![ids[4], ids[3], ids[2], ids[1], ids[0]]);
+    });
+}
+
+#[test]
+fn withdrawn_requests_take_no_machine_and_a_lease_nobody_reads_goes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = TestRepo::new(&dir.path().join("repo"));
+    let commit = repo.commit("one", &[("file", "x\n")]);
+    rt().block_on(async {
+        let f = InProc::start(&config(&repo.path, BUILDER)).await;
+        // A build cancelled while it waits never runs.
+        let cancelled = f
+            .farm
+            .trigger("b", None, None, &commit, BuildKind::Interactive, "test")
+            .await
+            .unwrap();
+        let kept = f
+            .farm
+            .trigger("b", None, None, &commit, BuildKind::Release, "test")
+            .await
+            .unwrap();
+        assert_eq!(
+            f.farm.cancel(cancelled).await.unwrap(),
+            BuildStatus::Cancelled
+        );
+        assert_eq!(f.farm.scheduler.waiting("host-a"), 1);
+        // An interactive request whose asker goes away before a machine
+        // comes: withdrawn, nothing leased for it.
+        let gone = f.farm.scheduler.request(LeaseRequest {
+            host_type: "host-a".into(),
+            priority: Priority::Interactive,
+            holder: Holder::Interactive {
+                session: "s-gone".into(),
+            },
+            commit_time: 0,
+        });
+        drop(gone);
+        assert_eq!(f.farm.scheduler.waiting("host-a"), 1);
+        f.machine("host-a", "m").await;
+        assert_eq!(f.finished(kept).await.status, BuildStatus::Passed);
+        assert!(f.farm.store.attempts(cancelled).await.unwrap().is_empty());
+        f.until("the machine idle", Duration::from_secs(10), || {
+            f.farm
+                .pool
+                .find("host-a", "m")
+                .is_some_and(|m| m.state == MachineState::Idle)
+        })
+        .await;
+
+        // A session gets the machine, and its state says who holds it.
+        let mut ticket = f.farm.scheduler.request(LeaseRequest {
+            host_type: "host-a".into(),
+            priority: Priority::Interactive,
+            holder: Holder::Interactive {
+                session: "s1".into(),
+            },
+            commit_time: 0,
+        });
+        let lease = tokio::time::timeout(Duration::from_secs(10), ticket.lease())
+            .await
+            .unwrap()
+            .unwrap();
+        let m = f.farm.pool.find("host-a", "m").unwrap();
+        assert_eq!(
+            m.state,
+            MachineState::Leased {
+                holder: Holder::Interactive {
+                    session: "s1".into()
+                }
+            }
+        );
+        // Ending the lease cleans the machine and makes it idle again.
+        f.farm.end_lease(lease).await;
+        assert_eq!(
+            f.farm.pool.find("host-a", "m").unwrap().state,
+            MachineState::Idle
+        );
+
+        // A lease handed to a ticket nobody reads goes back to the pool.
+        let unread = f.farm.scheduler.request(LeaseRequest {
+            host_type: "host-a".into(),
+            priority: Priority::Interactive,
+            holder: Holder::Interactive {
+                session: "s2".into(),
+            },
+            commit_time: 0,
+        });
+        f.until("the lease handed over", Duration::from_secs(10), || {
+            f.farm.scheduler.waiting("host-a") == 0
+        })
+        .await;
+        drop(unread);
+        assert_eq!(
+            f.farm.pool.find("host-a", "m").unwrap().state,
+            MachineState::Idle
+        );
+    });
+}

@@ -11,11 +11,9 @@
 use crate::cdp;
 use crate::common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -25,7 +23,7 @@ struct Up {
     child: Child,
     addr: String,
     data_dir: PathBuf,
-    log: Arc<Mutex<Vec<String>>>,
+    log: common::Lines,
 }
 
 impl Up {
@@ -40,25 +38,8 @@ impl Up {
             .process_group(0)
             .spawn()
             .unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        let l = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Some(a) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(a.trim().to_string());
-                }
-                l.lock().unwrap().push(line);
-            }
-        });
-        let err = child.stderr.take().unwrap();
-        let l = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                l.lock().unwrap().push(line);
-            }
-        });
+        let (log, rx) = common::Lines::follow_announcing(child.stdout.take().unwrap());
+        log.also(child.stderr.take().unwrap());
         let mut up = Up {
             child,
             addr: String::new(),
@@ -66,14 +47,14 @@ impl Up {
             log,
         };
         match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(a) => up.addr = a,
+            Ok(line) => up.addr = line.trim_start_matches("listening on ").trim().to_string(),
             Err(_) => panic!("farmer up did not start:\n{}", up.log()),
         }
         up
     }
 
     fn log(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        self.log.all()
     }
 
     fn url(&self, path: &str) -> String {

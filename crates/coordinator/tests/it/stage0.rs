@@ -9,38 +9,11 @@
 
 use crate::common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
-
-use common::{Bot, Coordinator, FARMER, TestRepo, config};
-
-/// Output lines of a child, collected in the background.
-#[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<String>>>);
-
-impl Log {
-    fn push(&self, l: String) {
-        self.0.lock().unwrap().push(l);
-    }
-    fn all(&self) -> String {
-        self.0.lock().unwrap().join("\n")
-    }
-    fn wait_for(&self, needle: &str, limit: Duration) -> bool {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if self.all().contains(needle) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
-    }
-}
+use common::{Bot, Coordinator, FARMER, Lines, TestRepo, config};
 
 /// The machine that ran a build's (only) attempt.
 fn build_machine(c: &Coordinator, id: &serde_json::Value) -> String {
@@ -145,7 +118,7 @@ fn release_key(c: &Coordinator) -> String {
 /// A `farmer stage0 -loop` process for one machine.
 struct Stage0 {
     child: Child,
-    log: Log,
+    log: Lines,
     dir: PathBuf,
 }
 
@@ -183,19 +156,8 @@ impl Stage0 {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let log = Log::default();
-        for r in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(r).lines() {
-                    let Ok(line) = line else { break };
-                    log.push(line);
-                }
-            });
-        }
+        let log = Lines::follow(child.stdout.take().unwrap());
+        log.also(child.stderr.take().unwrap());
         Stage0 {
             child,
             log,

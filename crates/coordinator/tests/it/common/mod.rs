@@ -89,6 +89,22 @@ impl Lines {
         lines
     }
 
+    /// Collects the lines of `r` as well (a child's other stream).
+    pub fn also<R: std::io::Read + Send + 'static>(&self, r: R) {
+        collect(r, self.clone(), None);
+    }
+
+    /// Like [`Lines::follow`], and sends the `listening on ADDR` line's
+    /// address when it comes (what `farmer serve` and `farmer up` print).
+    pub fn follow_announcing<R: std::io::Read + Send + 'static>(
+        r: R,
+    ) -> (Lines, std::sync::mpsc::Receiver<String>) {
+        let lines = Lines::default();
+        let (tx, rx) = std::sync::mpsc::channel();
+        collect(r, lines.clone(), Some(tx));
+        (lines, rx)
+    }
+
     pub fn all(&self) -> String {
         self.0.lock().unwrap().join("\n")
     }

@@ -72,37 +72,8 @@ run = "true"
 
 /// Status, headers (lowercase names) and body of a GET.
 fn fetch(url: &str, headers: &[(&str, &str)]) -> (u16, HashMap<String, String>, String) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        use http_body_util::BodyExt;
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<http_body_util::Empty<bytes::Bytes>>();
-        let mut req = http::Request::get(url);
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let req = req.body(http_body_util::Empty::new()).unwrap();
-        let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
-            .await
-            .expect("GET timed out")
-            .unwrap();
-        let status = resp.status().as_u16();
-        let hs = resp
-            .headers()
-            .iter()
-            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
-            .collect();
-        let body = tokio::time::timeout(Duration::from_secs(30), resp.into_body().collect())
-            .await
-            .expect("GET body timed out")
-            .unwrap()
-            .to_bytes();
-        (status, hs, String::from_utf8_lossy(&body).into_owned())
-    })
+    let a = common::http("GET", url, headers, "");
+    (a.status, a.headers, a.body)
 }
 
 /// One server-sent event.

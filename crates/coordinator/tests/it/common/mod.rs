@@ -408,34 +408,24 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-pub fn http_get(url: &str) -> String {
-    rt().block_on(async {
-        use http_body_util::BodyExt;
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<http_body_util::Empty<bytes::Bytes>>();
-        let resp = tokio::time::timeout(Duration::from_secs(30), client.get(url.parse().unwrap()))
-            .await
-            .expect("GET timed out")
-            .unwrap();
-        let body = tokio::time::timeout(Duration::from_secs(60), resp.into_body().collect())
-            .await
-            .expect("GET body timed out")
-            .unwrap()
-            .to_bytes();
-        String::from_utf8_lossy(&body).into_owned()
-    })
+/// What an HTTP exchange returned: status, headers (lowercase names), body.
+pub struct Answer {
+    pub status: u16,
+    pub headers: std::collections::HashMap<String, String>,
+    pub body: String,
 }
 
-pub fn http_post(url: &str, body: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+/// One HTTP/1.1 request over loopback, bounded in time: the one client of
+/// the integration tests (GET and POST helpers below wrap it).
+pub fn http(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Answer {
     rt().block_on(async {
         use http_body_util::BodyExt;
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build_http::<http_body_util::Full<bytes::Bytes>>();
-        let mut req = http::Request::post(url).header("content-type", "application/json");
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
+        let mut req = http::Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
         }
         let req = req
             .body(http_body_util::Full::new(bytes::Bytes::from(
@@ -444,15 +434,42 @@ pub fn http_post(url: &str, body: &str, token: Option<&str>) -> (u16, serde_json
             .unwrap();
         let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
             .await
-            .expect("POST timed out")
+            .unwrap_or_else(|_| panic!("{method} {url} timed out"))
             .unwrap();
         let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        let v = serde_json::from_slice(&body).unwrap_or(serde_json::Value::String(
-            String::from_utf8_lossy(&body).into_owned(),
-        ));
-        (status, v)
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        let body = tokio::time::timeout(Duration::from_secs(60), resp.into_body().collect())
+            .await
+            .unwrap_or_else(|_| panic!("{method} {url}: the body timed out"))
+            .unwrap()
+            .to_bytes();
+        Answer {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
     })
+}
+
+pub fn http_get(url: &str) -> String {
+    http("GET", url, &[], "").body
+}
+
+/// A JSON POST, with the admin token if given; the answer as JSON (or as a
+/// JSON string when it is not JSON).
+pub fn http_post(url: &str, body: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(a) = &auth {
+        headers.push(("authorization", a.as_str()));
+    }
+    let a = http("POST", url, &headers, body);
+    let v = serde_json::from_str(&a.body).unwrap_or(serde_json::Value::String(a.body));
+    (a.status, v)
 }
 
 /// A config with one reverse host type (and optionally an untrusted one),

@@ -654,26 +654,13 @@ fn bootstrapswarm_downloads_the_bot_and_it_takes_a_build() {
 }
 
 fn post_form(url: &str, body: &str) -> (u16, String) {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            use http_body_util::BodyExt;
-            let client =
-                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                    .build_http::<http_body_util::Full<bytes::Bytes>>();
-            let req = http::Request::post(url)
-                .header("content-type", "application/x-www-form-urlencoded")
-                .body(http_body_util::Full::new(bytes::Bytes::from(
-                    body.to_string(),
-                )))
-                .unwrap();
-            let resp = client.request(req).await.unwrap();
-            let code = resp.status().as_u16();
-            let b = resp.into_body().collect().await.unwrap().to_bytes();
-            (code, String::from_utf8_lossy(&b).into_owned())
-        })
+    let a = common::http(
+        "POST",
+        url,
+        &[("content-type", "application/x-www-form-urlencoded")],
+        body,
+    );
+    (a.status, a.body)
 }
 
 #[test]
@@ -951,4 +938,77 @@ fn a_revocation_check_that_fails_refuses_the_token() {
         "{out}{err}"
     );
     assert!(!token.exists());
+}
+
+#[test]
+fn machine_tokend_refreshes_only_past_half_life_and_keeps_going_with_loop() {
+    let f = start();
+    let (key, cert) = f.onboard(HOST);
+    let token = f.owner.join("token.json");
+    let read = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(&token).unwrap()).unwrap()
+    };
+    assert!(f.tokend(&key, &cert, &token).0);
+    let first = read();
+    // The next refresh is due at half the token's life.
+    let (last, next, expiry) = (
+        first["last_update"].as_i64().unwrap(),
+        first["next_update"].as_i64().unwrap(),
+        first["expiry"].as_i64().unwrap(),
+    );
+    assert!((next - last - (expiry - last) / 2).abs() <= 1, "{first}");
+    // Past half-life (as if time went by): the next run refreshes.
+    let mut aged = first.clone();
+    aged["next_update"] = (tokend_now() - 1).into();
+    std::fs::write(&token, aged.to_string()).unwrap();
+    let (ok, out, err) = f.tokend(&key, &cert, &token);
+    assert!(ok && out.contains("wrote a new token"), "{out}{err}");
+    let second = read();
+    assert!(
+        second["next_update"].as_i64().unwrap() > tokend_now(),
+        "{second}"
+    );
+
+    // -loop: a run while the token is fresh writes nothing and sleeps until
+    // the half-life, then refreshes by itself.
+    let mut soon = second.clone();
+    soon["next_update"] = (tokend_now() + 2).into();
+    std::fs::write(&token, soon.to_string()).unwrap();
+    let before = std::fs::read_to_string(&token).unwrap();
+    let mut child = Command::new(FARMER)
+        .args([
+            "machine-tokend",
+            &format!("-backend={}", f.url()),
+            &format!("-cert-pem={}", cert.display()),
+            &format!("-pkey-pem={}", key.display()),
+            &format!("-token-file={}", token.display()),
+            "-loop",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let status_file = f.owner.join("token.json.status");
+    f.c.wait("a first, fresh run", Duration::from_secs(20), |_| {
+        std::fs::read_to_string(&status_file)
+            .ok()
+            .filter(|s| s.contains("still fresh"))
+    });
+    assert_eq!(std::fs::read_to_string(&token).unwrap(), before);
+    let refreshed =
+        f.c.wait("the loop to refresh", Duration::from_secs(30), |_| {
+            let now = std::fs::read_to_string(&token).ok()?;
+            (now != before).then_some(now)
+        });
+    let v: serde_json::Value = serde_json::from_str(&refreshed).unwrap();
+    assert!(v["next_update"].as_i64().unwrap() > tokend_now(), "{v}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn tokend_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }

@@ -429,6 +429,97 @@ fn grid_live_log_and_status_in_headless_chromium() {
         );
     });
 
+    part(
+        &mut failed_parts,
+        "builder requests approved and rejected on /requests",
+        || {
+            // Two owners ask for machines.
+            for host in ["bot-ok", "bot-no"] {
+                let g = botauth::csr::generate(
+                    host,
+                    botauth::hostname::DEFAULT_BOT_DOMAIN,
+                    botauth::csr::KeyType::Ed25519,
+                )
+                .unwrap();
+                let body = json!({
+                    "hostname": host,
+                    "csr_pem": g.csr_pem,
+                    "contact": format!("{host}@example.com"),
+                    "notes": "",
+                });
+                let (code, v) =
+                    common::http_post(&up.url("/api/requests"), &body.to_string(), None);
+                assert!(code == 200 || code == 201, "{code} {v}");
+            }
+            // The admin lists them with the token and decides on the page.
+            tab.goto(&up.url("/requests"));
+            tab.eval(&format!(
+            "(() => {{ document.getElementById('requests-token').value = {}; document.getElementById('requests-load').click(); return true; }})()",
+            json!(up.token())
+        ));
+            tab.wait_for(
+                "the two requests listed",
+                "document.querySelectorAll('#requests-rows tr').length === 2",
+                Duration::from_secs(10),
+            );
+            let row = |host: &str| {
+                format!(
+                    "[...document.querySelectorAll('#requests-rows tr')].find(tr => tr.cells[2].textContent === '{host}')"
+                )
+            };
+            tab.eval(&format!(
+            "(() => {{ const tr = {}; tr.querySelector('select').value = 'host-linux-arm64-sim'; [...tr.querySelectorAll('button')].find(b => b.textContent === 'Approve').click(); return true; }})()",
+            row("bot-ok")
+        ));
+            tab.wait_for(
+                "the approval shown",
+                &format!(
+                    "{}.cells[1].textContent.startsWith('approved (host-linux-arm64-sim)')",
+                    row("bot-ok")
+                ),
+                Duration::from_secs(10),
+            );
+            tab.eval(&format!(
+            "(() => {{ const tr = {}; tr.querySelector('input').value = 'not one of ours'; [...tr.querySelectorAll('button')].find(b => b.textContent === 'Reject').click(); return true; }})()",
+            row("bot-no")
+        ));
+            tab.wait_for(
+                "the rejection shown",
+                &format!(
+                    "{}.cells[1].textContent.includes('not one of ours')",
+                    row("bot-no")
+                ),
+                Duration::from_secs(10),
+            );
+            shoot(&tab, "requests");
+            // The farm recorded both decisions.
+            let auth = format!("Bearer {}", up.token());
+            let list = common::http(
+                "GET",
+                &up.url("/api/requests"),
+                &[("authorization", &auth)],
+                "",
+            );
+            let list: Value = serde_json::from_str(&list.body).unwrap();
+            let by_host = |h: &str| {
+                list.as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|q| q["hostname"] == h)
+                    .cloned()
+                    .unwrap()
+            };
+            assert_eq!(by_host("bot-ok")["status"], "approved", "{list}");
+            assert_eq!(
+                by_host("bot-ok")["host_type"],
+                "host-linux-arm64-sim",
+                "{list}"
+            );
+            assert_eq!(by_host("bot-no")["status"], "rejected", "{list}");
+            assert_eq!(by_host("bot-no")["reason"], "not one of ours", "{list}");
+        },
+    );
+
     assert!(
         failed_parts.is_empty(),
         "{} part(s) failed:\n\n{}",

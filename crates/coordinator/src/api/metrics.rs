@@ -157,6 +157,19 @@ pub async fn render(farm: &Farm) -> String {
             label(&kind)
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP farmer_machine_token_checks_passed_total Re-checks of connected bots' machine tokens that passed."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE farmer_machine_token_checks_passed_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "farmer_machine_token_checks_passed_total {}",
+        farm.bots.checks_passed()
+    );
     let sources = farm.sources.views();
     let _ = writeln!(
         out,

@@ -49,7 +49,7 @@ pub async fn check_loop(farm: Arc<Farm>) {
                         Err(_) => return,
                     };
                 match verify_token(&f.master, &f.store, &token).await {
-                    Ok(c) if c.hostname == hostname => {}
+                    Ok(c) if c.hostname == hostname => reg.check_passed(),
                     Ok(c) => drop_bot(
                         &f,
                         reg,

@@ -66,6 +66,8 @@ pub struct BotRegistry {
     ca: Mutex<Option<Arc<Ca>>>,
     /// Builder requests per client address in the current window.
     submits: Mutex<HashMap<std::net::IpAddr, (i64, u32)>>,
+    /// Token checks of connected bots that passed (`/metrics`).
+    checks_passed: std::sync::atomic::AtomicU64,
 }
 
 /// Builder requests one address may submit per [`SUBMIT_WINDOW_MS`].
@@ -109,6 +111,18 @@ impl BotRegistry {
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, hostname.to_string());
     }
+    /// Counts a connected bot's token check that passed.
+    pub fn check_passed(&self) {
+        self.checks_passed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Token checks of connected bots that passed since start.
+    pub fn checks_passed(&self) -> u64 {
+        self.checks_passed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn all(&self) -> Vec<(u64, String)> {
         self.bots
             .lock()

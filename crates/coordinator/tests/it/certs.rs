@@ -245,8 +245,19 @@ fn the_whole_certificate_path_then_revocation() {
     assert_eq!(m["connected"][0]["host_type"], "host-linux-riscv64");
     let builds = f.c.wait_builds_done(1, Duration::from_secs(60));
     assert_eq!(builds[0]["status"], "passed", "{}", builds[0]);
-    // Token checks of the connected bot pass (heartbeat is 1s here).
-    std::thread::sleep(Duration::from_secs(3));
+    // Token checks of the connected bot pass (heartbeat is 1s here): two
+    // more of them, and it is still connected.
+    let checks = |c: &Coordinator| -> u64 {
+        c.get_text("/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix("farmer_machine_token_checks_passed_total "))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = checks(&f.c);
+    f.c.wait("two more token checks", Duration::from_secs(30), |c| {
+        (checks(c) >= before + 2).then_some(())
+    });
     assert_eq!(f.c.connected(), vec![HOST.to_string()]);
     let blog =
         f.c.get_text(&format!("/api/builds/{}/log", builds[0]["id"]));

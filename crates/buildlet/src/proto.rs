@@ -180,6 +180,9 @@ impl std::fmt::Display for ProcessState {
     }
 }
 
+/// The longest `timeout` an exec accepts (a year); longer is refused.
+pub const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// Parses a duration the way Go's `time.ParseDuration` spells it (`90s`,
 /// `1m30s`, `500ms`, `2h`), or a bare number of seconds (the shared
 /// parser, [`goflags::duration::parse_lenient`]).

@@ -139,7 +139,7 @@ pub async fn run(b: Arc<Buildlet>, cfg: ReverseConfig) -> Result<(), ReverseErro
             r = attempt.as_mut() => r,
             _ = b.halted() => {
                 // While serving, the link delivers its replies (the `/halt`
-                // one among them) before it closes; a dial is given up.
+                // one among them) before it closes (bounded by the grace).
                 let _ = tokio::time::timeout(crate::server::HALT_GRACE, attempt).await;
                 return Ok(());
             }

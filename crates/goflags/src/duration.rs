@@ -97,7 +97,9 @@ pub fn parse(text: &str) -> Result<Duration, DurationError> {
         let frac_digits = &frac_part[..frac_part.len().min(18)];
         if !frac_digits.is_empty() {
             let frac: u128 = frac_digits.parse().map_err(|_| DurationError::TooLong)?;
-            term += frac * unit_nanos / 10u128.pow(frac_digits.len() as u32);
+            term = term
+                .checked_add(frac * unit_nanos / 10u128.pow(frac_digits.len() as u32))
+                .ok_or(DurationError::TooLong)?;
         }
         nanos = nanos.checked_add(term).ok_or(DurationError::TooLong)?;
     }
@@ -154,6 +156,12 @@ mod tests {
         }
         assert_eq!(
             parse("99999999999999999999999h"),
+            Err(DurationError::TooLong)
+        );
+        // A whole part just below the limit plus a fraction: refused, no
+        // overflow (a buildlet parses `timeout` from the network).
+        assert_eq!(
+            parse_lenient("340282366920938463463374607431.999999999s"),
             Err(DurationError::TooLong)
         );
         assert_eq!(

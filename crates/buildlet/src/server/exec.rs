@@ -128,6 +128,13 @@ fn plan(b: &Buildlet, form: &Form) -> Result<Plan, String> {
         None => None,
         Some(t) => match proto::parse_duration(t) {
             Some(d) if d.is_zero() => None,
+            // A deadline must be representable (`Instant + d`).
+            Some(d) if d > proto::MAX_EXEC_TIMEOUT => {
+                return Err(format!(
+                    "timeout {t:?} is longer than {:?}; pass none for no timeout",
+                    proto::MAX_EXEC_TIMEOUT
+                ));
+            }
             Some(d) => Some(d),
             None => {
                 return Err(format!(

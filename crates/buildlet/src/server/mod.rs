@@ -170,11 +170,6 @@ impl Buildlet {
         &self.cfg
     }
 
-    /// Whether `/halt` was called.
-    pub fn is_halted(&self) -> bool {
-        *self.halt_tx.borrow()
-    }
-
     /// Resolves when `/halt` was called.
     pub async fn halted(&self) {
         let mut rx = self.halt_tx.subscribe();
@@ -223,8 +218,10 @@ impl Buildlet {
             let me = self.clone();
             conns.spawn(async move { me.serve_conn(stream, peer, conn).await });
         }
-        // Halted: connections finish what they were answering (the `/halt`
-        // reply among them) and close; bounded, then the rest are dropped.
+        // Halted: no new connection is taken; connections finish what they
+        // were answering (the `/halt` reply among them) and close; bounded,
+        // then the rest are dropped.
+        drop(listener);
         let _ = tokio::time::timeout(HALT_GRACE, async {
             while conns.join_next().await.is_some() {}
         })

@@ -465,3 +465,44 @@ fn unknown_endpoints_and_methods() {
         assert_eq!(r.status(), 405);
     });
 }
+
+#[test]
+fn absurd_exec_timeouts_are_refused_not_a_crash() {
+    let h = Harness::start();
+    runtime().block_on(async {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<Bytes>>();
+        for t in [
+            "99999999999h",
+            "340282366920938463463374607431.999999999s",
+            "1e3",
+        ] {
+            let url = format!(
+                "{}?cmd=true&mode=sys&timeout={}",
+                h.url("/exec"),
+                form_urlencoded::byte_serialize(t.as_bytes()).collect::<String>()
+            );
+            let req = http::Request::post(url)
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            let r = client.request(req).await.unwrap();
+            assert_eq!(r.status(), 400, "timeout {t:?}");
+        }
+        // Still serving.
+        let (st, out) = h
+            .client()
+            .exec_output(
+                "echo",
+                &ExecOptions {
+                    args: vec!["alive".into()],
+                    sys: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(st, buildlet::proto::ProcessState::Ok);
+        assert_eq!(out, b"alive\n");
+    });
+}

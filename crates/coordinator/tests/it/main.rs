@@ -14,6 +14,7 @@ mod farm;
 mod git;
 mod hostile;
 mod inproc;
+mod ports;
 mod resilience;
 mod secrets;
 mod sources;

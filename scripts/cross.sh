@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Builds the machine side (buildlet, stage0, bootstrapswarm) for linux/arm64
+# on a Debian/x86_64 machine, installing what is missing from Debian's
+# packages, and prints where the binaries are. Run them on an arm64 board,
+# or here under emulation:
+#
+#   qemu-aarch64-static target/cross/aarch64-unknown-linux-gnu/release/buildlet -listen=127.0.0.1:5936
+#
+# Emulation note: run them WITHOUT `-L /usr/aarch64-linux-gnu`. The cross
+# toolchain's runtime C library there (libc6-arm64-cross 2.36-8cross1)
+# hangs in pthread_create under Debian 12's qemu-user (7.2) — a five-line C
+# program that starts one thread spins at 100 % CPU — so anything with a
+# second thread (the buildlet's async runtime) never starts. The distribution's
+# own arm64 C library (libc6:arm64, installed here) works, and qemu finds it
+# at /lib/ld-linux-aarch64.so.1 without -L.
+#
+# Uses Debian's Rust (rustc-web, cargo-web: 1.96) and its arm64 standard
+# library, so no rustup target download is needed. Extra arguments go to
+# cargo build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TARGET=aarch64-unknown-linux-gnu
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+  echo "scripts/cross.sh: adding the arm64 architecture to dpkg" >&2
+  $SUDO dpkg --add-architecture arm64
+  $SUDO apt-get update -q
+fi
+need=()
+for p in gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static rustc-web cargo-web \
+         libstd-rust-web-dev:arm64 libc6:arm64; do
+  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "scripts/cross.sh: installing ${need[*]}" >&2
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${need[@]}"
+fi
+
+# Debian's toolchain, which has the arm64 standard library; a rustup
+# toolchain earlier on PATH would not.
+export RUSTC=/usr/bin/rustc
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
+export CARGO_TARGET_DIR="${CROSS_TARGET_DIR:-$PWD/target/cross}"
+/usr/bin/cargo build --release --target "$TARGET" -p buildlet -p stage0 "$@"
+
+out="$CARGO_TARGET_DIR/$TARGET/release"
+for b in buildlet stage0 bootstrapswarm; do
+  [ -x "$out/$b" ] || { echo "scripts/cross.sh: $out/$b was not built" >&2; exit 1; }
+done
+# A smoke check under emulation: it must print its flags.
+qemu-aarch64-static "$out/buildlet" --help >/dev/null
+echo "$out"

@@ -6,6 +6,9 @@
 #
 #   qemu-aarch64-static target/cross/aarch64-unknown-linux-gnu/release/buildlet -listen=127.0.0.1:5936
 #
+# (or directly, once qemu is registered with binfmt_misc, which this script
+# does when it can).
+#
 # Emulation note: run them WITHOUT `-L /usr/aarch64-linux-gnu`. The cross
 # toolchain's runtime C library there (libc6-arm64-cross 2.36-8cross1)
 # hangs in pthread_create under Debian 12's qemu-user (7.2) — a five-line C
@@ -38,6 +41,18 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "scripts/cross.sh: installing ${need[*]}" >&2
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${need[@]}"
+fi
+
+# Let the kernel run arm64 programs through qemu (as Debian's
+# systemd-binfmt does at boot, which containers often lack), so an arm64
+# stage0 can start the arm64 buildlet it downloaded.
+if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+  [ -e /proc/sys/fs/binfmt_misc/register ] ||
+    $SUDO mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc 2>/dev/null || true
+  if [ -w /proc/sys/fs/binfmt_misc/register ] || [ -n "$SUDO" ]; then
+    $SUDO sh -c 'cat /usr/lib/binfmt.d/qemu-aarch64.conf > /proc/sys/fs/binfmt_misc/register' ||
+      echo "scripts/cross.sh: could not register qemu-aarch64 with binfmt_misc; arm64 programs run only as qemu-aarch64-static PROGRAM" >&2
+  fi
 fi
 
 # Debian's toolchain, which has the arm64 standard library; a rustup

@@ -93,3 +93,110 @@ fn the_arm64_buildlet_under_emulation_registers_reports_aarch64_and_builds() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A copy of the arm64 buildlet with `tag` appended: a distinct release.
+fn arm64_release(dir: &std::path::Path, tag: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut data = std::fs::read(arm64("buildlet")).unwrap();
+    data.extend_from_slice(format!("\nrelease {tag}\n").as_bytes());
+    let out = dir.join(format!("buildlet-arm64-{tag}"));
+    std::fs::write(&out, data).unwrap();
+    out
+}
+
+fn publish_arm64(c: &Coordinator, file: &std::path::Path, version: &str) {
+    let out = Command::new(common::FARMER)
+        .args(["buildlet", "publish", "--os", "linux", "--arch", "arm64"])
+        .arg(file)
+        .arg("--data-dir")
+        .arg(&c.data_dir)
+        .args(["--version", version])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "publish {version}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_arm64_stage0_fetches_verifies_and_runs_arm64_releases_and_moves_to_a_new_one() {
+    let stage0 = arm64("stage0");
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = TestRepo::new(&dir.path().join("repo"));
+    repo.commit("one", &[("file", "tree contents\n")]);
+    let cfg = dir.path().join("farm.toml");
+    std::fs::write(&cfg, config(&repo.path, BUILDER)).unwrap();
+    let c = Coordinator::start(&dir.path().join("data"), &cfg);
+    let bin = dir.path().join("bin");
+    publish_arm64(&c, &arm64_release(&bin, "v1"), "v1");
+    let release_key = std::fs::read_to_string(c.data_dir.join("release").join("release.pub"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let key_file = dir.path().join("builder.key");
+    std::fs::write(&key_file, c.key("host-test-trusted")).unwrap();
+    // Started through qemu; the buildlet it downloads runs through the
+    // kernel's binfmt_misc registration (scripts/cross.sh sets it up).
+    let mut child = Command::new("qemu-aarch64-static")
+        .arg(&stage0)
+        .arg(format!("-coordinator={}", c.addr))
+        .arg(format!("-tls-pin={}", c.fingerprint))
+        .arg(format!("-release-key={release_key}"))
+        .arg(format!("-dir={}", dir.path().join("s0").display()))
+        .arg("-reverse-type=host-test-trusted")
+        .arg("-hostname=arm64-s0")
+        .arg(format!("-workdir={}", dir.path().join("wd").display()))
+        .arg(format!("-key-file={}", key_file.display()))
+        .arg("-loop")
+        .env("HOME", dir.path())
+        .env("STAGE0_LOG", "info")
+        .env("BUILDLET_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-aarch64-static (run scripts/cross.sh to install it)");
+    let log = Lines::follow(child.stdout.take().unwrap());
+    log.also(child.stderr.take().unwrap());
+    let on = |version: &str| {
+        let want = version.to_string();
+        c.wait(
+            &format!("the arm64 machine on {version}"),
+            Duration::from_secs(180),
+            |c| {
+                c.get("/api/machines")["connected"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|m| m["hostname"] == "arm64-s0" && m["binary"]["release"] == want)
+                    .cloned()
+            },
+        )
+    };
+    let m = on("v1");
+    assert_eq!(m["binary"]["platform"], "linux/aarch64", "{m}");
+    assert_eq!(m["binary"]["stage0"], true, "{m}");
+    assert!(
+        log.all().contains("downloaded and verified"),
+        "{}",
+        log.all()
+    );
+    let builds = c.wait_builds_done(1, Duration::from_secs(120));
+    assert_eq!(builds[0]["status"], "passed", "{}", builds[0]);
+    // A new arm64 release moves it.
+    publish_arm64(&c, &arm64_release(&bin, "v2"), "v2");
+    on("v2");
+    // SIGTERM: stage0 passes it on and both stop.
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the arm64 stage0 did not stop:\n{}", log.all());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -170,8 +170,43 @@ fn commits() -> Vec<NewCommit> {
     ]
 }
 
+/// Where `scripts/cross.sh` leaves the arm64 buildlet, from the repository root.
+const CROSS_BUILDLET: &str = "target/cross/aarch64-unknown-linux-gnu/release/buildlet";
+
+/// How the demo's arm64 host type can run a real arm64 buildlet: the
+/// program line for its `buildlet` key, if an arm64 build (from
+/// `scripts/cross.sh`, or `$FARMER_ARM64_BUILDLET`) and a way to run it
+/// (binfmt_misc, else `qemu-aarch64-static`) are both here.
+pub fn arm64_buildlet() -> Result<Vec<String>, String> {
+    let path = match std::env::var_os("FARMER_ARM64_BUILDLET") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(CROSS_BUILDLET),
+    };
+    let path = std::fs::canonicalize(&path).map_err(|_| {
+        format!(
+            "no arm64 buildlet at {} (run scripts/cross.sh, or set FARMER_ARM64_BUILDLET)",
+            path.display()
+        )
+    })?;
+    let path = path.display().to_string();
+    let binfmt = std::fs::read_to_string("/proc/sys/fs/binfmt_misc/qemu-aarch64")
+        .is_ok_and(|s| s.starts_with("enabled"));
+    if binfmt {
+        return Ok(vec![path]);
+    }
+    let on_path = std::env::var_os("PATH").is_some_and(|p| {
+        std::env::split_paths(&p).any(|d| d.join("qemu-aarch64-static").is_file())
+    });
+    if on_path {
+        return Ok(vec!["qemu-aarch64-static".into(), path]);
+    }
+    Err("an arm64 buildlet is built but qemu-aarch64-static is missing (scripts/cross.sh installs it)".into())
+}
+
 /// Creates the demo config and sample repository if missing; returns the
-/// config path.
+/// config path. The arm64 host type runs a real arm64 buildlet under
+/// emulation when one is available (see [`arm64_buildlet`]), else a
+/// simulated one; the log says which.
 pub fn prepare(data_dir: &Path) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
@@ -183,8 +218,42 @@ pub fn prepare(data_dir: &Path) -> anyhow::Result<PathBuf> {
     }
     let config = data_dir.join(CONFIG_FILE);
     if !config.exists() {
-        std::fs::write(&config, CONFIG).with_context(|| format!("writing {}", config.display()))?;
+        let text = match arm64_buildlet() {
+            Ok(program) => {
+                let line = format!(
+                    "buildlet = [{}]\nnotes = \"A real arm64 buildlet, run under qemu on this machine.\"\n",
+                    program
+                        .iter()
+                        .map(|p| format!("{p:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                CONFIG.replace(
+                    "notes = \"Pretends to be an arm64 board; really a local buildlet.\"\n",
+                    &line,
+                )
+            }
+            Err(_) => CONFIG.to_string(),
+        };
+        std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
         tracing::info!(path = %config.display(), "wrote the demo config");
+    }
+    match crate::config::load(&config)
+        .ok()
+        .and_then(|c| c.hosts.get("host-linux-arm64-sim").cloned())
+    {
+        Some(h) if !h.local_program.is_empty() => tracing::info!(
+            program = %h.local_program.join(" "),
+            "the arm64 host type runs a real arm64 buildlet under emulation"
+        ),
+        Some(_) => tracing::info!(
+            "the arm64 host type runs a simulated arm64 buildlet (this machine's own): {}",
+            arm64_buildlet().err().unwrap_or_else(|| {
+                "the config was written before an arm64 build was here; delete it to regenerate"
+                    .into()
+            })
+        ),
+        None => {}
     }
     Ok(config)
 }

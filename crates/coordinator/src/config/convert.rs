@@ -30,6 +30,7 @@ const HOST_KEYS: &[&str] = &[
     "env",
     "dimensions",
     "trusted",
+    "buildlet",
 ];
 /// Keys of an exec host (`pool = "exec"`) besides [`HOST_KEYS`].
 const EXEC_KEYS: &[&str] = &[
@@ -394,6 +395,40 @@ fn host(ctx: &mut Ctx<'_>, e: &Entry<'_>, t: &Table<'_>) -> HostConfig {
         None => 0,
     };
 
+    let local_program = match t.get(ctx, "buildlet") {
+        None => Vec::new(),
+        Some(e) if pool != Some(PoolKind::Local) => {
+            ctx.error(
+                Some(e.key_at),
+                &e.path,
+                format!("{who}: buildlet only applies to pool = \"local\" (the program the coordinator starts)"),
+            );
+            Vec::new()
+        }
+        Some(e) => match e.value {
+            Raw::Str(s) if s.trim().is_empty() => {
+                ctx.error(
+                    Some(e.at),
+                    &e.path,
+                    format!("{who}: buildlet must not be empty"),
+                );
+                Vec::new()
+            }
+            Raw::Str(s) => vec![s.clone()],
+            _ => match ctx.string_list(&e) {
+                Some(list) if list.first().is_none_or(|p| p.value.is_empty()) => {
+                    ctx.error(
+                        Some(e.at),
+                        &e.path,
+                        format!("{who}: buildlet must start with the program to run"),
+                    );
+                    Vec::new()
+                }
+                Some(list) => list.into_iter().map(|l| l.value).collect(),
+                None => Vec::new(),
+            },
+        },
+    };
     let owners = optional(ctx, t, "owners", Ctx::string_list).unwrap_or_default();
     for owner in &owners {
         if owner.value.trim().is_empty() {
@@ -424,6 +459,7 @@ fn host(ctx: &mut Ctx<'_>, e: &Entry<'_>, t: &Table<'_>) -> HostConfig {
         pool: pool.unwrap_or(PoolKind::Reverse),
         expected,
         local_count,
+        local_program,
         owners: owners.into_iter().map(|o| o.value).collect(),
         notes,
         env,

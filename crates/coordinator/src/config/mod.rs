@@ -123,6 +123,11 @@ pub struct HostConfig {
     /// Buildlets the coordinator starts for a local host (`count`, default
     /// `expected`); always 0 for a reverse host, whose machines start themselves.
     pub local_count: u32,
+    /// The program (and leading arguments) a local pool runs as its
+    /// buildlet (`buildlet` in the file); empty means this executable's own
+    /// buildlet. Lets a local host type run another platform's buildlet,
+    /// e.g. an arm64 build under qemu.
+    pub local_program: Vec<String>,
     /// Who to contact when these machines are missing or failing.
     pub owners: Vec<String>,
     pub notes: String,

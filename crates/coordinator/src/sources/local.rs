@@ -130,10 +130,17 @@ impl LocalSource {
     fn specs(&self) -> std::io::Result<Vec<Spec>> {
         let target = &self.ctx.target;
         let host_type = &self.ctx.host.name;
+        // The host's own buildlet program (another platform's, say), else
+        // the coordinator's.
+        let program: &[String] = if self.ctx.host.local_program.is_empty() {
+            &target.program
+        } else {
+            &self.ctx.host.local_program
+        };
         // The sandbox runs `<this executable> buildlet` in its own process
         // and executes any other program after entering.
         #[cfg(unix)]
-        let prepend_program = self.sandbox.is_some() && !runs_this_exe(&target.program);
+        let prepend_program = self.sandbox.is_some() && !runs_this_exe(program);
         let mut out = Vec::new();
         for i in 1..=self.ctx.host.local_count {
             let name = format!("{}-{i}", host_type.trim_start_matches("host-"));
@@ -142,10 +149,10 @@ impl LocalSource {
             // Keys were once written here; a build could read them.
             let _ = std::fs::remove_file(dir.join("builder.key"));
             let home = self.work_root.path().join(&name);
-            let mut args: Vec<String> = target.program[1..].to_vec();
+            let mut args: Vec<String> = program[1..].to_vec();
             #[cfg(unix)]
             if prepend_program {
-                args.insert(0, target.program[0].clone());
+                args.insert(0, program[0].clone());
             }
             args.extend([
                 format!("-coordinator={}", target.addr),
@@ -159,7 +166,7 @@ impl LocalSource {
                 None => args.push("-insecure-plaintext".into()),
             }
             out.push(Spec {
-                program: PathBuf::from(&target.program[0]),
+                program: PathBuf::from(&program[0]),
                 args,
                 key: self.ctx.key.clone(),
                 home,

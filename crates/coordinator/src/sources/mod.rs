@@ -235,7 +235,9 @@ impl Sources {
             }
             let restart = new.pool != r.host.pool
                 || (new.pool == PoolKind::Local
-                    && (new.local_count != r.host.local_count || r.farm != cfg.farm))
+                    && (new.local_count != r.host.local_count
+                        || new.local_program != r.host.local_program
+                        || r.farm != cfg.farm))
                 || !r.source.reconfigure(new);
             if restart {
                 gone.push(ht.clone());

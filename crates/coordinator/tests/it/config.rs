@@ -944,3 +944,40 @@ fn load_reports_errors_with_the_file_name() {
     assert_eq!(err.0[0].file, file);
     assert_eq!(err.0[0].line, 2);
 }
+
+#[test]
+fn a_local_host_may_name_its_buildlet_program() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("farm.toml");
+    std::fs::write(
+        &path,
+        r#"[hosts.host-a]
+pool = "local"
+buildlet = ["qemu-aarch64-static", "/opt/arm64/buildlet"]
+[hosts.host-b]
+pool = "local"
+buildlet = "/opt/arm64/buildlet"
+[hosts.host-c]
+pool = "local"
+"#,
+    )
+    .unwrap();
+    let cfg = coordinator::config::load(&path).unwrap();
+    assert_eq!(
+        cfg.hosts["host-a"].local_program,
+        ["qemu-aarch64-static", "/opt/arm64/buildlet"]
+    );
+    assert_eq!(cfg.hosts["host-b"].local_program, ["/opt/arm64/buildlet"]);
+    assert!(cfg.hosts["host-c"].local_program.is_empty());
+    let errs = errors(
+        "[hosts.host-r]\npool = \"reverse\"\nbuildlet = \"/x\"\n[hosts.host-e]\npool = \"local\"\nbuildlet = []\n",
+    );
+    let got: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.field.as_str())).collect();
+    assert_eq!(
+        got,
+        [(3, "hosts.host-r.buildlet"), (6, "hosts.host-e.buildlet")],
+        "{errs:#?}"
+    );
+    assert!(errs[0].message.contains("only applies to pool = \"local\""));
+    assert!(errs[1].message.contains("must start with the program"));
+}

@@ -200,3 +200,80 @@ fn the_arm64_stage0_fetches_verifies_and_runs_arm64_releases_and_moves_to_a_new_
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn farmer_up_runs_a_real_arm64_buildlet_for_its_arm64_host_type_when_one_is_built() {
+    use std::os::unix::process::CommandExt;
+    let buildlet = arm64("buildlet");
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(common::FARMER)
+        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("farm"))
+        .env("FARMER_ARM64_BUILDLET", &buildlet)
+        .env("FARMER_LOG", "info,sqlx=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let (log, addr) = Lines::follow_announcing(child.stdout.take().unwrap());
+    log.also(child.stderr.take().unwrap());
+    let pid = child.id() as i32;
+    let stop = |child: &mut std::process::Child| {
+        // SAFETY: signals to the process group this test started.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let start = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(15) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+        let _ = child.wait();
+    };
+    let addr = match addr.recv_timeout(Duration::from_secs(60)) {
+        Ok(l) => l.trim_start_matches("listening on ").trim().to_string(),
+        Err(_) => {
+            stop(&mut child);
+            panic!("farmer up did not start:\n{}", log.all());
+        }
+    };
+    let machines = || -> serde_json::Value {
+        serde_json::from_str(&common::http_get(&format!("http://{addr}/api/machines"))).unwrap()
+    };
+    let start = std::time::Instant::now();
+    let arm = loop {
+        let found = machines()["connected"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["host_type"] == "host-linux-arm64-sim")
+            .cloned();
+        if let Some(m) = found {
+            break m;
+        }
+        if start.elapsed() > Duration::from_secs(90) {
+            stop(&mut child);
+            panic!("no arm64 machine:\n{}", log.all());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let text = log.all();
+    stop(&mut child);
+    assert_eq!(arm["binary"]["platform"], "linux/aarch64", "{arm}");
+    assert!(
+        text.contains("runs a real arm64 buildlet under emulation"),
+        "{text}"
+    );
+    let written = std::fs::read_to_string(dir.path().join("farm").join("farmer.toml")).unwrap();
+    assert!(
+        written.contains(&format!(
+            "{:?}",
+            buildlet.canonicalize().unwrap().display().to_string()
+        )),
+        "{written}"
+    );
+}

@@ -82,6 +82,11 @@ impl Ord for Waiting {
     }
 }
 
+/// Most requests a [`QueueView`] lists per host type (the most urgent);
+/// `waiting` still counts all. `/api/queue` is open to anyone, so its
+/// answer must not grow with the queue.
+pub const VIEW_LIMIT: usize = 1000;
+
 /// One waiting request, for `/api/queue` and the pages.
 #[derive(Debug, Clone, Serialize)]
 pub struct RequestView {
@@ -99,9 +104,10 @@ pub struct QueueView {
     pub waiting: usize,
     pub oldest_wait_secs: f64,
     pub by_kind: Vec<(Priority, usize)>,
-    /// Builds waiting (as the holders of their requests), most urgent first.
+    /// Builds waiting (as the holders of their requests), most urgent
+    /// first; at most [`VIEW_LIMIT`].
     pub build_ids: Vec<i64>,
-    /// Every waiting request, most urgent first.
+    /// The waiting requests, most urgent first; at most [`VIEW_LIMIT`].
     pub requests: Vec<RequestView>,
 }
 
@@ -267,19 +273,24 @@ impl Scheduler {
             .iter()
             .filter(|(_, h)| !h.is_empty())
             .map(|(ht, heap)| {
-                let mut sorted: Vec<&Waiting> = heap.iter().collect();
-                sorted.sort_by(|a, b| b.cmp(a));
                 let mut by_kind: BTreeMap<Priority, usize> = BTreeMap::new();
-                for w in &sorted {
+                for w in heap.iter() {
                     *by_kind.entry(w.req.priority).or_default() += 1;
                 }
+                let oldest_wait_secs = heap
+                    .iter()
+                    .map(|w| w.enqueued.elapsed().as_secs_f64())
+                    .fold(0.0, f64::max);
+                let mut sorted: Vec<&Waiting> = heap.iter().collect();
+                if sorted.len() > VIEW_LIMIT {
+                    sorted.select_nth_unstable_by(VIEW_LIMIT, |a, b| b.cmp(a));
+                    sorted.truncate(VIEW_LIMIT);
+                }
+                sorted.sort_by(|a, b| b.cmp(a));
                 QueueView {
                     host_type: ht.clone(),
-                    waiting: sorted.len(),
-                    oldest_wait_secs: sorted
-                        .iter()
-                        .map(|w| w.enqueued.elapsed().as_secs_f64())
-                        .fold(0.0, f64::max),
+                    waiting: heap.len(),
+                    oldest_wait_secs,
                     by_kind: by_kind.into_iter().collect(),
                     build_ids: sorted
                         .iter()
@@ -363,6 +374,24 @@ mod tests {
         );
         assert_eq!(v.requests[7].holder, Holder::Helper { build_id: 7 });
         assert_eq!(s.position("h", &build(2)), Some((5, 8)));
+    }
+
+    #[test]
+    fn views_list_at_most_the_limit_most_urgent_first() {
+        let s = Scheduler::new(Arc::new(Pool::new()));
+        let n = VIEW_LIMIT as i64 + 500;
+        let _tickets: Vec<Ticket> = (1..=n)
+            .map(|i| s.request(req("h", Priority::PostSubmit, i, build(i))))
+            .collect();
+        let v = &s.views()[0];
+        assert_eq!(v.waiting, n as usize);
+        assert_eq!(v.requests.len(), VIEW_LIMIT);
+        assert_eq!(v.build_ids.len(), VIEW_LIMIT);
+        // Newest commit first: the listed ones are the most urgent.
+        assert_eq!(v.build_ids[0], n);
+        assert_eq!(*v.build_ids.last().unwrap(), n - VIEW_LIMIT as i64 + 1);
+        // A position past the listed ones is still known.
+        assert_eq!(s.position("h", &build(1)), Some((n as usize, n as usize)));
     }
 
     #[test]

@@ -108,16 +108,9 @@ async fn load(farm: &Farm, id: i64) -> Result<BuildView, PageError> {
         _ => (String::new(), String::new()),
     };
     let wait = if b.status == BuildStatus::Queued {
-        let views = farm.scheduler.views();
-        let pos = views
-            .iter()
-            .find(|q| q.host_type == b.host_type)
-            .and_then(|q| {
-                q.build_ids
-                    .iter()
-                    .position(|x| *x == id)
-                    .map(|p| (p + 1, q.waiting))
-            });
+        let pos = farm
+            .scheduler
+            .position(&b.host_type, &crate::pool::Holder::Build { build_id: id });
         let reason = farm.wait_reason(&b.host_type);
         match pos {
             Some((p, n)) => format!(

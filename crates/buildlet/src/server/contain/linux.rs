@@ -1,0 +1,368 @@
+//! Containment on Linux: a cgroup v2 per command (joined before `exec`,
+//! killed with `cgroup.kill`), else the buildlet as child subreaper that
+//! kills a command's `/proc` descendants and the processes carrying its
+//! marker. Chosen by [`super::Containment::setup`].
+
+use super::Active;
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How many kill rounds before giving up on a process that keeps forking.
+const KILL_ROUNDS: usize = 100;
+
+pub(super) fn setup(mode: super::ContainMode, scope: &str) -> Active {
+    use super::ContainMode::*;
+    let base = cgroup_base(scope);
+    // Whatever the mode now, clean up what any mode left before.
+    if let Some(b) = &base
+        && b.is_dir()
+    {
+        kill_cgroup_tree(b);
+    }
+    kill_marked(&format!("{scope}."));
+    match mode {
+        Group => Active::Group,
+        Reaper => fallback(),
+        Auto | Cgroup => {
+            // Probe: may we make cgroups here? The base is made for real
+            // when a command needs it and removed when none runs.
+            let made = base.as_ref().map(|b| match fs::create_dir(b) {
+                Ok(()) => fs::remove_dir(b),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+                Err(e) => Err(e),
+            });
+            match (base, made) {
+                (Some(b), Some(Ok(()))) => Active::Cgroup(b),
+                (b, made) => {
+                    let why = match (b, made) {
+                        (Some(b), Some(Err(e))) => format!("{}: {e}", b.display()),
+                        _ => "no cgroup v2 file system".into(),
+                    };
+                    if mode == Cgroup {
+                        tracing::warn!("-contain=cgroup unavailable ({why}); using reaper mode");
+                    } else {
+                        tracing::debug!("cgroups unavailable ({why}); using reaper mode");
+                    }
+                    fallback()
+                }
+            }
+        }
+    }
+}
+
+/// Reaper mode: become a child subreaper so orphans stay visible.
+pub(super) fn fallback() -> Active {
+    // SAFETY: prctl with integer arguments only.
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if r != 0 {
+        tracing::warn!(
+            "cannot become a child subreaper: {}; commands are killed by process group and environment marker only",
+            io::Error::last_os_error()
+        );
+    }
+    Active::Reaper
+}
+
+/// `<cgroup2 mount><own cgroup>/farmer-buildlet-<scope>`, if cgroup v2 is mounted.
+fn cgroup_base(scope: &str) -> Option<PathBuf> {
+    let own = fs::read_to_string("/proc/self/cgroup").ok()?;
+    let own = own.lines().find_map(|l| l.strip_prefix("0::"))?.trim();
+    let mounts = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = mounts.lines().find_map(|l| {
+        // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS... - FSTYPE SOURCE SUPER
+        let (pre, post) = l.split_once(" - ")?;
+        if post.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        let mut f = pre.split_whitespace();
+        let root = f.nth(3)?;
+        let point = f.next()?;
+        (root == "/").then(|| PathBuf::from(unescape(point)))
+    })?;
+    let rel = own.trim_start_matches('/');
+    // A cgroup path ending in " (deleted)" means ours is gone.
+    if rel.ends_with(" (deleted)") {
+        return None;
+    }
+    Some(mount.join(rel).join(format!("farmer-buildlet-{scope}")))
+}
+
+/// mountinfo escapes spaces and the like as `\ooo`.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// True when `pid` is in the cgroup `dir` (or cannot be checked: it exited).
+pub(super) fn in_cgroup(pid: i32, dir: &Path) -> bool {
+    let Ok(s) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return true;
+    };
+    let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    s.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .is_some_and(|p| p.trim_end().ends_with(&format!("/{name}")))
+}
+
+/// Creates `base/cmd-<id>` and opens its `cgroup.procs` for writing.
+pub(super) fn new_cgroup(base: &Path, id: u64) -> io::Result<(PathBuf, OwnedFd)> {
+    let dir = base.join(format!("cmd-{id}"));
+    let mut tries = 0;
+    loop {
+        match fs::create_dir(base) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        match fs::create_dir(&dir) {
+            Ok(()) => break,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                kill_cgroup(&dir);
+                break;
+            }
+            // The last command's cleanup removed the base meanwhile.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 5 => tries += 1,
+            Err(e) => return Err(e),
+        }
+    }
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("cgroup.procs"))?;
+    Ok((dir, f.into()))
+}
+
+/// Kills every process in the cgroup `dir` and below.
+pub(super) fn kill_cgroup(dir: &Path) {
+    if fs::write(dir.join("cgroup.kill"), b"1").is_ok() {
+        return;
+    }
+    // Before Linux 5.14: signal members until none is left.
+    for _ in 0..KILL_ROUNDS {
+        let pids = members(dir);
+        if pids.is_empty() {
+            return;
+        }
+        for p in pids {
+            // SAFETY: kill(2) on a pid read from the cgroup.
+            unsafe {
+                libc::kill(p, libc::SIGKILL);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Pids in `dir/cgroup.procs` and in every sub-cgroup.
+fn members(dir: &Path) -> Vec<i32> {
+    let mut out: Vec<i32> = fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.extend(members(&e.path()));
+            }
+        }
+    }
+    out
+}
+
+/// Kills a leftover base cgroup's processes and removes its sub-cgroups.
+fn kill_cgroup_tree(base: &Path) {
+    if let Ok(rd) = fs::read_dir(base) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                let dir = e.path();
+                tracing::info!(
+                    "killing leftovers of an earlier buildlet in {}",
+                    dir.display()
+                );
+                kill_cgroup(&dir);
+                remove_cgroup(&dir);
+            }
+        }
+    }
+}
+
+/// Removes a cgroup (and sub-cgroups a command made) once its killed
+/// processes are gone, waiting at most a few seconds.
+pub(super) fn remove_cgroup(dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(rd) = fs::read_dir(dir) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove_cgroup(&e.path());
+                }
+            }
+        }
+        match fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(e) if Instant::now() > deadline => {
+                tracing::warn!("cannot remove cgroup {}: {e}", dir.display());
+                return;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// One process as `/proc` shows it.
+struct Proc {
+    ppid: i32,
+    zombie: bool,
+}
+
+fn processes() -> HashMap<i32, Proc> {
+    let mut out = HashMap::new();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) S ppid ..."; comm may contain spaces and parens.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let mut f = rest.split_whitespace();
+        let state = f.next().unwrap_or("");
+        let ppid = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        out.insert(
+            pid,
+            Proc {
+                ppid,
+                zombie: state == "Z" || state == "X",
+            },
+        );
+    }
+    out
+}
+
+/// The value of [`super::SCOPE_ENV`] in a process's initial environment.
+fn marker_of(pid: i32) -> Option<String> {
+    let env = fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let key = format!("{}=", super::SCOPE_ENV);
+    env.split(|b| *b == 0)
+        .find_map(|kv| kv.strip_prefix(key.as_bytes()))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// Kills the descendants of `root` and every process whose marker is
+/// `marker`, in rounds until none is left (a process may fork while the
+/// previous round is being killed).
+pub(super) fn kill_tree(root: i32, marker: &str) {
+    let me = std::process::id() as i32;
+    for _ in 0..KILL_ROUNDS {
+        let procs = processes();
+        let mut kids: HashMap<i32, Vec<i32>> = HashMap::new();
+        for (pid, p) in &procs {
+            kids.entry(p.ppid).or_default().push(*pid);
+        }
+        let mut victims: HashSet<i32> = HashSet::new();
+        let mut stack = if root > 0 { vec![root] } else { vec![] };
+        while let Some(p) = stack.pop() {
+            if let Some(k) = kids.get(&p) {
+                for &c in k {
+                    if victims.insert(c) {
+                        stack.push(c);
+                    }
+                }
+            }
+        }
+        for pid in procs.keys() {
+            if *pid != me && marker_of(*pid).as_deref() == Some(marker) {
+                victims.insert(*pid);
+                // And their descendants, which may have scrubbed the env.
+                let mut stack = vec![*pid];
+                while let Some(p) = stack.pop() {
+                    for &c in kids.get(&p).map(Vec::as_slice).unwrap_or(&[]) {
+                        if victims.insert(c) {
+                            stack.push(c);
+                        }
+                    }
+                }
+            }
+        }
+        victims.retain(|p| *p != me && procs.get(p).is_some_and(|p| !p.zombie));
+        if victims.is_empty() {
+            return;
+        }
+        for p in victims {
+            // SAFETY: kill(2) with a pid found above.
+            unsafe {
+                libc::kill(p, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Kills every process whose marker starts with `prefix` (a scope), as
+/// left by an earlier buildlet on the same work dir.
+fn kill_marked(prefix: &str) {
+    let me = std::process::id() as i32;
+    for _ in 0..KILL_ROUNDS {
+        let victims: Vec<i32> = processes()
+            .into_iter()
+            .filter(|(pid, p)| {
+                *pid != me && !p.zombie && marker_of(*pid).is_some_and(|m| m.starts_with(prefix))
+            })
+            .map(|(pid, _)| pid)
+            .collect();
+        if victims.is_empty() {
+            return;
+        }
+        tracing::info!(
+            count = victims.len(),
+            "killing processes an earlier buildlet on this work dir left"
+        );
+        for p in victims {
+            // SAFETY: kill(2) with a pid found above.
+            unsafe {
+                libc::kill(p, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Reaps zombies reparented to the buildlet (reaper mode), leaving the
+/// direct children of running commands to tokio.
+pub(super) fn reap_orphans(children: &HashSet<i32>) {
+    let me = std::process::id() as i32;
+    for (pid, p) in processes() {
+        if p.ppid == me && p.zombie && !children.contains(&pid) {
+            let mut status = 0;
+            // SAFETY: waitpid on a specific zombie child of ours.
+            unsafe {
+                libc::waitpid(pid, &mut status, libc::WNOHANG);
+            }
+        }
+    }
+}

@@ -139,7 +139,8 @@ async fn bench_dispatch(dir: &Path, repo: &Path, commit: &str) -> anyhow::Result
     for _ in 0..DISPATCH_WARMUP {
         dispatch_one(&api, "stamp", "one-1", commit).await?;
     }
-    let before = Histogram::parse(&api.get_text("/metrics").await?);
+    let before_text = api.get_text("/metrics").await?;
+    let before = Histogram::parse(&before_text);
     let mut start = Vec::with_capacity(DISPATCH_RUNS);
     let mut post = Vec::with_capacity(DISPATCH_RUNS);
     let mut passed = Vec::with_capacity(DISPATCH_RUNS);
@@ -149,7 +150,8 @@ async fn bench_dispatch(dir: &Path, repo: &Path, commit: &str) -> anyhow::Result
         post.push(s.post_ms);
         passed.push(s.passed_ms);
     }
-    let after = Histogram::parse(&api.get_text("/metrics").await?);
+    let after_text = api.get_text("/metrics").await?;
+    let after = Histogram::parse(&after_text);
     let p50 = percentile(&mut start, 0.5);
     println!(
         "dispatch: POST -> step command started   {}  (target p50 < 5 ms: {})",
@@ -164,6 +166,27 @@ async fn bench_dispatch(dir: &Path, repo: &Path, commit: &str) -> anyhow::Result
         "dispatch: POST -> build seen passed       {}  (polling GET /api/builds/ID every 1 ms)",
         summary(&mut passed)
     );
+    let (p0, p1) = (phases(&before_text), phases(&after_text));
+    let parts: Vec<String> = p1
+        .iter()
+        .map(|(name, (sum, n))| {
+            let (s0, n0) = p0
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or((0.0, 0), |(_, v)| *v);
+            let n = n - n0;
+            let mean = if n > 0 {
+                (sum - s0) / n as f64 * 1e3
+            } else {
+                0.0
+            };
+            format!("{name} {mean:.3}")
+        })
+        .collect();
+    println!(
+        "dispatch: where an attempt's time goes, mean ms (farmer_build_phase_seconds): {}",
+        parts.join(", ")
+    );
     let h = after.minus(&before);
     println!(
         "dispatch: coordinator farmer_dispatch_latency_seconds (queued -> machine leased), {} builds: {}",
@@ -171,6 +194,37 @@ async fn bench_dispatch(dir: &Path, repo: &Path, commit: &str) -> anyhow::Result
         h.describe()
     );
     Ok(())
+}
+
+/// `farmer_build_phase_seconds` sums and counts by phase, in exposition order.
+fn phases(metrics: &str) -> Vec<(String, (f64, u64))> {
+    let mut out: Vec<(String, (f64, u64))> = Vec::new();
+    for line in metrics.lines() {
+        let (sum, rest) =
+            if let Some(r) = line.strip_prefix("farmer_build_phase_seconds_sum{phase=\"") {
+                (true, r)
+            } else if let Some(r) = line.strip_prefix("farmer_build_phase_seconds_count{phase=\"") {
+                (false, r)
+            } else {
+                continue;
+            };
+        let Some((name, value)) = rest.split_once("\"} ") else {
+            continue;
+        };
+        let i = match out.iter().position(|(n, _)| n == name) {
+            Some(i) => i,
+            None => {
+                out.push((name.to_string(), (0.0, 0)));
+                out.len() - 1
+            }
+        };
+        if sum {
+            out[i].1.0 = value.parse().unwrap_or(0.0);
+        } else {
+            out[i].1.1 = value.parse().unwrap_or(0);
+        }
+    }
+    out
 }
 
 struct DispatchSample {

@@ -22,6 +22,8 @@ struct Inner {
     dispatch_n: u64,
     /// Recent dispatch latencies (seconds) for percentiles.
     recent: std::collections::VecDeque<f64>,
+    /// Where a build's time goes, by phase: (sum of seconds, count).
+    phases: BTreeMap<&'static str, (f64, u64)>,
 }
 
 /// The counters at one moment.
@@ -35,6 +37,33 @@ pub struct Snapshot {
     pub dispatch_sum: f64,
     /// Number of dispatches.
     pub dispatch_count: u64,
+    /// Time spent per phase of a build attempt: (phase, seconds, count).
+    pub phases: Vec<(&'static str, f64, u64)>,
+}
+
+/// The phases of a build attempt that [`Metrics::observe_phase`] times, in
+/// the order they happen: what the dispatch bench prints, so the next
+/// person knows where a build's first milliseconds go.
+pub const PHASES: [&str; 6] = [
+    "record-start",
+    "source-archive",
+    "source-push",
+    "steps",
+    "record-result",
+    "clean",
+];
+
+/// See [`Metrics::phase`].
+pub struct PhaseTimer<'a> {
+    metrics: &'a Metrics,
+    phase: &'static str,
+    start: std::time::Instant,
+}
+
+impl Drop for PhaseTimer<'_> {
+    fn drop(&mut self) {
+        self.metrics.observe_phase(self.phase, self.start.elapsed());
+    }
 }
 
 #[derive(Default)]
@@ -70,6 +99,24 @@ impl Metrics {
         }
     }
 
+    /// Time spent in one phase of a build attempt (one of [`PHASES`]).
+    pub fn observe_phase(&self, phase: &'static str, d: Duration) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let e = g.phases.entry(phase).or_default();
+        e.0 += d.as_secs_f64();
+        e.1 += 1;
+    }
+
+    /// Times a phase until the returned guard is dropped (whatever way the
+    /// phase ends).
+    pub fn phase(&self, phase: &'static str) -> PhaseTimer<'_> {
+        PhaseTimer {
+            metrics: self,
+            phase,
+            start: std::time::Instant::now(),
+        }
+    }
+
     /// A copy of the counters, for `/metrics`.
     pub fn snapshot(&self) -> Snapshot {
         let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -78,6 +125,13 @@ impl Metrics {
             dispatch_buckets: BUCKETS.iter().copied().zip(g.dispatch_counts).collect(),
             dispatch_sum: g.dispatch_sum,
             dispatch_count: g.dispatch_n,
+            phases: PHASES
+                .iter()
+                .map(|p| {
+                    let (s, n) = g.phases.get(p).copied().unwrap_or_default();
+                    (*p, s, n)
+                })
+                .collect(),
         }
     }
 

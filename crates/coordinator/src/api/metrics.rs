@@ -87,6 +87,23 @@ pub async fn render(farm: &Farm) -> String {
             "farmer_dispatch_latency_seconds_count {}",
             g.dispatch_count
         );
+        let _ = writeln!(
+            out,
+            "# HELP farmer_build_phase_seconds Where build attempts spend their time, by phase (record-start, source-archive, source-push, steps, record-result, clean)."
+        );
+        let _ = writeln!(out, "# TYPE farmer_build_phase_seconds summary");
+        for (phase, sum, _) in &g.phases {
+            let _ = writeln!(
+                out,
+                "farmer_build_phase_seconds_sum{{phase=\"{phase}\"}} {sum}"
+            );
+        }
+        for (phase, _, n) in &g.phases {
+            let _ = writeln!(
+                out,
+                "farmer_build_phase_seconds_count{{phase=\"{phase}\"}} {n}"
+            );
+        }
     }
     let queues = farm.scheduler.views();
     // One family at a time: Prometheus reads a family's samples only

@@ -507,6 +507,7 @@ fn pages_show_the_farm_and_escape_everything() {
         "farmer_queue_oldest_wait_seconds",
         "farmer_machines",
         "farmer_dispatch_latency_seconds",
+        "farmer_build_phase_seconds",
         "farmer_exec_failures_total",
     ] {
         assert!(families.contains_key(family), "no family {family}");
@@ -750,7 +751,9 @@ fn parse_exposition(
         let Some(family) = current.as_deref() else {
             return Err(format!("sample before any family: {line}"));
         };
-        let histogram = types.get(family).is_some_and(|t| t == "histogram");
+        let histogram = types
+            .get(family)
+            .is_some_and(|t| t == "histogram" || t == "summary");
         let belongs = name == family
             || (histogram
                 && [

@@ -64,12 +64,13 @@ fn the_arm64_buildlet_under_emulation_registers_reports_aarch64_and_builds() {
         .spawn()
         .expect("qemu-aarch64-static (run scripts/cross.sh to install it)");
     let log = Lines::follow(child.stderr.take().unwrap());
+    // Its binary facts are recorded just after it joins the pool.
     let m = c.wait("the arm64 machine", Duration::from_secs(60), |c| {
         c.get("/api/machines")["connected"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|m| m["hostname"] == "arm64-qemu")
+            .find(|m| m["hostname"] == "arm64-qemu" && m["binary"]["platform"] != "")
             .cloned()
     });
     assert_eq!(
@@ -250,7 +251,7 @@ fn farmer_up_runs_a_real_arm64_buildlet_for_its_arm64_host_type_when_one_is_buil
             .as_array()
             .unwrap()
             .iter()
-            .find(|m| m["host_type"] == "host-linux-arm64-sim")
+            .find(|m| m["host_type"] == "host-linux-arm64-sim" && m["binary"]["platform"] != "")
             .cloned();
         if let Some(m) = found {
             break m;

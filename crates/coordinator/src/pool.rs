@@ -245,6 +245,7 @@ impl Pool {
         version: u32,
         build: &str,
         addr: &str,
+        binary: MachineBinary,
         client: Client,
         conn: tokio::task::AbortHandle,
     ) -> Result<u64, String> {
@@ -286,7 +287,7 @@ impl Pool {
                     state: MachineState::Idle,
                     state_since: now,
                     draining: false,
-                    binary: Default::default(),
+                    binary,
                 },
                 client,
                 conn,

@@ -457,6 +457,7 @@ where
         status.version,
         &build,
         &peer.to_string(),
+        crate::release::reported_binary(&status, &binary),
         client,
         conn_task.abort_handle(),
     ) {

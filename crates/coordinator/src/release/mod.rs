@@ -719,18 +719,7 @@ impl Releases {
         status: &buildlet::proto::Status,
         reg: &Registration,
     ) {
-        let platform = reg
-            .stage0
-            .clone()
-            .or_else(|| Platform::parse(&status.os, &status.arch).ok())
-            .map(|p| p.to_string())
-            .unwrap_or_default();
-        let mut b = MachineBinary {
-            platform,
-            sha256: reg.sha256.clone(),
-            stage0: reg.stage0.is_some(),
-            ..Default::default()
-        };
+        let mut b = reported_binary(status, reg);
         self.classify(&mut b, id, hostname);
         if b.status == "stuck" {
             tracing::warn!(%hostname, "{}", b.note);
@@ -832,6 +821,25 @@ fn release_json(m: &Manifest) -> serde_json::Value {
         "protocol": m.protocol,
         "published_at": m.published_at,
     })
+}
+
+/// What a registering machine said about its binary (platform, digest,
+/// stage0), before it is compared with the releases: known, and shown, from
+/// the moment it joins the pool. The status stays empty until
+/// [`Releases::machine_joined`] classifies it.
+pub fn reported_binary(status: &buildlet::proto::Status, reg: &Registration) -> MachineBinary {
+    let platform = reg
+        .stage0
+        .clone()
+        .or_else(|| Platform::parse(&status.os, &status.arch).ok())
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    MachineBinary {
+        platform,
+        sha256: reg.sha256.clone(),
+        stage0: reg.stage0.is_some(),
+        ..Default::default()
+    }
 }
 
 /// The `buildlets` part of `/api/status`: releases, and how many machines

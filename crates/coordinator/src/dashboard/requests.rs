@@ -8,10 +8,10 @@ use std::sync::Arc;
 use askama::Template;
 use axum::Form;
 use axum::extract::State;
-use serde::Deserialize;
 
 use super::{Layout, PageResult, html};
 use crate::farm::Farm;
+use crate::machine_auth::Submission;
 
 #[derive(Template)]
 #[template(path = "requests.html")]
@@ -44,33 +44,24 @@ pub async fn page(State(farm): State<Arc<Farm>>) -> PageResult {
     html(&page_for(&farm))
 }
 
-#[derive(Deserialize)]
-pub struct SubmitForm {
-    hostname: String,
-    csr_pem: String,
-    #[serde(default)]
-    contact: String,
-    #[serde(default)]
-    notes: String,
-}
-
 pub async fn submit(
     State(farm): State<Arc<Farm>>,
     conn: Option<axum::Extension<crate::reverse::ConnInfo>>,
-    Form(f): Form<SubmitForm>,
+    Form(mut f): Form<Submission>,
 ) -> PageResult {
     let mut p = page_for(&farm);
-    match crate::machine_auth::submit_request(
+    // A form field picks up stray spaces; the API takes names as sent.
+    let typed = std::mem::take(&mut f.hostname);
+    f.hostname = typed.trim().to_string();
+    let result = crate::machine_auth::submit_request(
         &farm.bots,
         &farm.store,
         conn.map(|c| c.0.peer.ip()),
-        f.hostname.trim(),
-        &f.csr_pem,
-        &f.contact,
-        &f.notes,
+        &f,
     )
-    .await
-    {
+    .await;
+    f.hostname = typed;
+    match result {
         Ok(r) => p.submitted = Some(r),
         Err((_, msg)) => {
             p.error = msg;

@@ -263,6 +263,18 @@ pub async fn bound_host_type(
     Ok(Some((get("host_type")?, get("serial")?)))
 }
 
+/// A builder request as an owner sends it: JSON to `POST /api/requests`,
+/// or the `/requests` form.
+#[derive(Debug, serde::Deserialize)]
+pub struct Submission {
+    pub hostname: String,
+    pub csr_pem: String,
+    #[serde(default)]
+    pub contact: String,
+    #[serde(default)]
+    pub notes: String,
+}
+
 /// Records a builder request after checking the hostname and that the CSR
 /// names exactly that bot; returns the request id and the owner's secret.
 /// Anyone may submit, so every field is bounded, each address may submit
@@ -272,11 +284,14 @@ pub async fn submit_request(
     bots: &BotRegistry,
     store: &Store,
     peer: Option<std::net::IpAddr>,
-    hostname: &str,
-    csr_pem: &str,
-    contact: &str,
-    notes: &str,
+    s: &Submission,
 ) -> Result<(i64, String), (StatusCode, String)> {
+    let (hostname, csr_pem, contact, notes) = (
+        s.hostname.as_str(),
+        s.csr_pem.as_str(),
+        s.contact.as_str(),
+        s.notes.as_str(),
+    );
     // The host name's own rules (length included) come with its validation.
     for (field, value, max) in [
         ("csr_pem", csr_pem, MAX_CSR),

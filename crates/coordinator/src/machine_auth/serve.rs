@@ -19,8 +19,8 @@ use sqlx::Row;
 use x509_parser::prelude::*;
 
 use super::{
-    CERT_DAYS, Claims, MAX_SKEW_SECS, bot_domain, bound_host_type, mint, revoked, submit_request,
-    token_ttl,
+    CERT_DAYS, Claims, MAX_SKEW_SECS, Submission, bot_domain, bound_host_type, mint, revoked,
+    submit_request, token_ttl,
 };
 use crate::auth::Admin;
 use crate::ca::Ca;
@@ -65,33 +65,15 @@ async fn ca_cert(State(farm): State<Arc<Farm>>) -> ApiResult<String> {
     Ok(ca(&farm)?.cert_pem().to_string())
 }
 
-#[derive(Deserialize)]
-struct Submit {
-    hostname: String,
-    csr_pem: String,
-    #[serde(default)]
-    contact: String,
-    #[serde(default)]
-    notes: String,
-}
-
 async fn submit(
     State(farm): State<Arc<Farm>>,
     conn: Option<axum::Extension<crate::reverse::ConnInfo>>,
-    Json(s): Json<Submit>,
+    Json(s): Json<Submission>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     let peer = conn.map(|c| c.0.peer.ip());
-    let (id, secret) = submit_request(
-        &farm.bots,
-        &farm.store,
-        peer,
-        &s.hostname,
-        &s.csr_pem,
-        &s.contact,
-        &s.notes,
-    )
-    .await
-    .map_err(|(code, msg)| err(code, msg))?;
+    let (id, secret) = submit_request(&farm.bots, &farm.store, peer, &s)
+        .await
+        .map_err(|(code, msg)| err(code, msg))?;
     Ok((
         StatusCode::CREATED,
         Json(json!({ "id": id, "secret": secret, "status": "pending" })),
@@ -182,8 +164,9 @@ async fn approve(
     Path(id): Path<i64>,
     Json(a): Json<Approve>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    if !farm.config().hosts.contains_key(&a.host_type) {
-        let known: Vec<String> = farm.config().hosts.keys().cloned().collect();
+    let cfg = farm.config();
+    if !cfg.hosts.contains_key(&a.host_type) {
+        let known: Vec<String> = cfg.hosts.keys().cloned().collect();
         return Err(err(
             StatusCode::BAD_REQUEST,
             format!(

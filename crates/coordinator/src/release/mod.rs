@@ -382,6 +382,24 @@ fn min_protocol(config: Option<&Path>, data_dir: &Path) -> anyhow::Result<Option
     }
 }
 
+/// Publishes into the data dir's local store with the release key in
+/// `key_file` (created if missing, its public half written beside the
+/// store): what `farmer buildlet publish` and `farmer up` share.
+fn publish_local(
+    data_dir: &Path,
+    key_file: &Path,
+    req: PublishRequest,
+) -> anyhow::Result<(Published, Arc<dyn ArtifactStore>)> {
+    let key = load_or_create_key(key_file)?;
+    write_public_key(data_dir, &key)?;
+    let store = local_store(data_dir);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let p = rt.block_on(publish(store.as_ref(), &key, req))?;
+    Ok((p, store))
+}
+
 /// Runs `farmer buildlet publish` (args start with the program name).
 pub fn publish_main(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
     let cli: PublishCli = goflags::parse_from(args);
@@ -395,15 +413,9 @@ pub fn publish_main(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
         .unwrap_or_else(|| key_dir(&cli.data_dir).join(PRIVATE_KEY_FILE));
     // Check the file before a key is created for it.
     protocol_of(cli.protocol, &binary_info(&data))?;
-    let key = load_or_create_key(&key_file)?;
-    write_public_key(&cli.data_dir, &key)?;
-    let store = local_store(&cli.data_dir);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let p = rt.block_on(publish(
-        store.as_ref(),
-        &key,
+    let (p, store) = publish_local(
+        &cli.data_dir,
+        &key_file,
         PublishRequest {
             platform: platform.clone(),
             data: Bytes::from(data),
@@ -411,7 +423,7 @@ pub fn publish_main(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             protocol: cli.protocol,
             min_protocol: min,
         },
-    ))?;
+    )?;
     let m = &p.manifest;
     if p.changed {
         println!("published buildlet {} for {platform}", m.version);
@@ -443,15 +455,9 @@ pub fn publish_main(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
 pub fn publish_for_demo(data_dir: &Path) -> anyhow::Result<Manifest> {
     let exe = std::env::current_exe().context("finding this executable")?;
     let data = std::fs::read(&exe).with_context(|| format!("reading {}", exe.display()))?;
-    let key = load_or_create_key(&key_dir(data_dir).join(PRIVATE_KEY_FILE))?;
-    write_public_key(data_dir, &key)?;
-    let store = local_store(data_dir);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let p = rt.block_on(publish(
-        store.as_ref(),
-        &key,
+    let (p, _) = publish_local(
+        data_dir,
+        &key_dir(data_dir).join(PRIVATE_KEY_FILE),
         PublishRequest {
             platform: Platform::current(),
             data: Bytes::from(data),
@@ -459,7 +465,7 @@ pub fn publish_for_demo(data_dir: &Path) -> anyhow::Result<Manifest> {
             protocol: None,
             min_protocol: None,
         },
-    ))?;
+    )?;
     if p.changed {
         tracing::info!(
             version = %p.manifest.version,

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use buildlet::client::Error;
 use bytes::Bytes;
-use common::{Harness, runtime};
+use common::{Harness, accept_within, runtime};
 
 fn rejected(err: &Error, status: u16, needle: &str) {
     match err {
@@ -131,7 +131,7 @@ fn limits_apply_to_writetgz_from_url() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/bomb.tgz", listener.local_addr().unwrap());
     let server = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
+        let mut s = accept_within(&listener, std::time::Duration::from_secs(60));
         let mut req = [0u8; 4096];
         let _ = std::io::Read::read(&mut s, &mut req);
         let _ = write!(
@@ -248,8 +248,12 @@ fn idle_and_slow_connections_do_not_lock_the_client_out() {
         .unwrap();
     assert_eq!(st.version, buildlet::proto::VERSION);
     let mut closed = 0;
+    // One deadline for all of them: a server that never closes idle
+    // connections fails in 30 s, not 1,000 times 20 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     for mut s in conns {
-        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        s.set_read_timeout(Some(left.max(std::time::Duration::from_millis(1))))
             .unwrap();
         let mut b = [0u8; 64];
         // A reset (the server closed with our bytes unread) is closed too.

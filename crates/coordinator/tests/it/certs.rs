@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Coordinator, FARMER, Lines, TestRepo, http_post};
+use common::{Coordinator, FARMER, Lines, TestRepo, http_post, openssl};
 
 const HOST: &str = "linux-riscv64-alice";
 
@@ -174,7 +174,7 @@ impl Farm {
         ])
     }
 
-    fn bot(&self, hostname: &str, token: &Path) -> (std::process::Child, Lines) {
+    fn bot(&self, hostname: &str, token: &Path) -> (common::Reaped, Lines) {
         let mut child = Command::new(FARMER)
             .arg("buildlet")
             .arg(format!("-coordinator={}", self.c.addr))
@@ -191,7 +191,7 @@ impl Farm {
             .spawn()
             .unwrap();
         let lines = Lines::follow(child.stderr.take().unwrap());
-        (child, lines)
+        (common::Reaped(child), lines)
     }
 }
 
@@ -301,18 +301,15 @@ fn the_whole_certificate_path_then_revocation() {
     assert!(status["message"].as_str().unwrap().contains("revoked"));
     // And the bot itself logs the refusal, with the reason, when it
     // reconnects with its old (still unexpired) token.
+    let seen = log.all().lines().count();
     std::fs::write(&token, &old_token).unwrap();
-    assert!(
-        log.wait_for("refused this buildlet", Duration::from_secs(30)),
-        "{}",
+    let refused = f.c.wait("the bot's refusal", Duration::from_secs(30), |_| {
         log.all()
-    );
-    let refused = log
-        .all()
-        .lines()
-        .find(|l| l.contains("refused this buildlet"))
-        .unwrap_or_default()
-        .to_string();
+            .lines()
+            .skip(seen)
+            .find(|l| l.contains("refused this buildlet"))
+            .map(str::to_string)
+    });
     assert!(refused.contains("revoked"), "{refused}");
     let _ = bot.kill();
     let _ = bot.wait();
@@ -624,7 +621,7 @@ fn bootstrapswarm_downloads_the_bot_and_it_takes_a_build() {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let mut wrong = Command::new(FARMER)
+    let wrong = Command::new(FARMER)
         .arg("bootstrapswarm")
         .arg(format!("-hostname={HOST}"))
         .arg(format!("-coordinator={}", f.c.addr))
@@ -640,6 +637,7 @@ fn bootstrapswarm_downloads_the_bot_and_it_takes_a_build() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let mut wrong = common::Reaped(wrong);
     let wlog = Lines::follow(wrong.stderr.take().unwrap());
     assert!(
         wlog.wait_for("signature", Duration::from_secs(30)),
@@ -723,29 +721,6 @@ fn dashboard_request_form_submits_and_explains_refusals() {
     assert_eq!(v["notes"], "board <b>");
 }
 
-/// Runs openssl; returns stdout, failing the test with stderr if it fails.
-fn openssl(args: &[&str], stdin: Option<&[u8]>) -> Vec<u8> {
-    use std::io::Write;
-    let mut child = Command::new("openssl")
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("these tests need the openssl CLI");
-    let mut input = child.stdin.take().unwrap();
-    input.write_all(stdin.unwrap_or_default()).unwrap();
-    drop(input);
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
 /// True when python3 with the cryptography package is installed.
 fn python_cryptography() -> bool {
     Command::new("python3")
@@ -774,11 +749,11 @@ fn genbotcert_keys_load_in_openssl_and_python() {
         let key = dir.path().join(format!("{host}.key"));
         let csr = dir.path().join(format!("{host}.csr"));
         let (key, csr) = (key.to_str().unwrap(), csr.to_str().unwrap());
-        openssl(&["pkey", "-in", key, "-noout"], None);
+        openssl(&["pkey", "-in", key, "-noout"], b"");
         // The key openssl reads is the one the CSR was made for.
         assert_eq!(
-            openssl(&["pkey", "-in", key, "-pubout"], None),
-            openssl(&["req", "-in", csr, "-pubkey", "-noout"], None),
+            openssl(&["pkey", "-in", key, "-pubout"], b""),
+            openssl(&["req", "-in", csr, "-pubkey", "-noout"], b""),
             "{kt}"
         );
         if python {
@@ -828,7 +803,7 @@ fn issued_certificates_pass_openssl_strict_verification() {
         cert.to_str().unwrap(),
         key.to_str().unwrap(),
     );
-    let out = openssl(&["verify", "-x509_strict", "-CAfile", ca, cert], None);
+    let out = openssl(&["verify", "-x509_strict", "-CAfile", ca, cert], b"");
     assert!(
         String::from_utf8_lossy(&out).contains(": OK"),
         "{}",
@@ -854,7 +829,7 @@ fn issued_certificates_pass_openssl_strict_verification() {
             served.to_str().unwrap(),
             cert,
         ],
-        None,
+        b"",
     );
     assert!(
         String::from_utf8_lossy(&out).contains(": OK"),
@@ -863,7 +838,7 @@ fn issued_certificates_pass_openssl_strict_verification() {
     );
     // The certificate names its issuer by key id, and that is the CA's key id.
     let key_id = |file: &str, ext: &str| {
-        let text = openssl(&["x509", "-in", file, "-noout", "-ext", ext], None);
+        let text = openssl(&["x509", "-in", file, "-noout", "-ext", ext], b"");
         let text = String::from_utf8(text).unwrap();
         let id = text
             .lines()
@@ -881,8 +856,8 @@ fn issued_certificates_pass_openssl_strict_verification() {
     );
     // And the private key genbotcert wrote is the certificate's.
     assert_eq!(
-        openssl(&["pkey", "-in", key, "-pubout"], None),
-        openssl(&["x509", "-in", cert, "-pubkey", "-noout"], None)
+        openssl(&["pkey", "-in", key, "-pubout"], b""),
+        openssl(&["x509", "-in", cert, "-pubkey", "-noout"], b"")
     );
 }
 
@@ -899,7 +874,7 @@ fn each_farm_ca_has_its_own_subject_and_starts_at_its_creation() {
         std::fs::write(&file, &pem).unwrap();
         let subject = String::from_utf8(openssl(
             &["x509", "-in", file.to_str().unwrap(), "-noout", "-subject"],
-            None,
+            b"",
         ))
         .unwrap();
         assert!(subject.contains("farmer machine CA "), "{subject}");
@@ -986,19 +961,21 @@ fn machine_tokend_refreshes_only_past_half_life_and_keeps_going_with_loop() {
     soon["next_update"] = (tokend_now() + 2).into();
     std::fs::write(&token, soon.to_string()).unwrap();
     let before = std::fs::read_to_string(&token).unwrap();
-    let mut child = Command::new(FARMER)
-        .args([
-            "machine-tokend",
-            &format!("-backend={}", f.url()),
-            &format!("-cert-pem={}", cert.display()),
-            &format!("-pkey-pem={}", key.display()),
-            &format!("-token-file={}", token.display()),
-            "-loop",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let _tokend = common::Reaped(
+        Command::new(FARMER)
+            .args([
+                "machine-tokend",
+                &format!("-backend={}", f.url()),
+                &format!("-cert-pem={}", cert.display()),
+                &format!("-pkey-pem={}", key.display()),
+                &format!("-token-file={}", token.display()),
+                "-loop",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let status_file = f.owner.join("token.json.status");
     f.c.wait("a first, fresh run", Duration::from_secs(20), |_| {
         std::fs::read_to_string(&status_file)
@@ -1013,8 +990,6 @@ fn machine_tokend_refreshes_only_past_half_life_and_keeps_going_with_loop() {
         });
     let v: serde_json::Value = serde_json::from_str(&refreshed).unwrap();
     assert!(v["next_update"].as_i64().unwrap() > tokend_now(), "{v}");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 fn tokend_now() -> i64 {

@@ -357,11 +357,7 @@ timeout = "2m"
     let pid: u32 = c.wait("the step's process", Duration::from_secs(30), |_| {
         std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()
     });
-    let alive = |pid: u32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.contains(") Z "))
-            .unwrap_or(false)
-    };
+    let alive = common::alive;
     assert!(alive(pid));
     let (code, v) = c.post(&format!("/api/builds/{id}/cancel"), "", Some(&c.token));
     assert_eq!(code, 200, "{v}");

@@ -130,12 +130,35 @@ fn submit(c: &Coordinator, hostname: &str, contact: &str) -> (u16, serde_json::V
 #[test]
 fn builder_requests_are_bounded_in_size_and_rate() {
     let (_dir, c) = farm("");
-    let count = |c: &Coordinator| c.get_text("/api/requests").matches("\"hostname\"").count();
-    let _ = count(&c);
-    // An oversize field: 413 naming it, nothing stored.
-    let (code, v) = submit(&c, "linux-amd64-x", &"c".repeat(10_000));
+    let stored = |c: &Coordinator| {
+        let auth = format!("Bearer {}", c.token);
+        let a = common::http(
+            "GET",
+            &c.url("/api/requests"),
+            &[("authorization", &auth)],
+            "",
+        );
+        assert_eq!(a.status, 200, "{}", a.body);
+        a.body.matches("\"hostname\"").count()
+    };
+    // An oversize field on an otherwise valid request: 413 naming it, and
+    // nothing stored.
+    let g = botauth::csr::generate(
+        "linux-amd64-x",
+        botauth::hostname::DEFAULT_BOT_DOMAIN,
+        botauth::csr::KeyType::Ed25519,
+    )
+    .unwrap();
+    let body = serde_json::json!({
+        "hostname": "linux-amd64-x",
+        "csr_pem": g.csr_pem,
+        "contact": "c".repeat(10_000),
+        "notes": "",
+    });
+    let (code, v) = c.post("/api/requests", &body.to_string(), None);
     assert_eq!(code, 413, "{v}");
     assert!(v.to_string().contains("contact"), "{v}");
+    assert_eq!(stored(&c), 0);
     // A body past the coordinator's limit is refused before it is parsed.
     let (code, _) = c.post("/api/requests", &"x".repeat(1 << 20), None);
     assert_eq!(code, 413);
@@ -354,7 +377,7 @@ fn request_status_keeps_the_secret_out_of_urls() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
+        let mut s = common::accept_within(&listener, Duration::from_secs(60));
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut buf = Vec::new();
         let mut b = [0u8; 4096];
@@ -418,13 +441,14 @@ fn store_errors_at_start_name_the_file_and_the_lock() {
     let cfg = dir.path().join("farm.toml");
     std::fs::write(&cfg, config(&repo.path, "")).unwrap();
     let start = |data: &std::path::Path| {
-        Command::new(common::FARMER)
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-            .arg(&cfg)
-            .arg("--data-dir")
-            .arg(data)
-            .output()
-            .unwrap()
+        common::output_within(
+            Command::new(common::FARMER)
+                .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+                .arg(&cfg)
+                .arg("--data-dir")
+                .arg(data),
+            Duration::from_secs(60),
+        )
     };
     // Not a database.
     let garbage = dir.path().join("garbage");
@@ -438,20 +462,22 @@ fn store_errors_at_start_name_the_file_and_the_lock() {
     let locked = dir.path().join("locked");
     std::fs::create_dir_all(&locked).unwrap();
     let db = locked.join("farmer.db");
-    let mut holder = Command::new("python3")
-        .arg("-c")
-        .arg(
-            "import sqlite3,sys,time\n\
+    let mut holder = common::Reaped(
+        Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import sqlite3,sys,time\n\
              c=sqlite3.connect(sys.argv[1],isolation_level=None)\n\
              c.execute('BEGIN EXCLUSIVE')\n\
              c.execute('CREATE TABLE IF NOT EXISTS hold(x)')\n\
              print('locked',flush=True)\n\
              time.sleep(60)\n",
-        )
-        .arg(&db)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+            )
+            .arg(&db)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut line = String::new();
     std::io::BufRead::read_line(
         &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
@@ -511,11 +537,7 @@ run = "sh forever.sh"
         (read_pids().len() >= 2).then_some(())
     });
     let before: Vec<u32> = read_pids()[..2].to_vec();
-    let alive = |pid: u32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.contains(") Z "))
-            .unwrap_or(false)
-    };
+    let alive = common::alive;
     assert!(before.iter().all(|p| alive(*p)));
     let signal = |sig: &str| {
         Command::new("kill")

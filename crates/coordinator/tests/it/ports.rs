@@ -50,7 +50,7 @@ fn the_arm64_buildlet_under_emulation_registers_reports_aarch64_and_builds() {
     let key_file = dir.path().join("builder.key");
     std::fs::write(&key_file, c.key("host-test-trusted")).unwrap();
     // No -L: the distribution's arm64 C library (see scripts/cross.sh).
-    let mut child = Command::new("qemu-aarch64-static")
+    let child = Command::new("qemu-aarch64-static")
         .arg(&buildlet)
         .arg(format!("-coordinator={}", c.addr))
         .arg("-reverse-type=host-test-trusted")
@@ -63,6 +63,7 @@ fn the_arm64_buildlet_under_emulation_registers_reports_aarch64_and_builds() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("qemu-aarch64-static (run scripts/cross.sh to install it)");
+    let mut child = common::Reaped(child);
     let log = Lines::follow(child.stderr.take().unwrap());
     // Its binary facts are recorded just after it joins the pool.
     let m = c.wait("the arm64 machine", Duration::from_secs(60), |c| {
@@ -140,7 +141,7 @@ fn the_arm64_stage0_fetches_verifies_and_runs_arm64_releases_and_moves_to_a_new_
     std::fs::write(&key_file, c.key("host-test-trusted")).unwrap();
     // Started through qemu; the buildlet it downloads runs through the
     // kernel's binfmt_misc registration (scripts/cross.sh sets it up).
-    let mut child = Command::new("qemu-aarch64-static")
+    let child = Command::new("qemu-aarch64-static")
         .arg(&stage0)
         .arg(format!("-coordinator={}", c.addr))
         .arg(format!("-tls-pin={}", c.fingerprint))
@@ -158,6 +159,7 @@ fn the_arm64_stage0_fetches_verifies_and_runs_arm64_releases_and_moves_to_a_new_
         .stderr(Stdio::piped())
         .spawn()
         .expect("qemu-aarch64-static (run scripts/cross.sh to install it)");
+    let mut child = common::Reaped(child);
     let log = Lines::follow(child.stdout.take().unwrap());
     log.also(child.stderr.take().unwrap());
     let on = |version: &str| {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Bot, Coordinator, FARMER, TestRepo};
+use common::{Bot, Coordinator, FARMER, TestRepo, alive};
 
 /// A scratch dir for hooks: the event log, pid files of started
 /// buildlets (killed when this is dropped, so no test leaks a process).
@@ -127,13 +127,6 @@ impl Drop for Hooks {
                 .status();
         }
     }
-}
-
-fn alive(pid: u32) -> bool {
-    // A zombie is dead for our purpose.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.contains(") Z "))
-        .unwrap_or(false)
 }
 
 fn signal(c: &Coordinator, sig: &str) {
@@ -463,19 +456,24 @@ run = "true"
                 .then_some(())
         });
     }
-    // The hung hook was killed.
-    for (name, pid) in hooks.live_pids() {
-        if name.starts_with("hang-")
-            && hooks
-                .names("destroy", "host-hang")
-                .contains(&name[5..].to_string())
-        {
-            c.wait(
-                "the hung create to be killed",
-                Duration::from_secs(10),
-                |_| (!alive(pid)).then_some(()),
-            );
-        }
+    // The hung hooks were killed (each wrote its pid before it hung).
+    let destroyed = hooks.names("destroy", "host-hang");
+    let hung: Vec<u32> = hooks
+        .live_pids()
+        .into_iter()
+        .filter(|(name, _)| {
+            name.strip_prefix("hang-")
+                .is_some_and(|h| destroyed.iter().any(|d| d == h))
+        })
+        .map(|(_, pid)| pid)
+        .collect();
+    assert!(hung.len() >= 2, "{:?}", hooks.live_pids());
+    for pid in hung {
+        c.wait(
+            "the hung create to be killed",
+            Duration::from_secs(10),
+            |_| (!alive(pid)).then_some(()),
+        );
     }
     // Counted by reason, with the hook's words.
     let metrics = c.get_text("/metrics");

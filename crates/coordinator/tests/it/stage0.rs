@@ -616,7 +616,7 @@ fn a_replayed_older_release_is_refused_and_the_newer_one_kept() {
     let v1_manifest = read_index()["current"][&p].clone();
     publish(&c, &buildlet_binary(&bin, "v2"), "v2");
     let s = Stage0::for_coordinator(&c, &dir.path().join("m"), "s0-d");
-    wait_on_release(&c, "s0-d", "v2", Duration::from_secs(60));
+    let before = wait_on_release(&c, "s0-d", "v2", Duration::from_secs(60));
     // Someone with write access to the releases serves v1's signed
     // manifest again: validly signed, but older than what runs.
     let mut index = read_index();
@@ -625,7 +625,12 @@ fn a_replayed_older_release_is_refused_and_the_newer_one_kept() {
     s.expect("refusing a downgrade", Duration::from_secs(60));
     s.expect("keeping the last good buildlet v2", Duration::from_secs(10));
     assert_eq!(s.installed_version(), "v2");
-    wait_on_release(&c, "s0-d", "v2", Duration::from_secs(60));
+    // It came back (a new connection) and still runs v2.
+    c.wait("s0-d back on v2", Duration::from_secs(60), |c| {
+        machine(c, "s0-d").filter(|m| {
+            m["binary"]["release"] == "v2" && m["connected_at"] != before["connected_at"]
+        })
+    });
 }
 
 #[test]

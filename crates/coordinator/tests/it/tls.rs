@@ -7,7 +7,7 @@ use crate::common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Bot, Coordinator, FARMER, Lines, TestRepo, config};
+use common::{Bot, Coordinator, FARMER, Lines, TestRepo, config, openssl};
 use std::sync::Arc;
 
 fn farm() -> (tempfile::TempDir, std::path::PathBuf) {
@@ -273,28 +273,6 @@ fn http2_over_tls_when_alpn_chooses_it_and_reverse_still_upgrades() {
         Some(&key),
     );
     c.wait_connected(1);
-}
-
-/// Runs openssl; returns stdout, failing the test with stderr if it fails.
-fn openssl(args: &[&str], stdin: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let mut child = Command::new("openssl")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("this test needs the openssl CLI");
-    let mut input = child.stdin.take().unwrap();
-    input.write_all(stdin).unwrap();
-    drop(input);
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
 }
 
 /// The pins of a certificate file as openssl computes them (not farmer).

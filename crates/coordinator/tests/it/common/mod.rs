@@ -408,6 +408,61 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A child process killed (and reaped) when dropped, so a failing test
+/// leaves nothing running. Derefs to the [`Child`].
+pub struct Reaped(pub Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether a process runs (a zombie counts as dead).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+/// Runs the openssl CLI with `stdin`; its stdout, asserting it succeeded.
+/// The certificate tests check farmer's output with it, not with farmer.
+pub fn openssl(args: &[&str], stdin: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("these tests need the openssl CLI (scripts/test installs it)");
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin).unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// What an HTTP exchange returned: status, headers (lowercase names), body.
 pub struct Answer {
     pub status: u16,
@@ -506,4 +561,64 @@ trusted = false
 "#,
         repo.display()
     )
+}
+
+/// Accepts one connection on `l`, failing the test after `limit` (a
+/// client that never connects must not hang the test).
+pub fn accept_within(l: &std::net::TcpListener, limit: Duration) -> std::net::TcpStream {
+    l.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + limit;
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "no connection within {limit:?}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+/// Runs `cmd` to its end like `Command::output`, but kills it and fails
+/// the test after `limit` (a command expected to fail must not hang the
+/// test by succeeding and serving forever).
+pub fn output_within(cmd: &mut Command, limit: Duration) -> std::process::Output {
+    let mut child = Reaped(
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (out, err) = (
+        Lines::follow(child.stdout.take().unwrap()),
+        Lines::follow(child.stderr.take().unwrap()),
+    );
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{cmd:?} still ran after {limit:?}:\n{}",
+            err.all()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The followers finish once the pipes close.
+    let drained = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < drained
+        && (Arc::strong_count(&out.0) > 1 || Arc::strong_count(&err.0) > 1)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::process::Output {
+        status,
+        stdout: out.all().into_bytes(),
+        stderr: err.all().into_bytes(),
+    }
 }

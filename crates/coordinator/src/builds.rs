@@ -148,7 +148,7 @@ impl Farm {
     /// is cleaned for reuse, retired, or dropped when broken).
     async fn run_build(self: Arc<Self>, id: i64, lease: Lease) -> Next {
         let release = |me: &Arc<Farm>| me.pool.release_idle(lease.id);
-        let phase = Instant::now();
+        let phase = self.metrics.phase("record-start");
         let build = match self.store.build(id).await {
             Ok(Some(b)) if b.status == BuildStatus::Queued => b,
             Ok(_) => {
@@ -224,7 +224,7 @@ impl Farm {
             .as_bytes(),
         );
         tracing::info!(build = id, attempt = number, builder = %build.builder, machine = %lease.hostname, "build started");
-        self.metrics.observe_phase("record-start", phase.elapsed());
+        drop(phase);
         let outcome = self
             .execute(&build, &builder, &host, &lease.client, attempt_id, &rb)
             .await;
@@ -236,7 +236,7 @@ impl Farm {
             Outcome::Infra(m) => ("infra-error", m.clone()),
             Outcome::CoordinatorError(m) => ("infra-error", m.clone()),
         };
-        let phase = Instant::now();
+        let phase = self.metrics.phase("record-result");
         if let Err(e) = self.store.finish_attempt(attempt_id, result, &detail).await {
             tracing::error!(build = id, "recording attempt: {e}");
         }
@@ -294,10 +294,10 @@ impl Farm {
         }
         tracing::info!(build = id, %status, "build finished");
         self.unregister_running(id);
-        self.metrics.observe_phase("record-result", phase.elapsed());
-        let phase = Instant::now();
+        drop(phase);
+        let phase = self.metrics.phase("clean");
         self.end_lease(lease).await;
-        self.metrics.observe_phase("clean", phase.elapsed());
+        drop(phase);
         Next::Done
     }
 
@@ -316,7 +316,7 @@ impl Farm {
         if *cancel.borrow() {
             return Outcome::Cancelled;
         }
-        let phase = Instant::now();
+        let phase = self.metrics.phase("source-archive");
         let tgz = match self.source_tgz(&build.repo, &build.commit).await {
             Ok(t) => t,
             Err(e) => {
@@ -333,9 +333,8 @@ impl Farm {
             )
             .as_bytes(),
         );
-        self.metrics
-            .observe_phase("source-archive", phase.elapsed());
-        let phase = Instant::now();
+        drop(phase);
+        let phase = self.metrics.phase("source-push");
         let push = tokio::select! {
             r = client.put_tgz_bytes(SRC_DIR, tgz) => r,
             _ = cancel.wait_for(|c| *c) => return Outcome::Cancelled,
@@ -348,7 +347,7 @@ impl Farm {
                 Outcome::Failed(format!("pushing the source: {e}"))
             };
         }
-        self.metrics.observe_phase("source-push", phase.elapsed());
+        drop(phase);
         let _steps = self.metrics.phase("steps");
         let mut base_env: Vec<String> = Vec::new();
         for (k, v) in host.env.iter().chain(builder.env.iter()) {
@@ -413,7 +412,7 @@ impl Farm {
                 _ = cancel.wait_for(|c| *c) => None,
             };
             let took = t0.elapsed();
-            let log = rb.log.range(step_start, step_start + MAX_LOG);
+            let log = rb.log.range_async(step_start, step_start + MAX_LOG).await;
             let Some(r) = r else {
                 let _ = self
                     .store

@@ -507,20 +507,16 @@ impl Farm {
         if !self.pool.contains(lease.id) {
             return;
         }
-        let cfg = self.config();
-        match cfg.hosts.get(&lease.host_type) {
-            None => {
-                self.pool
-                    .remove(lease.id, "its host type is no longer in the config");
-                return;
-            }
-            // Its source destroys it; it stays connected until then so it
-            // cannot come back as a fresh machine.
-            Some(h) if h.exec.as_ref().is_some_and(|e| e.ephemeral) => {
-                self.pool.retire(lease.id);
-                return;
-            }
-            Some(_) => {}
+        if !self.config().hosts.contains_key(&lease.host_type) {
+            self.pool
+                .remove(lease.id, "its host type is no longer in the config");
+            return;
+        }
+        // Its source destroys it; it stays connected until then so it
+        // cannot come back as a fresh machine.
+        if self.sources.one_lease_per_machine(&lease.host_type) {
+            self.pool.retire(lease.id);
+            return;
         }
         self.pool.set_state(lease.id, MachineState::Cleaning);
         match tokio::time::timeout(Duration::from_secs(120), lease.client.remove_all(&["."])).await

@@ -79,6 +79,7 @@ impl LiveLog {
     }
 
     /// Bytes held in memory (the rest is in the spill file).
+    #[cfg(test)]
     pub fn resident(&self) -> usize {
         self.inner
             .read()
@@ -148,6 +149,24 @@ impl LiveLog {
             }
             None => tempfile::tempfile(),
         }
+    }
+
+    /// Bytes `[from, to)` of the log, read off the async threads when they
+    /// come from the spill file (up to [`MAX_LOG`] of file reads).
+    pub async fn range_async(self: &std::sync::Arc<Self>, from: usize, to: usize) -> Bytes {
+        let spilled = self
+            .inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .file
+            .is_some();
+        if !spilled {
+            return self.range(from, to);
+        }
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.range(from, to))
+            .await
+            .unwrap_or_default()
     }
 
     /// Bytes `[from, to)` of the log (clamped to what exists).

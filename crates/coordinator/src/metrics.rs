@@ -20,8 +20,6 @@ struct Inner {
     dispatch_counts: [u64; BUCKETS.len()],
     dispatch_sum: f64,
     dispatch_n: u64,
-    /// Recent dispatch latencies (seconds) for percentiles.
-    recent: std::collections::VecDeque<f64>,
     /// Where a build's time goes, by phase: (sum of seconds, count).
     phases: BTreeMap<&'static str, (f64, u64)>,
 }
@@ -93,10 +91,6 @@ impl Metrics {
         }
         g.dispatch_sum += s;
         g.dispatch_n += 1;
-        g.recent.push_back(s);
-        if g.recent.len() > 10_000 {
-            g.recent.pop_front();
-        }
     }
 
     /// Time spent in one phase of a build attempt (one of [`PHASES`]).
@@ -133,17 +127,5 @@ impl Metrics {
                 })
                 .collect(),
         }
-    }
-
-    /// p50 and p99 of recent dispatch latencies.
-    pub fn dispatch_percentiles(&self) -> Option<(Duration, Duration)> {
-        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if g.recent.is_empty() {
-            return None;
-        }
-        let mut v: Vec<f64> = g.recent.iter().copied().collect();
-        v.sort_by(f64::total_cmp);
-        let p = |q: f64| Duration::from_secs_f64(v[((v.len() - 1) as f64 * q) as usize]);
-        Some((p(0.5), p(0.99)))
     }
 }

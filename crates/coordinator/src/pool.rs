@@ -142,6 +142,15 @@ pub struct Lease {
     pub client: Client,
 }
 
+impl MachineView {
+    /// Draining from now on: no new lease.
+    fn take_out_of_service(&mut self) {
+        self.draining = true;
+        self.state = MachineState::Draining;
+        self.state_since = now_ms();
+    }
+}
+
 /// Which binary a machine runs, and whether it is the current release
 /// (filled in by [`crate::release`], which knows the releases).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -408,9 +417,7 @@ impl Pool {
         let mut m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
         match m.get_mut(&id) {
             Some(x) if x.view.state == MachineState::Idle && !x.view.draining => {
-                x.view.draining = true;
-                x.view.state = MachineState::Draining;
-                x.view.state_since = now_ms();
+                x.view.take_out_of_service();
                 true
             }
             _ => false,
@@ -423,9 +430,7 @@ impl Pool {
     pub fn retire(&self, id: u64) {
         let mut m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(x) = m.get_mut(&id) {
-            x.view.draining = true;
-            x.view.state = MachineState::Draining;
-            x.view.state_since = now_ms();
+            x.view.take_out_of_service();
         }
     }
 
@@ -435,12 +440,11 @@ impl Pool {
     pub fn drain(&self, id: u64) -> Option<Drained> {
         let mut m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
         let x = m.get_mut(&id)?;
-        x.view.draining = true;
         if x.view.state == MachineState::Idle {
-            x.view.state = MachineState::Draining;
-            x.view.state_since = now_ms();
+            x.view.take_out_of_service();
             Some(Drained::Idle(x.client.clone()))
         } else {
+            x.view.draining = true;
             Some(Drained::Busy)
         }
     }
@@ -487,13 +491,6 @@ impl Pool {
             }
         }
         out
-    }
-
-    pub fn has_idle(&self, host_type: &str) -> bool {
-        let m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
-        m.values().any(|x| {
-            x.view.host_type == host_type && x.view.state == MachineState::Idle && !x.view.draining
-        })
     }
 
     /// Records a refused registration. Counts are keyed by configured host

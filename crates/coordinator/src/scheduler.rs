@@ -261,13 +261,17 @@ impl Scheduler {
     pub fn position(&self, host_type: &str, holder: &Holder) -> Option<(usize, usize)> {
         let q = self.lock();
         let heap = q.get(host_type)?;
-        let mut sorted: Vec<&Waiting> = heap.iter().collect();
-        sorted.sort_by(|a, b| b.cmp(a));
-        let p = sorted.iter().position(|w| w.req.holder == *holder)?;
-        Some((p + 1, sorted.len()))
+        let me = heap.iter().find(|w| w.req.holder == *holder)?;
+        // More urgent compares greater (see `Ord for Waiting`).
+        let ahead = heap.iter().filter(|w| *w > me).count();
+        Some((ahead + 1, heap.len()))
     }
 
-    pub fn views(&self) -> Vec<QueueView> {
+    /// Each host type's queue: counts, the oldest wait, and the `listed`
+    /// most urgent requests (at most [`VIEW_LIMIT`]; 0 for counts only,
+    /// which sorts nothing).
+    pub fn views(&self, listed: usize) -> Vec<QueueView> {
+        let listed = listed.min(VIEW_LIMIT);
         let q = self.lock();
         let mut out: Vec<QueueView> = q
             .iter()
@@ -281,10 +285,14 @@ impl Scheduler {
                     .iter()
                     .map(|w| w.enqueued.elapsed().as_secs_f64())
                     .fold(0.0, f64::max);
-                let mut sorted: Vec<&Waiting> = heap.iter().collect();
-                if sorted.len() > VIEW_LIMIT {
-                    sorted.select_nth_unstable_by(VIEW_LIMIT, |a, b| b.cmp(a));
-                    sorted.truncate(VIEW_LIMIT);
+                let mut sorted: Vec<&Waiting> = if listed == 0 {
+                    Vec::new()
+                } else {
+                    heap.iter().collect()
+                };
+                if sorted.len() > listed {
+                    sorted.select_nth_unstable_by(listed, |a, b| b.cmp(a));
+                    sorted.truncate(listed);
                 }
                 sorted.sort_by(|a, b| b.cmp(a));
                 QueueView {
@@ -363,7 +371,7 @@ mod tests {
         .into_iter()
         .map(|(p, t, h)| s.request(req("h", p, t, h)))
         .collect();
-        let v = &s.views()[0];
+        let v = &s.views(VIEW_LIMIT)[0];
         assert_eq!(v.build_ids, vec![6, 3, 5, 2, 7, 1]);
         assert_eq!(v.waiting, 8);
         assert_eq!(
@@ -383,7 +391,7 @@ mod tests {
         let _tickets: Vec<Ticket> = (1..=n)
             .map(|i| s.request(req("h", Priority::PostSubmit, i, build(i))))
             .collect();
-        let v = &s.views()[0];
+        let v = &s.views(VIEW_LIMIT)[0];
         assert_eq!(v.waiting, n as usize);
         assert_eq!(v.requests.len(), VIEW_LIMIT);
         assert_eq!(v.build_ids.len(), VIEW_LIMIT);
@@ -408,6 +416,6 @@ mod tests {
             .build()
             .unwrap();
         assert!(matches!(rt.block_on(b.lease()), Err(Withdrawn)));
-        assert!(s.views().is_empty());
+        assert!(s.views(VIEW_LIMIT).is_empty());
     }
 }

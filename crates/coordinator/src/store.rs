@@ -32,6 +32,9 @@ pub enum StoreError {
 }
 
 /// Milliseconds since the Unix epoch.
+/// Most machines [`Store::machines`] returns.
+pub const MAX_MACHINES: i64 = 1000;
+
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -815,12 +818,18 @@ impl Store {
         Ok(())
     }
 
-    /// Forgets a destroyed exec machine.
+    /// Forgets a destroyed exec machine, and its machine history: its
+    /// name is never used again, and an ephemeral pool would otherwise add
+    /// a row per build.
     pub async fn exec_instance_delete(&self, hostname: &str) -> Result<()> {
-        sqlx::query("DELETE FROM exec_instances WHERE hostname = ?")
-            .bind(hostname)
-            .execute(&self.pool)
-            .await?;
+        let mut tx = self.pool.begin().await?;
+        for table in ["exec_instances", "machines"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE hostname = ?"))
+                .bind(hostname)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -828,7 +837,7 @@ impl Store {
     /// coordinator destroys each).
     pub async fn exec_instances(&self, host_type: &str) -> Result<Vec<ExecInstanceRow>> {
         let rows = sqlx::query(
-            "SELECT hostname, host_type, state, detail, created_at FROM exec_instances WHERE host_type = ? ORDER BY created_at LIMIT 10000",
+            "SELECT hostname, state FROM exec_instances WHERE host_type = ? ORDER BY created_at LIMIT 10000",
         )
         .bind(host_type)
         .fetch_all(&self.pool)
@@ -837,17 +846,17 @@ impl Store {
             .map(|r| {
                 Ok(ExecInstanceRow {
                     hostname: r.try_get("hostname")?,
-                    host_type: r.try_get("host_type")?,
                     state: r.try_get("state")?,
-                    detail: r.try_get("detail")?,
-                    created_at: r.try_get("created_at")?,
                 })
             })
             .collect()
     }
 
+    /// The machines seen, at most [`MAX_MACHINES`] (the most recently
+    /// seen), by host type and name. Pages and the open API list them.
     pub async fn machines(&self) -> Result<Vec<MachineRow>> {
-        let rows = sqlx::query("SELECT hostname, host_type, version, build, addr, first_seen, last_seen FROM machines ORDER BY host_type, hostname")
+        let rows = sqlx::query("SELECT hostname, host_type, version, build, addr, first_seen, last_seen FROM (SELECT * FROM machines ORDER BY last_seen DESC LIMIT ?) ORDER BY host_type, hostname")
+            .bind(MAX_MACHINES)
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
@@ -867,13 +876,12 @@ impl Store {
 }
 
 /// A machine an exec source created (see `sources::exec`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct ExecInstanceRow {
     pub hostname: String,
-    pub host_type: String,
+    /// creating, registered or destroying (with why in the `detail` column,
+    /// for whoever reads the database after a crash).
     pub state: String,
-    pub detail: String,
-    pub created_at: i64,
 }
 
 fn commit_row(r: &sqlx::sqlite::SqliteRow) -> Result<CommitRow> {

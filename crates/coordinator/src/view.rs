@@ -14,11 +14,11 @@ pub struct HealthLine {
     pub message: String,
 }
 
-/// Warnings for host types with fewer machines than expected.
-pub async fn health(farm: &Farm) -> Vec<HealthLine> {
+/// Warnings for host types with fewer machines than expected; `seen` is
+/// the store's machine history, which the caller reads once per page.
+pub fn health(farm: &Farm, seen: &[crate::store::MachineRow]) -> Vec<HealthLine> {
     let cfg = farm.config();
     let counts = farm.pool.counts();
-    let seen = farm.store.machines().await.unwrap_or_default();
     let connected: std::collections::HashSet<String> = farm
         .pool
         .snapshot()

@@ -105,7 +105,7 @@ pub async fn render(farm: &Farm) -> String {
             );
         }
     }
-    let queues = farm.scheduler.views();
+    let queues = farm.scheduler.views(0);
     // One family at a time: Prometheus reads a family's samples only
     // right after its HELP and TYPE lines.
     let _ = writeln!(

@@ -91,7 +91,7 @@ async fn status(State(farm): State<Arc<Farm>>) -> ApiResult<Json<serde_json::Val
     Ok(Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_secs": farm.started.elapsed().as_secs(),
-        "health": crate::view::health(&farm).await,
+        "health": crate::view::health(&farm, &farm.store.machines().await?),
         "refusals": farm.pool.recent_refusals(),
         "running": running,
         "tls_fingerprint": farm.tls_fingerprint,
@@ -174,7 +174,7 @@ async fn sources(State(farm): State<Arc<Farm>>) -> Json<serde_json::Value> {
 async fn queue(State(farm): State<Arc<Farm>>) -> Json<serde_json::Value> {
     let v: Vec<_> = farm
         .scheduler
-        .views()
+        .views(crate::scheduler::VIEW_LIMIT)
         .into_iter()
         .map(|q| {
             let reason = farm.wait_reason(&q.host_type);

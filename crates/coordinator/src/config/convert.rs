@@ -405,29 +405,8 @@ fn host(ctx: &mut Ctx<'_>, e: &Entry<'_>, t: &Table<'_>) -> HostConfig {
             );
             Vec::new()
         }
-        Some(e) => match e.value {
-            Raw::Str(s) if s.trim().is_empty() => {
-                ctx.error(
-                    Some(e.at),
-                    &e.path,
-                    format!("{who}: buildlet must not be empty"),
-                );
-                Vec::new()
-            }
-            Raw::Str(s) => vec![s.clone()],
-            _ => match ctx.string_list(&e) {
-                Some(list) if list.first().is_none_or(|p| p.value.is_empty()) => {
-                    ctx.error(
-                        Some(e.at),
-                        &e.path,
-                        format!("{who}: buildlet must start with the program to run"),
-                    );
-                    Vec::new()
-                }
-                Some(list) => list.into_iter().map(|l| l.value).collect(),
-                None => Vec::new(),
-            },
-        },
+        // A string is the program's path.
+        Some(e) => command(ctx, &e, &who, |s| vec![s.to_owned()]),
     };
     let owners = optional(ctx, t, "owners", Ctx::string_list).unwrap_or_default();
     for owner in &owners {
@@ -541,6 +520,21 @@ fn hook(ctx: &mut Ctx<'_>, t: &Table<'_>, key: &str, who: &str) -> Vec<String> {
         );
         return Vec::new();
     };
+    // A string is a shell command.
+    command(ctx, &e, who, |s| {
+        vec!["sh".to_owned(), "-c".to_owned(), s.to_owned()]
+    })
+}
+
+/// A program to run, written as a string (turned into the command line by
+/// `from_string`) or as `["program", "arg", ...]`; empty after an error.
+fn command(
+    ctx: &mut Ctx<'_>,
+    e: &Entry<'_>,
+    who: &str,
+    from_string: impl FnOnce(&str) -> Vec<String>,
+) -> Vec<String> {
+    let key = e.key;
     match e.value {
         Raw::Str(s) if s.trim().is_empty() => {
             ctx.error(
@@ -550,8 +544,8 @@ fn hook(ctx: &mut Ctx<'_>, t: &Table<'_>, key: &str, who: &str) -> Vec<String> {
             );
             Vec::new()
         }
-        Raw::Str(s) => vec!["sh".to_owned(), "-c".to_owned(), s.clone()],
-        _ => match ctx.string_list(&e) {
+        Raw::Str(s) => from_string(s),
+        _ => match ctx.string_list(e) {
             Some(list) if list.first().is_none_or(|p| p.value.is_empty()) => {
                 ctx.error(
                     Some(e.at),

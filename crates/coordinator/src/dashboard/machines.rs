@@ -182,7 +182,7 @@ pub async fn host_page(State(farm): State<Arc<Farm>>, Path(host_type): Path<Stri
         .collect();
     let queue = farm
         .scheduler
-        .views()
+        .views(0)
         .into_iter()
         .find(|q| q.host_type == host_type);
     let builds = farm

@@ -136,8 +136,8 @@ pub async fn load(farm: &Farm) -> Result<StatusView, PageError> {
     let counts = farm.pool.counts();
     let running_builds = farm.running_builds();
 
-    let health = crate::view::health(farm)
-        .await
+    let seen = farm.store.machines().await?;
+    let health = crate::view::health(farm, &seen)
         .into_iter()
         .map(|h| HealthView {
             level: h.level,
@@ -148,7 +148,7 @@ pub async fn load(farm: &Farm) -> Result<StatusView, PageError> {
 
     let queues = farm
         .scheduler
-        .views()
+        .views(0)
         .into_iter()
         .map(|q| QueueView {
             reason: farm.wait_reason(&q.host_type),
@@ -223,10 +223,7 @@ pub async fn load(farm: &Farm) -> Result<StatusView, PageError> {
 
     let connected_names: std::collections::HashSet<&str> =
         snapshot.iter().map(|m| m.hostname.as_str()).collect();
-    let gone = farm
-        .store
-        .machines()
-        .await?
+    let gone = seen
         .into_iter()
         .filter(|m| !connected_names.contains(m.hostname.as_str()))
         .map(|m| GoneLine {
@@ -357,7 +354,7 @@ pub async fn load(farm: &Farm) -> Result<StatusView, PageError> {
     finished.truncate(RECENT);
     let recent = finished.iter().map(|b| BuildLine::new(b, now)).collect();
 
-    let queued = farm.scheduler.views().iter().map(|q| q.waiting).sum();
+    let queued = farm.scheduler.views(0).iter().map(|q| q.waiting).sum();
     Ok(StatusView {
         version: env!("CARGO_PKG_VERSION"),
         uptime: since(farm.started_ms, now),

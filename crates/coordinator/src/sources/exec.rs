@@ -551,6 +551,10 @@ impl MachineSource for ExecSource {
         Box::pin(self.run_loop(stop))
     }
 
+    fn one_lease_per_machine(&self) -> bool {
+        self.cfg().ephemeral
+    }
+
     /// New settings apply at once: new machines use the new hooks, `max`
     /// and `min_idle` are the new targets; machines are not restarted.
     fn reconfigure(&self, host: &crate::config::HostConfig) -> bool {

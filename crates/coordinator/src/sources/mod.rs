@@ -43,6 +43,12 @@ pub trait MachineSource: Send + Sync + 'static {
     /// local buildlets, destroys exec machines) before returning.
     fn run(self: Arc<Self>, stop: watch::Receiver<bool>) -> BoxFuture<'static, ()>;
 
+    /// Whether each machine serves one lease and is then destroyed
+    /// (instead of cleaned for the next): asked when a lease ends.
+    fn one_lease_per_machine(&self) -> bool {
+        false
+    }
+
     /// Takes new settings of its host type without a restart, if it can.
     /// `false` means the source must be stopped and started anew.
     fn reconfigure(&self, _host: &HostConfig) -> bool {
@@ -330,6 +336,13 @@ impl Sources {
             Some(r) => r.source.admits(hostname),
             None => Ok(()),
         }
+    }
+
+    /// See [`MachineSource::one_lease_per_machine`].
+    pub fn one_lease_per_machine(&self, host_type: &str) -> bool {
+        self.lock()
+            .get(host_type)
+            .is_some_and(|r| r.source.one_lease_per_machine())
     }
 
     pub fn describe(&self, host_type: &str) -> Option<String> {

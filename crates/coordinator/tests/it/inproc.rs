@@ -86,7 +86,7 @@ fn the_lease_queue_serves_release_interactive_presubmit_then_newest_postsubmit()
             );
         }
         // Everything waits: nothing to run on, and the queue says so.
-        let q = f.farm.scheduler.views();
+        let q = f.farm.scheduler.views(0);
         assert_eq!(q[0].waiting, 5);
         assert!(
             f.farm

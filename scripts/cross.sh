@@ -17,6 +17,12 @@
 # own arm64 C library (libc6:arm64, installed here) works, and qemu finds it
 # at /lib/ld-linux-aarch64.so.1 without -L.
 #
+# It changes the machine: dpkg gains the arm64 architecture, and qemu is
+# registered with the kernel's binfmt_misc (both as Debian's own qemu and
+# cross packages expect; undo with `dpkg --remove-architecture arm64` after
+# removing the :arm64 packages, and `echo -1 >
+# /proc/sys/fs/binfmt_misc/qemu-aarch64`).
+#
 # Uses Debian's Rust (rustc-web, cargo-web: 1.96) and its arm64 standard
 # library, so no rustup target download is needed. Extra arguments go to
 # cargo build.
@@ -25,7 +31,8 @@ cd "$(dirname "$0")/.."
 
 TARGET=aarch64-unknown-linux-gnu
 SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+# -n: fail at once rather than wait for a password no one will type (CI).
+[ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
 
 if ! dpkg --print-foreign-architectures | grep -qx arm64; then
   echo "scripts/cross.sh: adding the arm64 architecture to dpkg" >&2

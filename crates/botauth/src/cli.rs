@@ -48,7 +48,7 @@ where
     }
     let g = csr::generate(&cli.bot_hostname, &cli.bot_domain, cli.key_type)
         .map_err(anyhow::Error::msg)?;
-    crate::token::write_atomic(&key_path, g.key_pem.as_bytes(), 0o600)
+    atomicfile::write_private(&key_path, g.key_pem.as_bytes())
         .with_context(|| format!("writing {}", key_path.display()))?;
     std::fs::write(&csr_path, &g.csr_pem)
         .with_context(|| format!("writing {}", csr_path.display()))?;

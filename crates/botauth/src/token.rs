@@ -105,14 +105,8 @@ impl TokenFile {
     /// Writes the file atomically (temp file + rename), mode 0644.
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
         let data = serde_json::to_vec_pretty(self)?;
-        write_atomic(path, &data, 0o644)
+        atomicfile::write(path, &data, Some(0o644))
     }
-}
-
-/// Writes `data` to `path` via a temp file in the same directory and a rename,
-/// so readers see the old or the new content, never a partial one.
-pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
-    atomicfile::write(path, data, Some(mode))
 }
 
 /// The default token file path: `$LUCI_MACHINE_TOKEN`, else

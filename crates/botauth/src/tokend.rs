@@ -78,7 +78,7 @@ pub async fn run_once(o: &Options) -> Result<Outcome, String> {
         },
     };
     if let Ok(data) = serde_json::to_vec_pretty(&status) {
-        let _ = token::write_atomic(&status_path(&o.token_file), &data, 0o644);
+        let _ = atomicfile::write(&status_path(&o.token_file), &data, Some(0o644));
     }
     result
 }

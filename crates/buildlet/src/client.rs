@@ -388,7 +388,16 @@ impl Client {
             .await?;
         let mut body = resp.into_body();
         let mut n = 0u64;
-        while let Some(frame) = body.frame().await {
+        loop {
+            // A machine that stops sending mid-archive is a broken machine.
+            let Some(frame) = tokio::time::timeout(FRAME_DEADLINE, body.frame())
+                .await
+                .map_err(|_| {
+                    Error::BrokeOff(format!("/tgz sent nothing for {FRAME_DEADLINE:?}"))
+                })?
+            else {
+                break;
+            };
             let frame = frame.map_err(|e| Error::BrokeOff(e.to_string()))?;
             if let Ok(data) = frame.into_data() {
                 n += data.len() as u64;
@@ -532,6 +541,8 @@ pub const MAX_ERROR_BODY: usize = 8 << 10;
 pub const MAX_LISTING: usize = 64 << 20;
 /// Most bytes a `/tgz` download may have.
 pub const MAX_DOWNLOAD: u64 = 16 << 30;
+/// Longest silence within a `/tgz` download before the machine is taken for broken.
+const FRAME_DEADLINE: Duration = Duration::from_secs(60);
 const SMALL_BODY_TIME: Duration = Duration::from_secs(60);
 const LISTING_TIME: Duration = Duration::from_secs(600);
 

@@ -98,8 +98,10 @@ pub fn find_key(key_file: Option<&Path>, host_type: &str) -> Result<(String, Pat
             // `-key-file=-`: the key arrives on standard input (how the
             // coordinator hands keys to its local buildlets, so no build
             // can read them from a file).
+            // A key is a few dozen bytes; whatever feeds stdin is bounded.
             let mut s = String::new();
-            return match std::io::Read::read_to_string(&mut std::io::stdin(), &mut s) {
+            let mut stdin = std::io::Read::take(std::io::stdin(), 64 << 10);
+            return match std::io::Read::read_to_string(&mut stdin, &mut s) {
                 Ok(_) if !s.trim().is_empty() => Ok((s.trim().to_string(), c)),
                 Ok(_) => Err("-key-file=-: standard input held no builder key".into()),
                 Err(e) => Err(format!("-key-file=-: reading standard input: {e}")),

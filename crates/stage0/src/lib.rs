@@ -27,9 +27,8 @@ pub mod http;
 pub mod manifest;
 pub mod platform;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
@@ -210,22 +209,11 @@ impl Backoff {
     }
 }
 
-/// A delay uniformly in [d/2, d], from the clock, the process id and a counter.
+/// A delay uniformly in [d/2, d], from the OS-seeded generator (as the
+/// buildlet's reconnect jitter): machines restarted together spread out.
 pub fn jitter(d: Duration) -> Duration {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|t| t.as_nanos() as u64)
-        .unwrap_or(0);
-    let mut x = nanos
-        ^ u64::from(std::process::id()).rotate_left(32)
-        ^ N.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
-    // splitmix64 finalizer
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^= x >> 31;
-    let frac = (x % 10_000) as f64 / 10_000.0;
-    d.mul_f64(0.5 + 0.5 * frac)
+    use rand::Rng;
+    d.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
 }
 
 /// Polls the coordinator until it answers anything over HTTP (even an
@@ -327,14 +315,11 @@ pub fn installed(cfg: &Config) -> Result<Installed, String> {
     Ok(Installed { path, manifest: m })
 }
 
-fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    atomicfile::write(path, data, None)
-}
-
 fn save_manifest(cfg: &Config, m: &Manifest) -> Result<(), Error> {
     let path = cfg.dir.join(MANIFEST_NAME);
     let json = serde_json::to_vec_pretty(m).map_err(|e| Error::Local(e.to_string()))?;
-    write_atomic(&path, &json).map_err(|e| Error::Local(format!("{}: {e}", path.display())))
+    atomicfile::write(&path, &json, None)
+        .map_err(|e| Error::Local(format!("{}: {e}", path.display())))
 }
 
 fn mib(n: u64) -> f64 {

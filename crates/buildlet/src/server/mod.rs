@@ -483,6 +483,9 @@ impl Form {
 const MAX_FORM: usize = 4 << 20;
 
 /// Reads the query string and, for urlencoded bodies, the form body.
+/// How long a form body may take to arrive.
+const FORM_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub(crate) async fn read_form<B>(req: Request<B>) -> Result<Form, Response<ResponseBody>>
 where
     B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
@@ -491,7 +494,18 @@ where
     use http_body_util::BodyExt;
     let mut pairs = query_pairs(&req);
     let body = http_body_util::Limited::new(req.into_body(), MAX_FORM);
-    let bytes = match body.collect().await {
+    // A form is at most a few KiB: one trickled byte by byte must not hold
+    // the connection (tarball bodies have their own rules).
+    let collected = match tokio::time::timeout(FORM_DEADLINE, body.collect()).await {
+        Ok(c) => c,
+        Err(_) => {
+            return Err(text(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("form body not received within {FORM_DEADLINE:?}\n"),
+            ));
+        }
+    };
+    let bytes = match collected {
         Ok(c) => c.to_bytes(),
         Err(e) => {
             if e.downcast_ref::<http_body_util::LengthLimitError>()

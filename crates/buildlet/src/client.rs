@@ -515,6 +515,45 @@ impl Client {
         let st = self.exec(cmd, opts, &mut out).await?;
         Ok((st, out))
     }
+
+    /// Sends `req` as it is to the buildlet, its path and query put after
+    /// this client's base URL and its credentials added, and returns the
+    /// answer whatever its status, body unread: for a proxy in front of the
+    /// buildlet API (gomote). Only the response headers are bounded in
+    /// time (`headers_within`); the caller bounds the body.
+    pub async fn forward(
+        &self,
+        req: Request<ReqBody>,
+        headers_within: Duration,
+    ) -> Result<Response<Incoming>, Error> {
+        let (mut parts, body) = req.into_parts();
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        parts.uri = format!("{}{pq}", self.base)
+            .parse()
+            .map_err(|e| Error::Protocol(format!("bad URL {pq:?}: {e}")))?;
+        parts.headers.remove(header::AUTHORIZATION);
+        if let Some(a) = &self.auth {
+            parts.headers.insert(header::AUTHORIZATION, a.clone());
+        }
+        let req = Request::from_parts(parts, body);
+        tokio::time::timeout(headers_within, self.transport.send(req))
+            .await
+            .map_err(|_| {
+                Error::Unreachable(format!("no response within {headers_within:?}").into())
+            })?
+            .map_err(Error::Unreachable)
+    }
+
+    /// Replaces the credentials sent with every request (by default the
+    /// buildlet password of [`Client::new`]); a gomote client sends its
+    /// user token to the coordinator this way.
+    pub fn set_authorization(&mut self, value: Option<HeaderValue>) {
+        self.auth = value;
+    }
 }
 
 fn empty() -> ReqBody {

@@ -502,6 +502,18 @@ pub fn pack<W: Write>(dir: &Path, out: W, level: u32) -> io::Result<W> {
     builder.into_inner()?.finish()
 }
 
+/// Writes a tar.gz of the one regular file `path`, named by its file name.
+pub fn pack_file<W: Write>(path: &Path, out: W, level: u32) -> io::Result<W> {
+    let gz = flate2::write::GzEncoder::new(out, flate2::Compression::new(level.min(9)));
+    let mut builder = tar::Builder::new(gz);
+    builder.mode(tar::HeaderMode::Complete);
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "a file has a name"))?;
+    builder.append_path_with_name(path, name)?;
+    builder.into_inner()?.finish()
+}
+
 /// Walks `dir` depth-first in name order without following links, calling `f`
 /// with each entry's full path, relative path and metadata. Relative paths in
 /// `skip` (and everything below them) are left out.

@@ -94,6 +94,119 @@ pub enum CaCmd {
     },
 }
 
+/// `farmer user …`: the people who may lease machines with gomote.
+#[derive(Subcommand, Debug)]
+pub enum UserCmd {
+    /// Add a user; prints their token once (only its hash is kept).
+    Add {
+        #[command(flatten)]
+        remote: Remote,
+        name: String,
+        /// May see and end every instance, and lease any host type open to someone.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// List users with their SSH key fingerprints.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Remove a user; their instances end.
+    Remove {
+        #[command(flatten)]
+        remote: Remote,
+        name: String,
+    },
+    /// Register an SSH public key (a .pub file) for `ssh INSTANCE@coordinator`.
+    AddKey {
+        #[command(flatten)]
+        remote: Remote,
+        name: String,
+        file: PathBuf,
+    },
+}
+
+pub fn run_user(cmd: UserCmd) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match cmd {
+            UserCmd::Add {
+                remote,
+                name,
+                admin,
+            } => {
+                let v = call(
+                    &remote,
+                    http::Method::POST,
+                    "/api/users",
+                    Some(serde_json::json!({ "name": name, "admin": admin })),
+                    true,
+                )
+                .await?;
+                eprintln!(
+                    "added user {name}{}; give them this token (it is not shown again):",
+                    if admin { " (admin)" } else { "" }
+                );
+                println!("{}", v["token"].as_str().unwrap_or(""));
+            }
+            UserCmd::List { remote } => {
+                let v = call(&remote, http::Method::GET, "/api/users", None, true).await?;
+                for u in v.as_array().into_iter().flatten() {
+                    let keys: Vec<&str> = u["keys"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|k| k.as_str())
+                        .collect();
+                    println!(
+                        "{}\t{}\t{}",
+                        u["name"].as_str().unwrap_or(""),
+                        if u["admin"].as_bool() == Some(true) {
+                            "admin"
+                        } else {
+                            "user"
+                        },
+                        keys.join(" ")
+                    );
+                }
+            }
+            UserCmd::Remove { remote, name } => {
+                let v = call(
+                    &remote,
+                    http::Method::DELETE,
+                    &format!("/api/users/{name}"),
+                    None,
+                    true,
+                )
+                .await?;
+                println!(
+                    "removed user {name} ({} instances ended)",
+                    v["instances_ended"]
+                );
+            }
+            UserCmd::AddKey { remote, name, file } => {
+                let key = std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                let v = call(
+                    &remote,
+                    http::Method::POST,
+                    &format!("/api/users/{name}/keys"),
+                    Some(serde_json::json!({ "key": key.trim() })),
+                    true,
+                )
+                .await?;
+                println!(
+                    "added key {} for {name}",
+                    v["fingerprint"].as_str().unwrap_or("")
+                );
+            }
+        }
+        Ok(())
+    })
+}
+
 /// The header that carries a builder request's secret (never the URL, which
 /// proxies and logs keep).
 pub const SECRET_HEADER: &str = "x-farmer-request-secret";

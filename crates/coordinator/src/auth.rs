@@ -35,6 +35,68 @@ impl<S: AdminToken + Send + Sync> FromRequestParts<S> for Admin {
     }
 }
 
+/// State that can look up a user by the SHA-256 of their bearer token.
+pub trait UserTokens: AdminToken {
+    fn user_by_token_sha256(
+        &self,
+        sha256_hex: String,
+    ) -> impl std::future::Future<Output = Option<(String, bool)>> + Send;
+}
+
+/// An extractor for the gomote API: who is calling. A user's token (from
+/// `farmer user add`) names the user; the farm's admin token is the user
+/// `admin` with admin rights. Like [`Admin`], it reads only headers: `401`
+/// without a token, `403` with one nobody holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub name: String,
+    pub admin: bool,
+}
+
+/// The user name the farm's admin token acts as.
+pub const ADMIN_USER: &str = "admin";
+
+impl<S: UserTokens + Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = (StatusCode, Json<serde_json::Value>);
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let refuse =
+            |status: StatusCode, msg: &str| (status, Json(serde_json::json!({ "error": msg })));
+        match admin(&parts.headers, state.admin_token()) {
+            Ok(()) => {
+                return Ok(Caller {
+                    name: ADMIN_USER.to_string(),
+                    admin: true,
+                });
+            }
+            Err(AdminRefusal::Missing) => {
+                return Err(refuse(
+                    StatusCode::UNAUTHORIZED,
+                    "this needs a user token: run `farmer gomote login --coordinator URL --token-file FILE` (an admin makes tokens with `farmer user add NAME`), or send Authorization: Bearer TOKEN",
+                ));
+            }
+            Err(AdminRefusal::Wrong) => {}
+        }
+        let sent = bearer(&parts.headers).unwrap_or_default();
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(sent.as_bytes()));
+        match state.user_by_token_sha256(sha).await {
+            Some((name, admin)) => Ok(Caller { name, admin }),
+            None => Err(refuse(
+                StatusCode::FORBIDDEN,
+                "this token belongs to no user (it was never issued, or its user was removed)",
+            )),
+        }
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
 /// Why a request is not an admin's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AdminRefusal {
@@ -57,12 +119,7 @@ impl AdminRefusal {
 
 /// Whether `headers` carry the admin `token` (compared in constant time).
 pub fn admin(headers: &HeaderMap, token: &str) -> Result<(), AdminRefusal> {
-    let sent = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match sent {
+    match bearer(headers) {
         Some(t) if bool::from(t.as_bytes().ct_eq(token.as_bytes())) => Ok(()),
         Some(_) => Err(AdminRefusal::Wrong),
         None => Err(AdminRefusal::Missing),

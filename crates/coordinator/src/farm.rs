@@ -79,6 +79,10 @@ pub struct Farm {
     pub sources: Sources,
     /// One poller per configured repo.
     pollers: Mutex<BTreeMap<String, tokio::task::AbortHandle>>,
+    /// Live gomote instances (operations in [`crate::gomote`]).
+    pub gomote: crate::gomote::registry::Registry,
+    /// Where the gomote SSH server listens, once it does.
+    ssh_addr: Mutex<Option<String>>,
 }
 
 const SOURCE_CACHE: usize = 16;
@@ -86,6 +90,18 @@ const SOURCE_CACHE: usize = 16;
 impl crate::auth::AdminToken for Arc<Farm> {
     fn admin_token(&self) -> &str {
         &self.admin_token
+    }
+}
+
+impl crate::auth::UserTokens for Arc<Farm> {
+    async fn user_by_token_sha256(&self, sha256_hex: String) -> Option<(String, bool)> {
+        match self.store.user_by_token(&sha256_hex).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::error!("looking up a user token: {e}");
+                None
+            }
+        }
     }
 }
 
@@ -135,7 +151,22 @@ impl Farm {
             poll_errors: Mutex::new(HashMap::new()),
             bots: Default::default(),
             releases,
+            gomote: Default::default(),
+            ssh_addr: Mutex::new(None),
         })
+    }
+
+    /// Where the gomote SSH server listens (`host:port`), if it does.
+    pub fn ssh_addr(&self) -> Option<String> {
+        self.ssh_addr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records where the gomote SSH server listens.
+    pub fn set_ssh_addr(&self, addr: String) {
+        *self.ssh_addr.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
     }
 
     pub fn config(&self) -> Arc<FarmConfig> {

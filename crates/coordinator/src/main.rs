@@ -58,6 +58,15 @@ enum Cmd {
     /// Builder requests for certificate onboarding (submit, status, list, approve, reject).
     #[command(subcommand)]
     Request(coordinator::admin_cli::RequestCmd),
+    /// Users who may lease machines with gomote (add, list, remove, add-key).
+    #[command(subcommand)]
+    User(coordinator::admin_cli::UserCmd),
+    /// Lease machines and work on them (same as the `gomote` binary; see `farmer gomote --help`).
+    #[command(disable_help_flag = true)]
+    Gomote {
+        #[arg(allow_hyphen_values = true, trailing_var_arg = true)]
+        args: Vec<String>,
+    },
     /// The farm's machine certificate authority (revoke).
     #[command(subcommand)]
     Ca(coordinator::admin_cli::CaCmd),
@@ -129,6 +138,11 @@ fn main() -> anyhow::Result<()> {
     if args.get(1).is_some_and(|a| a == "bootstrapswarm") {
         std::process::exit(stage0::bootstrapswarm::main_from(args.into_iter().skip(1)));
     }
+    if args.get(1).is_some_and(|a| a == "gomote") {
+        let mut rest = vec![std::ffi::OsString::from("farmer gomote")];
+        rest.extend(args.into_iter().skip(2));
+        std::process::exit(coordinator::gomote::cli::main_from(rest));
+    }
     if args.get(1).is_some_and(|a| a == "stage0") {
         std::process::exit(stage0::cli::main_from(args.into_iter().skip(1)));
     }
@@ -177,11 +191,13 @@ fn main() -> anyhow::Result<()> {
         | Cmd::Stage0 { .. }
         | Cmd::Bootstrapswarm { .. }
         | Cmd::Genbotcert { .. }
-        | Cmd::MachineTokend { .. } => {
+        | Cmd::MachineTokend { .. }
+        | Cmd::Gomote { .. } => {
             unreachable!("handled before parsing")
         }
         Cmd::Request(r) => coordinator::admin_cli::run_request(r),
         Cmd::Ca(c) => coordinator::admin_cli::run_ca(c),
+        Cmd::User(u) => coordinator::admin_cli::run_user(u),
         Cmd::Up { data_dir, listen } => {
             let config =
                 coordinator::demo::prepare(&data_dir).context("preparing the demo farm")?;

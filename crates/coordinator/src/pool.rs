@@ -213,6 +213,11 @@ pub struct Pool {
     machines: Mutex<HashMap<u64, Machine>>,
     refusals: Mutex<Refusals>,
     next_id: AtomicU64,
+    /// Host names (with host type) promised to a holder: when that machine
+    /// (re)connects it is leased to the holder at once, never idle. Keeps a
+    /// gomote instance's machine across a coordinator restart or a
+    /// reconnect.
+    reserved: Mutex<HashMap<(String, String), Holder>>,
     /// Signalled whenever a machine becomes idle or joins.
     pub changed: Notify,
 }
@@ -273,6 +278,9 @@ impl Pool {
             .filter(|x| x.view.hostname == hostname)
             .map(|x| x.view.id)
             .collect();
+        // An interactive lease survives a reconnect: the person working on
+        // the machine keeps it (a build sees its link break and retries).
+        let mut state = MachineState::Idle;
         for o in old {
             if let Some(old) = m.remove(&o) {
                 tracing::info!(
@@ -280,7 +288,22 @@ impl Pool {
                     "machine reconnected; dropping its previous connection"
                 );
                 old.conn.abort();
+                if let MachineState::Leased {
+                    holder: h @ Holder::Interactive { .. },
+                } = old.view.state
+                {
+                    state = MachineState::Leased { holder: h };
+                }
             }
+        }
+        if let Some(h) = self
+            .reserved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(host_type.to_string(), hostname.to_string()))
+        {
+            tracing::info!(hostname, holder = %h, "reserved machine connected; leased to its holder");
+            state = MachineState::Leased { holder: h };
         }
         m.insert(
             id,
@@ -293,7 +316,7 @@ impl Pool {
                     build: build.into(),
                     addr: addr.into(),
                     connected_at: now,
-                    state: MachineState::Idle,
+                    state,
                     state_since: now,
                     draining: false,
                     binary,
@@ -346,6 +369,48 @@ impl Pool {
             host_type: best.view.host_type.clone(),
             client: best.client.clone(),
         })
+    }
+
+    /// The machine currently leased to `holder`, if it is connected.
+    pub fn leased_to(&self, holder: &Holder) -> Option<Lease> {
+        let m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
+        m.values()
+            .find(|x| matches!(&x.view.state, MachineState::Leased { holder: h } if h == holder))
+            .map(|x| Lease {
+                id: x.view.id,
+                hostname: x.view.hostname.clone(),
+                host_type: x.view.host_type.clone(),
+                client: x.client.clone(),
+            })
+    }
+
+    /// Promises the machine `hostname` of `host_type` to `holder`: leased
+    /// now if it is connected and idle, else as soon as it connects.
+    pub fn reserve(&self, host_type: &str, hostname: &str, holder: Holder) {
+        let mut m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(x) = m.values_mut().find(|x| {
+            x.view.hostname == hostname
+                && x.view.host_type == host_type
+                && x.view.state == MachineState::Idle
+                && !x.view.draining
+        }) {
+            x.view.state = MachineState::Leased { holder };
+            x.view.state_since = now_ms();
+            return;
+        }
+        drop(m);
+        self.reserved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((host_type.to_string(), hostname.to_string()), holder);
+    }
+
+    /// Withdraws every reservation for `holder`.
+    pub fn unreserve(&self, holder: &Holder) {
+        self.reserved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, h| h != holder);
     }
 
     /// Gives a leased machine back as idle (a lease nobody took).

@@ -118,6 +118,10 @@ pub async fn run(
         tls_fingerprint: Some(identity.fingerprint.clone()),
         tls_spki_pin: Some(identity.spki_pin.clone()),
     });
+    let resumed = crate::gomote::resume(&farm).await?;
+    if resumed > 0 {
+        tracing::info!(resumed, "gomote instances resumed from the store");
+    }
     let queued = farm.load_queue().await?;
     if queued > 0 {
         tracing::info!(queued, "queued builds loaded from the store");
@@ -126,6 +130,7 @@ pub async fn run(
         .merge(crate::dashboard::router(farm.clone()))
         .merge(crate::machine_auth::serve::router(farm.clone()))
         .merge(crate::release::serve::router(farm.clone()))
+        .merge(crate::gomote::api::router(farm.clone()))
         // No request the coordinator serves needs more; axum answers 413.
         .layer(axum::extract::DefaultBodyLimit::max(256 << 10));
     let mut tasks = tokio::task::JoinSet::new();
@@ -136,6 +141,7 @@ pub async fn run(
     ));
     tasks.spawn(farm.clone().dispatch_loop());
     tasks.spawn(farm.clone().health_loop());
+    tasks.spawn(crate::gomote::expiry_loop(farm.clone()));
     tasks.spawn(crate::machine_auth::check::check_loop(farm.clone()));
     tasks.spawn(crate::release::upgrade_loop(
         farm.releases.clone(),

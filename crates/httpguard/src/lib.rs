@@ -352,8 +352,9 @@ where
         self.state.inflight.fetch_add(1, Ordering::AcqRel);
         self.state.touch();
         let token = InFlight(self.state.clone());
-        let deadline = self.body_deadline;
-        let req = req.map(|b| DeadlineBody::new(b, deadline));
+        let control = BodyDeadline::default();
+        let mut req = req.map(|b| DeadlineBody::new(b, self.body_deadline, control.clone()));
+        req.extensions_mut().insert(control);
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
@@ -403,17 +404,41 @@ impl std::fmt::Display for BodyTimeout {
 
 impl std::error::Error for BodyTimeout {}
 
-/// A request body with an overall deadline (or none).
+/// Found in every request's extensions: lets a handler that has
+/// authenticated its caller trade the overall body deadline for an idle
+/// one ([`BodyDeadline::relax`]), for uploads that may take long but must
+/// keep moving (a gomote user's tarball).
+#[derive(Clone, Default)]
+pub struct BodyDeadline(Arc<Mutex<Option<Duration>>>);
+
+impl BodyDeadline {
+    /// From now on the body may take as long as it keeps sending: it fails
+    /// only after `idle` without a byte.
+    pub fn relax(&self, idle: Duration) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = Some(idle);
+        }
+    }
+
+    fn idle(&self) -> Option<Duration> {
+        self.0.lock().map(|g| *g).unwrap_or(None)
+    }
+}
+
+/// A request body with an overall deadline (or none), which the handler
+/// may relax to an idle deadline.
 pub struct DeadlineBody<B> {
     inner: B,
     deadline: Option<(Pin<Box<Sleep>>, Duration)>,
+    control: BodyDeadline,
 }
 
 impl<B> DeadlineBody<B> {
-    fn new(inner: B, limit: Option<Duration>) -> Self {
+    fn new(inner: B, limit: Option<Duration>, control: BodyDeadline) -> Self {
         DeadlineBody {
             inner,
             deadline: limit.map(|d| (Box::pin(tokio::time::sleep(d)), d)),
+            control,
         }
     }
 }
@@ -431,9 +456,24 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
+        let idle = this.control.idle();
         match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(r) => return Poll::Ready(r.map(|r| r.map_err(Into::into))),
+            Poll::Ready(r) => {
+                // Relaxed: every frame restarts the idle clock.
+                if let (Some(idle), Some((sleep, limit))) = (idle, &mut this.deadline) {
+                    sleep.as_mut().reset(Instant::now() + idle);
+                    *limit = idle;
+                }
+                return Poll::Ready(r.map(|r| r.map_err(Into::into)));
+            }
             Poll::Pending => {}
+        }
+        if let (Some(idle), Some((sleep, limit))) = (idle, &mut this.deadline)
+            && *limit != idle
+        {
+            // Just relaxed: the idle clock starts now.
+            sleep.as_mut().reset(Instant::now() + idle);
+            *limit = idle;
         }
         if let Some((sleep, limit)) = &mut this.deadline
             && sleep.as_mut().poll(cx).is_ready()

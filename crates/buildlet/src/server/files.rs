@@ -354,19 +354,29 @@ pub(super) async fn get_tgz<B>(b: &Buildlet, req: Request<B>) -> Response<Respon
         Ok(p) => p,
         Err(r) => return r,
     };
-    if !fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
-        return text(
-            StatusCode::NOT_FOUND,
-            format!("dir {dir:?}: no such directory\n"),
-        );
-    }
+    // A regular file gives a one-entry archive (gomote get).
+    let single = match fs::symlink_metadata(&path) {
+        Ok(m) if m.is_dir() => false,
+        Ok(m) if m.is_file() => true,
+        _ => {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("dir {dir:?}: no such directory or file\n"),
+            );
+        }
+    };
     let (tx, body) = ResponseBody::channel(8);
     tokio::task::spawn_blocking(move || {
         let w = ChannelWriter {
             tx: tx.clone(),
             buf: BytesMut::with_capacity(CHUNK),
         };
-        let packed = tarball::pack(&path, w, level).and_then(|mut w| w.flush());
+        let packed = if single {
+            tarball::pack_file(&path, w, level)
+        } else {
+            tarball::pack(&path, w, level)
+        }
+        .and_then(|mut w| w.flush());
         super::release_memory();
         match packed {
             Ok(()) => {}

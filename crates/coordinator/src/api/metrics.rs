@@ -218,5 +218,29 @@ pub async fn render(farm: &Farm) -> String {
             );
         }
     }
+    let _ = writeln!(
+        out,
+        "# HELP farmer_gomote_leases Machines held by gomote instances, by host type."
+    );
+    let _ = writeln!(out, "# TYPE farmer_gomote_leases gauge");
+    let leases = farm.gomote.leases_by_host_type();
+    for ht in cfg.hosts.keys() {
+        let _ = writeln!(
+            out,
+            "farmer_gomote_leases{{host_type=\"{}\"}} {}",
+            label(ht),
+            leases.get(ht).copied().unwrap_or(0)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP farmer_gomote_calls_total Calls proxied to gomote instances' machines."
+    );
+    let _ = writeln!(out, "# TYPE farmer_gomote_calls_total counter");
+    let _ = writeln!(
+        out,
+        "farmer_gomote_calls_total {}",
+        farm.gomote.calls.load(std::sync::atomic::Ordering::Relaxed)
+    );
     out
 }

@@ -43,7 +43,7 @@ pub fn router(farm: Arc<Farm>) -> Router {
         .with_state(farm)
 }
 
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -69,7 +69,7 @@ impl From<TriggerError> for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub type ApiResult<T> = Result<T, ApiError>;
 
 async fn metrics_text(State(farm): State<Arc<Farm>>) -> Response {
     let body = metrics::render(&farm).await;

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use super::raw::{At, Ctx, Entry, Located, Raw, Table, join};
 use super::{
-    BuildConfig, ExecConfig, FarmConfig, FarmSettings, HostConfig, PoolKind, RepoConfig, Step,
-    duration,
+    BuildConfig, ExecConfig, FarmConfig, FarmSettings, GomoteAccess, HostConfig, PoolKind,
+    RepoConfig, Step, duration,
 };
 
 const TOP_KEYS: &[&str] = &["farm", "repos", "hosts", "builders"];
@@ -19,6 +19,8 @@ const FARM_KEYS: &[&str] = &[
     "heartbeat_timeout",
     "local_user",
     "local_sandbox",
+    "gomote_idle_timeout",
+    "gomote_max_instances",
 ];
 const REPO_KEYS: &[&str] = &["url", "branches", "poll_interval"];
 const HOST_KEYS: &[&str] = &[
@@ -31,6 +33,7 @@ const HOST_KEYS: &[&str] = &[
     "dimensions",
     "trusted",
     "buildlet",
+    "gomote",
 ];
 /// Keys of an exec host (`pool = "exec"`) besides [`HOST_KEYS`].
 const EXEC_KEYS: &[&str] = &[
@@ -140,6 +143,23 @@ fn farm_settings(ctx: &mut Ctx<'_>, t: &Table<'_>) -> FarmSettings {
     }
     if let Some(v) = t.get(ctx, "local_sandbox").and_then(|e| ctx.boolean(&e)) {
         s.local_sandbox = v;
+    }
+    if let Some(e) = t.get(ctx, "gomote_idle_timeout") {
+        match ctx.duration(&e) {
+            Some(d) if d < Duration::from_secs(10) => ctx.error(
+                Some(e.at),
+                &e.path,
+                "gomote_idle_timeout must be at least 10s, or instances would expire between two commands",
+            ),
+            Some(d) => s.gomote_idle_timeout = d,
+            None => {}
+        }
+    }
+    if let Some(v) = t
+        .get(ctx, "gomote_max_instances")
+        .and_then(|e| ctx.uint(&e))
+    {
+        s.gomote_max_instances = v;
     }
     let heartbeat = t.get(ctx, "heartbeat");
     let heartbeat_value = heartbeat.as_ref().and_then(|e| ctx.duration(e));
@@ -432,6 +452,29 @@ fn host(ctx: &mut Ctx<'_>, e: &Entry<'_>, t: &Table<'_>) -> HostConfig {
         dimensions.insert(key.value, value);
     }
     let trusted = optional(ctx, t, "trusted", Ctx::boolean).unwrap_or(false);
+    let gomote = match t.get(ctx, "gomote") {
+        None if pool.is_none_or(|p| p == PoolKind::Reverse) => GomoteAccess::Nobody,
+        None => GomoteAccess::Everyone,
+        Some(e) => match e.value {
+            Raw::Bool(true) => GomoteAccess::Everyone,
+            Raw::Bool(false) => GomoteAccess::Nobody,
+            _ => match ctx.string_list(&e) {
+                Some(list) => {
+                    for u in &list {
+                        if u.value.trim().is_empty() {
+                            ctx.error(
+                                Some(u.at),
+                                &u.path,
+                                format!("{who}: a gomote user must not be empty"),
+                            );
+                        }
+                    }
+                    GomoteAccess::Users(list.into_iter().map(|l| l.value).collect())
+                }
+                None => GomoteAccess::Nobody,
+            },
+        },
+    };
 
     HostConfig {
         name: name.to_owned(),
@@ -445,6 +488,7 @@ fn host(ctx: &mut Ctx<'_>, e: &Entry<'_>, t: &Table<'_>) -> HostConfig {
         dimensions,
         trusted,
         exec,
+        gomote,
     }
 }
 

@@ -68,6 +68,12 @@ pub struct FarmSettings {
     /// Run local buildlets in a sandbox that hides the data dir. Turning it
     /// off lets every build on the local pool read the farm's secrets.
     pub local_sandbox: bool,
+    /// A gomote instance nobody used for this long ends and its machine
+    /// goes back to the pool (`gomote_idle_timeout`); every call renews it.
+    pub gomote_idle_timeout: Duration,
+    /// Most live gomote instances per user (`gomote_max_instances`), so one
+    /// person cannot take every machine of a host type.
+    pub gomote_max_instances: u32,
 }
 
 impl Default for FarmSettings {
@@ -79,6 +85,8 @@ impl Default for FarmSettings {
             heartbeat_timeout: Duration::from_secs(30),
             local_user: "nobody".to_string(),
             local_sandbox: true,
+            gomote_idle_timeout: Duration::from_secs(30 * 60),
+            gomote_max_instances: 4,
         }
     }
 }
@@ -140,6 +148,49 @@ pub struct HostConfig {
     /// How an exec host's machines are created and destroyed; `Some` exactly
     /// when `pool = "exec"`.
     pub exec: Option<ExecConfig>,
+    /// Who may lease these machines interactively (`gomote` in the file).
+    pub gomote: GomoteAccess,
+}
+
+/// Who may lease a host type's machines with gomote: the machine owner's
+/// choice, shown on the host page. Machines the farm does not own
+/// (`pool = "reverse"`) default to nobody; the farm's own (local and exec
+/// pools) to every user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GomoteAccess {
+    /// `gomote = false`.
+    Nobody,
+    /// `gomote = true`.
+    Everyone,
+    /// `gomote = ["alice", "bob"]`.
+    Users(Vec<String>),
+}
+
+impl GomoteAccess {
+    /// Whether `user` may lease; admins may lease what anyone may, and
+    /// nobody may lease a host whose owner said `false`.
+    pub fn allows(&self, user: &str, admin: bool) -> bool {
+        match self {
+            GomoteAccess::Nobody => false,
+            GomoteAccess::Everyone => true,
+            GomoteAccess::Users(u) => admin || u.iter().any(|x| x == user),
+        }
+    }
+
+    /// The rule in words, for refusals and the host page.
+    pub fn describe(&self) -> String {
+        match self {
+            GomoteAccess::Nobody => "gomote = false: nobody may lease these machines".into(),
+            GomoteAccess::Everyone => "gomote = true: every user may lease these machines".into(),
+            GomoteAccess::Users(u) => format!(
+                "gomote = [{}]: only these users (and admins) may lease these machines",
+                u.iter()
+                    .map(|x| format!("{x:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
 }
 
 /// The settings of an elastic host (`pool = "exec"`): the coordinator runs

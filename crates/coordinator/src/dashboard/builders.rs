@@ -58,6 +58,8 @@ pub struct HostView {
     pub dimensions: BTreeMap<String, String>,
     /// Builders running on this host type.
     pub builders: Vec<String>,
+    /// Who may lease these machines with gomote (the owner's rule, in words).
+    pub gomote: String,
 }
 
 impl HostView {
@@ -129,6 +131,7 @@ pub fn load(farm: &Farm) -> BuildersView {
                     connected: c.connected,
                     busy: c.busy,
                     trusted: h.trusted,
+                    gomote: h.gomote.describe(),
                     owners: h.owners.clone(),
                     notes: h.notes.clone(),
                     dimensions: h.dimensions.clone(),

@@ -55,6 +55,23 @@ pub(super) fn machine_line(m: &crate::pool::MachineView, now: i64, work: String)
     }
 }
 
+/// "leased to alice until 2026-12-01 01:23:45 UTC" for a machine a gomote
+/// instance holds; empty otherwise.
+pub(super) fn lease_text(farm: &Farm, m: &crate::pool::MachineView) -> String {
+    match &m.state {
+        MachineState::Leased {
+            holder: Holder::Interactive { session },
+        } => match farm.gomote.lease_of(session) {
+            Some((owner, until)) => format!(
+                "leased to {owner} until {} (instance {session})",
+                crate::gomote::utc(until)
+            ),
+            None => format!("leased to instance {session}"),
+        },
+        _ => String::new(),
+    }
+}
+
 fn refusals(farm: &Farm, f: impl Fn(&crate::pool::Refusal) -> bool, now: i64) -> Vec<RefusalLine> {
     farm.pool
         .recent_refusals()
@@ -94,7 +111,7 @@ pub async fn machine_page(
         .snapshot()
         .iter()
         .find(|m| m.hostname == hostname)
-        .map(|m| machine_line(m, now, String::new()));
+        .map(|m| machine_line(m, now, lease_text(&farm, m)));
     let row = farm
         .store
         .machines()
@@ -164,7 +181,7 @@ pub async fn host_page(State(farm): State<Arc<Farm>>, Path(host_type): Path<Stri
     let machines: Vec<MachineLine> = snapshot
         .iter()
         .filter(|m| m.host_type == host_type)
-        .map(|m| machine_line(m, now, String::new()))
+        .map(|m| machine_line(m, now, lease_text(&farm, m)))
         .collect();
     let gone = farm
         .store

@@ -163,7 +163,7 @@ fn with_place(farm: &Farm, v: InstanceView) -> serde_json::Value {
     if v.state == Phase::Waiting
         && let Some((p, n)) = farm.scheduler.position(&v.host_type, &holder(&v.name))
     {
-        j["queue_position"] = json!(p + 1);
+        j["queue_position"] = json!(p);
         j["queue_length"] = json!(n);
         j["waiting_because"] = json!(farm.wait_reason(&v.host_type));
     }

@@ -779,7 +779,9 @@ async fn create(
                 Some(json!({ "builder": builder, "group": group })),
             )
             .await?;
-        names.push(v["name"].as_str().unwrap_or_default().to_string());
+        let name = v["name"].as_str().unwrap_or_default().to_string();
+        note_place(&name, &v);
+        names.push(name);
     }
     if !no_wait {
         let mut last_note = Instant::now();
@@ -795,14 +797,8 @@ async fn create(
                 if v["state"] == "ready" {
                     break;
                 }
-                if last_note.elapsed() >= Duration::from_secs(3) || v["queue_position"].is_u64() {
-                    eprintln!(
-                        "{n}: waiting for a machine of {}: place {} of {} in the queue ({})",
-                        v["host_type"].as_str().unwrap_or("?"),
-                        v["queue_position"],
-                        v["queue_length"],
-                        v["waiting_because"].as_str().unwrap_or("")
-                    );
+                if last_note.elapsed() >= Duration::from_secs(3) {
+                    note_place(n, &v);
                     last_note = Instant::now();
                 }
             }
@@ -812,6 +808,20 @@ async fn create(
         println!("{n}");
     }
     Ok(0)
+}
+
+/// Says where a waiting instance stands in the queue, and why it waits.
+fn note_place(name: &str, v: &Value) {
+    if v["state"] == "ready" || !v["queue_position"].is_u64() {
+        return;
+    }
+    eprintln!(
+        "{name}: waiting for a machine of {}: place {} of {} in the queue ({})",
+        v["host_type"].as_str().unwrap_or("?"),
+        v["queue_position"],
+        v["queue_length"],
+        v["waiting_because"].as_str().unwrap_or("")
+    );
 }
 
 async fn list(c: &Coord, json_out: bool) -> anyhow::Result<i32> {
@@ -846,15 +856,16 @@ async fn get(c: &Coord, inst: &str, path: &str, local: &str) -> anyhow::Result<i
         bail!("{path}: the machine sent an empty archive")
     };
     let mut entry = entry?;
-    if entry.header().entry_type() != tar::EntryType::Regular || entries.next().is_some() {
+    if entry.header().entry_type() != tar::EntryType::Regular {
         bail!("{path} is a directory; use `gettar -dir {path}` for directories");
     }
+    let mut content = Vec::new();
+    std::io::Read::read_to_end(&mut entry, &mut content)?;
     if local == "-" {
-        std::io::copy(&mut entry, &mut std::io::stdout().lock())?;
+        std::io::Write::write_all(&mut std::io::stdout().lock(), &content)?;
     } else {
-        let mut f = std::fs::File::create(local).with_context(|| format!("creating {local}"))?;
-        let n = std::io::copy(&mut entry, &mut f)?;
-        eprintln!("wrote {local} ({n} bytes)");
+        std::fs::write(local, &content).with_context(|| format!("writing {local}"))?;
+        eprintln!("wrote {local} ({} bytes)", content.len());
     }
     Ok(0)
 }

@@ -332,7 +332,7 @@ pub async fn machine(
         let place = farm
             .scheduler
             .position(&v.host_type, &holder(name))
-            .map(|(p, n)| format!(" (place {} of {n} in the queue for {})", p + 1, v.host_type))
+            .map(|(p, n)| format!(" (place {p} of {n} in the queue for {})", v.host_type))
             .unwrap_or_default();
         return Err(err(
             StatusCode::CONFLICT,

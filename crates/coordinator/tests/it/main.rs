@@ -12,6 +12,7 @@ mod config;
 mod dashboard;
 mod farm;
 mod git;
+mod gomote;
 mod hostile;
 mod inproc;
 mod ports;

@@ -13,6 +13,7 @@ pub mod dashboard;
 pub mod demo;
 pub mod farm;
 pub mod git;
+pub mod gomote;
 pub mod keys;
 pub mod logs;
 pub mod machine_auth;

@@ -18,5 +18,6 @@ mod ports;
 mod resilience;
 mod secrets;
 mod sources;
+mod ssh;
 mod stage0;
 mod tls;

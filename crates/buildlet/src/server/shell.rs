@@ -417,7 +417,9 @@ mod imp {
                     break End::Exited;
                 }
                 // Frames already received are applied before more are read,
-                // so at most one frame's worth of input is held.
+                // so at most one frame's worth of input is held. Once the
+                // main process exited, input is no longer read: nothing
+                // the client sends then can change how the session ended.
                 let mut bad = None;
                 while pending.is_empty() {
                     match decoder.next_frame() {
@@ -445,7 +447,7 @@ mod imp {
                     break End::BadInput(e);
                 }
                 tokio::select! {
-                    frame = body.frame(), if pending.is_empty() && !body_done => match frame {
+                    frame = body.frame(), if pending.is_empty() && !body_done && exit.is_none() => match frame {
                         Some(Ok(f)) => {
                             if let Ok(data) = f.into_data() {
                                 decoder.push(&data);

@@ -793,6 +793,12 @@ impl russh::server::Handler for Conn {
         let Some(chan) = self.channels.get_mut(&channel) else {
             return session.channel_failure(channel);
         };
+        // A client without TERM sends an empty one: the default then.
+        let term = if term.is_empty() {
+            proto::SHELL_DEFAULT_TERM
+        } else {
+            term
+        };
         if chan.started || !proto::valid_term(term) {
             return session.channel_failure(channel);
         }

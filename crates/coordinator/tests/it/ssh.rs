@@ -153,6 +153,10 @@ impl Farm {
 
     /// (Re)starts the SSH server on a fresh port, same host key.
     fn serve(&mut self) {
+        self.serve_with(SshOptions::new(self.host_key()));
+    }
+
+    fn serve_with(&mut self, opts: SshOptions) {
         self.stop_serving();
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         self.stop = stop;
@@ -161,7 +165,6 @@ impl Farm {
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
         self.port = listener.local_addr().unwrap().port();
-        let opts = SshOptions::new(self.host_key());
         let backend: Arc<dyn SshBackend> = self.backend.clone();
         self.served = Some(
             self.rt
@@ -414,4 +417,61 @@ fn the_host_key_is_created_private_and_kept_across_restarts() {
     farm.serve();
     assert_ne!(farm.port, old_port);
     assert_eq!(scan(farm.port), first, "a restart changed the host key");
+}
+
+/// Reads from `conn` until the server closes it, within `limit`; what it
+/// sent. Panics if it stays open.
+fn read_until_closed(conn: &mut std::net::TcpStream, limit: Duration) -> Vec<u8> {
+    use std::io::Read;
+    let deadline = Instant::now() + limit;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while Instant::now() < deadline {
+        conn.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        match conn.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return got,
+        }
+    }
+    panic!("the server kept the connection open for {limit:?}");
+}
+
+#[test]
+fn unauthenticated_and_surplus_connections_are_closed() {
+    let mut farm = Farm::start();
+    let mut opts = SshOptions::new(farm.host_key());
+    opts.auth_timeout = Duration::from_secs(2);
+    opts.max_connections = 2;
+    farm.serve_with(opts);
+    let addr = format!("127.0.0.1:{}", farm.port);
+    let mut idle: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    // Both are being served: the server sent its version line.
+    for c in &mut idle {
+        use std::io::Read;
+        c.set_read_timeout(Some(RUN)).unwrap();
+        let mut buf = [0u8; 8];
+        c.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"SSH-2.0-");
+    }
+    // A third is over the limit: closed without a word (a served one
+    // would get the version line first).
+    let mut third = std::net::TcpStream::connect(&addr).unwrap();
+    assert_eq!(read_until_closed(&mut third, RUN), b"");
+    // The idle ones never authenticated: cut at the deadline.
+    for c in &mut idle {
+        read_until_closed(c, RUN);
+    }
+    // Their slots are free again: a real login works.
+    let out = output_within(farm.ssh("key", "inst-1", &[]).arg("exit 0"), RUN);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    farm.await_guards_released();
 }

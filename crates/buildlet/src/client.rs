@@ -130,6 +130,110 @@ pub struct ExecOptions {
     pub debug: bool,
 }
 
+/// Options of [`Client::shell`]; the defaults are an interactive login
+/// shell on an 80x24 `xterm`.
+#[derive(Debug, Clone)]
+pub struct ShellOptions {
+    /// `TERM` in the session.
+    pub term: String,
+    pub cols: u16,
+    pub rows: u16,
+    /// Run under a terminal; without one, stdout and stderr are merged on
+    /// one pipe (`ssh host cmd` without `-t`).
+    pub pty: bool,
+    /// A command line for the machine user's shell (`$SHELL -c`); `None`
+    /// for an interactive login shell.
+    pub command: Option<String>,
+    /// `KEY=VALUE` pairs added to the environment.
+    pub env: Vec<String>,
+    /// Directory relative to the work dir.
+    pub dir: Option<String>,
+}
+
+impl Default for ShellOptions {
+    fn default() -> ShellOptions {
+        let (cols, rows) = proto::SHELL_DEFAULT_SIZE;
+        ShellOptions {
+            term: proto::SHELL_DEFAULT_TERM.into(),
+            cols,
+            rows,
+            pty: true,
+            command: None,
+            env: Vec::new(),
+            dir: None,
+        }
+    }
+}
+
+pub use crate::proto::ShellInput;
+
+/// What a session sends back ([`ShellSession::next`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShellEvent {
+    /// Bytes the session printed (terminal output, or stdout and stderr).
+    Output(Bytes),
+    /// How the session's main process ended; the last event.
+    Exit(ProcessState),
+}
+
+/// A running `/shell` session. Dropping it ends the session on the machine:
+/// the request is aborted, and the buildlet kills its processes.
+pub struct ShellSession {
+    body: Incoming,
+    ended: bool,
+    /// Dropped with the session; aborts the request body, so the
+    /// connection is torn down even while the input sender lives on.
+    _abort: tokio::sync::oneshot::Sender<()>,
+}
+
+impl std::fmt::Debug for ShellSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShellSession")
+            .field("ended", &self.ended)
+            .finish()
+    }
+}
+
+impl ShellSession {
+    /// The next output chunk, or the exit state (the last event; calling
+    /// again after it is a [`Error::Protocol`]). A stream that ends without
+    /// the `Process-State` trailer is [`Error::BrokeOff`]. Not bounded in
+    /// time: an interactive session may sit idle for hours; the transport's
+    /// keepalives notice a dead link, and callers bound what they must.
+    pub async fn next(&mut self) -> Result<ShellEvent, Error> {
+        if self.ended {
+            return Err(Error::Protocol("the session already ended".into()));
+        }
+        loop {
+            let Some(frame) = self.body.frame().await else {
+                self.ended = true;
+                return Err(Error::BrokeOff(
+                    "session output ended without a Process-State trailer".into(),
+                ));
+            };
+            let frame = frame.map_err(|e| {
+                self.ended = true;
+                Error::BrokeOff(e.to_string())
+            })?;
+            match frame.into_data() {
+                Ok(data) if data.is_empty() => continue,
+                Ok(data) => return Ok(ShellEvent::Output(data)),
+                Err(frame) => {
+                    let Ok(trailers) = frame.into_trailers() else {
+                        continue;
+                    };
+                    self.ended = true;
+                    let state = trailers
+                        .get(proto::PROCESS_STATE_TRAILER)
+                        .and_then(|v| v.to_str().ok())
+                        .ok_or_else(|| Error::BrokeOff("trailers without Process-State".into()))?;
+                    return Ok(ShellEvent::Exit(ProcessState::from_trailer(state)));
+                }
+            }
+        }
+    }
+}
+
 /// Options of [`Client::ls`].
 #[derive(Debug, Clone, Default)]
 pub struct LsOptions {
@@ -503,6 +607,60 @@ impl Client {
         Err(Error::BrokeOff(
             "output ended without a Process-State trailer".into(),
         ))
+    }
+
+    /// `POST /shell`: opens an interactive session (see
+    /// [`proto::SHELL_PATH`]). `input` feeds the request body; when its
+    /// sender is dropped, input ends as with [`ShellInput::Eof`]. Dropping
+    /// the returned session ends the session on the machine, killing its
+    /// processes. Only the response headers are bounded in time (the
+    /// header timeout); the session lasts as long as it runs.
+    pub async fn shell(
+        &self,
+        opts: &ShellOptions,
+        input: tokio::sync::mpsc::Receiver<ShellInput>,
+    ) -> Result<ShellSession, Error> {
+        let cols = opts.cols.to_string();
+        let rows = opts.rows.to_string();
+        let mut q: Vec<(&str, &str)> = vec![
+            ("term", &opts.term),
+            ("cols", &cols),
+            ("rows", &rows),
+            ("pty", if opts.pty { "1" } else { "0" }),
+        ];
+        if let Some(c) = &opts.command {
+            q.push(("cmd", c));
+        }
+        if let Some(d) = &opts.dir {
+            q.push(("dir", d));
+        }
+        q.extend(opts.env.iter().map(|e| ("env", e.as_str())));
+        let uri = self.uri(proto::SHELL_PATH, &q)?;
+        let (abort_tx, abort_rx) = tokio::sync::oneshot::channel::<()>();
+        let stream = futures_util::stream::unfold(Some((input, abort_rx)), |state| async move {
+            let (mut input, mut abort) = state?;
+            tokio::select! {
+                next = input.recv() => {
+                    let next = next?;
+                    Some((Ok(Frame::data(next.encode())), Some((input, abort))))
+                }
+                // An error aborts the request (HTTP/2: a reset stream;
+                // HTTP/1: a closed connection).
+                _ = &mut abort => Some((
+                    Err(io::Error::other("shell session dropped")),
+                    None,
+                )),
+            }
+        });
+        let body = BodyExt::boxed(StreamBody::new(stream));
+        let resp = self
+            .send(Method::POST, uri, body, Some("application/octet-stream"))
+            .await?;
+        Ok(ShellSession {
+            body: resp.into_body(),
+            ended: false,
+            _abort: abort_tx,
+        })
     }
 
     /// Like [`Client::exec`], collecting the output in memory.

@@ -190,6 +190,185 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     goflags::duration::parse_lenient(s).ok()
 }
 
+/// Path of the interactive session endpoint (`POST`): a shell or command
+/// under a pseudo-terminal (or plain pipes), streamed both ways over one
+/// request. The request body is a stream of [`ShellInput`] frames; the
+/// response body is the raw output, then the [`PROCESS_STATE_TRAILER`].
+///
+/// Query parameters: `term` ([`SHELL_DEFAULT_TERM`]; see [`valid_term`]),
+/// `cols` and `rows` ([`SHELL_DEFAULT_SIZE`], each `1..=`[`SHELL_MAX_DIM`]),
+/// `pty` (`1`, the default, or `0`: no terminal, stdout and stderr merged on
+/// one pipe, for `ssh host cmd` without `-t`), `cmd` (run by the shell as
+/// `$SHELL -c CMD`; absent: an interactive login shell `$SHELL -l`; `$SHELL`
+/// is the buildlet's, `/bin/sh` when unset or not an absolute executable),
+/// `dir` (relative to the work dir, like `/exec`'s) and repeated
+/// `env=KEY=VALUE`. The environment is `/exec`'s (`WORKDIR`, `TMPDIR`,
+/// `HOME`) plus `TERM` (with a terminal, or when `term` was given).
+pub const SHELL_PATH: &str = "/shell";
+
+/// `TERM` of a session that names none: what most terminals emulate.
+pub const SHELL_DEFAULT_TERM: &str = "xterm";
+
+/// Window size (columns, rows) of a session that names none.
+pub const SHELL_DEFAULT_SIZE: (u16, u16) = (80, 24);
+
+/// Largest column or row count a session accepts: larger is a garbled
+/// request, not a screen.
+pub const SHELL_MAX_DIM: u16 = 1000;
+
+/// Longest `TERM` value accepted.
+pub const SHELL_MAX_TERM: usize = 64;
+
+/// Largest payload of one input frame. Bounds what the buildlet buffers
+/// per session: it reads the next frame only once the last was written.
+pub const SHELL_MAX_FRAME: usize = 64 << 10;
+
+/// Frame type: input bytes for the terminal (or stdin).
+pub const SHELL_FRAME_DATA: u8 = 0;
+/// Frame type: window size, payload `cols: u16, rows: u16` big-endian.
+pub const SHELL_FRAME_RESIZE: u8 = 1;
+/// Frame type: end of input (stdin closed; with a terminal, no more writes).
+pub const SHELL_FRAME_EOF: u8 = 2;
+/// Bytes before a frame's payload: its type and its big-endian `u32` length.
+pub const SHELL_FRAME_HEADER: usize = 5;
+
+/// Whether `term` may become a session's `TERM`: 1 to [`SHELL_MAX_TERM`]
+/// visible ASCII characters. Anything else (control characters above all)
+/// could reach terminal databases and shell start-up files as garbage.
+pub fn valid_term(term: &str) -> bool {
+    !term.is_empty() && term.len() <= SHELL_MAX_TERM && term.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Whether `n` is a usable column or row count.
+pub fn valid_dim(n: u16) -> bool {
+    (1..=SHELL_MAX_DIM).contains(&n)
+}
+
+/// One frame of a `/shell` request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShellInput {
+    /// Bytes typed (or piped) into the session; at most
+    /// [`SHELL_MAX_FRAME`] per frame ([`ShellInput::encode`] splits longer).
+    Data(bytes::Bytes),
+    /// The client's window changed size; the session gets `SIGWINCH`.
+    Resize { cols: u16, rows: u16 },
+    /// No more input: stdin is closed (with a terminal, writing just stops,
+    /// as closing the terminal would hang up the session).
+    Eof,
+}
+
+impl ShellInput {
+    /// The wire form: one frame, or several for data longer than
+    /// [`SHELL_MAX_FRAME`].
+    pub fn encode(&self) -> bytes::Bytes {
+        use bytes::BufMut;
+        let mut out = bytes::BytesMut::new();
+        let mut put = |ty: u8, payload: &[u8]| {
+            out.put_u8(ty);
+            // Lengths are at most SHELL_MAX_FRAME, well within u32.
+            out.put_u32(payload.len() as u32);
+            out.put_slice(payload);
+        };
+        match self {
+            ShellInput::Data(d) => {
+                for chunk in d.chunks(SHELL_MAX_FRAME) {
+                    put(SHELL_FRAME_DATA, chunk);
+                }
+            }
+            ShellInput::Resize { cols, rows } => {
+                let mut p = [0u8; 4];
+                p[..2].copy_from_slice(&cols.to_be_bytes());
+                p[2..].copy_from_slice(&rows.to_be_bytes());
+                put(SHELL_FRAME_RESIZE, &p);
+            }
+            ShellInput::Eof => put(SHELL_FRAME_EOF, &[]),
+        }
+        out.freeze()
+    }
+}
+
+/// Why a `/shell` request body was refused; the session ends with its
+/// processes killed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("input frame of type {0} is not one of 0 (data), 1 (resize), 2 (end of input)")]
+    UnknownType(u8),
+    #[error("input frame of {0} bytes is larger than {SHELL_MAX_FRAME}")]
+    TooLarge(u32),
+    #[error("resize frame of {0} bytes; it has exactly 4 (cols, rows)")]
+    ResizeLength(u32),
+    #[error("resize to {cols}x{rows}; each must be 1..={SHELL_MAX_DIM}")]
+    ResizeRange { cols: u16, rows: u16 },
+    #[error("end-of-input frame with a {0}-byte payload; it has none")]
+    EofLength(u32),
+}
+
+/// Splits a `/shell` request body into [`ShellInput`]s as it arrives.
+///
+/// It holds at most one partial frame plus the chunk last pushed: push the
+/// next chunk only once [`FrameDecoder::next_frame`] returned `Ok(None)`.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: bytes::BytesMut,
+}
+
+impl FrameDecoder {
+    pub fn new() -> FrameDecoder {
+        FrameDecoder::default()
+    }
+
+    /// Adds bytes received.
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Bytes held that do not yet form a frame.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next complete frame, `Ok(None)` when more bytes are needed. A
+    /// header is judged as soon as it is complete, so an oversized or
+    /// unknown frame is refused before its payload is buffered.
+    pub fn next_frame(&mut self) -> Result<Option<ShellInput>, FrameError> {
+        use bytes::Buf;
+        if self.buf.len() < SHELL_FRAME_HEADER {
+            return Ok(None);
+        }
+        let ty = self.buf[0];
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+        match ty {
+            SHELL_FRAME_DATA if len as usize > SHELL_MAX_FRAME => {
+                return Err(FrameError::TooLarge(len));
+            }
+            SHELL_FRAME_DATA => {}
+            SHELL_FRAME_RESIZE if len != 4 => return Err(FrameError::ResizeLength(len)),
+            SHELL_FRAME_RESIZE => {}
+            SHELL_FRAME_EOF if len != 0 => return Err(FrameError::EofLength(len)),
+            SHELL_FRAME_EOF => {}
+            other => return Err(FrameError::UnknownType(other)),
+        }
+        let total = SHELL_FRAME_HEADER + len as usize;
+        if self.buf.len() < total {
+            return Ok(None);
+        }
+        self.buf.advance(SHELL_FRAME_HEADER);
+        let payload = self.buf.split_to(len as usize).freeze();
+        Ok(Some(match ty {
+            SHELL_FRAME_DATA => ShellInput::Data(payload),
+            SHELL_FRAME_RESIZE => {
+                let cols = u16::from_be_bytes([payload[0], payload[1]]);
+                let rows = u16::from_be_bytes([payload[2], payload[3]]);
+                if !valid_dim(cols) || !valid_dim(rows) {
+                    return Err(FrameError::ResizeRange { cols, rows });
+                }
+                ShellInput::Resize { cols, rows }
+            }
+            _ => ShellInput::Eof,
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,5 +405,62 @@ mod tests {
         assert_eq!(parse_duration("abc"), None);
         assert_eq!(parse_duration("-1"), None);
         assert_eq!(parse_duration("5x"), None);
+    }
+
+    #[test]
+    fn shell_frames_round_trip_in_any_split() {
+        let inputs = [
+            ShellInput::Data(bytes::Bytes::from_static(b"echo hi\n")),
+            ShellInput::Resize {
+                cols: 101,
+                rows: 33,
+            },
+            ShellInput::Data(bytes::Bytes::from(vec![7u8; SHELL_MAX_FRAME + 10])),
+            ShellInput::Eof,
+        ];
+        let wire: Vec<u8> = inputs.iter().flat_map(|i| i.encode().to_vec()).collect();
+        for step in [1, 3, 4096, wire.len()] {
+            let mut d = FrameDecoder::new();
+            let mut got = Vec::new();
+            for chunk in wire.chunks(step) {
+                d.push(chunk);
+                while let Some(i) = d.next_frame().unwrap() {
+                    got.push(i);
+                }
+            }
+            assert_eq!(d.buffered(), 0);
+            // The long data arrives as two frames, split at the cap.
+            let want = vec![
+                inputs[0].clone(),
+                inputs[1].clone(),
+                ShellInput::Data(bytes::Bytes::from(vec![7u8; SHELL_MAX_FRAME])),
+                ShellInput::Data(bytes::Bytes::from(vec![7u8; 10])),
+                ShellInput::Eof,
+            ];
+            assert_eq!(got, want, "step {step}");
+        }
+    }
+
+    #[test]
+    fn bad_shell_frames_are_refused_from_the_header() {
+        let cases: [(&[u8], FrameError); 5] = [
+            (&[9, 0, 0, 0, 0], FrameError::UnknownType(9)),
+            (&[0, 0, 1, 0, 1], FrameError::TooLarge(65537)),
+            (&[1, 0, 0, 0, 3], FrameError::ResizeLength(3)),
+            (&[2, 0, 0, 0, 1], FrameError::EofLength(1)),
+            (
+                &[1, 0, 0, 0, 4, 0, 0, 0, 24],
+                FrameError::ResizeRange { cols: 0, rows: 24 },
+            ),
+        ];
+        for (wire, want) in cases {
+            let mut d = FrameDecoder::new();
+            d.push(wire);
+            assert_eq!(d.next_frame(), Err(want));
+        }
+        assert!(valid_term("xterm-256color"));
+        assert!(!valid_term("xterm\u{1b}[2J"));
+        assert!(!valid_term(""));
+        assert!(!valid_term(&"x".repeat(65)));
     }
 }

@@ -23,7 +23,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// How long to wait for output to drain after the command exited and its
 /// process group was killed (a grandchild that left the group may hold the
 /// pipe open forever).
-const DRAIN_GRACE: Duration = Duration::from_secs(5);
+pub(super) const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 fn bad(msg: impl std::fmt::Display) -> Response<ResponseBody> {
     text(StatusCode::BAD_REQUEST, format!("{msg}\n"))
@@ -49,21 +49,8 @@ fn plan(b: &Buildlet, form: &Form) -> Result<Plan, String> {
     args.extend(form.all("cmdArg").into_iter().map(str::to_string));
 
     let root = &b.root;
-    let tmp = root.join("tmp");
-    let mut env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
-    let has_home = env.iter().any(|(k, _)| k == "HOME");
-    set_env(&mut env, "TMPDIR".into(), tmp.clone().into());
-    set_env(&mut env, "WORKDIR".into(), root.clone().into());
-    if !has_home {
-        set_env(&mut env, "HOME".into(), tmp.into());
-    }
-    for kv in form.all("env") {
-        let (k, v) = kv
-            .split_once('=')
-            .filter(|(k, _)| !k.is_empty())
-            .ok_or_else(|| format!("env {kv:?} is not of the form KEY=VALUE"))?;
-        set_env(&mut env, k.into(), v.into());
-    }
+    let mut env = base_env(root);
+    add_form_env(&mut env, form)?;
     let path_entries = form.all("path");
     if !path_entries.is_empty() {
         let old = env
@@ -113,14 +100,7 @@ fn plan(b: &Buildlet, form: &Form) -> Result<Plan, String> {
     };
 
     let dir = match form.get("dir").filter(|d| !d.is_empty()) {
-        Some(d) => {
-            let comps = paths::clean(d).map_err(|e| format!("dir: {e}"))?;
-            let p = paths::resolve(root, d, &comps, true).map_err(|e| format!("dir: {e}"))?;
-            if !p.is_dir() {
-                return Err(format!("dir {d:?}: no such directory in the work dir"));
-            }
-            p
-        }
+        Some(d) => resolve_dir(root, d)?,
         None if sys => root.clone(),
         None => cmd_dir.unwrap_or_else(|| root.clone()),
     };
@@ -153,7 +133,68 @@ fn plan(b: &Buildlet, form: &Form) -> Result<Plan, String> {
     })
 }
 
-fn set_env(env: &mut Vec<(OsString, OsString)>, k: OsString, v: OsString) {
+/// The environment every command starts from: the buildlet's own, with
+/// `TMPDIR` and `WORKDIR` pointing into the work dir and `HOME` there too
+/// when the buildlet has none.
+pub(super) fn base_env(root: &Path) -> Vec<(OsString, OsString)> {
+    let tmp = root.join("tmp");
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+    let has_home = env.iter().any(|(k, _)| k == "HOME");
+    set_env(&mut env, "TMPDIR".into(), tmp.clone().into());
+    set_env(&mut env, "WORKDIR".into(), root.to_path_buf().into());
+    if !has_home {
+        set_env(&mut env, "HOME".into(), tmp.into());
+    }
+    env
+}
+
+/// Applies the request's repeated `env=KEY=VALUE` fields.
+pub(super) fn add_form_env(env: &mut Vec<(OsString, OsString)>, form: &Form) -> Result<(), String> {
+    for kv in form.all("env") {
+        let (k, v) = kv
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| format!("env {kv:?} is not of the form KEY=VALUE"))?;
+        if kv.contains('\0') {
+            return Err(format!("env {kv:?} contains a NUL byte"));
+        }
+        set_env(env, k.into(), v.into());
+    }
+    Ok(())
+}
+
+/// A `dir` parameter: a directory below the work dir, by the rules of
+/// [`paths`].
+pub(super) fn resolve_dir(root: &Path, d: &str) -> Result<PathBuf, String> {
+    let comps = paths::clean(d).map_err(|e| format!("dir: {e}"))?;
+    let p = paths::resolve(root, d, &comps, true).map_err(|e| format!("dir: {e}"))?;
+    if !p.is_dir() {
+        return Err(format!("dir {d:?}: no such directory in the work dir"));
+    }
+    Ok(p)
+}
+
+/// Spawns `command` as the command of `jail`, registered so that
+/// [`super::contain::Containment::kill_all`] reaches it and the orphan
+/// reaper leaves its exit status to tokio.
+pub(super) fn spawn_contained(
+    contain: &super::contain::Containment,
+    jail: &mut super::contain::Jail,
+    command: &mut tokio::process::Command,
+) -> std::io::Result<tokio::process::Child> {
+    // Held from spawn to registration, so the orphan reaper cannot take
+    // the child's exit status from tokio in between.
+    let mut children = contain.children.lock().unwrap_or_else(|e| e.into_inner());
+    let spawned = command.spawn();
+    if let Ok(c) = &spawned {
+        let pid = c.id().unwrap_or(0);
+        children.insert(i32::try_from(pid).unwrap_or(0));
+        contain.started(jail, pid);
+    }
+    spawned
+}
+
+pub(super) fn set_env(env: &mut Vec<(OsString, OsString)>, k: OsString, v: OsString) {
     env.retain(|(ek, _)| {
         if cfg!(windows) {
             !ek.eq_ignore_ascii_case(&k)
@@ -183,13 +224,13 @@ fn lookup_path(name: &str, path_var: &std::ffi::OsStr) -> Option<PathBuf> {
 }
 
 #[cfg(unix)]
-fn is_executable(p: &Path) -> bool {
+pub(super) fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 #[cfg(not(unix))]
-fn is_executable(p: &Path) -> bool {
+pub(super) fn is_executable(p: &Path) -> bool {
     p.is_file()
 }
 
@@ -246,18 +287,7 @@ where
             command.pre_exec(jail.pre_exec_hook());
         }
     }
-    let spawned = {
-        // Held from spawn to registration, so the orphan reaper cannot
-        // take the child's exit status from tokio in between.
-        let mut children = contain.children.lock().unwrap_or_else(|e| e.into_inner());
-        let spawned = command.spawn();
-        if let Ok(c) = &spawned {
-            let pid = c.id().unwrap_or(0);
-            children.insert(i32::try_from(pid).unwrap_or(0));
-            contain.started(&mut jail, pid);
-        }
-        spawned
-    };
+    let spawned = spawn_contained(&contain, &mut jail, &mut command);
     drop(command);
     let mut child = match spawned {
         Ok(c) => c,
@@ -398,7 +428,7 @@ fn pump_output(mut reader: std::io::PipeReader, tx: mpsc::Sender<Bytes>) {
     }
 }
 
-fn to_state(s: std::process::ExitStatus) -> ProcessState {
+pub(super) fn to_state(s: std::process::ExitStatus) -> ProcessState {
     match s.code() {
         Some(0) => ProcessState::Ok,
         Some(c) => ProcessState::Exited(c),

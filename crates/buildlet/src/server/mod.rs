@@ -12,6 +12,7 @@ mod body;
 mod contain;
 mod exec;
 mod files;
+mod shell;
 
 use std::io;
 use std::net::SocketAddr;
@@ -308,6 +309,7 @@ impl Buildlet {
             (Method::GET, "/ls") => files::ls(&self, req).await,
             (Method::POST, "/removeall") => files::remove_all(&self, req).await,
             (Method::POST, "/exec") => exec::exec(self.clone(), req).await,
+            (Method::POST, proto::SHELL_PATH) => shell::shell(self.clone(), req).await,
             // The connections shut down gracefully, so this reply is
             // delivered before the buildlet stops.
             (Method::POST, "/halt") => {
@@ -317,7 +319,7 @@ impl Buildlet {
             (
                 _,
                 "/status" | "/workdir" | "/writetgz" | "/write" | "/tgz" | "/ls" | "/removeall"
-                | "/exec" | "/halt",
+                | "/exec" | "/shell" | "/halt",
             ) => text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("method {method} not allowed on {path}\n"),

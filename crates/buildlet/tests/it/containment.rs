@@ -18,7 +18,7 @@ use buildlet::proto::ProcessState;
 use common::{Harness, runtime};
 
 /// A unique `sleep` duration for one test, e.g. `7000123.4567`.
-fn marker() -> String {
+pub(crate) fn marker() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     format!(
         "{}.{}",
@@ -28,7 +28,7 @@ fn marker() -> String {
 }
 
 /// Live (non-zombie) processes whose command line mentions `marker`.
-fn marked(marker: &str) -> Vec<i32> {
+pub(crate) fn marked(marker: &str) -> Vec<i32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
@@ -81,7 +81,7 @@ fn await_sleepers(marker: &str) -> Vec<i32> {
 }
 
 /// Polls until no marked process is left; panics naming the survivors.
-fn assert_none_left(marker: &str, what: &str) {
+pub(crate) fn assert_none_left(marker: &str, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let left = marked(marker);
@@ -103,7 +103,7 @@ fn assert_none_left(marker: &str, what: &str) {
 }
 
 /// Kills whatever a failed test left behind, so no sleep outlives the run.
-struct Sweep(String);
+pub(crate) struct Sweep(pub(crate) String);
 
 impl Drop for Sweep {
     fn drop(&mut self) {

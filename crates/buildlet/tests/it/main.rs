@@ -9,3 +9,4 @@ mod bad_input;
 mod containment;
 mod limits;
 mod races;
+mod shell;

@@ -19,5 +19,6 @@ mod ports;
 mod resilience;
 mod secrets;
 mod sources;
+mod ssh;
 mod stage0;
 mod tls;

@@ -27,6 +27,9 @@ enum Cmd {
         /// Address for the dashboard, API and buildlet connections.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
+        /// Address of the gomote SSH server (`ssh -p PORT INSTANCE@HOST`); port 0 picks a free one.
+        #[arg(long = "ssh-listen", default_value = "127.0.0.1:0")]
+        ssh_listen: String,
     },
     /// Run a coordinator with a config file.
     Serve {
@@ -46,6 +49,9 @@ enum Cmd {
         /// Accept reverse buildlets without TLS. Only for loopback tests.
         #[arg(long = "insecure-plaintext-reverse")]
         insecure_plaintext_reverse: bool,
+        /// Serve gomote shells over SSH on this address (`ssh -p PORT INSTANCE@HOST`); none by default.
+        #[arg(long = "ssh-listen")]
+        ssh_listen: Option<String>,
     },
     /// Check a config file; prints every error with file, line and field.
     CheckConfig { file: PathBuf },
@@ -198,7 +204,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Request(r) => coordinator::admin_cli::run_request(r),
         Cmd::Ca(c) => coordinator::admin_cli::run_ca(c),
         Cmd::User(u) => coordinator::admin_cli::run_user(u),
-        Cmd::Up { data_dir, listen } => {
+        Cmd::Up {
+            data_dir,
+            listen,
+            ssh_listen,
+        } => {
             let config =
                 coordinator::demo::prepare(&data_dir).context("preparing the demo farm")?;
             coordinator::release::publish_for_demo(&data_dir)
@@ -211,6 +221,7 @@ fn main() -> anyhow::Result<()> {
                 tls_cert: None,
                 tls_key: None,
                 local_buildlet: None,
+                ssh_listen: Some(ssh_listen),
             })
         }
         Cmd::Serve {
@@ -220,6 +231,7 @@ fn main() -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             insecure_plaintext_reverse,
+            ssh_listen,
         } => serve(RunOptions {
             data_dir,
             config,
@@ -228,6 +240,7 @@ fn main() -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             local_buildlet: None,
+            ssh_listen,
         }),
     }
 }
@@ -268,6 +281,12 @@ fn print_banner(s: &Started, data_dir: &std::path::Path) {
     text.push_str(&format!("  farm status   {url}/status\n"));
     text.push_str(&format!("  API           {url}/api/builds\n"));
     text.push_str(&format!("  metrics       {url}/metrics\n"));
+    if let Some(ssh) = s.farm.ssh_addr() {
+        text.push_str(&format!(
+            "  gomote ssh    ssh -p {} INSTANCE@HOST\n",
+            ssh.rsplit_once(':').map_or("22", |(_, p)| p)
+        ));
+    }
     text.push_str(&format!(
         "  admin token   {}\n",
         data_dir.join(coordinator::run::ADMIN_TOKEN_FILE).display()

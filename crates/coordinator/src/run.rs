@@ -26,6 +26,8 @@ pub struct RunOptions {
     pub tls_key: Option<PathBuf>,
     /// Program (and leading args) that runs a buildlet for the local pool.
     pub local_buildlet: Option<Vec<String>>,
+    /// Where the gomote SSH server listens (`None`: no SSH).
+    pub ssh_listen: Option<String>,
 }
 
 /// What a started coordinator tells its caller.
@@ -142,6 +144,21 @@ pub async fn run(
     tasks.spawn(farm.clone().dispatch_loop());
     tasks.spawn(farm.clone().health_loop());
     tasks.spawn(crate::gomote::expiry_loop(farm.clone()));
+    let (stop_ssh, ssh_stopped) = tokio::sync::watch::channel(false);
+    if let Some(l) = &opts.ssh_listen {
+        let listener = tokio::net::TcpListener::bind(l).await.with_context(|| {
+            format!("cannot listen for SSH on {l}; pick another with --ssh-listen")
+        })?;
+        farm.set_ssh_addr(listener.local_addr()?.to_string());
+        let ssh_opts =
+            crate::gomote::ssh::SshOptions::new(opts.data_dir.join("ssh_host_ed25519_key"));
+        let gate = Arc::new(crate::gomote::SshGate(farm.clone()));
+        tasks.spawn(async move {
+            if let Err(e) = crate::gomote::ssh::serve(listener, ssh_opts, gate, ssh_stopped).await {
+                tracing::error!("the gomote SSH server stopped: {e:#}");
+            }
+        });
+    }
     tasks.spawn(crate::machine_auth::check::check_loop(farm.clone()));
     tasks.spawn(crate::release::upgrade_loop(
         farm.releases.clone(),
@@ -196,6 +213,7 @@ pub async fn run(
     tracing::info!(
         "stopping: machine sources first (local buildlets stop, exec machines are destroyed)"
     );
+    let _ = stop_ssh.send(true);
     farm.stop(std::time::Duration::from_secs(120)).await;
     tasks.abort_all();
     Ok(())

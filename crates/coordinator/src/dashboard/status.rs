@@ -215,7 +215,7 @@ pub async fn load(farm: &Farm) -> Result<StatusView, PageError> {
                         (true, true) => String::new(),
                     }
                 }
-                _ => super::machines::lease_text(&farm, m),
+                _ => super::machines::lease_text(farm, m),
             };
             super::machines::machine_line(m, now, work)
         })

@@ -102,9 +102,10 @@ async fn user_remove(
     if !farm.store.user_remove(&name).await? {
         return Err(err(StatusCode::NOT_FOUND, format!("no user named {name}")));
     }
+    farm.gomote.forget_user(&name);
     let mut ended = 0;
     for v in farm.gomote.views(Some(&name)) {
-        super::end(&farm, &v.name, "destroyed: its owner was removed").await;
+        super::end(&farm, &v.name, "destroyed because its owner was removed").await;
         ended += 1;
     }
     Ok(Json(json!({ "removed": name, "instances_ended": ended })))
@@ -143,6 +144,7 @@ async fn user_key_add(
     if !farm.store.user_key_add(&name, &fp, line).await? {
         return Err(err(StatusCode::NOT_FOUND, format!("no user named {name}")));
     }
+    farm.gomote.add_key(&name, &fp);
     Ok(Json(json!({ "user": name, "fingerprint": fp })))
 }
 

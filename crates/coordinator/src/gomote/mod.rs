@@ -250,10 +250,10 @@ pub async fn owned(
 
 /// "instance X expired at T" and its siblings.
 fn ended_message(name: &str, when: &str, reason: &str) -> String {
-    if reason.starts_with("expired") {
-        format!("instance {name} expired at {when}: {reason}")
-    } else if reason.starts_with("destroyed") {
-        format!("instance {name} was destroyed at {when}: {reason}")
+    if let Some(why) = reason.strip_prefix("expired: ") {
+        format!("instance {name} expired at {when} ({why})")
+    } else if let Some(who) = reason.strip_prefix("destroyed ") {
+        format!("instance {name} was destroyed at {when} {who}")
     } else {
         format!("instance {name} ended at {when}: {reason}")
     }
@@ -435,6 +435,7 @@ async fn sweep(farm: &Arc<Farm>) {
 /// Resumes the instances a previous coordinator left: one with a machine
 /// waits for it to reconnect ([`MACHINE_GRACE`]), one without queues again.
 pub async fn resume(farm: &Arc<Farm>) -> Result<usize, crate::store::StoreError> {
+    farm.gomote.set_keys(farm.store.user_keys().await?);
     let rows = farm.store.instances_active().await?;
     let n = rows.len();
     for row in rows {
@@ -444,6 +445,11 @@ pub async fn resume(farm: &Arc<Farm>) -> Result<usize, crate::store::StoreError>
                 .await?;
             continue;
         }
+        let mut row = row;
+        // The time the coordinator was away does not count against it.
+        row.expires_at = row
+            .expires_at
+            .max(now_ms() + MACHINE_GRACE.as_millis() as i64);
         match row.hostname.clone() {
             Some(hostname) => {
                 farm.pool
@@ -467,4 +473,46 @@ pub async fn resume(farm: &Arc<Farm>) -> Result<usize, crate::store::StoreError>
         }
     }
     Ok(n)
+}
+
+/// The SSH server's view of the farm: the instance's owner's keys decide,
+/// and a session runs on the instance's machine, holding the instance
+/// alive while it lasts.
+pub struct SshGate(pub Arc<Farm>);
+
+impl ssh::SshBackend for SshGate {
+    fn authorize(&self, instance: &str, fingerprint: &str) -> Result<(), String> {
+        let Some((owner, _)) = self.0.gomote.lease_of(instance) else {
+            return Err(format!("no live instance named {instance}"));
+        };
+        if self.0.gomote.has_key(&owner, fingerprint) {
+            Ok(())
+        } else {
+            Err(format!(
+                "key {fingerprint} is not registered for {owner}, the owner of instance {instance}"
+            ))
+        }
+    }
+
+    fn open(
+        &self,
+        instance: &str,
+    ) -> Result<(buildlet::client::Client, Box<dyn Send + Sync>), String> {
+        let farm = &self.0;
+        let Some(v) = farm.gomote.view(instance) else {
+            return Err(format!("instance {instance} has ended"));
+        };
+        if v.state == Phase::Waiting {
+            return Err(format!(
+                "instance {instance} is still waiting for a machine"
+            ));
+        }
+        let Some(lease) = farm.pool.leased_to(&holder(instance)) else {
+            return Err(format!(
+                "instance {instance}'s machine {} is not connected right now",
+                v.hostname.unwrap_or_default()
+            ));
+        };
+        Ok((lease.client, Box::new(Active::new(farm, instance))))
+    }
 }

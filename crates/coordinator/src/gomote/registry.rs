@@ -70,6 +70,9 @@ pub struct Registry {
     pub calls: AtomicU64,
     /// Signalled when an instance gets its machine or ends (long polls wait on it).
     pub changed: tokio::sync::Notify,
+    /// Each user's SSH key fingerprints, kept in step with the store, so the
+    /// SSH server decides without a query.
+    pub(crate) keys: Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>,
 }
 
 /// The holder a gomote instance leases its machine as.
@@ -141,6 +144,40 @@ impl Registry {
             .values()
             .filter(|l| l.row.owner == owner)
             .count()
+    }
+
+    /// Replaces the key cache (at start).
+    pub(crate) fn set_keys(&self, pairs: Vec<(String, String)>) {
+        let mut k = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        k.clear();
+        for (user, fp) in pairs {
+            k.entry(user).or_default().insert(fp);
+        }
+    }
+
+    pub(crate) fn add_key(&self, user: &str, fp: &str) {
+        self.keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(user.to_string())
+            .or_default()
+            .insert(fp.to_string());
+    }
+
+    pub(crate) fn forget_user(&self, user: &str) {
+        self.keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(user);
+    }
+
+    /// Whether `user` registered the key with this fingerprint.
+    pub fn has_key(&self, user: &str, fp: &str) -> bool {
+        self.keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(user)
+            .is_some_and(|k| k.contains(fp))
     }
 
     pub(crate) fn note_call(&self) {

@@ -108,7 +108,13 @@ fn add_user(c: &Coordinator, dir: &Path, name: &str) -> User {
     let tf = dir.join(format!("{name}.token"));
     std::fs::write(&tf, token.trim()).unwrap();
     let u = User::new(dir, name);
-    let out = u.ok(&["login", "--coordinator", &url, "--token-file", tf.to_str().unwrap()]);
+    let out = u.ok(&[
+        "login",
+        "--coordinator",
+        &url,
+        "--token-file",
+        tf.to_str().unwrap(),
+    ]);
     assert!(out.contains(&format!("as {name}")), "{out}");
     u
 }
@@ -135,7 +141,7 @@ fn gomote_end_to_end() {
     let cfg = dir.path().join("farm.toml");
     std::fs::write(&cfg, config(&repo.path)).unwrap();
     let data = dir.path().join("data");
-    let c = Coordinator::start(&data, &cfg);
+    let c = Coordinator::start_args(&data, &cfg, &["--ssh-listen", "127.0.0.1:0"]);
     let bots = dir.path().join("bots");
     let key = c.key("host-test-trusted");
     let bot_a = Bot::start(&c, &bots, "host-test-trusted", "bot-a", Some(&key));
@@ -158,7 +164,10 @@ fn gomote_end_to_end() {
         "--data-dir",
         data.to_str().unwrap(),
     ]);
-    assert!(listed.contains("alice") && listed.contains("bob"), "{listed}");
+    assert!(
+        listed.contains("alice") && listed.contains("bob"),
+        "{listed}"
+    );
     // A wrong token is refused with a sentence, before anything else.
     let stranger = User::new(dir.path(), "stranger");
     let mut cmd = stranger.cmd(&["list"]);
@@ -176,7 +185,10 @@ fn gomote_end_to_end() {
     // instance waits behind it, then gets the machine ahead of the
     // post-submit build queued meanwhile.
     c.wait("the first build running", LIMIT, |c| {
-        builds(c).iter().any(|b| b["status"] == "running").then_some(())
+        builds(c)
+            .iter()
+            .any(|b| b["status"] == "running")
+            .then_some(())
     });
     let mut create = Reaped(
         alice
@@ -205,7 +217,11 @@ fn gomote_end_to_end() {
         .into_iter()
         .filter(|b| b["status"] == "queued")
         .collect();
-    assert_eq!(queued.len(), 1, "the post-submit build waits behind the instance");
+    assert_eq!(
+        queued.len(),
+        1,
+        "the post-submit build waits behind the instance"
+    );
     let v = instance(&alice, inst);
     assert_eq!(v["state"], "ready");
     assert_eq!(v["hostname"], "bot-a");
@@ -216,7 +232,14 @@ fn gomote_end_to_end() {
     // Files: put, ls, get, puttar, gettar, rm — content checked.
     let local = dir.path().join("hello.txt");
     std::fs::write(&local, "hello gomote\n").unwrap();
-    alice.ok(&["put", "-mode", "0755", inst, local.to_str().unwrap(), "sub/hello.txt"]);
+    alice.ok(&[
+        "put",
+        "-mode",
+        "0755",
+        inst,
+        local.to_str().unwrap(),
+        "sub/hello.txt",
+    ]);
     let ls = alice.ok(&["ls", "-R", "-d", inst, "sub"]);
     assert!(ls.contains("hello.txt") && ls.contains("755"), "{ls}");
     let back = dir.path().join("back.txt");
@@ -238,14 +261,19 @@ fn gomote_end_to_end() {
     alice.ok(&["puttar", "-dir", "unpacked", inst, tgz.to_str().unwrap()]);
     let out_tgz = dir.path().join("out.tgz");
     let mut g = alice.cmd(&["gettar", "-dir", "unpacked", inst]);
-    g.stdout(std::fs::File::create(&out_tgz).unwrap()).stderr(Stdio::null());
+    g.stdout(std::fs::File::create(&out_tgz).unwrap())
+        .stderr(Stdio::null());
     let mut child = Reaped(g.spawn().unwrap());
     let deadline = Instant::now() + LIMIT;
     while child.0.try_wait().unwrap().is_none() {
         assert!(Instant::now() < deadline, "gettar hung");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let listing = Command::new("tar").arg("tzf").arg(&out_tgz).output().unwrap();
+    let listing = Command::new("tar")
+        .arg("tzf")
+        .arg(&out_tgz)
+        .output()
+        .unwrap();
     assert!(
         String::from_utf8_lossy(&listing.stdout).contains("a/one"),
         "{}",
@@ -259,10 +287,28 @@ fn gomote_end_to_end() {
     assert!(!bot_a.workdir.parent().unwrap().join("escaped.txt").exists());
 
     // run: output streams, the remote exit status becomes ours.
-    let o = alice.run(&["run", "-system", "-e", "X=1", inst, "sh", "-c", "echo out-$X; exit 3"]);
+    let o = alice.run(&[
+        "run",
+        "-system",
+        "-e",
+        "X=1",
+        inst,
+        "sh",
+        "-c",
+        "echo out-$X; exit 3",
+    ]);
     assert_eq!(o.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&o.stdout).contains("out-1"));
-    let o = alice.ok(&["run", "-system", "-until", "ok-[0-9]", inst, "sh", "-c", "echo ok-7"]);
+    let o = alice.ok(&[
+        "run",
+        "-system",
+        "-until",
+        "ok-[0-9]",
+        inst,
+        "sh",
+        "-c",
+        "echo ok-7",
+    ]);
     assert!(o.contains("ok-7"), "{o}");
 
     // push: only what changed travels; what was deleted goes.
@@ -270,7 +316,11 @@ fn gomote_end_to_end() {
     for i in 0..300 {
         let d = src.join(format!("d{}", i % 10));
         std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join(format!("f{i}")), format!("file {i} {}\n", "x".repeat(200))).unwrap();
+        std::fs::write(
+            d.join(format!("f{i}")),
+            format!("file {i} {}\n", "x".repeat(200)),
+        )
+        .unwrap();
     }
     let before = instance(&alice, inst)["bytes_received"].as_u64().unwrap();
     let s = alice.ok(&["push", inst, src.to_str().unwrap()]);
@@ -279,7 +329,10 @@ fn gomote_end_to_end() {
     std::fs::write(src.join("d3/f3"), "changed\n").unwrap();
     std::fs::remove_file(src.join("d4/f4")).unwrap();
     let s = alice.ok(&["push", inst, src.to_str().unwrap()]);
-    assert!(s.contains("pushed 1 changed files") && s.contains("removed 1"), "{s}");
+    assert!(
+        s.contains("pushed 1 changed files") && s.contains("removed 1"),
+        "{s}"
+    );
     let after = instance(&alice, inst)["bytes_received"].as_u64().unwrap();
     let full = mid - before;
     let incremental = after - mid;
@@ -329,6 +382,143 @@ fn gomote_end_to_end() {
         "{text}"
     );
 
+    // The shell: real OpenSSH over the machine's own link, the owner's
+    // keys only.
+    let port = c
+        .out
+        .all()
+        .split("ssh -p ")
+        .nth(1)
+        .expect("the banner names the SSH port")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    crate::ssh::keygen(&dir.path().join("akey"));
+    crate::ssh::keygen(&dir.path().join("bkey"));
+    let dd = data.to_str().unwrap();
+    let url = format!("http://{}", c.addr);
+    for (user, key) in [("alice", "akey.pub"), ("bob", "bkey.pub")] {
+        let out = farmer(&[
+            "user",
+            "add-key",
+            user,
+            dir.path().join(key).to_str().unwrap(),
+            "--coordinator",
+            &url,
+            "--data-dir",
+            dd,
+        ]);
+        assert!(out.contains("SHA256:"), "{out}");
+    }
+    let ssh = |key: &str, extra: &[&str]| {
+        let mut cmd = Command::new("ssh");
+        cmd.args(["-p", &port, "-i"])
+            .arg(dir.path().join(key))
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "LogLevel=ERROR",
+            ])
+            .args(extra)
+            .env("TERM", "xterm-256color");
+        cmd
+    };
+    let mut tt = ssh(
+        "akey",
+        &[
+            "-tt",
+            &format!("{inst}@127.0.0.1"),
+            "stty size; echo TERM=$TERM; exit 3",
+        ],
+    );
+    let o = output_within(&mut tt, LIMIT);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(text.contains("TERM=xterm-256color"), "{text}");
+    assert!(
+        text.lines().any(|l| l.trim().split(' ').count() == 2
+            && l.trim().split(' ').all(|n| n.parse::<u32>().is_ok())),
+        "no size line: {text}"
+    );
+    // Bob's key is not alice's: refused before the machine is reached.
+    let o = output_within(
+        &mut ssh("bkey", &[&format!("{inst}@127.0.0.1"), "true"]),
+        LIMIT,
+    );
+    assert_eq!(o.status.code(), Some(255), "{o:?}");
+    // `farmer gomote ssh` runs the user's own ssh.
+    let mut via = alice.cmd(&[
+        "ssh",
+        inst,
+        "-i",
+        dir.path().join("akey").to_str().unwrap(),
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "LogLevel=ERROR",
+    ]);
+    via.stdin(
+        std::fs::File::open({
+            let f = dir.path().join("script");
+            std::fs::write(&f, "echo via-cli; exit 4\n").unwrap();
+            f
+        })
+        .unwrap(),
+    );
+    let o = output_within(&mut via, LIMIT);
+    assert_eq!(o.status.code(), Some(4), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("via-cli"));
+    // A session's processes end with its client.
+    let marker = format!("1001.{}", std::process::id());
+    let mut held = Reaped(
+        ssh(
+            "akey",
+            &[
+                "-tt",
+                &format!("{inst}@127.0.0.1"),
+                &format!("sleep {marker}"),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    let deadline = Instant::now() + LIMIT;
+    while crate::ssh::marked(&marker).is_empty() {
+        assert!(Instant::now() < deadline, "the remote sleep never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    held.0.kill().unwrap();
+    held.0.wait().unwrap();
+    let deadline = Instant::now() + LIMIT;
+    while !crate::ssh::marked(&marker).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the remote sleep outlived its ssh client"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
     // Destroy: the machine is cleaned and goes back to the pool; a call
     // on the instance then says it was destroyed.
     alice.ok(&["destroy", second]);
@@ -347,16 +537,17 @@ fn gomote_end_to_end() {
     // (alice keeps hers alive meanwhile).
     let bobs = bob.ok(&["create", "host-test-trusted"]);
     let bobs = bobs.trim().to_string();
-    for _ in 0..3 {
+    for _ in 0..2 {
         std::thread::sleep(Duration::from_secs(4));
         alice.ok(&["ping", inst]);
     }
     bob.ok(&["ping", &bobs]);
-    for _ in 0..3 {
+    for _ in 0..2 {
         std::thread::sleep(Duration::from_secs(4));
         alice.ok(&["ping", inst]);
     }
-    // 24 s after creation, 12 s after the ping: renewed, alive.
+    // 16 s after creation (past the 10 s timeout), 8 s after the ping:
+    // renewed, alive.
     bob.ok(&["run", "-system", &bobs, "true"]);
     let admin = [("authorization", format!("Bearer {}", c.token))];
     let admin: Vec<(&str, &str)> = admin.iter().map(|(k, v)| (*k, v.as_str())).collect();

@@ -71,7 +71,7 @@ struct Farm {
     backend: Arc<Backend>,
 }
 
-fn keygen(path: &Path) {
+pub(crate) fn keygen(path: &Path) {
     let out = output_within(
         Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-C", "test", "-f"])
@@ -312,7 +312,7 @@ fn keys_and_instances_not_authorized_never_reach_the_machine() {
 }
 
 /// Live (non-zombie) processes whose command line mentions `marker`.
-fn marked(marker: &str) -> Vec<i32> {
+pub(crate) fn marked(marker: &str) -> Vec<i32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {

@@ -107,10 +107,25 @@ async fn run(nofile: Option<String>) -> anyhow::Result<()> {
         repo.display(),
         &commit[..12]
     );
-    bench_dispatch(&dir, &repo, &commit).await?;
-    bench_throughput(&dir, &repo, &commit).await?;
-    bench_elastic(&dir, &repo, &commit).await?;
-    bench_memory(&dir).await?;
+    // FARMER_BENCH=gomote (or a comma list of dispatch, throughput,
+    // elastic, memory, gomote) runs only those sections.
+    let only = std::env::var("FARMER_BENCH").unwrap_or_default();
+    let wanted = |s: &str| only.is_empty() || only.split(',').any(|x| x.trim() == s);
+    if wanted("dispatch") {
+        bench_dispatch(&dir, &repo, &commit).await?;
+    }
+    if wanted("throughput") {
+        bench_throughput(&dir, &repo, &commit).await?;
+    }
+    if wanted("elastic") {
+        bench_elastic(&dir, &repo, &commit).await?;
+    }
+    if wanted("memory") {
+        bench_memory(&dir).await?;
+    }
+    if wanted("gomote") {
+        bench_gomote(&dir).await?;
+    }
     Ok(())
 }
 
@@ -847,7 +862,7 @@ fn farm_config(
     }
     for (name, expected) in hosts {
         s.push_str(&format!(
-            "[hosts.{name}]\npool = \"reverse\"\nexpected = {expected}\ntrusted = true\n\n"
+            "[hosts.{name}]\npool = \"reverse\"\nexpected = {expected}\ntrusted = true\ngomote = true\n\n"
         ));
     }
     for (name, host, step) in builders {
@@ -856,6 +871,127 @@ fn farm_config(
         ));
     }
     s
+}
+
+// ---------------------------------------------------------------------------
+// 5. gomote
+
+const GOMOTE_CREATES: usize = 20;
+const GOMOTE_RUNS: usize = 200;
+const GOMOTE_FILES: usize = 10_000;
+
+async fn bench_gomote(dir: &Path) -> anyhow::Result<()> {
+    println!();
+    println!(
+        "== gomote: 1 idle buildlet; {GOMOTE_CREATES} create -> ready, {GOMOTE_RUNS} `run INST true`, push of {GOMOTE_FILES} files =="
+    );
+    let config = farm_config(None, &[("host-bench-gomote", 1)], &[]);
+    let c = Coordinator::start(dir, "gomote", &config)?;
+    let api = Api::new(&c);
+    let key = c.key("host-bench-gomote")?;
+    let _bot = start_buildlet(&c, dir, "host-bench-gomote", "gomote-1", &key)?;
+    wait_connected(&api, "host-bench-gomote", 1, Duration::from_secs(30)).await?;
+    let out = Command::new(FARMER)
+        .args(["user", "add", "bench", "--coordinator"])
+        .arg(format!("http://{}", c.addr))
+        .arg("--data-dir")
+        .arg(&c.data_dir)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "farmer user add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout)?.trim().to_string();
+    let g = coordinator::gomote::cli::Coord::new(&coordinator::gomote::cli::Login {
+        coordinator: format!("http://{}", c.addr),
+        token,
+        tls_pin: None,
+    })?;
+    let post = http::Method::POST;
+    let mut ready = Vec::new();
+    let mut name = String::new();
+    for i in 0..=GOMOTE_CREATES {
+        let t = Instant::now();
+        let v = g
+            .call(
+                post.clone(),
+                "/api/gomote/instances",
+                Some(serde_json::json!({ "builder": "host-bench-gomote" })),
+            )
+            .await?;
+        name = v["name"].as_str().unwrap_or_default().to_string();
+        let v = g
+            .call(
+                http::Method::GET,
+                &format!("/api/gomote/instances/{name}?wait=30"),
+                None,
+            )
+            .await?;
+        ensure!(v["state"] == "ready", "{name} not ready: {v}");
+        ready.push(t.elapsed().as_secs_f64() * 1e3);
+        if i == GOMOTE_CREATES {
+            break;
+        }
+        g.call(
+            http::Method::DELETE,
+            &format!("/api/gomote/instances/{name}"),
+            None,
+        )
+        .await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !machine_idle(&api, "gomote-1").await? {
+            ensure!(
+                Instant::now() < deadline,
+                "the machine never came back idle"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    println!("create -> instance ready     {}", summary(&mut ready));
+
+    let client = g.instance(&name, false);
+    let opts = buildlet::client::ExecOptions {
+        sys: true,
+        ..Default::default()
+    };
+    let mut runs = Vec::new();
+    for _ in 0..GOMOTE_RUNS {
+        let t = Instant::now();
+        let (st, _) = client.exec_output("true", &opts).await?;
+        ensure!(st.success(), "true failed: {st:?}");
+        runs.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    println!("run INST true round trip     {}", summary(&mut runs));
+
+    let tree = dir.join("gomote-tree");
+    for i in 0..GOMOTE_FILES {
+        let d = tree.join(format!("d{}", i % 100));
+        std::fs::create_dir_all(&d)?;
+        std::fs::write(
+            d.join(format!("f{i}.txt")),
+            format!("file {i}\n{}", "x".repeat(300)),
+        )?;
+    }
+    let client = g.instance(&name, true);
+    let t = Instant::now();
+    let first = coordinator::gomote::push::push(&client, &tree, "tree").await?;
+    let full = t.elapsed();
+    std::fs::write(tree.join("d7/f7.txt"), "changed\n")?;
+    let t = Instant::now();
+    let second = coordinator::gomote::push::push(&client, &tree, "tree").await?;
+    let incremental = t.elapsed();
+    ensure!(
+        second.sent == 1,
+        "the second push sent {} files",
+        second.sent
+    );
+    println!(
+        "push {GOMOTE_FILES} files: first {:.0} ms ({first}); after changing one: {:.0} ms ({second})",
+        full.as_secs_f64() * 1e3,
+        incremental.as_secs_f64() * 1e3
+    );
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------

@@ -2,13 +2,9 @@
 //! of certificate onboarding, talking to a coordinator's API.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
 use clap::{Args, Subcommand};
-use http_body_util::BodyExt;
 
 /// How to reach the coordinator.
 #[derive(Args, Debug, Clone)]
@@ -229,84 +225,25 @@ async fn call_with(
     admin: bool,
     secret: Option<&str>,
 ) -> anyhow::Result<serde_json::Value> {
-    let tls = match &remote.tls_pin {
-        Some(p) => {
-            buildlet::reverse::Tls::Pinned(buildlet::reverse::parse_pin(p).with_context(|| {
-                format!("-tls-pin={p:?} is not {}", buildlet::reverse::PIN_FORMS)
-            })?)
-        }
-        None => buildlet::reverse::Tls::WebPki,
-    };
-    let builder = hyper_rustls::HttpsConnectorBuilder::new();
-    let connector = match buildlet::reverse::client_config(&tls)? {
-        Some(c) => builder
-            .with_tls_config(Arc::unwrap_or_clone(c))
-            .https_or_http()
-            .enable_http1()
-            .build(),
-        None => builder
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .build(),
-    };
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build::<_, http_body_util::Full<Bytes>>(connector);
-    let url = format!("{}{path}", remote.coordinator.trim_end_matches('/'));
-    let mut req = http::Request::builder()
-        .method(method)
-        .uri(&url)
-        .header("content-type", "application/json");
-    if admin {
+    let token = if admin {
         let f = remote
             .token_file
             .clone()
             .unwrap_or_else(|| remote.data_dir.join(crate::run::ADMIN_TOKEN_FILE));
-        let t = std::fs::read_to_string(&f)
-            .with_context(|| format!("reading the admin token {}", f.display()))?;
-        req = req.header("authorization", format!("Bearer {}", t.trim()));
-    }
-    if let Some(s) = secret {
-        req = req.header(SECRET_HEADER, s);
-    }
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let resp = tokio::time::timeout(
-        Duration::from_secs(30),
-        client.request(req.body(http_body_util::Full::new(Bytes::from(body)))?),
-    )
+        Some(
+            std::fs::read_to_string(&f)
+                .with_context(|| format!("reading the admin token {}", f.display()))?,
+        )
+    } else {
+        None
+    };
+    crate::client::ApiClient::new(
+        &remote.coordinator,
+        token.as_deref(),
+        remote.tls_pin.as_deref(),
+    )?
+    .call_with(method, path, body, secret.map(|s| (SECRET_HEADER, s)))
     .await
-    .with_context(|| format!("{url}: no answer within 30s"))?
-    .map_err(|e| {
-        use std::error::Error as _;
-        let cause = e.source().map(|c| format!(": {c}")).unwrap_or_default();
-        if e.is_connect() {
-            anyhow::anyhow!("could not connect to {url}{cause}")
-        } else {
-            anyhow::anyhow!("{url}: {e}{cause}")
-        }
-    })?;
-    let status = resp.status();
-    let bytes = tokio::time::timeout(
-        Duration::from_secs(60),
-        http_body_util::Limited::new(resp.into_body(), 16 << 20).collect(),
-    )
-    .await
-    .with_context(|| format!("{url}: the answer did not finish within 60s"))?
-    .map_err(|e| anyhow::anyhow!("{url}: reading the answer: {e}"))?
-    .to_bytes();
-    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::String(
-        String::from_utf8_lossy(&bytes).into_owned(),
-    ));
-    if !status.is_success() {
-        bail!(
-            "{status}: {}",
-            v["error"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| v.to_string())
-        );
-    }
-    Ok(v)
 }
 
 pub fn run_request(cmd: RequestCmd) -> anyhow::Result<()> {

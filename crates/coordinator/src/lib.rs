@@ -8,6 +8,7 @@ pub mod artifacts;
 pub mod auth;
 pub mod builds;
 pub mod ca;
+pub mod client;
 pub mod config;
 pub mod dashboard;
 pub mod demo;

@@ -384,6 +384,20 @@ impl Pool {
             })
     }
 
+    /// The sessions holding a connected machine, for one pass over every
+    /// gomote instance.
+    pub fn interactive_sessions(&self) -> std::collections::HashSet<String> {
+        let m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
+        m.values()
+            .filter_map(|x| match &x.view.state {
+                MachineState::Leased {
+                    holder: Holder::Interactive { session },
+                } => Some(session.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Promises the machine `hostname` of `host_type` to `holder`: leased
     /// now if it is connected and idle, else as soon as it connects.
     pub fn reserve(&self, host_type: &str, hostname: &str, holder: Holder) {

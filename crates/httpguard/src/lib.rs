@@ -409,19 +409,22 @@ impl std::error::Error for BodyTimeout {}
 /// one ([`BodyDeadline::relax`]), for uploads that may take long but must
 /// keep moving (a gomote user's tarball).
 #[derive(Clone, Default)]
-pub struct BodyDeadline(Arc<Mutex<Option<Duration>>>);
+pub struct BodyDeadline(Arc<AtomicU64>);
 
 impl BodyDeadline {
     /// From now on the body may take as long as it keeps sending: it fails
     /// only after `idle` without a byte.
     pub fn relax(&self, idle: Duration) {
-        if let Ok(mut g) = self.0.lock() {
-            *g = Some(idle);
-        }
+        let ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.0.store(ms, Ordering::Release);
     }
 
+    /// Read on every body frame: an atomic, not a lock.
     fn idle(&self) -> Option<Duration> {
-        self.0.lock().map(|g| *g).unwrap_or(None)
+        match self.0.load(Ordering::Acquire) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
     }
 }
 

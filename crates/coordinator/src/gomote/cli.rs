@@ -12,18 +12,18 @@
 //! that group.
 
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use buildlet::client::{Client, ExecOptions, LsOptions, Progress, ReqBody};
+use buildlet::client::{Client, ExecOptions, LsOptions, Progress};
+
+use crate::client::ApiClient;
 use buildlet::proto::ProcessState;
 
 /// Lease farm machines and work on them: copy trees in, run commands, open
@@ -246,73 +246,13 @@ fn load_login() -> anyhow::Result<Login> {
     Ok(l)
 }
 
-type Http = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    ReqBody,
->;
-
 /// The coordinator, as this user.
 #[derive(Clone)]
-pub struct Coord {
-    base: String,
-    auth: http::HeaderValue,
-    http: Http,
-}
-
-struct CoordTransport(Http);
-
-impl buildlet::client::Transport for CoordTransport {
-    fn send(
-        &self,
-        req: http::Request<ReqBody>,
-    ) -> Pin<
-        Box<
-            dyn std::future::Future<
-                    Output = Result<
-                        http::Response<hyper::body::Incoming>,
-                        buildlet::client::BoxError,
-                    >,
-                > + Send
-                + '_,
-        >,
-    > {
-        Box::pin(async move { self.0.request(req).await.map_err(Into::into) })
-    }
-}
+pub struct Coord(ApiClient);
 
 impl Coord {
     pub fn new(l: &Login) -> anyhow::Result<Coord> {
-        let tls = match &l.tls_pin {
-            Some(p) => {
-                buildlet::reverse::Tls::Pinned(buildlet::reverse::parse_pin(p).with_context(
-                    || format!("tls pin {p:?} is not {}", buildlet::reverse::PIN_FORMS),
-                )?)
-            }
-            None => buildlet::reverse::Tls::WebPki,
-        };
-        let builder = hyper_rustls::HttpsConnectorBuilder::new();
-        let connector = match buildlet::reverse::client_config(&tls)? {
-            Some(c) => builder
-                .with_tls_config(Arc::unwrap_or_clone(c))
-                .https_or_http()
-                .enable_http1()
-                .build(),
-            None => builder
-                .with_webpki_roots()
-                .https_or_http()
-                .enable_http1()
-                .build(),
-        };
-        let http =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build(connector);
-        Ok(Coord {
-            base: l.coordinator.trim_end_matches('/').to_string(),
-            auth: http::HeaderValue::from_str(&format!("Bearer {}", l.token))
-                .context("the token has characters a header cannot carry")?,
-            http,
-        })
+        ApiClient::new(&l.coordinator, Some(&l.token), l.tls_pin.as_deref()).map(Coord)
     }
 
     /// A JSON call; a non-2xx answer becomes an error with the server's sentence.
@@ -322,62 +262,13 @@ impl Coord {
         path: &str,
         body: Option<Value>,
     ) -> anyhow::Result<Value> {
-        let url = format!("{}{path}", self.base);
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let req = http::Request::builder()
-            .method(method)
-            .uri(&url)
-            .header(http::header::AUTHORIZATION, self.auth.clone())
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(
-                http_body_util::Full::new(Bytes::from(body))
-                    .map_err(|never| match never {})
-                    .boxed(),
-            )?;
-        let resp = tokio::time::timeout(Duration::from_secs(60), self.http.request(req))
-            .await
-            .with_context(|| format!("{url}: no answer within 60s"))?
-            .map_err(|e| {
-                use std::error::Error as _;
-                let cause = e.source().map(|c| format!(": {c}")).unwrap_or_default();
-                anyhow::anyhow!("could not reach the coordinator at {url}{cause}")
-            })?;
-        let status = resp.status();
-        let bytes = tokio::time::timeout(
-            Duration::from_secs(60),
-            http_body_util::Limited::new(resp.into_body(), 16 << 20).collect(),
-        )
-        .await
-        .with_context(|| format!("{url}: the answer did not finish within 60s"))?
-        .map_err(|e| anyhow::anyhow!("{url}: reading the answer: {e}"))?
-        .to_bytes();
-        let v: Value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        if !status.is_success() {
-            bail!(
-                "{}",
-                v["error"]
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| format!("{status}: {v}"))
-            );
-        }
-        Ok(v)
+        self.0.call(method, path, body).await
     }
 
     /// A buildlet client for an instance, through the coordinator.
     pub fn instance(&self, name: &str, long: bool) -> Client {
-        let mut c = Client::with_transport(
-            Arc::new(CoordTransport(self.http.clone())),
-            format!("{}/api/gomote/instances/{name}/buildlet", self.base),
-            None,
-        );
-        c.set_authorization(Some(self.auth.clone()));
-        if long {
-            // Uploads answer after their last byte.
-            c.set_header_timeout(Duration::from_secs(24 * 3600));
-        }
-        c
+        self.0
+            .buildlet(&format!("/api/gomote/instances/{name}/buildlet"), long)
     }
 }
 
@@ -951,7 +842,7 @@ async fn ssh(c: &Coord, args: &[String]) -> anyhow::Result<i32> {
     )
     .await?;
     let port = addr.rsplit_once(':').map(|(_, p)| p).unwrap_or("22");
-    let host = coordinator_host(&c.base);
+    let host = coordinator_host(c.0.base());
     let mut cmd = std::process::Command::new("ssh");
     cmd.arg("-p")
         .arg(port)

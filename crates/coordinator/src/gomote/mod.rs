@@ -130,8 +130,18 @@ pub async fn create(
         })
         .collect();
     let prefix = format!("{}-{short}", caller.name);
-    let last = farm.store.instance_last_number(&prefix).await?;
-    let name = format!("{prefix}-{}", last + 1);
+    let mut n = farm.store.instance_last_number(&prefix).await? + 1;
+    // User names may hold dashes: "al-x" + "y" and "al" + "x-y" share a
+    // prefix, so a name can be taken by another user's builder.
+    while farm
+        .store
+        .instance(&format!("{prefix}-{n}"))
+        .await?
+        .is_some()
+    {
+        n += 1;
+    }
+    let name = format!("{prefix}-{n}");
     let now = now_ms();
     let row = InstanceRow {
         name: name.clone(),
@@ -390,42 +400,33 @@ pub async fn expiry_loop(farm: Arc<Farm>) {
 async fn sweep(farm: &Arc<Farm>) {
     let now = now_ms();
     let timeout = farm.config().farm.gomote_idle_timeout;
+    let held = farm.pool.interactive_sessions();
     let mut ending = Vec::new();
-    {
-        let mut live = farm.gomote.lock();
-        for (name, l) in live.iter_mut() {
-            if l.active == 0 && now > l.row.expires_at {
-                ending.push((
-                    name.clone(),
-                    format!(
-                        "expired: unused for {}",
-                        crate::config::human_duration(timeout.as_secs() as i64)
-                    ),
-                ));
-                continue;
-            }
-            if l.phase != Phase::Ready {
-                continue;
-            }
-            let h = holder(name);
-            if farm.pool.leased_to(&h).is_some() {
-                l.missing_since = None;
-                continue;
-            }
+    let mut reserving = Vec::new();
+    for (name, l) in farm.gomote.lock().iter_mut() {
+        if l.active == 0 && now > l.row.expires_at {
+            let idle = crate::config::human_duration(timeout.as_secs() as i64);
+            ending.push((name.clone(), format!("expired: unused for {idle}")));
+        } else if l.phase != Phase::Ready || held.contains(name) {
+            l.missing_since = None;
+        } else {
             let since = *l.missing_since.get_or_insert_with(Instant::now);
             let hostname = l.row.hostname.clone().unwrap_or_default();
             if since.elapsed() > MACHINE_GRACE {
+                let grace = crate::config::human_duration(MACHINE_GRACE.as_secs() as i64);
                 ending.push((
                     name.clone(),
                     format!(
-                        "its machine {hostname} disconnected and did not come back within {}",
-                        crate::config::human_duration(MACHINE_GRACE.as_secs() as i64)
+                        "its machine {hostname} disconnected and did not come back within {grace}"
                     ),
                 ));
             } else {
-                farm.pool.reserve(&l.row.host_type, &hostname, h);
+                reserving.push((l.row.host_type.clone(), hostname, holder(name)));
             }
         }
+    }
+    for (host_type, hostname, h) in reserving {
+        farm.pool.reserve(&host_type, &hostname, h);
     }
     for (name, reason) in ending {
         end(farm, &name, &reason).await;

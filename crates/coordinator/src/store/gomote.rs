@@ -171,27 +171,19 @@ impl Store {
         Ok(())
     }
 
-    /// The highest instance number used so far for names starting with
-    /// `prefix` (names are `PREFIX-N`), so a restarted coordinator never
-    /// reuses the name of an ended instance.
+    /// The highest instance number used so far for names `PREFIX-N`, so a
+    /// restarted coordinator never reuses the name of an ended instance.
+    /// One row comes back, however long the history.
     pub async fn instance_last_number(&self, prefix: &str) -> Result<u64> {
-        let rows = sqlx::query("SELECT name FROM gomote_instances WHERE substr(name, 1, ?) = ?")
-            .bind(prefix.len() as i64)
-            .bind(prefix)
-            .fetch_all(self.pool())
-            .await?;
-        let mut max = 0;
-        for r in rows {
-            let name: String = r.try_get("name")?;
-            if let Some(n) = name
-                .strip_prefix(prefix)
-                .and_then(|s| s.strip_prefix('-'))
-                .and_then(|s| s.parse::<u64>().ok())
-            {
-                max = max.max(n);
-            }
-        }
-        Ok(max)
+        let dashed = format!("{prefix}-");
+        let n: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(CAST(substr(name, ?1 + 1) AS INTEGER)) FROM gomote_instances WHERE substr(name, 1, ?1) = ?2",
+        )
+        .bind(dashed.len() as i64)
+        .bind(&dashed)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(n.unwrap_or(0).max(0) as u64)
     }
 
     /// Notes the machine an instance got.
@@ -296,14 +288,19 @@ impl Store {
 
     /// One group with its members.
     pub async fn group(&self, name: &str) -> Result<Option<GroupRow>> {
-        Ok(self.groups().await?.into_iter().find(|g| g.name == name))
+        Ok(self.groups_where(Some(name)).await?.pop())
     }
 
     /// Every group with its members, by name.
     pub async fn groups(&self) -> Result<Vec<GroupRow>> {
+        self.groups_where(None).await
+    }
+
+    async fn groups_where(&self, name: Option<&str>) -> Result<Vec<GroupRow>> {
         let rows = sqlx::query(
-            "SELECT g.name, g.owner, g.created_at, group_concat(m.instance, ' ') AS members FROM gomote_groups g LEFT JOIN gomote_group_members m ON m.grp = g.name GROUP BY g.name ORDER BY g.name LIMIT ?",
+            "SELECT g.name, g.owner, g.created_at, group_concat(m.instance, ' ') AS members FROM gomote_groups g LEFT JOIN gomote_group_members m ON m.grp = g.name WHERE ?1 IS NULL OR g.name = ?1 GROUP BY g.name ORDER BY g.name LIMIT ?2",
         )
+        .bind(name)
         .bind(MAX_ROWS)
         .fetch_all(self.pool())
         .await?;

@@ -223,11 +223,7 @@ impl ShellSession {
                         continue;
                     };
                     self.ended = true;
-                    let state = trailers
-                        .get(proto::PROCESS_STATE_TRAILER)
-                        .and_then(|v| v.to_str().ok())
-                        .ok_or_else(|| Error::BrokeOff("trailers without Process-State".into()))?;
-                    return Ok(ShellEvent::Exit(ProcessState::from_trailer(state)));
+                    return state_from_trailers(&trailers).map(ShellEvent::Exit);
                 }
             }
         }
@@ -327,12 +323,7 @@ impl Client {
         let req = req
             .body(body)
             .map_err(|e| Error::Protocol(format!("building request: {e}")))?;
-        let resp = tokio::time::timeout(self.header_timeout, self.transport.send(req))
-            .await
-            .map_err(|_| {
-                Error::Unreachable(format!("no response within {:?}", self.header_timeout).into())
-            })?
-            .map_err(Error::Unreachable)?;
+        let resp = self.send_within(req, self.header_timeout).await?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
@@ -593,13 +584,7 @@ impl Client {
                 Err(frame) => {
                     if let Ok(trailers) = frame.into_trailers() {
                         out.flush().await.map_err(Error::Local)?;
-                        let state = trailers
-                            .get(proto::PROCESS_STATE_TRAILER)
-                            .and_then(|v| v.to_str().ok())
-                            .ok_or_else(|| {
-                                Error::BrokeOff("trailers without Process-State".into())
-                            })?;
-                        return Ok(ProcessState::from_trailer(state));
+                        return state_from_trailers(&trailers);
                     }
                 }
             }
@@ -697,12 +682,20 @@ impl Client {
         if let Some(a) = &self.auth {
             parts.headers.insert(header::AUTHORIZATION, a.clone());
         }
-        let req = Request::from_parts(parts, body);
-        tokio::time::timeout(headers_within, self.transport.send(req))
+        self.send_within(Request::from_parts(parts, body), headers_within)
             .await
-            .map_err(|_| {
-                Error::Unreachable(format!("no response within {headers_within:?}").into())
-            })?
+    }
+
+    /// Sends through the transport; no response headers within `limit`
+    /// means the buildlet is unreachable.
+    async fn send_within(
+        &self,
+        req: Request<ReqBody>,
+        limit: Duration,
+    ) -> Result<Response<Incoming>, Error> {
+        tokio::time::timeout(limit, self.transport.send(req))
+            .await
+            .map_err(|_| Error::Unreachable(format!("no response within {limit:?}").into()))?
             .map_err(Error::Unreachable)
     }
 
@@ -712,6 +705,16 @@ impl Client {
     pub fn set_authorization(&mut self, value: Option<HeaderValue>) {
         self.auth = value;
     }
+}
+
+/// The exit state a streamed command's trailers carry; trailers without it
+/// mean the stream was cut.
+fn state_from_trailers(trailers: &http::HeaderMap) -> Result<ProcessState, Error> {
+    let state = trailers
+        .get(proto::PROCESS_STATE_TRAILER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| Error::BrokeOff("trailers without Process-State".into()))?;
+    Ok(ProcessState::from_trailer(state))
 }
 
 fn empty() -> ReqBody {

@@ -333,12 +333,18 @@ where
         .map_err(|e| ReverseError::Protocol(format!("registration: {e}")))?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let status = resp.status();
-        let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
-            .collect()
-            .await;
-        let message = body
-            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
-            .unwrap_or_else(|e| format!("(unreadable reason: {e})"));
+        // A coordinator that trickles its reason must not stall the
+        // reconnect loop.
+        let body = tokio::time::timeout(
+            Duration::from_secs(30),
+            http_body_util::Limited::new(resp.into_body(), 64 * 1024).collect(),
+        )
+        .await;
+        let message = match body {
+            Ok(Ok(b)) => String::from_utf8_lossy(&b.to_bytes()).trim().to_string(),
+            Ok(Err(e)) => format!("(unreadable reason: {e})"),
+            Err(_) => "(the reason did not arrive within 30s)".to_string(),
+        };
         conn.abort();
         return Err(ReverseError::Refused { status, message });
     }

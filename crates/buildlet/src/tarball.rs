@@ -488,10 +488,7 @@ fn io_err(path: &Path, err: io::Error) -> TarError {
 /// `dir` and sorted, symbolic links stored as links. Sockets and other special
 /// files are skipped.
 pub fn pack<W: Write>(dir: &Path, out: W, level: u32) -> io::Result<W> {
-    let gz = flate2::write::GzEncoder::new(out, flate2::Compression::new(level.min(9)));
-    let mut builder = tar::Builder::new(gz);
-    builder.follow_symlinks(false);
-    builder.mode(tar::HeaderMode::Complete);
+    let mut builder = packer(out, level);
     walk(dir, Path::new(""), &[], &mut |full, rel, meta| {
         let ft = meta.file_type();
         if ft.is_dir() || ft.is_file() || ft.is_symlink() {
@@ -502,11 +499,20 @@ pub fn pack<W: Write>(dir: &Path, out: W, level: u32) -> io::Result<W> {
     builder.into_inner()?.finish()
 }
 
-/// Writes a tar.gz of the one regular file `path`, named by its file name.
-pub fn pack_file<W: Write>(path: &Path, out: W, level: u32) -> io::Result<W> {
+/// A tar.gz writer that stores symlinks as links: following one would
+/// archive whatever it points at, outside the work dir too (a build may
+/// swap a file for a link between the check and the packing).
+fn packer<W: Write>(out: W, level: u32) -> tar::Builder<flate2::write::GzEncoder<W>> {
     let gz = flate2::write::GzEncoder::new(out, flate2::Compression::new(level.min(9)));
     let mut builder = tar::Builder::new(gz);
+    builder.follow_symlinks(false);
     builder.mode(tar::HeaderMode::Complete);
+    builder
+}
+
+/// Writes a tar.gz of the one regular file `path`, named by its file name.
+pub fn pack_file<W: Write>(path: &Path, out: W, level: u32) -> io::Result<W> {
+    let mut builder = packer(out, level);
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "a file has a name"))?;

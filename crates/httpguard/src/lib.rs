@@ -434,6 +434,8 @@ pub struct DeadlineBody<B> {
     inner: B,
     deadline: Option<(Pin<Box<Sleep>>, Duration)>,
     control: BodyDeadline,
+    /// The handler relaxed the deadline and the idle clock runs.
+    relaxed: bool,
 }
 
 impl<B> DeadlineBody<B> {
@@ -442,6 +444,7 @@ impl<B> DeadlineBody<B> {
             inner,
             deadline: limit.map(|d| (Box::pin(tokio::time::sleep(d)), d)),
             control,
+            relaxed: false,
         }
     }
 }
@@ -464,6 +467,7 @@ where
             Poll::Ready(r) => {
                 // Relaxed: every frame restarts the idle clock.
                 if let (Some(idle), Some((sleep, limit))) = (idle, &mut this.deadline) {
+                    this.relaxed = true;
                     sleep.as_mut().reset(Instant::now() + idle);
                     *limit = idle;
                 }
@@ -472,9 +476,10 @@ where
             Poll::Pending => {}
         }
         if let (Some(idle), Some((sleep, limit))) = (idle, &mut this.deadline)
-            && *limit != idle
+            && !this.relaxed
         {
             // Just relaxed: the idle clock starts now.
+            this.relaxed = true;
             sleep.as_mut().reset(Instant::now() + idle);
             *limit = idle;
         }

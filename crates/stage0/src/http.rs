@@ -93,16 +93,25 @@ impl Client {
     ) -> Result<(StatusCode, Bytes), HttpError> {
         let resp = self.get(path).await?;
         let status = resp.status();
-        let body = tokio::time::timeout(
-            Duration::from_secs(30),
-            http_body_util::Limited::new(resp.into_body(), limit).collect(),
-        )
-        .await
-        .map_err(|_| HttpError::Protocol(format!("GET {path}: the body took longer than 30s")))?
-        .map_err(|e| HttpError::Protocol(format!("GET {path}: {e}")))?
-        .to_bytes();
-        Ok((status, body))
+        Ok((status, read_small(resp, limit, path).await?))
     }
+}
+
+/// The body of a small answer: at most `limit` bytes within 30 s, so a
+/// server that trickles or floods cannot stall or fill the caller.
+pub async fn read_small(
+    resp: Response<Incoming>,
+    limit: usize,
+    what: &str,
+) -> Result<Bytes, HttpError> {
+    Ok(tokio::time::timeout(
+        Duration::from_secs(30),
+        http_body_util::Limited::new(resp.into_body(), limit).collect(),
+    )
+    .await
+    .map_err(|_| HttpError::Protocol(format!("GET {what}: the body took longer than 30s")))?
+    .map_err(|e| HttpError::Protocol(format!("GET {what}: {e}")))?
+    .to_bytes())
 }
 
 async fn send<S>(stream: S, addr: &str, path: &str) -> Result<Response<Incoming>, HttpError>

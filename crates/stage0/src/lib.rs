@@ -343,10 +343,8 @@ pub async fn download(
     let what = format!("buildlet {} for {}", m.version, cfg.platform);
     if !resp.status().is_success() {
         let status = resp.status();
-        let body = http_body_util::Limited::new(resp.into_body(), 4096)
-            .collect()
+        let body = http::read_small(resp, 4096, &path)
             .await
-            .map(|b| b.to_bytes())
             .unwrap_or_default();
         return Err(status_error(&format!("downloading {what}"), status, &body));
     }

@@ -25,7 +25,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// pipe open forever).
 pub(super) const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
-fn bad(msg: impl std::fmt::Display) -> Response<ResponseBody> {
+pub(super) fn bad(msg: impl std::fmt::Display) -> Response<ResponseBody> {
     text(StatusCode::BAD_REQUEST, format!("{msg}\n"))
 }
 
@@ -394,19 +394,30 @@ where
             exit.map_or(ProcessState::Error("no exit status".into()), to_state)
         };
         tracing::info!(pid, state = %state, "exec done");
-        let mut trailers = HeaderMap::new();
-        if let Ok(v) = HeaderValue::from_str(&state.to_trailer()) {
-            trailers.insert(proto::PROCESS_STATE_TRAILER, v);
-        }
-        let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+        send_state(&tx, &state).await;
     });
+    streaming_response(body, "text/plain; charset=utf-8")
+}
 
+/// Ends a streamed command's output with its exit state in the
+/// `Process-State` trailer (`/exec`, `/shell`).
+pub(super) async fn send_state(tx: &mpsc::Sender<super::body::BodyFrame>, state: &ProcessState) {
+    let mut trailers = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&state.to_trailer()) {
+        trailers.insert(proto::PROCESS_STATE_TRAILER, v);
+    }
+    let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+}
+
+/// The answer of a streamed command: headers at once, output as it comes,
+/// the exit state in the announced trailer.
+pub(super) fn streaming_response(
+    body: ResponseBody,
+    content_type: &'static str,
+) -> Response<ResponseBody> {
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(header::TRAILER, HeaderValue::from_static("Process-State"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp

@@ -484,10 +484,10 @@ impl Form {
 /// Largest form body accepted by `/exec` and `/removeall`.
 const MAX_FORM: usize = 4 << 20;
 
-/// Reads the query string and, for urlencoded bodies, the form body.
 /// How long a form body may take to arrive.
 const FORM_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Reads the query string and, for urlencoded bodies, the form body.
 pub(crate) async fn read_form<B>(req: Request<B>) -> Result<Form, Response<ResponseBody>>
 where
     B: HttpBody<Data = Bytes> + Send + Unpin + 'static,

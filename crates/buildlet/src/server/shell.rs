@@ -77,13 +77,16 @@ fn plan(root: &Path, form: &Form) -> Result<Plan, String> {
         None => root.to_path_buf(),
     };
     let mut env = super::exec::base_env(root);
+    // The buildlet's own $SHELL, chosen before the client's `env=` values:
+    // a client picks the command, not the interpreter of the login.
+    let program = user_shell(&env);
+    super::exec::add_form_env(&mut env, form)?;
     // As sshd does: TERM describes a terminal, so it is set when there is
-    // one, or when the client said what it is.
+    // one, or when the client said what it is; after the client's `env=`,
+    // so only the checked `term` names it.
     if pty || term_given.is_some() {
         super::exec::set_env(&mut env, "TERM".into(), term.into());
     }
-    super::exec::add_form_env(&mut env, form)?;
-    let program = user_shell(&env);
     // A login shell reads the profile, so an interactive session looks
     // like an ssh login to the machine; with a command, `-c` runs it as
     // sshd would (through the user's shell, without the profile).
@@ -119,7 +122,7 @@ where
     let form = Form(query_pairs(&req));
     let plan = match plan(&b.root, &form) {
         Ok(p) => p,
-        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        Err(e) => return super::exec::bad(e),
     };
     imp::run(b, plan, req.into_body()).await
 }
@@ -145,7 +148,6 @@ mod imp {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
     use std::process::Stdio;
 
-    use http::{HeaderMap, HeaderValue, header};
     use http_body_util::BodyExt;
     use hyper::body::Frame;
     use tokio::io::unix::AsyncFd;
@@ -548,21 +550,8 @@ mod imp {
                 },
             };
             tracing::info!(pid, state = %state, "shell done");
-            let mut trailers = HeaderMap::new();
-            if let Ok(v) = HeaderValue::from_str(&state.to_trailer()) {
-                trailers.insert(proto::PROCESS_STATE_TRAILER, v);
-            }
-            let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+            super::super::exec::send_state(&tx, &state).await;
         });
-
-        let mut resp = Response::new(resp_body);
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
-        h.insert(header::TRAILER, HeaderValue::from_static("Process-State"));
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        resp
+        super::super::exec::streaming_response(resp_body, "application/octet-stream")
     }
 }

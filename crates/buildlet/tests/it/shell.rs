@@ -77,6 +77,10 @@ fn pty_session_has_the_size_and_term_given_and_its_exit_status() {
             term: "xterm-farmer-test".into(),
             cols: 101,
             rows: 33,
+            // Neither names the terminal nor picks the login's shell: the
+            // checked `term` and the buildlet's $SHELL do (a client's
+            // /bin/false would end the session with status 1).
+            env: vec!["TERM=other".into(), "SHELL=/bin/false".into()],
             ..Default::default()
         };
         let mut s = c.shell(&opts, rx).await.unwrap();
@@ -196,11 +200,22 @@ fn a_client_that_goes_away_leaves_no_process() {
             ))))
             .unwrap();
             await_sleeps(&m, 3);
-            // Dropping the session must end it even while the input
-            // sender lives on (a caller still holding it).
-            drop(s);
-            let _tx = keep_sender.then_some(tx);
-            assert_none_left(&m, &format!("{mode}, sender kept {keep_sender}"));
+            let what = format!("{mode}, sender kept {keep_sender}");
+            if keep_sender {
+                // Dropping the session must end it even while the input
+                // sender lives on (a caller still holding it).
+                drop(s);
+                assert_none_left(&m, &what);
+                drop(tx);
+            } else {
+                // The input ending first (`ssh host cmd </dev/null`) ends
+                // nothing: the foreground sleep runs on; then the session
+                // goes, and everything with it.
+                drop(tx);
+                await_sleeps(&m, 3);
+                drop(s);
+                assert_none_left(&m, &what);
+            }
         }
     }
 }

@@ -121,7 +121,20 @@ impl Farm {
                 None => {
                     // Between attempts the build may have been cancelled:
                     // then no request is made (it would be demand for nothing).
-                    let queued = matches!(self.store.build(q.build_id).await, Ok(Some(b)) if b.status == BuildStatus::Queued);
+                    let queued = loop {
+                        match self.store.build(q.build_id).await {
+                            Ok(b) => break b.is_some_and(|b| b.status == BuildStatus::Queued),
+                            // A store that fails now must not strand a
+                            // queued build without a driver.
+                            Err(e) => {
+                                tracing::warn!(
+                                    build = q.build_id,
+                                    "reading the build to re-queue it: {e}; retrying"
+                                );
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                        }
+                    };
                     if !queued {
                         self.unregister_running(q.build_id);
                         return;

@@ -492,7 +492,8 @@ impl Farm {
                 // The driver registers the running build before it starts
                 // an attempt, so a build that runs can be reached here.
                 if let Some(rb) = self.running(id) {
-                    let _ = rb.cancel.send(true);
+                    // Stored even before the build's attempt subscribes.
+                    rb.cancel.send_replace(true);
                 }
                 Ok(BuildStatus::Running)
             }

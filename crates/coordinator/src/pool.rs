@@ -280,7 +280,10 @@ impl Pool {
             .collect();
         // An interactive lease survives a reconnect: the person working on
         // the machine keeps it (a build sees its link break and retries).
+        // A machine taken out of service (to be halted, or an ephemeral one
+        // to be destroyed) stays out of service.
         let mut state = MachineState::Idle;
+        let mut draining = false;
         for o in old {
             if let Some(old) = m.remove(&o) {
                 tracing::info!(
@@ -288,13 +291,18 @@ impl Pool {
                     "machine reconnected; dropping its previous connection"
                 );
                 old.conn.abort();
-                if let MachineState::Leased {
-                    holder: h @ Holder::Interactive { .. },
-                } = old.view.state
-                {
-                    state = MachineState::Leased { holder: h };
+                draining |= old.view.draining;
+                match old.view.state {
+                    MachineState::Leased {
+                        holder: h @ Holder::Interactive { .. },
+                    } => state = MachineState::Leased { holder: h },
+                    MachineState::Draining => state = MachineState::Draining,
+                    _ => {}
                 }
             }
+        }
+        if draining && state == MachineState::Idle {
+            state = MachineState::Draining;
         }
         if let Some(h) = self
             .reserved
@@ -318,7 +326,7 @@ impl Pool {
                     connected_at: now,
                     state,
                     state_since: now,
-                    draining: false,
+                    draining,
                     binary,
                 },
                 client,
@@ -412,7 +420,8 @@ impl Pool {
             x.view.state_since = now_ms();
             return;
         }
-        drop(m);
+        // Still under the machines lock, as `add` reads it: a machine that
+        // connects now cannot slip past the reservation.
         self.reserved
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -170,7 +170,7 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
     }
     // Host names are shown on every page and stored per machine: a DNS name
     // is at most 253 bytes, and so is one here.
-    if hostname.len() > MAX_NAME || host_type.len() > MAX_NAME {
+    if hostname.len() > MAX_NAME || host_type.len() > MAX_NAME || build.len() > MAX_NAME {
         return refuse(
             &farm,
             StatusCode::BAD_REQUEST,
@@ -179,9 +179,10 @@ pub async fn handle(State(farm): State<Arc<Farm>>, mut req: Request) -> Response
             &hostname,
             peer,
             format!(
-                "the {} and {} headers may be at most {MAX_NAME} bytes",
+                "the {}, {} and {} headers may be at most {MAX_NAME} bytes",
                 proto::HDR_HOST_TYPE,
-                proto::HDR_HOSTNAME
+                proto::HDR_HOSTNAME,
+                proto::HDR_BUILD
             ),
         );
     }

@@ -14,7 +14,6 @@ use axum::extract::State;
 use super::util::{BuildLine, date_ms, since};
 use super::{Layout, PageError, PageResult, html, html_event};
 use crate::farm::Farm;
-use crate::pool::{Holder, MachineState};
 use crate::store::{BuildFilter, BuildStatus, now_ms};
 
 /// Finished builds listed.
@@ -202,12 +201,10 @@ pub async fn load(farm: &Farm) -> Result<StatusView, PageError> {
     let machines: Vec<MachineLine> = snapshot
         .iter()
         .map(|m| {
-            let work = match &m.state {
-                MachineState::Leased {
-                    holder: Holder::Build { build_id: b } | Holder::Helper { build_id: b },
-                } => {
-                    let step = step_of(*b);
-                    let builder = by_id.get(b).map(|r| r.builder.clone()).unwrap_or_default();
+            let work = match m.state.build_id() {
+                Some(b) => {
+                    let step = step_of(b);
+                    let builder = by_id.get(&b).map(|r| r.builder.clone()).unwrap_or_default();
                     match (builder.is_empty(), step.is_empty()) {
                         (false, false) => format!("{builder}, step {step}"),
                         (false, true) => builder,
@@ -215,7 +212,7 @@ pub async fn load(farm: &Farm) -> Result<StatusView, PageError> {
                         (true, true) => String::new(),
                     }
                 }
-                _ => super::machines::lease_text(farm, m),
+                None => super::machines::lease_text(farm, m),
             };
             super::machines::machine_line(m, now, work)
         })

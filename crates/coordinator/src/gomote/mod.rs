@@ -402,7 +402,9 @@ async fn sweep(farm: &Arc<Farm>) {
     let timeout = farm.config().farm.gomote_idle_timeout;
     let held = farm.pool.interactive_sessions();
     let mut ending = Vec::new();
-    let mut reserving = Vec::new();
+    // Reservations are made under the registry lock, so `end` (which
+    // removes the instance, then its reservation) cannot run in between
+    // and leave a reservation for an instance that is gone.
     for (name, l) in farm.gomote.lock().iter_mut() {
         if l.active == 0 && now > l.row.expires_at {
             let idle = crate::config::human_duration(timeout.as_secs() as i64);
@@ -421,12 +423,9 @@ async fn sweep(farm: &Arc<Farm>) {
                     ),
                 ));
             } else {
-                reserving.push((l.row.host_type.clone(), hostname, holder(name)));
+                farm.pool.reserve(&l.row.host_type, &hostname, holder(name));
             }
         }
-    }
-    for (host_type, hostname, h) in reserving {
-        farm.pool.reserve(&host_type, &hostname, h);
     }
     for (name, reason) in ending {
         end(farm, &name, &reason).await;

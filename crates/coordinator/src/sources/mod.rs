@@ -148,6 +148,13 @@ struct Running {
     task: JoinHandle<()>,
 }
 
+/// Whether the `[farm]` settings a local pool starts its buildlets with
+/// changed: only those restart it (a new heartbeat or gomote timeout must
+/// not kill running builds and leases).
+fn local_settings_changed(old: &FarmSettings, new: &FarmSettings) -> bool {
+    old.local_sandbox != new.local_sandbox || old.local_user != new.local_user
+}
+
 /// The running sources, one per configured host type.
 pub struct Sources {
     pool: Arc<Pool>,
@@ -236,14 +243,15 @@ impl Sources {
                 gone.push(ht.clone());
                 continue;
             };
-            if *new == r.host && (r.host.pool != PoolKind::Local || r.farm == cfg.farm) {
+            let local_changed = local_settings_changed(&r.farm, &cfg.farm);
+            if *new == r.host && (r.host.pool != PoolKind::Local || !local_changed) {
                 continue;
             }
             let restart = new.pool != r.host.pool
                 || (new.pool == PoolKind::Local
                     && (new.local_count != r.host.local_count
                         || new.local_program != r.host.local_program
-                        || r.farm != cfg.farm))
+                        || local_changed))
                 || !r.source.reconfigure(new);
             if restart {
                 gone.push(ht.clone());

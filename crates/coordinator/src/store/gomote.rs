@@ -134,16 +134,6 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
-    /// Whether `user` registered the key with this fingerprint.
-    pub async fn user_has_key(&self, user: &str, fingerprint: &str) -> Result<bool> {
-        let r = sqlx::query("SELECT 1 FROM user_keys WHERE user = ? AND fingerprint = ?")
-            .bind(user)
-            .bind(fingerprint)
-            .fetch_optional(self.pool())
-            .await?;
-        Ok(r.is_some())
-    }
-
     /// Every `(user, fingerprint)` pair, for the SSH server's cache.
     pub async fn user_keys(&self) -> Result<Vec<(String, String)>> {
         let rows = sqlx::query("SELECT user, fingerprint FROM user_keys LIMIT 100000")

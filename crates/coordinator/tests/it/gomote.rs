@@ -10,7 +10,9 @@ use crate::common::{Bot, Coordinator, FARMER, Reaped, TestRepo, output_within};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-fn config(repo: &Path) -> String {
+/// The farm: `slow` builds wait (boundedly) for the file `gate` to exist,
+/// so the test decides when the first build frees its machine.
+fn config(repo: &Path, gate: &Path) -> String {
     format!(
         r#"[farm]
 heartbeat = "1s"
@@ -35,9 +37,10 @@ expected = 0
 
 [builders.slow]
 host = "host-test-trusted"
-steps = [{{ name = "sleep", run = "sleep 4" }}]
+steps = [{{ name = "gate", run = "for i in $(seq 600); do [ -f {gate} ] && exit 0; sleep 0.1; done; exit 1" }}]
 "#,
-        repo.display()
+        repo.display(),
+        gate = gate.display()
     )
 }
 
@@ -139,7 +142,8 @@ fn gomote_end_to_end() {
     let mut repo = TestRepo::new(&dir.path().join("repo"));
     repo.commit("first", &[("README", "hi\n")]);
     let cfg = dir.path().join("farm.toml");
-    std::fs::write(&cfg, config(&repo.path)).unwrap();
+    let gate = dir.path().join("go");
+    std::fs::write(&cfg, config(&repo.path, &gate)).unwrap();
     let data = dir.path().join("data");
     let c = Coordinator::start_args(&data, &cfg, &["--ssh-listen", "127.0.0.1:0"]);
     let bots = dir.path().join("bots");
@@ -181,9 +185,9 @@ fn gomote_end_to_end() {
         String::from_utf8_lossy(&o.stderr)
     );
 
-    // The queue: the head commit's build holds the only machine; the
-    // instance waits behind it, then gets the machine ahead of the
-    // post-submit build queued meanwhile.
+    // The queue: the head commit's build holds the only machine (until
+    // the gate opens); the instance waits behind it, ahead of the
+    // post-submit build queued meanwhile, and gets the machine first.
     c.wait("the first build running", LIMIT, |c| {
         builds(c)
             .iter()
@@ -208,9 +212,19 @@ fn gomote_end_to_end() {
         c.err.all()
     );
     repo.commit("second", &[("README", "two\n")]);
-    c.wait("the second build queued", LIMIT, |c| {
-        (builds(c).len() == 2).then_some(())
+    let q = c.wait("two waiting requests", LIMIT, |c| {
+        let q = c.get("/api/queue");
+        let first = q.as_array()?.first()?.clone();
+        (first["waiting"] == 2).then_some(first)
     });
+    let reqs = q["requests"].as_array().unwrap();
+    assert_eq!(reqs[0]["holder"], "interactive", "{q}");
+    assert_eq!(reqs[1]["holder"], "build", "{q}");
+    assert!(
+        !out.all().contains("alice-slow-1"),
+        "ready while the build ran"
+    );
+    std::fs::write(&gate, "").unwrap();
     assert!(out.wait_for("alice-slow-1", LIMIT), "{}", err.all());
     let inst = "alice-slow-1";
     let queued: Vec<_> = builds(&c)
@@ -265,10 +279,14 @@ fn gomote_end_to_end() {
         .stderr(Stdio::null());
     let mut child = Reaped(g.spawn().unwrap());
     let deadline = Instant::now() + LIMIT;
-    while child.0.try_wait().unwrap().is_none() {
+    let st = loop {
+        if let Some(st) = child.0.try_wait().unwrap() {
+            break st;
+        }
         assert!(Instant::now() < deadline, "gettar hung");
         std::thread::sleep(Duration::from_millis(20));
-    }
+    };
+    assert!(st.success(), "gettar failed");
     let listing = Command::new("tar")
         .arg("tzf")
         .arg(&out_tgz)
@@ -280,10 +298,11 @@ fn gomote_end_to_end() {
         String::from_utf8_lossy(&listing.stdout)
     );
     alice.ok(&["rm", inst, "unpacked"]);
-    assert!(!alice.ok(&["ls", inst]).contains("unpacked"));
+    let top = alice.ok(&["ls", inst]);
+    assert!(top.contains("sub") && !top.contains("unpacked"), "{top}");
     // Escapes are refused as the buildlet refuses them; nothing is written.
     let e = alice.fails(&["put", inst, local.to_str().unwrap(), "../escaped.txt"]);
-    assert!(e.contains(".."), "{e}");
+    assert!(e.contains("escape"), "{e}");
     assert!(!bot_a.workdir.parent().unwrap().join("escaped.txt").exists());
 
     // run: output streams, the remote exit status becomes ours.
@@ -299,17 +318,22 @@ fn gomote_end_to_end() {
     ]);
     assert_eq!(o.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&o.stdout).contains("out-1"));
-    let o = alice.ok(&[
-        "run",
-        "-system",
-        "-until",
-        "ok-[0-9]",
-        inst,
-        "sh",
-        "-c",
-        "echo ok-7",
+    // -until runs the command again until its output matches: here the
+    // third run.
+    let counter = "n=$(( $(cat cnt 2>/dev/null || echo 0) + 1 )); echo $n > cnt; echo ok-$n";
+    let o = alice.run(&[
+        "run", "-system", "-until", "ok-3", inst, "sh", "-c", counter,
     ]);
-    assert!(o.contains("ok-7"), "{o}");
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("ok-3"));
+    let again = String::from_utf8_lossy(&o.stderr)
+        .matches("did not match -until yet")
+        .count();
+    assert_eq!(again, 2, "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        alice.ok(&["run", "-system", inst, "cat", "cnt"]).trim(),
+        "3"
+    );
 
     // push: only what changed travels; what was deleted goes.
     let src = dir.path().join("src");
@@ -352,14 +376,24 @@ fn gomote_end_to_end() {
     // A host type whose owner said no.
     let e = alice.fails(&["create", "host-test-closed"]);
     assert!(e.contains("gomote = false"), "{e}");
-    // The proxy passes only file and command calls.
-    let a = crate::common::http(
-        "POST",
-        &c.url(&format!("/api/gomote/instances/{inst}/buildlet/halt")),
-        &[("authorization", &format!("Bearer {}", c.token))],
-        "",
-    );
+    // The proxy passes only file and command calls (alice's own token:
+    // the refusal is the allow-list's, not an ownership one).
+    let alice_token = std::fs::read_to_string(dir.path().join("alice.token")).unwrap();
+    let bearer = format!("Bearer {}", alice_token.trim());
+    let proxied = |method: &str, call: &str| {
+        crate::common::http(
+            method,
+            &c.url(&format!("/api/gomote/instances/{inst}/buildlet/{call}")),
+            &[("authorization", &bearer)],
+            "",
+        )
+    };
+    let a = proxied("POST", "halt");
     assert_eq!(a.status, 404, "{}", a.body);
+    assert!(a.body.contains("is not a gomote call"), "{}", a.body);
+    let a = proxied("GET", "machine-token");
+    assert_eq!(a.status, 404, "{}", a.body);
+    assert_eq!(proxied("GET", "status").status, 200);
 
     // A second machine, a group, and a broadcast.
     let _bot_b = Bot::start(&c, &bots, "host-test-trusted", "bot-b", Some(&key));
@@ -449,9 +483,11 @@ fn gomote_end_to_end() {
     );
     assert!(text.contains("TERM=xterm-256color"), "{text}");
     assert!(
-        text.lines().any(|l| l.trim().split(' ').count() == 2
-            && l.trim().split(' ').all(|n| n.parse::<u32>().is_ok())),
-        "no size line: {text}"
+        text.lines().any(|l| {
+            let n: Vec<u32> = l.trim().split(' ').filter_map(|n| n.parse().ok()).collect();
+            n.len() == 2 && n.iter().all(|&x| x > 0)
+        }),
+        "no terminal size line: {text}"
     );
     // Bob's key is not alice's: refused before the machine is reached.
     let o = output_within(
@@ -459,6 +495,10 @@ fn gomote_end_to_end() {
         LIMIT,
     );
     assert_eq!(o.status.code(), Some(255), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Permission denied"),
+        "{o:?}"
+    );
     // `farmer gomote ssh` runs the user's own ssh.
     let mut via = alice.cmd(&[
         "ssh",
@@ -521,6 +561,13 @@ fn gomote_end_to_end() {
 
     // Destroy: the machine is cleaned and goes back to the pool; a call
     // on the instance then says it was destroyed.
+    let second_machine = instance(&alice, second)["hostname"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    alice.ok(&["put", second, local.to_str().unwrap(), "left-behind.txt"]);
+    let wd = bots.join(format!("wd-{second_machine}"));
+    assert!(wd.join("left-behind.txt").exists());
     alice.ok(&["destroy", second]);
     let e = alice.fails(&["ping", second]);
     assert!(e.contains("was destroyed at"), "{e}");
@@ -529,37 +576,51 @@ fn gomote_end_to_end() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|m| m["state"] == "idle")
+            .any(|m| m["hostname"] == second_machine.as_str() && m["state"] == "idle")
             .then_some(())
     });
+    assert!(
+        !wd.join("left-behind.txt").exists(),
+        "the machine was not cleaned"
+    );
 
     // Expiry: renewed by calls, then expired when idle past the timeout
     // (alice keeps hers alive meanwhile).
     let bobs = bob.ok(&["create", "host-test-trusted"]);
     let bobs = bobs.trim().to_string();
-    for _ in 0..2 {
-        std::thread::sleep(Duration::from_secs(4));
-        alice.ok(&["ping", inst]);
-    }
-    bob.ok(&["ping", &bobs]);
-    for _ in 0..2 {
-        std::thread::sleep(Duration::from_secs(4));
-        alice.ok(&["ping", inst]);
-    }
-    // 16 s after creation (past the 10 s timeout), 8 s after the ping:
-    // renewed, alive.
-    bob.ok(&["run", "-system", &bobs, "true"]);
+    let created = Instant::now();
     let admin = [("authorization", format!("Bearer {}", c.token))];
     let admin: Vec<(&str, &str)> = admin.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let start = Instant::now();
-    loop {
-        alice.ok(&["ping", inst]);
-        let all = crate::common::http("GET", &c.url("/api/gomote/instances"), &admin, "");
-        if !all.body.contains(&bobs) {
-            break;
+    let alive = |name: &str| {
+        crate::common::http("GET", &c.url("/api/gomote/instances"), &admin, "")
+            .body
+            .contains(name)
+    };
+    // Alice keeps hers alive every few seconds while time passes.
+    let until = |at: Instant| {
+        while Instant::now() < at {
+            alice.ok(&["ping", inst]);
+            std::thread::sleep(
+                at.saturating_duration_since(Instant::now())
+                    .min(Duration::from_secs(3)),
+            );
         }
+    };
+    until(created + Duration::from_secs(6));
+    bob.ok(&["ping", &bobs]);
+    let pinged = Instant::now();
+    until(created + Duration::from_secs(12));
+    // Past the 10 s timeout since creation, but not since the ping: alive.
+    assert!(
+        pinged.elapsed() < Duration::from_secs(9),
+        "this runner is too slow to check a renewal against a 10 s timeout"
+    );
+    assert!(alive(&bobs), "renewed by its ping, yet gone");
+    let start = Instant::now();
+    while alive(&bobs) {
         assert!(start.elapsed() < Duration::from_secs(40), "never expired");
-        std::thread::sleep(Duration::from_secs(2));
+        alice.ok(&["ping", inst]);
+        std::thread::sleep(Duration::from_millis(500));
     }
     let e = bob.fails(&["ping", &bobs]);
     assert!(e.contains(&format!("instance {bobs} expired at")), "{e}");

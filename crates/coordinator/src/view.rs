@@ -16,6 +16,9 @@ pub struct HealthLine {
 
 /// Warnings for host types with fewer machines than expected; `seen` is
 /// the store's machine history, which the caller reads once per page.
+/// Missing machines a health line names before it counts the rest.
+const GONE_NAMED: usize = 5;
+
 pub fn health(farm: &Farm, seen: &[crate::store::MachineRow]) -> Vec<HealthLine> {
     let cfg = farm.config();
     let counts = farm.pool.counts();
@@ -48,7 +51,12 @@ pub fn health(farm: &Farm, seen: &[crate::store::MachineRow]) -> Vec<HealthLine>
                 c.connected, h.expected
             );
             if !gone.is_empty() {
-                message.push_str(&format!("; last seen: {}", gone.join(", ")));
+                // A line to read, not a list: the first few, then a count.
+                let shown = gone.len().min(GONE_NAMED);
+                message.push_str(&format!("; last seen: {}", gone[..shown].join(", ")));
+                if gone.len() > shown {
+                    message.push_str(&format!(" and {} more", gone.len() - shown));
+                }
             }
             out.push(HealthLine {
                 level,

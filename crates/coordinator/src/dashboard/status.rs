@@ -120,6 +120,8 @@ pub struct StatusView {
     /// Connected machines not on the current buildlet release.
     pub outdated: usize,
     pub gone: Vec<GoneLine>,
+    /// Machines seen before and not connected beyond those in `gone`.
+    pub gone_more: usize,
     pub refusals: Vec<RefusalLine>,
     pub elastic: Vec<ElasticLine>,
     pub exec_failures: Vec<ExecFailureLine>,
@@ -127,6 +129,9 @@ pub struct StatusView {
     pub pending: Vec<BuildLine>,
     pub recent: Vec<BuildLine>,
 }
+
+/// Machines seen before and not connected that the status page lists.
+const GONE_LISTED: usize = 50;
 
 pub async fn load(farm: &Farm) -> Result<StatusView, PageError> {
     let cfg = farm.config();
@@ -220,9 +225,17 @@ pub async fn load(farm: &Farm) -> Result<StatusView, PageError> {
 
     let connected_names: std::collections::HashSet<&str> =
         snapshot.iter().map(|m| m.hostname.as_str()).collect();
-    let gone = seen
+    let mut gone: Vec<_> = seen
         .into_iter()
         .filter(|m| !connected_names.contains(m.hostname.as_str()))
+        .collect();
+    // The most recently seen first; a page lists a screenful and counts
+    // the rest (the history holds up to a thousand machines).
+    gone.sort_by_key(|m| std::cmp::Reverse(m.last_seen));
+    let gone_more = gone.len().saturating_sub(GONE_LISTED);
+    gone.truncate(GONE_LISTED);
+    let gone = gone
+        .into_iter()
         .map(|m| GoneLine {
             last_seen: since(m.last_seen, now),
             last_seen_at: date_ms(m.last_seen),
@@ -366,6 +379,7 @@ pub async fn load(farm: &Farm) -> Result<StatusView, PageError> {
         outdated: snapshot.iter().filter(|m| m.binary.is_outdated()).count(),
         machines,
         gone,
+        gone_more,
         refusals,
         elastic,
         exec_failures,

@@ -13,14 +13,14 @@ use crate::common;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 /// A `farmer up` process (in its own process group, with its buildlets).
 struct Up {
-    child: Child,
+    child: common::Stopped,
     addr: String,
     data_dir: PathBuf,
     log: common::Lines,
@@ -28,16 +28,18 @@ struct Up {
 
 impl Up {
     fn start(data_dir: &Path) -> Up {
-        let mut child = Command::new(common::FARMER)
-            .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .env("FARMER_LOG", "info,sqlx=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .unwrap();
+        let mut child = common::Stopped(
+            Command::new(common::FARMER)
+                .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+                .arg(data_dir)
+                .env("FARMER_LOG", "info,sqlx=warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(0)
+                .spawn()
+                .unwrap(),
+        );
         let (log, rx) = common::Lines::follow_announcing(child.stdout.take().unwrap());
         log.also(child.stderr.take().unwrap());
         let mut up = Up {
@@ -82,28 +84,6 @@ impl Up {
             std::thread::sleep(Duration::from_millis(200));
         }
         panic!("timed out waiting for {what}; farmer says:\n{}", self.log());
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        // Stop cleanly (the local buildlets too), then make sure.
-        let pid = self.child.id() as i32;
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(10) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        unsafe {
-            libc::kill(-pid, libc::SIGKILL);
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

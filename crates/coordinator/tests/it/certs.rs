@@ -4,6 +4,7 @@
 
 use crate::common;
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -563,19 +564,22 @@ fn bootstrapswarm_downloads_the_bot_and_it_takes_a_build() {
     let (key, cert) = f.onboard(HOST);
     let token = f.owner.join("token.json");
     // bootstrapswarm starts before the token exists and waits for it.
-    let mut swarm = Command::new(FARMER)
-        .arg("bootstrapswarm")
-        .arg(format!("-hostname={HOST}"))
-        .arg(format!("-coordinator={}", f.c.addr))
-        .arg(format!("-release-key={release_key}"))
-        .arg(format!("-tls-pin={}", f.c.fingerprint))
-        .arg(format!("-dir={}", f.owner.join("swarm").display()))
-        .arg(format!("-workdir={}", f.owner.join("swarm-wd").display()))
-        .env(botauth::token::TOKEN_ENV, &token)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut swarm = common::Stopped(
+        Command::new(FARMER)
+            .arg("bootstrapswarm")
+            .arg(format!("-hostname={HOST}"))
+            .arg(format!("-coordinator={}", f.c.addr))
+            .arg(format!("-release-key={release_key}"))
+            .arg(format!("-tls-pin={}", f.c.fingerprint))
+            .arg(format!("-dir={}", f.owner.join("swarm").display()))
+            .arg(format!("-workdir={}", f.owner.join("swarm-wd").display()))
+            .env(botauth::token::TOKEN_ENV, &token)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
     let log = Lines::follow(swarm.stderr.take().unwrap());
     assert!(
         log.wait_for("waiting for the machine token", Duration::from_secs(20)),
@@ -593,7 +597,7 @@ fn bootstrapswarm_downloads_the_bot_and_it_takes_a_build() {
     let builds = f.c.wait_builds_done(1, Duration::from_secs(60));
     assert_eq!(builds[0]["status"], "passed", "{}", builds[0]);
     assert!(log.all().contains("running buildlet v1"), "{}", log.all());
-    let stop = |mut child: std::process::Child| {
+    let stop = |child: &mut std::process::Child| {
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();
@@ -606,7 +610,7 @@ fn bootstrapswarm_downloads_the_bot_and_it_takes_a_build() {
             std::thread::sleep(Duration::from_millis(100));
         }
     };
-    stop(swarm);
+    stop(&mut swarm);
 
     // The download is verified before it runs: with another farm's release
     // key (well formed, wrong), nothing is run and the reason is logged.
@@ -640,7 +644,10 @@ fn bootstrapswarm_downloads_the_bot_and_it_takes_a_build() {
     let mut wrong = common::Reaped(wrong);
     let wlog = Lines::follow(wrong.stderr.take().unwrap());
     assert!(
-        wlog.wait_for("signature", Duration::from_secs(30)),
+        wlog.wait_for(
+            "signature does not verify against the release key",
+            Duration::from_secs(30)
+        ),
         "{}",
         wlog.all()
     );

@@ -3,6 +3,7 @@
 
 use crate::common;
 
+use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
 
@@ -143,14 +144,17 @@ fn genbuilderkey_binary_matches_the_subcommand() {
 fn up_builds_the_sample_on_every_builder_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("farmer-data");
-    let mut child = Command::new(FARMER)
-        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .env("FARMER_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = common::Stopped(
+        Command::new(FARMER)
+            .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .env("FARMER_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
     let mut first = String::new();
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     std::io::BufRead::read_line(&mut out, &mut first).unwrap();

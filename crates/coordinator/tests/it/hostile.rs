@@ -494,6 +494,22 @@ fn store_errors_at_start_name_the_file_and_the_lock() {
     assert!(err.contains("another farmer"), "{err}");
 }
 
+/// Kills (SIGKILL) every process whose pid a test's steps wrote to the
+/// file, when dropped: detached daemons outlive their buildlet otherwise.
+struct KillListed(std::path::PathBuf);
+
+impl Drop for KillListed {
+    fn drop(&mut self) {
+        let pids = std::fs::read_to_string(&self.0).unwrap_or_default();
+        for p in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // SAFETY: kill(2) with a pid this test's steps recorded.
+            unsafe {
+                libc::kill(p, libc::SIGKILL);
+            }
+        }
+    }
+}
+
 /// A machine declared dead (frozen past the heartbeat timeout) that comes
 /// back runs nothing from before: its buildlet kills what the lost build
 /// started, `setsid` daemons included, so a re-run never races a stale copy.
@@ -517,7 +533,12 @@ timeout = "10m"
 name = "run"
 run = "sh forever.sh"
 "#;
-    std::fs::write(&cfg, config(&repo.path, builders)).unwrap();
+    // About dropping a silent machine: a short heartbeat timeout.
+    let text = config(&repo.path, builders)
+        .replace("heartbeat_timeout = \"30s\"", "heartbeat_timeout = \"5s\"");
+    std::fs::write(&cfg, text).unwrap();
+    // Whatever the steps started dies with the test, also when it fails.
+    let _kill = KillListed(pids.clone());
     let c = Coordinator::start(&dir.path().join("data"), &cfg);
     let bot = Bot::start(
         &c,
@@ -561,11 +582,7 @@ run = "sh forever.sh"
         std::thread::sleep(Duration::from_millis(100));
     }
     let survivors: Vec<u32> = before.iter().copied().filter(|p| alive(*p)).collect();
-    // Whatever the re-run started is stopped with the test.
     drop(bot);
-    for p in read_pids() {
-        let _ = Command::new("kill").args(["-9", &p.to_string()]).status();
-    }
     assert!(
         survivors.is_empty(),
         "processes of the lost build survived: {survivors:?}"

@@ -5,6 +5,7 @@
 
 use crate::common;
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -61,9 +62,11 @@ fn the_arm64_buildlet_under_emulation_registers_reports_aarch64_and_builds() {
         .env("BUILDLET_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn()
         .expect("qemu-aarch64-static (run scripts/cross.sh to install it)");
-    let mut child = common::Reaped(child);
+    // The buildlet's commands run in its group: they go with the test.
+    let mut child = common::Stopped(child);
     let log = Lines::follow(child.stderr.take().unwrap());
     // Its binary facts are recorded just after it joins the pool.
     let m = c.wait("the arm64 machine", Duration::from_secs(60), |c| {
@@ -157,9 +160,11 @@ fn the_arm64_stage0_fetches_verifies_and_runs_arm64_releases_and_moves_to_a_new_
         .env("BUILDLET_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn()
         .expect("qemu-aarch64-static (run scripts/cross.sh to install it)");
-    let mut child = common::Reaped(child);
+    // stage0 runs the buildlet as its child: the group goes with the test.
+    let mut child = common::Stopped(child);
     let log = Lines::follow(child.stdout.take().unwrap());
     log.also(child.stderr.take().unwrap());
     let on = |version: &str| {
@@ -206,43 +211,26 @@ fn the_arm64_stage0_fetches_verifies_and_runs_arm64_releases_and_moves_to_a_new_
 
 #[test]
 fn farmer_up_runs_a_real_arm64_buildlet_for_its_arm64_host_type_when_one_is_built() {
-    use std::os::unix::process::CommandExt;
     let buildlet = arm64("buildlet");
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(common::FARMER)
-        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path().join("farm"))
-        .env("FARMER_ARM64_BUILDLET", &buildlet)
-        .env("FARMER_LOG", "info,sqlx=warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .unwrap();
+    let mut child = common::Stopped(
+        Command::new(common::FARMER)
+            .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("farm"))
+            .env("FARMER_ARM64_BUILDLET", &buildlet)
+            .env("FARMER_LOG", "info,sqlx=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
     let (log, addr) = Lines::follow_announcing(child.stdout.take().unwrap());
     log.also(child.stderr.take().unwrap());
-    let pid = child.id() as i32;
-    let stop = |child: &mut std::process::Child| {
-        // SAFETY: signals to the process group this test started.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        let start = std::time::Instant::now();
-        while child.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(15) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        unsafe {
-            libc::kill(-pid, libc::SIGKILL);
-        }
-        let _ = child.wait();
-    };
     let addr = match addr.recv_timeout(Duration::from_secs(60)) {
         Ok(l) => l.trim_start_matches("listening on ").trim().to_string(),
-        Err(_) => {
-            stop(&mut child);
-            panic!("farmer up did not start:\n{}", log.all());
-        }
+        Err(_) => panic!("farmer up did not start:\n{}", log.all()),
     };
     let machines = || -> serde_json::Value {
         serde_json::from_str(&common::http_get(&format!("http://{addr}/api/machines"))).unwrap()
@@ -259,13 +247,12 @@ fn farmer_up_runs_a_real_arm64_buildlet_for_its_arm64_host_type_when_one_is_buil
             break m;
         }
         if start.elapsed() > Duration::from_secs(90) {
-            stop(&mut child);
             panic!("no arm64 machine:\n{}", log.all());
         }
         std::thread::sleep(Duration::from_millis(200));
     };
     let text = log.all();
-    stop(&mut child);
+    drop(child);
     assert_eq!(arm["binary"]["platform"], "linux/aarch64", "{arm}");
     assert!(
         text.contains("runs a real arm64 buildlet under emulation"),

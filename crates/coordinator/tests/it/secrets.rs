@@ -5,6 +5,7 @@
 
 use crate::common;
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -74,16 +75,18 @@ fn probe(dir: &Path, farmer: &Path, run_as: &[&str]) -> String {
         c.args(&run_as[1..]).arg(farmer);
         c
     };
-    let mut child = cmd
-        .arg("up")
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["--listen", "127.0.0.1:0"])
-        .env("FARMER_TOKEN", "coordinator-env-secret")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::Stopped(
+        cmd.arg("up")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("FARMER_TOKEN", "coordinator-env-secret")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
     let err = common::Lines::follow(child.stderr.take().unwrap());
     let out = common::Lines::follow(child.stdout.take().unwrap());
     assert!(

@@ -44,19 +44,21 @@ fn buildlet_trusts_a_ca_file() {
     std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
 
     let data = dir.path().join("data");
-    let mut child = Command::new(FARMER)
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&cfg)
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--tls-cert")
-        .arg(&pem)
-        .arg("--tls-key")
-        .arg(&key_pem)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = common::Reaped(
+        Command::new(FARMER)
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--tls-cert")
+            .arg(&pem)
+            .arg("--tls-key")
+            .arg(&key_pem)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut line = String::new();
     std::io::BufRead::read_line(
         &mut std::io::BufReader::new(child.stdout.take().unwrap()),
@@ -89,7 +91,7 @@ fn buildlet_trusts_a_ca_file() {
             .spawn()
             .unwrap();
         let lines = Lines::follow(c.stderr.take().unwrap());
-        (c, lines)
+        (common::Reaped(c), lines)
     };
     let (mut bot, log) = run_bot(&format!("-ca-file={}", ca_pem.display()));
     assert!(

@@ -432,6 +432,51 @@ impl Drop for Reaped {
     }
 }
 
+/// A parent process (`farmer up`, `farmer serve`, stage0, bootstrapswarm)
+/// started in its own process group (`process_group(0)`), stopped when
+/// dropped: SIGTERM so it stops its own children cleanly, at most 10 s,
+/// then SIGKILL to the whole group, so a failing test leaves no buildlet
+/// behind. Derefs to the [`Child`].
+pub struct Stopped(pub Child);
+
+impl std::ops::Deref for Stopped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Stopped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let pid = self.0.id() as i32;
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: kill(2) on a child this test started.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        // SAFETY: the group this test's child leads (ESRCH when it is gone).
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Whether a process runs (a zombie counts as dead).
 pub fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

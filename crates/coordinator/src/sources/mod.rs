@@ -266,10 +266,12 @@ impl Sources {
                 continue;
             };
             let _ = r.stop.send(true);
-            self.stopping
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((ht.clone(), r.task));
+            let mut stopping = self.stopping.lock().unwrap_or_else(|e| e.into_inner());
+            // Sources that finished stopping are forgotten: reloads must
+            // not pile up handles until shutdown.
+            stopping.retain(|(_, t)| !t.is_finished());
+            stopping.push((ht.clone(), r.task));
+            drop(stopping);
             if cfg.hosts.contains_key(&ht) {
                 changes.push(format!(
                     "host type {ht} changed; its {} source restarts",

@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use buildlet::client::{Client, ExecOptions};
+use buildlet::client::ExecOptions;
 use buildlet::proto::ProcessState;
 use tokio::io::AsyncWrite;
 
-use crate::config::{BuildConfig, HostConfig};
+use crate::config::{BuildConfig, HostConfig, Step};
 use crate::farm::{Farm, RunningBuild};
 use crate::logs::{LiveLog, MAX_LOG};
 use crate::pool::{Holder, Lease};
@@ -27,7 +27,7 @@ use crate::store::{BuildKind, BuildRow, BuildStatus};
 /// The directory in the work dir that holds the source tree.
 pub const SRC_DIR: &str = "src";
 
-enum Outcome {
+pub(crate) enum Outcome {
     Passed,
     Failed(String),
     Cancelled,
@@ -79,7 +79,7 @@ enum Next {
     AgainLater,
 }
 
-/// A build's place in the lease queue.
+/// A build's place in the lease queue (its helpers' too).
 pub fn priority(kind: BuildKind) -> Priority {
     match kind {
         BuildKind::Release => Priority::Release,
@@ -238,8 +238,9 @@ impl Farm {
         );
         tracing::info!(build = id, attempt = number, builder = %build.builder, machine = %lease.hostname, "build started");
         drop(phase);
+        let mut lease = lease;
         let outcome = self
-            .execute(&build, &builder, &host, &lease.client, attempt_id, &rb)
+            .execute(&build, &builder, &host, &mut lease, attempt_id, &rb)
             .await;
         let max = cfg.farm.max_attempts as i64;
         let (result, detail) = match &outcome {
@@ -314,15 +315,19 @@ impl Farm {
         Next::Done
     }
 
+    /// Runs the steps on `main`, the build's machine. A sharded step may
+    /// lose that machine and go on with a helper: then `main` is replaced
+    /// by the helper (and the lost machine is out of the pool).
     async fn execute(
-        &self,
+        self: &Arc<Self>,
         build: &BuildRow,
         builder: &BuildConfig,
         host: &HostConfig,
-        client: &Client,
+        main: &mut Lease,
         attempt_id: i64,
         rb: &RunningBuild,
     ) -> Outcome {
+        let mut client = main.client.clone();
         let started = Instant::now();
         let deadline = started + builder.timeout;
         let mut cancel = rb.cancel.subscribe();
@@ -349,7 +354,7 @@ impl Farm {
         drop(phase);
         let phase = self.metrics.phase("source-push");
         let push = tokio::select! {
-            r = client.put_tgz_bytes(SRC_DIR, tgz) => r,
+            r = client.put_tgz_bytes(SRC_DIR, tgz.clone()) => r,
             _ = cancel.wait_for(|c| *c) => return Outcome::Cancelled,
             _ = tokio::time::sleep_until(deadline.into()) => return Outcome::Failed(format!("build timed out after {:?} while pushing the source", builder.timeout)),
         };
@@ -362,17 +367,7 @@ impl Farm {
         }
         drop(phase);
         let _steps = self.metrics.phase("steps");
-        let mut base_env: Vec<String> = Vec::new();
-        for (k, v) in host.env.iter().chain(builder.env.iter()) {
-            base_env.push(format!("{k}={v}"));
-        }
-        base_env.push(format!("FARMER_BUILDER={}", builder.name));
-        base_env.push(format!("GO_BUILDER_NAME={}", builder.name));
-        base_env.push(format!("FARMER_HOST_TYPE={}", host.name));
-        base_env.push(format!("FARMER_REPO={}", build.repo));
-        base_env.push(format!("FARMER_BRANCH={}", build.branch));
-        base_env.push(format!("FARMER_COMMIT={}", build.commit));
-        base_env.push(format!("FARMER_BUILD_ID={}", build.id));
+        let base_env = base_env(build, builder, host);
         for (i, step) in builder.steps.iter().enumerate() {
             let step_id = match self
                 .store
@@ -383,6 +378,37 @@ impl Farm {
                 Err(e) => return Outcome::CoordinatorError(format!("recording step: {e}")),
             };
             *rb.step.lock().unwrap_or_else(|e| e.into_inner()) = step.name.clone();
+            if let Some(shard) = &step.shard {
+                let run = crate::shard::run::StepRun {
+                    build,
+                    builder,
+                    step,
+                    shard,
+                    index: i,
+                    step_id,
+                    base_env: &base_env,
+                    source: tgz.clone(),
+                    deadline,
+                    rb,
+                };
+                let (end, survivor) = self.run_sharded(&run, main, &mut cancel).await;
+                if let Some(s) = survivor {
+                    rb.log.append(
+                        format!(
+                            "farmer: {} was lost; the build goes on on helper {}\n",
+                            main.hostname, s.hostname
+                        )
+                        .as_bytes(),
+                    );
+                    *rb.machine.lock().unwrap_or_else(|e| e.into_inner()) = s.hostname.clone();
+                    *main = s;
+                    client = main.client.clone();
+                }
+                match end {
+                    Outcome::Passed => continue,
+                    other => return other,
+                }
+            }
             let remaining = deadline.saturating_duration_since(Instant::now());
             let Some((cmd, args)) = step.command.split_first() else {
                 let _ = self
@@ -399,24 +425,12 @@ impl Farm {
                 return Outcome::Failed(msg);
             }
             let step_timeout = step.timeout.min(remaining);
-            let mut env = base_env.clone();
-            env.extend(step.env.iter().map(|(k, v)| format!("{k}={v}")));
-            let dir = match step.dir.as_deref() {
-                Some(d) if !d.is_empty() && d != "." => format!("{SRC_DIR}/{d}"),
-                _ => SRC_DIR.to_string(),
-            };
-            let cmd = if cmd.contains('/') && !cmd.starts_with('/') {
-                format!("{SRC_DIR}/{}", cmd.trim_start_matches("./"))
-            } else {
-                cmd.clone()
-            };
-            let opts = ExecOptions {
-                args: args.to_vec(),
-                env,
-                dir: Some(dir),
-                timeout: Some(step_timeout),
-                ..Default::default()
-            };
+            let (cmd, opts) = step_exec(
+                &step.command,
+                step,
+                step_env(&base_env, step, None),
+                step_timeout,
+            );
             let mut w = LogWriter { live: &rb.log };
             let step_start = rb.log.len();
             let t0 = Instant::now();
@@ -485,4 +499,61 @@ impl Farm {
         }
         Outcome::Passed
     }
+}
+
+/// The environment every step of a build gets: the host's and the
+/// builder's variables, then what farmer says about the build.
+fn base_env(build: &BuildRow, builder: &BuildConfig, host: &HostConfig) -> Vec<String> {
+    let mut env: Vec<String> = Vec::new();
+    for (k, v) in host.env.iter().chain(builder.env.iter()) {
+        env.push(format!("{k}={v}"));
+    }
+    env.push(format!("FARMER_BUILDER={}", builder.name));
+    env.push(format!("GO_BUILDER_NAME={}", builder.name));
+    env.push(format!("FARMER_HOST_TYPE={}", host.name));
+    env.push(format!("FARMER_REPO={}", build.repo));
+    env.push(format!("FARMER_BRANCH={}", build.branch));
+    env.push(format!("FARMER_COMMIT={}", build.commit));
+    env.push(format!("FARMER_BUILD_ID={}", build.id));
+    env
+}
+
+/// A step's environment: the build's, the step's own, and for a unit of a
+/// sharded step, `FARMER_UNIT`.
+pub(crate) fn step_env(base: &[String], step: &Step, unit: Option<&str>) -> Vec<String> {
+    let mut env = base.to_vec();
+    env.extend(step.env.iter().map(|(k, v)| format!("{k}={v}")));
+    if let Some(u) = unit {
+        env.push(format!("FARMER_UNIT={u}"));
+    }
+    env
+}
+
+/// How `command` of `step` runs on a buildlet: in the step's directory of
+/// the source tree, a relative program path taken from the source tree.
+/// `command` must not be empty (the config guarantees it).
+pub(crate) fn step_exec(
+    command: &[String],
+    step: &Step,
+    env: Vec<String>,
+    timeout: Duration,
+) -> (String, ExecOptions) {
+    let (cmd, args) = command.split_first().map_or(("true", &[][..]), |(c, a)| (c.as_str(), a));
+    let dir = match step.dir.as_deref() {
+        Some(d) if !d.is_empty() && d != "." => format!("{SRC_DIR}/{d}"),
+        _ => SRC_DIR.to_string(),
+    };
+    let cmd = if cmd.contains('/') && !cmd.starts_with('/') {
+        format!("{SRC_DIR}/{}", cmd.trim_start_matches("./"))
+    } else {
+        cmd.to_string()
+    };
+    let opts = ExecOptions {
+        args: args.to_vec(),
+        env,
+        dir: Some(dir),
+        timeout: Some(timeout),
+        ..Default::default()
+    };
+    (cmd, opts)
 }

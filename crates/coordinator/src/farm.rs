@@ -32,6 +32,9 @@ pub struct RunningBuild {
     pub machine: Mutex<String>,
     /// Name of the step running now.
     pub step: Mutex<String>,
+    /// How far a sharded step is ("37 of 200 units done on 4 machines");
+    /// empty otherwise.
+    pub progress: Mutex<String>,
 }
 
 /// Why a request to create a build was refused.
@@ -282,6 +285,7 @@ impl Farm {
                     cancel,
                     machine: Mutex::new(String::new()),
                     step: Mutex::new(String::new()),
+                    progress: Mutex::new(String::new()),
                 })
             })
             .clone()

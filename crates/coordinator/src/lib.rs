@@ -28,6 +28,7 @@ pub mod run;
 pub mod sandbox;
 pub mod scheduler;
 pub mod server;
+pub mod shard;
 pub mod sources;
 pub mod store;
 pub mod tls;

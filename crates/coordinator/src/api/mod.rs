@@ -118,7 +118,7 @@ async fn builders(State(farm): State<Arc<Farm>>) -> Json<serde_json::Value> {
                 "presubmit": b.presubmit,
                 "timeout_secs": b.timeout.as_secs(),
                 "notes": b.notes,
-                "steps": b.steps.iter().map(|s| json!({"name": s.name, "command": s.command, "dir": s.dir, "timeout_secs": s.timeout.as_secs()})).collect::<Vec<_>>(),
+                "steps": b.steps.iter().map(|s| json!({"name": s.name, "command": s.command, "dir": s.dir, "timeout_secs": s.timeout.as_secs(), "shard": s.shard.as_ref().map(|sh| json!({"list": sh.list, "run": sh.run, "helpers": sh.helpers, "try_helpers": sh.try_helpers}))})).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -280,14 +280,18 @@ async fn build(
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no build {id}")))?;
     let attempts = farm.store.attempts(id).await?;
     let steps = farm.store.steps(id).await?;
-    let current_step = farm
-        .running(id)
-        .map(|r| r.step.lock().unwrap_or_else(|e| e.into_inner()).clone());
+    let rb = farm.running(id);
+    let lock = |m: &std::sync::Mutex<String>| m.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let current_step = rb.as_ref().map(|r| lock(&r.step));
+    let progress = rb.as_ref().map(|r| lock(&r.progress)).filter(|p| !p.is_empty());
+    let shards = crate::shard::report::build(&farm.store.unit_runs(id).await?);
     Ok(Json(json!({
         "build": b,
         "attempts": attempts,
         "steps": steps,
         "current_step": current_step,
+        "progress": progress,
+        "shards": shards,
     })))
 }
 

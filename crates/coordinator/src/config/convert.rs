@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::raw::{At, Ctx, Entry, Located, Raw, Table, join};
 use super::{
     BuildConfig, ExecConfig, FarmConfig, FarmSettings, GomoteAccess, HostConfig, PoolKind,
-    RepoConfig, Step, duration,
+    MAX_SHARD_HELPERS, RepoConfig, Shard, Step, duration,
 };
 
 const TOP_KEYS: &[&str] = &["farm", "repos", "hosts", "builders"];
@@ -57,7 +57,8 @@ const BUILDER_KEYS: &[&str] = &[
     "presubmit",
     "notes",
 ];
-const STEP_KEYS: &[&str] = &["name", "run", "command", "dir", "env", "timeout"];
+const STEP_KEYS: &[&str] = &["name", "run", "command", "dir", "env", "timeout", "shard"];
+const SHARD_KEYS: &[&str] = &["list", "run", "helpers", "try_helpers"];
 
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(30);
 const DEFAULT_BUILD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -767,7 +768,24 @@ fn step(
 
     let run = t.get(ctx, "run");
     let command_entry = t.get(ctx, "command");
+    let shard_entry = t.get(ctx, "shard");
+    if let Some(sh) = &shard_entry
+        && let Some(other) = run.as_ref().or(command_entry.as_ref())
+    {
+        let later = if other.key_at > sh.key_at { other } else { sh };
+        ctx.error(
+            Some(later.key_at),
+            &later.path,
+            format!(
+                "{who}: a sharded step runs shard.run for each unit; \
+                 remove {} or shard",
+                other.key
+            ),
+        );
+    }
+    let shard = shard_entry.as_ref().map(|e| shard(ctx, e, &who));
     let command = match (&run, &command_entry) {
+        _ if shard.is_some() => Vec::new(),
         (Some(r), Some(c)) => {
             let later = if r.key_at > c.key_at { r } else { c };
             ctx.error(
@@ -842,7 +860,60 @@ fn step(
         dir,
         env,
         timeout,
+        shard: shard.flatten(),
     }
+}
+
+/// The `shard` table of a step: how to list its units and run one, and how
+/// many helper machines to ask for. `None` after an error.
+fn shard(ctx: &mut Ctx<'_>, e: &Entry<'_>, who: &str) -> Option<Shard> {
+    let t = ctx.table(e)?;
+    let who = format!("{who}: shard");
+    t.check_keys(ctx, SHARD_KEYS, &who);
+    let script = |s: &str| vec!["sh".to_owned(), "-c".to_owned(), s.to_owned()];
+    let required = |ctx: &mut Ctx<'_>, key: &str, example: &str| match t.get(ctx, key) {
+        Some(e) => Some((command(ctx, &e, &who, script), e)),
+        None => {
+            ctx.error(
+                t.at,
+                &join(&t.path, key),
+                format!("{who}.{key} is required, e.g. shard.{key} = \"{example}\""),
+            );
+            None
+        }
+    };
+    let list = required(ctx, "list", "go tool dist test -list");
+    let run = required(ctx, "run", "go tool dist test -run ^{unit}$");
+    let run_is_script = run
+        .as_ref()
+        .is_some_and(|(_, e)| matches!(e.value, Raw::Str(_)));
+    let count = |ctx: &mut Ctx<'_>, key: &str| {
+        let e = t.get(ctx, key)?;
+        let n = ctx.uint(&e)?;
+        if n > MAX_SHARD_HELPERS {
+            ctx.error(
+                Some(e.at),
+                &e.path,
+                format!("{who}.{key} = {n} is too many; at most {MAX_SHARD_HELPERS} helper machines"),
+            );
+            return None;
+        }
+        Some(n)
+    };
+    let helpers = count(ctx, "helpers").unwrap_or(0);
+    let try_helpers = count(ctx, "try_helpers").unwrap_or(helpers);
+    let (list, _) = list?;
+    let (run, _) = run?;
+    if list.is_empty() || run.is_empty() {
+        return None;
+    }
+    Some(Shard {
+        list,
+        run,
+        run_is_script,
+        helpers,
+        try_helpers,
+    })
 }
 
 /// Reads `key` with `read` if present.

@@ -261,7 +261,79 @@ pub struct Step {
     pub dir: Option<String>,
     /// Added after the host's and the builder's environment.
     pub env: Vec<(String, String)>,
+    /// For a sharded step, the whole step (listing and every unit on every
+    /// machine); otherwise the command's own limit.
     pub timeout: Duration,
+    /// Set for a step split into units run across the build's machine and
+    /// helper machines; `command` is then empty.
+    pub shard: Option<Shard>,
+}
+
+/// Most helper machines one sharded step may ask for: each is a lease of
+/// the build's host type, so a typo must not empty a pool.
+pub const MAX_SHARD_HELPERS: u32 = 64;
+
+/// How a step is split into units (`shard.list`, `shard.run`, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shard {
+    /// Prints the units, one per line; runs on the build's own machine.
+    pub list: Vec<String>,
+    /// Runs one unit; `{unit}` in any argument is replaced by its name (and
+    /// the unit is also in `$FARMER_UNIT`).
+    pub run: Vec<String>,
+    /// `run` was written as a shell script (`sh -c`), so the name is quoted
+    /// for the shell where it is substituted.
+    pub run_is_script: bool,
+    /// Machines beyond the build's own, for post-submit and other builds.
+    pub helpers: u32,
+    /// Machines beyond the build's own for pre-submit builds.
+    pub try_helpers: u32,
+}
+
+impl Shard {
+    /// The helpers a build of `kind` asks for.
+    pub fn helpers_for(&self, presubmit: bool) -> u32 {
+        if presubmit {
+            self.try_helpers
+        } else {
+            self.helpers
+        }
+    }
+
+    /// The command that runs `unit`.
+    pub fn command_for(&self, unit: &str) -> Vec<String> {
+        let value = if self.run_is_script {
+            shell_quote(unit)
+        } else {
+            unit.to_string()
+        };
+        self.run
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                // In a script only the script itself (after `sh -c`) is templated.
+                if self.run_is_script && i < 2 {
+                    a.clone()
+                } else {
+                    a.replace("{unit}", &value)
+                }
+            })
+            .collect()
+    }
+}
+
+/// `s` as one shell word: unchanged when it holds nothing the shell would
+/// interpret, else single-quoted. Concatenates with its neighbours, so
+/// `^{unit}$` stays one word.
+pub fn shell_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./:=+,@%^".contains(&b));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 /// A source repository the farm watches.

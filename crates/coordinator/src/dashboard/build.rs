@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use super::util::{date_ms, date_secs, duration_ms, short};
 use super::{Layout, PageError, PageResult, html, html_event};
 use crate::farm::Farm;
+use crate::shard::report::StepReport;
 use crate::store::{BuildStatus, now_ms};
 
 /// Most of one step's stored log shown on the page (its end: that is where
@@ -89,6 +90,10 @@ pub struct BuildView {
     pub wait: String,
     pub attempts: Vec<AttemptView>,
     pub steps: Vec<StepView>,
+    /// A running sharded step's progress.
+    pub progress: String,
+    /// Where the time of each sharded step went.
+    pub shards: Vec<StepReport>,
 }
 
 async fn load(farm: &Farm, id: i64) -> Result<BuildView, PageError> {
@@ -103,10 +108,11 @@ async fn load(farm: &Farm, id: i64) -> Result<BuildView, PageError> {
     let steps_rows = farm.store.steps(id).await?;
     let rb = farm.running(id);
     let lock = |m: &std::sync::Mutex<String>| m.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let (machine, step) = match (&rb, b.status) {
-        (Some(r), BuildStatus::Running) => (lock(&r.machine), lock(&r.step)),
-        _ => (String::new(), String::new()),
+    let (machine, step, progress) = match (&rb, b.status) {
+        (Some(r), BuildStatus::Running) => (lock(&r.machine), lock(&r.step), lock(&r.progress)),
+        _ => (String::new(), String::new(), String::new()),
     };
+    let shards = crate::shard::report::build(&farm.store.unit_runs(id).await?);
     let wait = if b.status == BuildStatus::Queued {
         let pos = farm
             .scheduler
@@ -158,6 +164,8 @@ async fn load(farm: &Farm, id: i64) -> Result<BuildView, PageError> {
         error: b.error.clone(),
         machine,
         step,
+        progress,
+        shards,
         wait,
         attempts: attempts_rows
             .iter()

@@ -23,6 +23,9 @@ pub struct StepView {
     pub timeout_secs: u64,
     #[serde(skip)]
     pub timeout: String,
+    /// "sharded, N helpers" for a sharded step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sharded: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -105,7 +108,14 @@ pub fn load(farm: &Farm) -> BuildersView {
                         .iter()
                         .map(|s| StepView {
                             name: s.name.clone(),
-                            command: s.command.clone(),
+                            // A sharded step shows how one unit runs.
+                            command: match &s.shard {
+                                Some(sh) => sh.run.clone(),
+                                None => s.command.clone(),
+                            },
+                            sharded: s.shard.as_ref().map(|sh| {
+                                format!("sharded, {} helpers", sh.helpers)
+                            }),
                             dir: s.dir.clone(),
                             timeout_secs: s.timeout.as_secs(),
                             timeout: duration_ms(s.timeout.as_millis() as i64),

@@ -17,8 +17,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 mod gomote;
+mod units;
 
 pub use gomote::{GroupRow, InstanceRow, UserRow};
+pub use units::{MAX_UNIT_ROWS, UnitRun};
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 

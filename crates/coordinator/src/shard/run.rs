@@ -1,0 +1,720 @@
+//! Running one sharded step on the farm: list the units on the build's
+//! machine, ask the lease queue for helpers (never waiting for them: the
+//! build's machine starts at once and helpers join as they come), make each
+//! helper ready (the same source, the step's earlier steps), and hand out
+//! units one at a time until all passed, one failed, the build is
+//! cancelled or the step's time is up. Then every helper goes back.
+//!
+//! A machine that breaks mid-unit (unreachable, link cut, `5xx`) is
+//! dropped from the pool and its unit goes back to the front of the queue
+//! for another machine. The step fails only when a unit fails, or when no
+//! machine is left. If the build's own machine is lost and later steps
+//! follow, one helper stays on to carry the build on.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use buildlet::proto::ProcessState;
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{Notify, watch};
+
+use super::{
+    CappedBuffer, HISTORY_PER_UNIT, MAX_LIST_OUTPUT, Planned, TailBuffer, parse_units, plan,
+};
+use crate::builds::{Outcome, SRC_DIR, priority, step_env, step_exec};
+use crate::config::{BuildConfig, Shard, Step, human_duration};
+use crate::farm::{Farm, RunningBuild};
+use crate::logs::MAX_LOG;
+use crate::pool::{Holder, Lease};
+use crate::scheduler::{LeaseRequest, Ticket};
+use crate::store::{BuildKind, BuildRow, UnitRun, now_ms};
+
+/// Output of one unit kept for the log: its end, where failures are.
+const UNIT_OUTPUT: usize = 1 << 20;
+/// Output of a helper's preparation kept to explain why it failed.
+const PREPARE_OUTPUT: usize = 64 << 10;
+/// Units named in the log line that shows the order.
+const ORDER_SHOWN: usize = 5;
+
+/// What a sharded step needs from its build.
+pub(crate) struct StepRun<'a> {
+    pub build: &'a BuildRow,
+    pub builder: &'a BuildConfig,
+    pub step: &'a Step,
+    pub shard: &'a Shard,
+    /// The step's place in the builder's steps (earlier ones run on helpers).
+    pub index: usize,
+    pub step_id: i64,
+    pub base_env: &'a [String],
+    /// The build's source, pushed to each helper.
+    pub source: Bytes,
+    /// The build's deadline.
+    pub deadline: Instant,
+    pub rb: &'a RunningBuild,
+}
+
+struct Running {
+    unit: String,
+    since: Instant,
+}
+
+/// The step's shared state; every change is followed by `changed`.
+#[derive(Default)]
+struct Queue {
+    pending: VecDeque<Planned>,
+    /// By lease id.
+    running: HashMap<u64, Running>,
+    passed: usize,
+    /// (unit, what happened), in the order they failed.
+    failures: Vec<(String, String)>,
+    /// A unit failed: nothing more is handed out, running units are stopped.
+    stop: bool,
+    /// Machines taking units (the build's own and ready helpers).
+    workers: usize,
+    /// Helpers leased and being made ready.
+    preparing: usize,
+    main_lost: bool,
+    /// The helper kept to carry the build on after its machine was lost.
+    survivor: Option<Lease>,
+    machines: BTreeSet<String>,
+}
+
+struct Shared<'r> {
+    run: &'r StepRun<'r>,
+    q: Mutex<Queue>,
+    changed: Notify,
+    abort: watch::Sender<bool>,
+    /// Helper leases not yet given back, by lease id.
+    helpers: Mutex<HashMap<u64, Lease>>,
+    total: usize,
+    step_deadline: Instant,
+    /// Later steps need a machine: keep a helper if the build's own is lost.
+    need_survivor: bool,
+}
+
+impl Shared<'_> {
+    fn q(&self) -> MutexGuard<'_, Queue> {
+        self.q.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn helpers(&self) -> MutexGuard<'_, HashMap<u64, Lease>> {
+        self.helpers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn log(&self, text: &str) {
+        self.run.rb.log.append(text.as_bytes());
+    }
+
+    /// Publishes progress for the build page and wakes every waiter.
+    fn changed(&self) {
+        let progress = {
+            let q = self.q();
+            let done = q.passed + q.failures.len();
+            format!(
+                "{done} of {} units done, {} running, on {} machine{}",
+                self.total,
+                q.running.len(),
+                q.workers,
+                if q.workers == 1 { "" } else { "s" }
+            )
+        };
+        *self
+            .run
+            .rb
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = progress;
+        self.changed.notify_waiters();
+    }
+}
+
+type StepFuture<'f> = Pin<Box<dyn Future<Output = ()> + Send + 'f>>;
+
+impl Farm {
+    /// Runs a sharded step with `main`, the build's machine, and stores the
+    /// step's result and log. Returns the outcome and, when `main` was lost
+    /// and later steps follow, the helper that takes its place.
+    pub(crate) async fn run_sharded(
+        self: &Arc<Self>,
+        run: &StepRun<'_>,
+        main: &Lease,
+        cancel: &mut watch::Receiver<bool>,
+    ) -> (Outcome, Option<Lease>) {
+        let log = &run.rb.log;
+        let step_start = log.len();
+        let started = Instant::now();
+        log.append(
+            format!(
+                "\n--- step {} (sharded): listing units with {}\n",
+                run.step.name,
+                run.shard.list.join(" ")
+            )
+            .as_bytes(),
+        );
+        let step_deadline = run.deadline.min(started + run.step.timeout);
+        let (outcome, survivor, units, machines) =
+            self.sharded(run, main, cancel, step_deadline).await;
+        *run.rb.progress.lock().unwrap_or_else(|e| e.into_inner()) = String::new();
+        let (result, detail) = match &outcome {
+            Outcome::Passed => ("passed", String::new()),
+            Outcome::Failed(m) => ("failed", m.clone()),
+            Outcome::Cancelled => ("cancelled", "cancelled by an admin".to_string()),
+            Outcome::Infra(m) | Outcome::CoordinatorError(m) => ("infra-error", m.clone()),
+        };
+        log.append(
+            format!(
+                "--- step {} {result} in {:.1}s ({units} units on {machines} machine{})\n",
+                run.step.name,
+                started.elapsed().as_secs_f64(),
+                if machines == 1 { "" } else { "s" }
+            )
+            .as_bytes(),
+        );
+        let stored = log.range_async(step_start, step_start + MAX_LOG).await;
+        if let Err(e) = self
+            .store
+            .finish_step(run.step_id, result, &detail, &stored)
+            .await
+        {
+            tracing::error!(build = run.build.id, "recording step: {e}");
+        }
+        (outcome, survivor)
+    }
+
+    /// The step itself: (outcome, survivor, units listed, machines used).
+    async fn sharded(
+        self: &Arc<Self>,
+        run: &StepRun<'_>,
+        main: &Lease,
+        cancel: &mut watch::Receiver<bool>,
+        step_deadline: Instant,
+    ) -> (Outcome, Option<Lease>, usize, usize) {
+        let step = run.step;
+        let name = &step.name;
+        let limit = step_deadline.saturating_duration_since(Instant::now());
+        let planned = match self.list_units(run, main, cancel, step_deadline).await {
+            Ok(p) => p,
+            Err(o) => return (o, None, 0, 1),
+        };
+        let total = planned.len();
+        if total == 0 {
+            run.rb
+                .log
+                .append(b"farmer: the list named no units; nothing to run\n");
+            return (Outcome::Passed, None, 0, 1);
+        }
+        let want = run
+            .shard
+            .helpers_for(run.build.kind == BuildKind::PreSubmit)
+            .min(total.saturating_sub(1) as u32);
+        let shared = Shared {
+            run,
+            q: Mutex::new(Queue {
+                pending: planned.into(),
+                workers: 1,
+                machines: BTreeSet::from([main.hostname.clone()]),
+                ..Default::default()
+            }),
+            changed: Notify::new(),
+            abort: watch::channel(false).0,
+            helpers: Mutex::new(HashMap::new()),
+            total,
+            step_deadline,
+            need_survivor: run.builder.steps.len() > run.index + 1,
+        };
+        shared.log(&format!(
+            "farmer: running {total} units on {}{}\n",
+            main.hostname,
+            match want {
+                0 => String::new(),
+                n => format!(
+                    "; asked for {n} helper machine{} of {}, which join as they come",
+                    if n == 1 { "" } else { "s" },
+                    run.build.host_type
+                ),
+            }
+        ));
+        shared.changed();
+        let futs: FuturesUnordered<StepFuture<'_>> = FuturesUnordered::new();
+        futs.push(Box::pin(self.worker(&shared, main.clone(), true)));
+        for _ in 0..want {
+            let ticket = self.scheduler.request(LeaseRequest {
+                host_type: run.build.host_type.clone(),
+                priority: priority(run.build.kind),
+                holder: Holder::Helper {
+                    build_id: run.build.id,
+                },
+                commit_time: run.build.commit_time,
+            });
+            futs.push(Box::pin(self.helper(&shared, ticket)));
+        }
+        let mut futs = futs;
+        let outcome = loop {
+            let notified = shared.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let q = shared.q();
+                if q.running.is_empty() {
+                    if q.stop {
+                        break Outcome::Failed(failure_message(name, &q.failures));
+                    }
+                    if q.pending.is_empty() {
+                        break Outcome::Passed;
+                    }
+                    if q.workers == 0 && q.preparing == 0 {
+                        break Outcome::Infra(format!(
+                            "step {name}: every machine was lost with {} of {total} units left",
+                            q.pending.len()
+                        ));
+                    }
+                }
+            }
+            tokio::select! {
+                Some(()) = futs.next(), if !futs.is_empty() => {}
+                _ = &mut notified => {}
+                _ = cancel.wait_for(|c| *c) => break Outcome::Cancelled,
+                _ = tokio::time::sleep_until(step_deadline.into()) => {
+                    let q = shared.q();
+                    let running: Vec<&str> = q.running.values().map(|r| r.unit.as_str()).take(5).collect();
+                    break Outcome::Failed(format!(
+                        "step {name} timed out after {} with {} of {total} units unfinished (running: {})",
+                        human_duration(limit.as_secs() as i64),
+                        q.pending.len() + q.running.len(),
+                        running.join(", ")
+                    ));
+                }
+            }
+        };
+        // Stop what still runs: dropping a command's request kills it on
+        // its machine; a dropped ticket withdraws its request.
+        shared.abort.send_replace(true);
+        drop(futs);
+        let (survivor, machines, cut_short) = {
+            let mut q = shared.q();
+            let cut: Vec<(u64, Running)> = q.running.drain().collect();
+            (q.survivor.take(), q.machines.len(), cut)
+        };
+        for (lease_id, r) in cut_short {
+            let machine = if lease_id == main.id {
+                main.hostname.clone()
+            } else {
+                shared
+                    .helpers()
+                    .get(&lease_id)
+                    .map(|l| l.hostname.clone())
+                    .unwrap_or_default()
+            };
+            self.record_unit(run, &r.unit, &machine, r.since, "cancelled", "the step ended")
+                .await;
+        }
+        // Every helper goes back at once (cleaned for reuse), on its own
+        // task so nothing interrupts the cleaning.
+        let leases: Vec<Lease> = shared.helpers().drain().map(|(_, l)| l).collect();
+        for l in leases {
+            let me = self.clone();
+            tokio::spawn(async move { me.end_lease(l).await });
+        }
+        let main_lost = shared.q().main_lost;
+        let (outcome, survivor) = match (outcome, survivor) {
+            (Outcome::Passed, None) if main_lost && shared.need_survivor => (
+                Outcome::Infra(format!(
+                    "step {name}: {} was lost and no helper was left to run the later steps",
+                    main.hostname
+                )),
+                None,
+            ),
+            (Outcome::Passed, s) => (Outcome::Passed, s),
+            (other, s) => {
+                if let Some(s) = s {
+                    let me = self.clone();
+                    tokio::spawn(async move { me.end_lease(s).await });
+                }
+                (other, None)
+            }
+        };
+        (outcome, survivor, total, machines)
+    }
+
+    /// Runs the list command on the build's machine and orders its units.
+    async fn list_units(
+        &self,
+        run: &StepRun<'_>,
+        main: &Lease,
+        cancel: &mut watch::Receiver<bool>,
+        step_deadline: Instant,
+    ) -> Result<Vec<Planned>, Outcome> {
+        let step = run.step;
+        let name = &step.name;
+        let (cmd, opts) = step_exec(
+            &run.shard.list,
+            step,
+            step_env(run.base_env, step, None),
+            remaining(step_deadline),
+        );
+        let mut out = CappedBuffer {
+            cap: MAX_LIST_OUTPUT,
+            bytes: Vec::new(),
+            overflowed: false,
+        };
+        let r = tokio::select! {
+            r = main.client.exec(&cmd, &opts, &mut out) => r,
+            _ = cancel.wait_for(|c| *c) => return Err(Outcome::Cancelled),
+        };
+        let failed = |what: String| {
+            run.rb.log.append(&out.bytes);
+            Err(Outcome::Failed(format!(
+                "step {name}: listing the units {what}"
+            )))
+        };
+        match r {
+            Ok(ProcessState::Ok) => {}
+            Ok(state) => return failed(format!("failed: {state}")),
+            Err(e) if e.is_communication() => {
+                return Err(Outcome::Infra(format!("step {name}: listing the units: {e}")));
+            }
+            Err(e) => return failed(format!("failed: {e}")),
+        }
+        if out.overflowed {
+            return failed(format!(
+                "printed more than {} MiB; one unit per line, please",
+                MAX_LIST_OUTPUT >> 20
+            ));
+        }
+        let units = match parse_units(&out.bytes) {
+            Ok(u) => u,
+            Err(e) => return failed(format!("failed: {e}")),
+        };
+        let history = self
+            .store
+            .unit_durations(&run.builder.name, name, HISTORY_PER_UNIT)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(build = run.build.id, "reading unit durations: {e}");
+                HashMap::new()
+            });
+        let planned = plan(units, &history);
+        let measured = planned.iter().filter(|p| p.measured).count();
+        let first: Vec<String> = planned
+            .iter()
+            .take(ORDER_SHOWN)
+            .map(|p| format!("{} ({:.1}s)", p.unit, p.expected.as_secs_f64()))
+            .collect();
+        run.rb.log.append(
+            format!(
+                "farmer: {} units listed, {measured} with past durations; longest expected first: {}{}\n",
+                planned.len(),
+                first.join(", "),
+                if planned.len() > ORDER_SHOWN { ", ..." } else { "" }
+            )
+            .as_bytes(),
+        );
+        Ok(planned)
+    }
+
+    /// A helper: waits for its lease, makes the machine ready, then takes
+    /// units like the build's own machine.
+    async fn helper(self: &Arc<Self>, sh: &Shared<'_>, mut ticket: Ticket) {
+        let asked = Instant::now();
+        let Ok(lease) = ticket.lease().await else {
+            return;
+        };
+        drop(ticket);
+        {
+            let mut q = sh.q();
+            if q.stop || q.pending.is_empty() {
+                // Nothing left for it: straight back.
+                drop(q);
+                let me = self.clone();
+                tokio::spawn(async move { me.end_lease(lease).await });
+                return;
+            }
+            q.preparing += 1;
+        }
+        sh.helpers().insert(lease.id, lease.clone());
+        sh.log(&format!(
+            "farmer: helper {} joins after {:.1}s; pushing the source{}\n",
+            lease.hostname,
+            asked.elapsed().as_secs_f64(),
+            earlier_steps(sh.run)
+        ));
+        let t0 = Instant::now();
+        let prepared = self.prepare(sh, &lease).await;
+        sh.q().preparing -= 1;
+        match prepared {
+            Ok(()) => {
+                {
+                    let mut q = sh.q();
+                    q.workers += 1;
+                    q.machines.insert(lease.hostname.clone());
+                }
+                sh.log(&format!(
+                    "farmer: helper {} ready in {:.1}s\n",
+                    lease.hostname,
+                    t0.elapsed().as_secs_f64()
+                ));
+                sh.changed();
+                self.worker(sh, lease, false).await;
+            }
+            Err((msg, broken)) => {
+                sh.log(&format!(
+                    "farmer: helper {} could not be made ready, so it is not used: {msg}\n",
+                    lease.hostname
+                ));
+                let l = sh.helpers().remove(&lease.id);
+                if broken {
+                    self.pool.remove(
+                        lease.id,
+                        &format!("broke preparing for build {}: {msg}", sh.run.build.id),
+                    );
+                } else if let Some(l) = l {
+                    let me = self.clone();
+                    tokio::spawn(async move { me.end_lease(l).await });
+                }
+                sh.changed();
+            }
+        }
+    }
+
+    /// Pushes the source to a helper and runs the earlier (unsharded)
+    /// steps there. `Err((why, machine broke))`.
+    async fn prepare(&self, sh: &Shared<'_>, lease: &Lease) -> Result<(), (String, bool)> {
+        let run = sh.run;
+        let limit = remaining(sh.step_deadline);
+        match tokio::time::timeout(limit, lease.client.put_tgz_bytes(SRC_DIR, run.source.clone()))
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err((format!("pushing the source: {e}"), e.is_communication())),
+            Err(_) => return Err(("pushing the source took until the step's end".into(), false)),
+        }
+        for step in run.builder.steps[..run.index]
+            .iter()
+            .filter(|s| s.shard.is_none())
+        {
+            let (cmd, opts) = step_exec(
+                &step.command,
+                step,
+                step_env(run.base_env, step, None),
+                step.timeout.min(remaining(sh.step_deadline)),
+            );
+            let mut out = TailBuffer::new(PREPARE_OUTPUT);
+            match lease.client.exec(&cmd, &opts, &mut out).await {
+                Ok(ProcessState::Ok) => {}
+                Ok(state) => {
+                    return Err((
+                        format!(
+                            "step {} failed there: {state}\n{}",
+                            step.name,
+                            String::from_utf8_lossy(&out.text())
+                        ),
+                        false,
+                    ));
+                }
+                Err(e) => {
+                    return Err((format!("step {}: {e}", step.name), e.is_communication()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes units from the queue and runs them on `lease` until nothing is
+    /// left for it (or the machine breaks).
+    async fn worker(self: &Arc<Self>, sh: &Shared<'_>, lease: Lease, main: bool) {
+        let run = sh.run;
+        let mut abort = sh.abort.subscribe();
+        let mut lost = false;
+        loop {
+            let unit = loop {
+                let notified = sh.changed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                {
+                    let mut q = sh.q();
+                    if q.stop {
+                        break None;
+                    }
+                    if let Some(u) = q.pending.pop_front() {
+                        q.running.insert(
+                            lease.id,
+                            Running {
+                                unit: u.unit.clone(),
+                                since: Instant::now(),
+                            },
+                        );
+                        break Some(u);
+                    }
+                    // Nothing to hand out. A helper leaves, unless the
+                    // build's machine is gone: a unit that comes back then
+                    // needs it. The build's machine waits while others run.
+                    if q.running.is_empty() || (!main && !q.main_lost) {
+                        break None;
+                    }
+                }
+                notified.await;
+            };
+            let Some(unit) = unit else { break };
+            sh.changed();
+            let since = Instant::now();
+            let (cmd, opts) = step_exec(
+                &run.shard.command_for(&unit.unit),
+                run.step,
+                step_env(run.base_env, run.step, Some(&unit.unit)),
+                remaining(sh.step_deadline),
+            );
+            let mut out = TailBuffer::new(UNIT_OUTPUT);
+            let r = tokio::select! {
+                r = lease.client.exec(&cmd, &opts, &mut out) => Some(r),
+                _ = abort.wait_for(|a| *a) => None,
+            };
+            let took = since.elapsed();
+            let (result, detail) = match r {
+                None => ("cancelled", "stopped: another unit failed".to_string()),
+                Some(Ok(ProcessState::Ok)) => ("passed", String::new()),
+                Some(Ok(state)) => ("failed", state.to_string()),
+                Some(Err(e)) if e.is_communication() => ("lost", e.to_string()),
+                Some(Err(e)) => ("failed", e.to_string()),
+            };
+            let mut section = format!(
+                "\n--- unit {} on {}: {result} in {:.1}s{}{detail}\n",
+                unit.unit,
+                lease.hostname,
+                took.as_secs_f64(),
+                if detail.is_empty() { "" } else { ": " }
+            )
+            .into_bytes();
+            if !out.is_empty() {
+                section.extend(out.text());
+                if section.last() != Some(&b'\n') {
+                    section.push(b'\n');
+                }
+            }
+            if result == "lost" {
+                section.extend(b"farmer: the unit goes back to the queue\n");
+            }
+            run.rb.log.append(&section);
+            self.record_unit(run, &unit.unit, &lease.hostname, since, result, &detail)
+                .await;
+            {
+                let mut q = sh.q();
+                q.running.remove(&lease.id);
+                match result {
+                    "passed" => q.passed += 1,
+                    "failed" => {
+                        q.failures.push((unit.unit.clone(), detail.clone()));
+                        q.stop = true;
+                        sh.abort.send_replace(true);
+                    }
+                    "lost" => {
+                        q.pending.push_front(unit);
+                        if main {
+                            q.main_lost = true;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if result == "lost" {
+                lost = true;
+                self.pool.remove(
+                    lease.id,
+                    &format!("broke during a unit of build {}: {detail}", run.build.id),
+                );
+                if !main {
+                    sh.helpers().remove(&lease.id);
+                }
+                break;
+            }
+            sh.changed();
+        }
+        {
+            let mut q = sh.q();
+            q.workers -= 1;
+            if !main && !lost {
+                // Done with this helper: back now, unless it must carry the
+                // build on in place of the lost machine.
+                let keep =
+                    q.main_lost && sh.need_survivor && q.survivor.is_none() && !q.stop;
+                if let Some(l) = sh.helpers().remove(&lease.id) {
+                    if keep {
+                        q.survivor = Some(l);
+                    } else {
+                        let me = self.clone();
+                        tokio::spawn(async move { me.end_lease(l).await });
+                    }
+                }
+            }
+        }
+        sh.changed();
+    }
+
+    async fn record_unit(
+        &self,
+        run: &StepRun<'_>,
+        unit: &str,
+        machine: &str,
+        since: Instant,
+        result: &str,
+        detail: &str,
+    ) {
+        let took = since.elapsed();
+        let r = UnitRun {
+            build_id: run.build.id,
+            step_id: run.step_id,
+            builder: run.builder.name.clone(),
+            step: run.step.name.clone(),
+            unit: unit.to_string(),
+            machine: machine.to_string(),
+            started_at: now_ms() - took.as_millis() as i64,
+            duration_ms: took.as_millis() as i64,
+            result: result.to_string(),
+            detail: detail.to_string(),
+        };
+        if let Err(e) = self.store.record_unit_run(&r).await {
+            tracing::warn!(build = run.build.id, unit, "recording a unit run: {e}");
+        }
+    }
+}
+
+/// Time left until `deadline`, at least a millisecond (a zero timeout
+/// would mean none to the buildlet).
+fn remaining(deadline: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1))
+}
+
+/// " and running steps a, b" for the helper's log line.
+fn earlier_steps(run: &StepRun<'_>) -> String {
+    let names: Vec<&str> = run.builder.steps[..run.index]
+        .iter()
+        .filter(|s| s.shard.is_none())
+        .map(|s| s.name.as_str())
+        .collect();
+    match names.len() {
+        0 => String::new(),
+        1 => format!(" and running step {}", names[0]),
+        _ => format!(" and running steps {}", names.join(", ")),
+    }
+}
+
+/// The build's error for failed units: the first by name, the rest counted.
+fn failure_message(step: &str, failures: &[(String, String)]) -> String {
+    match failures {
+        [] => format!("step {step}: stopped"),
+        [(unit, what)] => format!("step {step}: unit {unit} failed: {what}"),
+        [(unit, what), rest @ ..] => {
+            let others: Vec<&str> = rest.iter().take(5).map(|(u, _)| u.as_str()).collect();
+            format!(
+                "step {step}: unit {unit} failed: {what}; also failed: {}{}",
+                others.join(", "),
+                if rest.len() > 5 { ", ..." } else { "" }
+            )
+        }
+    }
+}

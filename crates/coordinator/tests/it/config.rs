@@ -981,3 +981,71 @@ pool = "local"
     assert!(errs[0].message.contains("only applies to pool = \"local\""));
     assert!(errs[1].message.contains("must start with the program"));
 }
+
+const SHARDED: &str = r#"
+[hosts.host-h]
+pool = "reverse"
+[builders.b]
+host = "host-h"
+[[builders.b.steps]]
+name = "build"
+run = "make"
+[[builders.b.steps]]
+name = "test"
+shard.list = "go tool dist test -list"
+shard.run = "go tool dist test -run ^{unit}$"
+shard.helpers = 3
+"#;
+
+#[test]
+fn sharded_steps_parse_and_quote_the_unit_for_the_shell() {
+    let c = parse(SHARDED).unwrap();
+    let step = &c.builders["b"].steps[1];
+    assert!(step.command.is_empty());
+    let s = step.shard.as_ref().unwrap();
+    assert_eq!(s.list, ["sh", "-c", "go tool dist test -list"]);
+    assert_eq!((s.helpers, s.try_helpers), (3, 3), "try_helpers defaults to helpers");
+    assert_eq!(s.helpers_for(true), 3);
+    assert_eq!(
+        s.command_for("go_test:fmt")[2],
+        "go tool dist test -run ^go_test:fmt$"
+    );
+    // A name the shell would split or interpret stays one word.
+    assert_eq!(
+        s.command_for("a b;rm x'y")[2],
+        r#"go tool dist test -run ^'a b;rm x'\''y'$"#
+    );
+    // The list form substitutes the name as it is.
+    let c = parse(&SHARDED.replace(
+        r#"shard.run = "go tool dist test -run ^{unit}$""#,
+        r#"shard.run = ["t", "-run", "^{unit}$"]
+shard.try_helpers = 0"#,
+    ))
+    .unwrap();
+    let s = c.builders["b"].steps[1].shard.clone().unwrap();
+    assert_eq!(s.command_for("a b"), ["t", "-run", "^a b$"]);
+    assert_eq!((s.helpers_for(false), s.helpers_for(true)), (3, 0));
+}
+
+#[test]
+fn sharded_step_errors_name_the_field() {
+    let (line, _, field, msg) = only(&SHARDED.replace("shard.helpers = 3", "shard.helpers = 65"));
+    assert_eq!(line, 13);
+    assert_eq!(field, "builders.b.steps[1].shard.helpers");
+    assert!(msg.contains("at most 64"), "{msg}");
+
+    let (_, _, field, msg) = only(&SHARDED.replace("shard.list = \"go tool dist test -list\"\n", ""));
+    assert_eq!(field, "builders.b.steps[1].shard.list");
+    assert!(msg.contains("shard.list is required"), "{msg}");
+
+    let (_, _, field, msg) = only(&SHARDED.replace("shard.helpers = 3", "shard.helpers = 3\nrun = \"x\""));
+    assert_eq!(field, "builders.b.steps[1].run");
+    assert!(msg.contains("remove run or shard"), "{msg}");
+
+    let (_, _, field, msg) = only(&SHARDED.replace("shard.helpers = 3", "shard.helper = 3"));
+    assert_eq!(field, "builders.b.steps[1].shard.helper");
+    assert!(msg.contains("helpers"), "did you mean: {msg}");
+
+    let (_, _, field, _) = only(&SHARDED.replace("shard.run = \"go tool dist test -run ^{unit}$\"", "shard.run = \"\""));
+    assert_eq!(field, "builders.b.steps[1].shard.run");
+}

@@ -18,6 +18,7 @@ mod inproc;
 mod ports;
 mod resilience;
 mod secrets;
+mod shard;
 mod sources;
 mod ssh;
 mod stage0;

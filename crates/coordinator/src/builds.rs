@@ -538,7 +538,9 @@ pub(crate) fn step_exec(
     env: Vec<String>,
     timeout: Duration,
 ) -> (String, ExecOptions) {
-    let (cmd, args) = command.split_first().map_or(("true", &[][..]), |(c, a)| (c.as_str(), a));
+    let (cmd, args) = command
+        .split_first()
+        .map_or(("true", &[][..]), |(c, a)| (c.as_str(), a));
     let dir = match step.dir.as_deref() {
         Some(d) if !d.is_empty() && d != "." => format!("{SRC_DIR}/{d}"),
         _ => SRC_DIR.to_string(),

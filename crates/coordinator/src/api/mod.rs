@@ -283,7 +283,10 @@ async fn build(
     let rb = farm.running(id);
     let lock = |m: &std::sync::Mutex<String>| m.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let current_step = rb.as_ref().map(|r| lock(&r.step));
-    let progress = rb.as_ref().map(|r| lock(&r.progress)).filter(|p| !p.is_empty());
+    let progress = rb
+        .as_ref()
+        .map(|r| lock(&r.progress))
+        .filter(|p| !p.is_empty());
     let shards = crate::shard::report::build(&farm.store.unit_runs(id).await?);
     Ok(Json(json!({
         "build": b,

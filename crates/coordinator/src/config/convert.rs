@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use super::raw::{At, Ctx, Entry, Located, Raw, Table, join};
 use super::{
-    BuildConfig, ExecConfig, FarmConfig, FarmSettings, GomoteAccess, HostConfig, PoolKind,
-    MAX_SHARD_HELPERS, RepoConfig, Shard, Step, duration,
+    BuildConfig, ExecConfig, FarmConfig, FarmSettings, GomoteAccess, HostConfig, MAX_SHARD_HELPERS,
+    PoolKind, RepoConfig, Shard, Step, duration,
 };
 
 const TOP_KEYS: &[&str] = &["farm", "repos", "hosts", "builders"];
@@ -894,7 +894,9 @@ fn shard(ctx: &mut Ctx<'_>, e: &Entry<'_>, who: &str) -> Option<Shard> {
             ctx.error(
                 Some(e.at),
                 &e.path,
-                format!("{who}.{key} = {n} is too many; at most {MAX_SHARD_HELPERS} helper machines"),
+                format!(
+                    "{who}.{key} = {n} is too many; at most {MAX_SHARD_HELPERS} helper machines"
+                ),
             );
             return None;
         }

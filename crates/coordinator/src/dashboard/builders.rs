@@ -113,9 +113,10 @@ pub fn load(farm: &Farm) -> BuildersView {
                                 Some(sh) => sh.run.clone(),
                                 None => s.command.clone(),
                             },
-                            sharded: s.shard.as_ref().map(|sh| {
-                                format!("sharded, {} helpers", sh.helpers)
-                            }),
+                            sharded: s
+                                .shard
+                                .as_ref()
+                                .map(|sh| format!("sharded, {} helpers", sh.helpers)),
                             dir: s.dir.clone(),
                             timeout_secs: s.timeout.as_secs(),
                             timeout: duration_ms(s.timeout.as_millis() as i64),

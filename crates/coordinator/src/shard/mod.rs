@@ -117,7 +117,7 @@ pub fn plan(units: Vec<String>, history: &HashMap<String, Vec<i64>>) -> Vec<Plan
         })
         .collect();
     // Stable: equal expectations keep the list's order.
-    planned.sort_by(|a, b| b.expected.cmp(&a.expected));
+    planned.sort_by_key(|p| std::cmp::Reverse(p.expected));
     planned
 }
 
@@ -238,9 +238,7 @@ mod tests {
         h.insert("mid".to_string(), vec![400]);
         h.insert("fast".to_string(), vec![10, 20]);
         let p = plan(
-            ["fast", "new", "slow", "mid"]
-                .map(String::from)
-                .to_vec(),
+            ["fast", "new", "slow", "mid"].map(String::from).to_vec(),
             &h,
         );
         let order: Vec<&str> = p.iter().map(|p| p.unit.as_str()).collect();

@@ -150,7 +150,7 @@ pub fn build(runs: &[UnitRun]) -> Vec<StepReport> {
                     detail: r.detail.clone(),
                 })
                 .collect();
-            spans.sort_by(|a, b| b.duration_ms.cmp(&a.duration_ms));
+            spans.sort_by_key(|s| std::cmp::Reverse(s.duration_ms));
             StepReport {
                 step_id,
                 step: runs[0].step.clone(),

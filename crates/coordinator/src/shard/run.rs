@@ -151,7 +151,7 @@ impl Farm {
             format!(
                 "\n--- step {} (sharded): listing units with {}\n",
                 run.step.name,
-                run.shard.list.join(" ")
+                run.shard.list.join(" ").replace('\n', "\\n")
             )
             .as_bytes(),
         );
@@ -309,8 +309,15 @@ impl Farm {
                     .map(|l| l.hostname.clone())
                     .unwrap_or_default()
             };
-            self.record_unit(run, &r.unit, &machine, r.since, "cancelled", "the step ended")
-                .await;
+            self.record_unit(
+                run,
+                &r.unit,
+                &machine,
+                r.since,
+                "cancelled",
+                "the step ended",
+            )
+            .await;
         }
         // Every helper goes back at once (cleaned for reuse), on its own
         // task so nothing interrupts the cleaning.
@@ -375,7 +382,9 @@ impl Farm {
             Ok(ProcessState::Ok) => {}
             Ok(state) => return failed(format!("failed: {state}")),
             Err(e) if e.is_communication() => {
-                return Err(Outcome::Infra(format!("step {name}: listing the units: {e}")));
+                return Err(Outcome::Infra(format!(
+                    "step {name}: listing the units: {e}"
+                )));
             }
             Err(e) => return failed(format!("failed: {e}")),
         }
@@ -404,15 +413,22 @@ impl Farm {
             .take(ORDER_SHOWN)
             .map(|p| format!("{} ({:.1}s)", p.unit, p.expected.as_secs_f64()))
             .collect();
-        run.rb.log.append(
+        let order = if measured == 0 {
+            "no past durations, so in the list's order".to_string()
+        } else {
             format!(
-                "farmer: {} units listed, {measured} with past durations; longest expected first: {}{}\n",
-                planned.len(),
+                "{measured} with past durations; longest expected first: {}{}",
                 first.join(", "),
-                if planned.len() > ORDER_SHOWN { ", ..." } else { "" }
+                if planned.len() > ORDER_SHOWN {
+                    ", ..."
+                } else {
+                    ""
+                }
             )
-            .as_bytes(),
-        );
+        };
+        run.rb
+            .log
+            .append(format!("farmer: {} units listed, {order}\n", planned.len()).as_bytes());
         Ok(planned)
     }
 
@@ -485,8 +501,11 @@ impl Farm {
     async fn prepare(&self, sh: &Shared<'_>, lease: &Lease) -> Result<(), (String, bool)> {
         let run = sh.run;
         let limit = remaining(sh.step_deadline);
-        match tokio::time::timeout(limit, lease.client.put_tgz_bytes(SRC_DIR, run.source.clone()))
-            .await
+        match tokio::time::timeout(
+            limit,
+            lease.client.put_tgz_bytes(SRC_DIR, run.source.clone()),
+        )
+        .await
         {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err((format!("pushing the source: {e}"), e.is_communication())),
@@ -638,8 +657,7 @@ impl Farm {
             if !main && !lost {
                 // Done with this helper: back now, unless it must carry the
                 // build on in place of the lost machine.
-                let keep =
-                    q.main_lost && sh.need_survivor && q.survivor.is_none() && !q.stop;
+                let keep = q.main_lost && sh.need_survivor && q.survivor.is_none() && !q.stop;
                 if let Some(l) = sh.helpers().remove(&lease.id) {
                     if keep {
                         q.survivor = Some(l);

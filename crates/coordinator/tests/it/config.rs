@@ -1004,7 +1004,11 @@ fn sharded_steps_parse_and_quote_the_unit_for_the_shell() {
     assert!(step.command.is_empty());
     let s = step.shard.as_ref().unwrap();
     assert_eq!(s.list, ["sh", "-c", "go tool dist test -list"]);
-    assert_eq!((s.helpers, s.try_helpers), (3, 3), "try_helpers defaults to helpers");
+    assert_eq!(
+        (s.helpers, s.try_helpers),
+        (3, 3),
+        "try_helpers defaults to helpers"
+    );
     assert_eq!(s.helpers_for(true), 3);
     assert_eq!(
         s.command_for("go_test:fmt")[2],
@@ -1034,11 +1038,13 @@ fn sharded_step_errors_name_the_field() {
     assert_eq!(field, "builders.b.steps[1].shard.helpers");
     assert!(msg.contains("at most 64"), "{msg}");
 
-    let (_, _, field, msg) = only(&SHARDED.replace("shard.list = \"go tool dist test -list\"\n", ""));
+    let (_, _, field, msg) =
+        only(&SHARDED.replace("shard.list = \"go tool dist test -list\"\n", ""));
     assert_eq!(field, "builders.b.steps[1].shard.list");
     assert!(msg.contains("shard.list is required"), "{msg}");
 
-    let (_, _, field, msg) = only(&SHARDED.replace("shard.helpers = 3", "shard.helpers = 3\nrun = \"x\""));
+    let (_, _, field, msg) =
+        only(&SHARDED.replace("shard.helpers = 3", "shard.helpers = 3\nrun = \"x\""));
     assert_eq!(field, "builders.b.steps[1].run");
     assert!(msg.contains("remove run or shard"), "{msg}");
 
@@ -1046,6 +1052,9 @@ fn sharded_step_errors_name_the_field() {
     assert_eq!(field, "builders.b.steps[1].shard.helper");
     assert!(msg.contains("helpers"), "did you mean: {msg}");
 
-    let (_, _, field, _) = only(&SHARDED.replace("shard.run = \"go tool dist test -run ^{unit}$\"", "shard.run = \"\""));
+    let (_, _, field, _) = only(&SHARDED.replace(
+        "shard.run = \"go tool dist test -run ^{unit}$\"",
+        "shard.run = \"\"",
+    ));
     assert_eq!(field, "builders.b.steps[1].shard.run");
 }

@@ -115,3 +115,126 @@ fn coordinator_killed_mid_build_requeues_and_finishes_once() {
         "{finished}"
     );
 }
+
+/// Units of the sharded test below. `hold` keeps the build's own machine
+/// busy until `victim` has started elsewhere (on the helper), which then
+/// sleeps until the test SIGKILLs that machine; run again, it passes.
+const SHARD_UNITS: &str = r#"case "$1" in
+hold)
+  i=0
+  while [ $i -lt 300 ]; do [ -e "$MARK/victim" ] && exit 0; sleep 0.1; i=$((i+1)); done
+  echo "the victim never started"; exit 1;;
+victim)
+  if [ -e "$MARK/victim" ]; then echo "victim runs again in $(pwd)"; exit 0; fi
+  pwd > "$MARK/victim.tmp" && mv "$MARK/victim.tmp" "$MARK/victim"
+  exec sleep 30;;
+*) exec sleep 0.1;;
+esac
+"#;
+
+#[test]
+fn a_helper_killed_mid_unit_loses_only_that_unit_which_runs_again_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("mark");
+    std::fs::create_dir_all(&mark).unwrap();
+    let mut repo = TestRepo::new(&dir.path().join("repo"));
+    repo.commit("one", &[("unit.sh", SHARD_UNITS)]);
+    let builder = format!(
+        r#"
+[builders.sharded]
+host = "host-test-trusted"
+repos = ["r"]
+timeout = "3m"
+env = {{ MARK = "{}" }}
+[[builders.sharded.steps]]
+name = "test"
+shard.list = "printf 'hold\nvictim\nq1\nq2\nq3\n'"
+shard.run = ["sh", "unit.sh", "{{unit}}"]
+shard.helpers = 1
+timeout = "2m"
+"#,
+        mark.display()
+    );
+    let cfg = dir.path().join("farm.toml");
+    std::fs::write(&cfg, config(&repo.path, &builder)).unwrap();
+    let c = Coordinator::start(&dir.path().join("data"), &cfg);
+    let key = c.key("host-test-trusted");
+    let bots = dir.path().join("bots");
+    let mut alpha = Bot::start(&c, &bots, "host-test-trusted", "alpha", Some(&key));
+    let mut beta = Bot::start(&c, &bots, "host-test-trusted", "beta", Some(&key));
+    let victim_file = mark.join("victim");
+    let start = std::time::Instant::now();
+    while !victim_file.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the victim unit never started; coordinator:\n{}",
+            c.err.all()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let victim_dir = std::fs::read_to_string(&victim_file).unwrap();
+    let (killed, survivor) = if victim_dir.contains("wd-alpha") {
+        alpha.kill();
+        ("alpha", "beta")
+    } else {
+        assert!(victim_dir.contains("wd-beta"), "{victim_dir}");
+        beta.kill();
+        ("beta", "alpha")
+    };
+    let builds = c.wait_builds_done(1, Duration::from_secs(90));
+    assert_eq!(builds[0]["status"], "passed", "{}", builds[0]);
+    let id = builds[0]["id"].as_i64().unwrap();
+    let detail = c.get(&format!("/api/builds/{id}"));
+    let attempts = detail["attempts"].as_array().unwrap();
+    assert_eq!(
+        attempts.len(),
+        1,
+        "the build itself was not retried: {detail}"
+    );
+    assert_eq!(
+        attempts[0]["machine"], survivor,
+        "the helper was the one killed"
+    );
+    let runs = detail["shards"][0]["runs"].as_array().unwrap();
+    let of = |unit: &str| -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = runs
+            .iter()
+            .filter(|r| r["unit"] == unit)
+            .map(|r| {
+                (
+                    r["result"].as_str().unwrap().to_string(),
+                    r["machine"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        of("victim"),
+        [
+            ("lost".to_string(), killed.to_string()),
+            ("passed".to_string(), survivor.to_string())
+        ],
+        "{detail}"
+    );
+    for u in ["hold", "q1", "q2", "q3"] {
+        let r = of(u);
+        assert_eq!(r.len(), 1, "{u} ran once: {detail}");
+        assert_eq!(r[0].0, "passed", "{u}: {detail}");
+    }
+    let log = c.get_text(&format!("/api/builds/{id}/log"));
+    assert!(log.contains("the unit goes back to the queue"), "{log}");
+    assert!(log.contains("victim runs again"), "{log}");
+    // The page shows the units and the machines' timelines.
+    let page = c.get_text(&format!("/builds/{id}"));
+    assert!(page.contains("Units of step test"), "{page}");
+    assert!(page.contains("<svg class=\"timeline\""), "{page}");
+    assert!(page.contains("victim on"), "{page}");
+    // The lost helper is out of the pool; the survivor is idle again.
+    c.wait("the survivor idle", Duration::from_secs(20), |c| {
+        let m = c.get("/api/machines")["connected"].clone();
+        let m = m.as_array().unwrap();
+        (m.len() == 1 && m[0]["hostname"] == survivor && m[0]["state"] == "idle").then_some(())
+    });
+}

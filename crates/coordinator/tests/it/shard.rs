@@ -84,8 +84,9 @@ fn units_run_once_each_across_helpers_and_history_puts_the_longest_first() {
     let mut repo = TestRepo::new(&dir.path().join("repo"));
     let commit = repo.commit("one", &[("unit.sh", UNIT_SH)]);
     // Listed shortest first, so the list's order and the measured order differ.
+    // 80 ms apart at least: far beyond the noise of starting a process.
     let units = [
-        "a-0.01", "b-0.05", "c-0.1", "d-0.2", "e-0.3", "f-0.45", "g-0.6", "h-0.02",
+        "a-0", "b-0.16", "c-0.24", "d-0.32", "e-0.4", "f-0.5", "g-0.6", "h-0.08",
     ];
     rt().block_on(async {
         let f = InProc::start(&config(&repo.path, &builders(&units, 2, 0))).await;
@@ -111,7 +112,7 @@ fn units_run_once_each_across_helpers_and_history_puts_the_longest_first() {
         let steps = f.farm.store.steps(id).await.unwrap();
         let log = f.farm.store.step_log(steps[1].id).await.unwrap().unwrap();
         let log = String::from_utf8_lossy(&log);
-        assert!(log.contains("8 units listed, 0 with past durations"), "{log}");
+        assert!(log.contains("8 units listed, no past durations"), "{log}");
         assert!(log.contains("unit g-0.6 (FARMER_UNIT=g-0.6)"), "{log}");
         assert!(log.contains("--- unit g-0.6 on m"), "{log}");
         assert!(log.contains("helper m"), "{log}");
@@ -136,7 +137,9 @@ fn units_run_once_each_across_helpers_and_history_puts_the_longest_first() {
         let order: Vec<&str> = runs.iter().map(|r| r.unit.as_str()).collect();
         assert_eq!(
             order,
-            ["g-0.6", "f-0.45", "e-0.3", "d-0.2", "c-0.1", "b-0.05", "h-0.02", "a-0.01"]
+            [
+                "g-0.6", "f-0.5", "e-0.4", "d-0.32", "c-0.24", "b-0.16", "h-0.08", "a-0"
+            ]
         );
         let steps = f.farm.store.steps(id2).await.unwrap();
         let log = f.farm.store.step_log(steps[1].id).await.unwrap().unwrap();
@@ -167,7 +170,8 @@ fn a_failing_unit_fails_the_build_by_name_and_helpers_go_back() {
         let b = f.finished(id).await;
         assert_eq!(b.status, BuildStatus::Failed, "{b:?}");
         assert!(
-            b.error.contains("step test: unit bad-0.05 failed: exit status 1"),
+            b.error
+                .contains("step test: unit bad-0.05 failed: exit status 1"),
             "{}",
             b.error
         );
@@ -203,28 +207,40 @@ fn cancelling_a_sharded_build_gives_every_helper_back_at_once() {
             .await
             .unwrap();
         // Two helpers hold machines (the third request waits: no machine).
-        f.until("all three machines at work", Duration::from_secs(20), || {
-            let m = machines(&f);
-            let helpers = m
-                .iter()
-                .filter(|(_, s)| {
-                    *s == MachineState::Leased {
-                        holder: Holder::Helper { build_id: id },
-                    }
-                })
-                .count();
-            helpers == 2
-                && f.farm
-                    .running(id)
-                    .is_some_and(|r| r.progress.lock().unwrap().contains("3 running"))
-        })
+        f.until(
+            "all three machines at work",
+            Duration::from_secs(20),
+            || {
+                let m = machines(&f);
+                let helpers = m
+                    .iter()
+                    .filter(|(_, s)| {
+                        *s == MachineState::Leased {
+                            holder: Holder::Helper { build_id: id },
+                        }
+                    })
+                    .count();
+                helpers == 2
+                    && f.farm
+                        .running(id)
+                        .is_some_and(|r| r.progress.lock().unwrap().contains("3 running"))
+            },
+        )
         .await;
-        assert_eq!(f.farm.scheduler.waiting("host-a"), 1, "the third helper waits");
+        assert_eq!(
+            f.farm.scheduler.waiting("host-a"),
+            1,
+            "the third helper waits"
+        );
         f.farm.cancel(id).await.unwrap();
         let b = f.finished(id).await;
         assert_eq!(b.status, BuildStatus::Cancelled, "{b:?}");
         all_idle(&f, 3).await;
-        assert_eq!(f.farm.scheduler.waiting("host-a"), 0, "no helper request left");
+        assert_eq!(
+            f.farm.scheduler.waiting("host-a"),
+            0,
+            "no helper request left"
+        );
         // The units cut short are on record as such.
         let runs = f.farm.store.unit_runs(id).await.unwrap();
         assert_eq!(runs.len(), 3, "{runs:?}");

@@ -37,11 +37,17 @@
 //!    protocol (the coordinator's `/status` confirmation, HTTP/2 PINGs and
 //!    health checks). `RLIMIT_NOFILE` is raised first so the coordinator
 //!    inherits it.
+//! 5. **gomote.** See `bench_gomote`.
+//! 6. **Sharded tests.** See `coordinator/shard.rs`.
 //!
 //! The coordinators log (`FARMER_LOG=warn`) and the buildlets log
 //! (`BUILDLET_LOG=warn`) to files in the temp dir; every child is killed at
 //! the end, also on a panic, and the temp dir is removed.
 
+#[path = "coordinator/shard.rs"]
+mod shard;
+
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -108,7 +114,7 @@ async fn run(nofile: Option<String>) -> anyhow::Result<()> {
         &commit[..12]
     );
     // FARMER_BENCH=gomote (or a comma list of dispatch, throughput,
-    // elastic, memory, gomote) runs only those sections.
+    // elastic, memory, gomote, shard) runs only those sections.
     let only = std::env::var("FARMER_BENCH").unwrap_or_default();
     let wanted = |s: &str| only.is_empty() || only.split(',').any(|x| x.trim() == s);
     if wanted("dispatch") {
@@ -125,6 +131,9 @@ async fn run(nofile: Option<String>) -> anyhow::Result<()> {
     }
     if wanted("gomote") {
         bench_gomote(&dir).await?;
+    }
+    if wanted("shard") {
+        shard::bench_shard(&dir).await?;
     }
     Ok(())
 }
@@ -313,16 +322,7 @@ async fn bench_throughput(dir: &Path, repo: &Path, commit: &str) -> anyhow::Resu
     let c = Coordinator::start(dir, "throughput", &config)?;
     let api = Api::new(&c);
     let key = c.key("host-bench-four")?;
-    let mut bots = Vec::new();
-    for i in 1..=TPUT_BUILDLETS {
-        bots.push(start_buildlet(
-            &c,
-            dir,
-            "host-bench-four",
-            &format!("four-{i}"),
-            &key,
-        )?);
-    }
+    let _bots = start_buildlets(&c, dir, "host-bench-four", "four", TPUT_BUILDLETS, &key)?;
     wait_connected(
         &api,
         "host-bench-four",
@@ -776,6 +776,20 @@ impl Coordinator {
     }
 }
 
+/// `n` buildlets of `host_type` named `PREFIX-1` … `PREFIX-n`.
+fn start_buildlets(
+    c: &Coordinator,
+    dir: &Path,
+    host_type: &str,
+    prefix: &str,
+    n: usize,
+    key: &str,
+) -> anyhow::Result<Vec<Proc>> {
+    (1..=n)
+        .map(|i| start_buildlet(c, dir, host_type, &format!("{prefix}-{i}"), key))
+        .collect()
+}
+
 /// Starts `farmer buildlet` in reverse mode with a key file and the pin.
 fn start_buildlet(
     c: &Coordinator,
@@ -811,9 +825,17 @@ fn start_buildlet(
 
 /// A one-file repository on branch `main`; returns the commit hash.
 fn make_repo(path: &Path) -> anyhow::Result<String> {
+    make_repo_with(path, &[("README", "farmer coordinator bench\n")])
+}
+
+/// A repository on branch `main` with one commit of `files`; returns the
+/// commit hash.
+fn make_repo_with(path: &Path, files: &[(&str, &str)]) -> anyhow::Result<String> {
     std::fs::create_dir_all(path)?;
     git(path, &["init", "-q", "-b", "main"])?;
-    std::fs::write(path.join("README"), "farmer coordinator bench\n")?;
+    for (name, text) in files {
+        std::fs::write(path.join(name), text)?;
+    }
     git(path, &["add", "-A"])?;
     git(
         path,

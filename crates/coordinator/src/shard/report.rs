@@ -13,7 +13,7 @@ use crate::store::UnitRun;
 pub const UNITS_SHOWN: usize = 50;
 /// Spans drawn per step's chart (the longest); beyond that a chart says
 /// nothing more to a reader and costs the browser.
-pub const SPANS_DRAWN: usize = 5000;
+pub const SPANS_DRAWN: usize = 2000;
 /// Width of the chart in SVG units.
 const CHART_WIDTH: f64 = 1000.0;
 /// Height of one machine's lane in SVG units.

@@ -34,7 +34,7 @@ use crate::scheduler::{LeaseRequest, Ticket};
 use crate::store::{BuildKind, BuildRow, UnitRun, now_ms};
 
 /// Output of one unit kept for the log: its end, where failures are.
-const UNIT_OUTPUT: usize = 1 << 20;
+const UNIT_OUTPUT: usize = 256 << 10;
 /// Output of a helper's preparation kept to explain why it failed.
 const PREPARE_OUTPUT: usize = 64 << 10;
 /// Units named in the log line that shows the order.

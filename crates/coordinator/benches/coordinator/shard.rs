@@ -186,7 +186,7 @@ async fn shard_run(api: &Api, id: i64) -> anyhow::Result<ShardRun> {
         v["build"]["error"]
     );
     let s = &v["shards"][0];
-    let runs = s["runs"].as_array().context("no unit runs")?;
+    let runs = s["units"].as_array().context("no unit runs")?;
     let times: Vec<(String, f64)> = runs
         .iter()
         .filter(|r| r["result"] == "passed")

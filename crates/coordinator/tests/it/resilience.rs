@@ -195,7 +195,7 @@ timeout = "2m"
         attempts[0]["machine"], survivor,
         "the helper was the one killed"
     );
-    let runs = detail["shards"][0]["runs"].as_array().unwrap();
+    let runs = detail["shards"][0]["units"].as_array().unwrap();
     let of = |unit: &str| -> Vec<(String, String)> {
         let mut v: Vec<(String, String)> = runs
             .iter()
@@ -230,7 +230,7 @@ timeout = "2m"
     let page = c.get_text(&format!("/builds/{id}"));
     assert!(page.contains("Units of step test"), "{page}");
     assert!(page.contains("<svg class=\"timeline\""), "{page}");
-    assert!(page.contains("victim on"), "{page}");
+    assert!(page.contains("victim: lost in"), "{page}");
     // The lost helper is out of the pool; the survivor is idle again.
     c.wait("the survivor idle", Duration::from_secs(20), |c| {
         let m = c.get("/api/machines")["connected"].clone();

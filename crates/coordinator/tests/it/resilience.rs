@@ -134,6 +134,17 @@ esac
 
 #[test]
 fn a_helper_killed_mid_unit_loses_only_that_unit_which_runs_again_elsewhere() {
+    helper_fails_mid_unit(false);
+}
+
+/// A helper that stops answering (SIGSTOP: its link stays open) is dropped
+/// once its heartbeats go unanswered, and its unit runs elsewhere.
+#[test]
+fn a_helper_that_stops_answering_mid_unit_loses_only_that_unit() {
+    helper_fails_mid_unit(true);
+}
+
+fn helper_fails_mid_unit(stop_instead_of_kill: bool) {
     let dir = tempfile::tempdir().unwrap();
     let mark = dir.path().join("mark");
     std::fs::create_dir_all(&mark).unwrap();
@@ -156,7 +167,12 @@ timeout = "2m"
         mark.display()
     );
     let cfg = dir.path().join("farm.toml");
-    std::fs::write(&cfg, config(&repo.path, &builder)).unwrap();
+    let mut farm = config(&repo.path, &builder);
+    if stop_instead_of_kill {
+        // Silence is noticed after 5 s here (heartbeats go every second).
+        farm = farm.replace("heartbeat_timeout = \"30s\"", "heartbeat_timeout = \"5s\"");
+    }
+    std::fs::write(&cfg, farm).unwrap();
     let c = Coordinator::start(&dir.path().join("data"), &cfg);
     let key = c.key("host-test-trusted");
     let bots = dir.path().join("bots");
@@ -173,14 +189,22 @@ timeout = "2m"
         std::thread::sleep(Duration::from_millis(20));
     }
     let victim_dir = std::fs::read_to_string(&victim_file).unwrap();
-    let (killed, survivor) = if victim_dir.contains("wd-alpha") {
-        alpha.kill();
-        ("alpha", "beta")
+    let (victim, killed, survivor) = if victim_dir.contains("wd-alpha") {
+        (&mut alpha, "alpha", "beta")
     } else {
         assert!(victim_dir.contains("wd-beta"), "{victim_dir}");
-        beta.kill();
-        ("beta", "alpha")
+        (&mut beta, "beta", "alpha")
     };
+    if stop_instead_of_kill {
+        // Still connected, never answering; killed when the test ends.
+        let st = std::process::Command::new("kill")
+            .args(["-STOP", &victim.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    } else {
+        victim.kill();
+    }
     let builds = c.wait_builds_done(1, Duration::from_secs(90));
     assert_eq!(builds[0]["status"], "passed", "{}", builds[0]);
     let id = builds[0]["id"].as_i64().unwrap();

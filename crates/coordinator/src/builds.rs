@@ -393,13 +393,6 @@ impl Farm {
                 };
                 let (end, survivor) = self.run_sharded(&run, main, &mut cancel).await;
                 if let Some(s) = survivor {
-                    rb.log.append(
-                        format!(
-                            "farmer: {} was lost; the build goes on on helper {}\n",
-                            main.hostname, s.hostname
-                        )
-                        .as_bytes(),
-                    );
                     *rb.machine.lock().unwrap_or_else(|e| e.into_inner()) = s.hostname.clone();
                     *main = s;
                     client = main.client.clone();

@@ -884,9 +884,27 @@ fn shard(ctx: &mut Ctx<'_>, e: &Entry<'_>, who: &str) -> Option<Shard> {
     };
     let list = required(ctx, "list", "go tool dist test -list");
     let run = required(ctx, "run", "go tool dist test -run ^{unit}$");
+    // A string runs with `sh -c`; so does a list that names a shell with
+    // `-c`: either way `{unit}` lands in a script and is quoted for it.
     let run_is_script = run
         .as_ref()
-        .is_some_and(|(_, e)| matches!(e.value, Raw::Str(_)));
+        .is_some_and(|(cmd, e)| matches!(e.value, Raw::Str(_)) || super::is_shell_script(cmd));
+    if let Some((cmd, e)) = &run
+        && run_is_script
+        && cmd
+            .get(2)
+            .is_some_and(|script| super::unit_in_quotes(script))
+    {
+        ctx.error(
+            Some(e.at),
+            &e.path,
+            format!(
+                "{who}.run puts {{unit}} inside quotes; the unit's name is quoted for the shell \
+                 where it is substituted, so write {{unit}} outside quotes (e.g. -run ^{{unit}}$), \
+                 or use \"$FARMER_UNIT\""
+            ),
+        );
+    }
     let count = |ctx: &mut Ctx<'_>, key: &str| {
         let e = t.get(ctx, key)?;
         let n = ctx.uint(&e)?;

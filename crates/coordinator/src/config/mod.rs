@@ -322,6 +322,49 @@ impl Shard {
     }
 }
 
+/// Whether `cmd` is a shell running a script (`sh -c SCRIPT ...`).
+pub(crate) fn is_shell_script(cmd: &[String]) -> bool {
+    let shell = cmd.first().map(|p| p.rsplit('/').next().unwrap_or(p));
+    matches!(
+        shell,
+        Some("sh" | "bash" | "dash" | "zsh" | "ksh" | "ash" | "mksh")
+    ) && cmd.get(1).is_some_and(|a| a == "-c")
+        && cmd.len() >= 3
+}
+
+/// Whether `{unit}` appears inside single or double quotes of a shell
+/// script, where a quoted name would be quoted twice (and a name with a
+/// quote could end the quotes early).
+pub(crate) fn unit_in_quotes(script: &str) -> bool {
+    #[derive(PartialEq)]
+    enum Q {
+        None,
+        Single,
+        Double,
+    }
+    let mut q = Q::None;
+    let mut escaped = false;
+    for (i, c) in script.char_indices() {
+        if escaped {
+            escaped = false;
+            continue;
+        }
+        if q != Q::None && script[i..].starts_with("{unit}") {
+            return true;
+        }
+        match (&q, c) {
+            (Q::Single, '\'') => q = Q::None,
+            (Q::Single, _) => {}
+            (_, '\\') => escaped = true,
+            (Q::None, '\'') => q = Q::Single,
+            (Q::None, '"') => q = Q::Double,
+            (Q::Double, '"') => q = Q::None,
+            _ => {}
+        }
+    }
+    false
+}
+
 /// `s` as one shell word: unchanged when it holds nothing the shell would
 /// interpret, else single-quoted. Concatenates with its neighbours, so
 /// `^{unit}$` stays one word.

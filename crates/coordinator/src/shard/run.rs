@@ -39,6 +39,10 @@ const UNIT_OUTPUT: usize = 256 << 10;
 const PREPARE_OUTPUT: usize = 64 << 10;
 /// Units named in the log line that shows the order.
 const ORDER_SHOWN: usize = 5;
+/// A unit that loses this many machines fails the step: it is what breaks
+/// them (it kills its buildlet, eats the memory, fills the disk), and
+/// going on would empty the pool one machine at a time.
+const MAX_LOSSES: u32 = 2;
 
 /// What a sharded step needs from its build.
 pub(crate) struct StepRun<'a> {
@@ -60,6 +64,8 @@ pub(crate) struct StepRun<'a> {
 struct Running {
     unit: String,
     since: Instant,
+    /// Its result is being written: the step's end must not record it again.
+    recorded: bool,
 }
 
 /// The step's shared state; every change is followed by `changed`.
@@ -81,6 +87,14 @@ struct Queue {
     /// The helper kept to carry the build on after its machine was lost.
     survivor: Option<Lease>,
     machines: BTreeSet<String>,
+    /// Helper requests still waiting in the lease queue.
+    asking: usize,
+    /// The one helper that stays, idle, while others still run units: a
+    /// unit that comes back from a lost machine (the build's own too)
+    /// finds a machine at once. Other idle helpers go back.
+    standby: Option<u64>,
+    /// How often each unit lost its machine.
+    losses: HashMap<String, u32>,
 }
 
 struct Shared<'r> {
@@ -134,6 +148,29 @@ impl Shared<'_> {
 
 type StepFuture<'f> = Pin<Box<dyn Future<Output = ()> + Send + 'f>>;
 
+/// On drop, gives back every helper lease the step still holds (and the
+/// survivor, unless it was taken): each cleaned on its own task, so
+/// nothing interrupts the cleaning. The one way helpers go back when the
+/// step ends, however it ends.
+struct GiveBack<'r> {
+    farm: Arc<Farm>,
+    sh: &'r Shared<'r>,
+}
+
+impl Drop for GiveBack<'_> {
+    fn drop(&mut self) {
+        let mut leases: Vec<Lease> = self.sh.helpers().drain().map(|(_, l)| l).collect();
+        leases.extend(self.sh.q().survivor.take());
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        for l in leases {
+            let farm = self.farm.clone();
+            rt.spawn(async move { farm.end_lease(l).await });
+        }
+    }
+}
+
 impl Farm {
     /// Runs a sharded step with `main`, the build's machine, and stores the
     /// step's result and log. Returns the outcome and, when `main` was lost
@@ -159,6 +196,15 @@ impl Farm {
         let (outcome, survivor, units, machines) =
             self.sharded(run, main, cancel, step_deadline).await;
         *run.rb.progress.lock().unwrap_or_else(|e| e.into_inner()) = String::new();
+        if let Some(s) = &survivor {
+            log.append(
+                format!(
+                    "farmer: {} was lost; the build goes on on helper {}\n",
+                    main.hostname, s.hostname
+                )
+                .as_bytes(),
+            );
+        }
         let (result, detail) = match &outcome {
             Outcome::Passed => ("passed", String::new()),
             Outcome::Failed(m) => ("failed", m.clone()),
@@ -217,6 +263,7 @@ impl Farm {
                 pending: planned.into(),
                 workers: 1,
                 machines: BTreeSet::from([main.hostname.clone()]),
+                asking: want as usize,
                 ..Default::default()
             }),
             changed: Notify::new(),
@@ -239,6 +286,12 @@ impl Farm {
             }
         ));
         shared.changed();
+        // Gives back whatever helper is left however this function ends
+        // (a panic in a worker, the build's task dropped).
+        let give_back = GiveBack {
+            farm: self.clone(),
+            sh: &shared,
+        };
         let futs: FuturesUnordered<StepFuture<'_>> = FuturesUnordered::new();
         futs.push(Box::pin(self.worker(&shared, main.clone(), true)));
         for _ in 0..want {
@@ -266,7 +319,7 @@ impl Farm {
                     if q.pending.is_empty() {
                         break Outcome::Passed;
                     }
-                    if q.workers == 0 && q.preparing == 0 {
+                    if q.workers == 0 && q.preparing == 0 && q.asking == 0 {
                         break Outcome::Infra(format!(
                             "step {name}: every machine was lost with {} of {total} units left",
                             q.pending.len()
@@ -296,8 +349,12 @@ impl Farm {
         drop(futs);
         let (survivor, machines, cut_short) = {
             let mut q = shared.q();
-            let cut: Vec<(u64, Running)> = q.running.drain().collect();
-            (q.survivor.take(), q.machines.len(), cut)
+            let cut: Vec<(u64, Running)> = q.running.drain().filter(|(_, r)| !r.recorded).collect();
+            let survivor = match outcome {
+                Outcome::Passed => q.survivor.take(),
+                _ => None,
+            };
+            (survivor, q.machines.len(), cut)
         };
         for (lease_id, r) in cut_short {
             let machine = if lease_id == main.id {
@@ -319,30 +376,17 @@ impl Farm {
             )
             .await;
         }
-        // Every helper goes back at once (cleaned for reuse), on its own
-        // task so nothing interrupts the cleaning.
-        let leases: Vec<Lease> = shared.helpers().drain().map(|(_, l)| l).collect();
-        for l in leases {
-            let me = self.clone();
-            tokio::spawn(async move { me.end_lease(l).await });
-        }
+        // Every other helper goes back at once, cleaned for reuse.
+        drop(give_back);
         let main_lost = shared.q().main_lost;
-        let (outcome, survivor) = match (outcome, survivor) {
-            (Outcome::Passed, None) if main_lost && shared.need_survivor => (
+        let outcome = match outcome {
+            Outcome::Passed if main_lost && shared.need_survivor && survivor.is_none() => {
                 Outcome::Infra(format!(
                     "step {name}: {} was lost and no helper was left to run the later steps",
                     main.hostname
-                )),
-                None,
-            ),
-            (Outcome::Passed, s) => (Outcome::Passed, s),
-            (other, s) => {
-                if let Some(s) = s {
-                    let me = self.clone();
-                    tokio::spawn(async move { me.end_lease(s).await });
-                }
-                (other, None)
+                ))
             }
+            o => o,
         };
         (outcome, survivor, total, machines)
     }
@@ -436,17 +480,21 @@ impl Farm {
     /// units like the build's own machine.
     async fn helper(self: &Arc<Self>, sh: &Shared<'_>, mut ticket: Ticket) {
         let asked = Instant::now();
-        let Ok(lease) = ticket.lease().await else {
+        let leased = ticket.lease().await;
+        drop(ticket);
+        let Ok(lease) = leased else {
+            sh.q().asking -= 1;
+            sh.changed();
             return;
         };
-        drop(ticket);
         {
             let mut q = sh.q();
+            q.asking -= 1;
             if q.stop || q.pending.is_empty() {
-                // Nothing left for it: straight back.
+                // Nothing left for it: straight back, untouched.
                 drop(q);
-                let me = self.clone();
-                tokio::spawn(async move { me.end_lease(lease).await });
+                self.pool.release_idle(lease.id);
+                sh.changed();
                 return;
             }
             q.preparing += 1;
@@ -559,20 +607,32 @@ impl Farm {
                         break None;
                     }
                     if let Some(u) = q.pending.pop_front() {
+                        if q.standby == Some(lease.id) {
+                            q.standby = None;
+                        }
                         q.running.insert(
                             lease.id,
                             Running {
                                 unit: u.unit.clone(),
                                 since: Instant::now(),
+                                recorded: false,
                             },
                         );
                         break Some(u);
                     }
-                    // Nothing to hand out. A helper leaves, unless the
-                    // build's machine is gone: a unit that comes back then
-                    // needs it. The build's machine waits while others run.
-                    if q.running.is_empty() || (!main && !q.main_lost) {
+                    // Nothing to hand out. Once nothing runs, everyone
+                    // leaves. Until then the build's machine waits (a unit
+                    // may come back), and so does one helper, the standby,
+                    // or every helper once the build's machine is lost.
+                    if q.running.is_empty() {
                         break None;
+                    }
+                    if !main && !q.main_lost {
+                        match q.standby {
+                            None => q.standby = Some(lease.id),
+                            Some(id) if id == lease.id => {}
+                            Some(_) => break None,
+                        }
                     }
                 }
                 notified.await;
@@ -614,26 +674,42 @@ impl Farm {
                 }
             }
             if result == "lost" {
-                section.extend(b"farmer: the unit goes back to the queue\n");
+                let again = sh.q().losses.get(&unit.unit).copied().unwrap_or(0) + 1 < MAX_LOSSES;
+                section.extend(if again {
+                    &b"farmer: the unit goes back to the queue\n"[..]
+                } else {
+                    &b"farmer: the unit has now broken two machines; it fails the step\n"[..]
+                });
             }
             run.rb.log.append(&section);
+            if let Some(r) = sh.q().running.get_mut(&lease.id) {
+                r.recorded = true;
+            }
             self.record_unit(run, &unit.unit, &lease.hostname, since, result, &detail)
                 .await;
             {
                 let mut q = sh.q();
                 q.running.remove(&lease.id);
+                if main && result == "lost" {
+                    q.main_lost = true;
+                }
+                let lost_too_often = result == "lost" && {
+                    let n = q.losses.entry(unit.unit.clone()).or_default();
+                    *n += 1;
+                    *n >= MAX_LOSSES
+                };
                 match result {
                     "passed" => q.passed += 1,
-                    "failed" => {
-                        q.failures.push((unit.unit.clone(), detail.clone()));
+                    "lost" if !lost_too_often => q.pending.push_front(unit),
+                    "failed" | "lost" => {
+                        let what = if result == "lost" {
+                            format!("it lost its machine {MAX_LOSSES} times (last: {detail})")
+                        } else {
+                            detail.clone()
+                        };
+                        q.failures.push((unit.unit.clone(), what));
                         q.stop = true;
                         sh.abort.send_replace(true);
-                    }
-                    "lost" => {
-                        q.pending.push_front(unit);
-                        if main {
-                            q.main_lost = true;
-                        }
                     }
                     _ => {}
                 }
@@ -654,6 +730,9 @@ impl Farm {
         {
             let mut q = sh.q();
             q.workers -= 1;
+            if q.standby == Some(lease.id) {
+                q.standby = None;
+            }
             if !main && !lost {
                 // Done with this helper: back now, unless it must carry the
                 // build on in place of the lost machine.

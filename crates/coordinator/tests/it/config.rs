@@ -1058,3 +1058,30 @@ fn sharded_step_errors_name_the_field() {
     ));
     assert_eq!(field, "builders.b.steps[1].shard.run");
 }
+
+#[test]
+fn a_shell_in_list_form_quotes_the_unit_and_quotes_around_it_are_refused() {
+    let c = parse(&SHARDED.replace(
+        r#"shard.run = "go tool dist test -run ^{unit}$""#,
+        r#"shard.run = ["/bin/bash", "-c", "t -run ^{unit}$"]"#,
+    ))
+    .unwrap();
+    let s = c.builders["b"].steps[1].shard.clone().unwrap();
+    assert_eq!(s.command_for("x;y")[2], "t -run ^'x;y'$");
+    for quoted in [
+        r#"shard.run = "t -run '^{unit}$'""#,
+        r#"shard.run = "t -run \"^{unit}$\"""#,
+        r#"shard.run = ["sh", "-c", "t \"{unit}\""]"#,
+    ] {
+        let (_, _, field, msg) =
+            only(&SHARDED.replace(r#"shard.run = "go tool dist test -run ^{unit}$""#, quoted));
+        assert_eq!(field, "builders.b.steps[1].shard.run", "{quoted}");
+        assert!(msg.contains("inside quotes"), "{quoted}: {msg}");
+    }
+    // Quotes elsewhere in the script are fine.
+    parse(&SHARDED.replace(
+        r#"shard.run = "go tool dist test -run ^{unit}$""#,
+        r#"shard.run = "echo 'it''s' \"a\\\" b\" && t -run ^{unit}$""#,
+    ))
+    .unwrap();
+}

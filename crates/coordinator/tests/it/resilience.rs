@@ -146,55 +146,17 @@ fn a_helper_that_stops_answering_mid_unit_loses_only_that_unit() {
 
 fn helper_fails_mid_unit(stop_instead_of_kill: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let mark = dir.path().join("mark");
-    std::fs::create_dir_all(&mark).unwrap();
-    let mut repo = TestRepo::new(&dir.path().join("repo"));
-    repo.commit("one", &[("unit.sh", SHARD_UNITS)]);
-    let builder = format!(
-        r#"
-[builders.sharded]
-host = "host-test-trusted"
-repos = ["r"]
-timeout = "3m"
-env = {{ MARK = "{}" }}
-[[builders.sharded.steps]]
-name = "test"
-shard.list = "printf 'hold\nvictim\nq1\nq2\nq3\n'"
-shard.run = ["sh", "unit.sh", "{{unit}}"]
-shard.helpers = 1
-timeout = "2m"
-"#,
-        mark.display()
+    // A silent machine is noticed after 5 s here (heartbeats go every second).
+    let (c, mark, mut bots) = shard_farm(
+        dir.path(),
+        SHARD_UNITS,
+        &sharded_builder("hold\\nvictim\\nq1\\nq2\\nq3\\n", 1, ""),
+        2,
+        if stop_instead_of_kill { "5s" } else { "30s" },
     );
-    let cfg = dir.path().join("farm.toml");
-    let mut farm = config(&repo.path, &builder);
-    if stop_instead_of_kill {
-        // Silence is noticed after 5 s here (heartbeats go every second).
-        farm = farm.replace("heartbeat_timeout = \"30s\"", "heartbeat_timeout = \"5s\"");
-    }
-    std::fs::write(&cfg, farm).unwrap();
-    let c = Coordinator::start(&dir.path().join("data"), &cfg);
-    let key = c.key("host-test-trusted");
-    let bots = dir.path().join("bots");
-    let mut alpha = Bot::start(&c, &bots, "host-test-trusted", "alpha", Some(&key));
-    let mut beta = Bot::start(&c, &bots, "host-test-trusted", "beta", Some(&key));
-    let victim_file = mark.join("victim");
-    let start = std::time::Instant::now();
-    while !victim_file.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the victim unit never started; coordinator:\n{}",
-            c.err.all()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let victim_dir = std::fs::read_to_string(&victim_file).unwrap();
-    let (victim, killed, survivor) = if victim_dir.contains("wd-alpha") {
-        (&mut alpha, "alpha", "beta")
-    } else {
-        assert!(victim_dir.contains("wd-beta"), "{victim_dir}");
-        (&mut beta, "beta", "alpha")
-    };
+    let (victim, mut others) = victim_bot(&c, &mark, &mut bots);
+    let (killed, survivor) = (victim.0, others.remove(0).0);
+    let victim = &mut victim.1;
     if stop_instead_of_kill {
         // Still connected, never answering; killed when the test ends.
         let st = std::process::Command::new("kill")
@@ -260,5 +222,191 @@ timeout = "2m"
         let m = c.get("/api/machines")["connected"].clone();
         let m = m.as_array().unwrap();
         (m.len() == 1 && m[0]["hostname"] == survivor && m[0]["state"] == "idle").then_some(())
+    });
+}
+
+/// A builder whose step `test` is sharded: units from `printf LIST`, run
+/// by `unit.sh`, with `helpers` helpers and `$MARK` set; then a step
+/// `after` running `later`, unless empty.
+fn sharded_builder(list: &str, helpers: u32, later: &str) -> String {
+    let mut b = format!(
+        r#"
+[builders.sharded]
+host = "host-test-trusted"
+repos = ["r"]
+timeout = "3m"
+env = {{ MARK = "MARK_DIR" }}
+[[builders.sharded.steps]]
+name = "test"
+shard.list = "printf '{list}'"
+shard.run = ["sh", "unit.sh", "{{unit}}"]
+shard.helpers = {helpers}
+timeout = "2m"
+"#
+    );
+    if !later.is_empty() {
+        b.push_str(&format!(
+            "[[builders.sharded.steps]]\nname = \"after\"\nrun = \"{later}\"\n"
+        ));
+    }
+    b
+}
+
+/// Starts a coordinator with `builder` (`MARK_DIR` in it becomes the
+/// returned mark dir) and `machines` bots: alpha, beta, gamma.
+fn shard_farm(
+    dir: &std::path::Path,
+    units_sh: &str,
+    builder: &str,
+    machines: usize,
+    heartbeat_timeout: &str,
+) -> (Coordinator, std::path::PathBuf, Vec<(&'static str, Bot)>) {
+    let mark = dir.join("mark");
+    std::fs::create_dir_all(&mark).unwrap();
+    let mut repo = TestRepo::new(&dir.join("repo"));
+    repo.commit("one", &[("unit.sh", units_sh)]);
+    let builder = builder.replace("MARK_DIR", &mark.display().to_string());
+    let cfg = dir.join("farm.toml");
+    let farm = config(&repo.path, &builder).replace(
+        "heartbeat_timeout = \"30s\"",
+        &format!("heartbeat_timeout = \"{heartbeat_timeout}\""),
+    );
+    std::fs::write(&cfg, farm).unwrap();
+    let c = Coordinator::start(&dir.join("data"), &cfg);
+    let key = c.key("host-test-trusted");
+    let bots = dir.join("bots");
+    let all = ["alpha", "beta", "gamma"][..machines]
+        .iter()
+        .map(|n| {
+            (
+                *n,
+                Bot::start(&c, &bots, "host-test-trusted", n, Some(&key)),
+            )
+        })
+        .collect();
+    (c, mark, all)
+}
+
+/// Waits for the `victim` unit to start and splits `bots` into the one
+/// running it and the others.
+fn victim_bot<'b>(
+    c: &Coordinator,
+    mark: &std::path::Path,
+    bots: &'b mut [(&'static str, Bot)],
+) -> (
+    &'b mut (&'static str, Bot),
+    Vec<&'b mut (&'static str, Bot)>,
+) {
+    let victim_file = mark.join("victim");
+    c.wait("the victim unit to start", Duration::from_secs(60), |_| {
+        victim_file.exists().then_some(())
+    });
+    let victim_dir = std::fs::read_to_string(&victim_file).unwrap();
+    let mut victim = None;
+    let mut others = Vec::new();
+    for b in bots.iter_mut() {
+        if victim_dir.contains(&format!("wd-{}/", b.0)) {
+            victim = Some(b);
+        } else {
+            others.push(b);
+        }
+    }
+    (victim.expect("a bot's work dir"), others)
+}
+
+/// The build's own machine SIGKILLed mid-unit with a later step to come:
+/// its unit runs on the helper waiting as a standby, which then carries
+/// the build on; the build is not retried.
+#[test]
+fn the_builds_own_machine_lost_mid_unit_hands_the_build_to_a_helper() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, mark, mut bots) = shard_farm(
+        dir.path(),
+        SHARD_UNITS,
+        &sharded_builder("victim\\nq1\\nq2\\nq3\\n", 1, "echo after in $(pwd)"),
+        2,
+        "30s",
+    );
+    let (victim, others) = victim_bot(&c, &mark, &mut bots);
+    let (main, helper) = (victim.0, others[0].0);
+    let bot = &mut victim.1;
+    // The helper has run the short units and waits as the standby.
+    let id = c.wait(
+        "the helper done with q1..q3",
+        Duration::from_secs(30),
+        |c| {
+            let b = c.get("/api/builds?status=running");
+            let id = b.as_array().unwrap().first()?["id"].as_i64()?;
+            let d = c.get(&format!("/api/builds/{id}"));
+            let done = d["shards"][0]["units"].as_array()?.len();
+            (done == 3).then_some(id)
+        },
+    );
+    bot.kill();
+    let builds = c.wait_builds_done(1, Duration::from_secs(90));
+    assert_eq!(builds[0]["status"], "passed", "{}", builds[0]);
+    let detail = c.get(&format!("/api/builds/{id}"));
+    let attempts = detail["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 1, "not retried: {detail}");
+    assert_eq!(attempts[0]["machine"], main);
+    let victim: Vec<(&str, &str)> = detail["shards"][0]["units"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["unit"] == "victim")
+        .map(|r| {
+            (
+                r["result"].as_str().unwrap(),
+                r["machine"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert!(victim.contains(&("lost", main)), "{detail}");
+    assert!(victim.contains(&("passed", helper)), "{detail}");
+    let log = c.get_text(&format!("/api/builds/{id}/log"));
+    assert!(
+        log.contains(&format!(
+            "{main} was lost; the build goes on on helper {helper}"
+        )),
+        "{log}"
+    );
+    assert!(log.contains(&format!("wd-{helper}/src")), "{log}");
+    assert!(log.contains("after in "), "{log}");
+    let after = log.split("after in ").nth(1).unwrap();
+    assert!(
+        after.contains(&format!("wd-{helper}")),
+        "the later step ran on the helper: {log}"
+    );
+}
+
+/// A unit that kills whatever machine runs it fails the step after two
+/// machines, by name, instead of going through the whole pool (and the
+/// build is not retried: the unit is at fault).
+#[test]
+fn a_unit_that_breaks_its_machines_fails_after_two_instead_of_emptying_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let units = "case \"$1\" in poison) echo \"poison on $(pwd)\"; kill -9 $PPID; sleep 30;; *) exec sleep 0.1;; esac\n";
+    let (c, _mark, _bots) = shard_farm(
+        dir.path(),
+        units,
+        &sharded_builder("poison\\nq1\\nq2\\n", 2, ""),
+        3,
+        "30s",
+    );
+    let builds = c.wait_builds_done(1, Duration::from_secs(90));
+    assert_eq!(builds[0]["status"], "failed", "{}", builds[0]);
+    let error = builds[0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("unit poison failed: it lost its machine 2 times"),
+        "{error}"
+    );
+    let id = builds[0]["id"].as_i64().unwrap();
+    let detail = c.get(&format!("/api/builds/{id}"));
+    assert_eq!(detail["attempts"].as_array().unwrap().len(), 1, "{detail}");
+    // Two machines broke; the third is back, idle.
+    c.wait("one machine left, idle", Duration::from_secs(30), |c| {
+        let m = c.get("/api/machines")["connected"].clone();
+        let m = m.as_array().unwrap();
+        (m.len() == 1 && m[0]["state"] == "idle").then_some(())
     });
 }

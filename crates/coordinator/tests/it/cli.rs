@@ -191,6 +191,26 @@ fn up_builds_the_sample_on_every_builder_and_stops_cleanly() {
     assert_eq!(builders.len(), 3);
     assert!(builds.iter().any(|b| b["status"] == "failed"));
     assert!(builds.iter().any(|b| b["status"] == "passed"));
+    // The race builder's tests are sharded: on the newest commit, one unit
+    // per test file, each run once.
+    let race = builds
+        .iter()
+        .filter(|b| b["builder"] == "linux-amd64-race")
+        .max_by_key(|b| b["commit_time"].as_i64())
+        .unwrap();
+    let detail: serde_json::Value = serde_json::from_str(&common::http_get(&format!(
+        "http://{addr}/api/builds/{}",
+        race["id"]
+    )))
+    .unwrap();
+    let mut units: Vec<&str> = detail["shards"][0]["units"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["unit"].as_str().unwrap())
+        .collect();
+    units.sort();
+    assert_eq!(units, ["hello", "world"], "{detail}");
     let grid = common::http_get(&format!("http://{addr}/"));
     assert!(
         grid.contains("<td class=\"fail\">") && grid.contains("<td class=\"ok\">"),

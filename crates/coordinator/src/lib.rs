@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod poller;
 pub mod pool;
 pub mod release;
+pub mod results;
 pub mod reverse;
 pub mod run;
 #[cfg(unix)]

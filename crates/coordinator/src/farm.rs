@@ -35,6 +35,8 @@ pub struct RunningBuild {
     /// How far a sharded step is ("37 of 200 units done on 4 machines");
     /// empty otherwise.
     pub progress: Mutex<String>,
+    /// Tests (or units) that failed, then passed when run again.
+    pub flaky: Mutex<Vec<String>>,
 }
 
 /// Why a request to create a build was refused.
@@ -286,6 +288,7 @@ impl Farm {
                     machine: Mutex::new(String::new()),
                     step: Mutex::new(String::new()),
                     progress: Mutex::new(String::new()),
+                    flaky: Mutex::new(Vec::new()),
                 })
             })
             .clone()

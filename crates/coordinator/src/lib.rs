@@ -6,6 +6,7 @@ pub mod admin_cli;
 pub mod api;
 pub mod artifacts;
 pub mod auth;
+pub mod bounded;
 pub mod builds;
 pub mod ca;
 pub mod client;

@@ -1,47 +1,36 @@
-//! Counters the coordinator keeps for `/metrics`: builds finished by status
-//! and the dispatch latency histogram. The farm holds a [`Metrics`] and
-//! counts into it, so this module knows nothing of the farm; the Prometheus
-//! text is written above the farm, by `api::metrics`.
+//! The coordinator's own counters for `/metrics`, kept with a maintained
+//! Prometheus library (`prometheus-client`): builds finished by status,
+//! dispatch latency (buckets up to hours: queue waits are long on a busy
+//! farm), where an attempt's time goes, flaky tests per builder. The farm
+//! holds a [`Metrics`] and counts into it, so this module knows nothing of
+//! the farm; the exposition, with the gauges read from the farm's state at
+//! scrape time, is written above the farm by `api::metrics`.
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 use crate::store::BuildStatus;
 
-/// Upper bounds (seconds) of the dispatch latency histogram.
-const BUCKETS: [f64; 12] = [
-    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+/// Upper bounds (seconds) of the dispatch latency histogram: from a
+/// millisecond (an idle farm) to four hours (a queue behind a slow port).
+pub const DISPATCH_BUCKETS: [f64; 19] = [
+    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0,
+    1800.0, 3600.0, 7200.0, 14400.0,
 ];
 
-#[derive(Default)]
-struct Inner {
-    finished: BTreeMap<&'static str, u64>,
-    dispatch_counts: [u64; BUCKETS.len()],
-    dispatch_sum: f64,
-    dispatch_n: u64,
-    /// Where a build's time goes, by phase: (sum of seconds, count).
-    phases: BTreeMap<&'static str, (f64, u64)>,
-}
+/// Upper bounds (seconds) of the phase histograms.
+const PHASE_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0,
+];
 
-/// The counters at one moment.
-pub struct Snapshot {
-    /// Builds that reached a final status since start, by status name.
-    pub finished: BTreeMap<&'static str, u64>,
-    /// Dispatch latency histogram: (upper bound in seconds, dispatches at or
-    /// below it), smallest bound first.
-    pub dispatch_buckets: Vec<(f64, u64)>,
-    /// Sum of all dispatch latencies, in seconds.
-    pub dispatch_sum: f64,
-    /// Number of dispatches.
-    pub dispatch_count: u64,
-    /// Time spent per phase of a build attempt: (phase, seconds, count).
-    pub phases: Vec<(&'static str, f64, u64)>,
-}
-
-/// The phases of a build attempt that [`Metrics::observe_phase`] times, in
-/// the order they happen: what the dispatch bench prints, so the next
-/// person knows where a build's first milliseconds go.
+/// The phases of a build attempt that [`Metrics::phase`] times, in the
+/// order they happen: what the dispatch bench prints, so the next person
+/// knows where a build's first milliseconds go.
 pub const PHASES: [&str; 6] = [
     "record-start",
     "source-archive",
@@ -50,6 +39,27 @@ pub const PHASES: [&str; 6] = [
     "record-result",
     "clean",
 ];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuilderLabel {
+    pub builder: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn phase_histogram() -> Histogram {
+    Histogram::new(PHASE_BUCKETS)
+}
 
 /// See [`Metrics::phase`].
 pub struct PhaseTimer<'a> {
@@ -64,41 +74,57 @@ impl Drop for PhaseTimer<'_> {
     }
 }
 
-#[derive(Default)]
+/// The counters. Each metric is a shared handle: registering it in a
+/// scrape's registry reads the same values.
 pub struct Metrics {
-    inner: Mutex<Inner>,
+    finished: Family<StatusLabel, Counter>,
+    dispatch: Histogram,
+    phases: HistogramFamily<PhaseLabel>,
+    flaky: Family<BuilderLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let m = Metrics {
+            finished: Family::default(),
+            dispatch: Histogram::new(DISPATCH_BUCKETS),
+            phases: Family::new_with_constructor(phase_histogram as fn() -> Histogram),
+            flaky: Family::default(),
+        };
+        // Every series from the start, zeros included, so none has gaps.
+        for s in BuildStatus::ALL.iter().filter(|s| s.is_terminal()) {
+            let _ = m.finished.get_or_create(&StatusLabel {
+                status: s.as_str().into(),
+            });
+        }
+        for p in PHASES {
+            let _ = m.phases.get_or_create(&PhaseLabel { phase: p.into() });
+        }
+        m
+    }
 }
 
 impl Metrics {
     pub fn build_finished(&self, s: BuildStatus) {
-        *self
-            .inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .finished
-            .entry(s.as_str())
-            .or_default() += 1;
+        self.finished
+            .get_or_create(&StatusLabel {
+                status: s.as_str().into(),
+            })
+            .inc();
     }
 
     /// Time from queueing (or re-queueing) a build to its machine being leased.
     pub fn observe_dispatch(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if s <= *b {
-                g.dispatch_counts[i] += 1;
-            }
-        }
-        g.dispatch_sum += s;
-        g.dispatch_n += 1;
+        self.dispatch.observe(d.as_secs_f64());
     }
 
     /// Time spent in one phase of a build attempt (one of [`PHASES`]).
     pub fn observe_phase(&self, phase: &'static str, d: Duration) {
-        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let e = g.phases.entry(phase).or_default();
-        e.0 += d.as_secs_f64();
-        e.1 += 1;
+        self.phases
+            .get_or_create(&PhaseLabel {
+                phase: phase.into(),
+            })
+            .observe(d.as_secs_f64());
     }
 
     /// Times a phase until the returned guard is dropped (whatever way the
@@ -111,21 +137,36 @@ impl Metrics {
         }
     }
 
-    /// A copy of the counters, for `/metrics`.
-    pub fn snapshot(&self) -> Snapshot {
-        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        Snapshot {
-            finished: g.finished.clone(),
-            dispatch_buckets: BUCKETS.iter().copied().zip(g.dispatch_counts).collect(),
-            dispatch_sum: g.dispatch_sum,
-            dispatch_count: g.dispatch_n,
-            phases: PHASES
-                .iter()
-                .map(|p| {
-                    let (s, n) = g.phases.get(p).copied().unwrap_or_default();
-                    (*p, s, n)
-                })
-                .collect(),
-        }
+    /// Tests of `builder` that failed, then passed when run again.
+    pub fn flaky_tests(&self, builder: &str, n: u64) {
+        self.flaky
+            .get_or_create(&BuilderLabel {
+                builder: builder.into(),
+            })
+            .inc_by(n);
+    }
+
+    /// Adds these counters to a scrape's registry.
+    pub fn register(&self, reg: &mut Registry) {
+        reg.register(
+            "farmer_builds_finished",
+            "Builds that reached a final status since the coordinator started",
+            self.finished.clone(),
+        );
+        reg.register(
+            "farmer_dispatch_latency_seconds",
+            "From a build queued to its machine leased",
+            self.dispatch.clone(),
+        );
+        reg.register(
+            "farmer_build_phase_seconds",
+            "Where build attempts spend their time, by phase (record-start, source-archive, source-push, steps, record-result, clean)",
+            self.phases.clone(),
+        );
+        reg.register(
+            "farmer_flaky_tests",
+            "Tests (or units of sharded steps) that failed, then passed when run again, by builder",
+            self.flaky.clone(),
+        );
     }
 }

@@ -73,7 +73,7 @@ pub type ApiResult<T> = Result<T, ApiError>;
 
 async fn metrics_text(State(farm): State<Arc<Farm>>) -> Response {
     let body = metrics::render(&farm).await;
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response()
 }
 
 async fn status(State(farm): State<Arc<Farm>>) -> ApiResult<Json<serde_json::Value>> {

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use super::raw::{At, Ctx, Entry, Located, Raw, Table, join};
 use super::{
-    BuildConfig, ExecConfig, FarmConfig, FarmSettings, GomoteAccess, HostConfig, MAX_SHARD_HELPERS,
-    PoolKind, RepoConfig, Shard, Step, duration,
+    BuildConfig, ExecConfig, FarmConfig, FarmSettings, GomoteAccess, HostConfig, MAX_RETRY_FAILED,
+    MAX_SHARD_HELPERS, PoolKind, RepoConfig, Shard, Step, duration,
 };
+use crate::results::{Format, ResultFiles};
 
 const TOP_KEYS: &[&str] = &["farm", "repos", "hosts", "builders"];
 const FARM_KEYS: &[&str] = &[
@@ -56,8 +57,11 @@ const BUILDER_KEYS: &[&str] = &[
     "timeout",
     "presubmit",
     "notes",
+    "retry_failed",
 ];
-const STEP_KEYS: &[&str] = &["name", "run", "command", "dir", "env", "timeout", "shard"];
+const STEP_KEYS: &[&str] = &[
+    "name", "run", "command", "dir", "env", "timeout", "shard", "results",
+];
 const SHARD_KEYS: &[&str] = &["list", "run", "helpers", "try_helpers"];
 
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(30);
@@ -681,6 +685,23 @@ fn builder(ctx: &mut Ctx<'_>, e: &Entry<'_>, t: &Table<'_>) -> (BuildConfig, Bui
     let timeout = optional(ctx, t, "timeout", Ctx::duration).unwrap_or(DEFAULT_BUILD_TIMEOUT);
     let presubmit = optional(ctx, t, "presubmit", Ctx::boolean).unwrap_or(false);
     let notes = optional(ctx, t, "notes", Ctx::string).unwrap_or_default();
+    let retry_failed = match t.get(ctx, "retry_failed") {
+        Some(e) => match ctx.uint(&e) {
+            Some(n) if n > MAX_RETRY_FAILED => {
+                ctx.error(
+                    Some(e.at),
+                    &e.path,
+                    format!(
+                        "{who}: retry_failed = {n} is too many; at most {MAX_RETRY_FAILED} re-runs of failed tests"
+                    ),
+                );
+                0
+            }
+            Some(n) => n,
+            None => 0,
+        },
+        None => 0,
+    };
 
     let config = BuildConfig {
         name: name.to_owned(),
@@ -692,6 +713,7 @@ fn builder(ctx: &mut Ctx<'_>, e: &Entry<'_>, t: &Table<'_>) -> (BuildConfig, Bui
         timeout,
         presubmit,
         notes,
+        retry_failed,
     };
     let refs = BuilderRefs {
         who,
@@ -784,6 +806,10 @@ fn step(
         );
     }
     let shard = shard_entry.as_ref().map(|e| shard(ctx, e, &who));
+    let results = match t.get(ctx, "results") {
+        Some(e) => results(ctx, &e, &who),
+        None => Vec::new(),
+    };
     let command = match (&run, &command_entry) {
         _ if shard.is_some() => Vec::new(),
         (Some(r), Some(c)) => {
@@ -861,7 +887,72 @@ fn step(
         env,
         timeout,
         shard: shard.flatten(),
+        results,
     }
+}
+
+/// A step's result files: `"FORMAT:GLOB"` or a list of them, the glob
+/// relative to the step's directory.
+fn results(ctx: &mut Ctx<'_>, e: &Entry<'_>, who: &str) -> Vec<ResultFiles> {
+    let list = match e.value {
+        Raw::Str(_) => ctx.string(e).map(|s| {
+            vec![Located {
+                value: s,
+                at: e.at,
+                path: e.path.clone(),
+            }]
+        }),
+        _ => ctx.string_list(e),
+    };
+    let mut out = Vec::new();
+    for item in list.unwrap_or_default() {
+        let Some((format, glob)) = item.value.split_once(':') else {
+            ctx.error(
+                Some(item.at),
+                &item.path,
+                format!(
+                    "{who}: results {:?} needs a format: FORMAT:GLOB, e.g. \"junit:target/*.xml\" (formats: {})",
+                    item.value,
+                    Format::NAMES.join(", ")
+                ),
+            );
+            continue;
+        };
+        let Some(format) = Format::parse(format.trim()) else {
+            ctx.error(
+                Some(item.at),
+                &item.path,
+                format!(
+                    "{who}: results format {format:?} is unknown; known formats: {}",
+                    Format::NAMES.join(", ")
+                ),
+            );
+            continue;
+        };
+        let glob = glob.trim();
+        let problem = if glob.is_empty() {
+            Some("is empty")
+        } else if glob.starts_with(['/', '\\']) || glob.as_bytes().get(1) == Some(&b':') {
+            Some("must be relative to the step's directory")
+        } else if glob.split('/').any(|p| p == "..") {
+            Some("must not contain \"..\"")
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            ctx.error(
+                Some(item.at),
+                &item.path,
+                format!("{who}: results path {glob:?} {p}"),
+            );
+            continue;
+        }
+        out.push(ResultFiles {
+            format,
+            glob: glob.to_string(),
+        });
+    }
+    out
 }
 
 /// The `shard` table of a step: how to list its units and run one, and how

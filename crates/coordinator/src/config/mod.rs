@@ -240,6 +240,9 @@ pub struct BuildConfig {
     /// hosts, which is checked when the work is requested, not here.
     pub presubmit: bool,
     pub notes: String,
+    /// Re-runs of a step's failed tests (failed units of a sharded step)
+    /// before the build fails; a test that then passes is flaky.
+    pub retry_failed: u32,
 }
 
 impl BuildConfig {
@@ -267,7 +270,12 @@ pub struct Step {
     /// Set for a step split into units run across the build's machine and
     /// helper machines; `command` is then empty.
     pub shard: Option<Shard>,
+    /// Result files read after the step (besides what its output shows).
+    pub results: Vec<crate::results::ResultFiles>,
 }
+
+/// Most re-runs of failed tests a builder may ask for.
+pub const MAX_RETRY_FAILED: u32 = 5;
 
 /// Most helper machines one sharded step may ask for: each is a lease of
 /// the build's host type, so a typo must not empty a pool.

@@ -55,12 +55,14 @@ pub fn parse(input: &[u8]) -> Vec<TestResult> {
         };
         let key = (package.clone(), e.test.clone());
         match e.action.as_str() {
-            "run" | "start" => {
-                if open.len() < MAX_TESTS {
-                    open.entry(key).or_default();
-                }
+            "run" | "start" if open.len() < MAX_TESTS => {
+                open.entry(key).or_default();
             }
             "output" | "build-output" => {
+                // Tests still open are bounded like everything else.
+                if !open.contains_key(&key) && open.len() >= MAX_TESTS {
+                    continue;
+                }
                 let o = open.entry(key).or_default();
                 if e.output.starts_with("--- FAIL") || e.output.contains("\n--- FAIL") {
                     o.fail_line.get_or_insert(line_no);

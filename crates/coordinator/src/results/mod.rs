@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 
+pub mod collect;
 mod gojson;
 mod junit;
 mod libtest;

@@ -22,10 +22,9 @@ use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{Notify, watch};
 
-use super::{
-    CappedBuffer, HISTORY_PER_UNIT, MAX_LIST_OUTPUT, Planned, TailBuffer, parse_units, plan,
-};
-use crate::builds::{Outcome, SRC_DIR, priority, step_env, step_exec};
+use super::{HISTORY_PER_UNIT, MAX_LIST_OUTPUT, Planned, parse_units, plan};
+use crate::bounded::{CappedBuffer, TailBuffer};
+use crate::builds::{Outcome, priority, step_env, step_exec};
 use crate::config::{BuildConfig, Shard, Step, human_duration};
 use crate::farm::{Farm, RunningBuild};
 use crate::logs::MAX_LOG;
@@ -35,8 +34,6 @@ use crate::store::{BuildKind, BuildRow, UnitRun, now_ms};
 
 /// Output of one unit kept for the log: its end, where failures are.
 const UNIT_OUTPUT: usize = 256 << 10;
-/// Output of a helper's preparation kept to explain why it failed.
-const PREPARE_OUTPUT: usize = 64 << 10;
 /// Units named in the log line that shows the order.
 const ORDER_SHOWN: usize = 5;
 /// A unit that loses this many machines fails the step: it is what breaks
@@ -507,7 +504,14 @@ impl Farm {
             earlier_steps(sh.run)
         ));
         let t0 = Instant::now();
-        let prepared = self.prepare(sh, &lease).await;
+        let prepared = crate::builds::make_ready(
+            &lease,
+            run_steps(sh.run),
+            sh.run.base_env,
+            sh.run.source.clone(),
+            sh.step_deadline,
+        )
+        .await;
         sh.q().preparing -= 1;
         match prepared {
             Ok(()) => {
@@ -542,52 +546,6 @@ impl Farm {
                 sh.changed();
             }
         }
-    }
-
-    /// Pushes the source to a helper and runs the earlier (unsharded)
-    /// steps there. `Err((why, machine broke))`.
-    async fn prepare(&self, sh: &Shared<'_>, lease: &Lease) -> Result<(), (String, bool)> {
-        let run = sh.run;
-        let limit = remaining(sh.step_deadline);
-        match tokio::time::timeout(
-            limit,
-            lease.client.put_tgz_bytes(SRC_DIR, run.source.clone()),
-        )
-        .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err((format!("pushing the source: {e}"), e.is_communication())),
-            Err(_) => return Err(("pushing the source took until the step's end".into(), false)),
-        }
-        for step in run.builder.steps[..run.index]
-            .iter()
-            .filter(|s| s.shard.is_none())
-        {
-            let (cmd, opts) = step_exec(
-                &step.command,
-                step,
-                step_env(run.base_env, step, None),
-                step.timeout.min(remaining(sh.step_deadline)),
-            );
-            let mut out = TailBuffer::new(PREPARE_OUTPUT);
-            match lease.client.exec(&cmd, &opts, &mut out).await {
-                Ok(ProcessState::Ok) => {}
-                Ok(state) => {
-                    return Err((
-                        format!(
-                            "step {} failed there: {state}\n{}",
-                            step.name,
-                            String::from_utf8_lossy(&out.text())
-                        ),
-                        false,
-                    ));
-                }
-                Err(e) => {
-                    return Err((format!("step {}: {e}", step.name), e.is_communication()));
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Takes units from the queue and runs them on `lease` until nothing is
@@ -786,13 +744,16 @@ fn remaining(deadline: Instant) -> Duration {
         .max(Duration::from_millis(1))
 }
 
-/// " and running steps a, b" for the helper's log line.
-fn earlier_steps(run: &StepRun<'_>) -> String {
-    let names: Vec<&str> = run.builder.steps[..run.index]
+/// The steps a helper runs before it takes units: the earlier unsharded ones.
+fn run_steps<'s>(run: &StepRun<'s>) -> impl Iterator<Item = &'s Step> {
+    run.builder.steps[..run.index]
         .iter()
         .filter(|s| s.shard.is_none())
-        .map(|s| s.name.as_str())
-        .collect();
+}
+
+/// " and running steps a, b" for the helper's log line.
+fn earlier_steps(run: &StepRun<'_>) -> String {
+    let names: Vec<&str> = run_steps(run).map(|s| s.name.as_str()).collect();
     match names.len() {
         0 => String::new(),
         1 => format!(" and running step {}", names[0]),

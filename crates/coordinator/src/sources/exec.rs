@@ -94,9 +94,18 @@ enum Event {
     Destroyed(String, Result<(), HookError>),
 }
 
+/// Why an exec pool's machine failed: the labels of its failure counts.
+pub const FAILURE_REASONS: [&str; 5] = [
+    "create-failed",
+    "create-timeout",
+    "register-timeout",
+    "destroy-failed",
+    "destroy-timeout",
+];
+
 #[derive(Debug)]
 struct HookError {
-    /// Metric label: create-failed, create-timeout, destroy-failed, ...
+    /// Metric label: one of [`FAILURE_REASONS`].
     reason: String,
     detail: String,
 }

@@ -17,9 +17,11 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 mod gomote;
+mod results;
 mod units;
 
 pub use gomote::{GroupRow, InstanceRow, UserRow};
+pub use results::{FlakeRow, TestRow, TestsOf};
 pub use units::{MAX_UNIT_ROWS, UnitRun};
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -166,6 +168,8 @@ pub struct BuildRow {
     pub finished_at: Option<i64>,
     pub attempts: i64,
     pub error: String,
+    /// Passed only after re-running tests that failed first.
+    pub flaky: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -212,6 +216,8 @@ pub struct LatestBuild {
     pub commit: String,
     pub builder: String,
     pub status: BuildStatus,
+    /// Passed only after re-running tests that failed first.
+    pub flaky: bool,
     pub id: i64,
 }
 
@@ -252,7 +258,7 @@ pub struct Store {
     pool: SqlitePool,
 }
 
-const BUILD_COLS: &str = "id, builder, host_type, repo, branch, commit_hash, commit_time, kind, status, created_at, started_at, finished_at, attempts, error";
+const BUILD_COLS: &str = "id, builder, host_type, repo, branch, commit_hash, commit_time, kind, status, created_at, started_at, finished_at, attempts, error, flaky";
 
 fn build_row(r: &sqlx::sqlite::SqliteRow) -> Result<BuildRow> {
     let kind: String = r.try_get("kind")?;
@@ -272,6 +278,7 @@ fn build_row(r: &sqlx::sqlite::SqliteRow) -> Result<BuildRow> {
         finished_at: r.try_get("finished_at")?,
         attempts: r.try_get("attempts")?,
         error: r.try_get("error")?,
+        flaky: r.try_get::<i64, _>("flaky")? != 0,
     })
 }
 
@@ -745,8 +752,8 @@ impl Store {
         for chunk in hashes.chunks(500) {
             let marks = vec!["?"; chunk.len()].join(", ");
             let sql = format!(
-                "SELECT commit_hash, group_concat(builder || char(31) || status || char(31) || id, char(30)) AS cells \
-                 FROM (SELECT commit_hash, builder, status, MAX(id) AS id FROM builds WHERE repo = ? AND commit_hash IN ({marks}) GROUP BY commit_hash, builder) \
+                "SELECT commit_hash, group_concat(builder || char(31) || status || char(31) || flaky || char(31) || id, char(30)) AS cells \
+                 FROM (SELECT commit_hash, builder, status, flaky, MAX(id) AS id FROM builds WHERE repo = ? AND commit_hash IN ({marks}) GROUP BY commit_hash, builder) \
                  GROUP BY commit_hash"
             );
             let mut q = sqlx::query(&sql).bind(repo);
@@ -757,8 +764,9 @@ impl Store {
                 let commit: String = r.try_get("commit_hash")?;
                 let cells: String = r.try_get("cells")?;
                 for cell in cells.split('\u{1e}') {
-                    let mut f = cell.rsplitn(3, '\u{1f}');
-                    let (Some(id), Some(status), Some(builder)) = (f.next(), f.next(), f.next())
+                    let mut f = cell.rsplitn(4, '\u{1f}');
+                    let (Some(id), Some(flaky), Some(status), Some(builder)) =
+                        (f.next(), f.next(), f.next(), f.next())
                     else {
                         continue;
                     };
@@ -766,6 +774,7 @@ impl Store {
                         commit: commit.clone(),
                         builder: builder.to_string(),
                         status: status.parse().map_err(StoreError::Invalid)?,
+                        flaky: flaky == "1",
                         id: id
                             .parse()
                             .map_err(|_| StoreError::Invalid(format!("bad build id {id:?}")))?,
@@ -903,14 +912,14 @@ fn commit_row(r: &sqlx::sqlite::SqliteRow) -> Result<CommitRow> {
     })
 }
 
-fn gzip(data: &[u8]) -> Vec<u8> {
+pub(crate) fn gzip(data: &[u8]) -> Vec<u8> {
     use std::io::Write;
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     let _ = e.write_all(data);
     e.finish().unwrap_or_default()
 }
 
-fn gunzip(data: &[u8]) -> Vec<u8> {
+pub(crate) fn gunzip(data: &[u8]) -> Vec<u8> {
     use std::io::Read;
     let mut out = Vec::new();
     let _ = flate2::read::GzDecoder::new(data).read_to_end(&mut out);

@@ -501,14 +501,21 @@ fn pages_show_the_farm_and_escape_everything() {
     // the farm.
     let metrics = c.get_text("/metrics");
     let families = parse_exposition(&metrics).unwrap_or_else(|e| panic!("{e}:\n{metrics}"));
+    assert!(metrics.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
     for family in [
         "farmer_builds",
+        "farmer_builds_recorded",
+        "farmer_builds_finished",
         "farmer_queue_length",
         "farmer_queue_oldest_wait_seconds",
         "farmer_machines",
         "farmer_dispatch_latency_seconds",
         "farmer_build_phase_seconds",
-        "farmer_exec_failures_total",
+        "farmer_flaky_tests",
+        "process_cpu_seconds",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_start_time_seconds",
     ] {
         assert!(families.contains_key(family), "no family {family}");
     }
@@ -518,10 +525,12 @@ fn pages_show_the_farm_and_escape_everything() {
         "one per host type"
     );
     for want in [
-        "farmer_builds{status=\"passed\"} 1",
-        "farmer_builds{status=\"failed\"} 1",
+        "farmer_builds_recorded{status=\"passed\"} 1",
+        "farmer_builds_recorded{status=\"failed\"} 1",
         "farmer_builds{status=\"queued\"} 3",
-        "farmer_builds{status=\"infra-error\"} 0",
+        "farmer_builds_recorded{status=\"infra-error\"} 0",
+        "farmer_builds_finished_total{status=\"passed\"} 1",
+        "farmer_dispatch_latency_seconds_bucket{le=\"14400.0\"} 2",
         "farmer_queue_length{host_type=\"host-test-untrusted\"} 3",
         "farmer_queue_length{host_type=\"host-test-trusted\"} 0",
         "farmer_machines{host_type=\"host-test-trusted\",state=\"connected\"} 1",
@@ -713,6 +722,7 @@ fn parse_exposition(
     let mut families: std::collections::BTreeMap<String, Vec<(String, f64)>> = Default::default();
     let mut types: std::collections::BTreeMap<String, String> = Default::default();
     let mut current: Option<String> = None;
+    let mut eof = false;
     for line in text.lines().filter(|l| !l.is_empty()) {
         if let Some(rest) = line.strip_prefix("# HELP ") {
             let name = rest.split(' ').next().unwrap_or_default().to_string();
@@ -729,11 +739,27 @@ fn parse_exposition(
             if current.as_deref() != Some(name) {
                 return Err(format!("TYPE of {name} away from its HELP"));
             }
-            if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) {
+            if ![
+                "counter",
+                "gauge",
+                "histogram",
+                "summary",
+                "info",
+                "unknown",
+            ]
+            .contains(&kind)
+            {
                 return Err(format!("bad type {kind:?} for {name}"));
             }
             types.insert(name.to_string(), kind.to_string());
             continue;
+        }
+        if line == "# EOF" {
+            eof = true;
+            continue;
+        }
+        if eof {
+            return Err(format!("a line after # EOF: {line}"));
         }
         if line.starts_with('#') {
             continue;
@@ -744,25 +770,22 @@ fn parse_exposition(
         let value: f64 = value.parse().map_err(|_| format!("bad value: {line}"))?;
         let name = series.split('{').next().unwrap_or_default();
         if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            || !name.starts_with("farmer_")
+            || !(name.starts_with("farmer_") || name.starts_with("process_"))
         {
             return Err(format!("bad name: {line}"));
         }
         let Some(family) = current.as_deref() else {
             return Err(format!("sample before any family: {line}"));
         };
-        let histogram = types
-            .get(family)
-            .is_some_and(|t| t == "histogram" || t == "summary");
-        let belongs = name == family
-            || (histogram
-                && [
-                    format!("{family}_bucket"),
-                    format!("{family}_sum"),
-                    format!("{family}_count"),
-                ]
-                .iter()
-                .any(|n| n == name));
+        // OpenMetrics suffixes: a counter's samples end in _total, an
+        // info's in _info, a histogram's in _bucket, _sum and _count.
+        let suffixes: &[&str] = match types.get(family).map(String::as_str) {
+            Some("histogram" | "summary") => &["_bucket", "_sum", "_count"],
+            Some("counter") => &["_total", "_created"],
+            Some("info") => &["_info"],
+            _ => &[""],
+        };
+        let belongs = suffixes.iter().any(|s| format!("{family}{s}") == name);
         if !belongs {
             return Err(format!("sample of {name} inside the block of {family}"));
         }

@@ -111,7 +111,7 @@ fn coordinator_killed_mid_build_requeues_and_finishes_once() {
     assert_eq!(attempts.last().unwrap()["result"], "passed");
     let finished = c.get_text("/metrics");
     assert!(
-        finished.contains("farmer_builds{status=\"passed\"} 2"),
+        finished.contains("farmer_builds_recorded{status=\"passed\"} 2"),
         "{finished}"
     );
 }

@@ -21,8 +21,11 @@ use crate::config::{BuildConfig, HostConfig, Step};
 use crate::farm::{Farm, RunningBuild};
 use crate::logs::{LiveLog, MAX_LOG};
 use crate::pool::{Holder, Lease};
+
+mod rerun;
 use crate::scheduler::{LeaseRequest, Priority, Ticket};
 use crate::store::{BuildKind, BuildRow, BuildStatus};
+pub(crate) use rerun::StepCtx;
 
 /// The directory in the work dir that holds the source tree.
 pub const SRC_DIR: &str = "src";
@@ -440,9 +443,35 @@ impl Farm {
                     .await;
                 return Outcome::Cancelled;
             };
+            let ctx = StepCtx {
+                build,
+                builder,
+                step,
+                index: i,
+                step_id,
+                attempt_id,
+                base_env: &base_env,
+                source: tgz.clone(),
+                deadline,
+                rb,
+            };
+            // What the step's tests said (a broken machine says nothing).
+            let results = match &r {
+                Ok(_) => self.step_results(&ctx, &client, &log).await,
+                Err(_) => crate::results::Results::default(),
+            };
+            let failed: Vec<String> = results.failed().map(|t| t.name.clone()).collect();
             match r {
                 Ok(ProcessState::Ok) => {
-                    let _ = self.store.finish_step(step_id, "passed", "", &log).await;
+                    let _ = self
+                        .store
+                        .finish_step(
+                            step_id,
+                            "passed",
+                            "",
+                            &rb.log.range_async(step_start, step_start + MAX_LOG).await,
+                        )
+                        .await;
                     rb.log.append(
                         format!(
                             "--- step {} passed in {:.1}s\n",
@@ -461,14 +490,74 @@ impl Farm {
                     } else {
                         format!("step {} timed out after {d:?}", step.name)
                     };
-                    let _ = self.store.finish_step(step_id, "failed", &msg, &log).await;
+                    let _ = self
+                        .store
+                        .finish_step(
+                            step_id,
+                            "failed",
+                            &msg,
+                            &rb.log.range_async(step_start, step_start + MAX_LOG).await,
+                        )
+                        .await;
                     return Outcome::Failed(msg);
                 }
                 Ok(state) => {
-                    let msg = format!("step {} failed: {state}", step.name);
+                    if builder.retry_failed > 0 && !failed.is_empty() {
+                        let rerun = self.rerun_failed(&ctx, &client, failed, &mut cancel).await;
+                        if rerun.still_failing.is_empty() {
+                            let detail = format!("flaky: {}", rerun::names(&rerun.flaky));
+                            let _ = self
+                                .store
+                                .finish_step(
+                                    step_id,
+                                    "passed",
+                                    &detail,
+                                    &rb.log.range_async(step_start, step_start + MAX_LOG).await,
+                                )
+                                .await;
+                            rb.log.append(
+                                format!(
+                                    "--- step {} passed with flakes ({detail}) in {:.1}s\n",
+                                    step.name,
+                                    t0.elapsed().as_secs_f64()
+                                )
+                                .as_bytes(),
+                            );
+                            continue;
+                        }
+                        let msg = format!(
+                            "step {} failed: {state}; failing tests: {}",
+                            step.name,
+                            rerun::names(&rerun.still_failing)
+                        );
+                        let _ = self
+                            .store
+                            .finish_step(
+                                step_id,
+                                "failed",
+                                &state.to_string(),
+                                &rb.log.range_async(step_start, step_start + MAX_LOG).await,
+                            )
+                            .await;
+                        return Outcome::Failed(msg);
+                    }
+                    let msg = if failed.is_empty() {
+                        format!("step {} failed: {state}", step.name)
+                    } else {
+                        format!(
+                            "step {} failed: {state}; failing tests: {}",
+                            step.name,
+                            rerun::names(&failed)
+                        )
+                    };
                     let _ = self
                         .store
-                        .finish_step(step_id, "failed", &state.to_string(), &log)
+                        .finish_step(
+                            step_id,
+                            "failed",
+                            &state.to_string(),
+                            &rb.log.range_async(step_start, step_start + MAX_LOG).await,
+                        )
                         .await;
                     return Outcome::Failed(msg);
                 }
@@ -492,6 +581,55 @@ impl Farm {
         }
         Outcome::Passed
     }
+}
+
+/// Output of a machine's preparation kept to explain why it failed.
+const PREPARE_OUTPUT: usize = 64 << 10;
+
+/// Makes a second machine of a build ready to run a step: pushes the
+/// build's source and runs `steps` (the ones before it) there, each within
+/// its own timeout and `deadline`. `Err((why, the machine broke))`.
+pub(crate) async fn make_ready<'s>(
+    lease: &Lease,
+    steps: impl Iterator<Item = &'s Step>,
+    base_env: &[String],
+    source: bytes::Bytes,
+    deadline: Instant,
+) -> Result<(), (String, bool)> {
+    let left = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    };
+    match tokio::time::timeout(left(), lease.client.put_tgz_bytes(SRC_DIR, source)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err((format!("pushing the source: {e}"), e.is_communication())),
+        Err(_) => return Err(("pushing the source took until the deadline".into(), false)),
+    }
+    for step in steps {
+        let (cmd, opts) = step_exec(
+            &step.command,
+            step,
+            step_env(base_env, step, None),
+            step.timeout.min(left()),
+        );
+        let mut out = crate::bounded::TailBuffer::new(PREPARE_OUTPUT);
+        match lease.client.exec(&cmd, &opts, &mut out).await {
+            Ok(ProcessState::Ok) => {}
+            Ok(state) => {
+                return Err((
+                    format!(
+                        "step {} failed there: {state}\n{}",
+                        step.name,
+                        String::from_utf8_lossy(&out.text())
+                    ),
+                    false,
+                ));
+            }
+            Err(e) => return Err((format!("step {}: {e}", step.name), e.is_communication())),
+        }
+    }
+    Ok(())
 }
 
 /// The environment every step of a build gets: the host's and the
@@ -522,6 +660,14 @@ pub(crate) fn step_env(base: &[String], step: &Step, unit: Option<&str>) -> Vec<
     env
 }
 
+/// Where a step runs, relative to the work dir.
+pub(crate) fn step_dir(step: &Step) -> String {
+    match step.dir.as_deref() {
+        Some(d) if !d.is_empty() && d != "." => format!("{SRC_DIR}/{d}"),
+        _ => SRC_DIR.to_string(),
+    }
+}
+
 /// How `command` of `step` runs on a buildlet: in the step's directory of
 /// the source tree, a relative program path taken from the source tree.
 /// `command` must not be empty (the config guarantees it).
@@ -534,10 +680,7 @@ pub(crate) fn step_exec(
     let (cmd, args) = command
         .split_first()
         .map_or(("true", &[][..]), |(c, a)| (c.as_str(), a));
-    let dir = match step.dir.as_deref() {
-        Some(d) if !d.is_empty() && d != "." => format!("{SRC_DIR}/{d}"),
-        _ => SRC_DIR.to_string(),
-    };
+    let dir = step_dir(step);
     let cmd = if cmd.contains('/') && !cmd.starts_with('/') {
         format!("{SRC_DIR}/{}", cmd.trim_start_matches("./"))
     } else {

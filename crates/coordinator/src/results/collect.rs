@@ -1,0 +1,126 @@
+//! Reading a step's results from where they are: its output (already in
+//! the coordinator) and the result files it names, fetched from the
+//! machine one by one. Every fetch is bounded; a file that cannot be read
+//! becomes a sentence in [`Results::problems`], never a failed build.
+
+use std::io::Read;
+use std::time::Duration;
+
+use buildlet::client::{Client, LsOptions};
+use buildlet::proto::EntryKind;
+
+use super::{MAX_FILE, MAX_FILES, ResultFiles, Results, from_output, glob_base, glob_match};
+use crate::bounded::CappedBuffer;
+
+/// The longest all result files of one step may take to fetch.
+const FETCH_LIMIT: Duration = Duration::from_secs(60);
+
+/// The results of a step that ran in `dir` (relative to the work dir) and
+/// printed `log`.
+pub async fn collect(client: &Client, dir: &str, files: &[ResultFiles], log: &[u8]) -> Results {
+    let mut r = Results::default();
+    r.extend(from_output(log));
+    if files.is_empty() {
+        return r;
+    }
+    let fetch = async {
+        for f in files {
+            read_files(client, dir, f, &mut r).await;
+        }
+    };
+    if tokio::time::timeout(FETCH_LIMIT, fetch).await.is_err() {
+        r.problems.push(format!(
+            "reading result files took over {FETCH_LIMIT:?}; the rest were skipped"
+        ));
+    }
+    r
+}
+
+async fn read_files(client: &Client, dir: &str, f: &ResultFiles, r: &mut Results) {
+    let base = glob_base(&f.glob);
+    let listed = if base.is_empty() {
+        dir.to_string()
+    } else {
+        format!("{dir}/{base}")
+    };
+    let depth = |s: &str| s.split('/').filter(|p| !p.is_empty() && *p != ".").count();
+    let opts = LsOptions {
+        recursive: f.glob.contains("**") || depth(&f.glob) > depth(&base) + 1,
+        ..Default::default()
+    };
+    let entries = match client.ls(&listed, &opts).await {
+        Ok(e) => e,
+        Err(e) => {
+            r.problems
+                .push(format!("results {:?}: listing {listed}: {e}", f.glob));
+            return;
+        }
+    };
+    let mut matched: Vec<String> = entries
+        .into_iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .map(|e| {
+            if base.is_empty() {
+                e.path
+            } else {
+                format!("{base}/{}", e.path)
+            }
+        })
+        .filter(|p| glob_match(&f.glob, p))
+        .collect();
+    matched.sort();
+    if matched.is_empty() {
+        r.problems
+            .push(format!("results {:?}: no file matched", f.glob));
+        return;
+    }
+    if matched.len() > MAX_FILES {
+        r.problems.push(format!(
+            "results {:?}: {} files matched; only the first {MAX_FILES} were read",
+            f.glob,
+            matched.len()
+        ));
+        matched.truncate(MAX_FILES);
+    }
+    for rel in matched {
+        match fetch(client, &format!("{dir}/{rel}")).await {
+            Ok(bytes) => match f.format.read(&bytes) {
+                Ok(tests) => r.extend(tests),
+                Err(e) => r.problems.push(format!("{rel}: {e}")),
+            },
+            Err(e) => r.problems.push(format!("{rel}: {e}")),
+        }
+    }
+}
+
+/// One file's content, through a one-entry `/tgz`, at most [`MAX_FILE`].
+async fn fetch(client: &Client, path: &str) -> Result<Vec<u8>, String> {
+    let mut tgz = CappedBuffer {
+        cap: MAX_FILE,
+        bytes: Vec::new(),
+        overflowed: false,
+    };
+    client
+        .get_tgz(path, &mut tgz, None)
+        .await
+        .map_err(|e| format!("fetching it: {e}"))?;
+    let too_big = || format!("larger than {} MiB; not read", MAX_FILE >> 20);
+    if tgz.overflowed {
+        return Err(too_big());
+    }
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&tgz.bytes[..]));
+    let mut entries = ar.entries().map_err(|e| format!("unpacking it: {e}"))?;
+    let mut entry = entries
+        .next()
+        .ok_or("the machine sent an empty archive")?
+        .map_err(|e| format!("unpacking it: {e}"))?;
+    let mut out = Vec::new();
+    (&mut entry)
+        .take(MAX_FILE as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("unpacking it: {e}"))?;
+    if out.len() > MAX_FILE {
+        return Err(too_big());
+    }
+    Ok(out)
+}

@@ -1,0 +1,278 @@
+//! Test results and whole attempt logs. Only this file speaks SQL about
+//! them.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+use sqlx::Row;
+
+use super::{Result, Store, gunzip, gzip, now_ms};
+use crate::results::{Outcome, TestResult};
+
+/// Most rows a listing of tests returns.
+pub const MAX_TEST_ROWS: i64 = 5000;
+
+/// Where a step's test results come from.
+#[derive(Debug, Clone)]
+pub struct TestsOf {
+    pub build_id: i64,
+    pub attempt_id: i64,
+    pub step_id: i64,
+    pub builder: String,
+    pub repo: String,
+    pub commit: String,
+    pub commit_time: i64,
+}
+
+/// One stored test result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TestRow {
+    pub id: i64,
+    pub build_id: i64,
+    pub attempt_id: i64,
+    pub step_id: i64,
+    pub builder: String,
+    pub commit: String,
+    pub commit_time: i64,
+    pub name: String,
+    pub outcome: String,
+    pub duration_ms: Option<i64>,
+    pub failure: String,
+    pub log_line: Option<i64>,
+}
+
+/// How often a test was flaky on a builder over its recent builds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FlakeRow {
+    pub builder: String,
+    pub name: String,
+    /// Builds among the recent ones that ran it.
+    pub runs: i64,
+    pub flaky: i64,
+    pub failed: i64,
+    /// `flaky / runs`.
+    pub rate: f64,
+    /// The newest build where it was flaky.
+    pub last_flaky_build: i64,
+}
+
+const TEST_COLS: &str = "id, build_id, attempt_id, step_id, builder, commit_hash, commit_time, name, outcome, duration_ms, failure, log_line";
+
+fn test_row(r: &sqlx::sqlite::SqliteRow) -> Result<TestRow> {
+    Ok(TestRow {
+        id: r.try_get("id")?,
+        build_id: r.try_get("build_id")?,
+        attempt_id: r.try_get("attempt_id")?,
+        step_id: r.try_get("step_id")?,
+        builder: r.try_get("builder")?,
+        commit: r.try_get("commit_hash")?,
+        commit_time: r.try_get("commit_time")?,
+        name: r.try_get("name")?,
+        outcome: r.try_get("outcome")?,
+        duration_ms: r.try_get("duration_ms")?,
+        failure: r.try_get("failure")?,
+        log_line: r.try_get("log_line")?,
+    })
+}
+
+impl Store {
+    /// Records a step's test results in one transaction.
+    pub async fn record_tests(&self, of: &TestsOf, tests: &[TestResult]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let now = now_ms();
+        for t in tests {
+            sqlx::query(
+                "INSERT INTO test_results (build_id, attempt_id, step_id, builder, repo, commit_hash, commit_time, name, outcome, duration_ms, failure, log_line, created_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(of.build_id)
+            .bind(of.attempt_id)
+            .bind(of.step_id)
+            .bind(&of.builder)
+            .bind(&of.repo)
+            .bind(&of.commit)
+            .bind(of.commit_time)
+            .bind(&t.name)
+            .bind(t.outcome.as_str())
+            .bind(t.duration_ms)
+            .bind(&t.failure)
+            .bind(t.line.map(|l| l as i64))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Turns a step's failed results of `names` into flaky ones (they
+    /// passed when run again).
+    pub async fn mark_flaky(&self, step_id: i64, names: &[String]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for n in names {
+            sqlx::query(
+                "UPDATE test_results SET outcome = 'flaky' WHERE step_id = ? AND name = ? AND outcome = 'fail'",
+            )
+            .bind(step_id)
+            .bind(n)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Marks a build as passed only after re-runs.
+    pub async fn set_build_flaky(&self, build_id: i64) -> Result<()> {
+        sqlx::query("UPDATE builds SET flaky = 1 WHERE id = ?")
+            .bind(build_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// A build's test results: failing first (then flaky, skipped,
+    /// passed), each group in the order recorded; at most `limit`.
+    pub async fn build_tests(&self, build_id: i64, limit: i64) -> Result<Vec<TestRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TEST_COLS} FROM test_results WHERE build_id = ? \
+             ORDER BY CASE outcome WHEN 'fail' THEN 0 WHEN 'flaky' THEN 1 WHEN 'skip' THEN 2 ELSE 3 END, id LIMIT ?"
+        ))
+        .bind(build_id)
+        .bind(limit.min(MAX_TEST_ROWS))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(test_row).collect()
+    }
+
+    /// Counts of a build's results by outcome.
+    pub async fn build_test_counts(&self, build_id: i64) -> Result<HashMap<String, i64>> {
+        let rows = sqlx::query(
+            "SELECT outcome, COUNT(*) AS n FROM test_results WHERE build_id = ? GROUP BY outcome",
+        )
+        .bind(build_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("outcome")?, r.try_get("n")?)))
+            .collect()
+    }
+
+    /// The names of the failing tests of each of `build_ids`, at most
+    /// `per_build` each (the grid's tooltips).
+    pub async fn failing_test_names(
+        &self,
+        build_ids: &[i64],
+        per_build: usize,
+    ) -> Result<HashMap<i64, Vec<String>>> {
+        let mut out: HashMap<i64, Vec<String>> = HashMap::new();
+        for chunk in build_ids.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = format!(
+                "SELECT build_id, name FROM test_results WHERE outcome = 'fail' AND build_id IN ({marks}) ORDER BY id LIMIT ?"
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id);
+            }
+            q = q.bind((chunk.len() * per_build * 4) as i64);
+            for r in q.fetch_all(&self.pool).await? {
+                let v = out.entry(r.try_get("build_id")?).or_default();
+                if v.len() < per_build {
+                    v.push(r.try_get("name")?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The results of the test `name` across builders, newest commits
+    /// first; at most `limit`.
+    pub async fn test_history(&self, name: &str, limit: i64) -> Result<Vec<TestRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TEST_COLS} FROM test_results WHERE name = ? ORDER BY commit_time DESC, id DESC LIMIT ?"
+        ))
+        .bind(name)
+        .bind(limit.min(MAX_TEST_ROWS))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(test_row).collect()
+    }
+
+    /// Tests by flake rate over each builder's `builds` newest finished
+    /// builds; at most `limit` rows, the flakiest first.
+    pub async fn flake_rates(&self, builds: i64, limit: i64) -> Result<Vec<FlakeRow>> {
+        let rows = sqlx::query(
+            "WITH recent AS (
+               SELECT id FROM (
+                 SELECT id, ROW_NUMBER() OVER (PARTITION BY builder ORDER BY id DESC) AS rn
+                 FROM builds WHERE status IN ('passed', 'failed'))
+               WHERE rn <= ?)
+             SELECT t.builder, t.name, COUNT(DISTINCT t.build_id) AS runs,
+                    SUM(t.outcome = 'flaky') AS flaky, SUM(t.outcome = 'fail') AS failed,
+                    MAX(CASE WHEN t.outcome = 'flaky' THEN t.build_id END) AS last_flaky
+             FROM test_results t JOIN recent r ON r.id = t.build_id
+             GROUP BY t.builder, t.name HAVING SUM(t.outcome = 'flaky') > 0
+             ORDER BY CAST(SUM(t.outcome = 'flaky') AS REAL) / COUNT(DISTINCT t.build_id) DESC,
+                      SUM(t.outcome = 'flaky') DESC, t.name
+             LIMIT ?",
+        )
+        .bind(builds)
+        .bind(limit.min(MAX_TEST_ROWS))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let runs: i64 = r.try_get("runs")?;
+                let flaky: i64 = r.try_get("flaky")?;
+                Ok(FlakeRow {
+                    builder: r.try_get("builder")?,
+                    name: r.try_get("name")?,
+                    runs,
+                    flaky,
+                    failed: r.try_get("failed")?,
+                    rate: if runs > 0 {
+                        flaky as f64 / runs as f64
+                    } else {
+                        0.0
+                    },
+                    last_flaky_build: r.try_get::<Option<i64>, _>("last_flaky")?.unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    /// Stores the whole log of an attempt (replacing one stored before).
+    pub async fn put_attempt_log(&self, attempt_id: i64, build_id: i64, log: &[u8]) -> Result<()> {
+        sqlx::query(
+            "INSERT OR REPLACE INTO attempt_logs (attempt_id, build_id, log_gz, log_size) VALUES (?, ?, ?, ?)",
+        )
+        .bind(attempt_id)
+        .bind(build_id)
+        .bind(gzip(log))
+        .bind(log.len() as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The stored whole logs of a build's attempts, by attempt id.
+    pub async fn attempt_logs(&self, build_id: i64) -> Result<HashMap<i64, Vec<u8>>> {
+        let rows = sqlx::query("SELECT attempt_id, log_gz FROM attempt_logs WHERE build_id = ?")
+            .bind(build_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let gz: Vec<u8> = r.try_get("log_gz")?;
+                Ok((r.try_get("attempt_id")?, gunzip(&gz)))
+            })
+            .collect()
+    }
+}
+
+impl TestRow {
+    pub fn outcome(&self) -> Option<Outcome> {
+        Outcome::parse(&self.outcome)
+    }
+}

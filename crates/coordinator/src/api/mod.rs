@@ -298,8 +298,8 @@ async fn build(
     })))
 }
 
-/// The full text log of a build: followed live while it runs, assembled
-/// from the stored per-step logs once it is done.
+/// The full text log of a build: followed live while it runs, as the live
+/// log showed it once it is done (from the stored attempt logs).
 async fn build_log(State(farm): State<Arc<Farm>>, Path(id): Path<i64>) -> ApiResult<Response> {
     if let Some(rb) = farm.running(id) {
         let stream = rb
@@ -321,8 +321,19 @@ async fn build_log(State(farm): State<Arc<Farm>>, Path(id): Path<i64>) -> ApiRes
         .build(id)
         .await?
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no build {id}")))?;
-    let mut out = Vec::new();
     let attempts = farm.store.attempts(id).await?;
+    // Every attempt's whole log, as the live log showed it, when stored.
+    let whole = farm.store.attempt_logs(id).await?;
+    if !attempts.is_empty() && attempts.iter().all(|a| whole.contains_key(&a.id)) {
+        let mut out = Vec::new();
+        for a in &attempts {
+            out.extend_from_slice(&whole[&a.id]);
+        }
+        return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], out).into_response());
+    }
+    // Older builds (and attempts cut short by a crash): assembled from
+    // the step logs.
+    let mut out = Vec::new();
     let steps = farm.store.steps(id).await?;
     for a in &attempts {
         out.extend_from_slice(

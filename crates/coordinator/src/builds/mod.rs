@@ -21,11 +21,11 @@ use crate::config::{BuildConfig, HostConfig, Step};
 use crate::farm::{Farm, RunningBuild};
 use crate::logs::{LiveLog, MAX_LOG};
 use crate::pool::{Holder, Lease};
-
-mod rerun;
 use crate::scheduler::{LeaseRequest, Priority, Ticket};
 use crate::store::{BuildKind, BuildRow, BuildStatus};
-pub(crate) use rerun::StepCtx;
+
+mod rerun;
+pub(crate) use rerun::{StepCtx, names};
 
 /// The directory in the work dir that holds the source tree.
 pub const SRC_DIR: &str = "src";
@@ -228,6 +228,9 @@ impl Farm {
             }
         };
         *rb.machine.lock().unwrap_or_else(|e| e.into_inner()) = lease.hostname.clone();
+        // Where this attempt's part of the live log starts: the whole of it
+        // is stored when the attempt ends.
+        let attempt_from = rb.log.len();
         rb.log.append(
             format!(
                 "farmer: build {id} attempt {number}: {} on {} ({}), {}@{}\n",
@@ -282,6 +285,8 @@ impl Farm {
                                 )
                                 .as_bytes(),
                             );
+                            self.store_attempt_log(&rb, attempt_id, id, attempt_from)
+                                .await;
                             Next::Again
                         }
                         Ok(false) => {
@@ -304,11 +309,30 @@ impl Farm {
             }
         };
         let (status, msg) = final_status;
+        let flaky = status == BuildStatus::Passed
+            && !rb
+                .flaky
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty();
+        if flaky && let Err(e) = self.store.set_build_flaky(id).await {
+            tracing::error!(build = id, "recording flakes: {e}");
+        }
         match self.store.finish_build(id, status, &msg).await {
             Ok(true) => self.metrics.build_finished(status),
             Ok(false) => {}
             Err(e) => tracing::error!(build = id, "recording result: {e}"),
         }
+        rb.log.append(
+            format!(
+                "farmer: build {id} {}{}{}\n",
+                if flaky { "passed with flakes" } else { status.as_str() },
+                if msg.is_empty() { "" } else { ": " },
+                msg
+            )
+            .as_bytes(),
+        );
+        self.store_attempt_log(&rb, attempt_id, id, attempt_from).await;
         tracing::info!(build = id, %status, "build finished");
         self.unregister_running(id);
         drop(phase);
@@ -316,6 +340,14 @@ impl Farm {
         self.end_lease(lease).await;
         drop(phase);
         Next::Done
+    }
+
+    /// Stores what the live log showed of an attempt, from `from` on.
+    async fn store_attempt_log(&self, rb: &RunningBuild, attempt_id: i64, build_id: i64, from: usize) {
+        let log = rb.log.range_async(from, from + MAX_LOG).await;
+        if let Err(e) = self.store.put_attempt_log(attempt_id, build_id, &log).await {
+            tracing::warn!(build = build_id, "storing the attempt's log: {e}");
+        }
     }
 
     /// Runs the steps on `main`, the build's machine. A sharded step may
@@ -389,6 +421,7 @@ impl Farm {
                     shard,
                     index: i,
                     step_id,
+                    attempt_id,
                     base_env: &base_env,
                     source: tgz.clone(),
                     deadline,

@@ -90,6 +90,11 @@ pub struct Planned {
     pub expected: Duration,
     /// Whether the expectation comes from the unit's own past runs.
     pub measured: bool,
+    /// Runs that failed so far (re-runs of failed units, `retry_failed`).
+    pub failures: u32,
+    /// The machine (lease id) it just failed on: another takes it if one
+    /// is free.
+    pub avoid: Option<u64>,
 }
 
 /// The order units are handed out in: longest expected first; ties (and
@@ -110,6 +115,8 @@ pub fn plan(units: Vec<String>, history: &HashMap<String, Vec<i64>>) -> Vec<Plan
             unit,
             expected: Duration::from_millis(m.unwrap_or(fallback).max(0) as u64),
             measured: m.is_some(),
+            failures: 0,
+            avoid: None,
         })
         .collect();
     // Stable: equal expectations keep the list's order.

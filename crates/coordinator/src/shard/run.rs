@@ -30,6 +30,7 @@ use crate::farm::{Farm, RunningBuild};
 use crate::logs::MAX_LOG;
 use crate::pool::{Holder, Lease};
 use crate::scheduler::{LeaseRequest, Ticket};
+use crate::results::{Outcome as TestOutcome, TestResult};
 use crate::store::{BuildKind, BuildRow, UnitRun, now_ms};
 
 /// Output of one unit kept for the log: its end, where failures are.
@@ -50,6 +51,7 @@ pub(crate) struct StepRun<'a> {
     /// The step's place in the builder's steps (earlier ones run on helpers).
     pub index: usize,
     pub step_id: i64,
+    pub attempt_id: i64,
     pub base_env: &'a [String],
     /// The build's source, pushed to each helper.
     pub source: Bytes,
@@ -92,6 +94,13 @@ struct Queue {
     standby: Option<u64>,
     /// How often each unit lost its machine.
     losses: HashMap<String, u32>,
+    /// Workers waiting for a unit now.
+    idle: usize,
+    /// Units that failed, then passed when run again.
+    flaky: Vec<String>,
+    /// Test names each failed unit's run reported (the unit's own name when
+    /// it reported none), to mark flaky when the unit passes again.
+    failed_tests: HashMap<String, Vec<String>>,
 }
 
 struct Shared<'r> {
@@ -105,6 +114,9 @@ struct Shared<'r> {
     step_deadline: Instant,
     /// Later steps need a machine: keep a helper if the build's own is lost.
     need_survivor: bool,
+    /// Lines of the step's log so far; appends go through [`Shared::append`]
+    /// so a unit's section knows the line it starts on.
+    lines: Mutex<usize>,
 }
 
 impl Shared<'_> {
@@ -117,7 +129,17 @@ impl Shared<'_> {
     }
 
     fn log(&self, text: &str) {
-        self.run.rb.log.append(text.as_bytes());
+        self.append(text.as_bytes());
+    }
+
+    /// Appends to the live log; returns how many lines of the step's log
+    /// came before.
+    fn append(&self, bytes: &[u8]) -> usize {
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        let before = *lines;
+        self.run.rb.log.append(bytes);
+        *lines += bytes.iter().filter(|&&b| b == b'\n').count();
+        before
     }
 
     /// Publishes progress for the build page and wakes every waiter.
@@ -190,8 +212,9 @@ impl Farm {
             .as_bytes(),
         );
         let step_deadline = run.deadline.min(started + run.step.timeout);
-        let (outcome, survivor, units, machines) =
-            self.sharded(run, main, cancel, step_deadline).await;
+        let (outcome, survivor, units, machines) = self
+            .sharded(run, main, cancel, step_deadline, step_start)
+            .await;
         *run.rb.progress.lock().unwrap_or_else(|e| e.into_inner()) = String::new();
         if let Some(s) = &survivor {
             log.append(
@@ -235,6 +258,7 @@ impl Farm {
         main: &Lease,
         cancel: &mut watch::Receiver<bool>,
         step_deadline: Instant,
+        step_start: usize,
     ) -> (Outcome, Option<Lease>, usize, usize) {
         let step = run.step;
         let name = &step.name;
@@ -269,6 +293,10 @@ impl Farm {
             total,
             step_deadline,
             need_survivor: run.builder.steps.len() > run.index + 1,
+            lines: Mutex::new({
+                let so_far = run.rb.log.range_async(step_start, step_start + MAX_LOG).await;
+                so_far.iter().filter(|&&b| b == b'\n').count()
+            }),
         };
         shared.log(&format!(
             "farmer: running {total} units on {}{}\n",
@@ -372,6 +400,19 @@ impl Farm {
                 "the step ended",
             )
             .await;
+        }
+        let flaky = std::mem::take(&mut shared.q().flaky);
+        if matches!(outcome, Outcome::Passed) && !flaky.is_empty() {
+            shared.log(&format!(
+                "farmer: flaky (failed, then passed when run again): {}\n",
+                crate::builds::names(&flaky)
+            ));
+            self.metrics.flaky_tests(&run.builder.name, flaky.len() as u64);
+            run.rb
+                .flaky
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(flaky);
         }
         // Every other helper goes back at once, cleaned for reuse.
         drop(give_back);
@@ -564,7 +605,14 @@ impl Farm {
                     if q.stop {
                         break None;
                     }
-                    if let Some(u) = q.pending.pop_front() {
+                    // A unit that just failed here goes to another machine
+                    // when one is waiting for work; else it runs here again.
+                    let pick = q
+                        .pending
+                        .iter()
+                        .position(|u| u.avoid != Some(lease.id))
+                        .or_else(|| (q.idle == 0 && !q.pending.is_empty()).then_some(0));
+                    if let Some(u) = pick.and_then(|i| q.pending.remove(i)) {
                         if q.standby == Some(lease.id) {
                             q.standby = None;
                         }
@@ -582,7 +630,7 @@ impl Farm {
                     // leaves. Until then the build's machine waits (a unit
                     // may come back), and so does one helper, the standby,
                     // or every helper once the build's machine is lost.
-                    if q.running.is_empty() {
+                    if q.running.is_empty() && (q.pending.is_empty() || !main) {
                         break None;
                     }
                     if !main && !q.main_lost {
@@ -592,8 +640,10 @@ impl Farm {
                             Some(_) => break None,
                         }
                     }
+                    q.idle += 1;
                 }
                 notified.await;
+                sh.q().idle -= 1;
             };
             let Some(unit) = unit else { break };
             sh.changed();
@@ -610,6 +660,7 @@ impl Farm {
                 _ = abort.wait_for(|a| *a) => None,
             };
             let took = since.elapsed();
+            let mut flaky_names: Option<Vec<String>> = None;
             let (result, detail) = match r {
                 None => ("cancelled", "stopped: another unit failed".to_string()),
                 Some(Ok(ProcessState::Ok)) => ("passed", String::new()),
@@ -625,8 +676,11 @@ impl Farm {
                 if detail.is_empty() { "" } else { ": " }
             )
             .into_bytes();
-            if !out.is_empty() {
-                section.extend(out.text());
+            // Lines before the unit's output within its section.
+            let header_lines = section.iter().filter(|&&b| b == b'\n').count();
+            let output = out.text();
+            if !output.is_empty() {
+                section.extend(&output);
                 if section.last() != Some(&b'\n') {
                     section.push(b'\n');
                 }
@@ -639,9 +693,34 @@ impl Farm {
                     &b"farmer: the unit has now broken two machines; it fails the step\n"[..]
                 });
             }
-            run.rb.log.append(&section);
+            let retry = result == "failed" && unit.failures < run.builder.retry_failed;
+            if retry {
+                section.extend(
+                    format!(
+                        "farmer: the unit runs again (re-run {} of {}), on another machine if one is free\n",
+                        unit.failures + 1,
+                        run.builder.retry_failed
+                    )
+                    .as_bytes(),
+                );
+            }
+            let before = sh.append(&section);
+            // The section starts with an empty line, then its header.
+            let unit_tests = unit_results(
+                &unit.unit,
+                result,
+                took,
+                &output,
+                before + 2,
+                before + header_lines,
+            );
             if let Some(r) = sh.q().running.get_mut(&lease.id) {
                 r.recorded = true;
+            }
+            if !unit_tests.is_empty()
+                && let Err(e) = self.store.record_tests(&tests_of(run), &unit_tests).await
+            {
+                tracing::warn!(build = run.build.id, "recording test results: {e}");
             }
             self.record_unit(run, &unit.unit, &lease.hostname, since, result, &detail)
                 .await;
@@ -657,7 +736,29 @@ impl Farm {
                     *n >= MAX_LOSSES
                 };
                 match result {
-                    "passed" => q.passed += 1,
+                    "passed" => {
+                        q.passed += 1;
+                        if unit.failures > 0 {
+                            q.flaky.push(unit.unit.clone());
+                            flaky_names = q.failed_tests.remove(&unit.unit);
+                        }
+                    }
+                    "failed" if retry => {
+                        let names: Vec<String> = unit_tests
+                            .iter()
+                            .filter(|t| t.outcome == TestOutcome::Fail)
+                            .map(|t| t.name.clone())
+                            .collect();
+                        q.failed_tests
+                            .entry(unit.unit.clone())
+                            .or_default()
+                            .extend(names);
+                        q.pending.push_back(Planned {
+                            failures: unit.failures + 1,
+                            avoid: Some(lease.id),
+                            ..unit
+                        });
+                    }
                     "lost" if !lost_too_often => q.pending.push_front(unit),
                     "failed" | "lost" => {
                         let what = if result == "lost" {
@@ -671,6 +772,11 @@ impl Farm {
                     }
                     _ => {}
                 }
+            }
+            if let Some(names) = flaky_names.take()
+                && let Err(e) = self.store.mark_flaky(run.step_id, &names).await
+            {
+                tracing::warn!(build = run.build.id, "recording flaky tests: {e}");
             }
             if result == "lost" {
                 lost = true;
@@ -734,6 +840,58 @@ impl Farm {
             tracing::warn!(build = run.build.id, unit, "recording a unit run: {e}");
         }
     }
+}
+
+fn tests_of(run: &StepRun<'_>) -> crate::store::TestsOf {
+    crate::store::TestsOf {
+        build_id: run.build.id,
+        attempt_id: run.attempt_id,
+        step_id: run.step_id,
+        builder: run.builder.name.clone(),
+        repo: run.build.repo.clone(),
+        commit: run.build.commit.clone(),
+        commit_time: run.build.commit_time,
+    }
+}
+
+/// The test results of one unit's run: what its output reports (`go test
+/// -json`, libtest), its lines placed in the step's log (the output starts
+/// after line `output_at`); a unit that reports none is itself the test.
+fn unit_results(
+    unit: &str,
+    result: &str,
+    took: Duration,
+    output: &[u8],
+    header_line: usize,
+    output_at: usize,
+) -> Vec<TestResult> {
+    let outcome = match result {
+        "passed" => TestOutcome::Pass,
+        "failed" => TestOutcome::Fail,
+        // Cut short: says nothing about the unit.
+        _ => return Vec::new(),
+    };
+    let mut reported = crate::results::from_output(output);
+    if !reported.is_empty() {
+        for t in &mut reported {
+            t.line = t.line.map(|l| output_at + l);
+        }
+        return reported;
+    }
+    let Some(name) = crate::results::name(unit) else {
+        return Vec::new();
+    };
+    vec![TestResult {
+        name,
+        outcome,
+        duration_ms: Some(took.as_millis() as i64),
+        failure: if outcome == TestOutcome::Fail {
+            crate::results::tail(&String::from_utf8_lossy(output), crate::results::MAX_FAILURE)
+        } else {
+            String::new()
+        },
+        line: (outcome == TestOutcome::Fail).then_some(header_line),
+    }]
 }
 
 /// Time left until `deadline`, at least a millisecond (a zero timeout

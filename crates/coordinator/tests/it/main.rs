@@ -17,6 +17,7 @@ mod hostile;
 mod inproc;
 mod ports;
 mod resilience;
+mod results;
 mod secrets;
 mod shard;
 mod sources;

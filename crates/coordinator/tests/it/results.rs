@@ -1,0 +1,207 @@
+//! Test results and flakes, in process (see `common/inproc.rs`): results
+//! read from what real tools print and write (`cargo test`, pytest's JUnit
+//! XML), failed tests re-run on another machine, flaky tests and units.
+
+use crate::common::TestRepo;
+use crate::common::inproc::{InProc, config};
+
+use std::time::Duration;
+
+use coordinator::pool::MachineState;
+use coordinator::store::{BuildKind, BuildStatus};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A libtest-style report: `tests::flaky` fails until `$MARK` exists (its
+/// first run creates it), `tests::broken` fails when `$BROKEN` is set.
+const LIBTEST_SH: &str = r#"echo "running 3 tests"
+echo "test tests::ok ... ok"
+if [ -e "$MARK" ]; then flaky=ok; else flaky=FAILED; touch "$MARK"; fi
+echo "test tests::flaky ... $flaky"
+if [ -n "$BROKEN" ]; then broken=FAILED; else broken=ok; fi
+echo "test tests::broken ... $broken"
+echo
+echo "failures:"
+echo
+[ $flaky = FAILED ] && { echo "---- tests::flaky stdout ----"; echo "thread 'tests::flaky' panicked at src/lib.rs:7:5:"; echo "timing out on a busy machine"; echo; }
+[ $broken = FAILED ] && { echo "---- tests::broken stdout ----"; echo "assertion failed: 1 == 2"; echo; }
+echo "retry: [$FARMER_RETRY] $FARMER_RETRY_TESTS"
+if [ $flaky = FAILED ] || [ $broken = FAILED ]; then echo "test result: FAILED."; exit 101; fi
+echo "test result: ok."
+"#;
+
+fn builder(mark: &std::path::Path, broken: bool) -> String {
+    format!(
+        r#"
+[builders.b]
+host = "host-a"
+retry_failed = 1
+env = {{ MARK = "{}"{} }}
+[[builders.b.steps]]
+name = "test"
+run = "sh test.sh"
+"#,
+        mark.display(),
+        if broken { ", BROKEN = \"1\"" } else { "" }
+    )
+}
+
+#[test]
+fn a_test_that_fails_then_passes_on_another_machine_is_flaky_and_the_build_passes_with_flakes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = TestRepo::new(&dir.path().join("repo"));
+    let commit = repo.commit("one", &[("test.sh", LIBTEST_SH)]);
+    let mark = dir.path().join("flaky-ran-once");
+    rt().block_on(async {
+        let f = InProc::start(&config(&repo.path, &builder(&mark, false))).await;
+        f.machine("host-a", "m1").await;
+        f.machine("host-a", "m2").await;
+        let id = f
+            .farm
+            .trigger("b", None, None, &commit, BuildKind::PostSubmit, "test")
+            .await
+            .unwrap();
+        let b = f.finished(id).await;
+        assert_eq!(b.status, BuildStatus::Passed, "{b:?}");
+        assert!(b.flaky, "passed with flakes: {b:?}");
+        let tests = f.farm.store.build_tests(id, 100).await.unwrap();
+        let outcome = |n: &str| {
+            tests
+                .iter()
+                .find(|t| t.name == n)
+                .map(|t| t.outcome.clone())
+                .unwrap_or_default()
+        };
+        assert_eq!(outcome("tests::flaky"), "flaky", "{tests:#?}");
+        assert_eq!(outcome("tests::ok"), "pass");
+        let flaky = tests.iter().find(|t| t.name == "tests::flaky").unwrap();
+        assert!(flaky.failure.contains("timing out on a busy machine"), "{flaky:?}");
+        let steps = f.farm.store.steps(id).await.unwrap();
+        assert_eq!(steps[0].result, "passed");
+        assert!(steps[0].detail.contains("flaky: tests::flaky"), "{steps:?}");
+        let log = f.farm.store.step_log(steps[0].id).await.unwrap().unwrap();
+        let log = String::from_utf8_lossy(&log);
+        // The failure's line in the step's log is the one stored.
+        let line = log.lines().nth(flaky.log_line.unwrap() as usize - 1).unwrap();
+        assert_eq!(line, "---- tests::flaky stdout ----", "{log}");
+        // The re-run went to the other machine, told which tests to run.
+        let main = &f.farm.store.attempts(id).await.unwrap()[0].machine;
+        let other = if main == "m1" { "m2" } else { "m1" };
+        assert!(
+            log.contains(&format!("re-run 1 of 1 on {other} for 1 failed test: tests::flaky")),
+            "{log}"
+        );
+        assert!(log.contains("retry: [1] tests::flaky"), "{log}");
+        f.until("both machines idle", Duration::from_secs(20), || {
+            f.farm
+                .pool
+                .snapshot()
+                .iter()
+                .all(|m| m.state == MachineState::Idle)
+        })
+        .await;
+        let metrics = coordinator::api::metrics::render(&f.farm).await;
+        assert!(
+            metrics.contains("farmer_flaky_tests_total{builder=\"b\"} 1"),
+            "{metrics}"
+        );
+    });
+}
+
+#[test]
+fn a_test_that_fails_every_time_fails_the_build_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = TestRepo::new(&dir.path().join("repo"));
+    let commit = repo.commit("one", &[("test.sh", LIBTEST_SH)]);
+    let mark = dir.path().join("flaky-ran-once");
+    rt().block_on(async {
+        let f = InProc::start(&config(&repo.path, &builder(&mark, true))).await;
+        f.machine("host-a", "m1").await;
+        let id = f
+            .farm
+            .trigger("b", None, None, &commit, BuildKind::PostSubmit, "test")
+            .await
+            .unwrap();
+        let b = f.finished(id).await;
+        assert_eq!(b.status, BuildStatus::Failed, "{b:?}");
+        assert!(!b.flaky);
+        assert!(
+            b.error.contains("failing tests: tests::broken"),
+            "{}",
+            b.error
+        );
+        let tests = f.farm.store.build_tests(id, 100).await.unwrap();
+        // Failing first; the one that passed on the re-run is flaky.
+        assert_eq!(tests[0].name, "tests::broken");
+        assert_eq!(tests[0].outcome, "fail");
+        assert!(tests[0].failure.contains("assertion failed: 1 == 2"));
+        assert_eq!(
+            tests.iter().find(|t| t.name == "tests::flaky").unwrap().outcome,
+            "flaky"
+        );
+        // With one machine the re-run used it.
+        let steps = f.farm.store.steps(id).await.unwrap();
+        let log = f.farm.store.step_log(steps[0].id).await.unwrap().unwrap();
+        assert!(
+            String::from_utf8_lossy(&log).contains("re-run 1 of 1 on the build's own machine"),
+            "{}",
+            String::from_utf8_lossy(&log)
+        );
+    });
+}
+
+#[test]
+fn a_unit_that_fails_then_passes_is_flaky_and_runs_again_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("unit-ran-once");
+    let mut repo = TestRepo::new(&dir.path().join("repo"));
+    let unit_sh = format!(
+        "case \"$1\" in flaky) if [ -e {m} ]; then echo fine now; else touch {m}; echo 'flaked: port in use'; exit 1; fi;; *) true;; esac\n",
+        m = mark.display()
+    );
+    let commit = repo.commit("one", &[("unit.sh", &unit_sh)]);
+    let builders = r#"
+[builders.b]
+host = "host-a"
+retry_failed = 2
+[[builders.b.steps]]
+name = "test"
+shard.list = "printf 'flaky\na\nb\n'"
+shard.run = "sh unit.sh {unit}"
+shard.helpers = 1
+"#;
+    rt().block_on(async {
+        let f = InProc::start(&config(&repo.path, builders)).await;
+        f.machine("host-a", "m1").await;
+        f.machine("host-a", "m2").await;
+        let id = f
+            .farm
+            .trigger("b", None, None, &commit, BuildKind::PostSubmit, "test")
+            .await
+            .unwrap();
+        let b = f.finished(id).await;
+        assert_eq!(b.status, BuildStatus::Passed, "{b:?}");
+        assert!(b.flaky, "{b:?}");
+        let runs = f.farm.store.unit_runs(id).await.unwrap();
+        let flaky: Vec<_> = runs.iter().filter(|r| r.unit == "flaky").collect();
+        assert_eq!(flaky.len(), 2, "{runs:?}");
+        assert_eq!(flaky[0].result, "failed");
+        assert_eq!(flaky[1].result, "passed");
+        let tests = f.farm.store.build_tests(id, 100).await.unwrap();
+        let t = tests.iter().find(|t| t.name == "flaky").unwrap();
+        assert_eq!(t.outcome, "flaky", "{tests:#?}");
+        assert!(t.failure.contains("flaked: port in use"), "{t:?}");
+        let steps = f.farm.store.steps(id).await.unwrap();
+        let log = f.farm.store.step_log(steps[0].id).await.unwrap().unwrap();
+        let log = String::from_utf8_lossy(&log);
+        let line = log.lines().nth(t.log_line.unwrap() as usize - 1).unwrap();
+        assert!(line.starts_with("--- unit flaky on m"), "{line}");
+        assert!(log.contains("farmer: flaky (failed, then passed when run again): flaky"), "{log}");
+    });
+}

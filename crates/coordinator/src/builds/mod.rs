@@ -326,13 +326,18 @@ impl Farm {
         rb.log.append(
             format!(
                 "farmer: build {id} {}{}{}\n",
-                if flaky { "passed with flakes" } else { status.as_str() },
+                if flaky {
+                    "passed with flakes"
+                } else {
+                    status.as_str()
+                },
                 if msg.is_empty() { "" } else { ": " },
                 msg
             )
             .as_bytes(),
         );
-        self.store_attempt_log(&rb, attempt_id, id, attempt_from).await;
+        self.store_attempt_log(&rb, attempt_id, id, attempt_from)
+            .await;
         tracing::info!(build = id, %status, "build finished");
         self.unregister_running(id);
         drop(phase);
@@ -343,7 +348,13 @@ impl Farm {
     }
 
     /// Stores what the live log showed of an attempt, from `from` on.
-    async fn store_attempt_log(&self, rb: &RunningBuild, attempt_id: i64, build_id: i64, from: usize) {
+    async fn store_attempt_log(
+        &self,
+        rb: &RunningBuild,
+        attempt_id: i64,
+        build_id: i64,
+        from: usize,
+    ) {
         let log = rb.log.range_async(from, from + MAX_LOG).await;
         if let Err(e) = self.store.put_attempt_log(attempt_id, build_id, &log).await {
             tracing::warn!(build = build_id, "storing the attempt's log: {e}");

@@ -29,8 +29,8 @@ use crate::config::{BuildConfig, Shard, Step, human_duration};
 use crate::farm::{Farm, RunningBuild};
 use crate::logs::MAX_LOG;
 use crate::pool::{Holder, Lease};
-use crate::scheduler::{LeaseRequest, Ticket};
 use crate::results::{Outcome as TestOutcome, TestResult};
+use crate::scheduler::{LeaseRequest, Ticket};
 use crate::store::{BuildKind, BuildRow, UnitRun, now_ms};
 
 /// Output of one unit kept for the log: its end, where failures are.
@@ -294,7 +294,11 @@ impl Farm {
             step_deadline,
             need_survivor: run.builder.steps.len() > run.index + 1,
             lines: Mutex::new({
-                let so_far = run.rb.log.range_async(step_start, step_start + MAX_LOG).await;
+                let so_far = run
+                    .rb
+                    .log
+                    .range_async(step_start, step_start + MAX_LOG)
+                    .await;
                 so_far.iter().filter(|&&b| b == b'\n').count()
             }),
         };
@@ -407,7 +411,8 @@ impl Farm {
                 "farmer: flaky (failed, then passed when run again): {}\n",
                 crate::builds::names(&flaky)
             ));
-            self.metrics.flaky_tests(&run.builder.name, flaky.len() as u64);
+            self.metrics
+                .flaky_tests(&run.builder.name, flaky.len() as u64);
             run.rb
                 .flaky
                 .lock()
@@ -886,7 +891,10 @@ fn unit_results(
         outcome,
         duration_ms: Some(took.as_millis() as i64),
         failure: if outcome == TestOutcome::Fail {
-            crate::results::tail(&String::from_utf8_lossy(output), crate::results::MAX_FAILURE)
+            crate::results::tail(
+                &String::from_utf8_lossy(output),
+                crate::results::MAX_FAILURE,
+            )
         } else {
             String::new()
         },

@@ -81,20 +81,28 @@ fn a_test_that_fails_then_passes_on_another_machine_is_flaky_and_the_build_passe
         assert_eq!(outcome("tests::flaky"), "flaky", "{tests:#?}");
         assert_eq!(outcome("tests::ok"), "pass");
         let flaky = tests.iter().find(|t| t.name == "tests::flaky").unwrap();
-        assert!(flaky.failure.contains("timing out on a busy machine"), "{flaky:?}");
+        assert!(
+            flaky.failure.contains("timing out on a busy machine"),
+            "{flaky:?}"
+        );
         let steps = f.farm.store.steps(id).await.unwrap();
         assert_eq!(steps[0].result, "passed");
         assert!(steps[0].detail.contains("flaky: tests::flaky"), "{steps:?}");
         let log = f.farm.store.step_log(steps[0].id).await.unwrap().unwrap();
         let log = String::from_utf8_lossy(&log);
         // The failure's line in the step's log is the one stored.
-        let line = log.lines().nth(flaky.log_line.unwrap() as usize - 1).unwrap();
+        let line = log
+            .lines()
+            .nth(flaky.log_line.unwrap() as usize - 1)
+            .unwrap();
         assert_eq!(line, "---- tests::flaky stdout ----", "{log}");
         // The re-run went to the other machine, told which tests to run.
         let main = &f.farm.store.attempts(id).await.unwrap()[0].machine;
         let other = if main == "m1" { "m2" } else { "m1" };
         assert!(
-            log.contains(&format!("re-run 1 of 1 on {other} for 1 failed test: tests::flaky")),
+            log.contains(&format!(
+                "re-run 1 of 1 on {other} for 1 failed test: tests::flaky"
+            )),
             "{log}"
         );
         assert!(log.contains("retry: [1] tests::flaky"), "{log}");
@@ -142,7 +150,11 @@ fn a_test_that_fails_every_time_fails_the_build_by_name() {
         assert_eq!(tests[0].outcome, "fail");
         assert!(tests[0].failure.contains("assertion failed: 1 == 2"));
         assert_eq!(
-            tests.iter().find(|t| t.name == "tests::flaky").unwrap().outcome,
+            tests
+                .iter()
+                .find(|t| t.name == "tests::flaky")
+                .unwrap()
+                .outcome,
             "flaky"
         );
         // With one machine the re-run used it.
@@ -202,6 +214,138 @@ shard.helpers = 1
         let log = String::from_utf8_lossy(&log);
         let line = log.lines().nth(t.log_line.unwrap() as usize - 1).unwrap();
         assert!(line.starts_with("--- unit flaky on m"), "{line}");
-        assert!(log.contains("farmer: flaky (failed, then passed when run again): flaky"), "{log}");
+        assert!(
+            log.contains("farmer: flaky (failed, then passed when run again): flaky"),
+            "{log}"
+        );
+    });
+}
+
+/// A crate whose `cargo test` has one passing and one failing test.
+const CARGO_TOML: &str =
+    "[package]\nname = \"sample\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n";
+const LIB_RS: &str = r#"pub fn add(a: i32, b: i32) -> i32 {
+    a + b
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn adds() {
+        assert_eq!(super::add(1, 2), 3);
+    }
+
+    #[test]
+    fn breaks() {
+        assert_eq!(super::add(2, 2), 5, "two and two");
+    }
+}
+"#;
+
+/// A Python project whose pytest run writes JUnit XML.
+const TEST_PY: &str = r#"import pytest
+
+def test_ok():
+    assert 1 + 1 == 2
+
+def test_wrong():
+    assert {"a": 1} == {"a": 2}, "dicts differ"
+
+@pytest.mark.skip(reason="not today")
+def test_later():
+    pass
+"#;
+
+#[test]
+fn results_from_a_real_cargo_test_and_a_real_pytest_junit_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = TestRepo::new(&dir.path().join("repo"));
+    let commit = repo.commit(
+        "one",
+        &[
+            ("Cargo.toml", CARGO_TOML),
+            ("src/lib.rs", LIB_RS),
+            ("py/test_sample.py", TEST_PY),
+        ],
+    );
+    let builders = r#"
+[builders.rust]
+host = "host-a"
+timeout = "5m"
+env = { CARGO_TARGET_DIR = "target", CARGO_TERM_COLOR = "never" }
+[[builders.rust.steps]]
+name = "test"
+run = "cargo test --offline"
+timeout = "4m"
+
+[builders.py]
+host = "host-a"
+[[builders.py.steps]]
+name = "pytest"
+dir = "py"
+run = "python3 -m pytest -q -p no:cacheprovider --junitxml=out/report.xml"
+results = ["junit:out/*.xml", "go-json:missing.json"]
+"#;
+    rt().block_on(async {
+        let f = InProc::start(&config(&repo.path, builders)).await;
+        f.machine("host-a", "m1").await;
+        let rust = f
+            .farm
+            .trigger("rust", None, None, &commit, BuildKind::PostSubmit, "test")
+            .await
+            .unwrap();
+        let py = f
+            .farm
+            .trigger("py", None, None, &commit, BuildKind::PostSubmit, "test")
+            .await
+            .unwrap();
+        let b = f.finished_within(rust, Duration::from_secs(240)).await;
+        assert_eq!(b.status, BuildStatus::Failed, "{b:?}");
+        assert!(
+            b.error.contains("failing tests: tests::breaks"),
+            "{}",
+            b.error
+        );
+        let tests = f.farm.store.build_tests(rust, 100).await.unwrap();
+        let names: Vec<(&str, &str)> = tests
+            .iter()
+            .map(|t| (t.name.as_str(), t.outcome.as_str()))
+            .collect();
+        assert!(names.contains(&("tests::breaks", "fail")), "{names:?}");
+        assert!(names.contains(&("tests::adds", "pass")), "{names:?}");
+        let breaks = &tests[0];
+        assert!(breaks.failure.contains("two and two"), "{breaks:?}");
+        let steps = f.farm.store.steps(rust).await.unwrap();
+        let log = f.farm.store.step_log(steps[0].id).await.unwrap().unwrap();
+        let log = String::from_utf8_lossy(&log);
+        let line = log
+            .lines()
+            .nth(breaks.log_line.unwrap() as usize - 1)
+            .unwrap();
+        assert_eq!(line, "---- tests::breaks stdout ----", "{log}");
+
+        let b = f.finished_within(py, Duration::from_secs(120)).await;
+        assert_eq!(b.status, BuildStatus::Failed, "{b:?}");
+        assert!(
+            b.error.contains("failing tests: test_sample.test_wrong"),
+            "{}",
+            b.error
+        );
+        let tests = f.farm.store.build_tests(py, 100).await.unwrap();
+        let by = |n: &str| tests.iter().find(|t| t.name == n).unwrap();
+        assert_eq!(by("test_sample.test_ok").outcome, "pass");
+        assert_eq!(by("test_sample.test_later").outcome, "skip");
+        let wrong = by("test_sample.test_wrong");
+        assert_eq!(wrong.outcome, "fail");
+        assert!(wrong.failure.contains("dicts differ"), "{wrong:?}");
+        assert!(wrong.duration_ms.is_some());
+        // A result file that is not there is said, not fatal.
+        let steps = f.farm.store.steps(py).await.unwrap();
+        let log = f.farm.store.step_log(steps[0].id).await.unwrap().unwrap();
+        assert!(
+            String::from_utf8_lossy(&log).contains("results \"missing.json\": no file matched"),
+            "{}",
+            String::from_utf8_lossy(&log)
+        );
     });
 }

@@ -106,16 +106,18 @@ impl InProc {
 
     /// Waits (bounded) until build `id` has a final status; returns it.
     pub async fn finished(&self, id: i64) -> coordinator::store::BuildRow {
+        self.finished_within(id, Duration::from_secs(30)).await
+    }
+
+    /// [`InProc::finished`] with its own bound (a build that compiles).
+    pub async fn finished_within(&self, id: i64, limit: Duration) -> coordinator::store::BuildRow {
         let start = Instant::now();
         loop {
             let b = self.farm.store.build(id).await.unwrap().unwrap();
             if b.status.is_terminal() {
                 return b;
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "build {id} did not finish: {b:?}"
-            );
+            assert!(start.elapsed() < limit, "build {id} did not finish: {b:?}");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }

@@ -102,20 +102,35 @@ done
 echo "build ok"
 "#;
 
+/// The sample's test script. It reports as libtest does (`test NAME ...
+/// ok|FAILED`, then a `---- NAME stdout ----` section per failure), so
+/// farmer reads its results like a `cargo test` run's.
 fn test_sh(extra: &str) -> String {
     format!(
         r#"#!/bin/sh
 echo "running tests on $FARMER_BUILDER"
 fail=0
+failures=""
 # One test when named (a unit of a sharded step), else all of them.
 for t in tests/${{1:-*}}.test; do
   sleep 0.3
   want=$(cat "$t")
   name=$(basename "$t" .test)
   got=$(cat "out/$name.o" 2>/dev/null)
-  if [ "$got" = "$want" ]; then echo "ok   $name"; else echo "FAIL $name: got '$got', want '$want'"; fail=1; fi
+  if [ "$got" = "$want" ]; then
+    echo "test $name ... ok"
+  else
+    echo "test $name ... FAILED"
+    failures="$failures
+---- $name stdout ----
+FAIL $name: got '$got', want '$want'
+"
+    fail=1
+  fi
 done
 {extra}
+if [ -n "$failures" ]; then echo; echo "failures:"; echo "$failures"; fi
+echo "test result: $([ $fail = 0 ] && echo ok || echo FAILED)."
 exit $fail
 "#
     )
@@ -166,7 +181,14 @@ fn commits() -> Vec<NewCommit> {
                 exe(
                     "test.sh",
                     &test_sh(
-                        r#"if [ "$SIMULATED_ARCH" = "arm64" ]; then echo "FAIL alignment: unaligned access on arm64"; fail=1; fi"#,
+                        r#"if [ "$SIMULATED_ARCH" = "arm64" ] && [ -z "$1" ]; then
+  echo "test alignment ... FAILED"
+  failures="$failures
+---- alignment stdout ----
+FAIL alignment: unaligned access on arm64
+"
+  fail=1
+fi"#,
                     ),
                 ),
             ],

@@ -70,6 +70,8 @@ pub struct Farm {
     /// The TLS public key's pin (`spki-sha256:HEX`), which survives renewal.
     pub tls_spki_pin: Option<String>,
     pub metrics: Metrics,
+    /// The last hours of queues and machines, for the status page's charts.
+    pub history: crate::history::History,
     repos: Mutex<HashMap<String, Arc<git::Repo>>>,
     running: Mutex<HashMap<i64, Arc<RunningBuild>>>,
     source_cache: Mutex<VecDeque<((String, String), Bytes)>>,
@@ -150,6 +152,7 @@ impl Farm {
             tls_fingerprint: o.tls_fingerprint,
             tls_spki_pin: o.tls_spki_pin,
             metrics: Metrics::default(),
+            history: Default::default(),
             repos: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
             source_cache: Mutex::new(VecDeque::new()),
@@ -567,6 +570,39 @@ impl Farm {
             Err(_) => {
                 self.pool.remove(lease.id, "cleaning took longer than 120s");
             }
+        }
+    }
+
+    /// Records where every host type stands now (queue, machines).
+    pub fn sample(&self) {
+        let cfg = self.config();
+        let queues = self.scheduler.views(0);
+        let counts = self.pool.counts();
+        let hosts = cfg
+            .hosts
+            .keys()
+            .map(|ht| {
+                let q = queues.iter().find(|q| &q.host_type == ht);
+                crate::history::HostSample {
+                    host_type: ht.clone(),
+                    waiting: q.map_or(0, |q| q.waiting),
+                    oldest_wait_secs: q.map_or(0.0, |q| q.oldest_wait_secs),
+                    connected: counts.get(ht).map_or(0, |c| c.connected as usize),
+                }
+            })
+            .collect();
+        self.history.record(crate::history::Sample {
+            at: crate::store::now_ms() / 1000,
+            hosts,
+        });
+    }
+
+    /// Runs forever: samples the farm for the status page's charts.
+    pub async fn sample_loop(self: Arc<Self>) {
+        let mut every = tokio::time::interval(crate::history::EVERY);
+        loop {
+            every.tick().await;
+            self.sample();
         }
     }
 

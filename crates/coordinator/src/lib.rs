@@ -16,6 +16,7 @@ pub mod demo;
 pub mod farm;
 pub mod git;
 pub mod gomote;
+pub mod history;
 pub mod keys;
 pub mod logs;
 pub mod machine_auth;

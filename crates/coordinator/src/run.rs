@@ -143,6 +143,7 @@ pub async fn run(
     ));
     tasks.spawn(farm.clone().dispatch_loop());
     tasks.spawn(farm.clone().health_loop());
+    tasks.spawn(farm.clone().sample_loop());
     tasks.spawn(crate::gomote::expiry_loop(farm.clone()));
     let (stop_ssh, ssh_stopped) = tokio::sync::watch::channel(false);
     if let Some(l) = &opts.ssh_listen {

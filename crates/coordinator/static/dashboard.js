@@ -168,3 +168,34 @@
   document.getElementById('requests-load').addEventListener('click', load);
   if (input.value) { load(); }
 })();
+
+// Build page: a failure's "log line N" opens its step's log and shows the
+// line; the page opens with the first failure's line in view in its log.
+(function () {
+  function show(id, scrollPage) {
+    var line = document.getElementById(id);
+    if (!line) { return; }
+    var d = line.closest('details');
+    if (d) { d.open = true; }
+    document.querySelectorAll('pre.log .hit').forEach(function (e) { e.classList.remove('hit'); });
+    line.classList.add('hit');
+    var pre = line.closest('pre');
+    if (pre) { pre.scrollTop = Math.max(0, line.offsetTop - pre.clientHeight / 3); }
+    if (scrollPage) { line.scrollIntoView({ block: 'center' }); }
+  }
+  document.addEventListener('click', function (e) {
+    var a = e.target.closest && e.target.closest('a.to-log');
+    if (!a) { return; }
+    e.preventDefault();
+    var id = a.getAttribute('data-line');
+    history.replaceState(null, '', '#' + id);
+    show(id, true);
+  });
+  var hash = location.hash.slice(1);
+  if (hash && document.getElementById(hash)) {
+    show(hash, true);
+  } else {
+    var first = document.querySelector('#first-failure a.to-log');
+    if (first) { show(first.getAttribute('data-line'), false); }
+  }
+})();

@@ -36,6 +36,7 @@ pub fn router(farm: Arc<Farm>) -> Router {
         .route("/api/sources", get(sources))
         .route("/api/commits", get(commits))
         .route("/api/builds", get(list_builds).post(trigger))
+        .route("/api/history", get(history))
         .route("/api/builds/{id}", get(build))
         .route("/api/builds/{id}/log", get(build_log))
         .route("/api/builds/{id}/cancel", post(cancel))
@@ -74,6 +75,18 @@ pub type ApiResult<T> = Result<T, ApiError>;
 async fn metrics_text(State(farm): State<Arc<Farm>>) -> Response {
     let body = metrics::render(&farm).await;
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response()
+}
+
+/// Test results `/api/builds/{id}` lists (failing first).
+const TESTS_LISTED: i64 = 1000;
+
+/// The sampled queues and machines of the last hours (the status page's
+/// charts), oldest first.
+async fn history(State(farm): State<Arc<Farm>>) -> Json<serde_json::Value> {
+    Json(json!({
+        "every_secs": crate::history::EVERY.as_secs(),
+        "samples": farm.history.samples(),
+    }))
 }
 
 async fn status(State(farm): State<Arc<Farm>>) -> ApiResult<Json<serde_json::Value>> {
@@ -288,6 +301,8 @@ async fn build(
         .map(|r| lock(&r.progress))
         .filter(|p| !p.is_empty());
     let shards = crate::shard::report::build(&farm.store.unit_runs(id).await?);
+    let test_counts = farm.store.build_test_counts(id).await?;
+    let tests = farm.store.build_tests(id, TESTS_LISTED).await?;
     Ok(Json(json!({
         "build": b,
         "attempts": attempts,
@@ -295,6 +310,8 @@ async fn build(
         "current_step": current_step,
         "progress": progress,
         "shards": shards,
+        "test_counts": test_counts,
+        "tests": tests,
     })))
 }
 

@@ -51,15 +51,44 @@ pub struct StepView {
 }
 
 pub struct StepLog {
+    pub step_id: i64,
     pub attempt: i64,
     pub name: String,
     pub result: String,
     pub took: String,
     pub open: bool,
-    pub text: String,
+    /// The shown lines with their 1-based numbers in the step's log, so
+    /// failures can link to them (`#l-STEP-LINE`).
+    pub lines: Vec<(usize, String)>,
     /// Bytes left out at the start.
     pub skipped: usize,
 }
+
+/// A failing (or flaky) test on the build page.
+pub struct FailureView {
+    pub name: String,
+    pub outcome: String,
+    pub step: String,
+    pub failure: String,
+    /// `#l-STEP-LINE` when the log shows where it failed.
+    pub anchor: Option<String>,
+    pub line: i64,
+}
+
+/// The build's tests: counts and the ones worth reading.
+#[derive(Default)]
+pub struct TestsView {
+    pub total: i64,
+    pub passed: i64,
+    pub failed: i64,
+    pub flaky: i64,
+    pub skipped: i64,
+    /// Failing first, then flaky; at most [`FAILURES_SHOWN`].
+    pub failures: Vec<FailureView>,
+}
+
+/// Failing and flaky tests shown with their text on the build page.
+const FAILURES_SHOWN: i64 = 50;
 
 pub struct BuildView {
     pub id: i64,
@@ -92,6 +121,9 @@ pub struct BuildView {
     pub steps: Vec<StepView>,
     /// A running sharded step's progress.
     pub progress: String,
+    /// Passed only after re-running failed tests.
+    pub flaky: bool,
+    pub tests: TestsView,
     /// Where the time of each sharded step went.
     pub shards: Vec<StepReport>,
 }
@@ -113,6 +145,7 @@ async fn load(farm: &Farm, id: i64) -> Result<BuildView, PageError> {
         _ => (String::new(), String::new(), String::new()),
     };
     let shards = crate::shard::report::build(&farm.store.unit_runs(id).await?);
+    let tests = tests_view(farm, id, &steps_rows).await?;
     let wait = if b.status == BuildStatus::Queued {
         let pos = farm
             .scheduler
@@ -165,6 +198,8 @@ async fn load(farm: &Farm, id: i64) -> Result<BuildView, PageError> {
         machine,
         step,
         progress,
+        flaky: b.flaky,
+        tests,
         shards,
         wait,
         attempts: attempts_rows
@@ -199,6 +234,44 @@ async fn load(farm: &Farm, id: i64) -> Result<BuildView, PageError> {
     })
 }
 
+async fn tests_view(
+    farm: &Farm,
+    id: i64,
+    steps: &[crate::store::StepRow],
+) -> Result<TestsView, PageError> {
+    let counts = farm.store.build_test_counts(id).await?;
+    let n = |k: &str| counts.get(k).copied().unwrap_or(0);
+    let rows = if n("fail") + n("flaky") > 0 {
+        farm.store.build_tests(id, FAILURES_SHOWN).await?
+    } else {
+        Vec::new()
+    };
+    let failures = rows
+        .into_iter()
+        .filter(|t| t.outcome == "fail" || t.outcome == "flaky")
+        .map(|t| FailureView {
+            step: steps
+                .iter()
+                .find(|s| s.id == t.step_id)
+                .map(|s| s.name.clone())
+                .unwrap_or_default(),
+            anchor: t.log_line.map(|l| format!("l-{}-{l}", t.step_id)),
+            line: t.log_line.unwrap_or(0),
+            name: t.name,
+            outcome: t.outcome,
+            failure: t.failure,
+        })
+        .collect();
+    Ok(TestsView {
+        total: counts.values().sum(),
+        passed: n("pass"),
+        failed: n("fail"),
+        flaky: n("flaky"),
+        skipped: n("skip"),
+        failures,
+    })
+}
+
 /// The stored logs of a finished build, step by step.
 async fn step_logs(farm: &Farm, v: &BuildView) -> Result<Vec<StepLog>, PageError> {
     let rows = farm.store.steps(v.id).await?;
@@ -212,13 +285,20 @@ async fn step_logs(farm: &Farm, v: &BuildView) -> Result<Vec<StepLog>, PageError
         {
             skipped += nl + 1;
         }
+        let first = log[..skipped].iter().filter(|&&b| b == b'\n').count() + 1;
+        let text = String::from_utf8_lossy(&log[skipped..]);
         out.push(StepLog {
+            step_id: s.id,
             attempt: view.attempt,
             name: s.name.clone(),
             open: s.result != "passed",
             result: s.result.clone(),
             took: view.took.clone(),
-            text: String::from_utf8_lossy(&log[skipped..]).into_owned(),
+            lines: text
+                .lines()
+                .enumerate()
+                .map(|(i, l)| (first + i, l.to_string()))
+                .collect(),
             skipped,
         });
     }

@@ -181,3 +181,115 @@ pub async fn page(State(farm): State<Arc<Farm>>, Query(q): Query<ModeQuery>) -> 
         v,
     })
 }
+
+/// Builds a builder's page charts: its newest ones, at most this many.
+const CHARTED: i64 = 100;
+
+/// One builder (`/builders/{name}`): its config, the duration of its last
+/// [`CHARTED`] builds as a chart (failures marked), and those builds.
+#[derive(Serialize)]
+pub struct BuilderPageView {
+    pub name: String,
+    pub builder: Option<BuilderView>,
+    pub chart: super::chart::BarChart,
+    /// Median duration of the charted builds, ms.
+    pub median_ms: i64,
+    pub passed: usize,
+    pub failed: usize,
+    pub flaky: usize,
+    #[serde(skip)]
+    pub builds: Vec<super::util::BuildLine>,
+}
+
+#[derive(Template)]
+#[template(path = "builder.html")]
+struct BuilderPage {
+    l: Layout,
+    v: BuilderPageView,
+}
+
+pub async fn builder_page(
+    State(farm): State<Arc<Farm>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    Query(q): Query<ModeQuery>,
+) -> PageResult {
+    let mut all = load(&farm);
+    let builder = all.builders.remove(&name);
+    let rows = farm
+        .store
+        .builds(&crate::store::BuildFilter {
+            builder: Some(name.clone()),
+            limit: CHARTED,
+            ..Default::default()
+        })
+        .await?;
+    if builder.is_none() && rows.is_empty() {
+        return Err(super::PageError::NotFound(format!(
+            "There is no builder {name:?} in the config, and no build of one."
+        )));
+    }
+    let finished: Vec<&crate::store::BuildRow> = rows
+        .iter()
+        .rev()
+        .filter(|b| b.status.is_terminal() && b.started_at.is_some() && b.finished_at.is_some())
+        .collect();
+    let took = |b: &crate::store::BuildRow| b.finished_at.unwrap_or(0) - b.started_at.unwrap_or(0);
+    let mut durations: Vec<i64> = finished.iter().map(|b| took(b)).collect();
+    durations.sort_unstable();
+    let chart = super::chart::bars(
+        finished
+            .iter()
+            .map(|b| {
+                let class = match b.status {
+                    crate::store::BuildStatus::Passed if b.flaky => "flaky",
+                    crate::store::BuildStatus::Passed => "ok",
+                    crate::store::BuildStatus::Failed => "fail",
+                    crate::store::BuildStatus::InfraError => "infra",
+                    _ => "canc",
+                };
+                (
+                    took(b) as f64 / 1000.0,
+                    class,
+                    format!(
+                        "build {} {}: {}",
+                        b.id,
+                        if class == "flaky" {
+                            "passed with flakes"
+                        } else {
+                            b.status.as_str()
+                        },
+                        duration_ms(took(b))
+                    ),
+                    format!("/builds/{}", b.id),
+                )
+            })
+            .collect(),
+    );
+    let now = crate::store::now_ms();
+    let v = BuilderPageView {
+        median_ms: durations.get(durations.len() / 2).copied().unwrap_or(0),
+        passed: finished
+            .iter()
+            .filter(|b| b.status == crate::store::BuildStatus::Passed)
+            .count(),
+        failed: finished
+            .iter()
+            .filter(|b| b.status == crate::store::BuildStatus::Failed)
+            .count(),
+        flaky: finished.iter().filter(|b| b.flaky).count(),
+        builds: rows
+            .iter()
+            .map(|b| super::util::BuildLine::new(b, now))
+            .collect(),
+        chart,
+        builder,
+        name,
+    };
+    if q.mode.as_deref() == Some("json") {
+        return json(&v);
+    }
+    html(&BuilderPage {
+        l: Layout::new(format!("Builder {}", v.name), "builders"),
+        v,
+    })
+}

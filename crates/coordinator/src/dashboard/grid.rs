@@ -80,6 +80,9 @@ pub struct Column {
     pub builds: bool,
 }
 
+/// Failing tests a grid cell's hover text names.
+const FAILING_NAMED: usize = 5;
+
 /// One cell: the newest build of a builder at a commit.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct Cell {
@@ -89,6 +92,10 @@ pub struct Cell {
     pub build_id: i64,
     /// False: the builder does not build this repo/branch.
     pub builds: bool,
+    /// Passed only after re-running tests that failed first.
+    pub flaky: bool,
+    /// Names of failing tests (a few), for the hover text.
+    pub failing: Vec<String>,
 }
 
 impl Cell {
@@ -99,6 +106,7 @@ impl Cell {
         }
         match self.status {
             None => "none",
+            Some(BuildStatus::Passed) if self.flaky => "flaky",
             Some(BuildStatus::Passed) => "ok",
             Some(BuildStatus::Failed) => "fail",
             Some(BuildStatus::InfraError) => "infra",
@@ -114,6 +122,7 @@ impl Cell {
         }
         match self.status {
             None => "",
+            Some(BuildStatus::Passed) if self.flaky => "flaky",
             Some(BuildStatus::Passed) => "ok",
             Some(BuildStatus::Failed) => "fail",
             Some(BuildStatus::InfraError) => "infra",
@@ -122,13 +131,19 @@ impl Cell {
             Some(BuildStatus::Cancelled) => "×",
         }
     }
-    /// Hover text.
-    pub fn title(&self) -> &'static str {
+    /// Hover text: for a failed build, the tests that failed.
+    pub fn title(&self) -> String {
         if !self.builds {
-            return "does not build this repo/branch";
+            return "does not build this repo/branch".into();
+        }
+        if !self.failing.is_empty() {
+            return format!("failed: {}", self.failing.join(", "));
         }
         match self.status {
             None => "no build yet",
+            Some(BuildStatus::Passed) if self.flaky => {
+                "passed with flakes: tests failed, then passed when run again"
+            }
             Some(BuildStatus::Passed) => "passed",
             Some(BuildStatus::Failed) => "failed",
             Some(BuildStatus::InfraError) => "infrastructure error",
@@ -136,6 +151,7 @@ impl Cell {
             Some(BuildStatus::Queued) => "queued",
             Some(BuildStatus::Cancelled) => "cancelled",
         }
+        .into()
     }
 }
 
@@ -346,6 +362,15 @@ pub async fn load(farm: &Farm, q: &GridQuery) -> Result<GridView, PageError> {
         .iter()
         .map(|b| ((b.commit.as_str(), b.builder.as_str()), b))
         .collect();
+    let failed: Vec<i64> = builds
+        .iter()
+        .filter(|b| b.status == BuildStatus::Failed)
+        .map(|b| b.id)
+        .collect();
+    let failing = farm
+        .store
+        .failing_test_names(&failed, FAILING_NAMED)
+        .await?;
     let rows: Vec<Row> = commits
         .iter()
         .map(|c| Row {
@@ -359,11 +384,15 @@ pub async fn load(farm: &Farm, q: &GridQuery) -> Result<GridView, PageError> {
                             status: Some(b.status),
                             build_id: b.id,
                             builds: col.builds,
+                            flaky: b.flaky,
+                            failing: failing.get(&b.id).cloned().unwrap_or_default(),
                         },
                         None => Cell {
                             status: None,
                             build_id: 0,
                             builds: col.builds,
+                            flaky: false,
+                            failing: Vec::new(),
                         },
                     },
                 )

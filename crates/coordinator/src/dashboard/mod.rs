@@ -14,16 +14,21 @@
 //! | `/` | build grid (`?repo=&branch=&page=&n=&failures=1&mode=json`) | [`grid`] |
 //! | `/status` | farm status | `status` |
 //! | `/builders` | build and host configs (`?mode=json`) | `builders` |
+//! | `/builders/{name}` | one builder: duration chart of its last builds, its builds (`?mode=json`) | `builders` |
+//! | `/tests/{name}` | one test across builders and commits, where it started failing (`?mode=json`) | `testpages` |
+//! | `/flakes` | tests by flake rate over recent builds (`?builds=N&mode=json`) | `testpages` |
 //! | `/builds/{id}` | one build: steps, attempts, live log, admin actions | `build` |
 //! | `/machines/{hostname}`, `/hosts/{host_type}` | what a machine / host type did | `machines` |
 //! | `/requests` | builder requests: the owner's form, the admin's list | `requests` |
 
 mod build;
 mod builders;
+mod chart;
 pub mod grid;
 mod machines;
 mod requests;
 mod status;
+mod testpages;
 mod util;
 
 use std::convert::Infallible;
@@ -49,6 +54,9 @@ pub fn router(farm: Arc<Farm>) -> Router {
         .route("/status", get(status::page))
         .route("/status/events", get(status::events))
         .route("/builders", get(builders::page))
+        .route("/builders/{name}", get(builders::builder_page))
+        .route("/tests/{*name}", get(testpages::test_page))
+        .route("/flakes", get(testpages::flakes_page))
         .route("/builds/{id}", get(build::page))
         .route("/builds/{id}/events", get(build::events))
         .route("/machines/{hostname}", get(machines::machine_page))

@@ -394,6 +394,16 @@ pub async fn load(farm: &Farm) -> Result<StatusView, PageError> {
 struct StatusPage {
     l: Layout,
     s: StatusView,
+    /// Queue waits and machines over the last hours.
+    charts: Vec<NamedChart>,
+}
+
+/// A chart of the status page.
+struct NamedChart {
+    title: &'static str,
+    id: &'static str,
+    unit: &'static str,
+    c: super::chart::LineChart,
 }
 
 #[derive(Template)]
@@ -406,6 +416,20 @@ pub async fn page(State(farm): State<Arc<Farm>>) -> PageResult {
     html(&StatusPage {
         l: Layout::new("Farm status", "status"),
         s: load(&farm).await?,
+        charts: vec![
+            NamedChart {
+                title: "Oldest queue wait per host type",
+                id: "wait-chart",
+                unit: "s",
+                c: super::chart::lines(farm.history.series(|h| h.oldest_wait_secs)),
+            },
+            NamedChart {
+                title: "Machines connected per host type",
+                id: "machines-chart",
+                unit: "",
+                c: super::chart::lines(farm.history.series(|h| h.connected as f64)),
+            },
+        ],
     })
 }
 

@@ -45,6 +45,15 @@ impl History {
         g.push_back(s);
     }
 
+    /// Seconds since the epoch of the newest sample.
+    pub fn newest(&self) -> Option<i64> {
+        self.samples
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .back()
+            .map(|s| s.at)
+    }
+
     /// Every kept sample, oldest first.
     pub fn samples(&self) -> Vec<Sample> {
         self.samples

@@ -113,11 +113,16 @@ pub fn lines(series: Vec<(String, Vec<(i64, f64)>)>) -> LineChart {
         .into_iter()
         .enumerate()
         .map(|(i, (name, pts))| Series {
-            points: pts
-                .iter()
-                .map(|(t, v)| format!("{:.2},{:.2}", (t - from) as f64 / span * W, y(*v)))
-                .collect::<Vec<_>>()
-                .join(" "),
+            // One sample is a level line across the chart, not an
+            // invisible dot.
+            points: if pts.len() == 1 {
+                format!("0.00,{:.2} {W:.2},{:.2}", y(pts[0].1), y(pts[0].1))
+            } else {
+                pts.iter()
+                    .map(|(t, v)| format!("{:.2},{:.2}", (t - from) as f64 / span * W, y(*v)))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            },
             class: format!("s{}", i % 6),
             last: pts.last().map_or(0.0, |p| p.1),
             max: pts.iter().map(|p| p.1).fold(0.0, f64::max),
@@ -158,5 +163,7 @@ mod tests {
         assert_eq!(c.series[0].points, "0.00,40.00 100.00,20.50");
         assert_eq!(c.series[1].last, 10.0);
         assert_eq!((c.from, c.to), (100, 200));
+        let one = lines(vec![("a".into(), vec![(100, 2.0)])]);
+        assert_eq!(one.series[0].points, "0.00,1.00 100.00,1.00");
     }
 }

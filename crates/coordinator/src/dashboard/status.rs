@@ -413,6 +413,12 @@ struct StatusLive {
 }
 
 pub async fn page(State(farm): State<Arc<Farm>>) -> PageResult {
+    // The charts end at now: a sample older than a few seconds gets a
+    // fresh one beside it.
+    let now = crate::store::now_ms() / 1000;
+    if farm.history.newest().is_none_or(|t| now - t >= 5) {
+        farm.sample();
+    }
     html(&StatusPage {
         l: Layout::new("Farm status", "status"),
         s: load(&farm).await?,

@@ -91,12 +91,25 @@ fn artifacts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../test-artifacts/dashboard")
 }
 
-/// Screenshots of the current page at desktop and phone widths.
+/// Screenshots of the current page at desktop and phone widths. At phone
+/// width nothing may be cut off: wide tables scroll in their own box, so
+/// the page itself is never wider than the screen.
 fn shoot(tab: &cdp::Tab, name: &str) {
     let dir = artifacts();
     tab.viewport(390, 844, 2.0, true);
     std::thread::sleep(Duration::from_millis(300));
     tab.screenshot(&dir.join(format!("{name}-phone.png")));
+    let overflow = tab.eval(
+        "(() => { const w = document.documentElement.clientWidth; \
+         if (document.documentElement.scrollWidth <= w + 1) return ''; \
+         const wide = [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > w + 1 && !e.closest('.scroll')); \
+         return document.documentElement.scrollWidth + ' > ' + w + ': ' + wide.slice(0, 5).map(e => e.tagName + '.' + e.className).join(', '); })()",
+    );
+    assert_eq!(
+        overflow,
+        json!(""),
+        "{name}: at 390 px the page is wider than the screen"
+    );
     tab.viewport(1280, 900, 1.0, false);
     std::thread::sleep(Duration::from_millis(300));
     tab.screenshot(&dir.join(format!("{name}-desktop.png")));
@@ -358,6 +371,120 @@ fn grid_live_log_and_status_in_headless_chromium() {
     );
             assert_eq!(tab.eval(lines), json!(48));
             assert_eq!(tab.eval("window.farmerMarker"), json!("log"));
+        },
+    );
+
+    part(
+        &mut failed_parts,
+        "test results, failures first, charts",
+        || {
+            // The build page opens on the failing test: its text, and its
+            // line shown in the open step log.
+            let failed_amd64 = builds
+                .iter()
+                .find(|b| b["status"] == "failed" && b["builder"] == "linux-amd64")
+                .unwrap()["id"]
+                .clone();
+            tab.goto(&up.url(&format!("/builds/{failed_amd64}")));
+            tab.wait_for(
+                "the failure shown",
+                "!!document.querySelector('#first-failure[open]') && !!document.querySelector('pre.log .hit')",
+                Duration::from_secs(5),
+            );
+            let first = tab.eval("document.querySelector('#first-failure').textContent");
+            assert!(first.as_str().unwrap().contains("hello"), "{first}");
+            assert!(
+                first
+                    .as_str()
+                    .unwrap()
+                    .contains("FAIL hello: got 'HOWDY', want 'HELLO'"),
+                "{first}"
+            );
+            assert_eq!(
+                tab.eval("document.querySelector('pre.log .hit').textContent.trim()"),
+                json!("---- hello stdout ----")
+            );
+            assert_eq!(
+                tab.eval("document.querySelector('pre.log .hit').closest('details').open"),
+                json!(true)
+            );
+            let api = up.get(&format!("/api/builds/{failed_amd64}"));
+            assert_eq!(api["test_counts"]["fail"], 1, "{api}");
+            assert_eq!(api["tests"][0]["name"], "hello", "{api}");
+            shoot(&tab, "build-failures-first");
+
+            // The test across builders: failing on the third commit everywhere.
+            tab.goto(&up.url("/tests/hello"));
+            assert_eq!(
+                tab.eval("document.querySelectorAll('#test-grid td.fail').length"),
+                json!(3)
+            );
+            shoot(&tab, "test");
+
+            // A builder's duration chart: one bar per finished build, the
+            // longest as tall as the API's longest.
+            tab.goto(&up.url("/builders/linux-amd64"));
+            let finished: Vec<Value> = up
+                .get("/api/builds?builder=linux-amd64&limit=100")
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|b| b["finished_at"].is_number() && b["started_at"].is_number())
+                .cloned()
+                .collect();
+            assert_eq!(
+                tab.eval("document.getElementById('duration-chart').getAttribute('data-bars')"),
+                json!(finished.len().to_string())
+            );
+            let longest = finished
+                .iter()
+                .map(|b| {
+                    (b["finished_at"].as_i64().unwrap() - b["started_at"].as_i64().unwrap()) as f64
+                        / 1000.0
+                })
+                .fold(0.0, f64::max);
+            let drawn: f64 = tab
+                .eval("document.getElementById('duration-chart').getAttribute('data-max')")
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((drawn - longest).abs() < 0.01, "{drawn} vs {longest}");
+            assert_eq!(
+                tab.eval("document.querySelectorAll('#duration-chart rect.fail').length"),
+                json!(1)
+            );
+            shoot(&tab, "builder");
+
+            // The status page's charts draw what /api/history holds.
+            tab.goto(&up.url("/status"));
+            let history = up.get("/api/history");
+            let last = history["samples"]
+                .as_array()
+                .unwrap()
+                .last()
+                .unwrap()
+                .clone();
+            let hosts = last["hosts"].as_array().unwrap();
+            assert_eq!(
+                tab.eval("document.getElementById('machines-chart').getAttribute('data-series')"),
+                json!(hosts.len().to_string())
+            );
+            assert!(
+                tab.eval("document.querySelectorAll('#wait-chart polyline').length")
+                    .as_u64()
+                    .unwrap()
+                    >= 1
+            );
+            let local = hosts
+                .iter()
+                .find(|h| h["host_type"] == "host-linux-amd64-local")
+                .unwrap();
+            let drawn = tab.eval(
+                "document.querySelector('#machines-chart polyline[data-host-type=\"host-linux-amd64-local\"]').getAttribute('data-last')",
+            );
+            assert_eq!(drawn, json!(local["connected"].to_string()), "{history}");
+            shoot(&tab, "status-charts");
         },
     );
 

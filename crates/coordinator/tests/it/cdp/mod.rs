@@ -287,6 +287,9 @@ impl Tab<'_> {
     /// A PNG of the whole page (up to 8000 CSS pixels tall) into `path`.
     pub fn screenshot(&self, path: &Path) {
         use base64::Engine;
+        // A tab behind another is not painted, and its capture waits for a
+        // frame that never comes.
+        self.call("Page.bringToFront", json!({}));
         let m = self.call("Page.getLayoutMetrics", json!({}));
         let size = &m["cssContentSize"];
         let width = size["width"].as_f64().unwrap_or(1280.0);

@@ -253,6 +253,7 @@ struct BuildsQuery {
     machine: Option<String>,
     host_type: Option<String>,
     limit: Option<i64>,
+    before: Option<i64>,
 }
 
 /// The most builds one `/api/builds` answer lists.
@@ -276,6 +277,7 @@ async fn list_builds(
         status,
         machine: q.machine,
         host_type: q.host_type,
+        before: q.before,
         // Bounded: a negative limit would mean "all rows" to SQLite.
         limit: q.limit.unwrap_or(100).clamp(1, MAX_BUILDS_PAGE),
     };

@@ -250,6 +250,9 @@ pub struct BuildFilter {
     pub status: Option<BuildStatus>,
     pub machine: Option<String>,
     pub host_type: Option<String>,
+    /// Only builds older than this id: the next page after a page whose
+    /// last build had it.
+    pub before: Option<i64>,
     pub limit: i64,
 }
 
@@ -480,6 +483,10 @@ impl Store {
         if let Some(v) = &f.machine {
             sql.push_str(" AND id IN (SELECT build_id FROM attempts WHERE machine = ?)");
             binds.push(v.clone());
+        }
+        if let Some(v) = f.before {
+            sql.push_str(" AND id < ?");
+            binds.push(v.to_string());
         }
         sql.push_str(" ORDER BY id DESC LIMIT ?");
         let mut q = sqlx::query(&sql);

@@ -69,6 +69,16 @@ fn builds_end_to_end_pass_and_fail_with_logs() {
 
     let log = c.get_text(&format!("/api/builds/{}/log", g["id"]));
     assert!(log.contains(&format!("building {good}")), "{log}");
+    // The stored log is what the live log showed: the attempt's header,
+    // the source push, each step's header with its command, the end.
+    for line in [
+        format!("farmer: build {} attempt 1: linux-test on bot-1", g["id"]),
+        "farmer: pushing source (".to_string(),
+        "--- step test: sh test.sh".to_string(),
+        format!("farmer: build {} passed", g["id"]),
+    ] {
+        assert!(log.contains(&line), "{line:?} missing:\n{log}");
+    }
     assert!(log.contains("hi from linux-test"), "{log}");
     assert!(
         log.contains("compiled") && log.contains("all tests ok"),
@@ -84,6 +94,22 @@ fn builds_end_to_end_pass_and_fail_with_logs() {
     assert_eq!(steps[1]["result"], "failed");
     assert_eq!(detail["attempts"].as_array().unwrap().len(), 1);
     assert_eq!(detail["attempts"][0]["machine"], "bot-1");
+
+    // Pages of builds: newest first, the next page before the last id.
+    let first = c.get("/api/builds?limit=1");
+    let newest = first[0]["id"].as_i64().unwrap();
+    let next = c.get(&format!("/api/builds?limit=1&before={newest}"));
+    assert_eq!(next.as_array().unwrap().len(), 1, "{next}");
+    assert!(next[0]["id"].as_i64().unwrap() < newest, "{next}");
+    let none = c.get(&format!(
+        "/api/builds?before={}",
+        next[0]["id"]
+            .as_i64()
+            .unwrap()
+            .min(g["id"].as_i64().unwrap())
+            .min(b["id"].as_i64().unwrap())
+    ));
+    assert!(none.as_array().unwrap().is_empty(), "{none}");
 
     // A new commit is noticed by the poller and built.
     let third = repo.commit("third", &[("test.sh", "echo fixed\n")]);

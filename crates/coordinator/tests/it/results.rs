@@ -10,6 +10,23 @@ use std::time::Duration;
 use coordinator::pool::MachineState;
 use coordinator::store::{BuildKind, BuildStatus};
 
+/// A dashboard page of the in-process farm, through its real router.
+async fn page(f: &InProc, path: &str) -> String {
+    use tower::ServiceExt;
+    let app = coordinator::dashboard::router(f.farm.clone());
+    let r = app
+        .oneshot(
+            axum::http::Request::get(path)
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{path}");
+    let body = axum::body::to_bytes(r.into_body(), 16 << 20).await.unwrap();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -119,6 +136,28 @@ fn a_test_that_fails_then_passes_on_another_machine_is_flaky_and_the_build_passe
             metrics.contains("farmer_flaky_tests_total{builder=\"b\"} 1"),
             "{metrics}"
         );
+        // /flakes lists it: flaky in its one build of b.
+        let flakes = page(&f, "/flakes?mode=json").await;
+        let flakes: serde_json::Value = serde_json::from_str(&flakes).unwrap();
+        let t = &flakes["tests"][0];
+        assert_eq!(t["name"], "tests::flaky", "{flakes}");
+        assert_eq!(t["builder"], "b");
+        assert_eq!(
+            (t["flaky"].as_i64(), t["runs"].as_i64()),
+            (Some(1), Some(1))
+        );
+        assert_eq!(t["rate"], 1.0);
+        assert_eq!(t["last_flaky_build"], id);
+        let html = page(&f, "/flakes").await;
+        assert!(
+            html.contains("tests::flaky") && html.contains("100%"),
+            "{html}"
+        );
+        let html = page(&f, "/tests/tests::flaky").await;
+        assert!(html.contains(">flaky</a>"), "{html}");
+        let html = page(&f, &format!("/builds/{id}")).await;
+        assert!(html.contains("passed with flakes"), "{html}");
+        assert!(html.contains("id=\"first-failure\""), "{html}");
     });
 }
 

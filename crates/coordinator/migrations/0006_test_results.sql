@@ -32,6 +32,7 @@ CREATE TABLE test_results (
 CREATE INDEX test_results_build ON test_results (build_id, outcome);
 CREATE INDEX test_results_name ON test_results (name, commit_time);
 CREATE INDEX test_results_builder ON test_results (builder, build_id);
+CREATE INDEX test_results_step ON test_results (step_id, name);
 
 -- Passed, but only after re-running tests that failed first.
 ALTER TABLE builds ADD COLUMN flaky INTEGER NOT NULL DEFAULT 0;

@@ -575,6 +575,11 @@ impl Farm {
 
     /// Records where every host type stands now (queue, machines).
     pub fn sample(&self) {
+        self.history.record(self.current());
+    }
+
+    /// Where every host type stands now (queue, machines).
+    pub fn current(&self) -> crate::history::Sample {
         let cfg = self.config();
         let queues = self.scheduler.views(0);
         let counts = self.pool.counts();
@@ -591,10 +596,10 @@ impl Farm {
                 }
             })
             .collect();
-        self.history.record(crate::history::Sample {
+        crate::history::Sample {
             at: crate::store::now_ms() / 1000,
             hosts,
-        });
+        }
     }
 
     /// Runs forever: samples the farm for the status page's charts.

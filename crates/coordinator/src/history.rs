@@ -45,15 +45,6 @@ impl History {
         g.push_back(s);
     }
 
-    /// Seconds since the epoch of the newest sample.
-    pub fn newest(&self) -> Option<i64> {
-        self.samples
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .back()
-            .map(|s| s.at)
-    }
-
     /// Every kept sample, oldest first.
     pub fn samples(&self) -> Vec<Sample> {
         self.samples
@@ -64,11 +55,16 @@ impl History {
             .collect()
     }
 
-    /// Per host type, `(seconds, value)` points of `value` over time.
-    pub fn series(&self, value: impl Fn(&HostSample) -> f64) -> Vec<(String, Vec<(i64, f64)>)> {
+    /// Per host type, `(seconds, value)` points of `value` over time,
+    /// ending with `now` when given (a point drawn, not kept).
+    pub fn series(
+        &self,
+        now: Option<&Sample>,
+        value: impl Fn(&HostSample) -> f64,
+    ) -> Vec<(String, Vec<(i64, f64)>)> {
         let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<(String, Vec<(i64, f64)>)> = Vec::new();
-        for s in samples.iter() {
+        for s in samples.iter().chain(now) {
             for h in &s.hosts {
                 let i = match out.iter().position(|(n, _)| *n == h.host_type) {
                     Some(i) => i,
@@ -106,7 +102,7 @@ mod tests {
         let s = h.samples();
         assert_eq!(s.len(), KEPT);
         assert_eq!(s[0].at, 5);
-        let series = h.series(|x| x.waiting as f64);
+        let series = h.series(None, |x| x.waiting as f64);
         assert_eq!(series[0].0, "host-a");
         assert_eq!(
             series[0].1.last(),

@@ -174,7 +174,12 @@
 (function () {
   function show(id, scrollPage) {
     var line = document.getElementById(id);
-    if (!line) { return; }
+    if (!line) {
+      // A line before the part of the log the page shows: the raw log has it.
+      var build = document.getElementById('admin');
+      if (scrollPage && build) { location.href = '/api/builds/' + build.getAttribute('data-build') + '/log'; }
+      return;
+    }
     var d = line.closest('details');
     if (d) { d.open = true; }
     document.querySelectorAll('pre.log .hit').forEach(function (e) { e.classList.remove('hit'); });

@@ -548,7 +548,19 @@ impl Farm {
                 Ok(state) => {
                     if builder.retry_failed > 0 && !failed.is_empty() {
                         let rerun = self.rerun_failed(&ctx, &client, failed, &mut cancel).await;
-                        if rerun.still_failing.is_empty() {
+                        if let Some(end) = rerun.end {
+                            let (result, detail) = match &end {
+                                Outcome::Cancelled => {
+                                    ("cancelled", "cancelled by an admin".to_string())
+                                }
+                                Outcome::Infra(m) => ("infra-error", m.clone()),
+                                _ => ("failed", state.to_string()),
+                            };
+                            let log = rb.log.range_async(step_start, step_start + MAX_LOG).await;
+                            let _ = self.store.finish_step(step_id, result, &detail, &log).await;
+                            return end;
+                        }
+                        if rerun.still_failing.is_empty() && rerun.clean {
                             let detail = format!("flaky: {}", rerun::names(&rerun.flaky));
                             let _ = self
                                 .store
@@ -569,11 +581,18 @@ impl Farm {
                             );
                             continue;
                         }
-                        let msg = format!(
-                            "step {} failed: {state}; failing tests: {}",
-                            step.name,
-                            rerun::names(&rerun.still_failing)
-                        );
+                        let msg = if rerun.still_failing.is_empty() {
+                            format!(
+                                "step {} failed: {state}; its failed tests passed when run again, but the re-run did not pass",
+                                step.name
+                            )
+                        } else {
+                            format!(
+                                "step {} failed: {state}; failing tests: {}",
+                                step.name,
+                                rerun::names(&rerun.still_failing)
+                            )
+                        };
                         let _ = self
                             .store
                             .finish_step(

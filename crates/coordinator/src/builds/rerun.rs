@@ -51,9 +51,19 @@ pub(crate) struct StepCtx<'a> {
 pub(crate) struct Rerun {
     /// Failed first, passed when run again.
     pub flaky: Vec<String>,
-    /// Failed every time.
+    /// Not seen passing in any re-run.
     pub still_failing: Vec<String>,
+    /// The last re-run exited cleanly and reported no failing test: with
+    /// nothing still failing, the step passes (with flakes).
+    pub clean: bool,
+    /// The re-runs ended the build: its machine broke (`Infra`) or it was
+    /// cancelled.
+    pub end: Option<super::Outcome>,
 }
+
+/// Most bytes of test names `FARMER_RETRY_TESTS` carries: one environment
+/// string must stay well under the kernel's 128 KiB.
+const RETRY_NAMES_MAX: usize = 64 << 10;
 
 impl StepCtx<'_> {
     fn log(&self, text: &str) {
@@ -129,9 +139,15 @@ impl Farm {
         cancel: &mut watch::Receiver<bool>,
     ) -> Rerun {
         let mut still = failed.clone();
+        let mut clean = false;
+        let mut end = None;
         let max = ctx.builder.retry_failed;
         for n in 1..=max {
-            if *cancel.borrow() || Instant::now() >= ctx.deadline {
+            if *cancel.borrow() {
+                end = Some(super::Outcome::Cancelled);
+                break;
+            }
+            if Instant::now() >= ctx.deadline {
                 break;
             }
             let spare = self.spare_machine(ctx).await;
@@ -147,7 +163,7 @@ impl Farm {
                 names(&still)
             ));
             let mut env = step_env(ctx.base_env, ctx.step, None);
-            env.push(format!("FARMER_RETRY_TESTS={}", still.join("\n")));
+            env.push(format!("FARMER_RETRY_TESTS={}", retry_names(&still)));
             env.push(format!("FARMER_RETRY={n}"));
             let left = ctx.deadline.saturating_duration_since(Instant::now());
             let (cmd, opts) = step_exec(
@@ -166,16 +182,28 @@ impl Farm {
             let state = match r {
                 None => {
                     give_back(self, spare);
+                    end = Some(super::Outcome::Cancelled);
                     break;
                 }
                 Some(Ok(s)) => Some(s),
                 Some(Err(e)) => {
                     ctx.log(&format!("farmer: re-run {n}: {e}\n"));
-                    if e.is_communication()
-                        && let Some(l) = &spare
-                    {
-                        self.pool
-                            .remove(l.id, &format!("broke re-running tests: {e}"));
+                    if e.is_communication() {
+                        match &spare {
+                            Some(l) => {
+                                self.pool
+                                    .remove(l.id, &format!("broke re-running tests: {e}"));
+                            }
+                            // The build's own machine broke: the build goes
+                            // elsewhere, as any build whose machine broke.
+                            None => {
+                                end = Some(super::Outcome::Infra(format!(
+                                    "step {} (re-run {n}): {e}",
+                                    ctx.step.name
+                                )));
+                                break;
+                            }
+                        }
                     }
                     None
                 }
@@ -186,15 +214,17 @@ impl Farm {
             };
             give_back(self, spare);
             let exit_ok = state == Some(ProcessState::Ok);
+            // Only a reported pass clears a test: one the re-run did not
+            // run (a filter that matched nothing) or skipped did not pass.
+            let passed: std::collections::HashSet<&str> = results
+                .tests
+                .iter()
+                .filter(|t| t.outcome == Outcome::Pass)
+                .map(|t| t.name.as_str())
+                .collect();
+            clean = exit_ok && results.failed().next().is_none();
             let before = still.len();
-            still.retain(|name| {
-                let seen = results.tests.iter().find(|t| &t.name == name);
-                match seen {
-                    Some(t) => t.outcome == Outcome::Fail,
-                    // Not reported this time: a clean exit counts as passed.
-                    None => !exit_ok,
-                }
-            });
+            still.retain(|name| !passed.contains(name.as_str()));
             ctx.log(&format!(
                 "farmer: re-run {n}: {} of {before} now pass{}\n",
                 before - still.len(),
@@ -204,11 +234,16 @@ impl Farm {
                     format!("; still failing: {}", names(&still))
                 }
             ));
-            if still.is_empty() {
+            if still.is_empty() && clean {
                 break;
             }
         }
-        let flaky: Vec<String> = failed.into_iter().filter(|f| !still.contains(f)).collect();
+        let still_set: std::collections::HashSet<&String> = still.iter().collect();
+        let flaky: Vec<String> = failed
+            .iter()
+            .filter(|f| !still_set.contains(f))
+            .cloned()
+            .collect();
         if !flaky.is_empty() {
             if let Err(e) = self.store.mark_flaky(ctx.step_id, &flaky).await {
                 tracing::warn!(build = ctx.build.id, "recording flaky tests: {e}");
@@ -224,6 +259,8 @@ impl Farm {
         Rerun {
             flaky,
             still_failing: still,
+            clean,
+            end,
         }
     }
 
@@ -273,6 +310,22 @@ impl Farm {
             }
         }
     }
+}
+
+/// The names for `FARMER_RETRY_TESTS`, one per line, as many as fit in
+/// [`RETRY_NAMES_MAX`] bytes.
+fn retry_names(names: &[String]) -> String {
+    let mut out = String::new();
+    for n in names {
+        if out.len() + n.len() + 1 > RETRY_NAMES_MAX {
+            break;
+        }
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(n);
+    }
+    out
 }
 
 /// Gives a spare machine back, cleaned, on its own task.

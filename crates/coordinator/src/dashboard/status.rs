@@ -413,12 +413,9 @@ struct StatusLive {
 }
 
 pub async fn page(State(farm): State<Arc<Farm>>) -> PageResult {
-    // The charts end at now: a sample older than a few seconds gets a
-    // fresh one beside it.
-    let now = crate::store::now_ms() / 1000;
-    if farm.history.newest().is_none_or(|t| now - t >= 5) {
-        farm.sample();
-    }
+    // The charts end at now (a point drawn, not kept: page views do not
+    // shorten the hours the samples cover).
+    let now = farm.current();
     html(&StatusPage {
         l: Layout::new("Farm status", "status"),
         s: load(&farm).await?,
@@ -427,13 +424,13 @@ pub async fn page(State(farm): State<Arc<Farm>>) -> PageResult {
                 title: "Oldest queue wait per host type",
                 id: "wait-chart",
                 unit: "s",
-                c: super::chart::lines(farm.history.series(|h| h.oldest_wait_secs)),
+                c: super::chart::lines(farm.history.series(Some(&now), |h| h.oldest_wait_secs)),
             },
             NamedChart {
                 title: "Machines connected per host type",
                 id: "machines-chart",
                 unit: "",
-                c: super::chart::lines(farm.history.series(|h| h.connected as f64)),
+                c: super::chart::lines(farm.history.series(Some(&now), |h| h.connected as f64)),
             },
         ],
     })

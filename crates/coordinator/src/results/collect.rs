@@ -19,7 +19,13 @@ const FETCH_LIMIT: Duration = Duration::from_secs(60);
 /// printed `log`.
 pub async fn collect(client: &Client, dir: &str, files: &[ResultFiles], log: &[u8]) -> Results {
     let mut r = Results::default();
-    r.extend(from_output(log));
+    // Up to 64 MiB of output: parsed off the runtime's threads.
+    let owned = log.to_vec();
+    r.extend(
+        tokio::task::spawn_blocking(move || from_output(&owned))
+            .await
+            .unwrap_or_default(),
+    );
     if files.is_empty() {
         return r;
     }
@@ -85,7 +91,13 @@ async fn read_files(client: &Client, dir: &str, f: &ResultFiles, r: &mut Results
     for rel in matched {
         match fetch(client, &format!("{dir}/{rel}")).await {
             Ok(bytes) => match f.format.read(&bytes) {
-                Ok(tests) => r.extend(tests),
+                // Lines of a file are not lines of the step's log.
+                Ok(tests) => r.extend(
+                    tests
+                        .into_iter()
+                        .map(|t| super::TestResult { line: None, ..t })
+                        .collect(),
+                ),
                 Err(e) => r.problems.push(format!("{rel}: {e}")),
             },
             Err(e) => r.problems.push(format!("{rel}: {e}")),

@@ -64,7 +64,8 @@ pub fn parse(input: &[u8]) -> Vec<TestResult> {
                     continue;
                 }
                 let o = open.entry(key).or_default();
-                if e.output.starts_with("--- FAIL") || e.output.contains("\n--- FAIL") {
+                // Subtests indent theirs: "    --- FAIL: TestA/sub".
+                if e.output.trim_start().starts_with("--- FAIL") {
                     o.fail_line.get_or_insert(line_no);
                 }
                 o.output.push_str(&e.output);

@@ -7,12 +7,14 @@ use std::collections::HashMap;
 
 use super::{MAX_FAILURE, MAX_TESTS, Outcome, TestResult, name, tail};
 
+static RESULT_LINE: std::sync::LazyLock<regex_lite::Regex> = std::sync::LazyLock::new(|| {
+    regex_lite::Regex::new(r"^test (.+?) \.\.\. (ok|FAILED|ignored)(?:, .*)?(?: <([0-9.]+)s>)?\s*$")
+        .expect("a valid pattern")
+});
+
 pub fn parse(input: &[u8]) -> Vec<TestResult> {
     let text = String::from_utf8_lossy(input);
-    let result_line = regex_lite::Regex::new(
-        r"^test (.+?) \.\.\. (ok|FAILED|ignored)(?:, .*)?(?: <([0-9.]+)s>)?\s*$",
-    )
-    .expect("a valid pattern");
+    let result_line = &*RESULT_LINE;
     let mut out: Vec<TestResult> = Vec::new();
     // Failed tests of the current binary's report, by name.
     let mut failed: HashMap<String, usize> = HashMap::new();

@@ -635,7 +635,7 @@ impl Farm {
                     // leaves. Until then the build's machine waits (a unit
                     // may come back), and so does one helper, the standby,
                     // or every helper once the build's machine is lost.
-                    if q.running.is_empty() && (q.pending.is_empty() || !main) {
+                    if q.running.is_empty() && q.pending.is_empty() {
                         break None;
                     }
                     if !main && !q.main_lost {
@@ -877,16 +877,19 @@ fn unit_results(
         _ => return Vec::new(),
     };
     let mut reported = crate::results::from_output(output);
-    if !reported.is_empty() {
-        for t in &mut reported {
-            t.line = t.line.map(|l| output_at + l);
-        }
+    for t in &mut reported {
+        t.line = t.line.map(|l| output_at + l);
+    }
+    // A failed unit whose tests all passed (a crash, a timeout) still
+    // failed: then the unit itself is a failing result too.
+    let any_failed = reported.iter().any(|t| t.outcome == TestOutcome::Fail);
+    if !reported.is_empty() && (outcome == TestOutcome::Pass || any_failed) {
         return reported;
     }
     let Some(name) = crate::results::name(unit) else {
-        return Vec::new();
+        return reported;
     };
-    vec![TestResult {
+    reported.push(TestResult {
         name,
         outcome,
         duration_ms: Some(took.as_millis() as i64),
@@ -899,7 +902,8 @@ fn unit_results(
             String::new()
         },
         line: (outcome == TestOutcome::Fail).then_some(header_line),
-    }]
+    });
+    reported
 }
 
 /// Time left until `deadline`, at least a millisecond (a zero timeout

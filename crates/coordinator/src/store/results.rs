@@ -165,22 +165,24 @@ impl Store {
         build_ids: &[i64],
         per_build: usize,
     ) -> Result<HashMap<i64, Vec<String>>> {
+        // One small indexed read per build: a build with thousands of
+        // failing tests cannot crowd the others out.
         let mut out: HashMap<i64, Vec<String>> = HashMap::new();
-        for chunk in build_ids.chunks(500) {
-            let marks = vec!["?"; chunk.len()].join(", ");
-            let sql = format!(
-                "SELECT build_id, name FROM test_results WHERE outcome = 'fail' AND build_id IN ({marks}) ORDER BY id LIMIT ?"
-            );
-            let mut q = sqlx::query(&sql);
-            for id in chunk {
-                q = q.bind(id);
-            }
-            q = q.bind((chunk.len() * per_build * 4) as i64);
-            for r in q.fetch_all(&self.pool).await? {
-                let v = out.entry(r.try_get("build_id")?).or_default();
-                if v.len() < per_build {
-                    v.push(r.try_get("name")?);
-                }
+        for id in build_ids {
+            let rows = sqlx::query(
+                "SELECT name FROM test_results WHERE build_id = ? AND outcome = 'fail' ORDER BY id LIMIT ?",
+            )
+            .bind(id)
+            .bind(per_build as i64)
+            .fetch_all(&self.pool)
+            .await?;
+            if !rows.is_empty() {
+                out.insert(
+                    *id,
+                    rows.iter()
+                        .map(|r| r.try_get("name"))
+                        .collect::<std::result::Result<_, _>>()?,
+                );
             }
         }
         Ok(out)
@@ -200,7 +202,8 @@ impl Store {
     }
 
     /// Tests by flake rate over each builder's `builds` newest finished
-    /// builds; at most `limit` rows, the flakiest first.
+    /// builds (counted in builds, however often a test ran in one); at
+    /// most `limit` rows, the flakiest first.
     pub async fn flake_rates(&self, builds: i64, limit: i64) -> Result<Vec<FlakeRow>> {
         let rows = sqlx::query(
             "WITH recent AS (
@@ -209,12 +212,12 @@ impl Store {
                  FROM builds WHERE status IN ('passed', 'failed'))
                WHERE rn <= ?)
              SELECT t.builder, t.name, COUNT(DISTINCT t.build_id) AS runs,
-                    SUM(t.outcome = 'flaky') AS flaky, SUM(t.outcome = 'fail') AS failed,
+                    COUNT(DISTINCT CASE WHEN t.outcome = 'flaky' THEN t.build_id END) AS flaky,
+                    COUNT(DISTINCT CASE WHEN t.outcome = 'fail' THEN t.build_id END) AS failed,
                     MAX(CASE WHEN t.outcome = 'flaky' THEN t.build_id END) AS last_flaky
              FROM test_results t JOIN recent r ON r.id = t.build_id
-             GROUP BY t.builder, t.name HAVING SUM(t.outcome = 'flaky') > 0
-             ORDER BY CAST(SUM(t.outcome = 'flaky') AS REAL) / COUNT(DISTINCT t.build_id) DESC,
-                      SUM(t.outcome = 'flaky') DESC, t.name
+             GROUP BY t.builder, t.name HAVING flaky > 0
+             ORDER BY CAST(flaky AS REAL) / runs DESC, flaky DESC, t.name
              LIMIT ?",
         )
         .bind(builds)

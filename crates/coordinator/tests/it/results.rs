@@ -388,3 +388,51 @@ results = ["junit:out/*.xml", "go-json:missing.json"]
         );
     });
 }
+
+/// A re-run that runs nothing (a filter that matches no test) and exits 0
+/// clears nothing: the test is not flaky and the build fails.
+#[test]
+fn a_rerun_that_does_not_report_the_test_passing_does_not_make_it_flaky() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = TestRepo::new(&dir.path().join("repo"));
+    let script = r#"if [ -n "$FARMER_RETRY" ]; then echo "running 0 tests"; echo "test result: ok."; exit 0; fi
+echo "test tests::real ... FAILED"
+echo "failures:"
+echo "---- tests::real stdout ----"
+echo "it is really broken"
+exit 101
+"#;
+    let commit = repo.commit("one", &[("test.sh", script)]);
+    let builders = r#"
+[builders.b]
+host = "host-a"
+retry_failed = 2
+[[builders.b.steps]]
+name = "test"
+run = "sh test.sh"
+"#;
+    rt().block_on(async {
+        let f = InProc::start(&config(&repo.path, builders)).await;
+        f.machine("host-a", "m1").await;
+        let id = f
+            .farm
+            .trigger("b", None, None, &commit, BuildKind::PostSubmit, "test")
+            .await
+            .unwrap();
+        let b = f.finished(id).await;
+        assert_eq!(b.status, BuildStatus::Failed, "{b:?}");
+        assert!(!b.flaky);
+        assert!(
+            b.error.contains("failing tests: tests::real"),
+            "{}",
+            b.error
+        );
+        let tests = f.farm.store.build_tests(id, 10).await.unwrap();
+        assert_eq!(tests[0].outcome, "fail", "{tests:?}");
+        let steps = f.farm.store.steps(id).await.unwrap();
+        let log = f.farm.store.step_log(steps[0].id).await.unwrap().unwrap();
+        let log = String::from_utf8_lossy(&log);
+        assert!(log.contains("re-run 2 of 2"), "both re-runs ran: {log}");
+        assert!(log.contains("0 of 1 now pass"), "{log}");
+    });
+}

@@ -86,6 +86,8 @@ async fn history(State(farm): State<Arc<Farm>>) -> Json<serde_json::Value> {
     Json(json!({
         "every_secs": crate::history::EVERY.as_secs(),
         "samples": farm.history.samples(),
+        // Where things stand as of this answer (the charts' last point).
+        "now": farm.current(),
     }))
 }
 

@@ -79,12 +79,8 @@ fn a_test_that_fails_then_passes_on_another_machine_is_flaky_and_the_build_passe
         let f = InProc::start(&config(&repo.path, &builder(&mark, false))).await;
         f.machine("host-a", "m1").await;
         f.machine("host-a", "m2").await;
-        let id = f
-            .farm
-            .trigger("b", None, None, &commit, BuildKind::PostSubmit, "test")
-            .await
-            .unwrap();
-        let b = f.finished(id).await;
+        let b = f.build("b", &commit, BuildKind::PostSubmit).await;
+        let id = b.id;
         assert_eq!(b.status, BuildStatus::Passed, "{b:?}");
         assert!(b.flaky, "passed with flakes: {b:?}");
         let tests = f.farm.store.build_tests(id, 100).await.unwrap();
@@ -170,12 +166,8 @@ fn a_test_that_fails_every_time_fails_the_build_by_name() {
     rt().block_on(async {
         let f = InProc::start(&config(&repo.path, &builder(&mark, true))).await;
         f.machine("host-a", "m1").await;
-        let id = f
-            .farm
-            .trigger("b", None, None, &commit, BuildKind::PostSubmit, "test")
-            .await
-            .unwrap();
-        let b = f.finished(id).await;
+        let b = f.build("b", &commit, BuildKind::PostSubmit).await;
+        let id = b.id;
         assert_eq!(b.status, BuildStatus::Failed, "{b:?}");
         assert!(!b.flaky);
         assert!(
@@ -231,12 +223,8 @@ shard.helpers = 1
         let f = InProc::start(&config(&repo.path, builders)).await;
         f.machine("host-a", "m1").await;
         f.machine("host-a", "m2").await;
-        let id = f
-            .farm
-            .trigger("b", None, None, &commit, BuildKind::PostSubmit, "test")
-            .await
-            .unwrap();
-        let b = f.finished(id).await;
+        let b = f.build("b", &commit, BuildKind::PostSubmit).await;
+        let id = b.id;
         assert_eq!(b.status, BuildStatus::Passed, "{b:?}");
         assert!(b.flaky, "{b:?}");
         let runs = f.farm.store.unit_runs(id).await.unwrap();
@@ -414,12 +402,8 @@ run = "sh test.sh"
     rt().block_on(async {
         let f = InProc::start(&config(&repo.path, builders)).await;
         f.machine("host-a", "m1").await;
-        let id = f
-            .farm
-            .trigger("b", None, None, &commit, BuildKind::PostSubmit, "test")
-            .await
-            .unwrap();
-        let b = f.finished(id).await;
+        let b = f.build("b", &commit, BuildKind::PostSubmit).await;
+        let id = b.id;
         assert_eq!(b.status, BuildStatus::Failed, "{b:?}");
         assert!(!b.flaky);
         assert!(

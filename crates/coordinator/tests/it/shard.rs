@@ -93,12 +93,8 @@ fn units_run_once_each_across_helpers_and_history_puts_the_longest_first() {
         for m in ["m1", "m2", "m3"] {
             f.machine("host-a", m).await;
         }
-        let id = f
-            .farm
-            .trigger("b", None, None, &commit, BuildKind::PostSubmit, "test")
-            .await
-            .unwrap();
-        let b = f.finished(id).await;
+        let b = f.build("b", &commit, BuildKind::PostSubmit).await;
+        let id = b.id;
         assert_eq!(b.status, BuildStatus::Passed, "{b:?}");
         let runs = f.farm.store.unit_runs(id).await.unwrap();
         let per = by_unit(&runs);
@@ -121,12 +117,8 @@ fn units_run_once_each_across_helpers_and_history_puts_the_longest_first() {
 
         // A pre-submit build asks for try_helpers = 0: one machine, so the
         // order units start in is the order they were handed out.
-        let id2 = f
-            .farm
-            .trigger("b", None, None, &commit, BuildKind::PreSubmit, "test")
-            .await
-            .unwrap();
-        let b = f.finished(id2).await;
+        let b = f.build("b", &commit, BuildKind::PreSubmit).await;
+        let id2 = b.id;
         assert_eq!(b.status, BuildStatus::Passed, "{b:?}");
         let mut runs = f.farm.store.unit_runs(id2).await.unwrap();
         assert!(
@@ -162,12 +154,8 @@ fn a_failing_unit_fails_the_build_by_name_and_helpers_go_back() {
         let f = InProc::start(&config(&repo.path, &builders(&units, 1, 1))).await;
         f.machine("host-a", "m1").await;
         f.machine("host-a", "m2").await;
-        let id = f
-            .farm
-            .trigger("b", None, None, &commit, BuildKind::PostSubmit, "test")
-            .await
-            .unwrap();
-        let b = f.finished(id).await;
+        let b = f.build("b", &commit, BuildKind::PostSubmit).await;
+        let id = b.id;
         assert_eq!(b.status, BuildStatus::Failed, "{b:?}");
         assert!(
             b.error

@@ -104,6 +104,22 @@ impl InProc {
         }
     }
 
+    /// Triggers a build of `builder` at `commit` and waits (bounded) for
+    /// its end.
+    pub async fn build(
+        &self,
+        builder: &str,
+        commit: &str,
+        kind: coordinator::store::BuildKind,
+    ) -> coordinator::store::BuildRow {
+        let id = self
+            .farm
+            .trigger(builder, None, None, commit, kind, "test")
+            .await
+            .unwrap();
+        self.finished(id).await
+    }
+
     /// Waits (bounded) until build `id` has a final status; returns it.
     pub async fn finished(&self, id: i64) -> coordinator::store::BuildRow {
         self.finished_within(id, Duration::from_secs(30)).await

@@ -665,7 +665,6 @@ impl Farm {
                 _ = abort.wait_for(|a| *a) => None,
             };
             let took = since.elapsed();
-            let mut flaky_names: Option<Vec<String>> = None;
             let (result, detail) = match r {
                 None => ("cancelled", "stopped: another unit failed".to_string()),
                 Some(Ok(ProcessState::Ok)) => ("passed", String::new()),
@@ -729,6 +728,14 @@ impl Farm {
             }
             self.record_unit(run, &unit.unit, &lease.hostname, since, result, &detail)
                 .await;
+            // Marked while the unit still counts as running, so the step
+            // cannot end (and drop this worker) before it is written.
+            if result == "passed" && unit.failures > 0 {
+                let names = sh.q().failed_tests.remove(&unit.unit).unwrap_or_default();
+                if let Err(e) = self.store.mark_flaky(run.step_id, &names).await {
+                    tracing::warn!(build = run.build.id, "recording flaky tests: {e}");
+                }
+            }
             {
                 let mut q = sh.q();
                 q.running.remove(&lease.id);
@@ -745,7 +752,6 @@ impl Farm {
                         q.passed += 1;
                         if unit.failures > 0 {
                             q.flaky.push(unit.unit.clone());
-                            flaky_names = q.failed_tests.remove(&unit.unit);
                         }
                     }
                     "failed" if retry => {
@@ -777,11 +783,6 @@ impl Farm {
                     }
                     _ => {}
                 }
-            }
-            if let Some(names) = flaky_names.take()
-                && let Err(e) = self.store.mark_flaky(run.step_id, &names).await
-            {
-                tracing::warn!(build = run.build.id, "recording flaky tests: {e}");
             }
             if result == "lost" {
                 lost = true;

@@ -807,6 +807,17 @@ fn step(
     }
     let shard = shard_entry.as_ref().map(|e| shard(ctx, e, &who));
     let results = match t.get(ctx, "results") {
+        Some(e) if shard.is_some() => {
+            ctx.error(
+                Some(e.key_at),
+                &e.path,
+                format!(
+                    "{who}: results files are not read for a sharded step: its units report their \
+                     tests through their output (go test -json, libtest)"
+                ),
+            );
+            Vec::new()
+        }
         Some(e) => results(ctx, &e, &who),
         None => Vec::new(),
     };

@@ -56,6 +56,9 @@ pub struct FlakeRow {
     pub last_flaky_build: i64,
 }
 
+/// The last attempt of build `?` that recorded results.
+const LAST_ATTEMPT: &str = "SELECT MAX(attempt_id) FROM test_results WHERE build_id = ?";
+
 const TEST_COLS: &str = "id, build_id, attempt_id, step_id, builder, commit_hash, commit_time, name, outcome, duration_ms, failure, log_line";
 
 fn test_row(r: &sqlx::sqlite::SqliteRow) -> Result<TestRow> {
@@ -131,13 +134,16 @@ impl Store {
         Ok(())
     }
 
-    /// A build's test results: failing first (then flaky, skipped,
-    /// passed), each group in the order recorded; at most `limit`.
+    /// A build's test results (of its last attempt that recorded any: a
+    /// build retried after a broken machine is not counted twice):
+    /// failing first (then flaky, skipped, passed), each group in the
+    /// order recorded; at most `limit`.
     pub async fn build_tests(&self, build_id: i64, limit: i64) -> Result<Vec<TestRow>> {
         let rows = sqlx::query(&format!(
-            "SELECT {TEST_COLS} FROM test_results WHERE build_id = ? \
+            "SELECT {TEST_COLS} FROM test_results WHERE build_id = ? AND attempt_id = ({LAST_ATTEMPT}) \
              ORDER BY CASE outcome WHEN 'fail' THEN 0 WHEN 'flaky' THEN 1 WHEN 'skip' THEN 2 ELSE 3 END, id LIMIT ?"
         ))
+        .bind(build_id)
         .bind(build_id)
         .bind(limit.min(MAX_TEST_ROWS))
         .fetch_all(&self.pool)
@@ -145,11 +151,12 @@ impl Store {
         rows.iter().map(test_row).collect()
     }
 
-    /// Counts of a build's results by outcome.
+    /// Counts of a build's results by outcome (its last attempt's).
     pub async fn build_test_counts(&self, build_id: i64) -> Result<HashMap<String, i64>> {
-        let rows = sqlx::query(
-            "SELECT outcome, COUNT(*) AS n FROM test_results WHERE build_id = ? GROUP BY outcome",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT outcome, COUNT(*) AS n FROM test_results WHERE build_id = ? AND attempt_id = ({LAST_ATTEMPT}) GROUP BY outcome"
+        ))
+        .bind(build_id)
         .bind(build_id)
         .fetch_all(&self.pool)
         .await?;
@@ -169,9 +176,10 @@ impl Store {
         // failing tests cannot crowd the others out.
         let mut out: HashMap<i64, Vec<String>> = HashMap::new();
         for id in build_ids {
-            let rows = sqlx::query(
-                "SELECT name FROM test_results WHERE build_id = ? AND outcome = 'fail' ORDER BY id LIMIT ?",
-            )
+            let rows = sqlx::query(&format!(
+                "SELECT name FROM test_results WHERE build_id = ? AND outcome = 'fail' AND attempt_id = ({LAST_ATTEMPT}) ORDER BY id LIMIT ?"
+            ))
+            .bind(id)
             .bind(id)
             .bind(per_build as i64)
             .fetch_all(&self.pool)

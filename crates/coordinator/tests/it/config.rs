@@ -1085,3 +1085,67 @@ fn a_shell_in_list_form_quotes_the_unit_and_quotes_around_it_are_refused() {
     ))
     .unwrap();
 }
+
+#[test]
+fn results_and_retry_failed_are_checked() {
+    let base = r#"
+[hosts.host-h]
+pool = "reverse"
+[builders.b]
+host = "host-h"
+[[builders.b.steps]]
+name = "test"
+run = "make test"
+"#;
+    let c = parse(&format!(
+        "{base}results = [\"junit:out/**/*.xml\", \"go-json:t.json\"]\n"
+    ))
+    .unwrap();
+    let r = &c.builders["b"].steps[0].results;
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[0].glob, "out/**/*.xml");
+    for (bad, field, says) in [
+        (
+            "results = \"xml:out/*.xml\"",
+            "builders.b.steps[0].results",
+            "format \"xml\" is unknown",
+        ),
+        (
+            "results = \"out/*.xml\"",
+            "builders.b.steps[0].results",
+            "needs a format",
+        ),
+        (
+            "results = \"junit:/etc/*.xml\"",
+            "builders.b.steps[0].results",
+            "must be relative",
+        ),
+        (
+            "results = \"junit:../x.xml\"",
+            "builders.b.steps[0].results",
+            "\"..\"",
+        ),
+    ] {
+        let (_, _, f, msg) = only(&format!("{base}{bad}\n"));
+        assert_eq!(f, field, "{bad}");
+        assert!(msg.contains(says), "{bad}: {msg}");
+    }
+    let with_retry = base.replace(
+        "host = \"host-h\"\n",
+        "host = \"host-h\"\nretry_failed = 2\n",
+    );
+    assert_eq!(parse(&with_retry).unwrap().builders["b"].retry_failed, 2);
+    let (_, _, f, msg) = only(&base.replace(
+        "host = \"host-h\"\n",
+        "host = \"host-h\"\nretry_failed = 9\n",
+    ));
+    assert_eq!(f, "builders.b.retry_failed");
+    assert!(msg.contains("at most 5"), "{msg}");
+    // A sharded step's units report through their output.
+    let (_, _, f, msg) = only(&SHARDED.replace(
+        "shard.helpers = 3",
+        "shard.helpers = 3\nresults = \"junit:x.xml\"",
+    ));
+    assert_eq!(f, "builders.b.steps[1].results");
+    assert!(msg.contains("not read for a sharded step"), "{msg}");
+}

@@ -172,25 +172,29 @@ impl Store {
         build_ids: &[i64],
         per_build: usize,
     ) -> Result<HashMap<i64, Vec<String>>> {
-        // One small indexed read per build: a build with thousands of
-        // failing tests cannot crowd the others out.
+        // One query per 500 builds, each build's first few failures by
+        // window (a build with thousands of failing tests cannot crowd the
+        // others out); names repeated by a retried attempt are dropped.
         let mut out: HashMap<i64, Vec<String>> = HashMap::new();
-        for id in build_ids {
-            let rows = sqlx::query(&format!(
-                "SELECT name FROM test_results WHERE build_id = ? AND outcome = 'fail' AND attempt_id = ({LAST_ATTEMPT}) ORDER BY id LIMIT ?"
-            ))
-            .bind(id)
-            .bind(id)
-            .bind(per_build as i64)
-            .fetch_all(&self.pool)
-            .await?;
-            if !rows.is_empty() {
-                out.insert(
-                    *id,
-                    rows.iter()
-                        .map(|r| r.try_get("name"))
-                        .collect::<std::result::Result<_, _>>()?,
-                );
+        for chunk in build_ids.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = format!(
+                "SELECT build_id, name FROM ( \
+                   SELECT build_id, name, ROW_NUMBER() OVER (PARTITION BY build_id ORDER BY id) AS rn \
+                   FROM test_results WHERE outcome = 'fail' AND build_id IN ({marks})) \
+                 WHERE rn <= ? ORDER BY build_id, rn"
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id);
+            }
+            q = q.bind((per_build * 2) as i64);
+            for r in q.fetch_all(&self.pool).await? {
+                let name: String = r.try_get("name")?;
+                let v = out.entry(r.try_get("build_id")?).or_default();
+                if v.len() < per_build && !v.contains(&name) {
+                    v.push(name);
+                }
             }
         }
         Ok(out)

@@ -196,6 +196,31 @@ fn a_test_that_fails_every_time_fails_the_build_by_name() {
             "{}",
             String::from_utf8_lossy(&log)
         );
+        // The grid cell's hover text names the failing test (the commit
+        // is what the poller would have recorded).
+        f.farm
+            .store
+            .add_commit(
+                &coordinator::store::CommitRow {
+                    repo: "r".into(),
+                    hash: commit.clone(),
+                    author: "A".into(),
+                    email: "a@example.com".into(),
+                    time: 1,
+                    subject: "one".into(),
+                    parents: Vec::new(),
+                },
+                "main",
+            )
+            .await
+            .unwrap();
+        let grid = page(&f, "/").await;
+        assert!(
+            grid.contains(&format!(
+                "href=\"/builds/{id}\" title=\"failed: tests::broken\""
+            )),
+            "{grid}"
+        );
     });
 }
 

@@ -206,3 +206,46 @@ fn withdrawn_requests_take_no_machine_and_a_lease_nobody_reads_goes_back() {
         );
     });
 }
+
+/// `POST /api/builds` as the README writes it: a JSON body, with or
+/// without `Content-Type: application/json` (curl -d sends a form type).
+#[test]
+fn a_build_is_requested_with_a_json_body_whatever_its_content_type() {
+    use tower::ServiceExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = TestRepo::new(&dir.path().join("repo"));
+    repo.commit("one", &[("file", "x\n")]);
+    rt().block_on(async {
+        let f = InProc::start(&config(&repo.path, BUILDER)).await;
+        let post = |ty: &'static str, body: &'static str| {
+            let app = coordinator::api::router(f.farm.clone());
+            async move {
+                let r = app
+                    .oneshot(
+                        axum::http::Request::post("/api/builds")
+                            .header("authorization", "Bearer test-admin-token")
+                            .header("content-type", ty)
+                            .body(axum::body::Body::from(body))
+                            .unwrap(),
+                    )
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let body = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+                (status, String::from_utf8_lossy(&body).into_owned())
+            }
+        };
+        let body = r#"{"builder": "b", "commit": "main"}"#;
+        for ty in [
+            "application/json",
+            "application/x-www-form-urlencoded",
+            "text/plain",
+        ] {
+            let (status, answer) = post(ty, body).await;
+            assert_eq!(status, 201, "{ty}: {answer}");
+        }
+        let (status, answer) = post("application/json", "builder=b").await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer.contains("not the JSON expected"), "{answer}");
+    });
+}

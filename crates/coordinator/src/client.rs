@@ -175,6 +175,48 @@ impl ApiClient {
         Ok(v)
     }
 
+    /// `GET path` as a stream: each piece of the answer goes to `out` as it
+    /// arrives (a live log that may stay quiet for minutes: no deadline
+    /// between pieces, only for the headers). A non-2xx answer is an error
+    /// with its status and body.
+    pub async fn stream(
+        &self,
+        path: &str,
+        mut out: impl FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> anyhow::Result<()> {
+        let url = format!("{}{path}", self.base);
+        let mut req = http::Request::builder().method(http::Method::GET).uri(&url);
+        if let Some(a) = &self.auth {
+            req = req.header(http::header::AUTHORIZATION, a.clone());
+        }
+        let req = req.body(
+            http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed(),
+        )?;
+        let resp = tokio::time::timeout(CALL_TIME, self.http.request(req))
+            .await
+            .with_context(|| format!("{url}: no answer within {CALL_TIME:?}"))?
+            .with_context(|| format!("could not reach {url}"))?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = http_body_util::Limited::new(body, MAX_ANSWER)
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            bail!("{status}: {}", String::from_utf8_lossy(&bytes).trim());
+        }
+        while let Some(frame) = body.frame().await {
+            let frame = frame.with_context(|| format!("{url}: the answer broke off"))?;
+            if let Ok(data) = frame.into_data() {
+                out(&data).context("writing the answer out")?;
+            }
+        }
+        Ok(())
+    }
+
     /// A buildlet client whose every path goes under `prefix` on the
     /// coordinator (a gomote instance's proxy), with this client's token.
     /// `long`: the answer may come only after a long upload.

@@ -7,6 +7,7 @@ pub mod api;
 pub mod artifacts;
 pub mod auth;
 pub mod bounded;
+pub mod build_cli;
 pub mod builds;
 pub mod ca;
 pub mod client;

@@ -67,6 +67,9 @@ enum Cmd {
     /// Users who may lease machines with gomote (add, list, remove, add-key).
     #[command(subcommand)]
     User(coordinator::admin_cli::UserCmd),
+    /// Builds from a terminal: trigger [--wait], watch, list, cancel, rebuild.
+    #[command(subcommand)]
+    Build(coordinator::build_cli::BuildCmd),
     /// Lease machines and work on them (same as the `gomote` binary; see `farmer gomote --help`).
     #[command(disable_help_flag = true)]
     Gomote {
@@ -204,6 +207,15 @@ fn main() -> anyhow::Result<()> {
         Cmd::Request(r) => coordinator::admin_cli::run_request(r),
         Cmd::Ca(c) => coordinator::admin_cli::run_ca(c),
         Cmd::User(u) => coordinator::admin_cli::run_user(u),
+        Cmd::Build(b) => match coordinator::build_cli::run_build(b) {
+            Ok(0) => Ok(()),
+            Ok(code) => std::process::exit(code),
+            // 1 means "the build failed": anything else that went wrong is 2.
+            Err(e) => {
+                eprintln!("Error: {e:#}");
+                std::process::exit(2)
+            }
+        },
         Cmd::Up {
             data_dir,
             listen,

@@ -247,3 +247,148 @@ fn up_builds_the_sample_on_every_builder_and_stops_cleanly() {
         String::from_utf8_lossy(&left.stdout)
     );
 }
+
+/// `farmer build`: trigger --wait follows the log and exits with the
+/// build's result; watch, list, cancel and rebuild; a missing token is a
+/// clear error.
+#[test]
+fn farmer_build_triggers_follows_lists_cancels_and_rebuilds() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = TestRepo::new(&dir.path().join("repo"));
+    repo.commit("one", &[("test.sh", "echo tests ran on $FARMER_BUILDER\n")]);
+    // A second name for the repo, watching a branch it does not have: the
+    // poller queues nothing, so every build here is the CLI's.
+    let builders = format!(
+        r#"
+[repos.quiet]
+url = "{}"
+branches = ["unborn"]
+
+[builders.ok]
+host = "host-test-trusted"
+repos = ["quiet"]
+[[builders.ok.steps]]
+name = "test"
+run = "sh test.sh"
+
+[builders.bad]
+host = "host-test-trusted"
+repos = ["quiet"]
+[[builders.bad.steps]]
+name = "test"
+run = "echo about to fail; exit 3"
+
+[builders.slow]
+host = "host-test-trusted"
+repos = ["quiet"]
+[[builders.slow.steps]]
+name = "sleep"
+run = "sleep 30"
+"#,
+        repo.path.display()
+    );
+    let cfg = dir.path().join("farm.toml");
+    std::fs::write(&cfg, config(&repo.path, &builders)).unwrap();
+    let data = dir.path().join("data");
+    let c = Coordinator::start(&data, &cfg);
+    let key = c.key("host-test-trusted");
+    let _bot = common::Bot::start(
+        &c,
+        &dir.path().join("bots"),
+        "host-test-trusted",
+        "b1",
+        Some(&key),
+    );
+    c.wait_connected(1);
+    let farmer = |args: &[&str]| {
+        let mut cmd = Command::new(FARMER);
+        cmd.arg("build")
+            .args(args)
+            .arg(format!("--coordinator={}", c.url("")))
+            .arg("--data-dir")
+            .arg(&data)
+            .env_remove("FARMER_TOKEN");
+        common::output_within(&mut cmd, Duration::from_secs(60))
+    };
+    let out = farmer(&["trigger", "ok", "--commit", "main", "--wait"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("tests ran on ok"),
+        "the log streamed: {stdout}"
+    );
+    assert!(stdout.contains("passed"), "{stdout}");
+    // No --commit: the head of the builder's repo's first branch, which
+    // this repo does not have: a clear refusal, exit 2.
+    let out = farmer(&["trigger", "bad", "--wait"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unborn") || err.contains("commit"), "{err}");
+    let out = farmer(&["trigger", "bad", "--commit", "main", "--wait"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failed build exits 1: {stdout}"
+    );
+    assert!(stdout.contains("about to fail"), "{stdout}");
+    let bad_id: i64 = stdout
+        .split("build ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    assert_eq!(
+        farmer(&["watch", &bad_id.to_string()]).status.code(),
+        Some(1)
+    );
+    let out = farmer(&["list", "--json", "--builder", "bad"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["status"], "failed");
+    let out = farmer(&["list", "--status", "passed"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("passed") && table.contains(" ok "),
+        "{table}"
+    );
+    assert!(!table.contains("bad"), "{table}");
+    // Cancel a running build; rebuild the failed one.
+    let out = farmer(&["trigger", "slow", "--commit", "main"]);
+    let slow = String::from_utf8_lossy(&out.stdout).to_string();
+    let slow_id = slow.split_whitespace().nth(1).unwrap().to_string();
+    c.wait("the slow build to run", Duration::from_secs(30), |c| {
+        (c.get(&format!("/api/builds/{slow_id}"))["build"]["status"] == "running").then_some(())
+    });
+    let out = farmer(&["cancel", &slow_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        farmer(&["watch", &slow_id]).status.code(),
+        Some(2),
+        "a cancelled build exits 2"
+    );
+    let out = farmer(&["rebuild", &bad_id.to_string()]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("again {bad_id}")));
+    // Without a token: a sentence that says where one is looked for.
+    let mut cmd = Command::new(FARMER);
+    cmd.args(["build", "list", "--data-dir"])
+        .arg(dir.path().join("nowhere"))
+        .arg(format!("--coordinator={}", c.url("")))
+        .env_remove("FARMER_TOKEN");
+    let out = common::output_within(&mut cmd, Duration::from_secs(30));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("admin token") && err.contains("FARMER_TOKEN"),
+        "{err}"
+    );
+}

@@ -124,22 +124,7 @@ impl ApiClient {
         header: Option<(&str, &str)>,
     ) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base);
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(&url)
-            .header(http::header::CONTENT_TYPE, "application/json");
-        if let Some(a) = &self.auth {
-            req = req.header(http::header::AUTHORIZATION, a.clone());
-        }
-        if let Some((k, v)) = header {
-            req = req.header(k, v);
-        }
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let req = req.body(
-            http_body_util::Full::new(Bytes::from(body))
-                .map_err(|never| match never {})
-                .boxed(),
-        )?;
+        let req = self.request(method, &url, body, header)?;
         let resp = tokio::time::timeout(CALL_TIME, self.http.request(req))
             .await
             .with_context(|| format!("{url}: no answer within {CALL_TIME:?}"))?
@@ -175,6 +160,33 @@ impl ApiClient {
         Ok(v)
     }
 
+    /// A request to `url` with this client's token, a JSON body if any,
+    /// and one more header if any.
+    fn request(
+        &self,
+        method: http::Method,
+        url: &str,
+        body: Option<Value>,
+        header: Option<(&str, &str)>,
+    ) -> anyhow::Result<http::Request<ReqBody>> {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(url)
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(a) = &self.auth {
+            req = req.header(http::header::AUTHORIZATION, a.clone());
+        }
+        if let Some((k, v)) = header {
+            req = req.header(k, v);
+        }
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        Ok(req.body(
+            http_body_util::Full::new(Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed(),
+        )?)
+    }
+
     /// `GET path` as a stream: each piece of the answer goes to `out` as it
     /// arrives (a live log that may stay quiet for minutes: no deadline
     /// between pieces, only for the headers). A non-2xx answer is an error
@@ -185,15 +197,7 @@ impl ApiClient {
         mut out: impl FnMut(&[u8]) -> std::io::Result<()>,
     ) -> anyhow::Result<()> {
         let url = format!("{}{path}", self.base);
-        let mut req = http::Request::builder().method(http::Method::GET).uri(&url);
-        if let Some(a) = &self.auth {
-            req = req.header(http::header::AUTHORIZATION, a.clone());
-        }
-        let req = req.body(
-            http_body_util::Empty::new()
-                .map_err(|never| match never {})
-                .boxed(),
-        )?;
+        let req = self.request(http::Method::GET, &url, None, None)?;
         let resp = tokio::time::timeout(CALL_TIME, self.http.request(req))
             .await
             .with_context(|| format!("{url}: no answer within {CALL_TIME:?}"))?

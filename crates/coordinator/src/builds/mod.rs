@@ -424,20 +424,20 @@ impl Farm {
                 Err(e) => return Outcome::CoordinatorError(format!("recording step: {e}")),
             };
             *rb.step.lock().unwrap_or_else(|e| e.into_inner()) = step.name.clone();
+            let ctx = StepCtx {
+                build,
+                builder,
+                step,
+                index: i,
+                step_id,
+                attempt_id,
+                base_env: &base_env,
+                source: tgz.clone(),
+                deadline,
+                rb,
+            };
             if let Some(shard) = &step.shard {
-                let run = crate::shard::run::StepRun {
-                    build,
-                    builder,
-                    step,
-                    shard,
-                    index: i,
-                    step_id,
-                    attempt_id,
-                    base_env: &base_env,
-                    source: tgz.clone(),
-                    deadline,
-                    rb,
-                };
+                let run = crate::shard::run::StepRun { ctx, shard };
                 let (end, survivor) = self.run_sharded(&run, main, &mut cancel).await;
                 if let Some(s) = survivor {
                     *rb.machine.lock().unwrap_or_else(|e| e.into_inner()) = s.hostname.clone();
@@ -486,18 +486,6 @@ impl Farm {
                     .finish_step(step_id, "cancelled", "cancelled by an admin", &log)
                     .await;
                 return Outcome::Cancelled;
-            };
-            let ctx = StepCtx {
-                build,
-                builder,
-                step,
-                index: i,
-                step_id,
-                attempt_id,
-                base_env: &base_env,
-                source: tgz.clone(),
-                deadline,
-                rb,
             };
             // What the step's tests said (a broken machine says nothing).
             let results = match &r {
@@ -581,48 +569,30 @@ impl Farm {
                             );
                             continue;
                         }
-                        let msg = if rerun.still_failing.is_empty() {
-                            format!(
-                                "step {} failed: {state}; its failed tests passed when run again, but the re-run did not pass",
-                                step.name
-                            )
+                        let why = if rerun.still_failing.is_empty() {
+                            "; its failed tests passed when run again, but the re-run did not pass"
+                                .to_string()
                         } else {
-                            format!(
-                                "step {} failed: {state}; failing tests: {}",
-                                step.name,
-                                rerun::names(&rerun.still_failing)
-                            )
+                            format!("; failing tests: {}", rerun::names(&rerun.still_failing))
                         };
+                        let log = rb.log.range_async(step_start, step_start + MAX_LOG).await;
                         let _ = self
                             .store
-                            .finish_step(
-                                step_id,
-                                "failed",
-                                &state.to_string(),
-                                &rb.log.range_async(step_start, step_start + MAX_LOG).await,
-                            )
+                            .finish_step(step_id, "failed", &state.to_string(), &log)
                             .await;
-                        return Outcome::Failed(msg);
+                        return Outcome::Failed(format!("step {} failed: {state}{why}", step.name));
                     }
-                    let msg = if failed.is_empty() {
-                        format!("step {} failed: {state}", step.name)
+                    let why = if failed.is_empty() {
+                        String::new()
                     } else {
-                        format!(
-                            "step {} failed: {state}; failing tests: {}",
-                            step.name,
-                            rerun::names(&failed)
-                        )
+                        format!("; failing tests: {}", rerun::names(&failed))
                     };
+                    let log = rb.log.range_async(step_start, step_start + MAX_LOG).await;
                     let _ = self
                         .store
-                        .finish_step(
-                            step_id,
-                            "failed",
-                            &state.to_string(),
-                            &rb.log.range_async(step_start, step_start + MAX_LOG).await,
-                        )
+                        .finish_step(step_id, "failed", &state.to_string(), &log)
                         .await;
-                    return Outcome::Failed(msg);
+                    return Outcome::Failed(format!("step {} failed: {state}{why}", step.name));
                 }
                 Err(e) if e.is_communication() => {
                     let msg = format!("step {}: {e}", step.name);

@@ -33,16 +33,21 @@ const SPARE_WAIT: Duration = Duration::from_millis(300);
 /// Failed tests named in one log line.
 const NAMES_SHOWN: usize = 10;
 
-/// A step of a running build, for reading its results and re-running it.
+/// A step of a running build: what reading its results, re-running it and
+/// sharding it need.
 pub(crate) struct StepCtx<'a> {
     pub build: &'a BuildRow,
     pub builder: &'a BuildConfig,
     pub step: &'a Step,
+    /// The step's place in the builder's steps (earlier ones run on a
+    /// second machine before it).
     pub index: usize,
     pub step_id: i64,
     pub attempt_id: i64,
     pub base_env: &'a [String],
+    /// The build's source, pushed to a second machine.
     pub source: Bytes,
+    /// The build's deadline.
     pub deadline: Instant,
     pub rb: &'a RunningBuild,
 }
@@ -70,7 +75,8 @@ impl StepCtx<'_> {
         self.rb.log.append(text.as_bytes());
     }
 
-    fn tests_of(&self) -> TestsOf {
+    /// Where this step's test results belong.
+    pub(crate) fn tests_of(&self) -> TestsOf {
         TestsOf {
             build_id: self.build.id,
             attempt_id: self.attempt_id,

@@ -18,20 +18,19 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use buildlet::proto::ProcessState;
-use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{Notify, watch};
 
 use super::{HISTORY_PER_UNIT, MAX_LIST_OUTPUT, Planned, parse_units, plan};
 use crate::bounded::{CappedBuffer, TailBuffer};
-use crate::builds::{Outcome, priority, step_env, step_exec};
-use crate::config::{BuildConfig, Shard, Step, human_duration};
-use crate::farm::{Farm, RunningBuild};
+use crate::builds::{Outcome, StepCtx, priority, step_env, step_exec};
+use crate::config::{Shard, Step, human_duration};
+use crate::farm::Farm;
 use crate::logs::MAX_LOG;
 use crate::pool::{Holder, Lease};
 use crate::results::{Outcome as TestOutcome, TestResult};
 use crate::scheduler::{LeaseRequest, Ticket};
-use crate::store::{BuildKind, BuildRow, UnitRun, now_ms};
+use crate::store::{BuildKind, UnitRun, now_ms};
 
 /// Output of one unit kept for the log: its end, where failures are.
 const UNIT_OUTPUT: usize = 256 << 10;
@@ -42,22 +41,18 @@ const ORDER_SHOWN: usize = 5;
 /// going on would empty the pool one machine at a time.
 const MAX_LOSSES: u32 = 2;
 
-/// What a sharded step needs from its build.
+/// What a sharded step needs: its step in the build (what every step
+/// has, [`StepCtx`], which it derefs to) and how it is split.
 pub(crate) struct StepRun<'a> {
-    pub build: &'a BuildRow,
-    pub builder: &'a BuildConfig,
-    pub step: &'a Step,
+    pub ctx: StepCtx<'a>,
     pub shard: &'a Shard,
-    /// The step's place in the builder's steps (earlier ones run on helpers).
-    pub index: usize,
-    pub step_id: i64,
-    pub attempt_id: i64,
-    pub base_env: &'a [String],
-    /// The build's source, pushed to each helper.
-    pub source: Bytes,
-    /// The build's deadline.
-    pub deadline: Instant,
-    pub rb: &'a RunningBuild,
+}
+
+impl<'a> std::ops::Deref for StepRun<'a> {
+    type Target = StepCtx<'a>;
+    fn deref(&self) -> &StepCtx<'a> {
+        &self.ctx
+    }
 }
 
 struct Running {
@@ -722,7 +717,7 @@ impl Farm {
                 r.recorded = true;
             }
             if !unit_tests.is_empty()
-                && let Err(e) = self.store.record_tests(&tests_of(run), &unit_tests).await
+                && let Err(e) = self.store.record_tests(&run.tests_of(), &unit_tests).await
             {
                 tracing::warn!(build = run.build.id, "recording test results: {e}");
             }
@@ -845,18 +840,6 @@ impl Farm {
         if let Err(e) = self.store.record_unit_run(&r).await {
             tracing::warn!(build = run.build.id, unit, "recording a unit run: {e}");
         }
-    }
-}
-
-fn tests_of(run: &StepRun<'_>) -> crate::store::TestsOf {
-    crate::store::TestsOf {
-        build_id: run.build.id,
-        attempt_id: run.attempt_id,
-        step_id: run.step_id,
-        builder: run.builder.name.clone(),
-        repo: run.build.repo.clone(),
-        commit: run.build.commit.clone(),
-        commit_time: run.build.commit_time,
     }
 }
 

@@ -3,7 +3,7 @@
 //! by a pipe. Each test takes milliseconds.
 
 use crate::common::TestRepo;
-use crate::common::inproc::{InProc, config};
+use crate::common::inproc::{InProc, config, rt};
 
 use std::time::Duration;
 
@@ -18,14 +18,6 @@ host = "host-a"
 name = "say"
 run = "echo built $FARMER_COMMIT; cat file"
 "#;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 #[test]
 fn a_build_runs_on_a_real_buildlet_handler_in_process() {

@@ -3,7 +3,7 @@
 //! XML), failed tests re-run on another machine, flaky tests and units.
 
 use crate::common::TestRepo;
-use crate::common::inproc::{InProc, config};
+use crate::common::inproc::{InProc, config, rt};
 
 use std::time::Duration;
 
@@ -25,14 +25,6 @@ async fn page(f: &InProc, path: &str) -> String {
     assert_eq!(r.status(), 200, "{path}");
     let body = axum::body::to_bytes(r.into_body(), 16 << 20).await.unwrap();
     String::from_utf8(body.to_vec()).unwrap()
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// A libtest-style report: `tests::flaky` fails until `$MARK` exists (its

@@ -5,7 +5,7 @@
 //! `resilience.rs` (a real process gets SIGKILL).
 
 use crate::common::TestRepo;
-use crate::common::inproc::{InProc, config};
+use crate::common::inproc::{InProc, config, rt};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -40,14 +40,6 @@ shard.try_helpers = {try_helpers}
 "#,
         units.join("\\n")
     )
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 fn machines(f: &InProc) -> Vec<(String, MachineState)> {

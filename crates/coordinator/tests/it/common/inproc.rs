@@ -145,6 +145,15 @@ impl Drop for InProc {
     }
 }
 
+/// The runtime the in-process tests run on: two workers, as CI has cores.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// A config for the in-process farm: one repo at `repo`, host types
 /// `host-a` (trusted), and builders given as TOML.
 pub fn config(repo: &Path, builders: &str) -> String {

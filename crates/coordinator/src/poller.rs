@@ -9,8 +9,9 @@ use std::time::Duration;
 use crate::farm::Farm;
 use crate::store::{BuildKind, CommitRow, NewBuild};
 
-/// How many new commits one poll takes from a branch (a first poll of a long
-/// history builds only the newest ones).
+/// How many new commits one poll takes from a branch it has seen before (a
+/// burst of pushes builds the newest ones). The first poll of a branch
+/// takes the repo's `backfill`.
 pub const MAX_NEW_COMMITS: usize = 50;
 
 /// Polls one repo forever at its configured interval.
@@ -67,6 +68,16 @@ pub async fn poll_once(farm: &Arc<Farm>, repo: &str) -> Result<usize, String> {
             .map_err(|e| e.to_string())?
             .into_iter()
             .collect();
+        // The first poll of a branch: its history is built only as far as
+        // the repo's `backfill` says; with 0, the head is recorded as where
+        // the farm started, and only later commits are built.
+        let first = known.is_empty();
+        let take = if first {
+            (rc.backfill as usize).max(1)
+        } else {
+            MAX_NEW_COMMITS
+        };
+        let build = !(first && rc.backfill == 0);
         let r2 = r.clone();
         let br = branch.clone();
         let commits =
@@ -74,7 +85,7 @@ pub async fn poll_once(farm: &Arc<Farm>, repo: &str) -> Result<usize, String> {
                 let Some(head) = r2.branch_head(&br).map_err(|e| e.to_string())? else {
                     return Err(format!("branch {br:?} does not exist"));
                 };
-                r2.new_commits(&head, &|h| known.contains(h), MAX_NEW_COMMITS)
+                r2.new_commits(&head, &|h| known.contains(h), take)
                     .map_err(|e| e.to_string())
             })
             .await
@@ -91,7 +102,7 @@ pub async fn poll_once(farm: &Arc<Farm>, repo: &str) -> Result<usize, String> {
                 subject: c.subject.clone(),
                 parents: c.parents.clone(),
             };
-            for b in cfg.builders_for(repo, branch) {
+            for b in cfg.builders_for(repo, branch).into_iter().filter(|_| build) {
                 let nb = NewBuild {
                     builder: b.name.clone(),
                     host_type: b.host_type.clone(),

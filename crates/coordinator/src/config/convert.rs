@@ -23,7 +23,11 @@ const FARM_KEYS: &[&str] = &[
     "gomote_idle_timeout",
     "gomote_max_instances",
 ];
-const REPO_KEYS: &[&str] = &["url", "branches", "poll_interval"];
+const REPO_KEYS: &[&str] = &["url", "branches", "poll_interval", "backfill"];
+/// Commits of a branch's existing history built at its first poll, by default.
+const DEFAULT_BACKFILL: u32 = 50;
+/// Most commits of existing history a repo may ask to build.
+const MAX_BACKFILL: u32 = 1000;
 const HOST_KEYS: &[&str] = &[
     "pool",
     "expected",
@@ -276,11 +280,27 @@ fn repo(ctx: &mut Ctx<'_>, e: &Entry<'_>, t: &Table<'_>) -> RepoConfig {
 
     let poll_interval =
         optional(ctx, t, "poll_interval", Ctx::duration).unwrap_or(DEFAULT_POLL_INTERVAL);
+    let backfill = match t.get(ctx, "backfill") {
+        Some(b) => match ctx.uint(&b) {
+            Some(n) if n > MAX_BACKFILL => {
+                ctx.error(
+                    Some(b.at),
+                    &b.path,
+                    format!("{who}: backfill = {n} is too many; at most {MAX_BACKFILL} commits of existing history"),
+                );
+                DEFAULT_BACKFILL
+            }
+            Some(n) => n,
+            None => DEFAULT_BACKFILL,
+        },
+        None => DEFAULT_BACKFILL,
+    };
     RepoConfig {
         name: name.to_owned(),
         url,
         branches,
         poll_interval,
+        backfill,
     }
 }
 

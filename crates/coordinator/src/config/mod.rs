@@ -397,6 +397,9 @@ pub struct RepoConfig {
     pub url: String,
     pub branches: Vec<String>,
     pub poll_interval: Duration,
+    /// Commits of a branch's existing history built when the farm first
+    /// sees the branch (0: none; only commits that come later are built).
+    pub backfill: u32,
 }
 
 /// One problem in a farm config, located so an editor can jump to it.

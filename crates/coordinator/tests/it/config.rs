@@ -347,7 +347,7 @@ cwd = "src"
     );
     assert_eq!(
         errs[2].message,
-        "unknown key \"brnaches\" in repo \"sample\"; did you mean \"branches\"? known keys: url, branches, poll_interval"
+        "unknown key \"brnaches\" in repo \"sample\"; did you mean \"branches\"? known keys: url, branches, poll_interval, backfill"
     );
     assert!(
         errs[0]

@@ -241,3 +241,34 @@ fn a_build_is_requested_with_a_json_body_whatever_its_content_type() {
         assert!(answer.contains("not the JSON expected"), "{answer}");
     });
 }
+
+/// A repo's `backfill`: how much of a branch's existing history its first
+/// poll builds; 0 records where the farm started and builds only what
+/// comes later.
+#[test]
+fn backfill_bounds_the_history_a_first_poll_builds() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = TestRepo::new(&dir.path().join("repo"));
+    for i in 0..5 {
+        repo.commit(&format!("c{i}"), &[("file", &format!("{i}\n"))]);
+    }
+    for (backfill, commits, builds) in [(2, 2, 2), (0, 1, 0)] {
+        let cfg = config(&repo.path, BUILDER).replace(
+            "branches = [\"main\"]\n",
+            &format!("branches = [\"main\"]\nbackfill = {backfill}\n"),
+        );
+        rt().block_on(async {
+            let f = InProc::start(&cfg).await;
+            let queued = coordinator::poller::poll_once(&f.farm, "r").await.unwrap();
+            assert_eq!(queued, builds, "backfill = {backfill}");
+            let known = f.farm.store.known_commits("r", "main").await.unwrap();
+            assert_eq!(known.len(), commits, "backfill = {backfill}");
+            // A commit that comes later is built either way.
+            let next = repo.commit("later", &[("file", &format!("later {backfill}\n"))]);
+            let queued = coordinator::poller::poll_once(&f.farm, "r").await.unwrap();
+            assert_eq!(queued, 1, "backfill = {backfill}");
+            let b = f.farm.store.builds(&Default::default()).await.unwrap();
+            assert!(b.iter().any(|b| b.commit == next), "{b:?}");
+        });
+    }
+}

@@ -392,3 +392,38 @@ run = "sleep 30"
         "{err}"
     );
 }
+
+/// The README's systemd units (the coordinator's, stage0's) pass
+/// `systemd-analyze verify` without a warning, with their programs pointed
+/// at this build's binaries.
+#[test]
+fn the_readme_systemd_units_verify() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let units: Vec<&str> = readme
+        .split("```ini\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .filter(|b| b.contains("[Service]"))
+        .collect();
+    assert!(
+        units.len() >= 2,
+        "the README has the coordinator's and stage0's units"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    for (i, unit) in units.iter().enumerate() {
+        let text = unit
+            .replace("/usr/local/bin/farmer", FARMER)
+            .replace("/usr/local/bin/stage0", FARMER);
+        let path = dir.path().join(format!("farmer-test-{i}.service"));
+        std::fs::write(&path, text).unwrap();
+        let mut cmd = Command::new("systemd-analyze");
+        cmd.arg("verify").arg(&path);
+        let out = common::output_within(&mut cmd, Duration::from_secs(60));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !err.contains(&path.display().to_string()),
+            "unit {i} of the README:\n{unit}\nsystemd-analyze says:\n{err}"
+        );
+    }
+}

@@ -36,10 +36,14 @@ enum Cmd {
         /// The farm config (TOML).
         #[arg(long)]
         config: PathBuf,
-        #[arg(long = "data-dir", default_value = "farmer-data")]
-        data_dir: PathBuf,
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: String,
+        /// Where keys, tokens and the store live. Default: the config's
+        /// `[serve] data_dir`, else ./farmer-data.
+        #[arg(long = "data-dir")]
+        data_dir: Option<PathBuf>,
+        /// Address for the API, the dashboard and machines. Default: the
+        /// config's `[serve] listen`, else 127.0.0.1:8080.
+        #[arg(long)]
+        listen: Option<String>,
         /// TLS certificate (PEM) for buildlet connections; default: self-signed in the data dir.
         #[arg(long = "tls-cert", requires = "tls_key")]
         tls_cert: Option<PathBuf>,
@@ -244,16 +248,27 @@ fn main() -> anyhow::Result<()> {
             tls_key,
             insecure_plaintext_reverse,
             ssh_listen,
-        } => serve(RunOptions {
-            data_dir,
-            config,
-            listen,
-            allow_plaintext: insecure_plaintext_reverse,
-            tls_cert,
-            tls_key,
-            local_buildlet: None,
-            ssh_listen,
-        }),
+        } => {
+            // A flag wins over the config's [serve]; a config with errors
+            // is reported by the start itself.
+            let file = coordinator::config::load(&config)
+                .map(|c| c.serve)
+                .unwrap_or_default();
+            serve(RunOptions {
+                data_dir: data_dir
+                    .or(file.data_dir)
+                    .unwrap_or_else(|| PathBuf::from("farmer-data")),
+                config,
+                listen: listen
+                    .or(file.listen)
+                    .unwrap_or_else(|| "127.0.0.1:8080".to_string()),
+                allow_plaintext: insecure_plaintext_reverse,
+                tls_cert,
+                tls_key,
+                local_buildlet: None,
+                ssh_listen: ssh_listen.or(file.ssh_listen),
+            })
+        }
     }
 }
 

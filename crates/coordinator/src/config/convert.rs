@@ -8,11 +8,12 @@ use std::time::Duration;
 use super::raw::{At, Ctx, Entry, Located, Raw, Table, join};
 use super::{
     BuildConfig, ExecConfig, FarmConfig, FarmSettings, GomoteAccess, HostConfig, MAX_RETRY_FAILED,
-    MAX_SHARD_HELPERS, PoolKind, RepoConfig, Shard, Step, duration,
+    MAX_SHARD_HELPERS, PoolKind, RepoConfig, ServeSettings, Shard, Step, duration,
 };
 use crate::results::{Format, ResultFiles};
 
-const TOP_KEYS: &[&str] = &["farm", "repos", "hosts", "builders"];
+const TOP_KEYS: &[&str] = &["farm", "serve", "repos", "hosts", "builders"];
+const SERVE_KEYS: &[&str] = &["listen", "data_dir", "ssh_listen"];
 const FARM_KEYS: &[&str] = &[
     "min_buildlet_version",
     "max_attempts",
@@ -81,6 +82,11 @@ pub(super) fn farm_config(ctx: &mut Ctx<'_>, tree: &Raw) -> FarmConfig {
         None => FarmSettings::default(),
     };
 
+    let serve = match root.get(ctx, "serve").and_then(|e| ctx.table(&e)) {
+        Some(t) => serve_settings(ctx, &t),
+        None => ServeSettings::default(),
+    };
+
     let mut repos = BTreeMap::new();
     for (e, t) in sections(ctx, &root, "repos") {
         repos.insert(e.key.to_owned(), repo(ctx, &e, &t));
@@ -106,6 +112,44 @@ pub(super) fn farm_config(ctx: &mut Ctx<'_>, tree: &Raw) -> FarmConfig {
         repos,
         hosts,
         builders,
+        serve,
+    }
+}
+
+/// `[serve]`: addresses checked as `host:port`, the data dir resolved
+/// against the config file's directory.
+fn serve_settings(ctx: &mut Ctx<'_>, t: &Table<'_>) -> ServeSettings {
+    t.check_keys(ctx, SERVE_KEYS, "[serve]");
+    let addr = |ctx: &mut Ctx<'_>, key: &str| {
+        let e = t.get(ctx, key)?;
+        let v = ctx.string(&e)?;
+        if v.rsplit_once(':')
+            .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+        {
+            ctx.error(
+                Some(e.at),
+                &e.path,
+                format!("[serve] {key} = {v:?} is not an address; write HOST:PORT, e.g. \"0.0.0.0:8443\""),
+            );
+            return None;
+        }
+        Some(v)
+    };
+    let listen = addr(ctx, "listen");
+    let ssh_listen = addr(ctx, "ssh_listen");
+    let data_dir = t.get(ctx, "data_dir").and_then(|e| {
+        let v = ctx.string(&e)?;
+        if v.trim().is_empty() {
+            ctx.error(Some(e.at), &e.path, "[serve] data_dir must not be empty");
+            return None;
+        }
+        let base = ctx.file().parent().unwrap_or(Path::new(""));
+        Some(std::path::absolute(base.join(&v)).unwrap_or_else(|_| base.join(&v)))
+    });
+    ServeSettings {
+        listen,
+        data_dir,
+        ssh_listen,
     }
 }
 

@@ -27,6 +27,19 @@ pub struct FarmConfig {
     /// Keyed by host type, e.g. "host-linux-amd64-alice".
     pub hosts: BTreeMap<String, HostConfig>,
     pub builders: BTreeMap<String, BuildConfig>,
+    /// `[serve]`: where `farmer serve` listens and keeps its data, when its
+    /// flags do not say.
+    pub serve: ServeSettings,
+}
+
+/// `farmer serve`'s settings in the config file (a flag wins over them).
+/// Read at start: changing them needs a restart, not a reload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServeSettings {
+    pub listen: Option<String>,
+    /// Relative paths are resolved against the config file's directory.
+    pub data_dir: Option<PathBuf>,
+    pub ssh_listen: Option<String>,
 }
 
 impl FarmConfig {

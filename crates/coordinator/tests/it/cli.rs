@@ -427,3 +427,43 @@ fn the_readme_systemd_units_verify() {
         );
     }
 }
+
+/// `farmer serve --config FILE` alone: where to listen and keep its data
+/// come from the file's `[serve]` (flags still win).
+#[test]
+fn serve_takes_listen_and_data_dir_from_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let cfg = dir.path().join("farm.toml");
+    std::fs::write(
+        &cfg,
+        format!("[serve]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"state\"\n"),
+    )
+    .unwrap();
+    let mut child = common::Stopped(
+        Command::new(FARMER)
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .current_dir(dir.path().join(".."))
+            .env("FARMER_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
+    let mut first = String::new();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut out, &mut first).unwrap();
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    assert_eq!(first.trim(), format!("listening on 127.0.0.1:{port}"));
+    assert!(
+        dir.path().join("state").join("admin.token").exists(),
+        "the data dir is the config's, beside the file"
+    );
+    let status = common::http_get(&format!("http://127.0.0.1:{port}/api/status"));
+    assert!(status.contains("version"), "{status}");
+}

@@ -1149,3 +1149,22 @@ run = "make test"
     assert_eq!(f, "builders.b.steps[1].results");
     assert!(msg.contains("not read for a sharded step"), "{msg}");
 }
+
+#[test]
+fn serve_settings_live_in_the_config_too() {
+    let c = parse("[serve]\nlisten = \"0.0.0.0:8443\"\ndata_dir = \"state\"\nssh_listen = \"127.0.0.1:2222\"\n")
+        .unwrap();
+    assert_eq!(c.serve.listen.as_deref(), Some("0.0.0.0:8443"));
+    assert_eq!(c.serve.ssh_listen.as_deref(), Some("127.0.0.1:2222"));
+    assert_eq!(
+        c.serve.data_dir,
+        Some(PathBuf::from("/etc/farm/state")),
+        "relative to the config file"
+    );
+    let (_, _, field, msg) = only("[serve]\nlisten = \"8443\"\n");
+    assert_eq!(field, "serve.listen");
+    assert!(msg.contains("HOST:PORT"), "{msg}");
+    let (_, _, field, _) = only("[serve]\nlistn = \"0.0.0.0:1\"\n");
+    assert_eq!(field, "serve.listn");
+    assert_eq!(parse("").unwrap().serve, Default::default());
+}

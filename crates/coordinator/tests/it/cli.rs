@@ -140,15 +140,12 @@ fn genbuilderkey_binary_matches_the_subcommand() {
     assert_eq!(String::from_utf8_lossy(&a.stdout).trim().len(), 64);
 }
 
-#[test]
-fn up_builds_the_sample_on_every_builder_and_stops_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("farmer-data");
+/// Starts `cmd` (a `farmer serve` or `up`) in its own process group,
+/// stopped when the guard drops; returns it with the address its first
+/// line says it listens on.
+fn listening(cmd: &mut Command) -> (common::Stopped, String) {
     let mut child = common::Stopped(
-        Command::new(FARMER)
-            .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data)
-            .env("FARMER_LOG", "warn")
+        cmd.env("FARMER_LOG", "warn")
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .process_group(0)
@@ -163,8 +160,19 @@ fn up_builds_the_sample_on_every_builder_and_stops_cleanly() {
     let addr = first
         .trim()
         .strip_prefix("listening on ")
-        .unwrap()
+        .unwrap_or_else(|| panic!("not a listening line: {first:?}"))
         .to_string();
+    (child, addr)
+}
+
+#[test]
+fn up_builds_the_sample_on_every_builder_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("farmer-data");
+    let mut cmd = Command::new(FARMER);
+    cmd.args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data);
+    let (mut child, addr) = listening(&mut cmd);
     let start = std::time::Instant::now();
     let builds = loop {
         assert!(
@@ -443,23 +451,12 @@ fn serve_takes_listen_and_data_dir_from_the_config() {
         format!("[serve]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"state\"\n"),
     )
     .unwrap();
-    let mut child = common::Stopped(
-        Command::new(FARMER)
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .current_dir(dir.path().join(".."))
-            .env("FARMER_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .process_group(0)
-            .spawn()
-            .unwrap(),
-    );
-    let mut first = String::new();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    std::io::BufRead::read_line(&mut out, &mut first).unwrap();
-    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-    assert_eq!(first.trim(), format!("listening on 127.0.0.1:{port}"));
+    let mut cmd = Command::new(FARMER);
+    cmd.args(["serve", "--config"])
+        .arg(&cfg)
+        .current_dir(dir.path().join(".."));
+    let (_child, addr) = listening(&mut cmd);
+    assert_eq!(addr, format!("127.0.0.1:{port}"));
     assert!(
         dir.path().join("state").join("admin.token").exists(),
         "the data dir is the config's, beside the file"

@@ -352,7 +352,7 @@ cwd = "src"
     assert!(
         errs[0]
             .message
-            .contains("known keys: farm, repos, hosts, builders"),
+            .contains("known keys: farm, serve, repos, hosts, builders"),
         "{}",
         errs[0].message
     );

@@ -8,7 +8,6 @@
 //! can read why refreshing fails without digging through cron mail.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -133,20 +132,7 @@ async fn post_json(o: &Options, path: &str, body: &[u8]) -> Result<TokenResponse
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("-backend {:?}: {e}", o.backend))?;
-    let cfg = buildlet::reverse::client_config(&o.tls).map_err(|e| e.to_string())?;
-    let builder = hyper_rustls::HttpsConnectorBuilder::new();
-    let connector = match cfg {
-        Some(c) => builder
-            .with_tls_config(Arc::unwrap_or_clone(c))
-            .https_or_http()
-            .enable_http1()
-            .build(),
-        None => builder
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .build(),
-    };
+    let connector = buildlet::reverse::https_connector(&o.tls).map_err(|e| e.to_string())?;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build::<_, http_body_util::Full<Bytes>>(connector);
     let req = http::Request::post(uri)

@@ -254,6 +254,30 @@ pub fn client_config(tls: &Tls) -> Result<Option<Arc<rustls::ClientConfig>>, Rev
     farmtls::client_config(tls).map_err(|e| ReverseError::Config(e.to_string()))
 }
 
+/// An HTTP/1 connector for the farm's other HTTP clients (the token daemon,
+/// the coordinator's CLIs): `https://` trusted as `tls` says (web PKI when
+/// it pins nothing), `http://` as it is.
+pub fn https_connector(
+    tls: &Tls,
+) -> Result<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    ReverseError,
+> {
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    Ok(match client_config(tls)? {
+        Some(c) => builder
+            .with_tls_config(Arc::unwrap_or_clone(c))
+            .https_or_http()
+            .enable_http1()
+            .build(),
+        None => builder
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .build(),
+    })
+}
+
 use farmtls::host_part;
 
 /// One connection: dial, register, serve until the link drops. Returns how

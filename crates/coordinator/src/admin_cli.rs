@@ -23,6 +23,18 @@ pub struct Remote {
     pub data_dir: PathBuf,
 }
 
+impl Remote {
+    /// The admin token: `--token-file`, else the data dir's.
+    pub fn admin_token(&self) -> anyhow::Result<String> {
+        let f = self
+            .token_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(crate::run::ADMIN_TOKEN_FILE));
+        std::fs::read_to_string(&f)
+            .with_context(|| format!("reading the admin token {}", f.display()))
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum RequestCmd {
     /// Submit a builder request (machine owner): prints the request id and secret.
@@ -226,14 +238,7 @@ async fn call_with(
     secret: Option<&str>,
 ) -> anyhow::Result<serde_json::Value> {
     let token = if admin {
-        let f = remote
-            .token_file
-            .clone()
-            .unwrap_or_else(|| remote.data_dir.join(crate::run::ADMIN_TOKEN_FILE));
-        Some(
-            std::fs::read_to_string(&f)
-                .with_context(|| format!("reading the admin token {}", f.display()))?,
-        )
+        Some(remote.admin_token()?)
     } else {
         None
     };

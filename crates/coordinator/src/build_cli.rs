@@ -70,19 +70,11 @@ pub enum BuildCmd {
 /// The API as the admin: `--token-file`, else `$FARMER_TOKEN`, else the
 /// data dir's admin token.
 fn client(remote: &Remote) -> anyhow::Result<ApiClient> {
-    let token = match (&remote.token_file, std::env::var("FARMER_TOKEN")) {
-        (Some(f), _) => std::fs::read_to_string(f)
-            .with_context(|| format!("reading the token {}", f.display()))?,
-        (None, Ok(t)) if !t.trim().is_empty() => t,
-        (None, _) => {
-            let f = remote.data_dir.join(crate::run::ADMIN_TOKEN_FILE);
-            std::fs::read_to_string(&f).with_context(|| {
-                format!(
-                    "reading the admin token {} (give --token-file FILE or set $FARMER_TOKEN)",
-                    f.display()
-                )
-            })?
-        }
+    let token = match std::env::var("FARMER_TOKEN") {
+        Ok(t) if remote.token_file.is_none() && !t.trim().is_empty() => t,
+        _ => remote
+            .admin_token()
+            .context("give --token-file FILE or set $FARMER_TOKEN")?,
     };
     ApiClient::new(
         &remote.coordinator,

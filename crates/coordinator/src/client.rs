@@ -69,19 +69,7 @@ impl ApiClient {
             }
             None => buildlet::reverse::Tls::WebPki,
         };
-        let builder = hyper_rustls::HttpsConnectorBuilder::new();
-        let connector = match buildlet::reverse::client_config(&tls)? {
-            Some(c) => builder
-                .with_tls_config(Arc::unwrap_or_clone(c))
-                .https_or_http()
-                .enable_http1()
-                .build(),
-            None => builder
-                .with_webpki_roots()
-                .https_or_http()
-                .enable_http1()
-                .build(),
-        };
+        let connector = buildlet::reverse::https_connector(&tls)?;
         let http =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))

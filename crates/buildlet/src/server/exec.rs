@@ -177,6 +177,32 @@ pub(super) fn resolve_dir(root: &Path, d: &str) -> Result<PathBuf, String> {
 /// Spawns `command` as the command of `jail`, registered so that
 /// [`super::contain::Containment::kill_all`] reaches it and the orphan
 /// reaper leaves its exit status to tokio.
+/// The start of every command the buildlet runs (an exec, a shell): only
+/// `env` in its environment, plus the marker of its jail; in `dir`; killed
+/// when dropped; joining its jail (the cgroup) before `exec`.
+pub(super) fn contained_command(
+    jail: &super::contain::Jail,
+    program: &Path,
+    args: &[String],
+    env: &[(OsString, OsString)],
+    dir: &Path,
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(args)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env(super::contain::SCOPE_ENV, &jail.marker)
+        .current_dir(dir)
+        .kill_on_drop(true);
+    // SAFETY: the hook only makes async-signal-safe calls (see its docs).
+    #[cfg(unix)]
+    unsafe {
+        command.pre_exec(jail.pre_exec_hook());
+    }
+    command
+}
+
 pub(super) fn spawn_contained(
     contain: &super::contain::Containment,
     jail: &mut super::contain::Jail,
@@ -268,25 +294,10 @@ where
     let contain = b.contain.clone();
     contain.start_reaper();
     let mut jail = contain.prepare();
-    let mut command = tokio::process::Command::new(&plan.program);
-    command
-        .args(&plan.args)
-        .env_clear()
-        .envs(plan.env.iter().map(|(k, v)| (k, v)))
-        .env(super::contain::SCOPE_ENV, &jail.marker)
-        .current_dir(&plan.dir)
-        .stdin(Stdio::null())
-        .stdout(writer)
-        .stderr(writer2)
-        .kill_on_drop(true);
+    let mut command = contained_command(&jail, &plan.program, &plan.args, &plan.env, &plan.dir);
+    command.stdin(Stdio::null()).stdout(writer).stderr(writer2);
     #[cfg(unix)]
-    {
-        command.process_group(0);
-        // SAFETY: the hook only makes async-signal-safe calls (see its docs).
-        unsafe {
-            command.pre_exec(jail.pre_exec_hook());
-        }
-    }
+    command.process_group(0);
     let spawned = spawn_contained(&contain, &mut jail, &mut command);
     drop(command);
     let mut child = match spawned {

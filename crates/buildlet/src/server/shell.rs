@@ -365,18 +365,13 @@ mod imp {
         let contain = b.contain.clone();
         contain.start_reaper();
         let mut jail = contain.prepare();
-        let mut command = tokio::process::Command::new(&plan.program);
-        command
-            .args(&plan.args)
-            .env_clear()
-            .envs(plan.env.iter().map(|(k, v)| (k, v)))
-            .env(super::super::contain::SCOPE_ENV, &jail.marker)
-            .current_dir(&plan.dir)
-            .kill_on_drop(true);
-        // SAFETY: the hook only makes async-signal-safe calls (see its docs).
-        unsafe {
-            command.pre_exec(jail.pre_exec_hook());
-        }
+        let mut command = super::super::exec::contained_command(
+            &jail,
+            &plan.program,
+            &plan.args,
+            &plan.env,
+            &plan.dir,
+        );
         let ends = match wire(&mut command, plan.pty) {
             Ok(e) => e,
             Err(e) => {

@@ -371,6 +371,16 @@ fn raw_request(h: &Harness, path_and_query: &str) -> String {
     )
     .into_bytes();
     conn.write_all(&req).unwrap();
+    // A refusal is complete at its body; a session at its trailer.
+    read_answer(&mut conn, "reading the answer", |text| {
+        text.starts_with("HTTP/1.1 4") && text.ends_with('\n') && text.contains("\r\n\r\n")
+            || text.contains("\r\n0\r\n") && text.ends_with("\r\n\r\n")
+    })
+}
+
+/// Reads a raw HTTP/1 answer from `conn` until `done` says it is whole,
+/// the connection closes, or [`STEP`] passes.
+fn read_answer(conn: &mut impl Read, what: &str, done: impl Fn(&str) -> bool) -> String {
     let mut out = Vec::new();
     let deadline = Instant::now() + STEP;
     let mut buf = [0u8; 4096];
@@ -379,20 +389,11 @@ fn raw_request(h: &Harness, path_and_query: &str) -> String {
             Ok(0) => break,
             Ok(n) => {
                 out.extend_from_slice(&buf[..n]);
-                // A refusal is complete at its body; a session at its trailer.
-                let text = String::from_utf8_lossy(&out);
-                if text.starts_with("HTTP/1.1 4")
-                    && text.ends_with('\n')
-                    && text.contains("\r\n\r\n")
-                    || text.contains("\r\n0\r\n") && text.ends_with("\r\n\r\n")
-                {
+                if done(&String::from_utf8_lossy(&out)) {
                     break;
                 }
             }
-            Err(e) => panic!(
-                "reading the answer: {e}; so far {:?}",
-                String::from_utf8_lossy(&out)
-            ),
+            Err(e) => panic!("{what}: {e}; so far {:?}", String::from_utf8_lossy(&out)),
         }
     }
     String::from_utf8_lossy(&out).into_owned()
@@ -434,26 +435,12 @@ fn a_bad_frame_ends_the_session_with_its_processes_killed() {
                 .unwrap();
             conn.write_all(&frame).unwrap();
             conn.write_all(b"\r\n").unwrap();
-            let mut out = Vec::new();
-            let deadline = Instant::now() + STEP;
-            let mut buf = [0u8; 4096];
-            while Instant::now() < deadline {
-                match conn.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        out.extend_from_slice(&buf[..n]);
-                        // The last chunk, then the trailer.
-                        let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
-                        if text.contains(&format!("\r\n0\r\n{}", proto::PROCESS_STATE_TRAILER))
-                            && text.ends_with("\r\n\r\n")
-                        {
-                            break;
-                        }
-                    }
-                    Err(e) => panic!("{what}: reading the answer: {e}"),
-                }
-            }
-            String::from_utf8_lossy(&out).into_owned()
+            // The last chunk, then the trailer.
+            read_answer(&mut conn, &format!("{what}: reading the answer"), |text| {
+                let text = text.to_ascii_lowercase();
+                text.contains(&format!("\r\n0\r\n{}", proto::PROCESS_STATE_TRAILER))
+                    && text.ends_with("\r\n\r\n")
+            })
         };
         assert!(answer.starts_with("HTTP/1.1 200"), "{what}: {answer}");
         let lower = answer.to_ascii_lowercase();

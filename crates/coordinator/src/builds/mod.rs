@@ -164,14 +164,17 @@ impl Farm {
     /// is cleaned for reuse, retired, or dropped when broken).
     async fn run_build(self: Arc<Self>, id: i64, lease: Lease) -> Next {
         let release = |me: &Arc<Farm>| me.pool.release_idle(lease.id);
+        // The build is not this driver's to run (any more): the machine
+        // goes back untouched.
+        let done = |me: &Arc<Farm>| {
+            release(me);
+            me.unregister_running(id);
+            Next::Done
+        };
         let phase = self.metrics.phase("record-start");
         let build = match self.store.build(id).await {
             Ok(Some(b)) if b.status == BuildStatus::Queued => b,
-            Ok(_) => {
-                release(&self);
-                self.unregister_running(id);
-                return Next::Done;
-            }
+            Ok(_) => return done(&self),
             Err(e) => {
                 tracing::error!(build = id, "reading build: {e}");
                 release(&self);
@@ -187,25 +190,16 @@ impl Farm {
                 "builder {:?} or its host type is no longer in the config",
                 build.builder
             );
-            let _ = self.store.finish_build(id, BuildStatus::Failed, &msg).await;
-            self.metrics.build_finished(BuildStatus::Failed);
-            release(&self);
-            self.unregister_running(id);
-            return Next::Done;
+            self.end_unstarted(id, BuildStatus::Failed, &msg).await;
+            return done(&self);
         };
         if build.kind == BuildKind::PreSubmit && !host.trusted {
             let msg = format!(
                 "pre-submit work only runs on trusted machines; {} is not trusted",
                 host.name
             );
-            let _ = self
-                .store
-                .finish_build(id, BuildStatus::Cancelled, &msg)
-                .await;
-            self.metrics.build_finished(BuildStatus::Cancelled);
-            release(&self);
-            self.unregister_running(id);
-            return Next::Done;
+            self.end_unstarted(id, BuildStatus::Cancelled, &msg).await;
+            return done(&self);
         }
         // Registered before the attempt starts, so a cancel that finds the
         // build running can always reach it.
@@ -216,11 +210,7 @@ impl Farm {
             .await
         {
             Ok(Some(a)) => a,
-            Ok(None) => {
-                release(&self);
-                self.unregister_running(id);
-                return Next::Done;
-            }
+            Ok(None) => return done(&self),
             Err(e) => {
                 tracing::error!(build = id, "starting attempt: {e}");
                 release(&self);
@@ -345,6 +335,13 @@ impl Farm {
         self.end_lease(lease).await;
         drop(phase);
         Next::Done
+    }
+
+    /// Ends a build that never started an attempt.
+    async fn end_unstarted(&self, id: i64, status: BuildStatus, msg: &str) {
+        if let Ok(true) = self.store.finish_build(id, status, msg).await {
+            self.metrics.build_finished(status);
+        }
     }
 
     /// Stores what the live log showed of an attempt, from `from` on.

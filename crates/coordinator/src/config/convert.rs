@@ -1052,11 +1052,8 @@ fn shard(ctx: &mut Ctx<'_>, e: &Entry<'_>, who: &str) -> Option<Shard> {
     let run = required(ctx, "run", "go tool dist test -run ^{unit}$");
     // A string runs with `sh -c`; so does a list that names a shell with
     // `-c`: either way `{unit}` lands in a script and is quoted for it.
-    let run_is_script = run
-        .as_ref()
-        .is_some_and(|(cmd, e)| matches!(e.value, Raw::Str(_)) || super::is_shell_script(cmd));
     if let Some((cmd, e)) = &run
-        && run_is_script
+        && super::is_shell_script(cmd)
         && cmd
             .get(2)
             .is_some_and(|script| super::unit_in_quotes(script))
@@ -1096,7 +1093,6 @@ fn shard(ctx: &mut Ctx<'_>, e: &Entry<'_>, who: &str) -> Option<Shard> {
     Some(Shard {
         list,
         run,
-        run_is_script,
         helpers,
         try_helpers,
     })

@@ -300,11 +300,9 @@ pub struct Shard {
     /// Prints the units, one per line; runs on the build's own machine.
     pub list: Vec<String>,
     /// Runs one unit; `{unit}` in any argument is replaced by its name (and
-    /// the unit is also in `$FARMER_UNIT`).
+    /// the unit is also in `$FARMER_UNIT`). `run = "..."` in the file is
+    /// `sh -c` with that script, where the name is quoted for the shell.
     pub run: Vec<String>,
-    /// `run` was written as a shell script (`sh -c`), so the name is quoted
-    /// for the shell where it is substituted.
-    pub run_is_script: bool,
     /// Machines beyond the build's own, for post-submit and other builds.
     pub helpers: u32,
     /// Machines beyond the build's own for pre-submit builds.
@@ -321,22 +319,18 @@ impl Shard {
         }
     }
 
-    /// The command that runs `unit`.
+    /// The command that runs `unit`: in a shell's script (`sh -c SCRIPT`)
+    /// the name is quoted for the shell, anywhere else it goes as it is.
     pub fn command_for(&self, unit: &str) -> Vec<String> {
-        let value = if self.run_is_script {
-            shell_quote(unit)
-        } else {
-            unit.to_string()
-        };
+        let script = is_shell_script(&self.run);
         self.run
             .iter()
             .enumerate()
             .map(|(i, a)| {
-                // In a script only the script itself (after `sh -c`) is templated.
-                if self.run_is_script && i < 2 {
-                    a.clone()
+                if script && i == 2 {
+                    a.replace("{unit}", &shell_quote(unit))
                 } else {
-                    a.replace("{unit}", &value)
+                    a.replace("{unit}", unit)
                 }
             })
             .collect()

@@ -47,16 +47,6 @@ impl Outcome {
             Outcome::Flaky => "flaky",
         }
     }
-
-    pub fn parse(s: &str) -> Option<Outcome> {
-        Some(match s {
-            "pass" => Outcome::Pass,
-            "fail" => Outcome::Fail,
-            "skip" => Outcome::Skip,
-            "flaky" => Outcome::Flaky,
-            _ => return None,
-        })
-    }
 }
 
 /// One test's result.

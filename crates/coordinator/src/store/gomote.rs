@@ -20,7 +20,7 @@ pub struct UserRow {
 }
 
 /// An instance as stored: a lease request and, once granted, its machine.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct InstanceRow {
     pub name: String,
     pub owner: String,
@@ -40,20 +40,6 @@ pub struct GroupRow {
     pub owner: String,
     pub created_at: i64,
     pub instances: Vec<String>,
-}
-
-fn instance_row(r: &sqlx::sqlite::SqliteRow) -> Result<InstanceRow> {
-    Ok(InstanceRow {
-        name: r.try_get("name")?,
-        owner: r.try_get("owner")?,
-        builder: r.try_get("builder")?,
-        host_type: r.try_get("host_type")?,
-        hostname: r.try_get("hostname")?,
-        created_at: r.try_get("created_at")?,
-        expires_at: r.try_get("expires_at")?,
-        ended_at: r.try_get("ended_at")?,
-        end_reason: r.try_get("end_reason")?,
-    })
 }
 
 const INSTANCE_COLS: &str =
@@ -219,24 +205,22 @@ impl Store {
 
     /// One instance, live or ended.
     pub async fn instance(&self, name: &str) -> Result<Option<InstanceRow>> {
-        let r = sqlx::query(&format!(
+        Ok(sqlx::query_as(&format!(
             "SELECT {INSTANCE_COLS} FROM gomote_instances WHERE name = ?"
         ))
         .bind(name)
         .fetch_optional(self.pool())
-        .await?;
-        r.as_ref().map(instance_row).transpose()
+        .await?)
     }
 
     /// The instances that have not ended (a restarted coordinator resumes them).
     pub async fn instances_active(&self) -> Result<Vec<InstanceRow>> {
-        let rows = sqlx::query(&format!(
+        Ok(sqlx::query_as(&format!(
             "SELECT {INSTANCE_COLS} FROM gomote_instances WHERE ended_at IS NULL ORDER BY created_at LIMIT ?"
         ))
         .bind(MAX_ROWS * 10)
         .fetch_all(self.pool())
-        .await?;
-        rows.iter().map(instance_row).collect()
+        .await?)
     }
 
     /// Creates a group; false when the name is taken.

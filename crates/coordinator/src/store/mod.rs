@@ -22,7 +22,7 @@ mod units;
 
 pub use gomote::{GroupRow, InstanceRow, UserRow};
 pub use results::{FlakeRow, TestRow, TestsOf};
-pub use units::{MAX_UNIT_ROWS, UnitRun};
+pub use units::UnitRun;
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
@@ -172,7 +172,7 @@ pub struct BuildRow {
     pub flaky: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct AttemptRow {
     pub id: i64,
     pub build_id: i64,
@@ -185,7 +185,7 @@ pub struct AttemptRow {
     pub error: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct StepRow {
     pub id: i64,
     pub build_id: i64,
@@ -667,52 +667,21 @@ impl Store {
     }
 
     pub async fn attempts(&self, build_id: i64) -> Result<Vec<AttemptRow>> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT id, build_id, number, machine, host_type, started_at, finished_at, result, error FROM attempts WHERE build_id = ? ORDER BY number",
         )
         .bind(build_id)
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(AttemptRow {
-                    id: r.try_get("id")?,
-                    build_id: r.try_get("build_id")?,
-                    number: r.try_get("number")?,
-                    machine: r.try_get("machine")?,
-                    host_type: r.try_get("host_type")?,
-                    started_at: r.try_get("started_at")?,
-                    finished_at: r.try_get("finished_at")?,
-                    result: r.try_get("result")?,
-                    error: r.try_get("error")?,
-                })
-            })
-            .collect()
+        .await?)
     }
 
     pub async fn steps(&self, build_id: i64) -> Result<Vec<StepRow>> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT id, build_id, attempt_id, number, name, started_at, finished_at, result, detail, log_size FROM steps WHERE build_id = ? ORDER BY attempt_id, number",
         )
         .bind(build_id)
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(StepRow {
-                    id: r.try_get("id")?,
-                    build_id: r.try_get("build_id")?,
-                    attempt_id: r.try_get("attempt_id")?,
-                    number: r.try_get("number")?,
-                    name: r.try_get("name")?,
-                    started_at: r.try_get("started_at")?,
-                    finished_at: r.try_get("finished_at")?,
-                    result: r.try_get("result")?,
-                    detail: r.try_get("detail")?,
-                    log_size: r.try_get("log_size")?,
-                })
-            })
-            .collect()
+        .await?)
     }
 
     /// The stored (finished) log of one step, decompressed.

@@ -7,7 +7,7 @@ use serde::Serialize;
 use sqlx::Row;
 
 use super::{Result, Store, gunzip, gzip, now_ms};
-use crate::results::{Outcome, TestResult};
+use crate::results::TestResult;
 
 /// Most rows a listing of tests returns.
 pub const MAX_TEST_ROWS: i64 = 5000;
@@ -25,13 +25,14 @@ pub struct TestsOf {
 }
 
 /// One stored test result.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct TestRow {
     pub id: i64,
     pub build_id: i64,
     pub attempt_id: i64,
     pub step_id: i64,
     pub builder: String,
+    #[sqlx(rename = "commit_hash")]
     pub commit: String,
     pub commit_time: i64,
     pub name: String,
@@ -60,23 +61,6 @@ pub struct FlakeRow {
 const LAST_ATTEMPT: &str = "SELECT MAX(attempt_id) FROM test_results WHERE build_id = ?";
 
 const TEST_COLS: &str = "id, build_id, attempt_id, step_id, builder, commit_hash, commit_time, name, outcome, duration_ms, failure, log_line";
-
-fn test_row(r: &sqlx::sqlite::SqliteRow) -> Result<TestRow> {
-    Ok(TestRow {
-        id: r.try_get("id")?,
-        build_id: r.try_get("build_id")?,
-        attempt_id: r.try_get("attempt_id")?,
-        step_id: r.try_get("step_id")?,
-        builder: r.try_get("builder")?,
-        commit: r.try_get("commit_hash")?,
-        commit_time: r.try_get("commit_time")?,
-        name: r.try_get("name")?,
-        outcome: r.try_get("outcome")?,
-        duration_ms: r.try_get("duration_ms")?,
-        failure: r.try_get("failure")?,
-        log_line: r.try_get("log_line")?,
-    })
-}
 
 impl Store {
     /// Records a step's test results in one transaction.
@@ -139,7 +123,7 @@ impl Store {
     /// failing first (then flaky, skipped, passed), each group in the
     /// order recorded; at most `limit`.
     pub async fn build_tests(&self, build_id: i64, limit: i64) -> Result<Vec<TestRow>> {
-        let rows = sqlx::query(&format!(
+        Ok(sqlx::query_as(&format!(
             "SELECT {TEST_COLS} FROM test_results WHERE build_id = ? AND attempt_id = ({LAST_ATTEMPT}) \
              ORDER BY CASE outcome WHEN 'fail' THEN 0 WHEN 'flaky' THEN 1 WHEN 'skip' THEN 2 ELSE 3 END, id LIMIT ?"
         ))
@@ -147,8 +131,7 @@ impl Store {
         .bind(build_id)
         .bind(limit.min(MAX_TEST_ROWS))
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(test_row).collect()
+        .await?)
     }
 
     /// Counts of a build's results by outcome (its last attempt's).
@@ -203,14 +186,13 @@ impl Store {
     /// The results of the test `name` across builders, newest commits
     /// first; at most `limit`.
     pub async fn test_history(&self, name: &str, limit: i64) -> Result<Vec<TestRow>> {
-        let rows = sqlx::query(&format!(
+        Ok(sqlx::query_as(&format!(
             "SELECT {TEST_COLS} FROM test_results WHERE name = ? ORDER BY commit_time DESC, id DESC LIMIT ?"
         ))
         .bind(name)
         .bind(limit.min(MAX_TEST_ROWS))
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(test_row).collect()
+        .await?)
     }
 
     /// Tests by flake rate over each builder's `builds` newest finished
@@ -283,11 +265,5 @@ impl Store {
                 Ok((r.try_get("attempt_id")?, gunzip(&gz)))
             })
             .collect()
-    }
-}
-
-impl TestRow {
-    pub fn outcome(&self) -> Option<Outcome> {
-        Outcome::parse(&self.outcome)
     }
 }

@@ -14,7 +14,7 @@ pub const MAX_UNIT_ROWS: i64 = 100_000;
 const HISTORY_ROWS: i64 = 200_000;
 
 /// One run of one unit on one machine.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct UnitRun {
     pub build_id: i64,
     pub step_id: i64,
@@ -56,30 +56,14 @@ impl Store {
     /// A build's unit runs in the order they ended; at most
     /// [`MAX_UNIT_ROWS`].
     pub async fn unit_runs(&self, build_id: i64) -> Result<Vec<UnitRun>> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT build_id, step_id, builder, step, unit, machine, started_at, duration_ms, result, detail \
              FROM unit_runs WHERE build_id = ? ORDER BY id LIMIT ?",
         )
         .bind(build_id)
         .bind(MAX_UNIT_ROWS)
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(UnitRun {
-                    build_id: r.try_get("build_id")?,
-                    step_id: r.try_get("step_id")?,
-                    builder: r.try_get("builder")?,
-                    step: r.try_get("step")?,
-                    unit: r.try_get("unit")?,
-                    machine: r.try_get("machine")?,
-                    started_at: r.try_get("started_at")?,
-                    duration_ms: r.try_get("duration_ms")?,
-                    result: r.try_get("result")?,
-                    detail: r.try_get("detail")?,
-                })
-            })
-            .collect()
+        .await?)
     }
 
     /// The durations (ms) of the `per_unit` most recent completed runs of

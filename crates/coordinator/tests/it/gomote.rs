@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{Bot, Coordinator, FARMER, Reaped, TestRepo, output_within};
+use crate::common::{Bot, Coordinator, FARMER, Reaped, SSH_QUIET, TestRepo, output_within};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -449,18 +449,7 @@ fn gomote_end_to_end() {
         let mut cmd = Command::new("ssh");
         cmd.args(["-p", &port, "-i"])
             .arg(dir.path().join(key))
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                "LogLevel=ERROR",
-            ])
+            .args(SSH_QUIET)
             .args(extra)
             .env("TERM", "xterm-256color");
         cmd
@@ -500,22 +489,8 @@ fn gomote_end_to_end() {
         "{o:?}"
     );
     // `farmer gomote ssh` runs the user's own ssh.
-    let mut via = alice.cmd(&[
-        "ssh",
-        inst,
-        "-i",
-        dir.path().join("akey").to_str().unwrap(),
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "IdentitiesOnly=yes",
-        "-o",
-        "LogLevel=ERROR",
-    ]);
+    let mut via = alice.cmd(&["ssh", inst, "-i", dir.path().join("akey").to_str().unwrap()]);
+    via.args(SSH_QUIET);
     via.stdin(
         std::fs::File::open({
             let f = dir.path().join("script");

@@ -34,9 +34,7 @@ fn a_build_runs_on_a_real_buildlet_handler_in_process() {
             .unwrap();
         let b = f.finished(id).await;
         assert_eq!(b.status, BuildStatus::Passed, "{b:?}");
-        let steps = f.farm.store.steps(id).await.unwrap();
-        let log = f.farm.store.step_log(steps[0].id).await.unwrap().unwrap();
-        let log = String::from_utf8_lossy(&log);
+        let log = f.step_log(id, 0).await;
         assert!(log.contains(&format!("built {commit}")), "{log}");
         assert!(log.contains("contents of the tree"), "{log}");
         // The machine is cleaned and idle again.

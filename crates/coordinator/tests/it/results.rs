@@ -93,8 +93,7 @@ fn a_test_that_fails_then_passes_on_another_machine_is_flaky_and_the_build_passe
         let steps = f.farm.store.steps(id).await.unwrap();
         assert_eq!(steps[0].result, "passed");
         assert!(steps[0].detail.contains("flaky: tests::flaky"), "{steps:?}");
-        let log = f.farm.store.step_log(steps[0].id).await.unwrap().unwrap();
-        let log = String::from_utf8_lossy(&log);
+        let log = f.step_log(id, 0).await;
         // The failure's line in the step's log is the one stored.
         let line = log
             .lines()
@@ -181,12 +180,10 @@ fn a_test_that_fails_every_time_fails_the_build_by_name() {
             "flaky"
         );
         // With one machine the re-run used it.
-        let steps = f.farm.store.steps(id).await.unwrap();
-        let log = f.farm.store.step_log(steps[0].id).await.unwrap().unwrap();
+        let log = f.step_log(id, 0).await;
         assert!(
-            String::from_utf8_lossy(&log).contains("re-run 1 of 1 on the build's own machine"),
-            "{}",
-            String::from_utf8_lossy(&log)
+            log.contains("re-run 1 of 1 on the build's own machine"),
+            "{log}"
         );
         // The grid cell's hover text names the failing test (the commit
         // is what the poller would have recorded).
@@ -253,9 +250,7 @@ shard.helpers = 1
         let t = tests.iter().find(|t| t.name == "flaky").unwrap();
         assert_eq!(t.outcome, "flaky", "{tests:#?}");
         assert!(t.failure.contains("flaked: port in use"), "{t:?}");
-        let steps = f.farm.store.steps(id).await.unwrap();
-        let log = f.farm.store.step_log(steps[0].id).await.unwrap().unwrap();
-        let log = String::from_utf8_lossy(&log);
+        let log = f.step_log(id, 0).await;
         let line = log.lines().nth(t.log_line.unwrap() as usize - 1).unwrap();
         assert!(line.starts_with("--- unit flaky on m"), "{line}");
         assert!(
@@ -359,9 +354,7 @@ results = ["junit:out/*.xml", "go-json:missing.json"]
         assert!(names.contains(&("tests::adds", "pass")), "{names:?}");
         let breaks = &tests[0];
         assert!(breaks.failure.contains("two and two"), "{breaks:?}");
-        let steps = f.farm.store.steps(rust).await.unwrap();
-        let log = f.farm.store.step_log(steps[0].id).await.unwrap().unwrap();
-        let log = String::from_utf8_lossy(&log);
+        let log = f.step_log(rust, 0).await;
         let line = log
             .lines()
             .nth(breaks.log_line.unwrap() as usize - 1)
@@ -384,12 +377,10 @@ results = ["junit:out/*.xml", "go-json:missing.json"]
         assert!(wrong.failure.contains("dicts differ"), "{wrong:?}");
         assert!(wrong.duration_ms.is_some());
         // A result file that is not there is said, not fatal.
-        let steps = f.farm.store.steps(py).await.unwrap();
-        let log = f.farm.store.step_log(steps[0].id).await.unwrap().unwrap();
+        let log = f.step_log(py, 0).await;
         assert!(
-            String::from_utf8_lossy(&log).contains("results \"missing.json\": no file matched"),
-            "{}",
-            String::from_utf8_lossy(&log)
+            log.contains("results \"missing.json\": no file matched"),
+            "{log}"
         );
     });
 }
@@ -430,9 +421,7 @@ run = "sh test.sh"
         );
         let tests = f.farm.store.build_tests(id, 10).await.unwrap();
         assert_eq!(tests[0].outcome, "fail", "{tests:?}");
-        let steps = f.farm.store.steps(id).await.unwrap();
-        let log = f.farm.store.step_log(steps[0].id).await.unwrap().unwrap();
-        let log = String::from_utf8_lossy(&log);
+        let log = f.step_log(id, 0).await;
         assert!(log.contains("re-run 2 of 2"), "both re-runs ran: {log}");
         assert!(log.contains("0 of 1 now pass"), "{log}");
     });

@@ -97,9 +97,7 @@ fn units_run_once_each_across_helpers_and_history_puts_the_longest_first() {
         }
         let used: BTreeSet<&str> = runs.iter().map(|r| r.machine.as_str()).collect();
         assert!(used.len() >= 2, "helpers took units: {used:?}");
-        let steps = f.farm.store.steps(id).await.unwrap();
-        let log = f.farm.store.step_log(steps[1].id).await.unwrap().unwrap();
-        let log = String::from_utf8_lossy(&log);
+        let log = f.step_log(id, 1).await;
         assert!(log.contains("8 units listed, no past durations"), "{log}");
         assert!(log.contains("unit g-0.6 (FARMER_UNIT=g-0.6)"), "{log}");
         assert!(log.contains("--- unit g-0.6 on m"), "{log}");
@@ -125,9 +123,7 @@ fn units_run_once_each_across_helpers_and_history_puts_the_longest_first() {
                 "g-0.6", "f-0.5", "e-0.4", "d-0.32", "c-0.24", "b-0.16", "h-0.08", "a-0"
             ]
         );
-        let steps = f.farm.store.steps(id2).await.unwrap();
-        let log = f.farm.store.step_log(steps[1].id).await.unwrap().unwrap();
-        let log = String::from_utf8_lossy(&log);
+        let log = f.step_log(id2, 1).await;
         assert!(
             log.contains("8 units listed, 8 with past durations; longest expected first: g-0.6"),
             "{log}"
@@ -161,9 +157,8 @@ fn a_failing_unit_fails_the_build_by_name_and_helpers_go_back() {
         assert_eq!(bad[0].0, "failed");
         let steps = f.farm.store.steps(id).await.unwrap();
         assert_eq!(steps[1].result, "failed");
-        let log = f.farm.store.step_log(steps[1].id).await.unwrap().unwrap();
         assert!(
-            String::from_utf8_lossy(&log).contains("unit bad-0.05 is broken"),
+            f.step_log(id, 1).await.contains("unit bad-0.05 is broken"),
             "the unit's output is in its section"
         );
         all_idle(&f, 2).await;

@@ -4,7 +4,7 @@
 //! machine, a client that vanishes, and a host key that survives restarts.
 #![cfg(target_os = "linux")]
 
-use crate::common::{FARMER, Lines, Reaped, output_within};
+use crate::common::{self, FARMER, Lines, Reaped, output_within};
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -186,29 +186,14 @@ impl Farm {
     /// An `ssh` command line to `user` with `key`, every prompt off.
     fn ssh(&self, key: &str, user: &str, extra: &[&str]) -> Command {
         let mut c = Command::new("ssh");
-        c.args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            "ConnectTimeout=20",
-            "-F",
-            "/dev/null",
-            "-i",
-        ])
-        .arg(self.dir.path().join(key))
-        .arg("-p")
-        .arg(self.port.to_string())
-        .args(extra)
-        .arg(format!("{user}@127.0.0.1"))
-        .stdin(Stdio::null());
+        c.args(common::SSH_QUIET)
+            .args(["-o", "ConnectTimeout=20", "-F", "/dev/null", "-i"])
+            .arg(self.dir.path().join(key))
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(extra)
+            .arg(format!("{user}@127.0.0.1"))
+            .stdin(Stdio::null());
         c
     }
 

@@ -120,6 +120,17 @@ impl InProc {
         self.finished(id).await
     }
 
+    /// The stored log of step `n` (0-based, in the order steps ran) of
+    /// build `id`, as text.
+    pub async fn step_log(&self, id: i64, n: usize) -> String {
+        let steps = self.farm.store.steps(id).await.unwrap();
+        let step = steps
+            .get(n)
+            .unwrap_or_else(|| panic!("build {id} has no step {n}: {steps:?}"));
+        let log = self.farm.store.step_log(step.id).await.unwrap().unwrap();
+        String::from_utf8_lossy(&log).into_owned()
+    }
+
     /// Waits (bounded) until build `id` has a final status; returns it.
     pub async fn finished(&self, id: i64) -> coordinator::store::BuildRow {
         self.finished_within(id, Duration::from_secs(30)).await

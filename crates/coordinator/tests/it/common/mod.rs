@@ -667,3 +667,18 @@ pub fn output_within(cmd: &mut Command, limit: Duration) -> std::process::Output
         stderr: err.all().into_bytes(),
     }
 }
+
+/// `ssh` options that keep it from asking, remembering or chattering: a
+/// test's host keys are new every run.
+pub const SSH_QUIET: &[&str] = &[
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "IdentitiesOnly=yes",
+    "-o",
+    "LogLevel=ERROR",
+];

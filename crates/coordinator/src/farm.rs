@@ -90,6 +90,11 @@ pub struct Farm {
     pub gomote: crate::gomote::registry::Registry,
     /// Where the gomote SSH server listens, once it does.
     ssh_addr: Mutex<Option<String>>,
+    /// Where the API and dashboard listen, once they do (links in statuses
+    /// and notifications when `[farm] url` is not set).
+    http_addr: Mutex<Option<String>>,
+    /// The values of `[secrets]`, read at start and at each reload.
+    secrets: RwLock<Arc<crate::secrets::Secrets>>,
 }
 
 const SOURCE_CACHE: usize = 16;
@@ -136,7 +141,14 @@ impl Farm {
             o.master.clone(),
             o.data_dir.clone(),
         );
+        let secrets = crate::secrets::Secrets::load(&o.config.secrets, &o.data_dir)
+            .unwrap_or_else(|e| {
+                tracing::error!("{e}; builds that use it will fail until it is readable and the config is reloaded");
+                Default::default()
+            });
         Arc::new(Farm {
+            secrets: RwLock::new(Arc::new(secrets)),
+            http_addr: Mutex::new(None),
             data_dir: o.data_dir,
             config: RwLock::new(Arc::new(o.config)),
             store: o.store,
@@ -177,6 +189,31 @@ impl Farm {
         *self.ssh_addr.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
     }
 
+    /// Records where the API and dashboard listen.
+    pub fn set_http_addr(&self, addr: String) {
+        *self.http_addr.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+    }
+
+    /// The farm's base URL for links sent out of it: `[farm] url`, else
+    /// the address `farmer serve` listens on.
+    pub fn public_url(&self) -> String {
+        if let Some(u) = &self.config().farm.url {
+            return u.clone();
+        }
+        match &*self.http_addr.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(a) => format!("http://{a}"),
+            None => "http://127.0.0.1:8080".to_string(),
+        }
+    }
+
+    /// The secrets' values as last read.
+    pub fn secrets(&self) -> Arc<crate::secrets::Secrets> {
+        self.secrets
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn config(&self) -> Arc<FarmConfig> {
         self.config
             .read()
@@ -190,6 +227,18 @@ impl Farm {
     pub fn reload(self: &Arc<Self>) -> Result<Vec<String>, config::ConfigErrors> {
         let old = self.config();
         let new = Arc::new(config::load(&old.path)?);
+        // A secret that cannot be read refuses the whole reload: the old
+        // config and secrets stay, so running builds keep working.
+        let secrets = crate::secrets::Secrets::load(&new.secrets, &self.data_dir).map_err(|e| {
+            config::ConfigErrors(vec![config::ConfigError {
+                file: new.path.clone(),
+                line: 0,
+                column: 0,
+                field: "secrets".into(),
+                message: e.to_string(),
+            }])
+        })?;
+        *self.secrets.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(secrets);
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
         // A repo whose URL changed is opened afresh.
         self.repos
@@ -284,9 +333,11 @@ impl Farm {
         r.entry(build_id)
             .or_insert_with(|| {
                 let (cancel, _) = watch::channel(false);
+                let log = LiveLog::with_spill_dir(Some(self.data_dir.join("spill")));
+                log.set_mask(self.secrets().mask());
                 Arc::new(RunningBuild {
                     build_id,
-                    log: Arc::new(LiveLog::with_spill_dir(Some(self.data_dir.join("spill")))),
+                    log: Arc::new(log),
                     cancel,
                     machine: Mutex::new(String::new()),
                     step: Mutex::new(String::new()),

@@ -31,6 +31,8 @@ pub mod run;
 #[cfg(unix)]
 pub mod sandbox;
 pub mod scheduler;
+pub mod secret_cli;
+pub mod secrets;
 pub mod server;
 pub mod shard;
 pub mod sources;

@@ -19,6 +19,8 @@ use std::sync::RwLock;
 use bytes::Bytes;
 use tokio::sync::watch;
 
+use crate::secrets::{Mask, Masking};
+
 /// Largest live log; past it, output is dropped with a note (the stored
 /// per-step logs keep the same cap).
 pub const MAX_LOG: usize = 64 << 20;
@@ -29,12 +31,53 @@ const CHUNK: usize = 1 << 20;
 
 const TRUNCATED: &[u8] = b"\n[farmer: log truncated at 64 MiB]\n";
 
+/// Copies a command's output into a live log as it streams, hiding
+/// secrets even when one arrives split across writes.
+pub struct StreamWriter<'a> {
+    live: &'a LiveLog,
+    masking: Masking,
+}
+
+impl StreamWriter<'_> {
+    /// Writes what was held back (the output ended).
+    pub fn finish(mut self) {
+        let rest = self.masking.finish();
+        self.live.append_raw(&rest);
+    }
+}
+
+impl tokio::io::AsyncWrite for StreamWriter<'_> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let out = self.masking.feed(buf);
+        self.live.append_raw(&out);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 pub struct LiveLog {
     inner: RwLock<Inner>,
     /// Where a large log moves; `None`: the system temp dir.
     spill_dir: Option<PathBuf>,
     /// (length, finished)
     state: watch::Sender<(usize, bool)>,
+    /// The farm's secrets, hidden in everything appended.
+    mask: RwLock<Mask>,
 }
 
 #[derive(Default)]
@@ -66,6 +109,7 @@ impl LiveLog {
             inner: RwLock::new(Inner::default()),
             spill_dir: dir,
             state,
+            mask: RwLock::new(Mask::default()),
         }
     }
 
@@ -88,7 +132,42 @@ impl LiveLog {
             .capacity()
     }
 
+    /// Hides these secrets in everything appended from now on.
+    pub fn set_mask(&self, mask: Mask) {
+        *self.mask.write().unwrap_or_else(|e| e.into_inner()) = mask;
+    }
+
+    /// What hides secrets in this log.
+    pub fn mask(&self) -> Mask {
+        self.mask.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// `text` with this log's secrets hidden (for copies of output kept
+    /// elsewhere, such as test results).
+    pub fn masked(&self, text: &[u8]) -> Vec<u8> {
+        self.mask
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(text)
+            .into_owned()
+    }
+
+    /// A writer for a stream of output: a secret split across two chunks
+    /// is hidden too. End it with [`StreamWriter::finish`].
+    pub fn stream(&self) -> StreamWriter<'_> {
+        StreamWriter {
+            masking: Masking::new(self.mask.read().unwrap_or_else(|e| e.into_inner()).clone()),
+            live: self,
+        }
+    }
+
+    /// Appends `chunk`, with every whole secret in it hidden.
     pub fn append(&self, chunk: &[u8]) {
+        let mask = self.mask.read().unwrap_or_else(|e| e.into_inner()).clone();
+        self.append_raw(&mask.apply(chunk));
+    }
+
+    fn append_raw(&self, chunk: &[u8]) {
         let len = {
             let mut d = self.inner.write().unwrap_or_else(|e| e.into_inner());
             if d.truncated || d.broken {

@@ -71,6 +71,9 @@ enum Cmd {
     /// Users who may lease machines with gomote (add, list, remove, add-key).
     #[command(subcommand)]
     User(coordinator::admin_cli::UserCmd),
+    /// The farm's secrets: set one (from stdin) or list where they come from.
+    #[command(subcommand)]
+    Secret(coordinator::secret_cli::SecretCmd),
     /// Builds from a terminal: trigger [--wait], watch, list, cancel, rebuild.
     #[command(subcommand)]
     Build(coordinator::build_cli::BuildCmd),
@@ -211,6 +214,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Request(r) => coordinator::admin_cli::run_request(r),
         Cmd::Ca(c) => coordinator::admin_cli::run_ca(c),
         Cmd::User(u) => coordinator::admin_cli::run_user(u),
+        Cmd::Secret(c) => coordinator::secret_cli::run_secret(c),
         Cmd::Build(b) => match coordinator::build_cli::run_build(b) {
             Ok(0) => Ok(()),
             Ok(code) => std::process::exit(code),

@@ -76,6 +76,8 @@ pub async fn run(
         Ok(c) => c,
         Err(errs) => bail!("the config has errors; not starting:\n{errs}"),
     };
+    crate::secrets::Secrets::load(&config.secrets, &opts.data_dir)
+        .context("reading the farm's secrets; not starting")?;
     let master = MasterKey::load_or_create(&opts.data_dir)?;
     let token = admin_token(&opts.data_dir)?;
     let tls_dir = opts.data_dir.join("tls");
@@ -120,6 +122,7 @@ pub async fn run(
         tls_fingerprint: Some(identity.fingerprint.clone()),
         tls_spki_pin: Some(identity.spki_pin.clone()),
     });
+    farm.set_http_addr(addr.to_string());
     let resumed = crate::gomote::resume(&farm).await?;
     if resumed > 0 {
         tracing::info!(resumed, "gomote instances resumed from the store");

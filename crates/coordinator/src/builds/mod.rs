@@ -8,18 +8,16 @@
 //! the build is re-queued for another machine, up to `max_attempts`, every
 //! attempt recorded.
 
-use std::pin::Pin;
+use std::borrow::Cow;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use buildlet::client::ExecOptions;
 use buildlet::proto::ProcessState;
-use tokio::io::AsyncWrite;
 
 use crate::config::{BuildConfig, HostConfig, Step};
 use crate::farm::{Farm, RunningBuild};
-use crate::logs::{LiveLog, MAX_LOG};
+use crate::logs::MAX_LOG;
 use crate::pool::{Holder, Lease};
 use crate::scheduler::{LeaseRequest, Priority, Ticket};
 use crate::store::{BuildKind, BuildRow, BuildStatus};
@@ -38,29 +36,6 @@ pub(crate) enum Outcome {
     Infra(String),
     /// The coordinator itself could not do its part (e.g. read the source).
     CoordinatorError(String),
-}
-
-/// Copies exec output into the live log; the step's own log is read back
-/// from it afterwards (one copy of the output, which spills to disk).
-struct LogWriter<'a> {
-    live: &'a LiveLog,
-}
-
-impl AsyncWrite for LogWriter<'_> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        self.live.append(buf);
-        Poll::Ready(Ok(buf.len()))
-    }
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
 }
 
 /// A stored build waiting for a machine.
@@ -370,6 +345,11 @@ impl Farm {
         attempt_id: i64,
         rb: &RunningBuild,
     ) -> Outcome {
+        let with_secrets = match with_secrets(builder, host, &self.secrets()) {
+            Ok(r) => r,
+            Err(e) => return Outcome::CoordinatorError(e),
+        };
+        let (builder, host) = (&*with_secrets.0, &*with_secrets.1);
         let mut client = main.client.clone();
         let started = Instant::now();
         let deadline = started + builder.timeout;
@@ -468,13 +448,14 @@ impl Farm {
                 step_env(&base_env, step, None),
                 step_timeout,
             );
-            let mut w = LogWriter { live: &rb.log };
+            let mut w = rb.log.stream();
             let step_start = rb.log.len();
             let t0 = Instant::now();
             let r = tokio::select! {
                 r = client.exec(&cmd, &opts, &mut w) => Some(r),
                 _ = cancel.wait_for(|c| *c) => None,
             };
+            w.finish();
             let took = t0.elapsed();
             let log = rb.log.range_async(step_start, step_start + MAX_LOG).await;
             let Some(r) = r else {
@@ -660,6 +641,51 @@ pub(crate) async fn make_ready<'s>(
         }
     }
     Ok(())
+}
+
+/// The builder and host with every `secret:NAME` in their environments
+/// replaced by its value, for this build only. Refused for an untrusted
+/// host type (the config check refuses it too; this holds if it is bypassed).
+fn with_secrets<'a>(
+    builder: &'a BuildConfig,
+    host: &'a HostConfig,
+    secrets: &crate::secrets::Secrets,
+) -> Result<(Cow<'a, BuildConfig>, Cow<'a, HostConfig>), String> {
+    let names = |env: &[(String, String)]| {
+        env.iter()
+            .any(|(_, v)| crate::secrets::reference(v).is_some())
+    };
+    let any =
+        names(&host.env) || names(&builder.env) || builder.steps.iter().any(|s| names(&s.env));
+    if !any {
+        return Ok((Cow::Borrowed(builder), Cow::Borrowed(host)));
+    }
+    let mut builder = builder.clone();
+    let mut host = host.clone();
+    let trusted = host.trusted;
+    let host_name = host.name.clone();
+    let resolve = |env: &mut Vec<(String, String)>| -> Result<(), String> {
+        for (k, v) in env.iter_mut() {
+            if let Some(name) = crate::secrets::reference(v) {
+                if !trusted {
+                    return Err(format!(
+                        "{k} names secret {name:?}, but host type {host_name} is not trusted; secrets are only sent to trusted machines"
+                    ));
+                }
+                *v = secrets
+                    .get(name)
+                    .map_err(|e| format!("{k}: {e}"))?
+                    .to_string();
+            }
+        }
+        Ok(())
+    };
+    resolve(&mut host.env)?;
+    resolve(&mut builder.env)?;
+    for step in &mut builder.steps {
+        resolve(&mut step.env)?;
+    }
+    Ok((Cow::Owned(builder), Cow::Owned(host)))
 }
 
 /// The environment every step of a build gets: the host's and the

@@ -18,7 +18,7 @@ use buildlet::proto::ProcessState;
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use super::{LogWriter, make_ready, priority, step_dir, step_env, step_exec};
+use super::{make_ready, priority, step_dir, step_env, step_exec};
 use crate::config::{BuildConfig, Step};
 use crate::farm::{Farm, RunningBuild};
 use crate::logs::MAX_LOG;
@@ -108,7 +108,14 @@ impl Farm {
         client: &Client,
         log: &[u8],
     ) -> Results {
-        let r = collect(client, &step_dir(ctx.step), &ctx.step.results, log).await;
+        let r = collect(
+            client,
+            &step_dir(ctx.step),
+            &ctx.step.results,
+            log,
+            &ctx.rb.log.mask(),
+        )
+        .await;
         for p in &r.problems {
             ctx.log(&format!("farmer: results: {p}\n"));
         }
@@ -179,11 +186,12 @@ impl Farm {
                 ctx.step.timeout.min(left).max(Duration::from_millis(1)),
             );
             let from = ctx.rb.log.len();
-            let mut w = LogWriter { live: &ctx.rb.log };
+            let mut w = ctx.rb.log.stream();
             let r = tokio::select! {
                 r = client.exec(&cmd, &opts, &mut w) => Some(r),
                 _ = cancel.wait_for(|c| *c) => None,
             };
+            w.finish();
             let out = ctx.rb.log.range_async(from, from + MAX_LOG).await;
             let state = match r {
                 None => {
@@ -215,7 +223,16 @@ impl Farm {
                 }
             };
             let results = match &state {
-                Some(_) => collect(&client, &step_dir(ctx.step), &ctx.step.results, &out).await,
+                Some(_) => {
+                    collect(
+                        &client,
+                        &step_dir(ctx.step),
+                        &ctx.step.results,
+                        &out,
+                        &ctx.rb.log.mask(),
+                    )
+                    .await
+                }
                 None => Results::default(),
             };
             give_back(self, spare);

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
+use super::forge::{self, SecretUser};
 use super::raw::{At, Ctx, Entry, Located, Raw, Table, join};
 use super::{
     BuildConfig, ExecConfig, FarmConfig, FarmSettings, GomoteAccess, HostConfig, MAX_RETRY_FAILED,
@@ -12,7 +13,9 @@ use super::{
 };
 use crate::results::{Format, ResultFiles};
 
-const TOP_KEYS: &[&str] = &["farm", "serve", "repos", "hosts", "builders"];
+const TOP_KEYS: &[&str] = &[
+    "farm", "serve", "repos", "hosts", "builders", "secrets", "smtp",
+];
 const SERVE_KEYS: &[&str] = &["listen", "data_dir", "ssh_listen"];
 const FARM_KEYS: &[&str] = &[
     "min_buildlet_version",
@@ -23,8 +26,20 @@ const FARM_KEYS: &[&str] = &[
     "local_sandbox",
     "gomote_idle_timeout",
     "gomote_max_instances",
+    "url",
 ];
-const REPO_KEYS: &[&str] = &["url", "branches", "poll_interval", "backfill"];
+const REPO_KEYS: &[&str] = &[
+    "url",
+    "branches",
+    "poll_interval",
+    "backfill",
+    "username",
+    "password",
+    "password_file",
+    "ca_file",
+    "forge",
+    "notify",
+];
 /// Commits of a branch's existing history built at its first poll, by default.
 const DEFAULT_BACKFILL: u32 = 50;
 /// Most commits of existing history a repo may ask to build.
@@ -87,6 +102,15 @@ pub(super) fn farm_config(ctx: &mut Ctx<'_>, tree: &Raw) -> FarmConfig {
         None => ServeSettings::default(),
     };
 
+    let secrets = match root.get(ctx, "secrets").and_then(|e| ctx.table(&e)) {
+        Some(t) => forge::secrets(ctx, &t),
+        None => BTreeMap::new(),
+    };
+    let smtp = root
+        .get(ctx, "smtp")
+        .and_then(|e| ctx.table(&e))
+        .and_then(|t| forge::smtp(ctx, &t));
+
     let mut repos = BTreeMap::new();
     for (e, t) in sections(ctx, &root, "repos") {
         repos.insert(e.key.to_owned(), repo(ctx, &e, &t));
@@ -105,6 +129,19 @@ pub(super) fn farm_config(ctx: &mut Ctx<'_>, tree: &Raw) -> FarmConfig {
     for r in &refs {
         check_builder_refs(ctx, r, &repos, &hosts);
     }
+    check_secret_uses(ctx, &secrets, &hosts, &builders);
+    for r in repos.values() {
+        if !r.notify.email.is_empty() && smtp.is_none() {
+            ctx.error(
+                None,
+                &format!("repos.{}.notify.email", r.name),
+                format!(
+                    "repo \"{}\": notify.email needs an [smtp] section (server and from) to send through",
+                    r.name
+                ),
+            );
+        }
+    }
 
     FarmConfig {
         path: ctx.file().to_path_buf(),
@@ -113,6 +150,56 @@ pub(super) fn farm_config(ctx: &mut Ctx<'_>, tree: &Raw) -> FarmConfig {
         hosts,
         builders,
         serve,
+        secrets,
+        smtp,
+    }
+}
+
+/// Every `secret:NAME` must be declared, and a secret reaches a machine
+/// only on a trusted host type: an untrusted machine's owner could read it.
+fn check_secret_uses(
+    ctx: &mut Ctx<'_>,
+    secrets: &BTreeMap<String, crate::secrets::Source>,
+    hosts: &BTreeMap<String, HostConfig>,
+    builders: &BTreeMap<String, BuildConfig>,
+) {
+    let uses = std::mem::take(&mut ctx.secret_uses);
+    for u in uses {
+        if !secrets.contains_key(&u.name) {
+            let declared = defined(secrets.keys(), "no secrets are declared");
+            ctx.error(
+                Some(u.at),
+                &u.path,
+                format!(
+                    "secret \"{}\" is not declared in [secrets] ({declared}); add `{} = {{}}` there and \
+                     set it with `farmer secret set {}`",
+                    u.name, u.name, u.name
+                ),
+            );
+            continue;
+        }
+        let host = match &u.user {
+            SecretUser::Coordinator => continue,
+            SecretUser::Host(h) => h.clone(),
+            SecretUser::Builder(b) => match builders.get(b) {
+                Some(b) => b.host_type.clone(),
+                None => continue,
+            },
+        };
+        if let Some(h) = hosts.get(&host)
+            && !h.trusted
+        {
+            ctx.error(
+                Some(u.at),
+                &u.path,
+                format!(
+                    "secret \"{}\" would be sent to host type {host}, which is not trusted; secrets go \
+                     only to trusted host types (trusted = true), since a machine's owner can read \
+                     everything its builds receive",
+                    u.name
+                ),
+            );
+        }
     }
 }
 
@@ -192,6 +279,19 @@ fn farm_settings(ctx: &mut Ctx<'_>, t: &Table<'_>) -> FarmSettings {
             Some(u) if !u.trim().is_empty() => s.local_user = u,
             Some(_) => ctx.error(Some(e.at), &e.path, "local_user must name a user"),
             None => {}
+        }
+    }
+    if let Some(e) = t.get(ctx, "url")
+        && let Some(u) = ctx.string(&e)
+    {
+        if u.starts_with("https://") || u.starts_with("http://") {
+            s.url = Some(u.trim_end_matches('/').to_string());
+        } else {
+            ctx.error(
+                Some(e.at),
+                &e.path,
+                format!("url {u:?} must be the farm's public http(s) URL, e.g. \"https://farm.example.com\""),
+            );
         }
     }
     if let Some(v) = t.get(ctx, "local_sandbox").and_then(|e| ctx.boolean(&e)) {
@@ -339,12 +439,23 @@ fn repo(ctx: &mut Ctx<'_>, e: &Entry<'_>, t: &Table<'_>) -> RepoConfig {
         },
         None => DEFAULT_BACKFILL,
     };
+    let auth = forge::repo_auth(ctx, t, &who, &url);
+    let forge = t
+        .get(ctx, "forge")
+        .and_then(|f| forge::forge(ctx, &f, &who));
+    let notify = t
+        .get(ctx, "notify")
+        .map(|n| forge::notify(ctx, &n, &who))
+        .unwrap_or_default();
     RepoConfig {
         name: name.to_owned(),
         url,
         branches,
         poll_interval,
         backfill,
+        auth,
+        forge,
+        notify,
     }
 }
 
@@ -508,7 +619,7 @@ fn host(ctx: &mut Ctx<'_>, e: &Entry<'_>, t: &Table<'_>) -> HostConfig {
         }
     }
     let notes = optional(ctx, t, "notes", Ctx::string).unwrap_or_default();
-    let env = env(ctx, t, &who);
+    let env = env(ctx, t, &who, || SecretUser::Host(name.to_owned()));
     let mut dimensions = BTreeMap::new();
     for (key, value) in optional(ctx, t, "dimensions", Ctx::string_map).unwrap_or_default() {
         if key.value.is_empty() {
@@ -731,7 +842,7 @@ fn builder(ctx: &mut Ctx<'_>, e: &Entry<'_>, t: &Table<'_>) -> (BuildConfig, Bui
                 }
                 let mut seen = BTreeMap::new();
                 for (i, st) in tables.iter().enumerate() {
-                    steps.push(step(ctx, st, &who, i, &mut seen));
+                    steps.push(step(ctx, st, name, &who, i, &mut seen));
                 }
             }
         }
@@ -745,7 +856,7 @@ fn builder(ctx: &mut Ctx<'_>, e: &Entry<'_>, t: &Table<'_>) -> (BuildConfig, Bui
         ),
     }
 
-    let env = env(ctx, t, &who);
+    let env = env(ctx, t, &who, || SecretUser::Builder(name.to_owned()));
     let timeout = optional(ctx, t, "timeout", Ctx::duration).unwrap_or(DEFAULT_BUILD_TIMEOUT);
     let presubmit = optional(ctx, t, "presubmit", Ctx::boolean).unwrap_or(false);
     let notes = optional(ctx, t, "notes", Ctx::string).unwrap_or_default();
@@ -807,6 +918,7 @@ fn no_duplicates(ctx: &mut Ctx<'_>, list: &[Located], who: &str, what: &str) {
 fn step(
     ctx: &mut Ctx<'_>,
     t: &Table<'_>,
+    builder: &str,
     builder_who: &str,
     index: usize,
     seen: &mut BTreeMap<String, usize>,
@@ -953,7 +1065,7 @@ fn step(
         }
         Some(dir)
     });
-    let env = env(ctx, t, &who);
+    let env = env(ctx, t, &who, || SecretUser::Builder(builder.to_owned()));
     let timeout = optional(ctx, t, "timeout", Ctx::duration).unwrap_or(DEFAULT_STEP_TIMEOUT);
     Step {
         name,
@@ -1111,10 +1223,23 @@ fn optional<'c, 't, T>(
 
 /// The `env` table of a host, builder or step, checked so that every entry
 /// can be passed to a process as `NAME=value`.
-fn env(ctx: &mut Ctx<'_>, t: &Table<'_>, who: &str) -> Vec<(String, String)> {
+fn env(
+    ctx: &mut Ctx<'_>,
+    t: &Table<'_>,
+    who: &str,
+    user: impl Fn() -> SecretUser,
+) -> Vec<(String, String)> {
     let pairs = optional(ctx, t, "env", Ctx::string_map).unwrap_or_default();
     let mut out = Vec::with_capacity(pairs.len());
     for (key, value) in pairs {
+        if let Some(name) = crate::secrets::reference(&value) {
+            ctx.secret_uses.push(forge::SecretUse {
+                name: name.to_string(),
+                at: key.at,
+                path: key.path.clone(),
+                user: user(),
+            });
+        }
         let problem = if key.value.is_empty() {
             Some("environment variable names must not be empty".to_owned())
         } else if key.value.contains('=') {

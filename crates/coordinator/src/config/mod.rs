@@ -7,7 +7,10 @@
 
 mod convert;
 mod duration;
+mod forge;
 mod raw;
+
+pub use forge::{ForgeConfig, ForgeKind, NotifyConfig, RepoAuth, SmtpConfig};
 
 pub use duration::human_duration;
 
@@ -30,6 +33,10 @@ pub struct FarmConfig {
     /// `[serve]`: where `farmer serve` listens and keeps its data, when its
     /// flags do not say.
     pub serve: ServeSettings,
+    /// `[secrets]`: where each named secret's value is read from.
+    pub secrets: BTreeMap<String, crate::secrets::Source>,
+    /// `[smtp]`: the mail server for notifications, if any.
+    pub smtp: Option<SmtpConfig>,
 }
 
 /// `farmer serve`'s settings in the config file (a flag wins over them).
@@ -87,6 +94,10 @@ pub struct FarmSettings {
     /// Most live gomote instances per user (`gomote_max_instances`), so one
     /// person cannot take every machine of a host type.
     pub gomote_max_instances: u32,
+    /// The farm's public base URL (`url`), for links sent out of the farm
+    /// (commit statuses, notifications); without it links use the address
+    /// `farmer serve` listens on.
+    pub url: Option<String>,
 }
 
 impl Default for FarmSettings {
@@ -100,6 +111,7 @@ impl Default for FarmSettings {
             local_sandbox: true,
             gomote_idle_timeout: Duration::from_secs(30 * 60),
             gomote_max_instances: 4,
+            url: None,
         }
     }
 }
@@ -407,6 +419,12 @@ pub struct RepoConfig {
     /// Commits of a branch's existing history built when the farm first
     /// sees the branch (0: none; only commits that come later are built).
     pub backfill: u32,
+    /// Credentials and trust for an `https://` url.
+    pub auth: RepoAuth,
+    /// `[repos.X.forge]`: webhooks and commit statuses.
+    pub forge: Option<ForgeConfig>,
+    /// `[repos.X.notify]`: who hears when a branch breaks and is fixed.
+    pub notify: NotifyConfig,
 }
 
 /// One problem in a farm config, located so an editor can jump to it.

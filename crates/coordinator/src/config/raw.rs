@@ -93,6 +93,8 @@ pub(crate) struct Ctx<'a> {
     file: &'a Path,
     text: &'a str,
     pub(crate) errors: Vec<ConfigError>,
+    /// Every `secret:NAME` read, checked once all sections are known.
+    pub(super) secret_uses: Vec<super::forge::SecretUse>,
 }
 
 impl<'a> Ctx<'a> {
@@ -101,6 +103,7 @@ impl<'a> Ctx<'a> {
             file,
             text,
             errors: Vec::new(),
+            secret_uses: Vec::new(),
         }
     }
 

@@ -11,13 +11,21 @@ use buildlet::proto::EntryKind;
 
 use super::{MAX_FILE, MAX_FILES, ResultFiles, Results, from_output, glob_base, glob_match};
 use crate::bounded::CappedBuffer;
+use crate::secrets::Mask;
 
 /// The longest all result files of one step may take to fetch.
 const FETCH_LIMIT: Duration = Duration::from_secs(60);
 
 /// The results of a step that ran in `dir` (relative to the work dir) and
-/// printed `log`.
-pub async fn collect(client: &Client, dir: &str, files: &[ResultFiles], log: &[u8]) -> Results {
+/// printed `log` (already masked); `mask` hides the farm's secrets in the
+/// result files, whose failure output is shown on pages.
+pub async fn collect(
+    client: &Client,
+    dir: &str,
+    files: &[ResultFiles],
+    log: &[u8],
+    mask: &Mask,
+) -> Results {
     let mut r = Results::default();
     // Up to 64 MiB of output: parsed off the runtime's threads.
     let owned = log.to_vec();
@@ -31,7 +39,7 @@ pub async fn collect(client: &Client, dir: &str, files: &[ResultFiles], log: &[u
     }
     let fetch = async {
         for f in files {
-            read_files(client, dir, f, &mut r).await;
+            read_files(client, dir, f, mask, &mut r).await;
         }
     };
     if tokio::time::timeout(FETCH_LIMIT, fetch).await.is_err() {
@@ -42,7 +50,7 @@ pub async fn collect(client: &Client, dir: &str, files: &[ResultFiles], log: &[u
     r
 }
 
-async fn read_files(client: &Client, dir: &str, f: &ResultFiles, r: &mut Results) {
+async fn read_files(client: &Client, dir: &str, f: &ResultFiles, mask: &Mask, r: &mut Results) {
     let base = glob_base(&f.glob);
     let listed = if base.is_empty() {
         dir.to_string()
@@ -90,7 +98,7 @@ async fn read_files(client: &Client, dir: &str, f: &ResultFiles, r: &mut Results
     }
     for rel in matched {
         match fetch(client, &format!("{dir}/{rel}")).await {
-            Ok(bytes) => match f.format.read(&bytes) {
+            Ok(bytes) => match f.format.read(&mask.apply(&bytes)) {
                 // Lines of a file are not lines of the step's log.
                 Ok(tests) => r.extend(
                     tests

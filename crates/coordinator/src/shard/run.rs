@@ -677,7 +677,7 @@ impl Farm {
             .into_bytes();
             // Lines before the unit's output within its section.
             let header_lines = section.iter().filter(|&&b| b == b'\n').count();
-            let output = out.text();
+            let output = run.rb.log.masked(&out.text());
             if !output.is_empty() {
                 section.extend(&output);
                 if section.last() != Some(&b'\n') {

@@ -208,3 +208,231 @@ fn builds_cannot_read_secrets_of_an_unprivileged_coordinator() {
     );
     assert!(log.contains("running as 65534,"), "{log}");
 }
+
+/// `[secrets]` referenced from a builder's env: the step gets the value,
+/// and it never shows in the live log, the stored step and attempt logs,
+/// the test results, the builders API or the build page, not even when the
+/// step prints it in pieces that arrive in separate writes.
+#[test]
+fn a_secret_reaches_the_step_and_is_masked_everywhere() {
+    use crate::common::inproc::{InProc, config, rt};
+    use coordinator::store::{BuildKind, BuildStatus};
+    const VALUE: &str = "pypi-AgEIcHlwaS5vcmcCJDk2NzA";
+    rt().block_on(async {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut repo = common::TestRepo::new(&tmp.path().join("repo"));
+        let head = repo.commit("one", &[("README", "hi\n")]);
+        use sha2::Digest;
+        let digest = hex::encode(sha2::Sha256::digest(VALUE.as_bytes()));
+        let builders = r#"
+[secrets]
+pypi-token = {}
+
+[builders.upload]
+host = "host-a"
+env = { TOKEN = "secret:pypi-token" }
+[[builders.upload.steps]]
+name = "upload"
+run = '''
+[ "$(printf %s "$TOKEN" | sha256sum | cut -d' ' -f1)" = "DIGEST" ] || { echo "wrong value: ${#TOKEN} bytes"; exit 3; }
+echo "whole: $TOKEN"
+printf 'split: %s' "${TOKEN%??????????}"; sleep 0.3; printf '%s end\n' "${TOKEN#${TOKEN%??????????}}"
+echo "test tests::prints_token ... FAILED"
+echo "---- tests::prints_token stdout ----"
+echo "token was $TOKEN"
+exit 1
+'''
+"#
+        .replace("DIGEST", &digest);
+        let f = InProc::start_with_secrets(
+            &config(&repo.path, &builders),
+            &[("pypi-token", VALUE)],
+        )
+        .await;
+        f.machine("host-a", "m1").await;
+        let id = f
+            .farm
+            .trigger("upload", None, None, &head, BuildKind::PostSubmit, "test")
+            .await
+            .unwrap();
+        let live = loop {
+            if let Some(rb) = f.farm.running(id) {
+                break rb.log.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let b = f.finished(id).await;
+        assert_eq!(b.status, BuildStatus::Failed, "{b:?}");
+        let step = f.step_log(id, 0).await;
+        assert!(step.contains("whole: ***"), "{step}");
+        assert!(step.contains("split: *** end"), "{step}");
+        let live = String::from_utf8_lossy(&live.snapshot()).into_owned();
+        let mut attempt_log = String::new();
+        for l in f.farm.store.attempt_logs(id).await.unwrap().values() {
+            attempt_log.push_str(&String::from_utf8_lossy(l));
+        }
+        assert!(attempt_log.contains("whole: ***"), "{attempt_log}");
+        let tests = format!("{:?}", f.farm.store.build_tests(id, 100).await.unwrap());
+        assert!(tests.contains("prints_token"), "{tests}");
+        let builders_api = api(&f, "/api/builders").await;
+        assert!(builders_api.contains("upload"), "{builders_api}");
+        let page = api(&f, &format!("/builds/{id}")).await;
+        for (what, text) in [
+            ("live log", &live),
+            ("step log", &step),
+            ("attempt log", &attempt_log),
+            ("builders API", &builders_api),
+            ("build page", &page),
+            ("test results", &tests),
+        ] {
+            assert!(!text.contains(VALUE), "the secret shows in the {what}: {text}");
+            // Nor a long piece of it.
+            assert!(!text.contains(&VALUE[..14]), "half the secret shows in the {what}");
+        }
+    });
+}
+
+/// A GET through the in-process farm's real routers.
+async fn api(f: &crate::common::inproc::InProc, path: &str) -> String {
+    use tower::ServiceExt;
+    let app = coordinator::api::router(f.farm.clone())
+        .merge(coordinator::dashboard::router(f.farm.clone()));
+    let r = app
+        .oneshot(
+            axum::http::Request::get(path)
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{path}");
+    let body = axum::body::to_bytes(r.into_body(), 16 << 20).await.unwrap();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+/// The config check refuses a secret sent to an untrusted host type, one
+/// that is not declared, and a forge credential written in the clear; a
+/// farm whose secret file is missing or readable by others does not start,
+/// and says how to fix it.
+#[test]
+fn secrets_are_checked_before_anything_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let farmer = env!("CARGO_BIN_EXE_farmer");
+    let cfg = tmp.path().join("farm.toml");
+    std::fs::write(
+        &cfg,
+        r#"
+[secrets]
+deploy = {}
+
+[repos.r]
+url = "https://git.example.com/org/r.git"
+password = "hunter2-in-the-clear"
+[repos.r.forge]
+type = "github"
+repository = "org/r"
+webhook_secret = "secret:hook"
+
+[hosts.host-untrusted]
+pool = "reverse"
+
+[builders.b]
+host = "host-untrusted"
+env = { TOKEN = "secret:deploy" }
+[[builders.b.steps]]
+run = "true"
+"#,
+    )
+    .unwrap();
+    let out = Command::new(farmer)
+        .arg("check-config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("builders.b.env.TOKEN") && err.contains("not trusted"),
+        "{err}"
+    );
+    assert!(
+        err.contains("repos.r.password") && err.contains("must name a secret"),
+        "{err}"
+    );
+    assert!(err.contains("secret \"hook\" is not declared"), "{err}");
+    assert!(!err.contains("hunter2-in-the-clear"), "{err}");
+
+    // A valid config whose secret is not stored yet: serve refuses to start.
+    std::fs::write(
+        &cfg,
+        r#"
+[secrets]
+deploy = {}
+[repos.r]
+url = "repo"
+[hosts.host-a]
+pool = "reverse"
+trusted = true
+[builders.b]
+host = "host-a"
+env = { TOKEN = "secret:deploy" }
+[[builders.b.steps]]
+name = "t"
+run = "true"
+"#,
+    )
+    .unwrap();
+    let data = tmp.path().join("data");
+    let serve = |data: &Path| {
+        common::output_within(
+            Command::new(farmer)
+                .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+                .arg(&cfg)
+                .arg("--data-dir")
+                .arg(data),
+            Duration::from_secs(30),
+        )
+    };
+    let out = serve(&data);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert!(err.contains("farmer secret set deploy"), "{err}");
+
+    // `farmer secret set` stores it 0600; `list` shows where, never the value.
+    let mut set = Command::new(farmer)
+        .args(["secret", "set", "deploy", "--data-dir"])
+        .arg(&data)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    set.stdin
+        .take()
+        .unwrap()
+        .write_all(b"deploy-key-0123456789\n")
+        .unwrap();
+    assert!(set.wait().unwrap().success());
+    let list = Command::new(farmer)
+        .args(["secret", "list", "--config"])
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert!(list.status.success(), "{text}");
+    assert!(text.contains("deploy") && text.contains("ok"), "{text}");
+    assert!(!text.contains("deploy-key-0123456789"), "{text}");
+    let file = data.join("secrets/deploy");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = serve(&data);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert!(
+        err.contains("readable by others") && err.contains("chmod 600"),
+        "{err}"
+    );
+}

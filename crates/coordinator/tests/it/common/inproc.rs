@@ -25,7 +25,16 @@ impl InProc {
     /// A farm with `config` (TOML, paths relative to the temp dir) and its
     /// dispatcher running; no pollers, no machine sources.
     pub async fn start(config: &str) -> InProc {
+        InProc::start_with_secrets(config, &[]).await
+    }
+
+    /// [`InProc::start`] with these `[secrets]` stored in the data dir
+    /// first, as `farmer secret set` stores them.
+    pub async fn start_with_secrets(config: &str, secrets: &[(&str, &str)]) -> InProc {
         let dir = tempfile::tempdir().unwrap();
+        for (name, value) in secrets {
+            coordinator::secrets::store(&dir.path().join("data"), name, value).unwrap();
+        }
         let path = dir.path().join("farm.toml");
         std::fs::write(&path, config).unwrap();
         let cfg = coordinator::config::load(&path).unwrap_or_else(|e| panic!("{e}"));

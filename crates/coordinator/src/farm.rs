@@ -245,7 +245,12 @@ impl Farm {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|name, _| {
-                old.repos.get(name).map(|r| &r.url) == new.repos.get(name).map(|r| &r.url)
+                // An https remote is reopened too: its secret may have changed.
+                let (o, n) = (old.repos.get(name), new.repos.get(name));
+                o.map(|r| (&r.url, &r.auth)) == n.map(|r| (&r.url, &r.auth))
+                    && !n.is_some_and(|r| {
+                        r.url.starts_with("https://") || r.url.starts_with("http://")
+                    })
             });
         let changes = self.apply_config();
         if changes.is_empty() {
@@ -375,8 +380,9 @@ impl Farm {
             .get(name)
             .ok_or_else(|| format!("repo {name:?} is not in the config"))?;
         let url = rc.url.clone();
+        let auth = self.https_auth(rc)?;
         let cache = self.data_dir.join("git").join(name);
-        let repo = tokio::task::spawn_blocking(move || git::Repo::open(&url, &cache))
+        let repo = tokio::task::spawn_blocking(move || git::Repo::open_with(&url, &cache, &auth))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
@@ -386,6 +392,37 @@ impl Farm {
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_string(), repo.clone());
         Ok(repo)
+    }
+
+    /// The credentials of a repo's `https://` remote, with its secret or
+    /// password file read.
+    fn https_auth(&self, rc: &config::RepoConfig) -> Result<git::HttpsAuth, String> {
+        let password = match (&rc.auth.password, &rc.auth.password_file) {
+            (Some(p), _) => Some(
+                self.secrets()
+                    .resolve(p)
+                    .map_err(|e| format!("repo {}: {e}", rc.name))?
+                    .to_string(),
+            ),
+            (None, Some(f)) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| {
+                        format!(
+                            "repo {}: reading password_file {}: {e}",
+                            rc.name,
+                            f.display()
+                        )
+                    })?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        Ok(git::HttpsAuth {
+            username: rc.auth.username.clone(),
+            password,
+            ca_file: rc.auth.ca_file.clone(),
+        })
     }
 
     /// The tar.gz of a commit's tree, cached for the few most recent commits

@@ -18,7 +18,8 @@ pub struct RepoAuth {
     pub password: Option<String>,
     /// A file holding the password (for farms that keep it elsewhere).
     pub password_file: Option<PathBuf>,
-    /// Extra certificate authorities (PEM) for a forge with a private CA.
+    /// The certificate authorities (PEM) to trust instead of the system's,
+    /// for a forge with a private CA.
     pub ca_file: Option<PathBuf>,
 }
 

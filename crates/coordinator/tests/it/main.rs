@@ -11,6 +11,7 @@ mod cli;
 mod config;
 mod dashboard;
 mod farm;
+mod forge;
 mod git;
 mod gomote;
 mod hostile;

@@ -2,6 +2,7 @@
 //! repositories, for the coordinator's integration tests.
 #![allow(dead_code)]
 
+pub mod gitserver;
 pub mod inproc;
 
 use std::io::{BufRead, BufReader};

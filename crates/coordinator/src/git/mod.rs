@@ -14,8 +14,11 @@ use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
 
 use gix::bstr::{BStr, ByteSlice};
+
+mod https;
 use gix::objs::FindExt;
 use gix::objs::tree::EntryKind;
+pub use https::HttpsAuth;
 
 /// One commit, as the poller records it and the dashboard shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -102,6 +105,9 @@ pub struct Repo {
     name: String,
     /// For clones, the remote's URL (fetch updates from it).
     remote: Option<String>,
+    /// For `https://` clones, fetched with the system's git: the
+    /// credentials and trust to use.
+    https: Option<HttpsAuth>,
     /// One fetch at a time per repository.
     fetch_lock: Mutex<()>,
 }
@@ -120,6 +126,8 @@ impl std::fmt::Debug for Repo {
 enum Location {
     Local(PathBuf),
     Remote,
+    /// `http(s)://`: through the system's git.
+    Https,
 }
 
 /// The remote name clones are made with.
@@ -146,12 +154,18 @@ impl Repo {
     /// or scp-like `user@host:path`. URLs are cloned bare (all branches, as
     /// `refs/heads/*`) into a directory under `cache_dir` named after the URL
     /// on first use, and reopened from there afterwards; [`Repo::fetch`]
-    /// updates them. `http(s)://` URLs return [`GitError::Unsupported`]: this
-    /// build has no HTTP transport for gix.
+    /// updates them. `http(s)://` URLs are cloned and fetched with the
+    /// system's git (see [`Repo::open_with`] for credentials).
     ///
     /// `file://` URLs are cloned like any remote (gix runs `git-upload-pack`
     /// for them, so that one case needs git installed); plain paths need no git.
     pub fn open(url: &str, cache_dir: &Path) -> Result<Repo, GitError> {
+        Repo::open_with(url, cache_dir, &HttpsAuth::default())
+    }
+
+    /// [`Repo::open`], with the credentials and trust an `https://` remote
+    /// needs (ignored for other URLs).
+    pub fn open_with(url: &str, cache_dir: &Path, auth: &HttpsAuth) -> Result<Repo, GitError> {
         match classify(url)? {
             Location::Local(path) => {
                 let name = path.display().to_string();
@@ -167,10 +181,12 @@ impl Repo {
                     repo: repo.into_sync(),
                     name,
                     remote: None,
+                    https: None,
                     fetch_lock: Mutex::new(()),
                 })
             }
-            Location::Remote => open_clone(url, cache_dir),
+            Location::Remote => open_clone(url, cache_dir, None),
+            Location::Https => open_clone(url, cache_dir, Some(auth)),
         }
     }
 
@@ -187,17 +203,63 @@ impl Repo {
     /// Updates all branches from the remote for cloned repositories
     /// (branches force-pushed upstream are followed); a no-op for local paths.
     pub fn fetch(&self) -> Result<(), GitError> {
+        self.fetch_refspecs(&[])
+    }
+
+    /// Fetches `remote_ref` (e.g. a pull request's `refs/pull/7/head`)
+    /// into `local_ref` and returns the commit it names. For a local
+    /// repository, reads `remote_ref` in place.
+    pub fn fetch_ref(&self, remote_ref: &str, local_ref: &str) -> Result<String, GitError> {
+        let valid = |r: &str| {
+            r.starts_with("refs/")
+                && gix::refs::FullName::try_from(r).is_ok()
+                && !r.contains("..")
+                && r.bytes().all(|b| b.is_ascii_graphic())
+        };
+        for r in [remote_ref, local_ref] {
+            if !valid(r) {
+                return Err(GitError::Invalid {
+                    repo: self.name.clone(),
+                    what: format!("ref {r:?}"),
+                    detail: "not a full ref name under refs/".into(),
+                });
+            }
+        }
+        let read = if self.remote.is_some() {
+            self.fetch_refspecs(&[&format!("+{remote_ref}:{local_ref}")])?;
+            local_ref
+        } else {
+            remote_ref
+        };
+        let repo = self.repo.to_thread_local();
+        let id = self.resolve_commit(&repo, read)?;
+        Ok(id.to_string())
+    }
+
+    fn fetch_refspecs(&self, extra: &[&str]) -> Result<(), GitError> {
         let Some(url) = &self.remote else {
             return Ok(());
         };
         let _guard = self.fetch_lock.lock().unwrap_or_else(|e| e.into_inner());
         let repo = self.repo.to_thread_local();
+        if let Some(auth) = &self.https {
+            return https::fetch(repo.git_dir(), extra, auth).map_err(|detail| GitError::Fetch {
+                url: self.name.clone(),
+                path: repo.git_dir().display().to_string(),
+                detail,
+            });
+        }
         let err = |e: gix::Error| GitError::Fetch {
             url: url.clone(),
             path: repo.git_dir().display().to_string(),
             detail: chain(&e),
         };
-        let remote = repo.find_remote(REMOTE_NAME).map_err(err)?;
+        let mut remote = repo.find_remote(REMOTE_NAME).map_err(err)?;
+        if !extra.is_empty() {
+            remote = remote
+                .with_refspecs(extra.iter().copied(), gix::remote::Direction::Fetch)
+                .map_err(err)?;
+        }
         let outcome = remote
             .connect(gix::remote::Direction::Fetch)
             .map_err(err)?
@@ -466,15 +528,12 @@ fn classify(url: &str) -> Result<Location, GitError> {
         let scheme = scheme.to_ascii_lowercase();
         return match scheme.as_str() {
             "file" | "ssh" | "git" | "git+ssh" | "ssh+git" => Ok(Location::Remote),
-            "http" | "https" => Err(GitError::Unsupported {
-                url: redact(url),
-                reason: "http(s) URLs are not supported by this build (gix has no HTTP transport here); \
-                         use an ssh:// or git:// URL, or a local path to a repository kept up to date by other means"
-                    .into(),
-            }),
+            "http" | "https" => Ok(Location::Https),
             _ => Err(GitError::Unsupported {
                 url: redact(url),
-                reason: format!("unknown URL scheme {scheme:?}; use a local path, file://, ssh:// or git://"),
+                reason: format!(
+                    "unknown URL scheme {scheme:?}; use a local path, file://, ssh://, git:// or https://"
+                ),
             }),
         };
     }
@@ -539,7 +598,7 @@ fn clone_dir(cache_dir: &Path, url: &str) -> PathBuf {
 }
 
 /// Opens the clone of `url` under `cache_dir`, cloning it first if needed.
-fn open_clone(url: &str, cache_dir: &Path) -> Result<Repo, GitError> {
+fn open_clone(url: &str, cache_dir: &Path, https: Option<&HttpsAuth>) -> Result<Repo, GitError> {
     let shown = redact(url);
     let target = clone_dir(cache_dir, url);
     let clone_err = |detail: String| GitError::Clone {
@@ -564,19 +623,25 @@ fn open_clone(url: &str, cache_dir: &Path) -> Result<Repo, GitError> {
             std::process::id()
         ));
         let started = std::time::Instant::now();
-        let result = gix::prepare_clone_bare(url, &tmp).and_then(|prepare| {
-            // Like `git clone --bare`, but with the refspec written to the
-            // config so that later fetches update every branch.
-            prepare
-                .configure_remote(|remote| {
-                    remote.with_refspecs(Some(MIRROR_REFSPEC), gix::remote::Direction::Fetch)
+        let result = match https {
+            Some(auth) => https::clone_bare(url, &tmp, auth),
+            None => gix::prepare_clone_bare(url, &tmp)
+                .and_then(|prepare| {
+                    // Like `git clone --bare`, but with the refspec written to the
+                    // config so that later fetches update every branch.
+                    prepare
+                        .configure_remote(|remote| {
+                            remote
+                                .with_refspecs(Some(MIRROR_REFSPEC), gix::remote::Direction::Fetch)
+                        })
+                        .fetch_only(gix::progress::Discard, &AtomicBool::new(false))
+                        .map(|_| ())
                 })
-                .fetch_only(gix::progress::Discard, &AtomicBool::new(false))
-                .map(|(repo, _)| repo)
-        });
+                .map_err(|e| chain(&e)),
+        };
         if let Err(e) = result {
             let _ = std::fs::remove_dir_all(&tmp);
-            return Err(clone_err(chain(&e)));
+            return Err(clone_err(e));
         }
         if let Err(e) = std::fs::rename(&tmp, &target) {
             let _ = std::fs::remove_dir_all(&tmp);
@@ -596,6 +661,7 @@ fn open_clone(url: &str, cache_dir: &Path) -> Result<Repo, GitError> {
         repo: repo.into_sync(),
         name: shown,
         remote: Some(url.to_string()),
+        https: https.cloned(),
         fetch_lock: Mutex::new(()),
     })
 }

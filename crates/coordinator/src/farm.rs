@@ -95,6 +95,10 @@ pub struct Farm {
     http_addr: Mutex<Option<String>>,
     /// The values of `[secrets]`, read at start and at each reload.
     secrets: RwLock<Arc<crate::secrets::Secrets>>,
+    /// Wakes the outbox's sender when a message is queued.
+    pub outbox_wake: tokio::sync::Notify,
+    /// Wakes a repo's poller at once (a push webhook).
+    poll_wake: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
 }
 
 const SOURCE_CACHE: usize = 16;
@@ -148,6 +152,8 @@ impl Farm {
             });
         Arc::new(Farm {
             secrets: RwLock::new(Arc::new(secrets)),
+            outbox_wake: tokio::sync::Notify::new(),
+            poll_wake: Mutex::new(HashMap::new()),
             http_addr: Mutex::new(None),
             data_dir: o.data_dir,
             config: RwLock::new(Arc::new(o.config)),
@@ -204,6 +210,21 @@ impl Farm {
             Some(a) => format!("http://{a}"),
             None => "http://127.0.0.1:8080".to_string(),
         }
+    }
+
+    /// What wakes `repo`'s poller early.
+    pub fn poll_waker(&self, repo: &str) -> Arc<tokio::sync::Notify> {
+        self.poll_wake
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(repo.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Polls `repo` now instead of at its next interval (a push webhook).
+    pub fn poll_now(&self, repo: &str) {
+        self.poll_waker(repo).notify_one();
     }
 
     /// The secrets' values as last read.
@@ -553,7 +574,7 @@ impl Farm {
     }
 
     /// Cancels a queued or running build.
-    pub async fn cancel(&self, id: i64) -> Result<BuildStatus, TriggerError> {
+    pub async fn cancel(self: &Arc<Self>, id: i64) -> Result<BuildStatus, TriggerError> {
         let b = self
             .store
             .build(id)
@@ -572,6 +593,7 @@ impl Farm {
             self.scheduler
                 .withdraw_holder(&Holder::Build { build_id: id });
             self.metrics.build_finished(BuildStatus::Cancelled);
+            crate::forge::build_changed(self, id);
             return Ok(BuildStatus::Cancelled);
         }
         let status = match b.status {

@@ -15,6 +15,7 @@ pub mod config;
 pub mod dashboard;
 pub mod demo;
 pub mod farm;
+pub mod forge;
 pub mod git;
 pub mod gomote;
 pub mod history;

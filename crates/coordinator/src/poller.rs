@@ -39,7 +39,13 @@ pub async fn poll_loop(farm: Arc<Farm>, repo: String) {
                     .insert(repo.clone(), e);
             }
         }
-        tokio::time::sleep(interval.max(Duration::from_millis(100))).await;
+        // A push webhook wakes the poll early; the interval stays the
+        // safety net for hooks that never come.
+        let wake = farm.poll_waker(&repo);
+        tokio::select! {
+            _ = tokio::time::sleep(interval.max(Duration::from_millis(100))) => {}
+            _ = wake.notified() => {}
+        }
     }
 }
 

@@ -136,6 +136,7 @@ pub async fn run(
         .merge(crate::machine_auth::serve::router(farm.clone()))
         .merge(crate::release::serve::router(farm.clone()))
         .merge(crate::gomote::api::router(farm.clone()))
+        .merge(crate::forge::hooks::router(farm.clone()))
         // No request the coordinator serves needs more; axum answers 413.
         .layer(axum::extract::DefaultBodyLimit::max(256 << 10));
     let mut tasks = tokio::task::JoinSet::new();
@@ -148,6 +149,7 @@ pub async fn run(
     tasks.spawn(farm.clone().health_loop());
     tasks.spawn(farm.clone().sample_loop());
     tasks.spawn(crate::gomote::expiry_loop(farm.clone()));
+    tasks.spawn(crate::forge::outbox::deliver_loop(farm.clone()));
     let (stop_ssh, ssh_stopped) = tokio::sync::watch::channel(false);
     if let Some(l) = &opts.ssh_listen {
         let listener = tokio::net::TcpListener::bind(l).await.with_context(|| {
@@ -175,12 +177,21 @@ pub async fn run(
     };
     // What no local build may read: the data dir, and the TLS key and the
     // config wherever they are kept.
-    let secrets = vec![
+    let mut secrets = vec![
         opts.data_dir.clone(),
         key.clone(),
         cert.clone(),
         opts.config.clone(),
     ];
+    // Secrets and forge passwords kept outside the data dir, too.
+    {
+        let cfg = farm.config();
+        secrets.extend(cfg.secrets.values().filter_map(|s| match s {
+            crate::secrets::Source::File(p) => Some(p.clone()),
+            _ => None,
+        }));
+        secrets.extend(cfg.repos.values().filter_map(|r| r.auth.password_file.clone()));
+    }
     let target = match &opts.local_buildlet {
         Some(p) => LocalTarget {
             addr: connect,

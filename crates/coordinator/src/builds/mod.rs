@@ -76,6 +76,7 @@ impl Farm {
         // The request is queued now, not when the task first runs, so the
         // queue (and `/api/queue`) shows the build as soon as it exists.
         let ticket = self.request_for(&q);
+        crate::forge::build_changed(self, q.build_id);
         let me = self.clone();
         tokio::spawn(async move { me.drive(q, ticket).await });
     }
@@ -284,7 +285,10 @@ impl Farm {
             tracing::error!(build = id, "recording flakes: {e}");
         }
         match self.store.finish_build(id, status, &msg).await {
-            Ok(true) => self.metrics.build_finished(status),
+            Ok(true) => {
+                self.metrics.build_finished(status);
+                crate::forge::build_changed(&self, id);
+            }
             Ok(false) => {}
             Err(e) => tracing::error!(build = id, "recording result: {e}"),
         }
@@ -313,9 +317,10 @@ impl Farm {
     }
 
     /// Ends a build that never started an attempt.
-    async fn end_unstarted(&self, id: i64, status: BuildStatus, msg: &str) {
+    async fn end_unstarted(self: &Arc<Self>, id: i64, status: BuildStatus, msg: &str) {
         if let Ok(true) = self.store.finish_build(id, status, msg).await {
             self.metrics.build_finished(status);
+            crate::forge::build_changed(self, id);
         }
     }
 

@@ -16,10 +16,12 @@ use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
+mod forge;
 mod gomote;
 mod results;
 mod units;
 
+pub use forge::{BranchState, Delivery, MAX_DELIVERIES, OutboxRow};
 pub use gomote::{GroupRow, InstanceRow, UserRow};
 pub use results::{FlakeRow, TestRow, TestsOf};
 pub use units::UnitRun;

@@ -19,6 +19,7 @@ pub struct InProc {
     pub farm: Arc<Farm>,
     pub dir: tempfile::TempDir,
     dispatch: tokio::task::JoinHandle<()>,
+    outbox: tokio::task::JoinHandle<()>,
 }
 
 impl InProc {
@@ -55,10 +56,12 @@ impl InProc {
             tls_spki_pin: None,
         });
         let dispatch = tokio::spawn(farm.clone().dispatch_loop());
+        let outbox = tokio::spawn(coordinator::forge::outbox::deliver_loop(farm.clone()));
         InProc {
             farm,
             dir,
             dispatch,
+            outbox,
         }
     }
 
@@ -162,6 +165,7 @@ impl InProc {
 impl Drop for InProc {
     fn drop(&mut self) {
         self.dispatch.abort();
+        self.outbox.abort();
     }
 }
 

@@ -1,0 +1,228 @@
+//! Webhook deliveries, the outbox and branch states (see migration
+//! 0007_forge.sql). Only this file speaks SQL about them.
+
+use serde::Serialize;
+
+use super::{Result, Store, now_ms};
+
+/// Deliveries kept per repo (older ones are deleted as new ones come).
+pub const MAX_DELIVERIES: i64 = 200;
+/// Finished outbox messages kept (sent, failed, superseded), farm-wide.
+const MAX_DONE_MESSAGES: i64 = 5000;
+
+/// One webhook request as received, accepted or refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Delivery {
+    pub id: i64,
+    pub repo: String,
+    pub forge: String,
+    pub event: String,
+    /// The forge's delivery id, if it sent one.
+    pub delivery: String,
+    pub received_at: i64,
+    pub accepted: bool,
+    /// What was done, or why it was refused.
+    pub detail: String,
+}
+
+/// A message waiting to go out, or gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub kind: String,
+    pub repo: String,
+    pub dedupe: String,
+    pub payload: String,
+    pub created_at: i64,
+    pub attempts: i64,
+    pub next_at: i64,
+    pub state: String,
+    pub last_error: String,
+    pub done_at: Option<i64>,
+}
+
+/// A builder's last known result on a branch.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct BranchState {
+    pub state: String,
+    pub commit_hash: String,
+    pub commit_time: i64,
+    pub build_id: i64,
+}
+
+const OUTBOX_COLS: &str =
+    "id, kind, repo, dedupe, payload, created_at, attempts, next_at, state, last_error, done_at";
+
+impl Store {
+    /// Records a webhook delivery; keeps the newest [`MAX_DELIVERIES`] of the repo.
+    pub async fn record_delivery(
+        &self,
+        repo: &str,
+        forge: &str,
+        event: &str,
+        delivery: &str,
+        accepted: bool,
+        detail: &str,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO hook_deliveries (repo, forge, event, delivery, received_at, accepted, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(repo)
+        .bind(forge)
+        .bind(event)
+        .bind(delivery)
+        .bind(now_ms())
+        .bind(accepted)
+        .bind(detail)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM hook_deliveries WHERE repo = ? AND id <= (SELECT id FROM hook_deliveries WHERE repo = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+        )
+        .bind(repo)
+        .bind(repo)
+        .bind(MAX_DELIVERIES)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A repo's deliveries, newest first.
+    pub async fn deliveries(&self, repo: &str, limit: i64) -> Result<Vec<Delivery>> {
+        Ok(sqlx::query_as(
+            "SELECT id, repo, forge, event, delivery, received_at, accepted, detail FROM hook_deliveries WHERE repo = ? ORDER BY id DESC LIMIT ?",
+        )
+        .bind(repo)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Queues a message. An unsent message with the same `dedupe` key is
+    /// superseded: only the newest state of a thing is worth sending.
+    pub async fn outbox_push(&self, kind: &str, repo: &str, dedupe: &str, payload: &str) -> Result<i64> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE outbox SET state = 'superseded', done_at = ? WHERE dedupe = ? AND state = 'pending'",
+        )
+        .bind(now)
+        .bind(dedupe)
+        .execute(&mut *tx)
+        .await?;
+        let id = sqlx::query(
+            "INSERT INTO outbox (kind, repo, dedupe, payload, created_at, next_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(kind)
+        .bind(repo)
+        .bind(dedupe)
+        .bind(payload)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .last_insert_rowid();
+        sqlx::query(
+            "DELETE FROM outbox WHERE state != 'pending' AND id <= (SELECT id FROM outbox WHERE state != 'pending' ORDER BY id DESC LIMIT 1 OFFSET ?)",
+        )
+        .bind(MAX_DONE_MESSAGES)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// Pending messages due now, oldest first.
+    pub async fn outbox_due(&self, limit: i64) -> Result<Vec<OutboxRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {OUTBOX_COLS} FROM outbox WHERE state = 'pending' AND next_at <= ? ORDER BY id LIMIT ?"
+        ))
+        .bind(now_ms())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// When the next pending message is due, if any.
+    pub async fn outbox_next_due(&self) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar("SELECT MIN(next_at) FROM outbox WHERE state = 'pending'")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Marks a message sent (unless something superseded it meanwhile).
+    pub async fn outbox_sent(&self, id: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE outbox SET state = 'sent', attempts = attempts + 1, done_at = ?, last_error = '' WHERE id = ? AND state = 'pending'",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a failed attempt: tried again at `next_at`, or given up.
+    pub async fn outbox_failed(&self, id: i64, error: &str, next_at: Option<i64>) -> Result<()> {
+        match next_at {
+            Some(at) => sqlx::query(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_at = ? WHERE id = ? AND state = 'pending'",
+            )
+            .bind(error)
+            .bind(at)
+            .bind(id),
+            None => sqlx::query(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, state = 'failed', done_at = ? WHERE id = ? AND state = 'pending'",
+            )
+            .bind(error)
+            .bind(now_ms())
+            .bind(id),
+        }
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A repo's messages, newest first.
+    pub async fn outbox_for_repo(&self, repo: &str, limit: i64) -> Result<Vec<OutboxRow>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {OUTBOX_COLS} FROM outbox WHERE repo = ? ORDER BY id DESC LIMIT ?"
+        ))
+        .bind(repo)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// A builder's last known state on a branch.
+    pub async fn branch_state(&self, repo: &str, branch: &str, builder: &str) -> Result<Option<BranchState>> {
+        Ok(sqlx::query_as(
+            "SELECT state, commit_hash, commit_time, build_id FROM branch_states WHERE repo = ? AND branch = ? AND builder = ?",
+        )
+        .bind(repo)
+        .bind(branch)
+        .bind(builder)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    pub async fn set_branch_state(&self, repo: &str, branch: &str, builder: &str, s: &BranchState) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO branch_states (repo, branch, builder, state, commit_hash, commit_time, build_id) VALUES (?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (repo, branch, builder) DO UPDATE SET state = excluded.state, commit_hash = excluded.commit_hash, \
+             commit_time = excluded.commit_time, build_id = excluded.build_id",
+        )
+        .bind(repo)
+        .bind(branch)
+        .bind(builder)
+        .bind(&s.state)
+        .bind(&s.commit_hash)
+        .bind(s.commit_time)
+        .bind(s.build_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}

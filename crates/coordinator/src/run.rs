@@ -190,7 +190,11 @@ pub async fn run(
             crate::secrets::Source::File(p) => Some(p.clone()),
             _ => None,
         }));
-        secrets.extend(cfg.repos.values().filter_map(|r| r.auth.password_file.clone()));
+        secrets.extend(
+            cfg.repos
+                .values()
+                .filter_map(|r| r.auth.password_file.clone()),
+        );
     }
     let target = match &opts.local_buildlet {
         Some(p) => LocalTarget {

@@ -19,6 +19,7 @@
 //! | `/flakes` | tests by flake rate over recent builds (`?builds=N&mode=json`) | `testpages` |
 //! | `/builds/{id}` | one build: steps, attempts, live log, admin actions | `build` |
 //! | `/machines/{hostname}`, `/hosts/{host_type}` | what a machine / host type did | `machines` |
+//! | `/repos/{name}` | one repo: url, forge, webhook deliveries, messages sent (`?mode=json`) | `repos` |
 //! | `/requests` | builder requests: the owner's form, the admin's list | `requests` |
 
 mod build;
@@ -26,6 +27,7 @@ mod builders;
 mod chart;
 pub mod grid;
 mod machines;
+mod repos;
 mod requests;
 mod status;
 mod testpages;
@@ -61,6 +63,7 @@ pub fn router(farm: Arc<Farm>) -> Router {
         .route("/builds/{id}/events", get(build::events))
         .route("/machines/{hostname}", get(machines::machine_page))
         .route("/hosts/{host_type}", get(machines::host_page))
+        .route("/repos/{name}", get(repos::repo_page))
         .route("/requests", get(requests::page))
         .route("/requests/submit", axum::routing::post(requests::submit))
         .route("/static/dashboard.css", get(css))

@@ -80,7 +80,11 @@ pub fn delivery(kind: ForgeKind, headers: &HeaderMap, payload: &Value) -> Delive
 /// shape its event promises.
 pub fn parse(kind: ForgeKind, name: &str, p: &Value) -> Result<Event, String> {
     let s = |ptr: &str| p.pointer(ptr).and_then(Value::as_str);
-    let need = |ptr: &str| s(ptr).map(str::to_string).ok_or_else(|| format!("the {name} payload has no {ptr}"));
+    let need = |ptr: &str| {
+        s(ptr)
+            .map(str::to_string)
+            .ok_or_else(|| format!("the {name} payload has no {ptr}"))
+    };
     let branch_of = |r: String| -> Result<String, String> {
         Ok(r.strip_prefix("refs/heads/").unwrap_or(&r).to_string())
     };
@@ -91,12 +95,16 @@ pub fn parse(kind: ForgeKind, name: &str, p: &Value) -> Result<Event, String> {
             if !r.starts_with("refs/heads/") {
                 return Ok(Event::Ignored(format!("push to {r}, not a branch")));
             }
-            Ok(Event::Push { branch: branch_of(r)? })
+            Ok(Event::Push {
+                branch: branch_of(r)?,
+            })
         }
         (ForgeKind::GitHub | ForgeKind::Gitea, "pull_request") => {
             let action = need("/action")?;
             let builds = match kind {
-                ForgeKind::GitHub => matches!(action.as_str(), "opened" | "synchronize" | "reopened"),
+                ForgeKind::GitHub => {
+                    matches!(action.as_str(), "opened" | "synchronize" | "reopened")
+                }
                 _ => matches!(action.as_str(), "opened" | "synchronized" | "reopened"),
             };
             if !builds {
@@ -131,7 +139,9 @@ pub fn parse(kind: ForgeKind, name: &str, p: &Value) -> Result<Event, String> {
             })
         }
         (_, "") => Err(format!("the request has no {} header", event_header(kind))),
-        (_, other) => Ok(Event::Ignored(format!("event {other:?} is not one farmer acts on"))),
+        (_, other) => Ok(Event::Ignored(format!(
+            "event {other:?} is not one farmer acts on"
+        ))),
     }
 }
 

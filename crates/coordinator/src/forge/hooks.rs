@@ -105,15 +105,25 @@ async fn receive(
     let cfg = farm.config();
     let named = q.repo.as_deref().map(|r| cfg.repos.get(r).ok_or(r));
     if let Some(Err(r)) = named {
-        return refuse(StatusCode::NOT_FOUND, format!("no repo named {r:?} in the config")).into_response();
+        return refuse(
+            StatusCode::NOT_FOUND,
+            format!("no repo named {r:?} in the config"),
+        )
+        .into_response();
     }
     // Read at most MAX_PAYLOAD (+1 to tell "exactly" from "more").
-    let bytes = match http_body_util::Limited::new(body, MAX_PAYLOAD).collect().await {
+    let bytes = match http_body_util::Limited::new(body, MAX_PAYLOAD)
+        .collect()
+        .await
+    {
         Ok(b) => b.to_bytes(),
         Err(_) => {
             let o = refuse(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the payload is larger than {} MiB; nothing was done", MAX_PAYLOAD >> 20),
+                format!(
+                    "the payload is larger than {} MiB; nothing was done",
+                    MAX_PAYLOAD >> 20
+                ),
             );
             if let Some(Ok(rc)) = named {
                 record(&farm, &rc.name, kind, &headers, "", &o).await;
@@ -174,7 +184,10 @@ async fn handle(
     let Some(forge) = &rc.forge else {
         return refuse(
             StatusCode::NOT_FOUND,
-            format!("repo {} has no [repos.{}.forge] section; webhooks are off for it", rc.name, rc.name),
+            format!(
+                "repo {} has no [repos.{}.forge] section; webhooks are off for it",
+                rc.name, rc.name
+            ),
         );
     };
     if forge.kind != kind {
@@ -191,18 +204,29 @@ async fn handle(
     let Some(secret_ref) = &forge.webhook_secret else {
         return refuse(
             StatusCode::FORBIDDEN,
-            format!("repo {} has no webhook_secret: unsigned hooks are never trusted", rc.name),
+            format!(
+                "repo {} has no webhook_secret: unsigned hooks are never trusted",
+                rc.name
+            ),
         );
     };
     let secret = match farm.secrets().resolve(secret_ref) {
         Ok(s) => s.to_string(),
-        Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, format!("the webhook secret cannot be read: {e}")),
+        Err(e) => {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the webhook secret cannot be read: {e}"),
+            );
+        }
     };
     if let Err(e) = verify::check(kind, headers, body, &secret) {
         return refuse(StatusCode::UNAUTHORIZED, format!("{e}; nothing was done"));
     }
     let Some(payload) = payload else {
-        return refuse(StatusCode::BAD_REQUEST, "the payload is not JSON; nothing was done");
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "the payload is not JSON; nothing was done",
+        );
     };
     let d = event::delivery(kind, headers, payload);
     if let (Some(named), false) = (&d.repository, forge.repository.is_empty())
@@ -218,14 +242,21 @@ async fn handle(
     }
     let ev = match event::parse(kind, &d.name, payload) {
         Ok(e) => e,
-        Err(e) => return refuse(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}; nothing was done")),
+        Err(e) => {
+            return refuse(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("{e}; nothing was done"),
+            );
+        }
     };
     match ev {
         Event::Ping => accept("ping: the hook works"),
         Event::Ignored(why) => accept(format!("{why}: nothing to do")),
         Event::Push { branch } => {
             if !rc.branches.contains(&branch) {
-                return accept(format!("push to {branch}, which this repo does not watch: nothing to do"));
+                return accept(format!(
+                    "push to {branch}, which this repo does not watch: nothing to do"
+                ));
             }
             farm.poll_now(&rc.name);
             accept(format!("push to {branch}: polling now"))
@@ -245,7 +276,9 @@ async fn handle(
             Ok(Err(e)) => refuse(StatusCode::UNPROCESSABLE_ENTITY, e),
             Err(_) => refuse(
                 StatusCode::GATEWAY_TIMEOUT,
-                format!("fetching pull request #{number} took over {PULL_FETCH_LIMIT:?}; redeliver the hook to try again"),
+                format!(
+                    "fetching pull request #{number} took over {PULL_FETCH_LIMIT:?}; redeliver the hook to try again"
+                ),
             ),
         },
     }
@@ -263,7 +296,9 @@ async fn presubmit(
     author: &str,
 ) -> Result<String, String> {
     if head.len() != 40 || !head.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!("pull request #{number}: head {head:?} is not a commit hash"));
+        return Err(format!(
+            "pull request #{number}: head {head:?} is not a commit hash"
+        ));
     }
     let cfg = farm.config();
     let builders: Vec<_> = cfg
@@ -319,7 +354,14 @@ async fn presubmit(
             continue;
         }
         match farm
-            .trigger(&b.name, Some(&rc.name), Some(base), head, BuildKind::PreSubmit, &by)
+            .trigger(
+                &b.name,
+                Some(&rc.name),
+                Some(base),
+                head,
+                BuildKind::PreSubmit,
+                &by,
+            )
             .await
         {
             Ok(id) => queued.push(format!("{} (build {id})", b.name)),
@@ -331,15 +373,28 @@ async fn presubmit(
         detail.push_str(&format!(" queued {}", queued.join(", ")));
     }
     if !skipped.is_empty() {
-        detail.push_str(&format!("{} not {}", if queued.is_empty() { "" } else { ";" }, skipped.join(", ")));
+        detail.push_str(&format!(
+            "{} not {}",
+            if queued.is_empty() { "" } else { ";" },
+            skipped.join(", ")
+        ));
     }
     Ok(detail)
 }
 
-async fn record(farm: &Farm, repo: &str, kind: ForgeKind, headers: &HeaderMap, event_name: &str, o: &Outcome) {
+async fn record(
+    farm: &Farm,
+    repo: &str,
+    kind: ForgeKind,
+    headers: &HeaderMap,
+    event_name: &str,
+    o: &Outcome,
+) {
     let id = match kind {
         ForgeKind::GitHub => headers.get("X-GitHub-Delivery"),
-        ForgeKind::Gitea => headers.get("X-Gitea-Delivery").or_else(|| headers.get("X-Forgejo-Delivery")),
+        ForgeKind::Gitea => headers
+            .get("X-Gitea-Delivery")
+            .or_else(|| headers.get("X-Forgejo-Delivery")),
         ForgeKind::GitLab => headers.get("X-Gitlab-Event-UUID"),
     }
     .and_then(|v| v.to_str().ok())

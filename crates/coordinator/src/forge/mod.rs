@@ -30,7 +30,10 @@ pub fn build_changed(farm: &Arc<Farm>, build_id: i64) {
     let farm = farm.clone();
     tokio::spawn(async move {
         if let Err(e) = changed(&farm, build_id).await {
-            tracing::error!(build = build_id, "queuing the build's status and notifications: {e}");
+            tracing::error!(
+                build = build_id,
+                "queuing the build's status and notifications: {e}"
+            );
         }
     });
 }
@@ -46,7 +49,9 @@ async fn changed(farm: &Arc<Farm>, build_id: i64) -> Result<(), crate::store::St
     if rc.forge.as_ref().is_some_and(|f| f.status_token.is_some()) {
         let key = format!("status:{}:{}:{}", b.repo, b.commit, b.builder);
         let payload = serde_json::json!({ "build_id": b.id }).to_string();
-        farm.store.outbox_push("status", &b.repo, &key, &payload).await?;
+        farm.store
+            .outbox_push("status", &b.repo, &key, &payload)
+            .await?;
     }
     if !rc.notify.is_empty() {
         notify::build_finished(farm, rc, &b).await?;

@@ -13,7 +13,11 @@ use crate::store::{BranchState, BuildKind, BuildRow, BuildStatus, StoreError};
 /// see the old state.
 static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-pub(super) async fn build_finished(farm: &Farm, rc: &RepoConfig, b: &BuildRow) -> Result<(), StoreError> {
+pub(super) async fn build_finished(
+    farm: &Farm,
+    rc: &RepoConfig,
+    b: &BuildRow,
+) -> Result<(), StoreError> {
     if b.kind != BuildKind::PostSubmit {
         return Ok(());
     }
@@ -24,7 +28,10 @@ pub(super) async fn build_finished(farm: &Farm, rc: &RepoConfig, b: &BuildRow) -
         _ => return Ok(()),
     };
     let _one = LOCK.lock().await;
-    let prev = farm.store.branch_state(&b.repo, &b.branch, &b.builder).await?;
+    let prev = farm
+        .store
+        .branch_state(&b.repo, &b.branch, &b.builder)
+        .await?;
     if let Some(p) = &prev
         && (b.commit_time < p.commit_time || p.build_id == b.id)
     {
@@ -53,9 +60,15 @@ pub(super) async fn build_finished(farm: &Farm, rc: &RepoConfig, b: &BuildRow) -
     let short = &b.commit[..12.min(b.commit.len())];
     let url = format!("{}/builds/{}", farm.public_url(), b.id);
     let subject = if broke {
-        format!("[farmer] {} broke {}/{} at {short}", b.builder, b.repo, b.branch)
+        format!(
+            "[farmer] {} broke {}/{} at {short}",
+            b.builder, b.repo, b.branch
+        )
     } else {
-        format!("[farmer] {} is green again on {}/{} at {short}", b.builder, b.repo, b.branch)
+        format!(
+            "[farmer] {} is green again on {}/{} at {short}",
+            b.builder, b.repo, b.branch
+        )
     };
     let mut text = format!(
         "{subject}\n\nBuilder: {}\nRepository: {} (branch {})\nCommit: {}\nBuild: {url}\n",
@@ -90,7 +103,8 @@ pub(super) async fn build_finished(farm: &Farm, rc: &RepoConfig, b: &BuildRow) -
             .await?;
     }
     if !rc.notify.email.is_empty() {
-        let payload = json!({ "to": rc.notify.email, "subject": subject, "text": text }).to_string();
+        let payload =
+            json!({ "to": rc.notify.email, "subject": subject, "text": text }).to_string();
         farm.store
             .outbox_push("email", &b.repo, &format!("{key}:email"), &payload)
             .await?;

@@ -97,10 +97,15 @@ async fn deliver(farm: &Arc<Farm>, client: &Client, row: &OutboxRow) {
         Err(e) => {
             let attempts = row.attempts + 1;
             let next = (!e.permanent && attempts < MAX_ATTEMPTS).then(|| {
-                let delay = Duration::from_secs(1u64 << (attempts - 1).clamp(0, 20)).min(MAX_BACKOFF);
+                let delay =
+                    Duration::from_secs(1u64 << (attempts - 1).clamp(0, 20)).min(MAX_BACKOFF);
                 now_ms() + delay.as_millis() as i64
             });
-            let message = farm.secrets().mask().apply(e.message.as_bytes()).into_owned();
+            let message = farm
+                .secrets()
+                .mask()
+                .apply(e.message.as_bytes())
+                .into_owned();
             let message = String::from_utf8_lossy(&message).into_owned();
             tracing::warn!(
                 id = row.id,
@@ -124,17 +129,23 @@ async fn send(farm: &Arc<Farm>, client: &Client, row: &OutboxRow) -> Result<(), 
     match row.kind.as_str() {
         "status" => send_status(farm, client, &p).await,
         "webhook" => {
-            let url = p["url"].as_str().ok_or_else(|| SendError::permanent("no url"))?;
+            let url = p["url"]
+                .as_str()
+                .ok_or_else(|| SendError::permanent("no url"))?;
             post(client, url, &[], &p["body"]).await
         }
         "email" => send_email(farm, &p).await,
-        other => Err(SendError::permanent(format!("unknown message kind {other:?}"))),
+        other => Err(SendError::permanent(format!(
+            "unknown message kind {other:?}"
+        ))),
     }
 }
 
 /// A commit status for a build, as the build stands now.
 async fn send_status(farm: &Arc<Farm>, client: &Client, p: &Value) -> Result<(), SendError> {
-    let id = p["build_id"].as_i64().ok_or_else(|| SendError::permanent("no build_id"))?;
+    let id = p["build_id"]
+        .as_i64()
+        .ok_or_else(|| SendError::permanent("no build_id"))?;
     let b = farm
         .store
         .build(id)
@@ -147,7 +158,9 @@ async fn send_status(farm: &Arc<Farm>, client: &Client, p: &Value) -> Result<(),
         .get(&b.repo)
         .and_then(|r| r.forge.clone())
         .filter(|f| f.status_token.is_some() && !f.repository.is_empty())
-        .ok_or_else(|| SendError::permanent(format!("repo {} no longer sends commit statuses", b.repo)))?;
+        .ok_or_else(|| {
+            SendError::permanent(format!("repo {} no longer sends commit statuses", b.repo))
+        })?;
     let token = farm
         .secrets()
         .resolve(forge.status_token.as_deref().unwrap_or_default())
@@ -169,7 +182,10 @@ async fn send_status(farm: &Arc<Farm>, client: &Client, p: &Value) -> Result<(),
         "description": description,
         "context": format!("farmer/{}", b.builder),
     });
-    let url = format!("{}/repos/{}/statuses/{}", forge.api, forge.repository, b.commit);
+    let url = format!(
+        "{}/repos/{}/statuses/{}",
+        forge.api, forge.repository, b.commit
+    );
     let headers: Vec<(&str, String)> = match forge.kind {
         ForgeKind::GitHub => vec![
             ("authorization", format!("Bearer {token}")),
@@ -184,7 +200,12 @@ async fn send_status(farm: &Arc<Farm>, client: &Client, p: &Value) -> Result<(),
     post(client, &url, &headers, &body).await
 }
 
-async fn post(client: &Client, url: &str, headers: &[(&str, String)], body: &Value) -> Result<(), SendError> {
+async fn post(
+    client: &Client,
+    url: &str,
+    headers: &[(&str, String)],
+    body: &Value,
+) -> Result<(), SendError> {
     let mut req = http::Request::post(url)
         .header("content-type", "application/json")
         .header("user-agent", concat!("farmer/", env!("CARGO_PKG_VERSION")));
@@ -239,16 +260,24 @@ async fn send_email(farm: &Arc<Farm>, p: &Value) -> Result<(), SendError> {
     let message = m
         .body(p["text"].as_str().unwrap_or_default().to_string())
         .map_err(|e| SendError::permanent(format!("composing the mail: {e}")))?;
-    let (scheme, rest) = smtp.server.split_once("://").unwrap_or(("smtp", &smtp.server));
+    let (scheme, rest) = smtp
+        .server
+        .split_once("://")
+        .unwrap_or(("smtp", &smtp.server));
     let (host, port) = match rest.trim_end_matches('/').rsplit_once(':') {
         Some((h, p)) => (h.to_string(), p.parse::<u16>().ok()),
         None => (rest.trim_end_matches('/').to_string(), None),
     };
-    let transport_err = |e: lettre::transport::smtp::Error| SendError::retry(format!("{}: {e}", smtp.server));
+    let transport_err =
+        |e: lettre::transport::smtp::Error| SendError::retry(format!("{}: {e}", smtp.server));
     type Smtp = lettre::AsyncSmtpTransport<lettre::Tokio1Executor>;
     let mut b = match scheme {
-        "smtps" => Smtp::relay(&host).map_err(transport_err)?.port(port.unwrap_or(465)),
-        "smtp+starttls" => Smtp::starttls_relay(&host).map_err(transport_err)?.port(port.unwrap_or(587)),
+        "smtps" => Smtp::relay(&host)
+            .map_err(transport_err)?
+            .port(port.unwrap_or(465)),
+        "smtp+starttls" => Smtp::starttls_relay(&host)
+            .map_err(transport_err)?
+            .port(port.unwrap_or(587)),
         _ => Smtp::builder_dangerous(&host).port(port.unwrap_or(25)),
     };
     if let (Some(user), Some(pass)) = (&smtp.username, &smtp.password) {
@@ -257,7 +286,10 @@ async fn send_email(farm: &Arc<Farm>, p: &Value) -> Result<(), SendError> {
             .resolve(pass)
             .map_err(|e| SendError::retry(e.to_string()))?
             .to_string();
-        b = b.credentials(lettre::transport::smtp::authentication::Credentials::new(user.clone(), pass));
+        b = b.credentials(lettre::transport::smtp::authentication::Credentials::new(
+            user.clone(),
+            pass,
+        ));
     }
     let transport = b.timeout(Some(SEND_LIMIT)).build();
     transport.send(message).await.map_err(transport_err)?;

@@ -26,7 +26,12 @@ pub enum Unverified {
 
 /// Checks `body` as delivered with `headers` by a forge of `kind` sharing
 /// `secret`.
-pub fn check(kind: ForgeKind, headers: &HeaderMap, body: &[u8], secret: &str) -> Result<(), Unverified> {
+pub fn check(
+    kind: ForgeKind,
+    headers: &HeaderMap,
+    body: &[u8],
+    secret: &str,
+) -> Result<(), Unverified> {
     match kind {
         ForgeKind::GitHub => {
             const H: &str = "X-Hub-Signature-256";
@@ -56,15 +61,24 @@ pub fn check(kind: ForgeKind, headers: &HeaderMap, body: &[u8], secret: &str) ->
 
 fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<&'a str, Unverified> {
     let v = headers.get(name).ok_or(Unverified::Unsigned(name))?;
-    v.to_str().map(str::trim).map_err(|_| Unverified::Malformed(name))
+    v.to_str()
+        .map(str::trim)
+        .map_err(|_| Unverified::Malformed(name))
 }
 
-fn hmac_matches(secret: &str, body: &[u8], hex_sig: &str, name: &'static str) -> Result<(), Unverified> {
+fn hmac_matches(
+    secret: &str,
+    body: &[u8],
+    hex_sig: &str,
+    name: &'static str,
+) -> Result<(), Unverified> {
     let sig = hex::decode(hex_sig).map_err(|_| Unverified::Malformed(name))?;
-    let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).map_err(|_| Unverified::Mismatch(name))?;
+    let mut mac =
+        HmacSha256::new_from_slice(secret.as_bytes()).map_err(|_| Unverified::Mismatch(name))?;
     mac.update(body);
     // verify_slice compares in constant time.
-    mac.verify_slice(&sig).map_err(|_| Unverified::Mismatch(name))
+    mac.verify_slice(&sig)
+        .map_err(|_| Unverified::Mismatch(name))
 }
 
 /// The signature header value a forge would send (for tests and tools).
@@ -93,7 +107,12 @@ mod tests {
         let gh = headers(&[("X-Hub-Signature-256", &format!("sha256={sig}"))]);
         assert_eq!(check(ForgeKind::GitHub, &gh, body, "s3cret-hook"), Ok(()));
         assert_eq!(
-            check(ForgeKind::GitHub, &gh, br#"{"ref":"refs/heads/evil"}"#, "s3cret-hook"),
+            check(
+                ForgeKind::GitHub,
+                &gh,
+                br#"{"ref":"refs/heads/evil"}"#,
+                "s3cret-hook"
+            ),
             Err(Unverified::Mismatch("X-Hub-Signature-256"))
         );
         assert_eq!(
@@ -112,7 +131,10 @@ mod tests {
         let gitea = headers(&[("X-Gitea-Signature", &sig)]);
         assert_eq!(check(ForgeKind::Gitea, &gitea, body, "s3cret-hook"), Ok(()));
         let forgejo = headers(&[("X-Forgejo-Signature", &sig)]);
-        assert_eq!(check(ForgeKind::Gitea, &forgejo, body, "s3cret-hook"), Ok(()));
+        assert_eq!(
+            check(ForgeKind::Gitea, &forgejo, body, "s3cret-hook"),
+            Ok(())
+        );
         let gl = headers(&[("X-Gitlab-Token", "s3cret-hook")]);
         assert_eq!(check(ForgeKind::GitLab, &gl, body, "s3cret-hook"), Ok(()));
         let gl = headers(&[("X-Gitlab-Token", "s3cret-hoo")]);

@@ -546,7 +546,11 @@ fn classify(url: &str) -> Result<Location, GitError> {
     Ok(Location::Local(PathBuf::from(url)))
 }
 
-/// The URL with any password replaced, for messages and logs.
+/// The URL with any password replaced, for messages, logs and pages.
+pub fn redact_url(url: &str) -> String {
+    redact(url)
+}
+
 fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();

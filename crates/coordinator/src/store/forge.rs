@@ -102,7 +102,13 @@ impl Store {
 
     /// Queues a message. An unsent message with the same `dedupe` key is
     /// superseded: only the newest state of a thing is worth sending.
-    pub async fn outbox_push(&self, kind: &str, repo: &str, dedupe: &str, payload: &str) -> Result<i64> {
+    pub async fn outbox_push(
+        &self,
+        kind: &str,
+        repo: &str,
+        dedupe: &str,
+        payload: &str,
+    ) -> Result<i64> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         sqlx::query(
@@ -147,9 +153,11 @@ impl Store {
 
     /// When the next pending message is due, if any.
     pub async fn outbox_next_due(&self) -> Result<Option<i64>> {
-        Ok(sqlx::query_scalar("SELECT MIN(next_at) FROM outbox WHERE state = 'pending'")
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT MIN(next_at) FROM outbox WHERE state = 'pending'")
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     /// Marks a message sent (unless something superseded it meanwhile).
@@ -197,7 +205,12 @@ impl Store {
     }
 
     /// A builder's last known state on a branch.
-    pub async fn branch_state(&self, repo: &str, branch: &str, builder: &str) -> Result<Option<BranchState>> {
+    pub async fn branch_state(
+        &self,
+        repo: &str,
+        branch: &str,
+        builder: &str,
+    ) -> Result<Option<BranchState>> {
         Ok(sqlx::query_as(
             "SELECT state, commit_hash, commit_time, build_id FROM branch_states WHERE repo = ? AND branch = ? AND builder = ?",
         )
@@ -208,7 +221,13 @@ impl Store {
         .await?)
     }
 
-    pub async fn set_branch_state(&self, repo: &str, branch: &str, builder: &str, s: &BranchState) -> Result<()> {
+    pub async fn set_branch_state(
+        &self,
+        repo: &str,
+        branch: &str,
+        builder: &str,
+        s: &BranchState,
+    ) -> Result<()> {
         sqlx::query(
             "INSERT INTO branch_states (repo, branch, builder, state, commit_hash, commit_time, build_id) VALUES (?, ?, ?, ?, ?, ?, ?) \
              ON CONFLICT (repo, branch, builder) DO UPDATE SET state = excluded.state, commit_hash = excluded.commit_hash, \

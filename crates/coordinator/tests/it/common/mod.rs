@@ -4,6 +4,7 @@
 
 pub mod gitserver;
 pub mod inproc;
+pub mod recorder;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

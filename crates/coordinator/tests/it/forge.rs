@@ -490,3 +490,296 @@ async fn builds_until(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A real SMTP server on loopback (Python's aiosmtpd) that stores every
+/// mail it is given in a maildir.
+struct SmtpSink {
+    port: u16,
+    maildir: std::path::PathBuf,
+    _proc: crate::common::Stopped,
+}
+
+impl SmtpSink {
+    fn start(dir: &std::path::Path) -> SmtpSink {
+        use std::os::unix::process::CommandExt;
+        let ok = std::process::Command::new("python3")
+            .args(["-c", "import aiosmtpd"])
+            .status()
+            .unwrap();
+        assert!(
+            ok.success(),
+            "python3 lacks aiosmtpd: install it (scripts/test does)"
+        );
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let maildir = dir.join("maildir");
+        let proc = crate::common::Stopped(
+            std::process::Command::new("python3")
+                .args([
+                    "-m",
+                    "aiosmtpd",
+                    "-n",
+                    "-l",
+                    &format!("127.0.0.1:{port}"),
+                    "-c",
+                    "aiosmtpd.handlers.Mailbox",
+                ])
+                .arg(&maildir)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .process_group(0)
+                .spawn()
+                .unwrap(),
+        );
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "aiosmtpd did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        SmtpSink {
+            port,
+            maildir,
+            _proc: proc,
+        }
+    }
+
+    /// Every mail received, as text.
+    fn mails(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for sub in ["new", "cur"] {
+            if let Ok(rd) = std::fs::read_dir(self.maildir.join(sub)) {
+                for e in rd.flatten() {
+                    out.push(std::fs::read_to_string(e.path()).unwrap_or_default());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A branch going red is told once (by JSON webhook and by mail through a
+/// real SMTP server), staying red is not told again, and going green again
+/// is told once; a pre-submit failure tells nobody.
+#[test]
+fn a_branch_going_red_and_green_again_is_told_once_each_way() {
+    rt().block_on(async {
+        let tmp = tempfile::tempdir().unwrap();
+        let smtp = SmtpSink::start(tmp.path());
+        let chat = crate::common::recorder::Recorder::start(0);
+        let mut repo = TestRepo::new(&tmp.path().join("work"));
+        let c1 = repo.commit("good", &[("a.txt", "1\n")]);
+        let cfg = format!(
+            r#"[farm]
+heartbeat = "1s"
+url = "https://farm.example.com"
+
+[smtp]
+server = "smtp://127.0.0.1:{port}"
+from = "Farmer <farmer@example.com>"
+
+[repos.r]
+url = "{repo}"
+backfill = 1
+[repos.r.notify]
+webhook = "{chat}/hooks/farm"
+email = ["team@example.com"]
+
+[hosts.host-a]
+pool = "reverse"
+trusted = true
+
+[builders.b]
+host = "host-a"
+presubmit = true
+[[builders.b.steps]]
+name = "test"
+run = "test ! -e broken || {{ echo 'it is broken'; exit 1; }}"
+"#,
+            port = smtp.port,
+            repo = repo.path.display(),
+            chat = chat.url,
+        );
+        let f = InProc::start(&cfg).await;
+        f.machine("host-a", "m1").await;
+        let mut expect = |c: String, status: BuildStatus| {
+            let f = &f;
+            async move {
+                assert_eq!(poll_once(&f.farm, "r").await, Ok(1));
+                let b = builds_until(f, "the build", |b| {
+                    b.iter().any(|b| {
+                        b.commit == c
+                            && b.status != BuildStatus::Queued
+                            && b.status != BuildStatus::Running
+                    })
+                })
+                .await;
+                let b = b.into_iter().find(|b| b.commit == c).unwrap();
+                assert_eq!(b.status, status, "{b:?}");
+                b.id
+            }
+        };
+        let _ = &mut expect;
+        expect(c1.clone(), BuildStatus::Passed).await;
+        let c2 = repo.commit("break it", &[("broken", "yes\n")]);
+        let broke = expect(c2.clone(), BuildStatus::Failed).await;
+        let c3 = repo.commit("still broken", &[("b.txt", "x\n")]);
+        expect(c3.clone(), BuildStatus::Failed).await;
+        // A pre-submit failure says nothing about the branch.
+        let pre = f
+            .farm
+            .trigger("b", None, None, &c3, BuildKind::PreSubmit, "test")
+            .await
+            .unwrap();
+        assert_eq!(f.finished(pre).await.status, BuildStatus::Failed);
+        git(&repo.path, &["rm", "-q", "broken"]);
+        let c4 = repo.commit("fix it", &[("a.txt", "2\n")]);
+        let fixed = expect(c4.clone(), BuildStatus::Passed).await;
+
+        let hooks = chat.wait_until("two notices", Duration::from_secs(30), |r| r.len() >= 2);
+        let start = std::time::Instant::now();
+        while smtp.mails().len() < 2 {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "mails: {:?}",
+                smtp.mails()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Nothing more comes (c3 and the pre-submit build told nobody).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let hooks_after = chat.all();
+        assert_eq!(hooks_after.len(), 2, "{hooks_after:#?}");
+        assert_eq!(smtp.mails().len(), 2, "{:?}", smtp.mails());
+
+        let by_event = |e: &str| {
+            hooks
+                .iter()
+                .find(|r| r.body["event"] == e)
+                .unwrap_or_else(|| panic!("no {e} notice: {hooks:#?}"))
+                .clone()
+        };
+        let b = by_event("broken");
+        assert_eq!(b.method, "POST");
+        assert_eq!(b.path, "/hooks/farm");
+        assert_eq!(
+            b.headers.get("content-type").map(String::as_str),
+            Some("application/json")
+        );
+        assert_eq!(b.body["commit"], c2.as_str());
+        assert_eq!(b.body["branch"], "main");
+        assert_eq!(b.body["builder"], "b");
+        assert_eq!(
+            b.body["url"],
+            format!("https://farm.example.com/builds/{broke}")
+        );
+        assert_eq!(b.body["previous"]["state"], "passed");
+        let g = by_event("fixed");
+        assert_eq!(g.body["commit"], c4.as_str());
+        assert_eq!(
+            g.body["url"],
+            format!("https://farm.example.com/builds/{fixed}")
+        );
+
+        let mails = smtp.mails();
+        let red = mails
+            .iter()
+            .find(|m| m.contains("broke"))
+            .unwrap_or_else(|| panic!("{mails:?}"));
+        assert!(red.contains("To: team@example.com"), "{red}");
+        assert!(red.contains("From: Farmer <farmer@example.com>"), "{red}");
+        assert!(
+            red.contains(&c2[..12]) && red.contains(&format!("/builds/{broke}")),
+            "{red}"
+        );
+        let green = mails
+            .iter()
+            .find(|m| m.contains("green again"))
+            .unwrap_or_else(|| panic!("{mails:?}"));
+        assert!(green.contains(&c4[..12]), "{green}");
+    });
+}
+
+/// Commit statuses wait in the store while the forge is down, survive a
+/// coordinator restart, and are sent once it is back.
+#[test]
+fn statuses_survive_a_forge_outage_and_a_restart() {
+    rt().block_on(async {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut repo = TestRepo::new(&tmp.path().join("work"));
+        let head = repo.commit("one", &[("a.txt", "1\n")]);
+        let api = crate::common::recorder::Recorder::start(0);
+        api.set_failing(true);
+        let mut f = InProc::start_with_secrets(
+            &hooks_config(&repo.path, &api.url),
+            &[("hook", HOOK_SECRET), ("gh", GH_TOKEN)],
+        )
+        .await;
+        f.machine("host-a", "m1").await;
+        let id = f
+            .farm
+            .trigger(
+                "post",
+                Some("app"),
+                None,
+                &head,
+                BuildKind::PostSubmit,
+                "test",
+            )
+            .await
+            .unwrap();
+        assert_eq!(f.finished(id).await.status, BuildStatus::Passed);
+        api.wait_until(
+            "an attempt while the forge is down",
+            Duration::from_secs(20),
+            |r| !r.is_empty(),
+        );
+        // The newest status has been tried, failed, and waits to be retried.
+        let start = std::time::Instant::now();
+        let pending = loop {
+            let rows = f.farm.store.outbox_for_repo("app", 10).await.unwrap();
+            if rows.iter().any(|m| m.state == "pending" && m.attempts >= 1) {
+                break rows;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "{rows:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(
+            pending
+                .iter()
+                .any(|m| m.state == "pending" && m.last_error.contains("500")),
+            "{pending:?}"
+        );
+        assert!(pending.iter().all(|m| !m.last_error.contains(GH_TOKEN)));
+
+        f.restart().await;
+        api.set_failing(false);
+        let seen = api.wait_until(
+            "the status after the restart",
+            Duration::from_secs(30),
+            |r| r.iter().any(|r| r.body["state"] == "success"),
+        );
+        let ok: Vec<_> = seen
+            .iter()
+            .filter(|r| r.body["state"] == "success")
+            .collect();
+        assert_eq!(ok.len(), 1, "{seen:#?}");
+        assert_eq!(ok[0].path, format!("/repos/org/app/statuses/{head}"));
+        assert_eq!(ok[0].body["context"], "farmer/post");
+        // Recorded as sent once the answer is in.
+        let start = std::time::Instant::now();
+        loop {
+            let after = f.farm.store.outbox_for_repo("app", 10).await.unwrap();
+            if after.iter().any(|m| m.state == "sent") {
+                assert!(after.iter().all(|m| m.state != "pending"), "{after:?}");
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "{after:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}

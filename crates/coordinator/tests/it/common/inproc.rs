@@ -36,10 +36,27 @@ impl InProc {
         for (name, value) in secrets {
             coordinator::secrets::store(&dir.path().join("data"), name, value).unwrap();
         }
-        let path = dir.path().join("farm.toml");
-        std::fs::write(&path, config).unwrap();
+        std::fs::write(dir.path().join("farm.toml"), config).unwrap();
+        let (farm, dispatch, outbox) = InProc::farm_in(dir.path()).await;
+        InProc {
+            farm,
+            dir,
+            dispatch,
+            outbox,
+        }
+    }
+
+    /// A farm on the config and data in `dir`, with its loops running.
+    async fn farm_in(
+        dir: &Path,
+    ) -> (
+        Arc<Farm>,
+        tokio::task::JoinHandle<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let path = dir.join("farm.toml");
         let cfg = coordinator::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-        let data = dir.path().join("data");
+        let data = dir.join("data");
         std::fs::create_dir_all(&data).unwrap();
         let store = coordinator::store::Store::open(&data.join("farmer.db"))
             .await
@@ -57,12 +74,18 @@ impl InProc {
         });
         let dispatch = tokio::spawn(farm.clone().dispatch_loop());
         let outbox = tokio::spawn(coordinator::forge::outbox::deliver_loop(farm.clone()));
-        InProc {
-            farm,
-            dir,
-            dispatch,
-            outbox,
-        }
+        (farm, dispatch, outbox)
+    }
+
+    /// Stops this farm's loops and starts a new farm on the same data dir
+    /// and store, as a coordinator restart would (machines must join again).
+    pub async fn restart(&mut self) {
+        self.dispatch.abort();
+        self.outbox.abort();
+        let (farm, dispatch, outbox) = InProc::farm_in(self.dir.path()).await;
+        self.farm = farm;
+        self.dispatch = dispatch;
+        self.outbox = outbox;
     }
 
     /// A machine of `host_type` called `hostname`: a real buildlet handler

@@ -23,6 +23,7 @@ pub struct Recorder {
     pub url: String,
     seen: Arc<Mutex<Vec<Recorded>>>,
     stop: Arc<AtomicBool>,
+    failing: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -34,7 +35,8 @@ impl Recorder {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let count = Arc::new(AtomicUsize::new(0));
-        let (s, st) = (seen.clone(), stop.clone());
+        let failing = Arc::new(AtomicBool::new(false));
+        let (s, st, fl) = (seen.clone(), stop.clone(), failing.clone());
         let thread = std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
                 let Ok((conn, _)) = l.accept() else {
@@ -76,7 +78,7 @@ impl Recorder {
                     body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
                 });
                 let n = count.fetch_add(1, Ordering::Relaxed);
-                let (code, text) = if n < fail_first {
+                let (code, text) = if n < fail_first || fl.load(Ordering::Relaxed) {
                     ("500 Internal Server Error", "{\"message\":\"try again\"}")
                 } else {
                     ("201 Created", "{}")
@@ -93,8 +95,14 @@ impl Recorder {
             url,
             seen,
             stop,
+            failing,
             thread: Some(thread),
         }
+    }
+
+    /// Answers 500 to everything while `on` (a forge that is down).
+    pub fn set_failing(&self, on: bool) {
+        self.failing.store(on, Ordering::Relaxed);
     }
 
     pub fn all(&self) -> Vec<Recorded> {

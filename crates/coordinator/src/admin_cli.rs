@@ -6,11 +6,14 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
+/// Where the CLIs look for a coordinator unless told.
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:8080";
+
 /// How to reach the coordinator.
 #[derive(Args, Debug, Clone)]
 pub struct Remote {
     /// Coordinator URL.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    #[arg(long, default_value = DEFAULT_COORDINATOR)]
     pub coordinator: String,
     /// Trust exactly the coordinator key (spki-sha256:HEX) or certificate
     /// (HEX) this pin names (for https URLs).

@@ -72,7 +72,7 @@ impl<S: UserTokens + Send + Sync> FromRequestParts<S> for Caller {
             Err(AdminRefusal::Missing) => {
                 return Err(refuse(
                     StatusCode::UNAUTHORIZED,
-                    "this needs a user token: run `farmer gomote login --coordinator URL --token-file FILE` (an admin makes tokens with `farmer user add NAME`), or send Authorization: Bearer TOKEN",
+                    "this needs the admin token or a user token: send Authorization: Bearer TOKEN, or run `farmer gomote login --coordinator URL --token-file FILE` (an admin makes user tokens with `farmer user add NAME`)",
                 ));
             }
             Err(AdminRefusal::Wrong) => {}
@@ -83,7 +83,7 @@ impl<S: UserTokens + Send + Sync> FromRequestParts<S> for Caller {
             Some((name, admin)) => Ok(Caller { name, admin }),
             None => Err(refuse(
                 StatusCode::FORBIDDEN,
-                "this token belongs to no user (it was never issued, or its user was removed)",
+                "wrong admin token, and this token belongs to no user (it was never issued, or its user was removed)",
             )),
         }
     }

@@ -67,20 +67,40 @@ pub enum BuildCmd {
     },
 }
 
-/// The API as the admin: `--token-file`, else `$FARMER_TOKEN`, else the
-/// data dir's admin token.
+/// The API as the admin or a user: `--token-file`, else `$FARMER_TOKEN`,
+/// else the login `farmer gomote login` saved (its coordinator too, unless
+/// `--coordinator` says otherwise), else the data dir's admin token.
 fn client(remote: &Remote) -> anyhow::Result<ApiClient> {
+    let mut coordinator = remote.coordinator.clone();
+    let mut pin = remote.tls_pin.clone();
     let token = match std::env::var("FARMER_TOKEN") {
         Ok(t) if remote.token_file.is_none() && !t.trim().is_empty() => t,
-        _ => remote
-            .admin_token()
-            .context("give --token-file FILE or set $FARMER_TOKEN")?,
+        _ => match saved_login(remote) {
+            Some(l) => {
+                if coordinator == crate::admin_cli::DEFAULT_COORDINATOR && !l.coordinator.is_empty()
+                {
+                    coordinator = l.coordinator;
+                    pin = pin.or(l.tls_pin);
+                }
+                l.token
+            }
+            None => remote.admin_token().context(
+                "give --token-file FILE, set $FARMER_TOKEN, or run `farmer gomote login` first",
+            )?,
+        },
     };
-    ApiClient::new(
-        &remote.coordinator,
-        Some(token.trim()),
-        remote.tls_pin.as_deref(),
-    )
+    ApiClient::new(&coordinator, Some(token.trim()), pin.as_deref())
+}
+
+/// The saved gomote login, when no token file was named and one exists.
+fn saved_login(remote: &Remote) -> Option<crate::gomote::cli::Login> {
+    if remote.token_file.is_some() {
+        return None;
+    }
+    let path = crate::gomote::cli::config_path().ok()?;
+    let text = std::fs::read_to_string(path).ok()?;
+    let l: crate::gomote::cli::Login = toml::from_str(&text).ok()?;
+    (!l.token.is_empty()).then_some(l)
 }
 
 /// What `watch` exits with for a build's final status.

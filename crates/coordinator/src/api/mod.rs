@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::auth::Admin;
+use crate::auth::Caller;
 use crate::farm::{Farm, TriggerError};
 use crate::store::{BuildFilter, BuildKind, BuildStatus};
 
@@ -425,9 +425,14 @@ where
     }
 }
 
+/// Who a build is recorded as requested by: `admin`, or the user's name.
+fn requester(c: &Caller) -> String {
+    c.name.clone()
+}
+
 async fn trigger(
     State(farm): State<Arc<Farm>>,
-    _: Admin,
+    caller: Caller,
     JsonBody(t): JsonBody<TriggerBody>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     let kind = match t.kind.as_deref() {
@@ -443,7 +448,7 @@ async fn trigger(
             t.branch.as_deref(),
             &t.commit,
             kind,
-            "admin",
+            &requester(&caller),
         )
         .await?;
     Ok((StatusCode::CREATED, Json(json!({ "id": id }))))
@@ -451,9 +456,25 @@ async fn trigger(
 
 async fn cancel(
     State(farm): State<Arc<Farm>>,
-    _: Admin,
+    caller: Caller,
     Path(id): Path<i64>,
 ) -> ApiResult<Json<serde_json::Value>> {
+    if !caller.admin {
+        let by = farm
+            .store
+            .requested_by(id)
+            .await?
+            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no build {id}")))?;
+        if by != caller.name {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "build {id} was not queued by {}: only an admin or the user who queued it may cancel it",
+                    caller.name
+                ),
+            ));
+        }
+    }
     let st = farm.cancel(id).await?;
     Ok(Json(
         json!({ "id": id, "status": st, "message": if st == BuildStatus::Running { "cancelling: the running command is being stopped" } else { "cancelled" } }),
@@ -462,7 +483,7 @@ async fn cancel(
 
 async fn rebuild(
     State(farm): State<Arc<Farm>>,
-    _: Admin,
+    caller: Caller,
     Path(id): Path<i64>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     let b = farm
@@ -477,7 +498,11 @@ async fn rebuild(
             Some(&b.branch),
             &b.commit,
             b.kind,
-            &format!("rebuild of {id}"),
+            &if caller.admin {
+                format!("rebuild of {id}")
+            } else {
+                requester(&caller)
+            },
         )
         .await?;
     Ok((

@@ -63,7 +63,7 @@ struct NewUser {
 async fn user_add(
     _: Admin,
     State(farm): State<Arc<Farm>>,
-    Json(u): Json<NewUser>,
+    crate::api::JsonBody(u): crate::api::JsonBody<NewUser>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     if !valid_name(&u.name) || u.name == crate::auth::ADMIN_USER {
         return Err(err(
@@ -120,7 +120,7 @@ async fn user_key_add(
     caller: Caller,
     State(farm): State<Arc<Farm>>,
     Path(name): Path<String>,
-    Json(k): Json<NewKey>,
+    crate::api::JsonBody(k): crate::api::JsonBody<NewKey>,
 ) -> ApiResult<Json<serde_json::Value>> {
     if caller.name != name && !caller.admin {
         return Err(err(
@@ -182,7 +182,7 @@ struct NewInstance {
 async fn create(
     caller: Caller,
     State(farm): State<Arc<Farm>>,
-    Json(n): Json<NewInstance>,
+    crate::api::JsonBody(n): crate::api::JsonBody<NewInstance>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     if let Some(g) = &n.group {
         group_owned(&farm, &caller, g).await?;
@@ -441,7 +441,7 @@ struct NewGroup {
 async fn group_create(
     caller: Caller,
     State(farm): State<Arc<Farm>>,
-    Json(g): Json<NewGroup>,
+    crate::api::JsonBody(g): crate::api::JsonBody<NewGroup>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     if !valid_name(&g.name) {
         return Err(err(
@@ -480,7 +480,7 @@ async fn group_add(
     caller: Caller,
     State(farm): State<Arc<Farm>>,
     Path(name): Path<String>,
-    Json(m): Json<Member>,
+    crate::api::JsonBody(m): crate::api::JsonBody<Member>,
 ) -> ApiResult<Json<serde_json::Value>> {
     group_owned(&farm, &caller, &name).await?;
     super::owned(&farm, &caller, &m.instance).await?;

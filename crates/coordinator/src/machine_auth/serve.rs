@@ -68,7 +68,7 @@ async fn ca_cert(State(farm): State<Arc<Farm>>) -> ApiResult<String> {
 async fn submit(
     State(farm): State<Arc<Farm>>,
     conn: Option<axum::Extension<crate::reverse::ConnInfo>>,
-    Json(s): Json<Submission>,
+    crate::api::JsonBody(s): crate::api::JsonBody<Submission>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     let peer = conn.map(|c| c.0.peer.ip());
     let (id, secret) = submit_request(&farm.bots, &farm.store, peer, &s)
@@ -162,7 +162,7 @@ async fn approve(
     State(farm): State<Arc<Farm>>,
     _: Admin,
     Path(id): Path<i64>,
-    Json(a): Json<Approve>,
+    crate::api::JsonBody(a): crate::api::JsonBody<Approve>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let cfg = farm.config();
     if !cfg.hosts.contains_key(&a.host_type) {
@@ -234,7 +234,7 @@ async fn reject(
     State(farm): State<Arc<Farm>>,
     _: Admin,
     Path(id): Path<i64>,
-    Json(r): Json<Reject>,
+    crate::api::JsonBody(r): crate::api::JsonBody<Reject>,
 ) -> ApiResult<Json<serde_json::Value>> {
     if r.reason.trim().is_empty() {
         return Err(err(
@@ -272,7 +272,7 @@ struct Revoke {
 async fn revoke(
     State(farm): State<Arc<Farm>>,
     _: Admin,
-    Json(r): Json<Revoke>,
+    crate::api::JsonBody(r): crate::api::JsonBody<Revoke>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let (serial, hostname) = match (r.serial, r.hostname) {
         (Some(s), _) => {
@@ -322,7 +322,7 @@ async fn revoke(
 /// The token endpoint: checks the request in order and mints a token.
 async fn token(
     State(farm): State<Arc<Farm>>,
-    Json(req): Json<TokenRequest>,
+    crate::api::JsonBody(req): crate::api::JsonBody<TokenRequest>,
 ) -> ApiResult<Json<TokenResponse>> {
     let refuse = |code: StatusCode, kind: &str, host: &str, msg: String| {
         farm.pool.refuse(

@@ -172,6 +172,9 @@ pub struct BuildRow {
     pub error: String,
     /// Passed only after re-running tests that failed first.
     pub flaky: bool,
+    /// Who asked for it: "" for the poller, `admin`, a user's name, a
+    /// forge's pull request, `rebuild of N`.
+    pub requested_by: String,
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -263,7 +266,7 @@ pub struct Store {
     pool: SqlitePool,
 }
 
-const BUILD_COLS: &str = "id, builder, host_type, repo, branch, commit_hash, commit_time, kind, status, created_at, started_at, finished_at, attempts, error, flaky";
+const BUILD_COLS: &str = "id, builder, host_type, repo, branch, commit_hash, commit_time, kind, status, created_at, started_at, finished_at, attempts, error, flaky, requested_by";
 
 fn build_row(r: &sqlx::sqlite::SqliteRow) -> Result<BuildRow> {
     let kind: String = r.try_get("kind")?;
@@ -284,6 +287,7 @@ fn build_row(r: &sqlx::sqlite::SqliteRow) -> Result<BuildRow> {
         attempts: r.try_get("attempts")?,
         error: r.try_get("error")?,
         flaky: r.try_get::<i64, _>("flaky")? != 0,
+        requested_by: r.try_get("requested_by")?,
     })
 }
 
@@ -448,6 +452,16 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok((r.rows_affected() > 0).then(|| r.last_insert_rowid()))
+    }
+
+    /// Who asked for build `id` ("" for the poller).
+    pub async fn requested_by(&self, id: i64) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT requested_by FROM builds WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     pub async fn build(&self, id: i64) -> Result<Option<BuildRow>> {

@@ -308,6 +308,9 @@ run = "sleep 30"
         Some(&key),
     );
     c.wait_connected(1);
+    // No saved gomote login may stand in for the admin token here.
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
     let farmer = |args: &[&str]| {
         let mut cmd = Command::new(FARMER);
         cmd.arg("build")
@@ -315,6 +318,7 @@ run = "sleep 30"
             .arg(format!("--coordinator={}", c.url("")))
             .arg("--data-dir")
             .arg(&data)
+            .env("XDG_CONFIG_HOME", &home)
             .env_remove("FARMER_TOKEN");
         common::output_within(&mut cmd, Duration::from_secs(60))
     };
@@ -386,11 +390,93 @@ run = "sleep 30"
     );
     let out = farmer(&["rebuild", &bad_id.to_string()]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("again {bad_id}")));
+    // A user's token, saved by `farmer gomote login`: the build is theirs,
+    // they may cancel it, but not a build the admin queued.
+    let out = common::output_within(
+        Command::new(FARMER)
+            .args([
+                "user",
+                "add",
+                "alice",
+                "--coordinator",
+                &c.url(""),
+                "--data-dir",
+            ])
+            .arg(&data),
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token_file = dir.path().join("alice.token");
+    std::fs::write(&token_file, String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    let alice_home = dir.path().join("alice");
+    std::fs::create_dir_all(&alice_home).unwrap();
+    let out = common::output_within(
+        Command::new(FARMER)
+            .args([
+                "gomote",
+                "login",
+                "--coordinator",
+                &c.url(""),
+                "--token-file",
+            ])
+            .arg(&token_file)
+            .env("XDG_CONFIG_HOME", &alice_home)
+            .env("HOME", &alice_home)
+            .env_remove("FARMER_TOKEN"),
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let alice = |args: &[&str]| {
+        // No --coordinator, no token file, no data dir: all from the login.
+        let mut cmd = Command::new(FARMER);
+        cmd.arg("build")
+            .args(args)
+            .current_dir(&alice_home)
+            .env("XDG_CONFIG_HOME", &alice_home)
+            .env("HOME", &alice_home)
+            .env_remove("FARMER_TOKEN");
+        common::output_within(&mut cmd, Duration::from_secs(60))
+    };
+    let out = alice(&["trigger", "slow", "--commit", "main"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mine = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let b = c.get(&format!("/api/builds/{mine}"));
+    assert_eq!(b["build"]["requested_by"], "alice", "{b}");
+    let out = alice(&["cancel", &bad_id.to_string()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("only an admin or the user who queued it"),
+        "{err}"
+    );
+    let out = alice(&["cancel", &mine]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Without a token: a sentence that says where one is looked for.
     let mut cmd = Command::new(FARMER);
     cmd.args(["build", "list", "--data-dir"])
         .arg(dir.path().join("nowhere"))
         .arg(format!("--coordinator={}", c.url("")))
+        .env("XDG_CONFIG_HOME", &home)
         .env_remove("FARMER_TOKEN");
     let out = common::output_within(&mut cmd, Duration::from_secs(30));
     assert!(!out.status.success());

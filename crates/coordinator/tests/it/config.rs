@@ -347,7 +347,7 @@ cwd = "src"
     );
     assert_eq!(
         errs[2].message,
-        "unknown key \"brnaches\" in repo \"sample\"; did you mean \"branches\"? known keys: url, branches, poll_interval, backfill"
+        "unknown key \"brnaches\" in repo \"sample\"; did you mean \"branches\"? known keys: url, branches, poll_interval, backfill, username, password, password_file, ca_file, forge, notify"
     );
     assert!(
         errs[0]
@@ -1167,4 +1167,186 @@ fn serve_settings_live_in_the_config_too() {
     let (_, _, field, _) = only("[serve]\nlistn = \"0.0.0.0:1\"\n");
     assert_eq!(field, "serve.listn");
     assert_eq!(parse("").unwrap().serve, Default::default());
+}
+
+const FORGE: &str = r#"[farm]
+url = "https://farm.example.com/"
+
+[secrets]
+forge-token = {}
+hook = { env = "FARMER_TEST_HOOK" }
+gh = { file = "gh.token" }
+smtp-pass = {}
+pypi = {}
+
+[smtp]
+server = "smtp+starttls://mail.example.com:587"
+from = "Farmer <farmer@example.com>"
+username = "farmer"
+password = "secret:smtp-pass"
+
+[repos.app]
+url = "https://git.example.com/org/app.git"
+username = "farmer-bot"
+password = "secret:forge-token"
+ca_file = "ca.pem"
+[repos.app.forge]
+type = "forgejo"
+repository = "org/app"
+api = "https://git.example.com/api/v1/"
+webhook_secret = "secret:hook"
+status_token = "secret:gh"
+[repos.app.notify]
+webhook = "https://chat.example.com/hooks/abc"
+email = ["team@example.com"]
+
+[hosts.host-a]
+pool = "reverse"
+trusted = true
+
+[builders.upload]
+host = "host-a"
+env = { TOKEN = "secret:pypi" }
+[[builders.upload.steps]]
+name = "upload"
+run = "true"
+env = { AGAIN = "secret:pypi" }
+"#;
+
+#[test]
+fn forge_secrets_and_notify_settings_parse() {
+    let c = parse(FORGE).unwrap_or_else(|e| panic!("{e:#?}"));
+    assert_eq!(c.farm.url.as_deref(), Some("https://farm.example.com"));
+    let app = &c.repos["app"];
+    assert_eq!(app.auth.username, "farmer-bot");
+    assert_eq!(app.auth.password.as_deref(), Some("secret:forge-token"));
+    assert_eq!(
+        app.auth.ca_file,
+        Some(Path::new(FILE).parent().unwrap().join("ca.pem"))
+    );
+    let f = app.forge.as_ref().unwrap();
+    assert_eq!(f.kind, config::ForgeKind::Gitea);
+    assert_eq!(f.api, "https://git.example.com/api/v1");
+    assert_eq!(f.repository, "org/app");
+    assert_eq!(app.notify.email, vec!["team@example.com".to_string()]);
+    assert_eq!(
+        c.secrets["hook"],
+        coordinator::secrets::Source::Env("FARMER_TEST_HOOK".into())
+    );
+    assert_eq!(
+        c.secrets["gh"],
+        coordinator::secrets::Source::File(Path::new(FILE).parent().unwrap().join("gh.token"))
+    );
+    assert_eq!(c.secrets["pypi"], coordinator::secrets::Source::DataDir);
+    assert_eq!(c.smtp.as_ref().unwrap().username.as_deref(), Some("farmer"));
+    // GitHub's API is the default.
+    let gh = FORGE
+        .replace("type = \"forgejo\"", "type = \"github\"")
+        .replace("api = \"https://git.example.com/api/v1/\"\n", "");
+    let c = parse(&gh).unwrap();
+    assert_eq!(
+        c.repos["app"].forge.as_ref().unwrap().api,
+        "https://api.github.com"
+    );
+}
+
+#[test]
+fn forge_settings_errors_point_at_the_field() {
+    let cases: &[(&str, &str, &str, &str)] = &[
+        (
+            "type = \"forgejo\"",
+            "type = \"bitbucket\"",
+            "repos.app.forge.type",
+            "unknown",
+        ),
+        (
+            "repository = \"org/app\"",
+            "repository = \"org\"",
+            "repos.app.forge.repository",
+            "OWNER/NAME",
+        ),
+        (
+            "webhook_secret = \"secret:hook\"",
+            "webhook_secret = \"plain-text\"",
+            "repos.app.forge.webhook_secret",
+            "must name a secret",
+        ),
+        (
+            "password = \"secret:forge-token\"",
+            "password = \"secret:nope\"",
+            "repos.app.password",
+            "not declared",
+        ),
+        (
+            "webhook = \"https://chat.example.com/hooks/abc\"",
+            "webhook = \"chat\"",
+            "repos.app.notify.webhook",
+            "http(s) URL",
+        ),
+        (
+            "email = [\"team@example.com\"]",
+            "email = [\"not an address\"]",
+            "repos.app.notify.email[0]",
+            "not an email address",
+        ),
+        (
+            "server = \"smtp+starttls://mail.example.com:587\"",
+            "server = \"mail.example.com\"",
+            "smtp.server",
+            "smtp://",
+        ),
+        (
+            "url = \"https://farm.example.com/\"",
+            "url = \"farm.example.com\"",
+            "farm.url",
+            "public http(s) URL",
+        ),
+        (
+            "gh = { file = \"gh.token\" }",
+            "gh = { file = \"gh.token\", env = \"X\" }",
+            "secrets.gh",
+            "not both",
+        ),
+        (
+            "trusted = true",
+            "trusted = false",
+            "builders.upload.env.TOKEN",
+            "not trusted",
+        ),
+    ];
+    for (from, to, field, message) in cases {
+        assert!(FORGE.contains(from), "{from}");
+        let errs = errors(&FORGE.replacen(from, to, 1));
+        let hit = errs.iter().find(|e| e.field == *field);
+        let e = hit.unwrap_or_else(|| panic!("{to}: no error at {field}: {errs:#?}"));
+        assert!(e.message.contains(message), "{to}: {}", e.message);
+        assert!(e.line > 0 || *field == "smtp.server", "{to}: {e:?}");
+    }
+    // The untrusted host is refused for the step's env too.
+    let errs = errors(&FORGE.replace("trusted = true", "trusted = false"));
+    assert!(
+        errs.iter()
+            .any(|e| e.field == "builders.upload.steps[0].env.AGAIN"),
+        "{errs:#?}"
+    );
+    // Credentials are for https remotes; email needs [smtp].
+    let e = errors(&FORGE.replace(
+        "https://git.example.com/org/app.git",
+        "ssh://git@example.com/org/app.git",
+    ));
+    assert!(
+        e.iter()
+            .any(|e| e.message.contains("is for https:// remotes")),
+        "{e:#?}"
+    );
+    let start = FORGE.find("[smtp]").unwrap();
+    let end = FORGE.find("[repos.app]").unwrap();
+    let no_smtp = format!("{}{}", &FORGE[..start], &FORGE[end..])
+        .replace("password = \"secret:smtp-pass\"\n", "");
+    let e = errors(&no_smtp);
+    assert!(
+        e.iter()
+            .any(|e| e.field == "repos.app.notify.email" && e.message.contains("[smtp]")),
+        "{e:#?}"
+    );
 }

@@ -79,6 +79,8 @@ impl HostView {
 pub struct BuildersView {
     pub builders: BTreeMap<String, BuilderView>,
     pub hosts: BTreeMap<String, HostView>,
+    /// The watched repos, each with its page (`/repos/NAME`).
+    pub repos: Vec<String>,
 }
 
 pub fn load(farm: &Farm) -> BuildersView {
@@ -156,7 +158,11 @@ pub fn load(farm: &Farm) -> BuildersView {
             )
         })
         .collect();
-    BuildersView { builders, hosts }
+    BuildersView {
+        builders,
+        hosts,
+        repos: cfg.repos.keys().cloned().collect(),
+    }
 }
 
 #[derive(Deserialize)]

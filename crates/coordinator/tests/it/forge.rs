@@ -242,7 +242,9 @@ backfill = 0
 [repos.gt.forge]
 type = "forgejo"
 repository = "org/gt"
+api = "{api}/api/v1"
 webhook_secret = "secret:hook"
+status_token = "secret:gh"
 
 [repos.gl]
 url = "{r}"
@@ -454,9 +456,17 @@ fn webhooks_trigger_builds_and_statuses_reach_the_forge() {
         });
         for r in &all {
             assert_eq!(r.method, "POST");
-            assert!(r.path.starts_with("/repos/org/app/statuses/"), "{r:?}");
-            assert_eq!(r.headers.get("authorization").map(String::as_str), Some(format!("Bearer {GH_TOKEN}").as_str()));
-            assert_eq!(r.headers.get("accept").map(String::as_str), Some("application/vnd.github+json"));
+            if r.path.starts_with("/api/v1/") {
+                // Forgejo/Gitea: the same shape under its API, its token scheme.
+                assert!(r.path.starts_with("/api/v1/repos/org/gt/statuses/"), "{r:?}");
+                assert_eq!(r.headers.get("authorization").map(String::as_str), Some(format!("token {GH_TOKEN}").as_str()));
+            } else {
+                assert!(r.path.starts_with("/repos/org/app/statuses/"), "{r:?}");
+                assert_eq!(r.headers.get("authorization").map(String::as_str), Some(format!("Bearer {GH_TOKEN}").as_str()));
+                assert_eq!(r.headers.get("accept").map(String::as_str), Some("application/vnd.github+json"));
+                assert_eq!(r.headers.get("x-github-api-version").map(String::as_str), Some("2022-11-28"));
+            }
+            assert_eq!(r.headers.get("content-type").map(String::as_str), Some("application/json"));
             assert!(r.headers.contains_key("user-agent"));
             let state = r.body["state"].as_str().unwrap();
             assert!(["pending", "success", "failure", "error"].contains(&state), "{r:?}");
@@ -465,7 +475,11 @@ fn webhooks_trigger_builds_and_statuses_reach_the_forge() {
             assert!(r.body["description"].as_str().unwrap().len() <= 140);
         }
         assert!(all.iter().any(|r| r.path.ends_with(&pr_head) && r.body["context"] == "farmer/pre"), "{all:#?}");
-        // gt and gl send no statuses (no status_token): only org/app paths above.
+        api.wait_until("the Forgejo pull request's status", Duration::from_secs(30), |r| {
+            r.iter().any(|r| r.path == format!("/api/v1/repos/org/gt/statuses/{pr_head}") && r.body["state"] == "success")
+        });
+        // gl sends no statuses (no status_token).
+        assert!(!api.all().iter().any(|r| r.path.contains("group/gl")));
         let (_, page) = request(&f, "GET", "/repos/app", &[], Vec::new()).await;
         assert!(page.contains("sent"), "{page}");
     });

@@ -148,32 +148,6 @@ fn https_remotes_with_credentials_are_polled_and_built() {
     });
 }
 
-/// A request to the in-process farm's real routers; the status and the
-/// JSON (or text) answer.
-async fn request(
-    f: &InProc,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Vec<u8>,
-) -> (u16, String) {
-    use tower::ServiceExt;
-    let app = coordinator::forge::hooks::router(f.farm.clone())
-        .merge(coordinator::api::router(f.farm.clone()))
-        .merge(coordinator::dashboard::router(f.farm.clone()));
-    let mut req = axum::http::Request::builder().method(method).uri(path);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let r = app
-        .oneshot(req.body(axum::body::Body::from(body)).unwrap())
-        .await
-        .unwrap();
-    let code = r.status().as_u16();
-    let body = axum::body::to_bytes(r.into_body(), 16 << 20).await.unwrap();
-    (code, String::from_utf8_lossy(&body).into_owned())
-}
-
 const HOOK_SECRET: &str = "hook-secret-4f9a1c";
 const GH_TOKEN: &str = "ghp_statusToken0123456789";
 
@@ -327,7 +301,7 @@ fn webhooks_trigger_builds_and_statuses_reach_the_forge() {
             let f = &f;
             async move {
                 let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-                request(f, "POST", &path, &h, body).await
+                f.request("POST", &path, &h, body).await
             }
         };
 
@@ -442,7 +416,7 @@ fn webhooks_trigger_builds_and_statuses_reach_the_forge() {
         assert!(text.contains("queued pre"), "{text}");
 
         // The repo's page lists its deliveries, refused ones with why.
-        let (code, page) = request(&f, "GET", "/repos/app", &[], Vec::new()).await;
+        let (code, page) = f.request("GET", "/repos/app", &[], Vec::new()).await;
         assert_eq!(code, 200, "{page}");
         for needle in ["d-unsigned", "not signed", "d-wrong", "does not match", "d-huge", "larger than", "d-push", "polling now", "d-pr", "already built", "/hooks/github?repo=app"] {
             assert!(page.contains(needle), "the repo page lacks {needle:?}: {page}");
@@ -480,7 +454,7 @@ fn webhooks_trigger_builds_and_statuses_reach_the_forge() {
         });
         // gl sends no statuses (no status_token).
         assert!(!api.all().iter().any(|r| r.path.contains("group/gl")));
-        let (_, page) = request(&f, "GET", "/repos/app", &[], Vec::new()).await;
+        let (_, page) = f.request("GET", "/repos/app", &[], Vec::new()).await;
         assert!(page.contains("sent"), "{page}");
     });
 }

@@ -12,19 +12,7 @@ use coordinator::store::{BuildKind, BuildStatus};
 
 /// A dashboard page of the in-process farm, through its real router.
 async fn page(f: &InProc, path: &str) -> String {
-    use tower::ServiceExt;
-    let app = coordinator::dashboard::router(f.farm.clone());
-    let r = app
-        .oneshot(
-            axum::http::Request::get(path)
-                .body(axum::body::Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{path}");
-    let body = axum::body::to_bytes(r.into_body(), 16 << 20).await.unwrap();
-    String::from_utf8(body.to_vec()).unwrap()
+    f.get(path).await
 }
 
 /// A libtest-style report: `tests::flaky` fails until `$MARK` exists (its

@@ -274,9 +274,9 @@ exit 1
         assert!(attempt_log.contains("whole: ***"), "{attempt_log}");
         let tests = format!("{:?}", f.farm.store.build_tests(id, 100).await.unwrap());
         assert!(tests.contains("prints_token"), "{tests}");
-        let builders_api = api(&f, "/api/builders").await;
+        let builders_api = f.get("/api/builders").await;
         assert!(builders_api.contains("upload"), "{builders_api}");
-        let page = api(&f, &format!("/builds/{id}")).await;
+        let page = f.get(&format!("/builds/{id}")).await;
         for (what, text) in [
             ("live log", &live),
             ("step log", &step),
@@ -290,24 +290,6 @@ exit 1
             assert!(!text.contains(&VALUE[..14]), "half the secret shows in the {what}");
         }
     });
-}
-
-/// A GET through the in-process farm's real routers.
-async fn api(f: &crate::common::inproc::InProc, path: &str) -> String {
-    use tower::ServiceExt;
-    let app = coordinator::api::router(f.farm.clone())
-        .merge(coordinator::dashboard::router(f.farm.clone()));
-    let r = app
-        .oneshot(
-            axum::http::Request::get(path)
-                .body(axum::body::Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{path}");
-    let body = axum::body::to_bytes(r.into_body(), 16 << 20).await.unwrap();
-    String::from_utf8(body.to_vec()).unwrap()
 }
 
 /// The config check refuses a secret sent to an untrusted host type, one

@@ -130,6 +130,39 @@ impl InProc {
         b
     }
 
+    /// A request through the farm's real routers (API, dashboard, hooks):
+    /// the status and the body as text.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> (u16, String) {
+        use tower::ServiceExt;
+        let app = coordinator::forge::hooks::router(self.farm.clone())
+            .merge(coordinator::api::router(self.farm.clone()))
+            .merge(coordinator::dashboard::router(self.farm.clone()));
+        let mut req = axum::http::Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let r = app
+            .oneshot(req.body(axum::body::Body::from(body)).unwrap())
+            .await
+            .unwrap();
+        let code = r.status().as_u16();
+        let body = axum::body::to_bytes(r.into_body(), 16 << 20).await.unwrap();
+        (code, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// A page or API answer that must be `200`, as text.
+    pub async fn get(&self, path: &str) -> String {
+        let (code, body) = self.request("GET", path, &[], Vec::new()).await;
+        assert_eq!(code, 200, "{path}: {body}");
+        body
+    }
+
     /// Waits (bounded) until `f` holds.
     pub async fn until(&self, what: &str, limit: Duration, f: impl Fn() -> bool) {
         let start = Instant::now();

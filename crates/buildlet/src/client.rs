@@ -440,6 +440,35 @@ impl Client {
         read_all(resp).await.map(|_| ())
     }
 
+    /// `PUT /writesrc`: a source tree through the buildlet's source cache,
+    /// whole (`base` None) or as a delta over the tree `base` the cache
+    /// holds; the buildlet checks the result is git's tree `tree`. A
+    /// `409` (cache holds another tree), `422` (tree mismatch) or `404` (no
+    /// cache: an older buildlet) is [`Error::Rejected`] with that status.
+    pub async fn put_src(
+        &self,
+        dir: &str,
+        tgz: Bytes,
+        tree: &str,
+        base: Option<&str>,
+    ) -> Result<crate::proto::SrcWritten, Error> {
+        let mut q = vec![("dir", dir), ("tree", tree)];
+        if let Some(b) = base {
+            q.push(("base", b));
+        }
+        let resp = self
+            .send(
+                Method::PUT,
+                self.uri("/writesrc", &q)?,
+                full(tgz),
+                Some("application/gzip"),
+            )
+            .await?;
+        let body = read_all(resp).await?;
+        serde_json::from_slice(&body)
+            .map_err(|e| Error::Protocol(format!("/writesrc answered: {e}")))
+    }
+
     /// `POST /writetgz`: the buildlet fetches the tar.gz from `url` itself.
     pub async fn put_tgz_from_url(&self, dir: &str, url: &str) -> Result<(), Error> {
         let resp = self

@@ -19,4 +19,5 @@ pub mod paths;
 pub mod proto;
 pub mod reverse;
 pub mod server;
+pub mod srccache;
 pub mod tarball;

@@ -464,3 +464,16 @@ mod tests {
         assert!(!valid_term(&"x".repeat(65)));
     }
 }
+
+/// What `PUT /writesrc` answers: the tree now in the source cache and the
+/// work dir.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SrcWritten {
+    /// Git's tree id, verified.
+    pub tree: String,
+    /// Files copied into the work dir, and their bytes.
+    pub files: u64,
+    pub bytes: u64,
+    /// Entries the delta carried (files, links, whiteouts); 0 for a whole tree.
+    pub delta_entries: u64,
+}

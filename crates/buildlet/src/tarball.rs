@@ -164,6 +164,8 @@ pub struct ExtractStats {
     pub dirs: u64,
     pub links: u64,
     pub bytes: u64,
+    /// Paths a delta's whiteouts removed.
+    pub removed: u64,
 }
 
 fn classify_read_error(err: io::Error) -> TarError {
@@ -213,12 +215,39 @@ pub fn extract_in<R: Read>(
     dest: &[String],
     limits: Limits,
 ) -> Result<ExtractStats, TarError> {
+    run_extractor(reader, root, dest, limits, false)
+}
+
+/// The prefix of a whiteout entry in a delta (`dir/.wh.name` removes
+/// `dir/name`), as in OCI image layers.
+pub const WHITEOUT: &str = ".wh.";
+
+/// [`extract_in`] for a delta over a tree already in `dest`: an entry
+/// `dir/.wh.NAME` removes `dir/NAME` (file, link or whole directory)
+/// instead of being written. Whiteouts are confined like every entry.
+pub fn extract_delta_in<R: Read>(
+    reader: R,
+    root: &Root,
+    dest: &[String],
+    limits: Limits,
+) -> Result<ExtractStats, TarError> {
+    run_extractor(reader, root, dest, limits, true)
+}
+
+fn run_extractor<R: Read>(
+    reader: R,
+    root: &Root,
+    dest: &[String],
+    limits: Limits,
+    whiteouts: bool,
+) -> Result<ExtractStats, TarError> {
     let mut ex = Extractor {
         root,
         created: Vec::new(),
         stats: ExtractStats::default(),
         limits,
         entries: 0,
+        whiteouts,
     };
     match ex.run(reader, dest) {
         Ok(()) => Ok(ex.stats),
@@ -238,6 +267,8 @@ struct Extractor<'a> {
     limits: Limits,
     /// Entries seen so far, of any type.
     entries: u64,
+    /// `.wh.NAME` entries remove NAME (deltas).
+    whiteouts: bool,
 }
 
 impl Extractor<'_> {
@@ -311,6 +342,20 @@ impl Extractor<'_> {
         let last = &last[0];
         let parent = self.dir(&name, parent_comps)?;
         let ioe = |err| io_err(Path::new(&name), err);
+        if self.whiteouts
+            && let Some(gone) = last.strip_prefix(WHITEOUT)
+        {
+            if gone.is_empty() || gone == "." || gone == ".." || gone.contains('/') {
+                return Err(bad("whiteout without a name"));
+            }
+            match parent.lstat(gone) {
+                Ok(Some(_)) => parent.remove_all(gone).map_err(ioe)?,
+                Ok(None) => {}
+                Err(err) => return Err(ioe(err)),
+            }
+            self.stats.removed += 1;
+            return Ok(());
+        }
         if kind.is_file() || kind == tar::EntryType::Continuous {
             self.make_room(&parent, last, &name)?;
             let mut f = parent.create_new(last, 0o600).map_err(ioe)?;

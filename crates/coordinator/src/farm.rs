@@ -74,7 +74,11 @@ pub struct Farm {
     pub history: crate::history::History,
     repos: Mutex<HashMap<String, Arc<git::Repo>>>,
     running: Mutex<HashMap<i64, Arc<RunningBuild>>>,
-    source_cache: Mutex<VecDeque<((String, String), Bytes)>>,
+    source_cache: Mutex<VecDeque<((String, String), Arc<crate::builds::source::Source>)>>,
+    /// Deltas made, by (repo, base tree, commit); `None`: none possible.
+    delta_cache: Mutex<VecDeque<((String, String, String), Option<Bytes>)>>,
+    /// What each machine's source cache holds, by host name.
+    held: Mutex<HashMap<String, crate::builds::source::Held>>,
     /// Per-repo last poll error, shown on the status page.
     pub poll_errors: Mutex<HashMap<String, String>>,
     /// Connected bots that authenticated with machine tokens.
@@ -174,6 +178,8 @@ impl Farm {
             repos: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
             source_cache: Mutex::new(VecDeque::new()),
+            delta_cache: Mutex::new(VecDeque::new()),
+            held: Mutex::new(HashMap::new()),
             poll_errors: Mutex::new(HashMap::new()),
             bots: Default::default(),
             releases,
@@ -446,35 +452,59 @@ impl Farm {
         })
     }
 
-    /// The tar.gz of a commit's tree, cached for the few most recent commits
-    /// (every builder of a commit pushes the same tree).
-    pub async fn source_tgz(&self, repo: &str, commit: &str) -> Result<Bytes, String> {
-        let key = (repo.to_string(), commit.to_string());
-        if let Some((_, b)) = self
-            .source_cache
+    pub(crate) fn cached_source(&self, key: &(String, String)) -> Option<Arc<crate::builds::source::Source>> {
+        self.source_cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .find(|(k, _)| *k == key)
-        {
-            return Ok(b.clone());
+            .find(|(k, _)| k == key)
+            .map(|(_, s)| s.clone())
+    }
+
+    pub(crate) fn keep_source(&self, key: (String, String), s: Arc<crate::builds::source::Source>) {
+        let mut c = self.source_cache.lock().unwrap_or_else(|e| e.into_inner());
+        c.push_back((key, s));
+        while c.len() > SOURCE_CACHE {
+            c.pop_front();
         }
-        let r = self.repo(repo).await?;
-        let c = commit.to_string();
-        let tgz = tokio::task::spawn_blocking(move || {
-            let mut out = Vec::new();
-            r.archive_tgz(&c, &mut out).map(|_| out)
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-        let tgz = Bytes::from(tgz);
-        let mut s = self.source_cache.lock().unwrap_or_else(|e| e.into_inner());
-        s.push_back((key, tgz.clone()));
-        while s.len() > SOURCE_CACHE {
-            s.pop_front();
+    }
+
+    pub(crate) fn cached_delta(&self, key: &(String, String, String)) -> Option<Option<Bytes>> {
+        self.delta_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, d)| d.clone())
+    }
+
+    pub(crate) fn keep_delta(&self, key: (String, String, String), d: Option<Bytes>) {
+        let mut c = self.delta_cache.lock().unwrap_or_else(|e| e.into_inner());
+        c.push_back((key, d));
+        while c.len() > crate::builds::source::DELTA_CACHE {
+            c.pop_front();
         }
-        Ok(tgz)
+    }
+
+    /// The tree a machine's source cache holds, as far as the farm knows.
+    pub fn held(&self, hostname: &str) -> Option<crate::builds::source::Held> {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(hostname)
+            .cloned()
+    }
+
+    pub(crate) fn set_held(&self, hostname: &str, h: Option<crate::builds::source::Held>) {
+        let mut m = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        match h {
+            Some(h) => {
+                m.insert(hostname.to_string(), h);
+            }
+            None => {
+                m.remove(hostname);
+            }
+        }
     }
 
     /// Creates and queues a build; checks the builder, the repo and the

@@ -55,6 +55,14 @@ pub struct BuilderLabel {
     pub builder: String,
 }
 
+/// How a source tree reached a machine.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub host_type: String,
+    /// `full` or `delta`.
+    pub kind: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn phase_histogram() -> Histogram {
@@ -81,6 +89,8 @@ pub struct Metrics {
     dispatch: Histogram,
     phases: HistogramFamily<PhaseLabel>,
     flaky: Family<BuilderLabel, Counter>,
+    source_bytes: Family<SourceLabel, Counter>,
+    source_pushes: Family<SourceLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -90,6 +100,8 @@ impl Default for Metrics {
             dispatch: Histogram::new(DISPATCH_BUCKETS),
             phases: Family::new_with_constructor(phase_histogram as fn() -> Histogram),
             flaky: Family::default(),
+            source_bytes: Family::default(),
+            source_pushes: Family::default(),
         };
         // Every series from the start, zeros included, so none has gaps.
         for s in BuildStatus::ALL.iter().filter(|s| s.is_terminal()) {
@@ -146,6 +158,17 @@ impl Metrics {
             .inc_by(n);
     }
 
+    /// A source tree sent to a machine of `host_type`: `bytes` on the wire,
+    /// `delta` or the whole tree.
+    pub fn source_sent(&self, host_type: &str, delta: bool, bytes: u64) {
+        let l = SourceLabel {
+            host_type: host_type.into(),
+            kind: if delta { "delta" } else { "full" }.into(),
+        };
+        self.source_bytes.get_or_create(&l).inc_by(bytes);
+        self.source_pushes.get_or_create(&l).inc();
+    }
+
     /// Adds these counters to a scrape's registry.
     pub fn register(&self, reg: &mut Registry) {
         reg.register(
@@ -162,6 +185,16 @@ impl Metrics {
             "farmer_build_phase_seconds",
             "Where build attempts spend their time, by phase (record-start, source-archive, source-push, steps, record-result, clean)",
             self.phases.clone(),
+        );
+        reg.register(
+            "farmer_source_bytes",
+            "Bytes of source sent to machines, by host type, whole trees (full) or deltas over the machine's cached tree",
+            self.source_bytes.clone(),
+        );
+        reg.register(
+            "farmer_source_pushes",
+            "Source trees sent to machines, by host type, full or delta",
+            self.source_pushes.clone(),
         );
         reg.register(
             "farmer_flaky_tests",

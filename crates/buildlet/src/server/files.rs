@@ -21,13 +21,13 @@ use crate::paths;
 use crate::proto::{EntryKind, LsEntry};
 use crate::tarball::{self, LimitedReader, TarError};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-fn bad(msg: impl std::fmt::Display) -> Response<ResponseBody> {
+pub(super) fn bad(msg: impl std::fmt::Display) -> Response<ResponseBody> {
     text(StatusCode::BAD_REQUEST, format!("{msg}\n"))
 }
 
-fn too_large(max: u64) -> Response<ResponseBody> {
+pub(super) fn too_large(max: u64) -> Response<ResponseBody> {
     text(
         StatusCode::PAYLOAD_TOO_LARGE,
         format!("request body is larger than the limit of {max} bytes\n"),
@@ -44,7 +44,7 @@ fn resolve_param(
     paths::resolve(&b.root, p, &comps, follow_last).map_err(bad)
 }
 
-fn content_length<B>(req: &Request<B>) -> Option<u64> {
+pub(super) fn content_length<B>(req: &Request<B>) -> Option<u64> {
     req.headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -52,7 +52,7 @@ fn content_length<B>(req: &Request<B>) -> Option<u64> {
 }
 
 /// Turns a streaming body into a blocking reader for use on a blocking thread.
-fn blocking_reader<B>(body: B) -> impl Read + Send + 'static
+pub(super) fn blocking_reader<B>(body: B) -> impl Read + Send + 'static
 where
     B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,

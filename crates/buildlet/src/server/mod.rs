@@ -13,6 +13,7 @@ mod contain;
 mod exec;
 mod files;
 mod shell;
+mod src;
 
 use std::io;
 use std::net::SocketAddr;
@@ -59,6 +60,9 @@ pub struct Config {
     /// Bot mode: the machine token file, served at `/machine-token` so the
     /// coordinator can re-check a connected bot's credentials.
     pub token_file: Option<PathBuf>,
+    /// Where the last source tree received is kept (`/writesrc`); emptied
+    /// at start like the work dir. Default: `WORKDIR.srccache` beside it.
+    pub src_cache: Option<PathBuf>,
 }
 
 impl Config {
@@ -73,6 +77,7 @@ impl Config {
             contain: ContainMode::Auto,
             hostname: default_hostname(),
             token_file: None,
+            src_cache: None,
         }
     }
 }
@@ -119,6 +124,8 @@ pub struct Buildlet {
     halt_tx: watch::Sender<bool>,
     /// Keeps every process of a command together, to kill them together.
     contain: Arc<contain::Containment>,
+    /// The source cache's state (its files are under `cfg.src_cache`).
+    src_cache: Arc<std::sync::Mutex<crate::srccache::SrcCache>>,
 }
 
 impl Buildlet {
@@ -139,8 +146,25 @@ impl Buildlet {
         let root_dir = crate::beneath::Root::open(&root).map_err(werr)?;
         root_dir.as_dir().empty().map_err(werr)?;
         root_dir.as_dir().mkdir("tmp").map_err(werr)?;
+        let mut cfg = cfg;
+        if cfg.src_cache.is_none() {
+            let mut name = root.as_os_str().to_owned();
+            name.push(".srccache");
+            cfg.src_cache = Some(PathBuf::from(name));
+        }
+        if let Some(cache) = &cfg.src_cache {
+            // Emptied with the work dir: what it held may be from anyone.
+            let cerr = |err| SetupError::Workdir {
+                path: cache.clone(),
+                err,
+            };
+            std::fs::create_dir_all(cache).map_err(cerr)?;
+            let c = crate::beneath::Root::open(cache).map_err(cerr)?;
+            c.as_dir().empty().map_err(cerr)?;
+        }
         let (halt_tx, _) = watch::channel(false);
         Ok(Arc::new(Buildlet {
+            src_cache: Default::default(),
             cfg,
             root,
             root_id: root_dir.id(),
@@ -305,6 +329,7 @@ impl Buildlet {
             (Method::PUT, "/writetgz") => files::write_tgz_body(&self, req).await,
             (Method::POST, "/writetgz") => files::write_tgz_url(&self, req).await,
             (Method::PUT, "/write") => files::write_file(&self, req).await,
+            (Method::PUT, "/writesrc") => src::write_src(&self, req).await,
             (Method::GET, "/tgz") => files::get_tgz(&self, req).await,
             (Method::GET, "/ls") => files::ls(&self, req).await,
             (Method::POST, "/removeall") => files::remove_all(&self, req).await,
@@ -318,7 +343,7 @@ impl Buildlet {
             }
             (
                 _,
-                "/status" | "/workdir" | "/writetgz" | "/write" | "/tgz" | "/ls" | "/removeall"
+                "/status" | "/workdir" | "/writetgz" | "/write" | "/writesrc" | "/tgz" | "/ls" | "/removeall"
                 | "/exec" | "/shell" | "/halt",
             ) => text(
                 StatusCode::METHOD_NOT_ALLOWED,

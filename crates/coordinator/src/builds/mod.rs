@@ -23,6 +23,7 @@ use crate::scheduler::{LeaseRequest, Priority, Ticket};
 use crate::store::{BuildKind, BuildRow, BuildStatus};
 
 mod rerun;
+pub mod source;
 pub(crate) use rerun::{StepCtx, names};
 
 /// The directory in the work dir that holds the source tree.
@@ -363,7 +364,7 @@ impl Farm {
             return Outcome::Cancelled;
         }
         let phase = self.metrics.phase("source-archive");
-        let tgz = match self.source_tgz(&build.repo, &build.commit).await {
+        let src = match self.source(&build.repo, &build.commit).await {
             Ok(t) => t,
             Err(e) => {
                 return Outcome::CoordinatorError(format!(
@@ -372,26 +373,25 @@ impl Farm {
                 ));
             }
         };
-        rb.log.append(
-            format!(
-                "farmer: pushing source ({} KiB compressed)\n",
-                tgz.len() / 1024
-            )
-            .as_bytes(),
-        );
+        let tgz = src.tgz.clone();
         drop(phase);
         let phase = self.metrics.phase("source-push");
         let push = tokio::select! {
-            r = client.put_tgz_bytes(SRC_DIR, tgz.clone()) => r,
+            r = self.push_source(&client, &main.hostname, &host.name, &build.repo, &build.commit, &src) => r,
             _ = cancel.wait_for(|c| *c) => return Outcome::Cancelled,
             _ = tokio::time::sleep_until(deadline.into()) => return Outcome::Failed(format!("build timed out after {:?} while pushing the source", builder.timeout)),
         };
-        if let Err(e) = push {
-            return if e.is_communication() {
-                Outcome::Infra(format!("pushing the source: {e}"))
-            } else {
-                Outcome::Failed(format!("pushing the source: {e}"))
-            };
+        match push {
+            Ok(p) => rb
+                .log
+                .append(format!("farmer: {}\n", p.describe(tgz.len())).as_bytes()),
+            Err(e) => {
+                return if e.is_communication() {
+                    Outcome::Infra(format!("pushing the source: {e}"))
+                } else {
+                    Outcome::Failed(format!("pushing the source: {e}"))
+                };
+            }
         }
         drop(phase);
         let _steps = self.metrics.phase("steps");

@@ -351,6 +351,12 @@ impl Repo {
     /// archive`), so the same commit always gives the same bytes. Returns
     /// the number of bytes of file content written.
     pub fn archive_tgz<W: Write>(&self, hash: &str, out: W) -> Result<u64, GitError> {
+        self.source_archive(hash, out).map(|a| a.bytes)
+    }
+
+    /// [`Repo::archive_tgz`], also saying which git tree the archive holds
+    /// (what a buildlet's source cache verifies).
+    pub fn source_archive<W: Write>(&self, hash: &str, out: W) -> Result<Archived, GitError> {
         let repo = self.repo.to_thread_local();
         let id = self.resolve_commit(&repo, hash)?;
         let commit = repo
@@ -370,26 +376,84 @@ impl Repo {
             detail,
         };
         let gz = flate2::write::GzEncoder::new(out, flate2::Compression::new(GZIP_LEVEL));
-        let mut ar = Archiver {
-            repo: &repo,
-            tar: tar::Builder::new(gz),
-            mtime: u64::try_from(mtime).unwrap_or(0),
-            bytes: 0,
-            path: Vec::new(),
-            blob: Vec::new(),
-        };
+        let mut ar = Archiver::new(&repo, gz, u64::try_from(mtime).unwrap_or(0));
         ar.tree(&tree, 0).map_err(|e| match e {
+            ArchiveError::NoDelta => archive_err("unexpected delta refusal".into()),
             ArchiveError::Read(what, e) => self.read_err(what, e),
             ArchiveError::Bad(detail) => archive_err(detail),
             ArchiveError::Io(e) => archive_err(format!("writing the archive: {e}")),
         })?;
         let bytes = ar.bytes;
+        let exact = !ar.skipped;
         ar.tar
             .into_inner()
             .and_then(|gz| gz.finish())
             .and_then(|mut w| w.flush())
             .map_err(|e| archive_err(format!("writing the archive: {e}")))?;
-        Ok(bytes)
+        Ok(Archived {
+            bytes,
+            tree: tree.to_string(),
+            exact,
+        })
+    }
+
+    /// A tar.gz that turns the tree `base` into the commit's tree: changed
+    /// and new entries, and a `.wh.NAME` whiteout (see the buildlet's
+    /// `/writesrc`) for each path that is gone or changes between directory
+    /// and file. `None` when no delta can say it exactly: `base` is not a
+    /// tree of this repository, or a name starts with `.wh.`, or the tree
+    /// has submodules.
+    pub fn delta_tgz<W: Write>(&self, base: &str, hash: &str, out: W) -> Result<Option<Delta>, GitError> {
+        let repo = self.repo.to_thread_local();
+        let id = self.resolve_commit(&repo, hash)?;
+        let commit = repo
+            .find_commit(id)
+            .map_err(|e| self.read_err(format!("commit {id}"), e))?;
+        let decoded = commit
+            .decode()
+            .map_err(|e| self.read_err(format!("commit {id}"), e))?;
+        let tree = decoded.tree();
+        let mtime = decoded
+            .committer()
+            .map(|s| s.seconds())
+            .unwrap_or_else(|_| decoded.author().map(|s| s.seconds()).unwrap_or(0));
+        let Ok(base_id) = gix::ObjectId::from_hex(base.as_bytes()) else {
+            return Ok(None);
+        };
+        match repo.find_header(base_id) {
+            Ok(h) if h.kind() == gix::objs::Kind::Tree => {}
+            _ => return Ok(None),
+        }
+        let archive_err = |detail: String| GitError::Archive {
+            repo: self.name.clone(),
+            commit: id.to_string(),
+            detail,
+        };
+        let gz = flate2::write::GzEncoder::new(out, flate2::Compression::new(GZIP_LEVEL));
+        let mut ar = Archiver::new(&repo, gz, u64::try_from(mtime).unwrap_or(0));
+        ar.delta = true;
+        let r = ar.diff(&base_id, &tree, 0);
+        match r {
+            Ok(()) => {}
+            Err(ArchiveError::NoDelta) => return Ok(None),
+            Err(ArchiveError::Read(what, e)) => return Err(self.read_err(what, e)),
+            Err(ArchiveError::Bad(detail)) => return Err(archive_err(detail)),
+            Err(ArchiveError::Io(e)) => return Err(archive_err(format!("writing the delta: {e}"))),
+        }
+        if ar.skipped {
+            return Ok(None);
+        }
+        let d = Delta {
+            entries: ar.entries,
+            bytes: ar.bytes,
+            tree: tree.to_string(),
+        };
+        ar.tar
+            .into_inner()
+            .and_then(|gz| gz.finish())
+            .and_then(|mut w| w.flush())
+            .map_err(|e| archive_err(format!("writing the delta: {e}")))?;
+        Ok(Some(d))
     }
 
     fn read_err(&self, what: String, e: gix::Error) -> GitError {
@@ -671,6 +735,8 @@ fn open_clone(url: &str, cache_dir: &Path, https: Option<&HttpsAuth>) -> Result<
 }
 
 enum ArchiveError {
+    /// A delta cannot say this exactly (see [`Repo::delta_tgz`]).
+    NoDelta,
     Read(String, gix::Error),
     Bad(String),
     Io(std::io::Error),
@@ -687,12 +753,143 @@ struct Archiver<'r, W: Write> {
     tar: tar::Builder<W>,
     mtime: u64,
     bytes: u64,
+    /// Entries written (files, links, directories, whiteouts).
+    entries: u64,
+    /// Something of the tree was left out (a submodule): the archive is
+    /// not exactly the git tree.
+    skipped: bool,
+    /// Writing a delta: a name the buildlet would read as a whiteout
+    /// makes the delta impossible.
+    delta: bool,
     /// The current directory, relative, with a trailing `/` unless empty.
     path: Vec<u8>,
     blob: Vec<u8>,
 }
 
-impl<W: Write> Archiver<'_, W> {
+/// What [`Repo::source_archive`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Archived {
+    /// Bytes of file content.
+    pub bytes: u64,
+    /// The commit's git tree id.
+    pub tree: String,
+    /// The archive holds exactly that tree (no submodule left out), so a
+    /// buildlet can verify it by its id.
+    pub exact: bool,
+}
+
+/// What [`Repo::delta_tgz`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delta {
+    /// Entries (files, links, directories, whiteouts).
+    pub entries: u64,
+    /// Bytes of file content.
+    pub bytes: u64,
+    /// The commit's git tree id, which base plus the delta makes.
+    pub tree: String,
+}
+
+/// The whiteout prefix of deltas (as the buildlet reads them).
+const WHITEOUT: &[u8] = b".wh.";
+
+impl<'r, W: Write> Archiver<'r, W> {
+    fn new(repo: &'r gix::Repository, out: W, mtime: u64) -> Self {
+        Archiver {
+            repo,
+            tar: tar::Builder::new(out),
+            mtime,
+            bytes: 0,
+            entries: 0,
+            skipped: false,
+            delta: false,
+            path: Vec::new(),
+            blob: Vec::new(),
+        }
+    }
+
+    /// Writes what turns tree `base` into tree `target` at the current path.
+    fn diff(&mut self, base: &gix::oid, target: &gix::oid, depth: usize) -> Result<(), ArchiveError> {
+        if depth > MAX_TREE_DEPTH {
+            return Err(ArchiveError::NoDelta);
+        }
+        let read = |repo: &gix::Repository, id: &gix::oid, path: &[u8]| -> Result<Vec<(Vec<u8>, EntryKind, gix::ObjectId)>, ArchiveError> {
+            let mut buf = Vec::new();
+            let iter = repo
+                .objects
+                .find_tree_iter(id, &mut buf)
+                .map_err(|e| ArchiveError::Read(format!("tree {id} ({:?})", path.as_bstr()), e))?;
+            let mut out = Vec::new();
+            for e in iter {
+                let e = e.map_err(|e| ArchiveError::Read(format!("tree {id} ({:?})", path.as_bstr()), e))?;
+                if e.filename.starts_with(WHITEOUT) {
+                    return Err(ArchiveError::NoDelta);
+                }
+                if !valid_component(e.filename) {
+                    return Err(ArchiveError::Bad(format!(
+                        "the tree has an entry {:?} in {:?}, which is not a safe file name",
+                        e.filename,
+                        path.as_bstr()
+                    )));
+                }
+                out.push((e.filename.to_vec(), e.mode.kind(), e.oid.to_owned()));
+            }
+            Ok(out)
+        };
+        let old = read(self.repo, base, &self.path)?;
+        let new = read(self.repo, target, &self.path)?;
+        let old_map: std::collections::HashMap<&[u8], (EntryKind, gix::ObjectId)> =
+            old.iter().map(|(n, k, o)| (n.as_slice(), (*k, *o))).collect();
+        let new_map: std::collections::HashMap<&[u8], (EntryKind, gix::ObjectId)> =
+            new.iter().map(|(n, k, o)| (n.as_slice(), (*k, *o))).collect();
+        let is_tree = |k: EntryKind| k == EntryKind::Tree;
+        // Whiteouts first: what is gone, or changes between tree and not.
+        for (name, kind, _) in &old {
+            let gone = match new_map.get(name.as_slice()) {
+                None => true,
+                Some((k, _)) => is_tree(*k) != is_tree(*kind),
+            };
+            if gone {
+                let dir_len = self.path.len();
+                self.path.extend_from_slice(WHITEOUT);
+                self.path.extend_from_slice(name);
+                let mut h = self.header(tar::EntryType::Regular, 0o644, 0);
+                let p = to_path(&self.path)?;
+                self.tar.append_data(&mut h, p.as_ref(), std::io::empty())?;
+                self.entries += 1;
+                self.path.truncate(dir_len);
+            }
+        }
+        for (name, kind, oid) in &new {
+            if *kind == EntryKind::Commit {
+                self.skipped = true;
+                return Err(ArchiveError::NoDelta);
+            }
+            match old_map.get(name.as_slice()) {
+                Some((k, o)) if k == kind && o == oid => continue,
+                Some((k, o)) if is_tree(*k) && is_tree(*kind) => {
+                    let dir_len = self.path.len();
+                    self.path.extend_from_slice(name);
+                    self.path.push(b'/');
+                    let r = self.diff(o, oid, depth + 1);
+                    self.path.truncate(dir_len);
+                    r?;
+                }
+                _ => self.one(name, *kind, oid, depth)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one entry (a whole subtree for a tree) at the current path.
+    fn one(&mut self, name: &[u8], kind: EntryKind, oid: &gix::oid, depth: usize) -> Result<(), ArchiveError> {
+        let dir_len = self.path.len();
+        self.path.extend_from_slice(name);
+        self.entries += 1;
+        let result = self.entry(kind, oid, depth);
+        self.path.truncate(dir_len);
+        result
+    }
+
     fn header(&self, kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(kind);
@@ -722,6 +919,9 @@ impl<W: Write> Archiver<'_, W> {
                 ArchiveError::Read(format!("tree {id} ({:?})", self.path.as_bstr()), e)
             })?;
             let name = entry.filename;
+            if self.delta && name.starts_with(WHITEOUT) {
+                return Err(ArchiveError::NoDelta);
+            }
             if !valid_component(name) {
                 return Err(ArchiveError::Bad(format!(
                     "the tree has an entry {:?} in {:?}, which is not a safe file name",
@@ -735,14 +935,25 @@ impl<W: Write> Archiver<'_, W> {
             }
             let dir_len = self.path.len();
             self.path.extend_from_slice(name);
-            let kind = entry.mode.kind();
+            self.entries += 1;
+            let result = self.entry(entry.mode.kind(), entry.oid, depth);
+            self.path.truncate(dir_len);
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Writes the entry at the current path: a directory and its tree, a
+    /// file, a symbolic link; a submodule is left out (and noted).
+    fn entry(&mut self, kind: EntryKind, oid: &gix::oid, depth: usize) -> Result<(), ArchiveError> {
+        {
             let result = match kind {
                 EntryKind::Tree => {
                     let mut h = self.header(tar::EntryType::Directory, 0o755, 0);
                     let p = to_path(&self.path)?;
                     self.tar.append_data(&mut h, p.as_ref(), std::io::empty())?;
                     self.path.push(b'/');
-                    self.tree(entry.oid, depth + 1)
+                    self.tree(oid, depth + 1)
                 }
                 EntryKind::Blob | EntryKind::BlobExecutable => {
                     let mode = if kind == EntryKind::BlobExecutable {
@@ -750,7 +961,7 @@ impl<W: Write> Archiver<'_, W> {
                     } else {
                         0o644
                     };
-                    self.with_blob(entry.oid, |this, data| {
+                    self.with_blob(oid, |this, data| {
                         let mut h = this.header(tar::EntryType::Regular, mode, data.len() as u64);
                         this.tar
                             .append_data(&mut h, to_path(&this.path)?.as_ref(), data)?;
@@ -758,7 +969,7 @@ impl<W: Write> Archiver<'_, W> {
                         Ok(())
                     })
                 }
-                EntryKind::Link => self.with_blob(entry.oid, |this, target| {
+                EntryKind::Link => self.with_blob(oid, |this, target| {
                     if target.is_empty() || target.contains(&0) {
                         return Err(ArchiveError::Bad(format!(
                             "symlink {:?} has an invalid target",
@@ -774,12 +985,13 @@ impl<W: Write> Archiver<'_, W> {
                     Ok(())
                 }),
                 // Submodules: the buildlet gets this repository's tree only.
-                EntryKind::Commit => Ok(()),
+                EntryKind::Commit => {
+                    self.skipped = true;
+                    Ok(())
+                }
             };
-            self.path.truncate(dir_len);
-            result?;
+            result
         }
-        Ok(())
     }
 
     /// Reads blob `id` and hands its content to `f`, reusing one buffer.

@@ -104,7 +104,11 @@ impl SrcCache {
                     _ => hash_file(&base.join(&path), meta.len())?,
                 };
                 seen.insert(path, (key, id));
-                let mode = if key.mode & 0o100 != 0 { "100755" } else { "100644" };
+                let mode = if key.mode & 0o100 != 0 {
+                    "100755"
+                } else {
+                    "100644"
+                };
                 entries.push((name_bytes, mode, id, false));
             } else {
                 return Err(io::Error::other(format!(
@@ -226,7 +230,11 @@ pub fn copy_tree(src: &Path, dest: &crate::beneath::Dir) -> io::Result<(u64, u64
             #[cfg(unix)]
             let mode = {
                 use std::os::unix::fs::PermissionsExt;
-                if meta.permissions().mode() & 0o100 != 0 { 0o755 } else { 0o644 }
+                if meta.permissions().mode() & 0o100 != 0 {
+                    0o755
+                } else {
+                    0o644
+                }
             };
             #[cfg(not(unix))]
             let mode = 0o644;
@@ -255,7 +263,11 @@ mod tests {
             .args(args)
             .output()
             .expect("git");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 

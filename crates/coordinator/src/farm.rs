@@ -74,9 +74,9 @@ pub struct Farm {
     pub history: crate::history::History,
     repos: Mutex<HashMap<String, Arc<git::Repo>>>,
     running: Mutex<HashMap<i64, Arc<RunningBuild>>>,
-    source_cache: Mutex<VecDeque<((String, String), Arc<crate::builds::source::Source>)>>,
+    source_cache: Mutex<VecDeque<(SourceKey, Arc<crate::builds::source::Source>)>>,
     /// Deltas made, by (repo, base tree, commit); `None`: none possible.
-    delta_cache: Mutex<VecDeque<((String, String, String), Option<Bytes>)>>,
+    delta_cache: Mutex<VecDeque<(DeltaKey, Option<Bytes>)>>,
     /// What each machine's source cache holds, by host name.
     held: Mutex<HashMap<String, crate::builds::source::Held>>,
     /// Per-repo last poll error, shown on the status page.
@@ -106,6 +106,11 @@ pub struct Farm {
 }
 
 const SOURCE_CACHE: usize = 16;
+
+/// (repo, commit)
+type SourceKey = (String, String);
+/// (repo, base tree, commit)
+type DeltaKey = (String, String, String);
 
 impl crate::auth::AdminToken for Arc<Farm> {
     fn admin_token(&self) -> &str {
@@ -452,7 +457,10 @@ impl Farm {
         })
     }
 
-    pub(crate) fn cached_source(&self, key: &(String, String)) -> Option<Arc<crate::builds::source::Source>> {
+    pub(crate) fn cached_source(
+        &self,
+        key: &(String, String),
+    ) -> Option<Arc<crate::builds::source::Source>> {
         self.source_cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -280,20 +280,39 @@ impl Mask {
         }
     }
 
-    /// How many bytes at the end of `text` could be the start of a secret
-    /// the next chunk completes: a stream holds them back (see [`Masking`]).
-    fn pending(&self, text: &[u8]) -> usize {
-        let mut best = 0;
-        for s in self.secrets.iter() {
-            let max = (s.len() - 1).min(text.len());
-            for n in (best + 1..=max).rev() {
-                if s.starts_with(&text[text.len() - n..]) {
-                    best = n;
-                    break;
-                }
+    /// How much of `text` can be masked and shown now: all of it before
+    /// the earliest place where a secret may begin that the text has not
+    /// finished, moved back over any whole secret that place would cut.
+    /// Decided on the raw text, so a short secret inside a longer one that
+    /// is still arriving cannot hide the longer one.
+    fn ready(&self, text: &[u8]) -> usize {
+        let longest = self.secrets.first().map_or(0, Vec::len);
+        let mut p = text.len();
+        for start in text.len().saturating_sub(longest.saturating_sub(1))..text.len() {
+            let rest = &text[start..];
+            if self
+                .secrets
+                .iter()
+                .any(|s| s.len() > rest.len() && s.starts_with(rest))
+            {
+                p = start;
+                break;
             }
         }
-        best
+        // At most one move per byte of the longest secret.
+        for _ in 0..=longest {
+            let from = p.saturating_sub(longest);
+            let straddling = (from..p).find(|&q| {
+                self.secrets
+                    .iter()
+                    .any(|s| q + s.len() > p && text[q..].starts_with(s))
+            });
+            match straddling {
+                Some(q) => p = q,
+                None => break,
+            }
+        }
+        p
     }
 }
 
@@ -321,15 +340,15 @@ impl Masking {
         }
         let mut buf = std::mem::take(&mut self.held);
         buf.extend_from_slice(chunk);
-        let mut masked = self.mask.apply(&buf).into_owned();
-        let keep = self.mask.pending(&masked);
-        self.held = masked.split_off(masked.len() - keep);
-        masked
+        let ready = self.mask.ready(&buf);
+        self.held = buf.split_off(ready);
+        self.mask.apply(&buf).into_owned()
     }
 
-    /// What is still held back (the stream ended: it is not a secret).
+    /// What is still held back, masked (the stream ended).
     pub fn finish(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.held)
+        let rest = std::mem::take(&mut self.held);
+        self.mask.apply(&rest).into_owned()
     }
 }
 
@@ -367,6 +386,27 @@ mod tests {
         }
         out.extend(s.finish());
         assert_eq!(out, b"before *** after s3cr3t-tok");
+    }
+
+    /// A short secret inside a longer one that is still arriving does not
+    /// let the rest of the longer one out.
+    #[test]
+    fn a_secret_inside_another_split_across_chunks_is_hidden() {
+        let m = Mask::new(vec![
+            b"tok-abcdefgh".to_vec(),
+            b"tok-abcdefgh-rest-xyz".to_vec(),
+        ]);
+        let text = b"a tok-abcdefgh-rest-xyz b tok-abcdefgh c".to_vec();
+        for cut in 0..=text.len() {
+            for cut2 in cut..=text.len() {
+                let mut s = Masking::new(m.clone());
+                let mut out = s.feed(&text[..cut]);
+                out.extend(s.feed(&text[cut..cut2]));
+                out.extend(s.feed(&text[cut2..]));
+                out.extend(s.finish());
+                assert_eq!(out, b"a *** b *** c", "cuts at {cut}, {cut2}");
+            }
+        }
     }
 
     #[test]

@@ -343,8 +343,8 @@ impl Buildlet {
             }
             (
                 _,
-                "/status" | "/workdir" | "/writetgz" | "/write" | "/writesrc" | "/tgz" | "/ls" | "/removeall"
-                | "/exec" | "/shell" | "/halt",
+                "/status" | "/workdir" | "/writetgz" | "/write" | "/writesrc" | "/tgz" | "/ls"
+                | "/removeall" | "/exec" | "/shell" | "/halt",
             ) => text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("method {method} not allowed on {path}\n"),

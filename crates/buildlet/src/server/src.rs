@@ -22,7 +22,9 @@ use crate::proto::SrcWritten;
 use crate::tarball::{self, LimitedReader, TarError};
 
 fn is_tree_id(s: &str) -> bool {
-    s.len() == 40 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 40
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn dir_failure(dir: &str, e: crate::beneath::DirError) -> Failure {
@@ -45,7 +47,10 @@ where
     B::Error: Into<BoxError>,
 {
     let Some(cache_dir) = b.cfg.src_cache.clone() else {
-        return text(StatusCode::NOT_FOUND, "this buildlet keeps no source cache\n");
+        return text(
+            StatusCode::NOT_FOUND,
+            "this buildlet keeps no source cache\n",
+        );
     };
     let form = Form(query_pairs(&req));
     let dir = form.get("dir").unwrap_or("").to_string();
@@ -88,7 +93,8 @@ where
             None => {
                 c.clear();
                 if tree_dir.exists() {
-                    std::fs::remove_dir_all(&tree_dir).map_err(|e| io("emptying the source cache", e))?;
+                    std::fs::remove_dir_all(&tree_dir)
+                        .map_err(|e| io("emptying the source cache", e))?;
                 }
             }
         }
@@ -102,7 +108,9 @@ where
             tarball::extract_in(input, &root, &[], limits)
         }
         .map_err(Failure::Tar)?;
-        let got = c.hash(&tree_dir).map_err(|e| io("hashing the source cache", e))?;
+        let got = c
+            .hash(&tree_dir)
+            .map_err(|e| io("hashing the source cache", e))?;
         if got != tree {
             c.clear();
             let _ = std::fs::remove_dir_all(&tree_dir);
@@ -122,13 +130,17 @@ where
         let out = work
             .dir(&dir, &dest, Some(&mut Vec::new()))
             .map_err(|e| dir_failure(&dir, e))?;
-        let (files, bytes) =
-            crate::srccache::copy_tree(&tree_dir, &out).map_err(|e| io("copying the tree into the work dir", e))?;
+        let (files, bytes) = crate::srccache::copy_tree(&tree_dir, &out)
+            .map_err(|e| io("copying the tree into the work dir", e))?;
         Ok(SrcWritten {
             tree,
             files,
             bytes,
-            delta_entries: if base.is_some() { stats.files + stats.links + stats.removed } else { 0 },
+            delta_entries: if base.is_some() {
+                stats.files + stats.links + stats.removed
+            } else {
+                0
+            },
         })
     })
     .await;
@@ -138,11 +150,18 @@ where
         Ok(Err(Failure::Conflict(m))) => text(StatusCode::CONFLICT, format!("{m}\n")),
         Ok(Err(Failure::Mismatch(m))) => text(StatusCode::UNPROCESSABLE_ENTITY, format!("{m}\n")),
         Ok(Err(Failure::Tar(TarError::TooLarge(max)))) => too_large(max),
-        Ok(Err(Failure::Tar(e))) if e.is_too_large() => text(StatusCode::PAYLOAD_TOO_LARGE, format!("{e}\n")),
+        Ok(Err(Failure::Tar(e))) if e.is_too_large() => {
+            text(StatusCode::PAYLOAD_TOO_LARGE, format!("{e}\n"))
+        }
         Ok(Err(Failure::Tar(e))) if e.is_client_error() => bad(e),
-        Ok(Err(Failure::Tar(e))) if e.is_disk_full() => text(StatusCode::INSUFFICIENT_STORAGE, format!("{e}\n")),
+        Ok(Err(Failure::Tar(e))) if e.is_disk_full() => {
+            text(StatusCode::INSUFFICIENT_STORAGE, format!("{e}\n"))
+        }
         Ok(Err(Failure::Tar(e))) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         Ok(Err(Failure::Io(m))) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{m}\n")),
-        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("source task failed: {e}\n")),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("source task failed: {e}\n"),
+        ),
     }
 }

@@ -430,17 +430,51 @@ fn requester(c: &Caller) -> String {
     c.name.clone()
 }
 
+/// Most builds one user may have queued or running at once.
+pub const USER_BUILDS: i64 = 20;
+
+/// A user (not the admin) may queue interactive and pre-submit builds
+/// only — a post-submit or release build speaks for a branch — and at most
+/// [`USER_BUILDS`] at a time.
+async fn user_may_queue(farm: &Farm, caller: &Caller, kind: BuildKind) -> ApiResult<()> {
+    if caller.admin {
+        return Ok(());
+    }
+    if !matches!(kind, BuildKind::Interactive | BuildKind::PreSubmit) {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "users may queue interactive and pre-submit builds; a {} build needs the admin token",
+                kind.as_str()
+            ),
+        ));
+    }
+    let active = farm.store.active_builds_of(&caller.name).await?;
+    if active >= USER_BUILDS {
+        return Err(ApiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{} has {active} builds queued or running, the most a user may; wait for some to finish",
+                caller.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
 async fn trigger(
     State(farm): State<Arc<Farm>>,
     caller: Caller,
     JsonBody(t): JsonBody<TriggerBody>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     let kind = match t.kind.as_deref() {
-        None | Some("") => BuildKind::PostSubmit,
+        None | Some("") if caller.admin => BuildKind::PostSubmit,
+        None | Some("") => BuildKind::Interactive,
         Some(k) => k
             .parse()
             .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?,
     };
+    user_may_queue(&farm, &caller, kind).await?;
     let id = farm
         .trigger(
             &t.builder,
@@ -491,13 +525,19 @@ async fn rebuild(
         .build(id)
         .await?
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no build {id}")))?;
+    // A user's rebuild of a branch's build is theirs: interactive.
+    let kind = match b.kind {
+        BuildKind::PostSubmit | BuildKind::Release if !caller.admin => BuildKind::Interactive,
+        k => k,
+    };
+    user_may_queue(&farm, &caller, kind).await?;
     let new = farm
         .trigger(
             &b.builder,
             Some(&b.repo),
             Some(&b.branch),
             &b.commit,
-            b.kind,
+            kind,
             &if caller.admin {
                 format!("rebuild of {id}")
             } else {

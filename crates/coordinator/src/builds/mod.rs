@@ -351,7 +351,26 @@ impl Farm {
         attempt_id: i64,
         rb: &RunningBuild,
     ) -> Outcome {
-        let with_secrets = match with_secrets(builder, host, &self.secrets()) {
+        // One snapshot of the secrets for what is sent and what is masked
+        // (a reload between attempts may have changed them).
+        let secrets = self.secrets();
+        rb.log.set_mask(secrets.mask());
+        let allowed = gets_secrets(build);
+        if !allowed {
+            let names = |env: &[(String, String)]| {
+                env.iter()
+                    .any(|(_, v)| crate::secrets::reference(v).is_some())
+            };
+            if names(&host.env)
+                || names(&builder.env)
+                || builder.steps.iter().any(|s| names(&s.env))
+            {
+                rb.log.append(
+                    b"farmer: this build gets no secrets (a pre-submit build, or a user's): the variables that name one are not set\n",
+                );
+            }
+        }
+        let with_secrets = match with_secrets(builder, host, &secrets, allowed) {
             Ok(r) => r,
             Err(e) => return Outcome::CoordinatorError(e),
         };
@@ -648,13 +667,27 @@ pub(crate) async fn make_ready<'s>(
     Ok(())
 }
 
+/// Whether a build may receive the farm's secrets: only code the farm
+/// chose to build — a watched branch's commits (the poller's builds), and
+/// what the admin asked for — never a pull request's (anyone can open one)
+/// nor a user's build of a commit of their choosing.
+pub(crate) fn gets_secrets(build: &BuildRow) -> bool {
+    build.kind != BuildKind::PreSubmit
+        && (build.requested_by.is_empty()
+            || build.requested_by == crate::auth::ADMIN_USER
+            || build.requested_by.starts_with("rebuild of "))
+}
+
 /// The builder and host with every `secret:NAME` in their environments
-/// replaced by its value, for this build only. Refused for an untrusted
-/// host type (the config check refuses it too; this holds if it is bypassed).
+/// replaced by its value, for this build only; for a build that may not
+/// have secrets ([`gets_secrets`]) those variables are left out. Refused
+/// for an untrusted host type (the config check refuses it too; this holds
+/// if it is bypassed).
 fn with_secrets<'a>(
     builder: &'a BuildConfig,
     host: &'a HostConfig,
     secrets: &crate::secrets::Secrets,
+    allowed: bool,
 ) -> Result<(Cow<'a, BuildConfig>, Cow<'a, HostConfig>), String> {
     let names = |env: &[(String, String)]| {
         env.iter()
@@ -670,6 +703,10 @@ fn with_secrets<'a>(
     let trusted = host.trusted;
     let host_name = host.name.clone();
     let resolve = |env: &mut Vec<(String, String)>| -> Result<(), String> {
+        if !allowed {
+            env.retain(|(_, v)| crate::secrets::reference(v).is_none());
+            return Ok(());
+        }
         for (k, v) in env.iter_mut() {
             if let Some(name) = crate::secrets::reference(v) {
                 if !trusted {

@@ -8,8 +8,8 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use buildlet::client::{Client, Error};
+use bytes::Bytes;
 use http::StatusCode;
 
 use super::SRC_DIR;
@@ -144,17 +144,24 @@ impl Farm {
         let held = self.held(hostname);
         let mut note = None;
         if src.exact {
-            if let Some(h) = held.filter(|h| h.repo == repo) {
-                if let Some(d) = self.delta(repo, &h.tree, commit).await
-                    && d.len() < src.tgz.len()
+            if let Some(h) = held.filter(|h| h.repo == repo)
+                && let Some(d) = self.delta(repo, &h.tree, commit).await
+                && d.len() < src.tgz.len()
+            {
                 {
-                    match client.put_src(SRC_DIR, d.clone(), &src.tree, Some(&h.tree)).await {
+                    match client
+                        .put_src(SRC_DIR, d.clone(), &src.tree, Some(&h.tree))
+                        .await
+                    {
                         Ok(_) => {
-                            self.set_held(hostname, Some(Held {
-                                tree: src.tree.clone(),
-                                repo: repo.to_string(),
-                                commit: commit.to_string(),
-                            }));
+                            self.set_held(
+                                hostname,
+                                Some(Held {
+                                    tree: src.tree.clone(),
+                                    repo: repo.to_string(),
+                                    commit: commit.to_string(),
+                                }),
+                            );
                             self.metrics.source_sent(host_type, true, d.len() as u64);
                             return Ok(Pushed {
                                 bytes: d.len() as u64,
@@ -166,18 +173,27 @@ impl Farm {
                             self.set_held(hostname, None);
                             return Err(e);
                         }
-                        Err(e) => note = Some(format!("the delta was refused: {e}; sent the whole tree")),
+                        Err(e) => {
+                            note = Some(format!("the delta was refused: {e}; sent the whole tree"))
+                        }
                     }
                 }
             }
-            match client.put_src(SRC_DIR, src.tgz.clone(), &src.tree, None).await {
+            match client
+                .put_src(SRC_DIR, src.tgz.clone(), &src.tree, None)
+                .await
+            {
                 Ok(_) => {
-                    self.set_held(hostname, Some(Held {
-                        tree: src.tree.clone(),
-                        repo: repo.to_string(),
-                        commit: commit.to_string(),
-                    }));
-                    self.metrics.source_sent(host_type, false, src.tgz.len() as u64);
+                    self.set_held(
+                        hostname,
+                        Some(Held {
+                            tree: src.tree.clone(),
+                            repo: repo.to_string(),
+                            commit: commit.to_string(),
+                        }),
+                    );
+                    self.metrics
+                        .source_sent(host_type, false, src.tgz.len() as u64);
                     return Ok(Pushed {
                         bytes: src.tgz.len() as u64,
                         delta_from: None,
@@ -198,7 +214,8 @@ impl Farm {
         }
         self.set_held(hostname, None);
         client.put_tgz_bytes(SRC_DIR, src.tgz.clone()).await?;
-        self.metrics.source_sent(host_type, false, src.tgz.len() as u64);
+        self.metrics
+            .source_sent(host_type, false, src.tgz.len() as u64);
         Ok(Pushed {
             bytes: src.tgz.len() as u64,
             delta_from: None,

@@ -298,6 +298,18 @@ pub(super) fn forge(ctx: &mut Ctx<'_>, e: &Entry<'_>, who: &str) -> Option<Forge
     });
     let webhook_secret = secret_value(ctx, &t, "webhook_secret", who);
     let status_token = secret_value(ctx, &t, "status_token", who);
+    if let (Some(a), Some(_)) = (&api, &status_token)
+        && !a.starts_with("https://")
+        && !is_loopback_url(a)
+    {
+        ctx.error(
+            t.get(ctx, "api").map(|e| e.at),
+            &join(&t.path, "api"),
+            format!(
+                "{who}: the status token would cross the network in the clear; use an https:// api"
+            ),
+        );
+    }
     let kind = kind?;
     if status_token.is_some() && kind == ForgeKind::GitLab {
         ctx.error(
@@ -416,10 +428,36 @@ pub(super) fn smtp(ctx: &mut Ctx<'_>, t: &Table<'_>) -> Option<SmtpConfig> {
     };
     let username = t.get(ctx, "username").and_then(|u| ctx.string(&u));
     let password = secret_value(ctx, t, "password", "[smtp]");
+    if let Some(sv) = &server
+        && password.is_some()
+        && sv.starts_with("smtp://")
+        && !is_loopback_url(sv)
+    {
+        ctx.error(
+            t.get(ctx, "server").map(|e| e.at),
+            "smtp.server",
+            "[smtp] a password over smtp:// would cross the network in the clear; use smtp+starttls:// or smtps://",
+        );
+    }
     Some(SmtpConfig {
         server: server?,
         from: from?,
         username,
         password,
     })
+}
+
+/// Whether a URL's host is this machine (where plain text stays local).
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }

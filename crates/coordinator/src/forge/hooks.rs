@@ -83,6 +83,11 @@ impl IntoResponse for Outcome {
     }
 }
 
+/// Webhook bodies read at once; more wait for a turn (a forge retries a
+/// delivery that times out).
+const CONCURRENT: usize = 8;
+static TURNS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(CONCURRENT);
+
 async fn receive(
     State(farm): State<Arc<Farm>>,
     Path(forge): Path<String>,
@@ -90,6 +95,13 @@ async fn receive(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let Ok(_turn) = tokio::time::timeout(Duration::from_secs(10), TURNS.acquire()).await else {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many webhook deliveries at once; try again",
+        )
+        .into_response();
+    };
     let kind = match forge.as_str() {
         "github" => ForgeKind::GitHub,
         "gitea" | "forgejo" => ForgeKind::Gitea,
@@ -131,31 +143,30 @@ async fn receive(
             return o.into_response();
         }
     };
-    let payload: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
+    // The repo: named, or the one whose webhook secret signed this body.
+    // Nothing is parsed before a signature checks: an unsigned body costs
+    // its bytes and an HMAC per configured repo, never a JSON tree.
     let rc: &RepoConfig = match named {
         Some(Ok(rc)) => rc,
         _ => {
-            let full = payload
-                .as_ref()
-                .and_then(|p| event::delivery(kind, &headers, p).repository);
-            let Some(full) = full else {
-                return refuse(
-                    StatusCode::BAD_REQUEST,
-                    "the payload names no repository and the URL has no ?repo=NAME; nothing was done",
-                )
-                .into_response();
-            };
-            match cfg.repos.values().find(|r| {
-                r.forge
-                    .as_ref()
-                    .is_some_and(|f| f.kind == kind && f.repository.eq_ignore_ascii_case(&full))
-            }) {
+            let secrets = farm.secrets();
+            let signed_by = cfg.repos.values().find(|r| {
+                r.forge.as_ref().is_some_and(|f| {
+                    f.kind == kind
+                        && f.webhook_secret
+                            .as_deref()
+                            .and_then(|s| secrets.resolve(s).ok())
+                            .is_some_and(|s| verify::check(kind, &headers, &bytes, s).is_ok())
+                })
+            });
+            match signed_by {
                 Some(rc) => rc,
                 None => {
                     return refuse(
-                        StatusCode::NOT_FOUND,
+                        StatusCode::UNAUTHORIZED,
                         format!(
-                            "no repo has [repos.X.forge] type = {:?} and repository = {full:?}; add it, or name the repo with ?repo=NAME",
+                            "no repo with [repos.X.forge] type = {:?} has a webhook secret that verifies this delivery; \
+                             name the repo with ?repo=NAME to see why on its page",
                             kind.as_str()
                         ),
                     )
@@ -164,7 +175,7 @@ async fn receive(
             }
         }
     };
-    let o = handle(&farm, rc, kind, &headers, &bytes, payload.as_ref()).await;
+    let o = handle(&farm, rc, kind, &headers, &bytes).await;
     let event_name = headers
         .get(event::event_header(kind))
         .and_then(|v| v.to_str().ok())
@@ -179,7 +190,6 @@ async fn handle(
     kind: ForgeKind,
     headers: &HeaderMap,
     body: &[u8],
-    payload: Option<&serde_json::Value>,
 ) -> Outcome {
     let Some(forge) = &rc.forge else {
         return refuse(
@@ -222,12 +232,16 @@ async fn handle(
     if let Err(e) = verify::check(kind, headers, body, &secret) {
         return refuse(StatusCode::UNAUTHORIZED, format!("{e}; nothing was done"));
     }
-    let Some(payload) = payload else {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            "the payload is not JSON; nothing was done",
-        );
+    let payload: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(p) => p,
+        Err(e) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("the payload is not JSON ({e}); nothing was done"),
+            );
+        }
     };
+    let payload = &payload;
     let d = event::delivery(kind, headers, payload);
     if let (Some(named), false) = (&d.repository, forge.repository.is_empty())
         && !named.eq_ignore_ascii_case(&forge.repository)

@@ -18,7 +18,9 @@ pub(super) async fn build_finished(
     rc: &RepoConfig,
     b: &BuildRow,
 ) -> Result<(), StoreError> {
-    if b.kind != BuildKind::PostSubmit {
+    // The branch's own builds only: what the farm chose to build, not a
+    // commit someone picked (see `builds::gets_secrets`).
+    if b.kind != BuildKind::PostSubmit || !crate::builds::gets_secrets(b) {
         return Ok(());
     }
     // An infrastructure error or a cancel says nothing about the code.

@@ -200,12 +200,26 @@ async fn send_status(farm: &Arc<Farm>, client: &Client, p: &Value) -> Result<(),
     post(client, &url, &headers, &body).await
 }
 
+/// `scheme://host[:port]/…`: how errors name a URL, since a chat webhook's
+/// path or query is its credential.
+fn shown(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+            let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+            format!("{scheme}://{host}/…")
+        }
+        None => "(a URL)".to_string(),
+    }
+}
+
 async fn post(
     client: &Client,
     url: &str,
     headers: &[(&str, String)],
     body: &Value,
 ) -> Result<(), SendError> {
+    let named = shown(url);
     let mut req = http::Request::post(url)
         .header("content-type", "application/json")
         .header("user-agent", concat!("farmer/", env!("CARGO_PKG_VERSION")));
@@ -214,11 +228,11 @@ async fn post(
     }
     let req = req
         .body(Full::new(bytes::Bytes::from(body.to_string())))
-        .map_err(|e| SendError::permanent(format!("{url}: {e}")))?;
+        .map_err(|e| SendError::permanent(format!("{named}: {e}")))?;
     let resp = client
         .request(req)
         .await
-        .map_err(|e| SendError::retry(format!("{url}: {e}")))?;
+        .map_err(|e| SendError::retry(format!("{named}: {e}")))?;
     let status = resp.status();
     if status.is_success() {
         return Ok(());
@@ -228,7 +242,7 @@ async fn post(
         .await
         .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
         .unwrap_or_default();
-    let message = format!("{url} answered {status}: {answer}");
+    let message = format!("{named} answered {status}: {answer}");
     let code = status.as_u16();
     if status.is_client_error() && code != 408 && code != 429 {
         Err(SendError::permanent(message))

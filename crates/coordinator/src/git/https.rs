@@ -103,9 +103,15 @@ fn git(
     }
     // Only what this call says: no user or system config can add a
     // credential helper, a proxy command or hooks behind the farm's back.
-    cmd.env_remove("GIT_DIR")
-        .env_remove("GIT_WORK_TREE")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
+    // A clean environment: nothing inherited (GIT_SSL_NO_VERIFY, proxies,
+    // GIT_TRACE_CURL) may change whom git trusts or print the header.
+    cmd.env_clear();
+    for keep in ["PATH", "TMPDIR", "LANG"] {
+        if let Some(v) = std::env::var_os(keep) {
+            cmd.env(keep, v);
+        }
+    }
+    cmd.env("GIT_CONFIG_NOSYSTEM", "1")
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
         .env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_ASKPASS", "")
@@ -192,8 +198,17 @@ fn git(
         return Ok(());
     }
     let mut text = String::from_utf8_lossy(&err).trim().to_string();
+    if err.len() >= MAX_STDERR {
+        // Cut mid-line: the last line could hold the start of a secret.
+        text = text
+            .rsplit_once('\n')
+            .map_or(String::new(), |(head, _)| head.to_string());
+    }
     if let Some(p) = auth.password.as_deref().filter(|p| !p.is_empty()) {
-        text = text.replace(p, "***");
+        use base64::Engine;
+        let basic =
+            base64::engine::general_purpose::STANDARD.encode(format!("{}:{p}", auth.username));
+        text = text.replace(&basic, "***").replace(p, "***");
     }
     let text = text
         .lines()

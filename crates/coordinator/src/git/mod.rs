@@ -403,7 +403,12 @@ impl Repo {
     /// and file. `None` when no delta can say it exactly: `base` is not a
     /// tree of this repository, or a name starts with `.wh.`, or the tree
     /// has submodules.
-    pub fn delta_tgz<W: Write>(&self, base: &str, hash: &str, out: W) -> Result<Option<Delta>, GitError> {
+    pub fn delta_tgz<W: Write>(
+        &self,
+        base: &str,
+        hash: &str,
+        out: W,
+    ) -> Result<Option<Delta>, GitError> {
         let repo = self.repo.to_thread_local();
         let id = self.resolve_commit(&repo, hash)?;
         let commit = repo
@@ -808,11 +813,19 @@ impl<'r, W: Write> Archiver<'r, W> {
     }
 
     /// Writes what turns tree `base` into tree `target` at the current path.
-    fn diff(&mut self, base: &gix::oid, target: &gix::oid, depth: usize) -> Result<(), ArchiveError> {
+    fn diff(
+        &mut self,
+        base: &gix::oid,
+        target: &gix::oid,
+        depth: usize,
+    ) -> Result<(), ArchiveError> {
         if depth > MAX_TREE_DEPTH {
             return Err(ArchiveError::NoDelta);
         }
-        let read = |repo: &gix::Repository, id: &gix::oid, path: &[u8]| -> Result<Vec<(Vec<u8>, EntryKind, gix::ObjectId)>, ArchiveError> {
+        let read = |repo: &gix::Repository,
+                    id: &gix::oid,
+                    path: &[u8]|
+         -> Result<Vec<(Vec<u8>, EntryKind, gix::ObjectId)>, ArchiveError> {
             let mut buf = Vec::new();
             let iter = repo
                 .objects
@@ -820,7 +833,9 @@ impl<'r, W: Write> Archiver<'r, W> {
                 .map_err(|e| ArchiveError::Read(format!("tree {id} ({:?})", path.as_bstr()), e))?;
             let mut out = Vec::new();
             for e in iter {
-                let e = e.map_err(|e| ArchiveError::Read(format!("tree {id} ({:?})", path.as_bstr()), e))?;
+                let e = e.map_err(|e| {
+                    ArchiveError::Read(format!("tree {id} ({:?})", path.as_bstr()), e)
+                })?;
                 if e.filename.starts_with(WHITEOUT) {
                     return Err(ArchiveError::NoDelta);
                 }
@@ -837,10 +852,14 @@ impl<'r, W: Write> Archiver<'r, W> {
         };
         let old = read(self.repo, base, &self.path)?;
         let new = read(self.repo, target, &self.path)?;
-        let old_map: std::collections::HashMap<&[u8], (EntryKind, gix::ObjectId)> =
-            old.iter().map(|(n, k, o)| (n.as_slice(), (*k, *o))).collect();
-        let new_map: std::collections::HashMap<&[u8], (EntryKind, gix::ObjectId)> =
-            new.iter().map(|(n, k, o)| (n.as_slice(), (*k, *o))).collect();
+        let old_map: std::collections::HashMap<&[u8], (EntryKind, gix::ObjectId)> = old
+            .iter()
+            .map(|(n, k, o)| (n.as_slice(), (*k, *o)))
+            .collect();
+        let new_map: std::collections::HashMap<&[u8], (EntryKind, gix::ObjectId)> = new
+            .iter()
+            .map(|(n, k, o)| (n.as_slice(), (*k, *o)))
+            .collect();
         let is_tree = |k: EntryKind| k == EntryKind::Tree;
         // Whiteouts first: what is gone, or changes between tree and not.
         for (name, kind, _) in &old {
@@ -881,7 +900,13 @@ impl<'r, W: Write> Archiver<'r, W> {
     }
 
     /// Writes one entry (a whole subtree for a tree) at the current path.
-    fn one(&mut self, name: &[u8], kind: EntryKind, oid: &gix::oid, depth: usize) -> Result<(), ArchiveError> {
+    fn one(
+        &mut self,
+        name: &[u8],
+        kind: EntryKind,
+        oid: &gix::oid,
+        depth: usize,
+    ) -> Result<(), ArchiveError> {
         let dir_len = self.path.len();
         self.path.extend_from_slice(name);
         self.entries += 1;
@@ -946,51 +971,48 @@ impl<'r, W: Write> Archiver<'r, W> {
     /// Writes the entry at the current path: a directory and its tree, a
     /// file, a symbolic link; a submodule is left out (and noted).
     fn entry(&mut self, kind: EntryKind, oid: &gix::oid, depth: usize) -> Result<(), ArchiveError> {
-        {
-            let result = match kind {
-                EntryKind::Tree => {
-                    let mut h = self.header(tar::EntryType::Directory, 0o755, 0);
-                    let p = to_path(&self.path)?;
-                    self.tar.append_data(&mut h, p.as_ref(), std::io::empty())?;
-                    self.path.push(b'/');
-                    self.tree(oid, depth + 1)
-                }
-                EntryKind::Blob | EntryKind::BlobExecutable => {
-                    let mode = if kind == EntryKind::BlobExecutable {
-                        0o755
-                    } else {
-                        0o644
-                    };
-                    self.with_blob(oid, |this, data| {
-                        let mut h = this.header(tar::EntryType::Regular, mode, data.len() as u64);
-                        this.tar
-                            .append_data(&mut h, to_path(&this.path)?.as_ref(), data)?;
-                        this.bytes += data.len() as u64;
-                        Ok(())
-                    })
-                }
-                EntryKind::Link => self.with_blob(oid, |this, target| {
-                    if target.is_empty() || target.contains(&0) {
-                        return Err(ArchiveError::Bad(format!(
-                            "symlink {:?} has an invalid target",
-                            this.path.as_bstr()
-                        )));
-                    }
-                    let mut h = this.header(tar::EntryType::Symlink, 0o777, 0);
-                    this.tar.append_link(
-                        &mut h,
-                        to_path(&this.path)?.as_ref(),
-                        to_path(target)?.as_ref(),
-                    )?;
+        match kind {
+            EntryKind::Tree => {
+                let mut h = self.header(tar::EntryType::Directory, 0o755, 0);
+                let p = to_path(&self.path)?;
+                self.tar.append_data(&mut h, p.as_ref(), std::io::empty())?;
+                self.path.push(b'/');
+                self.tree(oid, depth + 1)
+            }
+            EntryKind::Blob | EntryKind::BlobExecutable => {
+                let mode = if kind == EntryKind::BlobExecutable {
+                    0o755
+                } else {
+                    0o644
+                };
+                self.with_blob(oid, |this, data| {
+                    let mut h = this.header(tar::EntryType::Regular, mode, data.len() as u64);
+                    this.tar
+                        .append_data(&mut h, to_path(&this.path)?.as_ref(), data)?;
+                    this.bytes += data.len() as u64;
                     Ok(())
-                }),
-                // Submodules: the buildlet gets this repository's tree only.
-                EntryKind::Commit => {
-                    self.skipped = true;
-                    Ok(())
+                })
+            }
+            EntryKind::Link => self.with_blob(oid, |this, target| {
+                if target.is_empty() || target.contains(&0) {
+                    return Err(ArchiveError::Bad(format!(
+                        "symlink {:?} has an invalid target",
+                        this.path.as_bstr()
+                    )));
                 }
-            };
-            result
+                let mut h = this.header(tar::EntryType::Symlink, 0o777, 0);
+                this.tar.append_link(
+                    &mut h,
+                    to_path(&this.path)?.as_ref(),
+                    to_path(target)?.as_ref(),
+                )?;
+                Ok(())
+            }),
+            // Submodules: the buildlet gets this repository's tree only.
+            EntryKind::Commit => {
+                self.skipped = true;
+                Ok(())
+            }
         }
     }
 

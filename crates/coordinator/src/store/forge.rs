@@ -5,8 +5,11 @@ use serde::Serialize;
 
 use super::{Result, Store, now_ms};
 
-/// Deliveries kept per repo (older ones are deleted as new ones come).
-pub const MAX_DELIVERIES: i64 = 200;
+/// Accepted deliveries kept per repo (older ones are deleted as new ones come).
+pub const MAX_DELIVERIES: i64 = 150;
+/// Refused deliveries kept per repo, apart: a flood of forged requests
+/// cannot push the real ones out.
+pub const MAX_REFUSED: i64 = 50;
 /// Finished outbox messages kept (sent, failed, superseded), farm-wide.
 const MAX_DONE_MESSAGES: i64 = 5000;
 
@@ -78,11 +81,14 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "DELETE FROM hook_deliveries WHERE repo = ? AND id <= (SELECT id FROM hook_deliveries WHERE repo = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            "DELETE FROM hook_deliveries WHERE repo = ? AND accepted = ? AND id <= \
+             (SELECT id FROM hook_deliveries WHERE repo = ? AND accepted = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
         )
         .bind(repo)
+        .bind(accepted)
         .bind(repo)
-        .bind(MAX_DELIVERIES)
+        .bind(accepted)
+        .bind(if accepted { MAX_DELIVERIES } else { MAX_REFUSED })
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

@@ -454,6 +454,16 @@ impl Store {
         Ok((r.rows_affected() > 0).then(|| r.last_insert_rowid()))
     }
 
+    /// Builds `requested_by` has queued or running.
+    pub async fn active_builds_of(&self, requested_by: &str) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM builds WHERE requested_by = ? AND status IN ('queued', 'running')",
+        )
+        .bind(requested_by)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     /// Who asked for build `id` ("" for the poller).
     pub async fn requested_by(&self, id: i64) -> Result<Option<String>> {
         Ok(

@@ -73,7 +73,7 @@ fn builds_end_to_end_pass_and_fail_with_logs() {
     // the source push, each step's header with its command, the end.
     for line in [
         format!("farmer: build {} attempt 1: linux-test on bot-1", g["id"]),
-        "farmer: pushing source (".to_string(),
+        "farmer: source: ".to_string(),
         "--- step test: sh test.sh".to_string(),
         format!("farmer: build {} passed", g["id"]),
     ] {

@@ -306,15 +306,23 @@ fn webhooks_trigger_builds_and_statuses_reach_the_forge() {
         };
 
         // Refused: unsigned, wrong secret, edited after signing, oversized.
-        let (code, text) = send(gh("", "push", "d-unsigned"), hook("github"), body.clone()).await;
+        // Without ?repo= a delivery no repo's secret verifies is refused
+        // before its payload is even parsed; with it, the repo's page says why.
+        let app_hook = format!("{}?repo=app", hook("github"));
+        let (code, text) = send(gh("", "push", "d-anon"), hook("github"), body.clone()).await;
+        assert_eq!(code, 401, "{text}");
+        assert!(text.contains("verifies this delivery"), "{text}");
+        let (code, text) = send(gh("", "push", "d-unsigned"), app_hook.clone(), body.clone()).await;
         assert_eq!(code, 401, "{text}");
         assert!(text.contains("not signed"), "{text}");
         let wrong = format!("sha256={}", sign("not-the-secret", &body));
-        let (code, text) = send(gh(&wrong, "push", "d-wrong"), hook("github"), body.clone()).await;
+        let (code, text) = send(gh(&wrong, "push", "d-wrong"), app_hook.clone(), body.clone()).await;
         assert_eq!(code, 401, "{text}");
         assert!(text.contains("does not match"), "{text}");
         let edited = String::from_utf8(body.clone()).unwrap().replace("alice", "mallory").into_bytes();
-        let (code, _) = send(gh(&good_sig, "push", "d-edited"), hook("github"), edited).await;
+        let (code, _) = send(gh(&good_sig, "push", "d-edited"), hook("github"), edited.clone()).await;
+        assert_eq!(code, 401);
+        let (code, _) = send(gh(&good_sig, "push", "d-edited"), app_hook.clone(), edited).await;
         assert_eq!(code, 401);
         let huge = vec![b' '; 5 << 20];
         let (code, text) = send(gh(&good_sig, "push", "d-huge"), format!("{}?repo=app", hook("github")), huge).await;

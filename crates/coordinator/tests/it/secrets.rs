@@ -242,6 +242,14 @@ echo "---- tests::prints_token stdout ----"
 echo "token was $TOKEN"
 exit 1
 '''
+
+[builders.pr]
+host = "host-a"
+presubmit = true
+env = { TOKEN = "secret:pypi-token" }
+[[builders.pr.steps]]
+name = "show"
+run = 'echo "TOKEN is ${TOKEN-unset}"'
 "#
         .replace("DIGEST", &digest);
         let f = InProc::start_with_secrets(
@@ -252,7 +260,7 @@ exit 1
         f.machine("host-a", "m1").await;
         let id = f
             .farm
-            .trigger("upload", None, None, &head, BuildKind::PostSubmit, "test")
+            .trigger("upload", None, None, &head, BuildKind::PostSubmit, "admin")
             .await
             .unwrap();
         let live = loop {
@@ -272,6 +280,15 @@ exit 1
             attempt_log.push_str(&String::from_utf8_lossy(l));
         }
         assert!(attempt_log.contains("whole: ***"), "{attempt_log}");
+        // A pre-submit build (a pull request: anyone's code) gets no secret.
+        let pr = f
+            .farm
+            .trigger("pr", None, None, &head, BuildKind::PreSubmit, "github pull request #1")
+            .await
+            .unwrap();
+        assert_eq!(f.finished(pr).await.status, BuildStatus::Passed);
+        let pr_log = f.step_log(pr, 0).await;
+        assert!(pr_log.contains("TOKEN is unset"), "{pr_log}");
         let tests = format!("{:?}", f.farm.store.build_tests(id, 100).await.unwrap());
         assert!(tests.contains("prints_token"), "{tests}");
         let builders_api = f.get("/api/builders").await;

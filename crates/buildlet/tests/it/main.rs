@@ -10,3 +10,4 @@ mod containment;
 mod limits;
 mod races;
 mod shell;
+mod srccache;

@@ -10,6 +10,7 @@ mod certs;
 mod cli;
 mod config;
 mod dashboard;
+mod delivery;
 mod farm;
 mod forge;
 mod git;

@@ -1,0 +1,138 @@
+//! `PUT /writesrc` on a real buildlet process: a whole tree, then deltas
+//! over it; the tree assembled must be git's, a delta must name the tree
+//! the cache holds, and whiteouts obey every path rule.
+
+use bytes::Bytes;
+use http::StatusCode;
+
+use buildlet::client::Error;
+
+use crate::common::{Harness, raw, runtime, tgz, tgz_raw};
+
+/// Git's tree id of these files (written to a scratch work tree).
+fn tree_of(files: &[(&str, &[u8])]) -> String {
+    let d = tempfile::tempdir().unwrap();
+    for (name, data) in files {
+        let p = d.path().join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+    }
+    let git = |args: &[&str]| {
+        let o = std::process::Command::new("git")
+            .current_dir(d.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    };
+    git(&["init", "-q"]);
+    git(&["add", "-A"]);
+    git(&["write-tree"])
+}
+
+fn status(e: &Error) -> Option<StatusCode> {
+    match e {
+        Error::Rejected { status, .. } | Error::Server { status, .. } => Some(*status),
+        _ => None,
+    }
+}
+
+#[test]
+fn whole_trees_and_deltas_are_checked_against_git_and_confined() {
+    let h = Harness::start();
+    runtime().block_on(async {
+        let c = h.client();
+        let one: &[(&str, &[u8])] = &[("a.txt", b"a\n"), ("d/b.txt", b"b\n")];
+        let t1 = tree_of(one);
+        let w = c
+            .put_src("src", Bytes::from(tgz(one)), &t1, None)
+            .await
+            .unwrap();
+        assert_eq!((w.tree.as_str(), w.files), (t1.as_str(), 2));
+        assert_eq!(
+            std::fs::read(h.workdir.join("src/d/b.txt")).unwrap(),
+            b"b\n"
+        );
+
+        // A delta: change a.txt, remove d/ (a whiteout), add c.txt.
+        let two: &[(&str, &[u8])] = &[("a.txt", b"A\n"), ("c.txt", b"c\n")];
+        let t2 = tree_of(two);
+        let delta = tgz(&[("a.txt", b"A\n"), (".wh.d", b""), ("c.txt", b"c\n")]);
+        // Against a tree the cache does not hold: 409, and it says what it holds.
+        let e = c
+            .put_src("src", Bytes::from(delta.clone()), &t2, Some(&t2))
+            .await
+            .unwrap_err();
+        assert_eq!(status(&e), Some(StatusCode::CONFLICT), "{e}");
+        assert!(e.to_string().contains(&t1), "{e}");
+        let w = c
+            .put_src("src", Bytes::from(delta), &t2, Some(&t1))
+            .await
+            .unwrap();
+        assert_eq!(w.tree, t2);
+        assert!(!h.workdir.join("src/d").exists());
+        assert_eq!(std::fs::read(h.workdir.join("src/c.txt")).unwrap(), b"c\n");
+
+        // A delta that does not make the tree it claims: 422, cache emptied.
+        let wrong = tgz(&[("a.txt", b"not what git has\n")]);
+        let e = c
+            .put_src("src", Bytes::from(wrong), &t1, Some(&t2))
+            .await
+            .unwrap_err();
+        assert_eq!(status(&e), Some(StatusCode::UNPROCESSABLE_ENTITY), "{e}");
+        let e = c
+            .put_src("src", Bytes::from(tgz(&[])), &t2, Some(&t2))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("holds nothing"), "{e}");
+
+        // Whiteouts are confined like any entry; each bad delta is refused.
+        let w = c
+            .put_src("src", Bytes::from(tgz(one)), &t1, None)
+            .await
+            .unwrap();
+        assert_eq!(w.tree, t1);
+        let before = h.outside_snapshot();
+        for bad in [
+            tgz_raw(&[raw("../.wh.outside", tar::EntryType::Regular, None, b"")]),
+            tgz_raw(&[raw(".wh...", tar::EntryType::Regular, None, b"")]),
+            tgz_raw(&[raw("d/.wh.", tar::EntryType::Regular, None, b"")]),
+            tgz_raw(&[raw("/etc/.wh.passwd", tar::EntryType::Regular, None, b"")]),
+        ] {
+            let e = c.put_src("src", Bytes::from(bad), &t1, Some(&t1)).await;
+            let e = match e {
+                Err(e) => e,
+                Ok(w) => panic!("a hostile delta was taken: {w:?}"),
+            };
+            assert_eq!(status(&e), Some(StatusCode::BAD_REQUEST), "{e}");
+            // Refusals leave the cache unknown: the next delta is refused,
+            // the next whole tree repairs it.
+            c.put_src("src", Bytes::from(tgz(one)), &t1, None)
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            h.outside_snapshot()
+                .keys()
+                .filter(|p| !p.starts_with(h.base.path().join("wd.srccache")))
+                .count(),
+            before
+                .keys()
+                .filter(|p| !p.starts_with(h.base.path().join("wd.srccache")))
+                .count()
+        );
+        assert!(h.base.path().join("outside/sentinel").exists());
+        // Bad ids are refused before anything is read.
+        let e = c
+            .put_src("src", Bytes::new(), "HEAD", None)
+            .await
+            .unwrap_err();
+        assert_eq!(status(&e), Some(StatusCode::BAD_REQUEST), "{e}");
+        let e = c
+            .put_src("../x", Bytes::from(tgz(one)), &t1, None)
+            .await
+            .unwrap_err();
+        assert_eq!(status(&e), Some(StatusCode::BAD_REQUEST), "{e}");
+    });
+}

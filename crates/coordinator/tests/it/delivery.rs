@@ -124,7 +124,7 @@ fn every_change_between_commits_arrives_exactly_and_bad_caches_are_repaired() {
         let target = std::fs::canonicalize(&cache).unwrap().join("bulk.txt");
         let mtime = std::fs::metadata(&target).unwrap().modified().unwrap();
         let mut changed = std::fs::read(&target).unwrap();
-        changed[0] = b'L' ^ b'l' ^ changed[0];
+        changed[0] ^= b'L' ^ b'l';
         std::fs::write(&target, &changed).unwrap();
         std::fs::File::options().write(true).open(&target).unwrap().set_modified(mtime).unwrap();
         let c3 = repo.commit("three", &[("a.txt", "third\n")]);

@@ -84,6 +84,10 @@ pub struct Status {
     pub workdir: String,
     /// Seconds since the buildlet started.
     pub uptime_secs: u64,
+    /// The git tree its source cache holds (`/writesrc`), if any: what a
+    /// delta can be made against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_tree: Option<String>,
 }
 
 /// One line of `GET /ls` (the response is JSON lines, one entry each).

@@ -503,7 +503,7 @@ impl Farm {
             .cloned()
     }
 
-    pub(crate) fn set_held(&self, hostname: &str, h: Option<crate::builds::source::Held>) {
+    pub fn set_held(&self, hostname: &str, h: Option<crate::builds::source::Held>) {
         let mut m = self.held.lock().unwrap_or_else(|e| e.into_inner());
         match h {
             Some(h) => {

@@ -217,6 +217,13 @@ impl Buildlet {
             hostname: self.cfg.hostname.clone(),
             workdir: self.root.display().to_string(),
             uptime_secs: self.started.elapsed().as_secs(),
+            // Never waits on a source being written (that holds the lock):
+            // then it is not known yet.
+            src_tree: self
+                .src_cache
+                .try_lock()
+                .ok()
+                .and_then(|c| c.tree().map(str::to_string)),
         }
     }
 

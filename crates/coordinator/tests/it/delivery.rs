@@ -139,12 +139,15 @@ fn every_change_between_commits_arrives_exactly_and_bad_caches_are_repaired() {
         assert_eq!(printed(&step), expected(&repo.path, &c4, &scratch));
 
         // A machine that lost its cache (restarted: work dir and cache
-        // emptied) gets the whole tree.
+        // emptied) says so when it registers, and gets the whole tree.
         f.machine("host-a", "m1").await;
+        f.until("the farm to forget m1's cache", std::time::Duration::from_secs(10), || {
+            f.farm.held("m1").is_none()
+        })
+        .await;
         let c5 = repo.commit("five", &[("a.txt", "fifth\n")]);
         let (log, step) = build(c5.clone()).await;
-        assert!(log.contains("the whole tree"), "{log}");
-        assert!(log.contains("holds nothing"), "{log}");
+        assert!(log.contains("the whole tree") && !log.contains("delta"), "{log}");
         assert_eq!(printed(&step), expected(&repo.path, &c5, &scratch));
 
         // Bytes sent, full vs delta, per host type in /metrics.

@@ -39,11 +39,15 @@
 //!    inherits it.
 //! 5. **gomote.** See `bench_gomote`.
 //! 6. **Sharded tests.** See `coordinator/shard.rs`.
+//! 7. **Source delivery.** Whole trees vs deltas through a 10 MB/s link;
+//!    see `coordinator/delivery.rs`.
 //!
 //! The coordinators log (`FARMER_LOG=warn`) and the buildlets log
 //! (`BUILDLET_LOG=warn`) to files in the temp dir; every child is killed at
 //! the end, also on a panic, and the temp dir is removed.
 
+#[path = "coordinator/delivery.rs"]
+mod delivery;
 #[path = "coordinator/shard.rs"]
 mod shard;
 
@@ -114,7 +118,7 @@ async fn run(nofile: Option<String>) -> anyhow::Result<()> {
         &commit[..12]
     );
     // FARMER_BENCH=gomote (or a comma list of dispatch, throughput,
-    // elastic, memory, gomote, shard) runs only those sections.
+    // elastic, memory, gomote, shard, delivery) runs only those sections.
     let only = std::env::var("FARMER_BENCH").unwrap_or_default();
     let wanted = |s: &str| only.is_empty() || only.split(',').any(|x| x.trim() == s);
     if wanted("dispatch") {
@@ -134,6 +138,9 @@ async fn run(nofile: Option<String>) -> anyhow::Result<()> {
     }
     if wanted("shard") {
         shard::bench_shard(&dir).await?;
+    }
+    if wanted("delivery") {
+        delivery::bench_delivery(&dir).await?;
     }
     Ok(())
 }

@@ -6,8 +6,8 @@
 //! cache, then hashed exactly as git hashes a tree (blobs, modes, symbolic
 //! links, nested trees) and compared with the tree the coordinator says it
 //! sent; a mismatch empties the cache and fails the request, and the
-//! coordinator sends the whole tree. Only a verified tree is copied into the
-//! work dir, so a build can change its copy but never the cache.
+//! coordinator sends the whole tree. Only a verified tree is put into the
+//! work dir (hard-linked: see [`link_tree`]).
 //!
 //! Hashing 100 MB on every build would cost more than the delta saves, so
 //! each file's blob id is remembered with its inode, size, mtime and ctime
@@ -202,10 +202,16 @@ fn hash_file(path: &Path, len: u64) -> io::Result<[u8; 20]> {
     Ok(h.finalize().into())
 }
 
-/// Copies the tree at `src` (the cache's, verified) into `dest`, a
-/// directory handle beneath the work dir: directories, files with their
-/// exec bit, symbolic links as links. Returns (files, bytes).
-pub fn copy_tree(src: &Path, dest: &crate::beneath::Dir) -> io::Result<(u64, u64)> {
+/// Puts the tree at `src` (the cache's, verified) into `dest`, a
+/// directory handle beneath the work dir: directories made, symbolic links
+/// made, files hard-linked to the cache's (a copy where the file system
+/// cannot link, e.g. another device). Linking costs no data written: on a
+/// slow disk, copying 100 MB per build took longer than sending the delta
+/// saved. A step that changes a linked file in place changes the cache's
+/// too; its ctime moves, the next delta's check fails, and the whole tree
+/// is sent again. Returns (files, bytes).
+pub fn link_tree(src: &Path, dest: &crate::beneath::Dir) -> io::Result<(u64, u64)> {
+    let src_dir = crate::beneath::Root::open(src)?;
     let mut files = 0;
     let mut bytes = 0;
     for e in fs::read_dir(src)? {
@@ -220,37 +226,56 @@ pub fn copy_tree(src: &Path, dest: &crate::beneath::Dir) -> io::Result<(u64, u64
         if ft.is_dir() {
             dest.mkdir(name_str)?;
             let sub = dest.open_dir(name_str)?;
-            let (f, b) = copy_tree(&path, &sub)?;
+            let (f, b) = link_tree(&path, &sub)?;
             files += f;
             bytes += b;
         } else if ft.is_symlink() {
             let target = fs::read_link(&path)?;
             dest.symlink(&target, name_str)?;
         } else if ft.is_file() {
-            #[cfg(unix)]
-            let mode = {
-                use std::os::unix::fs::PermissionsExt;
-                if meta.permissions().mode() & 0o100 != 0 {
-                    0o755
-                } else {
-                    0o644
-                }
-            };
-            #[cfg(not(unix))]
-            let mode = 0o644;
-            let mut out = dest.create_new(name_str, mode)?;
-            let mut input = fs::File::open(&path)?;
-            bytes += io::copy(&mut input, &mut out)?;
-            out.flush()?;
-            #[cfg(unix)]
+            if dest
+                .hard_link(src_dir.as_dir(), name_str, name_str)
+                .is_err()
             {
-                use std::os::unix::fs::PermissionsExt;
-                out.set_permissions(fs::Permissions::from_mode(mode))?;
+                copy_file(&path, &meta, name_str, dest)?;
             }
+            bytes += meta.len();
             files += 1;
         }
     }
     Ok((files, bytes))
+}
+
+fn copy_file(
+    path: &Path,
+    meta: &fs::Metadata,
+    name: &str,
+    dest: &crate::beneath::Dir,
+) -> io::Result<()> {
+    #[cfg(unix)]
+    let mode = {
+        use std::os::unix::fs::PermissionsExt;
+        if meta.permissions().mode() & 0o100 != 0 {
+            0o755
+        } else {
+            0o644
+        }
+    };
+    #[cfg(not(unix))]
+    let mode = {
+        let _ = meta;
+        0o644
+    };
+    let mut out = dest.create_new(name, mode)?;
+    let mut input = fs::File::open(path)?;
+    io::copy(&mut input, &mut out)?;
+    out.flush()?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        out.set_permissions(fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

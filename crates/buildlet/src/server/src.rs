@@ -3,7 +3,8 @@
 //! tree (a tar.gz); with it, a delta over the tree BASE the cache holds:
 //! changed and new entries, and `.wh.NAME` whiteouts for what is gone. The
 //! result is checked against git's tree id TREE before it is copied to DIR
-//! (emptied first), so a wrong or corrupt cache is never built.
+//! (emptied first, then filled with hard links to the cache), so a wrong or
+//! corrupt cache is never built.
 //!
 //! Answers: `200` with JSON stats; `409` when the cache does not hold BASE
 //! (it says what it holds); `422` when the tree assembled is not TREE (the
@@ -130,7 +131,7 @@ where
         let out = work
             .dir(&dir, &dest, Some(&mut Vec::new()))
             .map_err(|e| dir_failure(&dir, e))?;
-        let (files, bytes) = crate::srccache::copy_tree(&tree_dir, &out)
+        let (files, bytes) = crate::srccache::link_tree(&tree_dir, &out)
             .map_err(|e| io("copying the tree into the work dir", e))?;
         Ok(SrcWritten {
             tree,

@@ -16,6 +16,13 @@ use std::sync::Arc;
 const FILES: usize = 20_000;
 const FILE_BYTES: usize = 5_000;
 const COMMITS: usize = 20;
+
+fn commit_count() -> usize {
+    std::env::var("FARMER_BENCH_COMMITS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(COMMITS)
+}
 /// The link's speed, bytes per second.
 const LINK: u64 = 10_000_000;
 
@@ -124,7 +131,7 @@ pub async fn bench_delivery(dir: &Path) -> anyhow::Result<()> {
             .collect(),
     };
     let mut commits = vec![coordinator::git::write_history(&repo_dir, "main", &[base])?];
-    for c in 1..=COMMITS {
+    for c in 1..=commit_count() {
         let i = (c * 997) % FILES;
         let change = coordinator::git::NewCommit {
             message: format!("change {c}"),
@@ -137,10 +144,20 @@ pub async fn bench_delivery(dir: &Path) -> anyhow::Result<()> {
                 false,
             )],
         };
-        commits.push(coordinator::git::write_history(&repo_dir, "main", &[change])?);
+        commits.push(coordinator::git::write_history(
+            &repo_dir,
+            "main",
+            &[change],
+        )?);
     }
-    println!("delivery: repository generated in {:.1} s", t.elapsed().as_secs_f64());
-    let repo = Arc::new(coordinator::git::Repo::open(repo_dir.to_str().unwrap(), &dir.join("cache"))?);
+    println!(
+        "delivery: repository generated in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let repo = Arc::new(coordinator::git::Repo::open(
+        repo_dir.to_str().unwrap(),
+        &dir.join("cache"),
+    )?);
 
     let mut cfg = buildlet::server::Config::new(dir.join("delivery-wd"));
     cfg.contain = buildlet::server::ContainMode::Group;
@@ -148,8 +165,14 @@ pub async fn bench_delivery(dir: &Path) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let upstream = listener.local_addr()?;
     let serving = tokio::spawn(b.clone().serve(listener));
-    let proxy = throttled_proxy(upstream, LINK).await?;
-    let client = buildlet::client::Client::new(&proxy, None);
+    let link = std::env::var("FARMER_BENCH_LINK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(LINK);
+    let proxy = throttled_proxy(upstream, link).await?;
+    let mut client = buildlet::client::Client::new(&proxy, None);
+    // A whole tree on a slow link takes a while to send.
+    client.set_header_timeout(Duration::from_secs(600));
 
     // The archive of a commit, as the farm makes it.
     let archive = |c: String| {
@@ -157,7 +180,8 @@ pub async fn bench_delivery(dir: &Path) -> anyhow::Result<()> {
         async move {
             tokio::task::spawn_blocking(move || {
                 let mut out = Vec::new();
-                repo.source_archive(&c, &mut out).map(|a| (Bytes::from(out), a.tree))
+                repo.source_archive(&c, &mut out)
+                    .map(|a| (Bytes::from(out), a.tree))
             })
             .await?
             .map_err(anyhow::Error::from)
@@ -169,8 +193,17 @@ pub async fn bench_delivery(dir: &Path) -> anyhow::Result<()> {
     for c in &commits[1..] {
         let t = Instant::now();
         let (tgz, tree) = archive(c.clone()).await?;
+        let made = t.elapsed();
         let w = client.put_src("src", tgz.clone(), &tree, None).await?;
         ensure!(w.tree == tree, "the buildlet assembled another tree");
+        if full.is_empty() {
+            println!(
+                "delivery: first whole tree: {:.1} MB compressed, archived in {:.2} s, sent and assembled in {:.2} s",
+                tgz.len() as f64 / 1e6,
+                made.as_secs_f64(),
+                (t.elapsed() - made).as_secs_f64()
+            );
+        }
         full.push((tgz.len() as u64, t.elapsed()));
     }
     // Deltas over the previous commit's tree.
@@ -182,11 +215,15 @@ pub async fn bench_delivery(dir: &Path) -> anyhow::Result<()> {
         let (repo2, base, c2) = (repo.clone(), prev.clone(), c.clone());
         let (d, info) = tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
-            repo2.delta_tgz(&base, &c2, &mut out).map(|d| (Bytes::from(out), d))
+            repo2
+                .delta_tgz(&base, &c2, &mut out)
+                .map(|d| (Bytes::from(out), d))
         })
         .await??;
         let info = info.ok_or_else(|| anyhow!("no delta could be made"))?;
-        let w = client.put_src("src", d.clone(), &info.tree, Some(&prev)).await?;
+        let w = client
+            .put_src("src", d.clone(), &info.tree, Some(&prev))
+            .await?;
         ensure!(w.tree == info.tree, "the buildlet assembled another tree");
         delta.push((d.len() as u64, t.elapsed()));
         prev = info.tree;

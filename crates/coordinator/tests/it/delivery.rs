@@ -80,7 +80,8 @@ fn every_change_between_commits_arrives_exactly_and_bad_caches_are_repaired() {
         git(&repo.path, &["add", "link"]);
         let c1 = repo.commit("exec bit and a link", &[]);
         let builders = format!(
-            "[builders.show]\nhost = \"host-a\"\n[[builders.show.steps]]\nname = \"manifest\"\nrun = '''\necho --manifest--\n{MANIFEST}\necho --end--\n'''\n"
+            "[builders.show]\nhost = \"host-a\"\n[[builders.show.steps]]\nname = \"manifest\"\nrun = '''\necho --manifest--\n{MANIFEST}\necho --end--\n'''\n\
+             [builders.scribble]\nhost = \"host-a\"\n[[builders.scribble.steps]]\nname = \"edit in place\"\nrun = \"echo more >> bulk.txt; chmod +x a.txt\"\n"
         );
         let f = InProc::start(&config(&repo.path, &builders)).await;
         f.machine("host-a", "m1").await;
@@ -149,6 +150,15 @@ fn every_change_between_commits_arrives_exactly_and_bad_caches_are_repaired() {
         let (log, step) = build(c5.clone()).await;
         assert!(log.contains("the whole tree") && !log.contains("delta"), "{log}");
         assert_eq!(printed(&step), expected(&repo.path, &c5, &scratch));
+
+        // A step that edits its sources in place (they are linked to the
+        // cache) spoils the cache; the next build notices and gets it whole.
+        let b = f.build("scribble", &c5, BuildKind::PostSubmit).await;
+        assert_eq!(b.status, BuildStatus::Passed, "{b:?}");
+        let c6 = repo.commit("six", &[("a.txt", "sixth\n")]);
+        let (log, step) = build(c6.clone()).await;
+        assert!(log.contains("the delta was refused") && log.contains("the whole tree"), "{log}");
+        assert_eq!(printed(&step), expected(&repo.path, &c6, &scratch));
 
         // Bytes sent, full vs delta, per host type in /metrics.
         let metrics = f.get("/metrics").await;

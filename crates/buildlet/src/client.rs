@@ -320,10 +320,16 @@ impl Client {
             req = req.header(header::CONTENT_TYPE, ct);
         }
         req = req.header(header::TE, "trailers");
+        // The answer comes after the whole body is in: a known-size body
+        // (a source tree) gets time to cross the slowest link a machine is
+        // expected to have, on top of the wait for the answer itself.
+        let upload = http_body::Body::size_hint(&body)
+            .exact()
+            .map_or(Duration::ZERO, |n| Duration::from_secs(n / SLOWEST_LINK));
         let req = req
             .body(body)
             .map_err(|e| Error::Protocol(format!("building request: {e}")))?;
-        let resp = self.send_within(req, self.header_timeout).await?;
+        let resp = self.send_within(req, self.header_timeout + upload).await?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
@@ -772,6 +778,9 @@ pub const MAX_LISTING: usize = 64 << 20;
 pub const MAX_DOWNLOAD: u64 = 16 << 30;
 /// Longest silence within a `/tgz` download before the machine is taken for broken.
 const FRAME_DEADLINE: Duration = Duration::from_secs(60);
+/// Bytes per second the slowest machine link is expected to carry (a poor
+/// home uplink): how long an upload of known size may take.
+const SLOWEST_LINK: u64 = 64 * 1024;
 const SMALL_BODY_TIME: Duration = Duration::from_secs(60);
 const LISTING_TIME: Duration = Duration::from_secs(600);
 

@@ -312,6 +312,20 @@ impl Client {
         body: ReqBody,
         content_type: Option<&str>,
     ) -> Result<Response<Incoming>, Error> {
+        self.send_ext(method, uri, body, content_type, Duration::ZERO)
+            .await
+    }
+
+    /// [`Client::send`] with `extra` time for the buildlet's work before
+    /// it answers.
+    async fn send_ext(
+        &self,
+        method: Method,
+        uri: Uri,
+        body: ReqBody,
+        content_type: Option<&str>,
+        extra: Duration,
+    ) -> Result<Response<Incoming>, Error> {
         let mut req = Request::builder().method(method).uri(uri);
         if let Some(a) = &self.auth {
             req = req.header(header::AUTHORIZATION, a.clone());
@@ -329,7 +343,9 @@ impl Client {
         let req = req
             .body(body)
             .map_err(|e| Error::Protocol(format!("building request: {e}")))?;
-        let resp = self.send_within(req, self.header_timeout + upload).await?;
+        let resp = self
+            .send_within(req, self.header_timeout + upload + extra)
+            .await?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
@@ -462,12 +478,15 @@ impl Client {
         if let Some(b) = base {
             q.push(("base", b));
         }
+        // The buildlet hashes and links the whole tree before it answers:
+        // on a slow disk, minutes for a large tree, however small the delta.
         let resp = self
-            .send(
+            .send_ext(
                 Method::PUT,
                 self.uri("/writesrc", &q)?,
                 full(tgz),
                 Some("application/gzip"),
+                SOURCE_WORK,
             )
             .await?;
         let body = read_all(resp).await?;
@@ -569,6 +588,15 @@ impl Client {
     }
 
     /// `POST /removeall`; `"."` empties the work dir.
+    /// Empties the work dir and the source cache (`/removeall` with
+    /// `srccache=1`): before a machine changes hands.
+    pub async fn clear_all(&self) -> Result<(), Error> {
+        let resp = self
+            .post_form("/removeall", &[("path", "."), ("srccache", "1")])
+            .await?;
+        read_all(resp).await.map(|_| ())
+    }
+
     pub async fn remove_all(&self, paths: &[&str]) -> Result<(), Error> {
         let form: Vec<(&str, &str)> = paths.iter().map(|p| ("path", *p)).collect();
         let resp = self.post_form("/removeall", &form).await?;
@@ -778,6 +806,8 @@ pub const MAX_LISTING: usize = 64 << 20;
 pub const MAX_DOWNLOAD: u64 = 16 << 30;
 /// Longest silence within a `/tgz` download before the machine is taken for broken.
 const FRAME_DEADLINE: Duration = Duration::from_secs(60);
+/// How long a buildlet may work on a source tree before answering.
+const SOURCE_WORK: Duration = Duration::from_secs(300);
 /// Bytes per second the slowest machine link is expected to carry (a poor
 /// home uplink): how long an upload of known size may take.
 const SLOWEST_LINK: u64 = 64 * 1024;

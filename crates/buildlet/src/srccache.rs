@@ -98,6 +98,21 @@ impl SrcCache {
                 let id = blob_id(target.as_os_str().as_encoded_bytes());
                 entries.push((name_bytes, "120000", id, false));
             } else if ft.is_file() {
+                // The work dir's files are these inodes: their permission
+                // bits must be exactly what a checkout gives (a step's
+                // `chmod a-w` would otherwise reach the next build).
+                #[cfg(unix)]
+                let meta = {
+                    use std::os::unix::fs::PermissionsExt;
+                    let perm = meta.permissions().mode() & 0o7777;
+                    let want = if perm & 0o100 != 0 { 0o755 } else { 0o644 };
+                    if perm != want {
+                        fs::set_permissions(base.join(&path), fs::Permissions::from_mode(want))?;
+                        fs::symlink_metadata(base.join(&path))?
+                    } else {
+                        meta
+                    }
+                };
                 let key = file_key(&meta);
                 let id = match self.blobs.get(&path) {
                     Some((k, id)) if *k == key => *id,

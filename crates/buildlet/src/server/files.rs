@@ -535,6 +535,11 @@ where
         Err(r) => return r,
     };
     let raw: Vec<String> = form.all("path").into_iter().map(str::to_string).collect();
+    // `srccache=1`: the source cache goes too (a machine changing hands:
+    // the last build's source is not the next holder's to read).
+    if form.flag("srccache") {
+        b.clear_src_cache();
+    }
     if raw.is_empty() {
         return bad("POST /removeall needs at least one path field ('.' empties the work dir)");
     }

@@ -191,6 +191,17 @@ impl Buildlet {
         &self.root
     }
 
+    /// Empties the source cache (its files and what is known of them).
+    pub fn clear_src_cache(&self) {
+        let mut c = self.src_cache.lock().unwrap_or_else(|e| e.into_inner());
+        c.clear();
+        if let Some(dir) = &self.cfg.src_cache
+            && let Ok(root) = crate::beneath::Root::open(dir)
+        {
+            let _ = root.as_dir().empty();
+        }
+    }
+
     pub fn config(&self) -> &Config {
         &self.cfg
     }

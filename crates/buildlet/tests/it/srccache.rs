@@ -123,6 +123,25 @@ fn whole_trees_and_deltas_are_checked_against_git_and_confined() {
                 .count()
         );
         assert!(h.base.path().join("outside/sentinel").exists());
+        // The status says which tree the cache holds; a machine changing
+        // hands is emptied, cache included.
+        assert_eq!(
+            c.status().await.unwrap().src_tree.as_deref(),
+            Some(t1.as_str())
+        );
+        c.clear_all().await.unwrap();
+        assert_eq!(c.status().await.unwrap().src_tree, None);
+        assert_eq!(
+            std::fs::read_dir(h.base.path().join("wd.srccache"))
+                .unwrap()
+                .count(),
+            0
+        );
+        let e = c
+            .put_src("src", Bytes::from(tgz(&[])), &t1, Some(&t1))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("holds nothing"), "{e}");
         // Bad ids are refused before anything is read.
         let e = c
             .put_src("src", Bytes::new(), "HEAD", None)

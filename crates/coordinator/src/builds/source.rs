@@ -74,6 +74,8 @@ fn human_bytes(n: u64) -> String {
 /// Deltas kept for machines at the same tree (most builds of a commit go
 /// to machines that held the same previous commit).
 pub(crate) const DELTA_CACHE: usize = 32;
+/// The largest delta kept for reuse (32 of them at most).
+const MAX_KEPT_DELTA: usize = 1 << 20;
 
 impl Farm {
     /// The whole tree of `commit`, archived once and kept for the few most
@@ -109,22 +111,30 @@ impl Farm {
         }
         let r = self.repo(repo).await.ok()?;
         let (b, c) = (base.to_string(), commit.to_string());
-        let d = tokio::task::spawn_blocking(move || {
+        let made = tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
             match r.delta_tgz(&b, &c, &mut out) {
-                Ok(Some(_)) => Some(Bytes::from(out)),
-                Ok(None) => None,
-                Err(e) => {
-                    tracing::warn!("making a source delta: {e}");
-                    None
-                }
+                Ok(Some(_)) => Ok(Some(Bytes::from(out))),
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
             }
         })
-        .await
-        .ok()
-        .flatten();
-        self.keep_delta(key, d.clone());
-        d
+        .await;
+        match made {
+            Ok(Ok(d)) => {
+                // A delta kept in memory must be worth it: none larger
+                // than [`MAX_KEPT_DELTA`] (it is nearly a whole tree).
+                let kept = d.clone().filter(|d| d.len() <= MAX_KEPT_DELTA);
+                self.keep_delta(key, kept);
+                d
+            }
+            // An error is not remembered: the next build tries again.
+            Ok(Err(e)) => {
+                tracing::warn!("making a source delta: {e}");
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// Puts `src` (commit `commit` of `repo`) in the work dir's `src/` of
@@ -200,7 +210,7 @@ impl Farm {
                         note,
                     });
                 }
-                Err(e) if e.is_communication() => {
+                Err(e @ (Error::Unreachable(_) | Error::BrokeOff(_))) => {
                     self.set_held(hostname, None);
                     return Err(e);
                 }

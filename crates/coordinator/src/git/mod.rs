@@ -1000,6 +1000,17 @@ impl<'r, W: Write> Archiver<'r, W> {
                         this.path.as_bstr()
                     )));
                 }
+                // tar normalizes some targets (`a//b`, `a/./b`): such a
+                // link arrives changed, so the tree is not exactly git's
+                // and is not cached (see `Archived::exact`).
+                if target.windows(2).any(|w| w == b"//")
+                    || target.windows(3).any(|w| w == b"/./")
+                    || target.starts_with(b"./")
+                    || target.ends_with(b"/.")
+                    || (target.len() > 1 && target.ends_with(b"/"))
+                {
+                    this.skipped = true;
+                }
                 let mut h = this.header(tar::EntryType::Symlink, 0o777, 0);
                 this.tar.append_link(
                     &mut h,

@@ -196,6 +196,12 @@ fn insert_waiting(farm: &Arc<Farm>, row: InstanceRow) -> InstanceView {
 
 /// The lease queue gave an instance its machine.
 async fn granted(farm: &Arc<Farm>, name: &str, lease: Lease) {
+    // The last build's source (the machine's source cache) is not the
+    // instance's user's to read.
+    if let Err(e) = lease.client.clear_all().await {
+        tracing::warn!(instance = %name, "emptying the machine's source cache: {e}");
+    }
+    farm.set_held(&lease.hostname, None);
     let ok = {
         let mut live = farm.gomote.lock();
         match live.get_mut(name) {

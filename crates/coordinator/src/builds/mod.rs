@@ -433,7 +433,7 @@ impl Farm {
                 step_id,
                 attempt_id,
                 base_env: &base_env,
-                source: tgz.clone(),
+                source: src.clone(),
                 deadline,
                 rb,
             };
@@ -625,10 +625,12 @@ const PREPARE_OUTPUT: usize = 64 << 10;
 /// build's source and runs `steps` (the ones before it) there, each within
 /// its own timeout and `deadline`. `Err((why, the machine broke))`.
 pub(crate) async fn make_ready<'s>(
+    farm: &Farm,
     lease: &Lease,
+    build: &BuildRow,
     steps: impl Iterator<Item = &'s Step>,
     base_env: &[String],
-    source: bytes::Bytes,
+    source: &source::Source,
     deadline: Instant,
 ) -> Result<(), (String, bool)> {
     let left = || {
@@ -636,8 +638,17 @@ pub(crate) async fn make_ready<'s>(
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1))
     };
-    match tokio::time::timeout(left(), lease.client.put_tgz_bytes(SRC_DIR, source)).await {
-        Ok(Ok(())) => {}
+    // Through the machine's source cache, as for the build's own machine.
+    let push = farm.push_source(
+        &lease.client,
+        &lease.hostname,
+        &lease.host_type,
+        &build.repo,
+        &build.commit,
+        source,
+    );
+    match tokio::time::timeout(left(), push).await {
+        Ok(Ok(_)) => {}
         Ok(Err(e)) => return Err((format!("pushing the source: {e}"), e.is_communication())),
         Err(_) => return Err(("pushing the source took until the deadline".into(), false)),
     }

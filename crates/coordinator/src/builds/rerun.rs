@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use buildlet::client::Client;
 use buildlet::proto::ProcessState;
-use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::{make_ready, priority, step_dir, step_env, step_exec};
@@ -46,7 +45,7 @@ pub(crate) struct StepCtx<'a> {
     pub attempt_id: i64,
     pub base_env: &'a [String],
     /// The build's source, pushed to a second machine.
-    pub source: Bytes,
+    pub source: std::sync::Arc<super::source::Source>,
     /// The build's deadline.
     pub deadline: Instant,
     pub rb: &'a RunningBuild,
@@ -309,10 +308,12 @@ impl Farm {
             .iter()
             .filter(|s| s.shard.is_none());
         match make_ready(
+            self,
             &lease,
+            ctx.build,
             steps,
             ctx.base_env,
-            ctx.source.clone(),
+            &ctx.source,
             ctx.deadline,
         )
         .await

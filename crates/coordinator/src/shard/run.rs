@@ -546,10 +546,12 @@ impl Farm {
         ));
         let t0 = Instant::now();
         let prepared = crate::builds::make_ready(
+            self,
             &lease,
+            sh.run.build,
             run_steps(sh.run),
             sh.run.base_env,
-            sh.run.source.clone(),
+            &sh.run.source,
             sh.step_deadline,
         )
         .await;

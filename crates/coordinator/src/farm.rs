@@ -2,12 +2,11 @@
 //! build + idle machine → running build), machine health checks, and config
 //! reloads. Builds themselves run in [`crate::builds`].
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::builds::Queued;
@@ -74,11 +73,9 @@ pub struct Farm {
     pub history: crate::history::History,
     repos: Mutex<HashMap<String, Arc<git::Repo>>>,
     running: Mutex<HashMap<i64, Arc<RunningBuild>>>,
-    source_cache: Mutex<VecDeque<(SourceKey, Arc<crate::builds::source::Source>)>>,
-    /// Deltas made, by (repo, base tree, commit); `None`: none possible.
-    delta_cache: Mutex<VecDeque<(DeltaKey, Option<Bytes>)>>,
-    /// What each machine's source cache holds, by host name.
-    held: Mutex<HashMap<String, crate::builds::source::Held>>,
+    /// Source delivery: recent archives and deltas, and what each
+    /// machine's source cache holds.
+    pub delivery: crate::builds::source::Delivery,
     /// Per-repo last poll error, shown on the status page.
     pub poll_errors: Mutex<HashMap<String, String>>,
     /// Connected bots that authenticated with machine tokens.
@@ -104,13 +101,6 @@ pub struct Farm {
     /// Wakes a repo's poller at once (a push webhook).
     poll_wake: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
 }
-
-const SOURCE_CACHE: usize = 16;
-
-/// (repo, commit)
-type SourceKey = (String, String);
-/// (repo, base tree, commit)
-type DeltaKey = (String, String, String);
 
 impl crate::auth::AdminToken for Arc<Farm> {
     fn admin_token(&self) -> &str {
@@ -182,9 +172,7 @@ impl Farm {
             history: Default::default(),
             repos: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
-            source_cache: Mutex::new(VecDeque::new()),
-            delta_cache: Mutex::new(VecDeque::new()),
-            held: Mutex::new(HashMap::new()),
+            delivery: Default::default(),
             poll_errors: Mutex::new(HashMap::new()),
             bots: Default::default(),
             releases,
@@ -437,16 +425,8 @@ impl Farm {
                     .to_string(),
             ),
             (None, Some(f)) => Some(
-                std::fs::read_to_string(f)
-                    .map_err(|e| {
-                        format!(
-                            "repo {}: reading password_file {}: {e}",
-                            rc.name,
-                            f.display()
-                        )
-                    })?
-                    .trim_end_matches(['\n', '\r'])
-                    .to_string(),
+                crate::secrets::read_credential(f)
+                    .map_err(|e| format!("repo {}: password_file: {e}", rc.name))?,
             ),
             (None, None) => None,
         };
@@ -455,64 +435,6 @@ impl Farm {
             password,
             ca_file: rc.auth.ca_file.clone(),
         })
-    }
-
-    pub(crate) fn cached_source(
-        &self,
-        key: &(String, String),
-    ) -> Option<Arc<crate::builds::source::Source>> {
-        self.source_cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, s)| s.clone())
-    }
-
-    pub(crate) fn keep_source(&self, key: (String, String), s: Arc<crate::builds::source::Source>) {
-        let mut c = self.source_cache.lock().unwrap_or_else(|e| e.into_inner());
-        c.push_back((key, s));
-        while c.len() > SOURCE_CACHE {
-            c.pop_front();
-        }
-    }
-
-    pub(crate) fn cached_delta(&self, key: &(String, String, String)) -> Option<Option<Bytes>> {
-        self.delta_cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, d)| d.clone())
-    }
-
-    pub(crate) fn keep_delta(&self, key: (String, String, String), d: Option<Bytes>) {
-        let mut c = self.delta_cache.lock().unwrap_or_else(|e| e.into_inner());
-        c.push_back((key, d));
-        while c.len() > crate::builds::source::DELTA_CACHE {
-            c.pop_front();
-        }
-    }
-
-    /// The tree a machine's source cache holds, as far as the farm knows.
-    pub fn held(&self, hostname: &str) -> Option<crate::builds::source::Held> {
-        self.held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(hostname)
-            .cloned()
-    }
-
-    pub fn set_held(&self, hostname: &str, h: Option<crate::builds::source::Held>) {
-        let mut m = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        match h {
-            Some(h) => {
-                m.insert(hostname.to_string(), h);
-            }
-            None => {
-                m.remove(hostname);
-            }
-        }
     }
 
     /// Creates and queues a build; checks the builder, the repo and the

@@ -143,27 +143,23 @@ impl LiveLog {
     }
 
     /// `text` with this log's secrets hidden (for copies of output kept
-    /// elsewhere, such as test results).
+    /// elsewhere, such as a unit's output).
     pub fn masked(&self, text: &[u8]) -> Vec<u8> {
-        self.mask
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .apply(text)
-            .into_owned()
+        self.mask().apply(text).into_owned()
     }
 
     /// A writer for a stream of output: a secret split across two chunks
     /// is hidden too. End it with [`StreamWriter::finish`].
     pub fn stream(&self) -> StreamWriter<'_> {
         StreamWriter {
-            masking: Masking::new(self.mask.read().unwrap_or_else(|e| e.into_inner()).clone()),
+            masking: Masking::new(self.mask()),
             live: self,
         }
     }
 
     /// Appends `chunk`, with every whole secret in it hidden.
     pub fn append(&self, chunk: &[u8]) {
-        let mask = self.mask.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mask = self.mask.read().unwrap_or_else(|e| e.into_inner());
         self.append_raw(&mask.apply(chunk));
     }
 

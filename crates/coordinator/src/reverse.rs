@@ -474,8 +474,8 @@ where
         .machine_joined(&farm.pool, id, &hostname, &status, &binary);
     // What its source cache holds: kept if it is what the farm last sent
     // there (a reconnect), forgotten otherwise (a restarted buildlet).
-    if farm.held(&hostname).map(|h| h.tree) != status.src_tree {
-        farm.set_held(&hostname, None);
+    if farm.delivery.held(&hostname).map(|h| h.tree) != status.src_tree {
+        farm.delivery.set_held(&hostname, None);
     }
     if bot {
         farm.bots.add(id, &hostname);

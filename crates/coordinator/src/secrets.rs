@@ -169,7 +169,6 @@ fn read(name: &str, source: &Source, data_dir: &Path) -> Result<String, SecretEr
 /// A secret file: must not be readable by group or others (as ssh insists
 /// for keys), and is bounded.
 fn read_file(path: &Path) -> Result<String, String> {
-    use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
     let f =
         std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -183,6 +182,19 @@ fn read_file(path: &Path) -> Result<String, String> {
             path.display()
         ));
     }
+    read_bounded(f, path)
+}
+
+/// A credential file's text, at most [`MAX_LEN`] bytes (a token, not a
+/// file store), without the trailing newline editors add.
+pub fn read_credential(path: &Path) -> Result<String, String> {
+    let f =
+        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    read_bounded(f, path).map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+}
+
+fn read_bounded(f: std::fs::File, path: &Path) -> Result<String, String> {
+    use std::io::Read;
     let mut s = String::new();
     f.take(MAX_LEN as u64 + 1)
         .read_to_string(&mut s)

@@ -79,3 +79,14 @@ pub fn health(farm: &Farm, seen: &[crate::store::MachineRow]) -> Vec<HealthLine>
     }
     out
 }
+
+/// A size for people: `850 bytes`, `12.3 KiB`, `30.1 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    if n >= 10 << 20 {
+        format!("{:.1} MiB", n as f64 / (1 << 20) as f64)
+    } else if n >= 10 << 10 {
+        format!("{:.1} KiB", n as f64 / 1024.0)
+    } else {
+        format!("{n} bytes")
+    }
+}

@@ -539,7 +539,7 @@ async fn rebuild(
             &b.commit,
             kind,
             &if caller.admin {
-                format!("rebuild of {id}")
+                format!("{}{id}", crate::builds::REBUILD_OF)
             } else {
                 requester(&caller)
             },

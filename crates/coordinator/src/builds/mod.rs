@@ -356,24 +356,15 @@ impl Farm {
         let secrets = self.secrets();
         rb.log.set_mask(secrets.mask());
         let allowed = gets_secrets(build);
-        if !allowed {
-            let names = |env: &[(String, String)]| {
-                env.iter()
-                    .any(|(_, v)| crate::secrets::reference(v).is_some())
-            };
-            if names(&host.env)
-                || names(&builder.env)
-                || builder.steps.iter().any(|s| names(&s.env))
-            {
-                rb.log.append(
-                    b"farmer: this build gets no secrets (a pre-submit build, or a user's): the variables that name one are not set\n",
-                );
-            }
-        }
         let with_secrets = match with_secrets(builder, host, &secrets, allowed) {
             Ok(r) => r,
             Err(e) => return Outcome::CoordinatorError(e),
         };
+        if !allowed && matches!(with_secrets.0, Cow::Owned(_)) {
+            rb.log.append(
+                b"farmer: this build gets no secrets (a pre-submit build, or a user's): the variables that name one are not set\n",
+            );
+        }
         let (builder, host) = (&*with_secrets.0, &*with_secrets.1);
         let mut client = main.client.clone();
         let started = Instant::now();
@@ -678,6 +669,9 @@ pub(crate) async fn make_ready<'s>(
     Ok(())
 }
 
+/// How an admin's rebuild records who asked for it: `rebuild of ID`.
+pub const REBUILD_OF: &str = "rebuild of ";
+
 /// Whether a build may receive the farm's secrets: only code the farm
 /// chose to build — a watched branch's commits (the poller's builds), and
 /// what the admin asked for — never a pull request's (anyone can open one)
@@ -686,12 +680,13 @@ pub(crate) fn gets_secrets(build: &BuildRow) -> bool {
     build.kind != BuildKind::PreSubmit
         && (build.requested_by.is_empty()
             || build.requested_by == crate::auth::ADMIN_USER
-            || build.requested_by.starts_with("rebuild of "))
+            || build.requested_by.starts_with(REBUILD_OF))
 }
 
 /// The builder and host with every `secret:NAME` in their environments
 /// replaced by its value, for this build only; for a build that may not
-/// have secrets ([`gets_secrets`]) those variables are left out. Refused
+/// have secrets ([`gets_secrets`]) those variables are left out. Borrowed
+/// as they are when they name no secret. Refused
 /// for an untrusted host type (the config check refuses it too; this holds
 /// if it is bypassed).
 fn with_secrets<'a>(

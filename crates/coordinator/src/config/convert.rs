@@ -284,7 +284,7 @@ fn farm_settings(ctx: &mut Ctx<'_>, t: &Table<'_>) -> FarmSettings {
     if let Some(e) = t.get(ctx, "url")
         && let Some(u) = ctx.string(&e)
     {
-        if u.starts_with("https://") || u.starts_with("http://") {
+        if forge::is_http_url(&u) {
             s.url = Some(u.trim_end_matches('/').to_string());
         } else {
             ctx.error(

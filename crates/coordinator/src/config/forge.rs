@@ -33,6 +33,17 @@ pub enum ForgeKind {
 }
 
 impl ForgeKind {
+    /// The forge a name in the config or a webhook's path means (Forgejo
+    /// is Gitea's fork, with the same hooks and API).
+    pub fn from_name(name: &str) -> Option<ForgeKind> {
+        match name {
+            "github" => Some(ForgeKind::GitHub),
+            "gitea" | "forgejo" => Some(ForgeKind::Gitea),
+            "gitlab" => Some(ForgeKind::GitLab),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ForgeKind::GitHub => "github",
@@ -242,20 +253,17 @@ pub(super) fn forge(ctx: &mut Ctx<'_>, e: &Entry<'_>, who: &str) -> Option<Forge
     let t = ctx.table(e)?;
     t.check_keys(ctx, FORGE_KEYS, &format!("{who}'s forge"));
     let kind = match t.get(ctx, "type") {
-        Some(k) => match ctx.string(&k).as_deref() {
-            Some("github") => Some(ForgeKind::GitHub),
-            Some("gitea" | "forgejo") => Some(ForgeKind::Gitea),
-            Some("gitlab") => Some(ForgeKind::GitLab),
-            Some(other) => {
+        Some(k) => ctx.string(&k).and_then(|name| {
+            let kind = ForgeKind::from_name(&name);
+            if kind.is_none() {
                 ctx.error(
                     Some(k.at),
                     &k.path,
-                    format!("{who}: forge type {other:?} is unknown; known: github, gitea, forgejo, gitlab"),
+                    format!("{who}: forge type {name:?} is unknown; known: github, gitea, forgejo, gitlab"),
                 );
-                None
             }
-            None => None,
-        },
+            kind
+        }),
         None => {
             ctx.error(
                 t.at,
@@ -286,7 +294,7 @@ pub(super) fn forge(ctx: &mut Ctx<'_>, e: &Entry<'_>, who: &str) -> Option<Forge
     });
     let api = t.get(ctx, "api").and_then(|a| {
         let v = ctx.string(&a)?;
-        if !(v.starts_with("https://") || v.starts_with("http://")) {
+        if !is_http_url(&v) {
             ctx.error(
                 Some(a.at),
                 &a.path,
@@ -354,7 +362,7 @@ pub(super) fn notify(ctx: &mut Ctx<'_>, e: &Entry<'_>, who: &str) -> NotifyConfi
     t.check_keys(ctx, NOTIFY_KEYS, &format!("{who}'s notify"));
     let webhook = t.get(ctx, "webhook").and_then(|w| {
         let v = ctx.string(&w)?;
-        if !(v.starts_with("https://") || v.starts_with("http://")) {
+        if !is_http_url(&v) {
             ctx.error(
                 Some(w.at),
                 &w.path,
@@ -445,6 +453,12 @@ pub(super) fn smtp(ctx: &mut Ctx<'_>, t: &Table<'_>) -> Option<SmtpConfig> {
         username,
         password,
     })
+}
+
+/// Whether a value is an http(s) URL (the farm's, a forge API's, a
+/// notification webhook's).
+pub(super) fn is_http_url(v: &str) -> bool {
+    v.starts_with("https://") || v.starts_with("http://")
 }
 
 /// Whether a URL's host is this machine (where plain text stays local).

@@ -114,11 +114,7 @@ pub async fn repo_page(
         })
         .collect();
     let forge = rc.forge.as_ref();
-    let forge_path = forge.map_or("github", |f| match f.kind {
-        crate::config::ForgeKind::GitHub => "github",
-        crate::config::ForgeKind::Gitea => "gitea",
-        crate::config::ForgeKind::GitLab => "gitlab",
-    });
+    let forge_path = forge.map_or("github", |f| f.kind.as_str());
     let mut notify = Vec::new();
     if let Some(w) = &rc.notify.webhook {
         notify.push(format!("webhook {}", crate::git::redact_url(w)));

@@ -27,17 +27,6 @@ pub enum Event {
     Ignored(String),
 }
 
-/// A delivery's identity and meaning.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    /// The event's name as the forge's header says it.
-    pub name: String,
-    /// The forge's delivery id ("" when it sends none).
-    pub id: String,
-    /// `OWNER/NAME` of the repository the payload is about, if it says.
-    pub repository: Option<String>,
-}
-
 /// The event header each forge sends.
 pub fn event_header(kind: ForgeKind) -> &'static str {
     match kind {
@@ -47,33 +36,37 @@ pub fn event_header(kind: ForgeKind) -> &'static str {
     }
 }
 
-pub fn delivery(kind: ForgeKind, headers: &HeaderMap, payload: &Value) -> Delivery {
-    let h = |n: &str| {
-        headers
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.chars().take(200).collect::<String>())
-    };
-    let name = h(event_header(kind))
-        .or_else(|| h("X-Forgejo-Event"))
-        .unwrap_or_default();
-    let id = match kind {
-        ForgeKind::GitHub => h("X-GitHub-Delivery"),
-        ForgeKind::Gitea => h("X-Gitea-Delivery").or_else(|| h("X-Forgejo-Delivery")),
-        ForgeKind::GitLab => h("X-Gitlab-Event-UUID").or_else(|| h("X-Gitlab-Webhook-UUID")),
+/// A header's value as text, at most 100 characters ("" when absent).
+fn header(headers: &HeaderMap, names: &[&str]) -> String {
+    names
+        .iter()
+        .find_map(|n| headers.get(*n).and_then(|v| v.to_str().ok()))
+        .map(|s| s.chars().take(100).collect())
+        .unwrap_or_default()
+}
+
+/// The event's name as the forge's header says it ("" when it says none).
+pub fn name(kind: ForgeKind, headers: &HeaderMap) -> String {
+    header(headers, &[event_header(kind), "X-Forgejo-Event"])
+}
+
+/// The forge's id of this delivery ("" when it sends none).
+pub fn delivery_id(kind: ForgeKind, headers: &HeaderMap) -> String {
+    match kind {
+        ForgeKind::GitHub => header(headers, &["X-GitHub-Delivery"]),
+        ForgeKind::Gitea => header(headers, &["X-Gitea-Delivery", "X-Forgejo-Delivery"]),
+        ForgeKind::GitLab => header(headers, &["X-Gitlab-Event-UUID", "X-Gitlab-Webhook-UUID"]),
     }
-    .unwrap_or_default();
-    let repository = match kind {
+}
+
+/// `OWNER/NAME` of the repository the payload is about, if it says.
+pub fn repository(kind: ForgeKind, payload: &Value) -> Option<String> {
+    match kind {
         ForgeKind::GitLab => payload.pointer("/project/path_with_namespace"),
         _ => payload.pointer("/repository/full_name"),
     }
     .and_then(Value::as_str)
-    .map(str::to_string);
-    Delivery {
-        name,
-        id,
-        repository,
-    }
+    .map(str::to_string)
 }
 
 /// What the delivery asks of the farm, or why its payload is not the

@@ -102,17 +102,12 @@ async fn receive(
         )
         .into_response();
     };
-    let kind = match forge.as_str() {
-        "github" => ForgeKind::GitHub,
-        "gitea" | "forgejo" => ForgeKind::Gitea,
-        "gitlab" => ForgeKind::GitLab,
-        other => {
-            return refuse(
-                StatusCode::NOT_FOUND,
-                format!("no webhook for forge {other:?}; use /hooks/github, /hooks/gitea, /hooks/forgejo or /hooks/gitlab"),
-            )
-            .into_response();
-        }
+    let Some(kind) = ForgeKind::from_name(&forge) else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            format!("no webhook for forge {forge:?}; use /hooks/github, /hooks/gitea, /hooks/forgejo or /hooks/gitlab"),
+        )
+        .into_response();
     };
     let cfg = farm.config();
     let named = q.repo.as_deref().map(|r| cfg.repos.get(r).ok_or(r));
@@ -123,7 +118,7 @@ async fn receive(
         )
         .into_response();
     }
-    // Read at most MAX_PAYLOAD (+1 to tell "exactly" from "more").
+    // At most MAX_PAYLOAD bytes are read; more is refused.
     let bytes = match http_body_util::Limited::new(body, MAX_PAYLOAD)
         .collect()
         .await
@@ -138,7 +133,7 @@ async fn receive(
                 ),
             );
             if let Some(Ok(rc)) = named {
-                record(&farm, &rc.name, kind, &headers, "", &o).await;
+                record(&farm, &rc.name, kind, &headers, &o).await;
             }
             return o.into_response();
         }
@@ -176,11 +171,7 @@ async fn receive(
         }
     };
     let o = handle(&farm, rc, kind, &headers, &bytes).await;
-    let event_name = headers
-        .get(event::event_header(kind))
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    record(&farm, &rc.name, kind, &headers, event_name, &o).await;
+    record(&farm, &rc.name, kind, &headers, &o).await;
     o.into_response()
 }
 
@@ -242,9 +233,10 @@ async fn handle(
         }
     };
     let payload = &payload;
-    let d = event::delivery(kind, headers, payload);
-    if let (Some(named), false) = (&d.repository, forge.repository.is_empty())
-        && !named.eq_ignore_ascii_case(&forge.repository)
+    if let (Some(named), false) = (
+        event::repository(kind, payload),
+        forge.repository.is_empty(),
+    ) && !named.eq_ignore_ascii_case(&forge.repository)
     {
         return refuse(
             StatusCode::BAD_REQUEST,
@@ -254,7 +246,7 @@ async fn handle(
             ),
         );
     }
-    let ev = match event::parse(kind, &d.name, payload) {
+    let ev = match event::parse(kind, &event::name(kind, headers), payload) {
         Ok(e) => e,
         Err(e) => {
             return refuse(
@@ -396,25 +388,9 @@ async fn presubmit(
     Ok(detail)
 }
 
-async fn record(
-    farm: &Farm,
-    repo: &str,
-    kind: ForgeKind,
-    headers: &HeaderMap,
-    event_name: &str,
-    o: &Outcome,
-) {
-    let id = match kind {
-        ForgeKind::GitHub => headers.get("X-GitHub-Delivery"),
-        ForgeKind::Gitea => headers
-            .get("X-Gitea-Delivery")
-            .or_else(|| headers.get("X-Forgejo-Delivery")),
-        ForgeKind::GitLab => headers.get("X-Gitlab-Event-UUID"),
-    }
-    .and_then(|v| v.to_str().ok())
-    .map(|s| s.chars().take(100).collect::<String>())
-    .unwrap_or_default();
-    let event_name: String = event_name.chars().take(100).collect();
+async fn record(farm: &Farm, repo: &str, kind: ForgeKind, headers: &HeaderMap, o: &Outcome) {
+    let id = event::delivery_id(kind, headers);
+    let event_name = event::name(kind, headers);
     let detail: String = o.detail.chars().take(2000).collect();
     if o.accepted {
         tracing::info!(%repo, forge = kind.as_str(), event = %event_name, "webhook: {detail}");

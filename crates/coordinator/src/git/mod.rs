@@ -358,38 +358,13 @@ impl Repo {
     /// (what a buildlet's source cache verifies).
     pub fn source_archive<W: Write>(&self, hash: &str, out: W) -> Result<Archived, GitError> {
         let repo = self.repo.to_thread_local();
-        let id = self.resolve_commit(&repo, hash)?;
-        let commit = repo
-            .find_commit(id)
-            .map_err(|e| self.read_err(format!("commit {id}"), e))?;
-        let decoded = commit
-            .decode()
-            .map_err(|e| self.read_err(format!("commit {id}"), e))?;
-        let tree = decoded.tree();
-        let mtime = decoded
-            .committer()
-            .map(|s| s.seconds())
-            .unwrap_or_else(|_| decoded.author().map(|s| s.seconds()).unwrap_or(0));
-        let archive_err = |detail: String| GitError::Archive {
-            repo: self.name.clone(),
-            commit: id.to_string(),
-            detail,
-        };
-        let gz = flate2::write::GzEncoder::new(out, flate2::Compression::new(GZIP_LEVEL));
-        let mut ar = Archiver::new(&repo, gz, u64::try_from(mtime).unwrap_or(0));
-        ar.tree(&tree, 0).map_err(|e| match e {
-            ArchiveError::NoDelta => archive_err("unexpected delta refusal".into()),
-            ArchiveError::Read(what, e) => self.read_err(what, e),
-            ArchiveError::Bad(detail) => archive_err(detail),
-            ArchiveError::Io(e) => archive_err(format!("writing the archive: {e}")),
-        })?;
-        let bytes = ar.bytes;
-        let exact = !ar.skipped;
-        ar.tar
-            .into_inner()
-            .and_then(|gz| gz.finish())
-            .and_then(|mut w| w.flush())
-            .map_err(|e| archive_err(format!("writing the archive: {e}")))?;
+        let (id, tree, mtime) = self.commit_tree(&repo, hash)?;
+        let mut ar = Archiver::new(&repo, out, mtime);
+        ar.tree(&tree, 0)
+            .map_err(|e| self.archive_err(id, "the archive", e))?;
+        let (bytes, exact) = (ar.bytes, !ar.skipped);
+        ar.finish()
+            .map_err(|e| self.archive_err(id, "the archive", e.into()))?;
         Ok(Archived {
             bytes,
             tree: tree.to_string(),
@@ -408,20 +383,9 @@ impl Repo {
         base: &str,
         hash: &str,
         out: W,
-    ) -> Result<Option<Delta>, GitError> {
+    ) -> Result<Option<String>, GitError> {
         let repo = self.repo.to_thread_local();
-        let id = self.resolve_commit(&repo, hash)?;
-        let commit = repo
-            .find_commit(id)
-            .map_err(|e| self.read_err(format!("commit {id}"), e))?;
-        let decoded = commit
-            .decode()
-            .map_err(|e| self.read_err(format!("commit {id}"), e))?;
-        let tree = decoded.tree();
-        let mtime = decoded
-            .committer()
-            .map(|s| s.seconds())
-            .unwrap_or_else(|_| decoded.author().map(|s| s.seconds()).unwrap_or(0));
+        let (id, tree, mtime) = self.commit_tree(&repo, hash)?;
         let Ok(base_id) = gix::ObjectId::from_hex(base.as_bytes()) else {
             return Ok(None);
         };
@@ -429,36 +393,53 @@ impl Repo {
             Ok(h) if h.kind() == gix::objs::Kind::Tree => {}
             _ => return Ok(None),
         }
-        let archive_err = |detail: String| GitError::Archive {
+        let mut ar = Archiver::new(&repo, out, mtime);
+        ar.delta = true;
+        match ar.diff(&base_id, &tree, 0) {
+            Ok(()) if !ar.skipped => {}
+            Ok(()) | Err(ArchiveError::NoDelta) => return Ok(None),
+            Err(e) => return Err(self.archive_err(id, "the delta", e)),
+        }
+        ar.finish()
+            .map_err(|e| self.archive_err(id, "the delta", e.into()))?;
+        Ok(Some(tree.to_string()))
+    }
+
+    /// A commit's id, its tree, and the time archives give their entries
+    /// (the committer's, as `git archive`).
+    fn commit_tree(
+        &self,
+        repo: &gix::Repository,
+        hash: &str,
+    ) -> Result<(gix::ObjectId, gix::ObjectId, u64), GitError> {
+        let id = self.resolve_commit(repo, hash)?;
+        let commit = repo
+            .find_commit(id)
+            .map_err(|e| self.read_err(format!("commit {id}"), e))?;
+        let decoded = commit
+            .decode()
+            .map_err(|e| self.read_err(format!("commit {id}"), e))?;
+        let mtime = decoded
+            .committer()
+            .map(|s| s.seconds())
+            .unwrap_or_else(|_| decoded.author().map(|s| s.seconds()).unwrap_or(0));
+        Ok((id, decoded.tree(), u64::try_from(mtime).unwrap_or(0)))
+    }
+
+    /// An archiving error as the repository's error; `what` is what was
+    /// being written ("the archive", "the delta").
+    fn archive_err(&self, commit: gix::ObjectId, what: &str, e: ArchiveError) -> GitError {
+        let archive = |detail: String| GitError::Archive {
             repo: self.name.clone(),
-            commit: id.to_string(),
+            commit: commit.to_string(),
             detail,
         };
-        let gz = flate2::write::GzEncoder::new(out, flate2::Compression::new(GZIP_LEVEL));
-        let mut ar = Archiver::new(&repo, gz, u64::try_from(mtime).unwrap_or(0));
-        ar.delta = true;
-        let r = ar.diff(&base_id, &tree, 0);
-        match r {
-            Ok(()) => {}
-            Err(ArchiveError::NoDelta) => return Ok(None),
-            Err(ArchiveError::Read(what, e)) => return Err(self.read_err(what, e)),
-            Err(ArchiveError::Bad(detail)) => return Err(archive_err(detail)),
-            Err(ArchiveError::Io(e)) => return Err(archive_err(format!("writing the delta: {e}"))),
+        match e {
+            ArchiveError::Read(what, e) => self.read_err(what, e),
+            ArchiveError::Bad(detail) => archive(detail),
+            ArchiveError::Io(e) => archive(format!("writing {what}: {e}")),
+            ArchiveError::NoDelta => archive(format!("{what} cannot be made")),
         }
-        if ar.skipped {
-            return Ok(None);
-        }
-        let d = Delta {
-            entries: ar.entries,
-            bytes: ar.bytes,
-            tree: tree.to_string(),
-        };
-        ar.tar
-            .into_inner()
-            .and_then(|gz| gz.finish())
-            .and_then(|mut w| w.flush())
-            .map_err(|e| archive_err(format!("writing the delta: {e}")))?;
-        Ok(Some(d))
     }
 
     fn read_err(&self, what: String, e: gix::Error) -> GitError {
@@ -755,11 +736,9 @@ impl From<std::io::Error> for ArchiveError {
 
 struct Archiver<'r, W: Write> {
     repo: &'r gix::Repository,
-    tar: tar::Builder<W>,
+    tar: tar::Builder<flate2::write::GzEncoder<W>>,
     mtime: u64,
     bytes: u64,
-    /// Entries written (files, links, directories, whiteouts).
-    entries: u64,
     /// Something of the tree was left out (a submodule): the archive is
     /// not exactly the git tree.
     skipped: bool,
@@ -783,33 +762,31 @@ pub struct Archived {
     pub exact: bool,
 }
 
-/// What [`Repo::delta_tgz`] wrote.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delta {
-    /// Entries (files, links, directories, whiteouts).
-    pub entries: u64,
-    /// Bytes of file content.
-    pub bytes: u64,
-    /// The commit's git tree id, which base plus the delta makes.
-    pub tree: String,
-}
-
 /// The whiteout prefix of deltas (as the buildlet reads them).
 const WHITEOUT: &[u8] = b".wh.";
 
 impl<'r, W: Write> Archiver<'r, W> {
+    /// Writes a tar.gz to `out`; [`Archiver::finish`] ends it.
     fn new(repo: &'r gix::Repository, out: W, mtime: u64) -> Self {
+        let gz = flate2::write::GzEncoder::new(out, flate2::Compression::new(GZIP_LEVEL));
         Archiver {
             repo,
-            tar: tar::Builder::new(out),
+            tar: tar::Builder::new(gz),
             mtime,
             bytes: 0,
-            entries: 0,
             skipped: false,
             delta: false,
             path: Vec::new(),
             blob: Vec::new(),
         }
+    }
+
+    /// Ends the tar and the gzip stream and flushes them to the output.
+    fn finish(self) -> std::io::Result<()> {
+        self.tar
+            .into_inner()
+            .and_then(|gz| gz.finish())
+            .and_then(|mut w| w.flush())
     }
 
     /// Writes what turns tree `base` into tree `target` at the current path.
@@ -874,7 +851,6 @@ impl<'r, W: Write> Archiver<'r, W> {
                 let mut h = self.header(tar::EntryType::Regular, 0o644, 0);
                 let p = to_path(&self.path)?;
                 self.tar.append_data(&mut h, p.as_ref(), std::io::empty())?;
-                self.entries += 1;
                 self.path.truncate(dir_len);
             }
         }
@@ -909,7 +885,6 @@ impl<'r, W: Write> Archiver<'r, W> {
     ) -> Result<(), ArchiveError> {
         let dir_len = self.path.len();
         self.path.extend_from_slice(name);
-        self.entries += 1;
         let result = self.entry(kind, oid, depth);
         self.path.truncate(dir_len);
         result
@@ -960,7 +935,6 @@ impl<'r, W: Write> Archiver<'r, W> {
             }
             let dir_len = self.path.len();
             self.path.extend_from_slice(name);
-            self.entries += 1;
             let result = self.entry(entry.mode.kind(), entry.oid, depth);
             self.path.truncate(dir_len);
             result?;

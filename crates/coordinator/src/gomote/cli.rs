@@ -1006,15 +1006,7 @@ impl Bar {
     }
 }
 
-pub fn human_bytes(n: u64) -> String {
-    if n >= 10 << 20 {
-        format!("{:.1} MiB", n as f64 / (1 << 20) as f64)
-    } else if n >= 10 << 10 {
-        format!("{:.1} KiB", n as f64 / 1024.0)
-    } else {
-        format!("{n} bytes")
-    }
-}
+pub use crate::view::human_bytes;
 
 #[cfg(test)]
 mod tests {

@@ -201,7 +201,7 @@ async fn granted(farm: &Arc<Farm>, name: &str, lease: Lease) {
     if let Err(e) = lease.client.clear_all().await {
         tracing::warn!(instance = %name, "emptying the machine's source cache: {e}");
     }
-    farm.set_held(&lease.hostname, None);
+    farm.delivery.set_held(&lease.hostname, None);
     let ok = {
         let mut live = farm.gomote.lock();
         match live.get_mut(name) {

@@ -90,13 +90,13 @@ fn every_change_between_commits_arrives_exactly_and_bad_caches_are_repaired() {
             async move {
                 let b = f.build("show", &c, BuildKind::PostSubmit).await;
                 assert_eq!(b.status, BuildStatus::Passed, "{b:?}");
-                let all = String::from_utf8_lossy(&f.farm.store.attempt_logs(b.id).await.unwrap().into_values().next().unwrap()).into_owned();
+                let all = f.attempt_log(b.id).await;
                 (all, f.step_log(b.id, 0).await)
             }
         };
 
         let (log, step) = build(c1.clone()).await;
-        assert!(log.contains("the whole tree"), "{log}");
+        assert!(log.contains("farmer: source: the whole tree"), "{log}");
         assert_eq!(printed(&step), expected(&repo.path, &c1, &scratch));
 
         // Everything that can change between two commits.
@@ -116,7 +116,7 @@ fn every_change_between_commits_arrives_exactly_and_bad_caches_are_repaired() {
             ],
         );
         let (log, step) = build(c2.clone()).await;
-        assert!(log.contains(&format!("delta from {}", &c1[..12])), "{log}");
+        assert!(log.contains(&format!("farmer: source: a delta from {}", &c1[..12])), "{log}");
         assert_eq!(printed(&step), expected(&repo.path, &c2, &scratch));
 
         // A corrupt cache (a file changed behind the buildlet's back, same
@@ -130,25 +130,25 @@ fn every_change_between_commits_arrives_exactly_and_bad_caches_are_repaired() {
         std::fs::File::options().write(true).open(&target).unwrap().set_modified(mtime).unwrap();
         let c3 = repo.commit("three", &[("a.txt", "third\n")]);
         let (log, step) = build(c3.clone()).await;
-        assert!(log.contains("the delta was refused") && log.contains("the whole tree"), "{log}");
+        assert!(log.contains("farmer: source: the whole tree") && log.contains("the delta was refused"), "{log}");
         assert_eq!(printed(&step), expected(&repo.path, &c3, &scratch));
 
         // And the cache works again after the repair.
         let c4 = repo.commit("four", &[("a.txt", "fourth\n")]);
         let (log, step) = build(c4.clone()).await;
-        assert!(log.contains(&format!("delta from {}", &c3[..12])), "{log}");
+        assert!(log.contains(&format!("farmer: source: a delta from {}", &c3[..12])), "{log}");
         assert_eq!(printed(&step), expected(&repo.path, &c4, &scratch));
 
         // A machine that lost its cache (restarted: work dir and cache
         // emptied) says so when it registers, and gets the whole tree.
         f.machine("host-a", "m1").await;
         f.until("the farm to forget m1's cache", std::time::Duration::from_secs(10), || {
-            f.farm.held("m1").is_none()
+            f.farm.delivery.held("m1").is_none()
         })
         .await;
         let c5 = repo.commit("five", &[("a.txt", "fifth\n")]);
         let (log, step) = build(c5.clone()).await;
-        assert!(log.contains("the whole tree") && !log.contains("delta"), "{log}");
+        assert!(log.contains("farmer: source: the whole tree") && !log.contains("delta"), "{log}");
         assert_eq!(printed(&step), expected(&repo.path, &c5, &scratch));
 
         // A step that edits its sources in place (they are linked to the
@@ -157,7 +157,7 @@ fn every_change_between_commits_arrives_exactly_and_bad_caches_are_repaired() {
         assert_eq!(b.status, BuildStatus::Passed, "{b:?}");
         let c6 = repo.commit("six", &[("a.txt", "sixth\n")]);
         let (log, step) = build(c6.clone()).await;
-        assert!(log.contains("the delta was refused") && log.contains("the whole tree"), "{log}");
+        assert!(log.contains("farmer: source: the whole tree") && log.contains("the delta was refused"), "{log}");
         assert_eq!(printed(&step), expected(&repo.path, &c6, &scratch));
 
         // Bytes sent, full vs delta, per host type in /metrics.

@@ -462,8 +462,13 @@ fn webhooks_trigger_builds_and_statuses_reach_the_forge() {
         });
         // gl sends no statuses (no status_token).
         assert!(!api.all().iter().any(|r| r.path.contains("group/gl")));
-        let (_, page) = f.request("GET", "/repos/app", &[], Vec::new()).await;
-        assert!(page.contains("sent"), "{page}");
+        let page: serde_json::Value =
+            serde_json::from_str(&f.get("/repos/app?mode=json").await).unwrap();
+        let messages = page["messages"].as_array().unwrap();
+        assert!(
+            messages.iter().any(|m| m["kind"] == "status" && m["state"] == "sent"),
+            "{page}"
+        );
     });
 }
 
@@ -646,8 +651,29 @@ run = "test ! -e broken || {{ echo 'it is broken'; exit 1; }}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        // Nothing more comes (c3 and the pre-submit build told nobody).
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Nothing more comes (c3 and the pre-submit build told nobody): the
+        // outbox, once it has nothing left to send, holds one webhook and
+        // one mail for each change, both sent.
+        let start = std::time::Instant::now();
+        let queued = loop {
+            let rows = f.farm.store.outbox_for_repo("r", 100).await.unwrap();
+            if rows.iter().all(|m| m.state != "pending") {
+                break rows;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "{rows:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let count = |kind: &str| {
+            queued
+                .iter()
+                .filter(|m| m.kind == kind && m.state == "sent")
+                .count()
+        };
+        assert_eq!(
+            (count("webhook"), count("email"), queued.len()),
+            (2, 2, 4),
+            "{queued:?}"
+        );
         let hooks_after = chat.all();
         assert_eq!(hooks_after.len(), 2, "{hooks_after:#?}");
         assert_eq!(smtp.mails().len(), 2, "{:?}", smtp.mails());

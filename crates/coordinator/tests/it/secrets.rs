@@ -275,10 +275,7 @@ run = 'echo "TOKEN is ${TOKEN-unset}"'
         assert!(step.contains("whole: ***"), "{step}");
         assert!(step.contains("split: *** end"), "{step}");
         let live = String::from_utf8_lossy(&live.snapshot()).into_owned();
-        let mut attempt_log = String::new();
-        for l in f.farm.store.attempt_logs(id).await.unwrap().values() {
-            attempt_log.push_str(&String::from_utf8_lossy(l));
-        }
+        let attempt_log = f.attempt_log(id).await;
         assert!(attempt_log.contains("whole: ***"), "{attempt_log}");
         // A pre-submit build (a pull request: anyone's code) gets no secret.
         let pr = f

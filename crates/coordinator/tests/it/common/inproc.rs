@@ -199,6 +199,23 @@ impl InProc {
         String::from_utf8_lossy(&log).into_owned()
     }
 
+    /// The stored log of build `id`'s first attempt, as text; waits
+    /// (bounded) for it, since it is stored just after the build's result.
+    pub async fn attempt_log(&self, id: i64) -> String {
+        let start = Instant::now();
+        loop {
+            let logs = self.farm.store.attempt_logs(id).await.unwrap();
+            if let Some(l) = logs.into_iter().min_by_key(|(a, _)| *a).map(|(_, l)| l) {
+                return String::from_utf8_lossy(&l).into_owned();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no attempt log for build {id}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Waits (bounded) until build `id` has a final status; returns it.
     pub async fn finished(&self, id: i64) -> coordinator::store::BuildRow {
         self.finished_within(id, Duration::from_secs(30)).await

@@ -480,4 +480,8 @@ pub struct SrcWritten {
     pub bytes: u64,
     /// Entries the delta carried (files, links, whiteouts); 0 for a whole tree.
     pub delta_entries: u64,
+    /// Files the cache had to read to check the tree (the others were
+    /// known unchanged since it last read them).
+    #[serde(default)]
+    pub files_read: u64,
 }

@@ -14,6 +14,13 @@
 //! (as git's index does): an unchanged file is not read again, and any
 //! change to it (contents, mode, or an mtime put back) moves its ctime,
 //! which user code cannot set.
+//!
+//! Linking a cached file into the work dir and removing that link move its
+//! ctime too. The buildlet's own links and removals therefore go through
+//! [`SrcCache::across`], which carries a file's key over them only when the
+//! file was unchanged just before (no command runs meanwhile: the work dir
+//! is emptied between builds, when the last build's processes are gone).
+//! Without it every build after the first would read the whole tree again.
 
 use std::collections::HashMap;
 use std::fs;
@@ -39,6 +46,8 @@ pub struct SrcCache {
     tree: Option<String>,
     /// Blob ids of cached files, by path below the cache's tree dir.
     blobs: HashMap<PathBuf, (FileKey, [u8; 20])>,
+    /// Files the last [`SrcCache::hash`] had to read.
+    read: u64,
 }
 
 /// Git's id of an empty tree.
@@ -66,14 +75,57 @@ impl SrcCache {
         self.blobs.clear();
     }
 
+    /// Runs `op`, the buildlet's own change to the links of the cache's
+    /// files under `dir` (linking them into the work dir, or emptying it),
+    /// and keeps the keys of the files `op` alone touched. A file whose key
+    /// did not match just before is left stale, so it is read again; one
+    /// whose inode, size, mtime or mode moved during `op` too.
+    pub fn across<T>(&mut self, dir: &Path, op: impl FnOnce() -> T) -> T {
+        if self.tree.is_none() || self.blobs.is_empty() {
+            return op();
+        }
+        let unchanged: Vec<PathBuf> = self
+            .blobs
+            .iter()
+            .filter(|(p, (k, _))| {
+                fs::symlink_metadata(dir.join(p)).is_ok_and(|m| file_key(&m) == *k)
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        let out = op();
+        for p in unchanged {
+            let Ok(m) = fs::symlink_metadata(dir.join(&p)) else {
+                continue;
+            };
+            let now = file_key(&m);
+            if let Some((k, _)) = self.blobs.get_mut(&p)
+                && now.ino == k.ino
+                && now.size == k.size
+                && now.mtime == k.mtime
+                && now.mode == k.mode
+            {
+                *k = now;
+            }
+        }
+        out
+    }
+
     /// Git's tree id of the directory `dir`, reusing remembered blob ids of
     /// files whose inode, size, mtime and ctime did not change. Files that
     /// are not regular files, directories or symbolic links make it fail.
     pub fn hash(&mut self, dir: &Path) -> io::Result<String> {
         let mut seen = HashMap::with_capacity(self.blobs.len());
-        let id = self.hash_dir(dir, Path::new(""), &mut seen)?;
+        let mut read = 0;
+        let id = self.hash_dir(dir, Path::new(""), &mut seen, &mut read)?;
         self.blobs = seen;
+        self.read = read;
         Ok(hex::encode(id))
+    }
+
+    /// How many files the last [`SrcCache::hash`] read (the others were
+    /// known unchanged).
+    pub fn files_read(&self) -> u64 {
+        self.read
     }
 
     fn hash_dir(
@@ -81,6 +133,7 @@ impl SrcCache {
         base: &Path,
         rel: &Path,
         seen: &mut HashMap<PathBuf, (FileKey, [u8; 20])>,
+        read: &mut u64,
     ) -> io::Result<[u8; 20]> {
         let mut entries: Vec<(Vec<u8>, &'static str, [u8; 20], bool)> = Vec::new();
         for e in fs::read_dir(base.join(rel))? {
@@ -91,7 +144,7 @@ impl SrcCache {
             let meta = fs::symlink_metadata(base.join(&path))?;
             let ft = meta.file_type();
             if ft.is_dir() {
-                let id = self.hash_dir(base, &path, seen)?;
+                let id = self.hash_dir(base, &path, seen, read)?;
                 entries.push((name_bytes, "40000", id, true));
             } else if ft.is_symlink() {
                 let target = fs::read_link(base.join(&path))?;
@@ -116,7 +169,10 @@ impl SrcCache {
                 let key = file_key(&meta);
                 let id = match self.blobs.get(&path) {
                     Some((k, id)) if *k == key => *id,
-                    _ => hash_file(&base.join(&path), meta.len())?,
+                    _ => {
+                        *read += 1;
+                        hash_file(&base.join(&path), meta.len())?
+                    }
                 };
                 seen.insert(path, (key, id));
                 let mode = if key.mode & 0o100 != 0 {
@@ -347,5 +403,69 @@ mod tests {
         assert_ne!(c.hash(w).unwrap(), want);
         let empty = tempfile::tempdir().unwrap();
         assert_eq!(SrcCache::default().hash(empty.path()).unwrap(), EMPTY_TREE);
+    }
+
+    /// The buildlet's own links and removals (through `across`) keep the
+    /// files known, so the next hash reads nothing; a change made through a
+    /// link outside it (a build step) is still read again, and so is one
+    /// made before `across` that `across` would otherwise have hidden.
+    #[test]
+    fn own_links_keep_files_known() {
+        let cache = tempfile::tempdir().unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let (c_dir, w_dir) = (cache.path(), work.path());
+        for n in ["a", "b", "c"] {
+            fs::write(c_dir.join(n), n).unwrap();
+        }
+        let mut c = SrcCache::default();
+        let tree = c.hash(c_dir).unwrap();
+        assert_eq!(c.files_read(), 3);
+        c.set_tree(tree.clone());
+        let link = |c: &mut SrcCache| {
+            c.across(c_dir, || {
+                for n in ["a", "b", "c"] {
+                    fs::hard_link(c_dir.join(n), w_dir.join(n)).unwrap();
+                }
+            })
+        };
+        let unlink = |c: &mut SrcCache| {
+            c.across(c_dir, || {
+                for n in ["a", "b", "c"] {
+                    fs::remove_file(w_dir.join(n)).unwrap();
+                }
+            })
+        };
+        link(&mut c);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        unlink(&mut c);
+        assert_eq!(c.hash(c_dir).unwrap(), tree);
+        assert_eq!(c.files_read(), 0, "unchanged files were read again");
+        // Without `across`, a link is a change like any other.
+        fs::hard_link(c_dir.join("a"), w_dir.join("a")).unwrap();
+        assert_eq!(c.hash(c_dir).unwrap(), tree);
+        assert_eq!(c.files_read(), 1);
+        // A step writes through a work-dir link: read again, seen.
+        link_one_and_write(&mut c, c_dir, w_dir);
+        unlink_all(&mut c, c_dir, w_dir);
+        assert_ne!(c.hash(c_dir).unwrap(), tree);
+        assert_eq!(c.files_read(), 1);
+    }
+
+    fn link_one_and_write(c: &mut SrcCache, c_dir: &Path, w_dir: &Path) {
+        c.across(c_dir, || {
+            for n in ["b", "c"] {
+                fs::hard_link(c_dir.join(n), w_dir.join(n)).unwrap();
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(w_dir.join("b"), "B").unwrap();
+    }
+
+    fn unlink_all(c: &mut SrcCache, c_dir: &Path, w_dir: &Path) {
+        c.across(c_dir, || {
+            for n in ["a", "b", "c"] {
+                fs::remove_file(w_dir.join(n)).unwrap();
+            }
+        });
     }
 }

@@ -561,9 +561,38 @@ where
         Ok(r) => r,
         Err(resp) => return resp,
     };
+    // Removing the work dir's links to the source cache must not make the
+    // cache read its files again (see `SrcCache::across`).
+    let cache = b.src_cache.clone();
+    let cache_tree = b.cfg.src_cache.as_ref().map(|d| d.join("tree"));
     // Removal goes through handles: the parent is opened below the root and
     // the entry removed relative to it, never following a symlink.
     let result = tokio::task::spawn_blocking(move || -> Result<(), Response<ResponseBody>> {
+        let remove = || remove_targets(&root, targets);
+        match cache_tree {
+            Some(tree) => cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .across(&tree, remove),
+            None => remove(),
+        }
+    })
+    .await;
+    match result {
+        Ok(Ok(())) => text(StatusCode::OK, "OK\n"),
+        Ok(Err(resp)) => resp,
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("remove task failed: {e}\n"),
+        ),
+    }
+}
+
+/// Removes each target below `root` (`.`, no components, empties it).
+fn remove_targets(
+    root: &crate::beneath::Root,
+    targets: Vec<(String, Vec<String>)>,
+) -> Result<(), Response<ResponseBody>> {
         for (p, comps) in targets {
             let ioe = |e: &io::Error| super::io_error(format_args!("removing {p:?}"), e);
             match comps.split_last() {
@@ -588,14 +617,4 @@ where
             }
         }
         Ok(())
-    })
-    .await;
-    match result {
-        Ok(Ok(())) => text(StatusCode::OK, "OK\n"),
-        Ok(Err(resp)) => resp,
-        Err(e) => text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("remove task failed: {e}\n"),
-        ),
-    }
 }

@@ -119,20 +119,23 @@ where
                 "the tree assembled is {got}, not {tree}; the source cache was emptied"
             )));
         }
+        let files_read = c.files_read();
         c.set_tree(got);
         // The work dir's copy: DIR emptied, then filled from the cache.
-        let (last, parent) = dest.split_last().expect("dest is not empty");
-        let parent_dir = work
-            .dir(&dir, parent, Some(&mut Vec::new()))
-            .map_err(|e| dir_failure(&dir, e))?;
-        if parent_dir.lstat(last).map_err(|e| io(&dir, e))?.is_some() {
-            parent_dir.remove_all(last).map_err(|e| io(&dir, e))?;
-        }
-        let out = work
-            .dir(&dir, &dest, Some(&mut Vec::new()))
-            .map_err(|e| dir_failure(&dir, e))?;
-        let (files, bytes) = crate::srccache::link_tree(&tree_dir, &out)
-            .map_err(|e| io("copying the tree into the work dir", e))?;
+        let (files, bytes) = c.across(&tree_dir, || {
+            let (last, parent) = dest.split_last().expect("dest is not empty");
+            let parent_dir = work
+                .dir(&dir, parent, Some(&mut Vec::new()))
+                .map_err(|e| dir_failure(&dir, e))?;
+            if parent_dir.lstat(last).map_err(|e| io(&dir, e))?.is_some() {
+                parent_dir.remove_all(last).map_err(|e| io(&dir, e))?;
+            }
+            let out = work
+                .dir(&dir, &dest, Some(&mut Vec::new()))
+                .map_err(|e| dir_failure(&dir, e))?;
+            crate::srccache::link_tree(&tree_dir, &out)
+                .map_err(|e| io("copying the tree into the work dir", e))
+        })?;
         Ok(SrcWritten {
             tree,
             files,
@@ -142,6 +145,7 @@ where
             } else {
                 0
             },
+            files_read,
         })
     })
     .await;

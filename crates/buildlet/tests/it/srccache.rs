@@ -74,6 +74,31 @@ fn whole_trees_and_deltas_are_checked_against_git_and_confined() {
         assert!(!h.workdir.join("src/d").exists());
         assert_eq!(std::fs::read(h.workdir.join("src/c.txt")).unwrap(), b"c\n");
 
+        // Between builds the work dir is emptied; the next delta reads only
+        // what it brought (the cache's own links and removals keep the
+        // unchanged files known), yet a file a step changed through its
+        // link is read again and caught.
+        c.remove_all(&["."]).await.unwrap();
+        let three: &[(&str, &[u8])] = &[("a.txt", b"3\n"), ("c.txt", b"c\n")];
+        let t3 = tree_of(three);
+        let w = c
+            .put_src("src", Bytes::from(tgz(&[("a.txt", b"3\n")])), &t3, Some(&t2))
+            .await
+            .unwrap();
+        assert_eq!((w.tree.as_str(), w.files_read), (t3.as_str(), 1), "{w:?}");
+        std::fs::write(h.workdir.join("src/c.txt"), b"changed by a step\n").unwrap();
+        c.remove_all(&["."]).await.unwrap();
+        let e = c
+            .put_src("src", Bytes::from(tgz(&[("a.txt", b"A\n")])), &t2, Some(&t3))
+            .await
+            .unwrap_err();
+        assert_eq!(status(&e), Some(StatusCode::UNPROCESSABLE_ENTITY), "{e}");
+        let w = c
+            .put_src("src", Bytes::from(tgz(two)), &t2, None)
+            .await
+            .unwrap();
+        assert_eq!((w.tree.as_str(), w.files_read), (t2.as_str(), 2));
+
         // A delta that does not make the tree it claims: 422, cache emptied.
         let wrong = tgz(&[("a.txt", b"not what git has\n")]);
         let e = c

@@ -87,24 +87,28 @@ async fn pump(
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
-    let start = Instant::now();
-    let mut sent = 0u64;
+    // When the link is free again. An idle link earns no credit: a
+    // keep-alive connection reused after a pause is as slow as a new one.
+    let mut free = Instant::now();
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        sent += n as u64;
-        let due = Duration::from_secs_f64(sent as f64 / rate as f64);
-        let now = start.elapsed();
-        if due > now {
-            tokio::time::sleep(due - now).await;
-        }
+        free = free.max(Instant::now()) + Duration::from_secs_f64(n as f64 / rate as f64);
+        tokio::time::sleep_until(free.into()).await;
         if to.write_all(&buf[..n]).await.is_err() {
             break;
         }
     }
     let _ = to.shutdown().await;
+}
+
+/// Waits until the file systems have written back what is dirty.
+async fn settle() -> anyhow::Result<()> {
+    let st = tokio::process::Command::new("sync").status().await?;
+    ensure!(st.success(), "sync failed: {st}");
+    Ok(())
 }
 
 pub async fn bench_delivery(dir: &Path) -> anyhow::Result<()> {
@@ -189,10 +193,13 @@ pub async fn bench_delivery(dir: &Path) -> anyhow::Result<()> {
     };
 
     // Whole trees, as every build cost before. Between builds the work
-    // dir is emptied, as the farm does when a build ends (not timed).
+    // dir is emptied, as the farm does when a build ends, and the disk is
+    // let settle (neither timed): each build starts on a quiet disk, so
+    // the writeback of the last build's 100 MB is not charged to it.
     let mut full = Vec::new();
     for c in &commits[1..] {
         client.remove_all(&["src"]).await?;
+        settle().await?;
         let t = Instant::now();
         let (tgz, tree) = archive(c.clone()).await?;
         let made = t.elapsed();
@@ -214,6 +221,7 @@ pub async fn bench_delivery(dir: &Path) -> anyhow::Result<()> {
     let mut delta = Vec::new();
     for c in &commits[1..] {
         client.remove_all(&["src"]).await?;
+        settle().await?;
         let t = Instant::now();
         let (repo2, base, c2) = (repo.clone(), prev.clone(), c.clone());
         let (d, info) = tokio::task::spawn_blocking(move || {

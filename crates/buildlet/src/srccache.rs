@@ -7,7 +7,7 @@
 //! links, nested trees) and compared with the tree the coordinator says it
 //! sent; a mismatch empties the cache and fails the request, and the
 //! coordinator sends the whole tree. Only a verified tree is put into the
-//! work dir (hard-linked: see [`link_tree`]).
+//! work dir.
 //!
 //! Hashing 100 MB on every build would cost more than the delta saves, so
 //! each file's blob id is remembered with its inode, size, mtime and ctime
@@ -15,12 +15,17 @@
 //! change to it (contents, mode, or an mtime put back) moves its ctime,
 //! which user code cannot set.
 //!
-//! Linking a cached file into the work dir and removing that link move its
-//! ctime too. The buildlet's own links and removals therefore go through
-//! [`SrcCache::across`], which carries a file's key over them only when the
-//! file was unchanged just before (no command runs meanwhile: the work dir
-//! is emptied between builds, when the last build's processes are gone).
-//! Without it every build after the first would read the whole tree again.
+//! A build uses the cached tree itself: it is *lent* to the work dir, moved
+//! there by one rename ([`SrcCache::lend`]), and moved back when the work
+//! dir is emptied or the next tree arrives ([`SrcCache::reclaim`]), when
+//! whatever the build added to it is removed (build outputs are not part
+//! of a git tree). What the build changed in it is caught by the keys; a
+//! tree that is gone or was replaced is forgotten. Materializing 20,000
+//! files in 3,400 directories per build, even as hard links, took 2 s on a
+//! slow disk; a rename costs nothing.
+//!
+//! Where the cache cannot be moved into the work dir (another file
+//! system), its files are copied instead ([`copy_tree`]).
 
 use std::collections::HashMap;
 use std::fs;
@@ -28,6 +33,20 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use sha1::Digest;
+
+use crate::beneath::{Dir, Kind, Root};
+
+/// The cache's tree, inside the cache dir.
+pub const TREE: &str = "tree";
+
+/// Where the held tree is while a build uses it: moved into the work dir
+/// as this directory (its path components below the work dir, its device
+/// and inode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Lent {
+    comps: Vec<String>,
+    id: (u64, u64),
+}
 
 /// What is remembered of one cached file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +65,10 @@ pub struct SrcCache {
     tree: Option<String>,
     /// Blob ids of cached files, by path below the cache's tree dir.
     blobs: HashMap<PathBuf, (FileKey, [u8; 20])>,
+    /// Symbolic links of the tree, by path (what else is in it goes).
+    links: std::collections::HashSet<PathBuf>,
+    /// Where the tree is while a build uses it.
+    lent: Option<Lent>,
     /// Files the last [`SrcCache::hash`] had to read.
     read: u64,
 }
@@ -69,45 +92,138 @@ impl SrcCache {
         self.tree = Some(tree);
     }
 
-    /// Empties the cache completely.
+    /// Empties the cache completely (its files are the caller's to remove).
     pub fn clear(&mut self) {
         self.tree = None;
         self.blobs.clear();
+        self.links.clear();
+        self.lent = None;
     }
 
-    /// Runs `op`, the buildlet's own change to the links of the cache's
-    /// files under `dir` (linking them into the work dir, or emptying it),
-    /// and keeps the keys of the files `op` alone touched. A file whose key
-    /// did not match just before is left stale, so it is read again; one
-    /// whose inode, size, mtime or mode moved during `op` too.
-    pub fn across<T>(&mut self, dir: &Path, op: impl FnOnce() -> T) -> T {
-        if self.tree.is_none() || self.blobs.is_empty() {
-            return op();
+    /// Whether the tree is lent to the work dir's `comps` or below it (so
+    /// removing `comps` must [`SrcCache::reclaim`] it first). An empty
+    /// `comps` is the whole work dir.
+    pub fn lent_below(&self, comps: &[String]) -> bool {
+        self.lent
+            .as_ref()
+            .is_some_and(|l| l.comps.starts_with(comps))
+    }
+
+    /// Puts the work dir's copy of the tree in place at `comps` (its
+    /// parents made as needed, what was there removed): the tree itself,
+    /// moved out of `cache_dir` (holding [`TREE`]); where it cannot be
+    /// moved (another file system), its files copied. Returns the files
+    /// and bytes of the tree.
+    pub fn lend(
+        &mut self,
+        work: &Root,
+        cache_dir: &Path,
+        display: &str,
+        comps: &[String],
+    ) -> Result<(u64, u64), crate::beneath::DirError> {
+        use crate::beneath::DirError;
+        let cache = Root::open(cache_dir).map_err(DirError::Io)?;
+        let (last, parent) = comps
+            .split_last()
+            .ok_or_else(|| DirError::Io(io::Error::other("no directory to put the tree in")))?;
+        self.lent = None;
+        let files = self.blobs.len() as u64;
+        let bytes = self.blobs.values().map(|(k, _)| k.size).sum();
+        let parent_dir = work.dir(display, parent, Some(&mut Vec::new()))?;
+        parent_dir.remove_all(last).map_err(DirError::Io)?;
+        match cache.as_dir().move_to(TREE, &parent_dir, last) {
+            Ok(()) => {
+                let id = parent_dir
+                    .lstat(last)
+                    .map_err(DirError::Io)?
+                    .ok_or_else(|| DirError::Io(io::Error::other("the tree moved away")))?
+                    .id;
+                self.lent = Some(Lent {
+                    comps: comps.to_vec(),
+                    id,
+                });
+                Ok((files, bytes))
+            }
+            Err(e) if cross_device(&e) => {
+                let out = work.dir(display, comps, Some(&mut Vec::new()))?;
+                copy_tree(&cache_dir.join(TREE), &out).map_err(DirError::Io)
+            }
+            Err(e) => Err(DirError::Io(e)),
         }
-        let unchanged: Vec<PathBuf> = self
-            .blobs
-            .iter()
-            .filter(|(p, (k, _))| {
-                fs::symlink_metadata(dir.join(p)).is_ok_and(|m| file_key(&m) == *k)
-            })
-            .map(|(p, _)| p.clone())
-            .collect();
-        let out = op();
-        for p in unchanged {
-            let Ok(m) = fs::symlink_metadata(dir.join(&p)) else {
-                continue;
+    }
+
+    /// Moves a lent tree back from the work dir into `cache` and removes
+    /// what was added to it. A tree that is gone, or whose directory was
+    /// replaced, is forgotten (the cache is then empty); so is one that
+    /// cannot be taken back whole. What a build changed in it stays, for
+    /// the next hash to catch.
+    pub fn reclaim(&mut self, work: &Root, cache_dir: &Path) {
+        let Some(Lent { comps, id }) = self.lent.clone() else {
+            return;
+        };
+        self.lent = None;
+        let cache = match Root::open(cache_dir) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("the source cache {}: {e}", cache_dir.display());
+                self.clear();
+                return;
+            }
+        };
+        let Some((last, parent)) = comps.split_last() else {
+            self.clear();
+            return;
+        };
+        let back = || -> io::Result<bool> {
+            let Ok(parent_dir) = work.dir("", parent, None) else {
+                return Ok(false);
             };
-            let now = file_key(&m);
-            if let Some((k, _)) = self.blobs.get_mut(&p)
-                && now.ino == k.ino
-                && now.size == k.size
-                && now.mtime == k.mtime
-                && now.mode == k.mode
-            {
-                *k = now;
+            match parent_dir.lstat(last)? {
+                Some(st) if st.kind == Kind::Dir && st.id == id => {}
+                _ => return Ok(false),
+            }
+            cache.as_dir().remove_all(TREE)?;
+            parent_dir.move_to(last, cache.as_dir(), TREE)?;
+            let tree = cache.as_dir().open_dir(TREE)?;
+            let _ = tree.set_mode(0o755);
+            self.prune(&tree, Path::new(""))?;
+            Ok(true)
+        };
+        match back() {
+            Ok(true) => {}
+            Ok(false) => self.clear(),
+            Err(e) => {
+                tracing::warn!("the source cache could not take its tree back: {e}");
+                self.clear();
+                let _ = cache.as_dir().remove_all(TREE);
             }
         }
-        out
+    }
+
+    /// Removes from `dir` (the tree at `rel`) every entry the tree does
+    /// not have, and makes its directories usable again. Returns whether
+    /// anything of the tree is left in it.
+    fn prune(&self, dir: &Dir, rel: &Path) -> io::Result<bool> {
+        let mut kept = false;
+        for name in dir.names()? {
+            let path = rel.join(&name);
+            match dir.lstat(&name)? {
+                None => {}
+                Some(st) if st.kind == Kind::Dir => {
+                    let sub = dir.open_dir(&name)?;
+                    sub.set_mode(0o755)?;
+                    if self.prune(&sub, &path)? {
+                        kept = true;
+                    } else {
+                        dir.remove_all(&name)?;
+                    }
+                }
+                Some(st) if st.kind == Kind::File && self.blobs.contains_key(&path) => kept = true,
+                Some(st) if st.kind == Kind::Symlink && self.links.contains(&path) => kept = true,
+                Some(_) => dir.remove_all(&name)?,
+            }
+        }
+        Ok(kept)
     }
 
     /// Git's tree id of the directory `dir`, reusing remembered blob ids of
@@ -115,9 +231,11 @@ impl SrcCache {
     /// are not regular files, directories or symbolic links make it fail.
     pub fn hash(&mut self, dir: &Path) -> io::Result<String> {
         let mut seen = HashMap::with_capacity(self.blobs.len());
+        let mut links = std::collections::HashSet::new();
         let mut read = 0;
-        let id = self.hash_dir(dir, Path::new(""), &mut seen, &mut read)?;
+        let id = self.hash_dir(dir, Path::new(""), &mut seen, &mut links, &mut read)?;
         self.blobs = seen;
+        self.links = links;
         self.read = read;
         Ok(hex::encode(id))
     }
@@ -133,6 +251,7 @@ impl SrcCache {
         base: &Path,
         rel: &Path,
         seen: &mut HashMap<PathBuf, (FileKey, [u8; 20])>,
+        links: &mut std::collections::HashSet<PathBuf>,
         read: &mut u64,
     ) -> io::Result<[u8; 20]> {
         let mut entries: Vec<(Vec<u8>, &'static str, [u8; 20], bool)> = Vec::new();
@@ -144,11 +263,12 @@ impl SrcCache {
             let meta = fs::symlink_metadata(base.join(&path))?;
             let ft = meta.file_type();
             if ft.is_dir() {
-                let id = self.hash_dir(base, &path, seen, read)?;
+                let id = self.hash_dir(base, &path, seen, links, read)?;
                 entries.push((name_bytes, "40000", id, true));
             } else if ft.is_symlink() {
                 let target = fs::read_link(base.join(&path))?;
                 let id = blob_id(target.as_os_str().as_encoded_bytes());
+                links.insert(path);
                 entries.push((name_bytes, "120000", id, false));
             } else if ft.is_file() {
                 // The work dir's files are these inodes: their permission
@@ -207,6 +327,14 @@ impl SrcCache {
         h.update(&body);
         Ok(h.finalize().into())
     }
+}
+
+/// Whether a rename failed only because it would cross file systems.
+fn cross_device(e: &io::Error) -> bool {
+    #[cfg(unix)]
+    return e.raw_os_error() == Some(libc::EXDEV);
+    #[cfg(not(unix))]
+    return e.kind() == io::ErrorKind::CrossesDevices;
 }
 
 fn sort_key(name: &[u8], dir: bool) -> Vec<u8> {
@@ -273,16 +401,11 @@ fn hash_file(path: &Path, len: u64) -> io::Result<[u8; 20]> {
     Ok(h.finalize().into())
 }
 
-/// Puts the tree at `src` (the cache's, verified) into `dest`, a
+/// Copies the tree at `src` (the cache's, verified) into `dest`, a
 /// directory handle beneath the work dir: directories made, symbolic links
-/// made, files hard-linked to the cache's (a copy where the file system
-/// cannot link, e.g. another device). Linking costs no data written: on a
-/// slow disk, copying 100 MB per build took longer than sending the delta
-/// saved. A step that changes a linked file in place changes the cache's
-/// too; its ctime moves, the next delta's check fails, and the whole tree
-/// is sent again. Returns (files, bytes).
-pub fn link_tree(src: &Path, dest: &crate::beneath::Dir) -> io::Result<(u64, u64)> {
-    let src_dir = crate::beneath::Root::open(src)?;
+/// made, files copied with a checkout's permission bits. Returns (files,
+/// bytes).
+pub fn copy_tree(src: &Path, dest: &Dir) -> io::Result<(u64, u64)> {
     let mut files = 0;
     let mut bytes = 0;
     for e in fs::read_dir(src)? {
@@ -297,19 +420,14 @@ pub fn link_tree(src: &Path, dest: &crate::beneath::Dir) -> io::Result<(u64, u64
         if ft.is_dir() {
             dest.mkdir(name_str)?;
             let sub = dest.open_dir(name_str)?;
-            let (f, b) = link_tree(&path, &sub)?;
+            let (f, b) = copy_tree(&path, &sub)?;
             files += f;
             bytes += b;
         } else if ft.is_symlink() {
             let target = fs::read_link(&path)?;
             dest.symlink(&target, name_str)?;
         } else if ft.is_file() {
-            if dest
-                .hard_link(src_dir.as_dir(), name_str, name_str)
-                .is_err()
-            {
-                copy_file(&path, &meta, name_str, dest)?;
-            }
+            copy_file(&path, &meta, name_str, dest)?;
             bytes += meta.len();
             files += 1;
         }
@@ -317,12 +435,7 @@ pub fn link_tree(src: &Path, dest: &crate::beneath::Dir) -> io::Result<(u64, u64
     Ok((files, bytes))
 }
 
-fn copy_file(
-    path: &Path,
-    meta: &fs::Metadata,
-    name: &str,
-    dest: &crate::beneath::Dir,
-) -> io::Result<()> {
+fn copy_file(path: &Path, meta: &fs::Metadata, name: &str, dest: &Dir) -> io::Result<()> {
     #[cfg(unix)]
     let mode = {
         use std::os::unix::fs::PermissionsExt;
@@ -403,69 +516,5 @@ mod tests {
         assert_ne!(c.hash(w).unwrap(), want);
         let empty = tempfile::tempdir().unwrap();
         assert_eq!(SrcCache::default().hash(empty.path()).unwrap(), EMPTY_TREE);
-    }
-
-    /// The buildlet's own links and removals (through `across`) keep the
-    /// files known, so the next hash reads nothing; a change made through a
-    /// link outside it (a build step) is still read again, and so is one
-    /// made before `across` that `across` would otherwise have hidden.
-    #[test]
-    fn own_links_keep_files_known() {
-        let cache = tempfile::tempdir().unwrap();
-        let work = tempfile::tempdir().unwrap();
-        let (c_dir, w_dir) = (cache.path(), work.path());
-        for n in ["a", "b", "c"] {
-            fs::write(c_dir.join(n), n).unwrap();
-        }
-        let mut c = SrcCache::default();
-        let tree = c.hash(c_dir).unwrap();
-        assert_eq!(c.files_read(), 3);
-        c.set_tree(tree.clone());
-        let link = |c: &mut SrcCache| {
-            c.across(c_dir, || {
-                for n in ["a", "b", "c"] {
-                    fs::hard_link(c_dir.join(n), w_dir.join(n)).unwrap();
-                }
-            })
-        };
-        let unlink = |c: &mut SrcCache| {
-            c.across(c_dir, || {
-                for n in ["a", "b", "c"] {
-                    fs::remove_file(w_dir.join(n)).unwrap();
-                }
-            })
-        };
-        link(&mut c);
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        unlink(&mut c);
-        assert_eq!(c.hash(c_dir).unwrap(), tree);
-        assert_eq!(c.files_read(), 0, "unchanged files were read again");
-        // Without `across`, a link is a change like any other.
-        fs::hard_link(c_dir.join("a"), w_dir.join("a")).unwrap();
-        assert_eq!(c.hash(c_dir).unwrap(), tree);
-        assert_eq!(c.files_read(), 1);
-        // A step writes through a work-dir link: read again, seen.
-        link_one_and_write(&mut c, c_dir, w_dir);
-        unlink_all(&mut c, c_dir, w_dir);
-        assert_ne!(c.hash(c_dir).unwrap(), tree);
-        assert_eq!(c.files_read(), 1);
-    }
-
-    fn link_one_and_write(c: &mut SrcCache, c_dir: &Path, w_dir: &Path) {
-        c.across(c_dir, || {
-            for n in ["b", "c"] {
-                fs::hard_link(c_dir.join(n), w_dir.join(n)).unwrap();
-            }
-        });
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        fs::write(w_dir.join("b"), "B").unwrap();
-    }
-
-    fn unlink_all(c: &mut SrcCache, c_dir: &Path, w_dir: &Path) {
-        c.across(c_dir, || {
-            for n in ["a", "b", "c"] {
-                fs::remove_file(w_dir.join(n)).unwrap();
-            }
-        });
     }
 }

@@ -161,6 +161,10 @@ impl Dir {
         fs::rename(self.path.join(from), self.path.join(to))
     }
 
+    pub fn move_to(&self, from: &str, dest: &Dir, to: &str) -> io::Result<()> {
+        fs::rename(self.path.join(from), dest.path.join(to))
+    }
+
     pub fn unlink(&self, name: &str) -> io::Result<()> {
         fs::remove_file(self.path.join(name))
     }

@@ -405,6 +405,23 @@ impl Dir {
         check(unsafe { libc::renameat(fd, f.as_ptr(), fd, t.as_ptr()) }).map(drop)
     }
 
+    /// Moves `from` (here) to `to` in the directory `dest` (same file
+    /// system, else `EXDEV`), never following a symlink in either name.
+    pub fn move_to(&self, from: &str, dest: &Dir, to: &str) -> io::Result<()> {
+        let f = cstr(OsStr::new(from))?;
+        let t = cstr(OsStr::new(to))?;
+        // SAFETY: both strings are NUL-terminated.
+        check(unsafe {
+            libc::renameat(
+                self.fd.as_raw_fd(),
+                f.as_ptr(),
+                dest.fd.as_raw_fd(),
+                t.as_ptr(),
+            )
+        })
+        .map(drop)
+    }
+
     /// Removes the file or symlink `name`.
     pub fn unlink(&self, name: &str) -> io::Result<()> {
         let c = cstr(OsStr::new(name))?;

@@ -561,21 +561,20 @@ where
         Ok(r) => r,
         Err(resp) => return resp,
     };
-    // Removing the work dir's links to the source cache must not make the
-    // cache read its files again (see `SrcCache::across`).
+    // A source tree lent to the work dir goes back to the source cache
+    // rather than being deleted (see `SrcCache::reclaim`).
     let cache = b.src_cache.clone();
-    let cache_tree = b.cfg.src_cache.as_ref().map(|d| d.join("tree"));
+    let cache_dir = b.cfg.src_cache.clone();
     // Removal goes through handles: the parent is opened below the root and
     // the entry removed relative to it, never following a symlink.
     let result = tokio::task::spawn_blocking(move || -> Result<(), Response<ResponseBody>> {
-        let remove = || remove_targets(&root, targets);
-        match cache_tree {
-            Some(tree) => cache
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .across(&tree, remove),
-            None => remove(),
+        if let Some(cache_dir) = cache_dir {
+            let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+            if targets.iter().any(|(_, comps)| c.lent_below(comps)) {
+                c.reclaim(&root, &cache_dir);
+            }
         }
+        remove_targets(&root, targets)
     })
     .await;
     match result {
@@ -593,28 +592,28 @@ fn remove_targets(
     root: &crate::beneath::Root,
     targets: Vec<(String, Vec<String>)>,
 ) -> Result<(), Response<ResponseBody>> {
-        for (p, comps) in targets {
-            let ioe = |e: &io::Error| super::io_error(format_args!("removing {p:?}"), e);
-            match comps.split_last() {
-                None => {
-                    root.as_dir().empty().map_err(|e| ioe(&e))?;
-                    match root.as_dir().mkdir("tmp") {
-                        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(ioe(&e)),
-                        _ => {}
-                    }
+    for (p, comps) in targets {
+        let ioe = |e: &io::Error| super::io_error(format_args!("removing {p:?}"), e);
+        match comps.split_last() {
+            None => {
+                root.as_dir().empty().map_err(|e| ioe(&e))?;
+                match root.as_dir().mkdir("tmp") {
+                    Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(ioe(&e)),
+                    _ => {}
                 }
-                Some((last, parent)) => match root.dir(&p, parent, None) {
-                    Ok(dir) => dir.remove_all(last).map_err(|e| ioe(&e))?,
-                    Err(DirError::Path(e)) => return Err(bad(e)),
-                    // Nothing there to remove.
-                    Err(DirError::Io(e))
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
-                        ) => {}
-                    Err(DirError::Io(e)) => return Err(ioe(&e)),
-                },
             }
+            Some((last, parent)) => match root.dir(&p, parent, None) {
+                Ok(dir) => dir.remove_all(last).map_err(|e| ioe(&e))?,
+                Err(DirError::Path(e)) => return Err(bad(e)),
+                // Nothing there to remove.
+                Err(DirError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                    ) => {}
+                Err(DirError::Io(e)) => return Err(ioe(&e)),
+            },
         }
-        Ok(())
+    }
+    Ok(())
 }

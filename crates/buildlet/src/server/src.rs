@@ -20,6 +20,7 @@ use super::{Buildlet, Form, ResponseBody, json, query_pairs, text};
 use crate::beneath::Root;
 use crate::paths;
 use crate::proto::SrcWritten;
+use crate::srccache;
 use crate::tarball::{self, LimitedReader, TarError};
 
 fn is_tree_id(s: &str) -> bool {
@@ -81,8 +82,11 @@ where
     let reader = blocking_reader(req.into_body());
     let result = tokio::task::spawn_blocking(move || {
         let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
-        let tree_dir: PathBuf = cache_dir.join("tree");
+        let tree_dir: PathBuf = cache_dir.join(srccache::TREE);
         let io = |what: &str, e: std::io::Error| Failure::Io(format!("{what}: {e}"));
+        // The last build's tree comes back from the work dir (what it
+        // added is removed; what it changed, the hash catches).
+        c.reclaim(&work, &cache_dir);
         match &base {
             Some(want) if c.tree() != Some(want.as_str()) => {
                 return Err(Failure::Conflict(format!(
@@ -93,10 +97,12 @@ where
             Some(_) => {}
             None => {
                 c.clear();
-                if tree_dir.exists() {
-                    std::fs::remove_dir_all(&tree_dir)
-                        .map_err(|e| io("emptying the source cache", e))?;
-                }
+                let cache =
+                    Root::open(&cache_dir).map_err(|e| io("opening the source cache", e))?;
+                cache
+                    .as_dir()
+                    .remove_all(srccache::TREE)
+                    .map_err(|e| io("emptying the source cache", e))?;
             }
         }
         c.invalidate();
@@ -114,28 +120,17 @@ where
             .map_err(|e| io("hashing the source cache", e))?;
         if got != tree {
             c.clear();
-            let _ = std::fs::remove_dir_all(&tree_dir);
+            let _ = root.as_dir().empty();
             return Err(Failure::Mismatch(format!(
                 "the tree assembled is {got}, not {tree}; the source cache was emptied"
             )));
         }
         let files_read = c.files_read();
         c.set_tree(got);
-        // The work dir's copy: DIR emptied, then filled from the cache.
-        let (files, bytes) = c.across(&tree_dir, || {
-            let (last, parent) = dest.split_last().expect("dest is not empty");
-            let parent_dir = work
-                .dir(&dir, parent, Some(&mut Vec::new()))
-                .map_err(|e| dir_failure(&dir, e))?;
-            if parent_dir.lstat(last).map_err(|e| io(&dir, e))?.is_some() {
-                parent_dir.remove_all(last).map_err(|e| io(&dir, e))?;
-            }
-            let out = work
-                .dir(&dir, &dest, Some(&mut Vec::new()))
-                .map_err(|e| dir_failure(&dir, e))?;
-            crate::srccache::link_tree(&tree_dir, &out)
-                .map_err(|e| io("copying the tree into the work dir", e))
-        })?;
+        // DIR is emptied, and the tree is lent to it.
+        let (files, bytes) = c
+            .lend(&work, &cache_dir, &dir, &dest)
+            .map_err(|e| dir_failure(&dir, e))?;
         Ok(SrcWritten {
             tree,
             files,

@@ -82,14 +82,24 @@ fn whole_trees_and_deltas_are_checked_against_git_and_confined() {
         let three: &[(&str, &[u8])] = &[("a.txt", b"3\n"), ("c.txt", b"c\n")];
         let t3 = tree_of(three);
         let w = c
-            .put_src("src", Bytes::from(tgz(&[("a.txt", b"3\n")])), &t3, Some(&t2))
+            .put_src(
+                "src",
+                Bytes::from(tgz(&[("a.txt", b"3\n")])),
+                &t3,
+                Some(&t2),
+            )
             .await
             .unwrap();
         assert_eq!((w.tree.as_str(), w.files_read), (t3.as_str(), 1), "{w:?}");
         std::fs::write(h.workdir.join("src/c.txt"), b"changed by a step\n").unwrap();
         c.remove_all(&["."]).await.unwrap();
         let e = c
-            .put_src("src", Bytes::from(tgz(&[("a.txt", b"A\n")])), &t2, Some(&t3))
+            .put_src(
+                "src",
+                Bytes::from(tgz(&[("a.txt", b"A\n")])),
+                &t2,
+                Some(&t3),
+            )
             .await
             .unwrap_err();
         assert_eq!(status(&e), Some(StatusCode::UNPROCESSABLE_ENTITY), "{e}");
@@ -98,6 +108,58 @@ fn whole_trees_and_deltas_are_checked_against_git_and_confined() {
             .await
             .unwrap();
         assert_eq!((w.tree.as_str(), w.files_read), (t2.as_str(), 2));
+
+        // The build's outputs (files, a nested dir made read-only, a
+        // symbolic link out of the work dir) are not part of the tree: they
+        // are removed when the tree goes back to the cache, the link not
+        // followed, and the next delta builds on the tree.
+        let src = h.workdir.join("src");
+        std::fs::create_dir_all(src.join("out/deep")).unwrap();
+        std::fs::write(src.join("out/deep/obj.o"), b"obj").unwrap();
+        std::fs::write(src.join("a.txt.orig"), b"x").unwrap();
+        std::os::unix::fs::symlink(h.base.path().join("outside"), src.join("escape")).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(src.join("out"), std::fs::Permissions::from_mode(0o500))
+                .unwrap();
+        }
+        c.remove_all(&["."]).await.unwrap();
+        assert!(!src.exists());
+        let w = c
+            .put_src(
+                "src",
+                Bytes::from(tgz(&[("a.txt", b"3\n")])),
+                &t3,
+                Some(&t2),
+            )
+            .await
+            .unwrap();
+        assert_eq!((w.tree.as_str(), w.files_read), (t3.as_str(), 1), "{w:?}");
+        assert!(!src.join("out").exists() && !src.join("escape").exists());
+        assert!(h.base.path().join("outside/sentinel").exists());
+
+        // A work dir whose tree was replaced (the dir moved away, another
+        // put in its place) gives nothing back: the cache is empty, and the
+        // delta is refused for a whole tree.
+        std::fs::rename(&src, h.workdir.join("moved")).unwrap();
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("a.txt"), b"3\n").unwrap();
+        std::fs::write(src.join("c.txt"), b"c\n").unwrap();
+        let e = c
+            .put_src(
+                "src",
+                Bytes::from(tgz(&[("a.txt", b"A\n")])),
+                &t2,
+                Some(&t3),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(status(&e), Some(StatusCode::CONFLICT), "{e}");
+        assert!(e.to_string().contains("holds nothing"), "{e}");
+        c.remove_all(&["."]).await.unwrap();
+        c.put_src("src", Bytes::from(tgz(two)), &t2, None)
+            .await
+            .unwrap();
 
         // A delta that does not make the tree it claims: 422, cache emptied.
         let wrong = tgz(&[("a.txt", b"not what git has\n")]);

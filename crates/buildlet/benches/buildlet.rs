@@ -24,9 +24,20 @@
 //! 3. **Memory.** The buildlet's resident set (`VmRSS`, Linux only) when idle
 //!    after start, and again one second after the workload ended, against the
 //!    target of under 10 MB; plus its peak (`VmHWM`).
+//! 4. **Reverse mode.** The same binary as volunteers run it: dialling a
+//!    coordinator (a minimal one made by the bench, see `buildlet/reverse.rs`)
+//!    over TLS and serving it over HTTP/2. Its resident set 1 s after
+//!    registering and once it has been idle long enough to give memory
+//!    back (`IDLE_RELEASE`; goal: 5 MiB); then 1 s after the tree was
+//!    pushed over that link and `true` run 20 times, and once idle again
+//!    (goal: 10 MiB). Heap and stacks (`RssAnon`) are shown beside it: the
+//!    rest is the program's code, mapped from its file.
 //!
 //! MB means 10^6 bytes throughout. Everything lives in one temp dir that is
 //! removed at the end; the buildlet is killed at the end, also on a panic.
+
+#[path = "buildlet/reverse.rs"]
+mod reverse;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -217,6 +228,60 @@ async fn run(mb: u64) -> anyhow::Result<()> {
     );
 
     drop(server);
+
+    // 4. Reverse mode. An idle buildlet gives memory back after
+    // IDLE_RELEASE without work; both sides of that are shown.
+    let settle = buildlet::server::IDLE_RELEASE + Duration::from_secs(2);
+    let rev = reverse::start(&base_path).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rev_fresh = proc_mem(rev.pid(), "VmRSS");
+    tokio::time::sleep(settle).await;
+    let rev_idle = (proc_mem(rev.pid(), "VmRSS"), proc_mem(rev.pid(), "RssAnon"));
+    let t = Instant::now();
+    push(&rev.client, &src, "src", Arc::new(AtomicU64::new(0))).await?;
+    let rev_push_t = t.elapsed();
+    let rev_wd = PathBuf::from(
+        rev.client
+            .workdir()
+            .await
+            .context("GET /workdir (reverse)")?,
+    );
+    check_tree(
+        &rev_wd.join("src"),
+        &tree,
+        "tree pushed over the reverse link",
+    )?;
+    for _ in 0..EXEC_WARMUP {
+        exec_true(&rev.client, &opts).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rev_busy = proc_mem(rev.pid(), "VmRSS");
+    tokio::time::sleep(settle).await;
+    let rev_after = (proc_mem(rev.pid(), "VmRSS"), proc_mem(rev.pid(), "RssAnon"));
+    let rev_hwm = proc_mem(rev.pid(), "VmHWM");
+    println!();
+    println!(
+        "reverse (TLS, HTTP/2)   push {:.1} MB in {:.2} s = {:.1} MB/s",
+        total / MB,
+        rev_push_t.as_secs_f64(),
+        rate(rev_push_t)
+    );
+    println!(
+        "buildlet RSS, reverse   idle {} s after registering {} (heap and stacks {}; goal: 5 MiB); 1 s after registering {}",
+        settle.as_secs() + 1,
+        fmt_mem(rev_idle.0),
+        fmt_mem(rev_idle.1),
+        fmt_mem(rev_fresh)
+    );
+    println!(
+        "buildlet RSS, reverse   idle {} s after the push {} (heap and stacks {}; goal: 10 MiB); 1 s after it {}; peak {}",
+        settle.as_secs(),
+        fmt_mem(rev_after.0),
+        fmt_mem(rev_after.1),
+        fmt_mem(rev_busy),
+        fmt_mem(rev_hwm)
+    );
+    drop(rev);
     Ok(())
 }
 

@@ -203,6 +203,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let _ = writeln!(out, "listening on {addr}");
         let _ = out.flush();
     }
+    tokio::spawn(crate::server::release_when_idle(buildlet.clone()));
     let server = buildlet.clone().serve(listener);
     tokio::select! {
         r = server => r?,
@@ -285,6 +286,7 @@ async fn run_reverse(cli: Cli, coordinator: String) -> anyhow::Result<()> {
         token_file: cli.token_file.clone(),
         tls,
     };
+    tokio::spawn(crate::server::release_when_idle(buildlet.clone()));
     tokio::select! {
         r = reverse::run(buildlet.clone(), rcfg) => r?,
         _ = shutdown_signal() => {

@@ -329,7 +329,7 @@ async fn bench_throughput(dir: &Path, repo: &Path, commit: &str) -> anyhow::Resu
     let c = Coordinator::start(dir, "throughput", &config)?;
     let api = Api::new(&c);
     let key = c.key("host-bench-four")?;
-    let _bots = start_buildlets(&c, dir, "host-bench-four", "four", TPUT_BUILDLETS, &key)?;
+    let bots = start_buildlets(&c, dir, "host-bench-four", "four", TPUT_BUILDLETS, &key)?;
     wait_connected(
         &api,
         "host-bench-four",
@@ -341,6 +341,14 @@ async fn bench_throughput(dir: &Path, repo: &Path, commit: &str) -> anyhow::Resu
 
     let finished0 = Finished::parse(&api.get_text("/metrics").await?);
     let cpu0 = cpu_secs(c.pid());
+    let bots_cpu = || -> Option<(f64, f64)> {
+        bots.iter().try_fold((0.0, 0.0), |(own, kids), b| {
+            let (o, k) = cpu_split(b.child.id())?;
+            Some((own + o, kids + k))
+        })
+    };
+    let bots0 = bots_cpu();
+    let machine0 = machine_cpu();
     let t0 = Instant::now();
     let mut clients = tokio::task::JoinSet::new();
     for k in 0..TPUT_CLIENTS {
@@ -370,6 +378,8 @@ async fn bench_throughput(dir: &Path, repo: &Path, commit: &str) -> anyhow::Resu
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let cpu = cpu_secs(c.pid()).zip(cpu0).map(|(a, b)| a - b);
+    let bots_used = bots_cpu().zip(bots0).map(|(a, b)| (a.0 - b.0, a.1 - b.1));
+    let machine_used = machine_cpu().zip(machine0).map(|(a, b)| a - b);
     let done = last.total - finished0.total;
     let passed = last.passed - finished0.passed;
     println!(
@@ -400,6 +410,20 @@ async fn bench_throughput(dir: &Path, repo: &Path, commit: &str) -> anyhow::Resu
             _ => "n/a".to_string(),
         }
     );
+    // Where the CPU of a build goes: 1,000 builds/s on 2 CPUs leaves
+    // 2 ms per build for everything.
+    if let (Some(coord), Some((own, kids)), Some(all)) = (cpu, bots_used, machine_used)
+        && done > 0
+    {
+        let per = |s: f64| s * 1e3 / done as f64;
+        println!(
+            "throughput: CPU per build, ms: coordinator {:.2}, buildlets {:.2}, their commands (fork, exec, `true`) {:.2}, everything on the machine {:.2} (the bench's clients and the kernel's work included)",
+            per(coord),
+            per(own),
+            per(kids),
+            per(all)
+        );
+    }
     ensure!(
         passed == done,
         "{} builds did not pass; see {}",
@@ -407,6 +431,48 @@ async fn bench_throughput(dir: &Path, repo: &Path, commit: &str) -> anyhow::Resu
         c.log.display()
     );
     Ok(())
+}
+
+/// A process's own CPU seconds and those of its reaped children.
+#[cfg(unix)]
+fn cpu_split(pid: u32) -> Option<(f64, f64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
+    let f = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    // Fields 14-17 of stat(5) (utime, stime, cutime, cstime); index 0 is field 3.
+    let own = f(11)? + f(12)?;
+    let kids = f(13)? + f(14)?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (hz > 0.0).then(|| (own as f64 / hz, kids as f64 / hz))
+}
+
+#[cfg(not(unix))]
+fn cpu_split(_pid: u32) -> Option<(f64, f64)> {
+    None
+}
+
+/// CPU seconds the whole machine spent busy (all CPUs; /proc/stat).
+fn machine_cpu() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = s.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = cpu
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal...
+    let busy: u64 = v
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, x)| x)
+        .sum();
+    #[cfg(unix)]
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    #[cfg(not(unix))]
+    let hz = 100.0;
+    (hz > 0.0).then(|| busy as f64 / hz)
 }
 
 /// Finished-build counters from `/metrics` (`farmer_builds_finished_total`).

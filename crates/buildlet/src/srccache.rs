@@ -127,26 +127,36 @@ impl SrcCache {
             .split_last()
             .ok_or_else(|| DirError::Io(io::Error::other("no directory to put the tree in")))?;
         self.lent = None;
+        // Until it is in place, the work dir does not hold the tree.
+        let held = self.tree.take();
         let files = self.blobs.len() as u64;
         let bytes = self.blobs.values().map(|(k, _)| k.size).sum();
         let parent_dir = work.dir(display, parent, Some(&mut Vec::new()))?;
         parent_dir.remove_all(last).map_err(DirError::Io)?;
+        // The tree's identity, from a handle taken before it moves.
+        let id = Root::open(&cache_dir.join(TREE))
+            .map_err(DirError::Io)?
+            .id();
         match cache.as_dir().move_to(TREE, &parent_dir, last) {
             Ok(()) => {
-                let id = parent_dir
-                    .lstat(last)
-                    .map_err(DirError::Io)?
-                    .ok_or_else(|| DirError::Io(io::Error::other("the tree moved away")))?
-                    .id;
+                let there = parent_dir.lstat(last).map_err(DirError::Io)?;
+                if there.map(|st| st.id) != Some(id) {
+                    return Err(DirError::Io(io::Error::other(
+                        "the tree was replaced as it was put in place",
+                    )));
+                }
                 self.lent = Some(Lent {
                     comps: comps.to_vec(),
                     id,
                 });
+                self.tree = held;
                 Ok((files, bytes))
             }
             Err(e) if cross_device(&e) => {
                 let out = work.dir(display, comps, Some(&mut Vec::new()))?;
-                copy_tree(&cache_dir.join(TREE), &out).map_err(DirError::Io)
+                let r = copy_tree(&cache_dir.join(TREE), &out).map_err(DirError::Io)?;
+                self.tree = held;
+                Ok(r)
             }
             Err(e) => Err(DirError::Io(e)),
         }
@@ -184,8 +194,9 @@ impl SrcCache {
             }
             cache.as_dir().remove_all(TREE)?;
             parent_dir.move_to(last, cache.as_dir(), TREE)?;
-            let tree = cache.as_dir().open_dir(TREE)?;
-            let _ = tree.set_mode(0o755);
+            let tree = cache
+                .as_dir()
+                .open_dir_restored(std::ffi::OsStr::new(TREE))?;
             self.prune(&tree, Path::new(""))?;
             Ok(true)
         };
@@ -205,22 +216,21 @@ impl SrcCache {
     /// anything of the tree is left in it.
     fn prune(&self, dir: &Dir, rel: &Path) -> io::Result<bool> {
         let mut kept = false;
-        for name in dir.names()? {
+        for name in dir.names_os()? {
             let path = rel.join(&name);
-            match dir.lstat(&name)? {
+            match dir.lstat_os(&name)? {
                 None => {}
                 Some(st) if st.kind == Kind::Dir => {
-                    let sub = dir.open_dir(&name)?;
-                    sub.set_mode(0o755)?;
+                    let sub = dir.open_dir_restored(&name)?;
                     if self.prune(&sub, &path)? {
                         kept = true;
                     } else {
-                        dir.remove_all(&name)?;
+                        dir.remove_all_os(&name)?;
                     }
                 }
                 Some(st) if st.kind == Kind::File && self.blobs.contains_key(&path) => kept = true,
                 Some(st) if st.kind == Kind::Symlink && self.links.contains(&path) => kept = true,
-                Some(_) => dir.remove_all(&name)?,
+                Some(_) => dir.remove_all_os(&name)?,
             }
         }
         Ok(kept)
@@ -234,6 +244,16 @@ impl SrcCache {
         let mut links = std::collections::HashSet::new();
         let mut read = 0;
         let id = self.hash_dir(dir, Path::new(""), &mut seen, &mut links, &mut read)?;
+        // Git's "racy" rule: a file changed in the same tick of the file
+        // system's clock as now could change again without its times
+        // moving; it is not trusted by its key but read next time.
+        if let Some(now) = fs_now(dir) {
+            for (k, _) in seen.values_mut() {
+                if k.mtime >= now || k.ctime >= now {
+                    k.ctime = (i64::MIN, 0);
+                }
+            }
+        }
         self.blobs = seen;
         self.links = links;
         self.read = read;
@@ -271,27 +291,14 @@ impl SrcCache {
                 links.insert(path);
                 entries.push((name_bytes, "120000", id, false));
             } else if ft.is_file() {
-                // The work dir's files are these inodes: their permission
-                // bits must be exactly what a checkout gives (a step's
-                // `chmod a-w` would otherwise reach the next build).
-                #[cfg(unix)]
-                let meta = {
-                    use std::os::unix::fs::PermissionsExt;
-                    let perm = meta.permissions().mode() & 0o7777;
-                    let want = if perm & 0o100 != 0 { 0o755 } else { 0o644 };
-                    if perm != want {
-                        fs::set_permissions(base.join(&path), fs::Permissions::from_mode(want))?;
-                        fs::symlink_metadata(base.join(&path))?
-                    } else {
-                        meta
-                    }
-                };
+                let full = base.join(&path);
+                let meta = check_file(&full, &meta)?;
                 let key = file_key(&meta);
                 let id = match self.blobs.get(&path) {
                     Some((k, id)) if *k == key => *id,
                     _ => {
                         *read += 1;
-                        hash_file(&base.join(&path), meta.len())?
+                        hash_file(&full, &meta)?
                     }
                 };
                 seen.insert(path, (key, id));
@@ -378,8 +385,74 @@ pub fn blob_id(data: &[u8]) -> [u8; 20] {
     h.finalize().into()
 }
 
-fn hash_file(path: &Path, len: u64) -> io::Result<[u8; 20]> {
-    let mut f = fs::File::open(path)?;
+/// The file system's idea of now, for the racy rule: the times of a
+/// file created beside `dir` (in its parent, the cache dir).
+fn fs_now(dir: &Path) -> Option<(i64, i64)> {
+    let parent = dir.parent()?;
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let stamp = parent.join(format!(".racy-stamp-{}-{n}", std::process::id()));
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&stamp)
+        .ok()?;
+    let meta = f.metadata();
+    let _ = fs::remove_file(&stamp);
+    let k = file_key(&meta.ok()?);
+    Some(k.mtime.min(k.ctime))
+}
+
+/// Opens a cached file for reading without following a symbolic link or
+/// blocking on a fifo put in its place, and checks it is still the inode
+/// `meta` describes.
+fn open_cached(path: &Path, meta: &fs::Metadata) -> io::Result<fs::File> {
+    let mut o = fs::OpenOptions::new();
+    o.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    }
+    let f = o.open(path)?;
+    let now = f.metadata()?;
+    if !now.is_file() || file_key(&now).ino != file_key(meta).ino {
+        return Err(io::Error::other(format!(
+            "{} was replaced while it was checked",
+            path.display()
+        )));
+    }
+    Ok(f)
+}
+
+/// Checks a cached file before it is trusted, and returns its metadata:
+/// it has no other name (a hard link kept elsewhere by a step could change
+/// the next build's source through it), and its permission bits are put
+/// back to what a checkout gives (0644 or 0755), through a handle.
+fn check_file(path: &Path, meta: &fs::Metadata) -> io::Result<fs::Metadata> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if meta.nlink() != 1 {
+            return Err(io::Error::other(format!(
+                "{} has another name (a hard link): it cannot be trusted",
+                path.display()
+            )));
+        }
+        let perm = meta.mode() & 0o7777;
+        let want = if perm & 0o100 != 0 { 0o755 } else { 0o644 };
+        if perm != want {
+            let f = open_cached(path, meta)?;
+            f.set_permissions(fs::Permissions::from_mode(want))?;
+            return f.metadata();
+        }
+    }
+    Ok(meta.clone())
+}
+
+fn hash_file(path: &Path, meta: &fs::Metadata) -> io::Result<[u8; 20]> {
+    let mut f = open_cached(path, meta)?;
+    let len = meta.len();
     let mut h = sha1::Sha1::new();
     h.update(format!("blob {len}\0").as_bytes());
     let mut buf = vec![0u8; 256 * 1024];

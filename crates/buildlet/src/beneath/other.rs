@@ -179,6 +179,36 @@ impl Dir {
             .collect()
     }
 
+    pub fn names_os(&self) -> io::Result<Vec<std::ffi::OsString>> {
+        fs::read_dir(&self.path)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect()
+    }
+
+    pub fn lstat_os(&self, name: &std::ffi::OsStr) -> io::Result<Option<Stat>> {
+        match fs::symlink_metadata(self.path.join(name)) {
+            Ok(m) => Ok(Some(stat_of(&m))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn remove_all_os(&self, name: &std::ffi::OsStr) -> io::Result<()> {
+        let p = self.path.join(name);
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&p),
+            Ok(_) => fs::remove_file(&p),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn open_dir_restored(&self, name: &std::ffi::OsStr) -> io::Result<Dir> {
+        Ok(Dir {
+            path: self.path.join(name),
+        })
+    }
+
     pub fn remove_all(&self, name: &str) -> io::Result<()> {
         let p = self.path.join(name);
         match fs::symlink_metadata(&p) {

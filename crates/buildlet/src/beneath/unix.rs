@@ -323,7 +323,10 @@ impl Dir {
 
     /// The entry `name`, not following a symlink; `None` if missing.
     pub fn lstat(&self, name: &str) -> io::Result<Option<Stat>> {
-        let c = cstr(OsStr::new(name))?;
+        self.lstat_c(&cstr(OsStr::new(name))?)
+    }
+
+    fn lstat_c(&self, c: &CStr) -> io::Result<Option<Stat>> {
         // SAFETY: st is written by fstatat before being read.
         unsafe {
             let mut st: libc::stat = std::mem::zeroed();
@@ -435,8 +438,53 @@ impl Dir {
         check(unsafe { libc::fchmod(self.fd.as_raw_fd(), mode as libc::mode_t) }).map(drop)
     }
 
-    /// Names in this directory, without `.` and `..`.
+    /// Names in this directory, without `.` and `..` (names that are not
+    /// UTF-8 come out lossy: use them to show, not to open).
     pub fn names(&self) -> io::Result<Vec<String>> {
+        Ok(self
+            .raw_names()?
+            .iter()
+            .map(|n| String::from_utf8_lossy(n.to_bytes()).into_owned())
+            .collect())
+    }
+
+    /// Names in this directory as the file system has them.
+    pub fn names_os(&self) -> io::Result<Vec<std::ffi::OsString>> {
+        use std::os::unix::ffi::OsStringExt;
+        Ok(self
+            .raw_names()?
+            .into_iter()
+            .map(|c| std::ffi::OsString::from_vec(c.into_bytes()))
+            .collect())
+    }
+
+    /// [`Dir::lstat`] for any name.
+    pub fn lstat_os(&self, name: &OsStr) -> io::Result<Option<Stat>> {
+        self.lstat_c(&cstr(name)?)
+    }
+
+    /// [`Dir::remove_all`] for any name.
+    pub fn remove_all_os(&self, name: &OsStr) -> io::Result<()> {
+        self.remove_all_c(&cstr(name)?)
+    }
+
+    /// Opens the directory `name` (never through a symlink) and gives it
+    /// mode 0755, first making it usable if a step took its permissions.
+    pub fn open_dir_restored(&self, name: &OsStr) -> io::Result<Dir> {
+        let c = cstr(name)?;
+        let fd = match openat(self.fd.as_raw_fd(), &c, DIR_FLAGS, 0) {
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                self.make_usable(&c)?;
+                openat(self.fd.as_raw_fd(), &c, DIR_FLAGS, 0)?
+            }
+            r => r?,
+        };
+        let d = Dir { fd };
+        d.set_mode(0o755)?;
+        Ok(d)
+    }
+
+    fn raw_names(&self) -> io::Result<Vec<CString>> {
         // A fresh open file description, so the read position is ours.
         let fd = openat(self.fd.as_raw_fd(), c".", DIR_FLAGS, 0)?;
         // SAFETY: fdopendir takes ownership of the fd on success.
@@ -456,7 +504,7 @@ impl Dir {
             let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) };
             let b = name.to_bytes();
             if b != b"." && b != b".." {
-                out.push(String::from_utf8_lossy(b).into_owned());
+                out.push(name.to_owned());
             }
         }
         // SAFETY: dirp came from fdopendir; closes the fd too.
@@ -465,35 +513,73 @@ impl Dir {
     }
 
     /// Removes `name` and, for a directory, everything below it, never
-    /// following a symlink. Read-only directories are made writable
-    /// first. A missing entry is not an error.
+    /// following a symlink. Directories a step made unreadable or
+    /// read-only are made usable first. A missing entry is not an error.
     pub fn remove_all(&self, name: &str) -> io::Result<()> {
-        match self.lstat(name)? {
+        self.remove_all_c(&cstr(OsStr::new(name))?)
+    }
+
+    fn remove_all_c(&self, c: &CStr) -> io::Result<()> {
+        let fd = self.fd.as_raw_fd();
+        match self.lstat_c(c)? {
             None => Ok(()),
             Some(st) if st.kind == Kind::Dir => {
-                let sub = self.open_dir(name)?;
+                let sub = match openat(fd, c, DIR_FLAGS, 0) {
+                    Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                        self.make_usable(c)?;
+                        openat(fd, c, DIR_FLAGS, 0)?
+                    }
+                    r => r?,
+                };
+                let sub = Dir { fd: sub };
                 let _ = sub.set_mode(0o700);
                 sub.empty()?;
-                let c = cstr(OsStr::new(name))?;
                 // SAFETY: c is NUL-terminated.
-                let r =
-                    unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) };
+                let r = unsafe { libc::unlinkat(fd, c.as_ptr(), libc::AT_REMOVEDIR) };
                 match check(r) {
                     Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
                     r => r.map(drop),
                 }
             }
-            Some(_) => match self.unlink(name) {
+            // SAFETY: c is NUL-terminated.
+            Some(_) => match check(unsafe { libc::unlinkat(fd, c.as_ptr(), 0) }) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                r => r,
+                r => r.map(drop),
             },
         }
     }
 
-    /// Removes everything in this directory.
+    /// Gives the directory `c` (ours; a step took its permissions away)
+    /// owner read, write and search, without following a symlink: on
+    /// Linux it is opened as a path, which needs no permission, and
+    /// changed through that handle.
+    fn make_usable(&self, c: &CStr) -> io::Result<()> {
+        #[cfg(target_os = "linux")]
+        {
+            let fd = openat(
+                self.fd.as_raw_fd(),
+                c,
+                libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                0,
+            )?;
+            let p = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                .map_err(io::Error::other)?;
+            // SAFETY: p is NUL-terminated; the path is our own handle.
+            check(unsafe { libc::chmod(p.as_ptr(), 0o700) }).map(drop)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            // A swap for a symlink in between could reach only a file of
+            // the buildlet's own user, which the step could chmod itself.
+            // SAFETY: c is NUL-terminated.
+            check(unsafe { libc::fchmodat(self.fd.as_raw_fd(), c.as_ptr(), 0o700, 0) }).map(drop)
+        }
+    }
+
+    /// Removes everything in this directory, whatever the names.
     pub fn empty(&self) -> io::Result<()> {
-        for n in self.names()? {
-            self.remove_all(&n)?;
+        for n in self.raw_names()? {
+            self.remove_all_c(&n)?;
         }
         Ok(())
     }

@@ -269,6 +269,11 @@ impl Containment {
         }
     }
 
+    /// How many commands are running.
+    pub fn running(&self) -> usize {
+        lock(&self.running).len()
+    }
+
     /// Kills every process of every running command; returns how many
     /// commands there were.
     pub fn kill_all(&self) -> usize {

@@ -537,9 +537,7 @@ where
     let raw: Vec<String> = form.all("path").into_iter().map(str::to_string).collect();
     // `srccache=1`: the source cache goes too (a machine changing hands:
     // the last build's source is not the next holder's to read).
-    if form.flag("srccache") {
-        b.clear_src_cache();
-    }
+    let clear_cache = form.flag("srccache");
     if raw.is_empty() {
         return bad("POST /removeall needs at least one path field ('.' empties the work dir)");
     }
@@ -568,6 +566,10 @@ where
     // Removal goes through handles: the parent is opened below the root and
     // the entry removed relative to it, never following a symlink.
     let result = tokio::task::spawn_blocking(move || -> Result<(), Response<ResponseBody>> {
+        if clear_cache {
+            super::clear_src_cache(&cache, cache_dir.as_deref())
+                .map_err(|e| super::io_error("emptying the source cache", &e))?;
+        }
         if let Some(cache_dir) = cache_dir {
             let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
             if targets.iter().any(|(_, comps)| c.lent_below(comps)) {

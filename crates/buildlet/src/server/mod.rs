@@ -201,17 +201,6 @@ impl Buildlet {
         &self.root
     }
 
-    /// Empties the source cache (its files and what is known of them).
-    pub fn clear_src_cache(&self) {
-        let mut c = self.src_cache.lock().unwrap_or_else(|e| e.into_inner());
-        c.clear();
-        if let Some(dir) = &self.cfg.src_cache
-            && let Ok(root) = crate::beneath::Root::open(dir)
-        {
-            let _ = root.as_dir().empty();
-        }
-    }
-
     pub fn config(&self) -> &Config {
         &self.cfg
     }
@@ -463,6 +452,19 @@ pub(crate) fn release_memory() {
     }
 }
 
+/// Empties the source cache `dir` and forgets what it held.
+fn clear_src_cache(
+    cache: &std::sync::Mutex<crate::srccache::SrcCache>,
+    dir: Option<&Path>,
+) -> io::Result<()> {
+    let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+    c.clear();
+    match dir {
+        Some(dir) => crate::beneath::Root::open(dir)?.as_dir().empty(),
+        None => Ok(()),
+    }
+}
+
 impl Buildlet {
     fn worked(&self) {
         use std::sync::atomic::Ordering;
@@ -473,10 +475,10 @@ impl Buildlet {
 }
 
 /// Runs until the buildlet halts: once it has had no work for
-/// [`IDLE_RELEASE`], gives free heap and its code pages back to the OS
-/// (once per idle spell). An idle agent on a volunteer's machine then
-/// holds about 3 MB instead of 8; the first request after pays a few page
-/// faults.
+/// [`IDLE_RELEASE`] (no request but status checks, no command running),
+/// gives free heap and its code pages back to the OS, once per idle
+/// spell. An idle agent on a volunteer's machine then holds about 4 MB
+/// instead of 8; the first request after pays a few page faults.
 pub async fn release_when_idle(b: Arc<Buildlet>) {
     use std::sync::atomic::Ordering;
     loop {
@@ -484,7 +486,12 @@ pub async fn release_when_idle(b: Arc<Buildlet>) {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = b.halted() => return,
         }
-        let idle = b.started.elapsed().as_millis() as u64 - b.last_work.load(Ordering::Relaxed);
+        if b.contain.running() > 0 {
+            b.worked();
+            continue;
+        }
+        let now = b.started.elapsed().as_millis() as u64;
+        let idle = now.saturating_sub(b.last_work.load(Ordering::Relaxed));
         if Duration::from_millis(idle) >= IDLE_RELEASE && !b.released.swap(true, Ordering::Relaxed)
         {
             let _ = tokio::task::spawn_blocking(|| {
@@ -496,12 +503,13 @@ pub async fn release_when_idle(b: Arc<Buildlet>) {
     }
 }
 
-/// Lets the kernel take back the pages of this program's code (and of its
-/// libraries) that this process alone maps: an idle buildlet needs only
+/// Lets the kernel take back the pages of code (this program's and its
+/// libraries', the mappings that are readable and executable and not
+/// writable) that this process alone maps: an idle buildlet needs only
 /// the little code that answers pings and status checks, and faults the
-/// rest back in when it works again. These are clean file pages (the
-/// binary's code was 5 of the 8 MB an idle reverse buildlet held; its
-/// heap, under 1 MB).
+/// rest back in from the file when it works again. Code was 5 of the 8 MB
+/// an idle reverse buildlet held; its heap and stacks, under 1 MB. Data
+/// mappings are left alone (relocated pages would go to swap).
 fn release_code() {
     #[cfg(target_os = "linux")]
     {
@@ -513,9 +521,8 @@ fn release_code() {
             let (Some(range), Some(perms)) = (f.next(), f.next()) else {
                 continue;
             };
-            // Only private, read-only or executable file mappings.
             let path = f.nth(3).unwrap_or("");
-            if !path.starts_with('/') || perms.as_bytes().get(1) != Some(&b'-') {
+            if !path.starts_with('/') || !perms.starts_with("r-xp") {
                 continue;
             }
             let Some((a, b)) = range.split_once('-') else {
@@ -525,8 +532,9 @@ fn release_code() {
             else {
                 continue;
             };
-            // SAFETY: MADV_PAGEOUT on a mapping of ours only drops clean
-            // pages from it; their contents are read back on the next access.
+            // SAFETY: MADV_PAGEOUT on a mapping of ours only drops its
+            // clean, unshared pages; they are read back on the next access.
+            // Kernels before 5.4 answer EINVAL, which changes nothing.
             unsafe {
                 libc::madvise(
                     a as *mut libc::c_void,

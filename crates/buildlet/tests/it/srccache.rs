@@ -74,32 +74,34 @@ fn whole_trees_and_deltas_are_checked_against_git_and_confined() {
         assert!(!h.workdir.join("src/d").exists());
         assert_eq!(std::fs::read(h.workdir.join("src/c.txt")).unwrap(), b"c\n");
 
-        // Between builds the work dir is emptied; the next delta reads only
-        // what it brought (the cache's own links and removals keep the
-        // unchanged files known), yet a file a step changed through its
-        // link is read again and caught.
-        c.remove_all(&["."]).await.unwrap();
+        // Between builds the work dir is emptied (the tree goes back to
+        // the cache); the next delta reads only what it brought, and the
+        // files its own request wrote in the same tick of the file
+        // system's clock (git's racy rule: those once more, next time).
+        // A file a step changed is read again and caught.
+        let tick = || tokio::time::sleep(std::time::Duration::from_millis(30));
         let three: &[(&str, &[u8])] = &[("a.txt", b"3\n"), ("c.txt", b"c\n")];
         let t3 = tree_of(three);
+        let delta_a = |a: &'static [u8]| Bytes::from(tgz(&[("a.txt", a)]));
+        tick().await;
+        c.remove_all(&["."]).await.unwrap();
         let w = c
-            .put_src(
-                "src",
-                Bytes::from(tgz(&[("a.txt", b"3\n")])),
-                &t3,
-                Some(&t2),
-            )
+            .put_src("src", delta_a(b"3\n"), &t3, Some(&t2))
             .await
             .unwrap();
-        assert_eq!((w.tree.as_str(), w.files_read), (t3.as_str(), 1), "{w:?}");
+        assert_eq!(w.tree, t3);
+        assert!((1..=2).contains(&w.files_read), "{w:?}");
+        tick().await;
+        c.remove_all(&["."]).await.unwrap();
+        let w = c
+            .put_src("src", delta_a(b"A\n"), &t2, Some(&t3))
+            .await
+            .unwrap();
+        assert_eq!((w.tree.as_str(), w.files_read), (t2.as_str(), 1), "{w:?}");
         std::fs::write(h.workdir.join("src/c.txt"), b"changed by a step\n").unwrap();
         c.remove_all(&["."]).await.unwrap();
         let e = c
-            .put_src(
-                "src",
-                Bytes::from(tgz(&[("a.txt", b"A\n")])),
-                &t2,
-                Some(&t3),
-            )
+            .put_src("src", delta_a(b"3\n"), &t3, Some(&t2))
             .await
             .unwrap_err();
         assert_eq!(status(&e), Some(StatusCode::UNPROCESSABLE_ENTITY), "{e}");
@@ -126,17 +128,41 @@ fn whole_trees_and_deltas_are_checked_against_git_and_confined() {
         c.remove_all(&["."]).await.unwrap();
         assert!(!src.exists());
         let w = c
-            .put_src(
-                "src",
-                Bytes::from(tgz(&[("a.txt", b"3\n")])),
-                &t3,
-                Some(&t2),
-            )
+            .put_src("src", delta_a(b"3\n"), &t3, Some(&t2))
             .await
             .unwrap();
-        assert_eq!((w.tree.as_str(), w.files_read), (t3.as_str(), 1), "{w:?}");
+        assert_eq!(w.tree, t3);
         assert!(!src.join("out").exists() && !src.join("escape").exists());
         assert!(h.base.path().join("outside/sentinel").exists());
+
+        // A name that is not UTF-8 goes like any other output.
+        {
+            use std::os::unix::ffi::OsStrExt;
+            let odd = src.join(std::ffi::OsStr::from_bytes(b"odd-\xff"));
+            std::fs::write(&odd, b"x").unwrap();
+            c.remove_all(&["src"]).await.unwrap();
+            let w = c
+                .put_src("src", delta_a(b"A\n"), &t2, Some(&t3))
+                .await
+                .unwrap();
+            assert_eq!(w.tree, t2);
+            assert!(!odd.exists());
+        }
+
+        // A tree file a step linked to another name (which outlives the
+        // tree) is not trusted: the delta fails, a whole tree repairs it.
+        std::fs::hard_link(src.join("c.txt"), h.workdir.join("alias")).unwrap();
+        c.remove_all(&["src"]).await.unwrap();
+        let e = c
+            .put_src("src", delta_a(b"3\n"), &t3, Some(&t2))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("another name"), "{e}");
+        let w = c
+            .put_src("src", Bytes::from(tgz(three)), &t3, None)
+            .await
+            .unwrap();
+        assert_eq!(w.tree, t3);
 
         // A work dir whose tree was replaced (the dir moved away, another
         // put in its place) gives nothing back: the cache is empty, and the

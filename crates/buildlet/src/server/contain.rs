@@ -10,7 +10,11 @@
 //!   below the buildlet's own cgroup as `farmer-buildlet-<scope>/cmd-<n>`.
 //!   The child joins it before `exec`, so every descendant, `setsid` or not,
 //!   is inside; killing writes `cgroup.kill` (or, before Linux 5.14,
-//!   `SIGKILL`s every member until none is left).
+//!   `SIGKILL`s every member until none is left). A step may still move
+//!   itself into another cgroup its user can write (the buildlet's own);
+//!   the buildlet is a child subreaper here too, so such a process stays
+//!   its descendant, and every descendant found in no running command's
+//!   cgroup is killed when a command ends ([`Containment::kill_escapees`]).
 //! * **reaper** (no writable cgroup v2): the buildlet is a child subreaper,
 //!   so orphans of a command are reparented to it instead of to init; each
 //!   command carries `FARMER_BUILDLET_SCOPE=<scope>.<n>` in its environment.
@@ -198,6 +202,39 @@ impl Containment {
         }
     }
 
+    /// In cgroup mode, kills the buildlet's descendants that are in no
+    /// running command's cgroup: a step can write its pid into any
+    /// `cgroup.procs` its user may write (its parent's, the buildlet's
+    /// own), which `cgroup.kill` of its command then misses.
+    pub fn kill_escapees(&self) {
+        #[cfg(target_os = "linux")]
+        {
+            let base = match &*lock(&self.active) {
+                Active::Cgroup(b) => b.clone(),
+                _ => return,
+            };
+            // Held so that no child is between its fork and its cgroup.
+            let _spawning = lock(&self.children);
+            let running: std::collections::HashSet<String> = lock(&self.running)
+                .values()
+                .filter_map(|s| {
+                    lock(&s.cgroup)
+                        .as_ref()
+                        .and_then(|d| d.file_name())
+                        .and_then(|n| n.to_str())
+                        .map(str::to_string)
+                })
+                .collect();
+            let n = platform::kill_escapees(&base, &running);
+            if n > 0 {
+                tracing::warn!(
+                    killed = n,
+                    "killed processes that had left their command's cgroup"
+                );
+            }
+        }
+    }
+
     /// Gives up on cgroups (a spawn into one failed) for reaper mode.
     pub fn degrade(&self) {
         let mut a = lock(&self.active);
@@ -253,6 +290,7 @@ impl Containment {
         self.kill(&jail);
         lock(&self.running).remove(&jail.id);
         lock(&self.children).remove(&jail.shared.pid.load(Ordering::SeqCst));
+        self.kill_escapees();
         if let Some(dir) = lock(&jail.shared.cgroup).take() {
             std::thread::Builder::new()
                 .name("cgroup-rmdir".into())
@@ -299,7 +337,8 @@ impl Containment {
     /// In reaper mode, starts the task that reaps orphans reparented to the
     /// buildlet (they would stay zombies otherwise). Idempotent.
     pub fn start_reaper(self: &std::sync::Arc<Self>) {
-        if !matches!(*lock(&self.active), Active::Reaper)
+        // Cgroup mode too: the buildlet is a subreaper there as well.
+        if matches!(*lock(&self.active), Active::Group)
             || self.reaper_started.swap(true, Ordering::SeqCst)
         {
             return;

@@ -368,8 +368,10 @@ where
                     }
                     contain.exited(&jail);
                     // Whatever the command left running dies with it (and
-                    // would keep the pipe open otherwise).
+                    // would keep the pipe open otherwise), also what left
+                    // its cgroup.
                     contain.kill(&jail);
+                    contain.kill_escapees();
                     drain_deadline = Some(tokio::time::Instant::now() + DRAIN_GRACE);
                 }
                 _ = tx.closed() => {

@@ -364,3 +364,37 @@ fn commands_run_in_their_own_cgroup_where_possible() {
         None => eprintln!("cgroup v2 not writable here; the command ran in: {out}"),
     }
 }
+
+/// A step that moves itself out of its command's cgroup (into the
+/// buildlet's own, which its user may write) and out of its process group
+/// is still killed when its command ends.
+#[test]
+fn a_process_that_leaves_its_cgroup_still_dies_with_the_command() {
+    let Some((_mount, own)) = writable_cgroup() else {
+        eprintln!("cgroup v2 not writable here; nothing to escape from");
+        return;
+    };
+    let m = marker();
+    let _sweep = Sweep(m.clone());
+    let h = Harness::start_with(None, &["-contain=cgroup"]);
+    let procs = own.join("cgroup.procs");
+    let script = format!(
+        "( setsid sh -c 'echo $$ > {procs} && touch moved && exec sleep {m}' & ) ; \
+         i=0; while [ ! -e moved ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done; \
+         test -e moved && echo escaped",
+        procs = procs.display()
+    );
+    let (st, out) = runtime()
+        .block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                h.client().exec_output("sh", &opts(&script)),
+            )
+            .await
+        })
+        .expect("the exec hung")
+        .unwrap();
+    assert_eq!(st, ProcessState::Ok);
+    assert_eq!(String::from_utf8_lossy(&out).trim(), "escaped");
+    assert_none_left(&m, "after the command whose step left its cgroup exited");
+}

@@ -36,7 +36,20 @@ pub(super) fn setup(mode: super::ContainMode, scope: &str) -> Active {
                 Err(e) => Err(e),
             });
             match (base, made) {
-                (Some(b), Some(Ok(()))) => Active::Cgroup(b),
+                (Some(b), Some(Ok(()))) => {
+                    // A step can move itself out of its cgroup (into any
+                    // cgroup its user may write); as a subreaper the
+                    // buildlet keeps such processes among its descendants,
+                    // where `kill_escapees` finds them.
+                    // SAFETY: prctl with integer arguments only.
+                    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+                        tracing::warn!(
+                            "cannot become a child subreaper: {}; a process that leaves its command's cgroup and its parent may outlive the command",
+                            io::Error::last_os_error()
+                        );
+                    }
+                    Active::Cgroup(b)
+                }
                 (b, made) => {
                     let why = match (b, made) {
                         (Some(b), Some(Err(e))) => format!("{}: {e}", b.display()),
@@ -350,6 +363,92 @@ fn kill_marked(prefix: &str) {
             }
         }
     }
+}
+
+/// The buildlet's descendants, from `/proc/<pid>/task/<tid>/children`
+/// where the kernel has it, else from a walk of every process.
+fn descendants(me: i32) -> Vec<i32> {
+    let children_of = |pid: i32| -> Option<Vec<i32>> {
+        let mut out = Vec::new();
+        for t in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+            let s = fs::read_to_string(t.path().join("children")).ok()?;
+            out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+        }
+        Some(out)
+    };
+    let mut out = Vec::new();
+    let mut stack = vec![me];
+    let mut seen = HashSet::new();
+    while let Some(p) = stack.pop() {
+        let Some(kids) = children_of(p) else {
+            // No `children` files: walk every process instead.
+            let procs = processes();
+            let mut by_parent: HashMap<i32, Vec<i32>> = HashMap::new();
+            for (pid, pr) in &procs {
+                by_parent.entry(pr.ppid).or_default().push(*pid);
+            }
+            let mut out = Vec::new();
+            let mut stack = vec![me];
+            while let Some(p) = stack.pop() {
+                for &c in by_parent.get(&p).map(Vec::as_slice).unwrap_or(&[]) {
+                    if c != me && !out.contains(&c) {
+                        out.push(c);
+                        stack.push(c);
+                    }
+                }
+            }
+            return out;
+        };
+        for k in kids {
+            if k != me && seen.insert(k) {
+                out.push(k);
+                stack.push(k);
+            }
+        }
+    }
+    out
+}
+
+/// Kills the buildlet's descendants that are not in the cgroup of a
+/// running command (`running`: names of `base/cmd-<n>` dirs): processes
+/// a step moved out of its cgroup, which killing that cgroup missed.
+/// Call with no spawn in progress (a child joins its cgroup just before
+/// `exec`). Returns how many were killed.
+pub(super) fn kill_escapees(base: &Path, running: &HashSet<String>) -> usize {
+    let me = std::process::id() as i32;
+    let Some(base_name) = base.file_name().and_then(|n| n.to_str()) else {
+        return 0;
+    };
+    let mut killed = 0;
+    for pid in descendants(me) {
+        let Ok(cg) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+            continue;
+        };
+        let Some(path) = cg.lines().find_map(|l| l.strip_prefix("0::")) else {
+            continue;
+        };
+        let mut comps = path.trim_end().split('/');
+        let inside = comps
+            .by_ref()
+            .find(|c| *c == base_name)
+            .and_then(|_| comps.next())
+            .is_some_and(|cmd| running.contains(cmd));
+        let zombie = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true);
+        if !inside && !zombie {
+            // SAFETY: kill(2) on a descendant of ours found above.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            killed += 1;
+        }
+    }
+    killed
 }
 
 /// Reaps zombies reparented to the buildlet (reaper mode), leaving the

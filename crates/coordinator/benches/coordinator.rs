@@ -198,7 +198,7 @@ async fn bench_dispatch(dir: &Path, repo: &Path, commit: &str) -> anyhow::Result
         summary(&mut passed)
     );
     let (p0, p1) = (phases(&before_text), phases(&after_text));
-    let parts: Vec<String> = p1
+    let means: Vec<(String, f64)> = p1
         .iter()
         .map(|(name, (sum, n))| {
             let (s0, n0) = p0
@@ -211,8 +211,12 @@ async fn bench_dispatch(dir: &Path, repo: &Path, commit: &str) -> anyhow::Result
             } else {
                 0.0
             };
-            format!("{name} {mean:.3}")
+            (name.clone(), mean)
         })
+        .collect();
+    let parts: Vec<String> = means
+        .iter()
+        .map(|(name, mean)| format!("{name} {mean:.3}"))
         .collect();
     println!(
         "dispatch: where an attempt's time goes, mean ms (farmer_build_phase_seconds): {}",
@@ -223,6 +227,28 @@ async fn bench_dispatch(dir: &Path, repo: &Path, commit: &str) -> anyhow::Result
         "dispatch: coordinator farmer_dispatch_latency_seconds (queued -> machine leased), {} builds: {}",
         h.count,
         h.describe()
+    );
+    // One dispatch, taken apart: what the API, the lease queue and the
+    // first phases cost; the rest is recording the step and starting its
+    // command on the buildlet (the exec round trip and fork+exec).
+    let phase = |n: &str| means.iter().find(|(m, _)| m == n).map_or(0.0, |(_, v)| *v);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let total = mean(&start);
+    let api = mean(&post);
+    let queue = if h.count > 0 {
+        h.sum / h.count as f64 * 1e3
+    } else {
+        0.0
+    };
+    let (record, archive, push) = (
+        phase("record-start"),
+        phase("source-archive"),
+        phase("source-push"),
+    );
+    let rest = total - api - queue - record - archive - push;
+    println!(
+        "dispatch: one dispatch, mean ms: API (POST answered, build stored) {api:.3} + queue -> lease {queue:.3} + attempt recorded {record:.3} + source {:.3} + step recorded and command started {rest:.3} = {total:.3}",
+        archive + push
     );
     Ok(())
 }

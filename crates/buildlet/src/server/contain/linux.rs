@@ -368,14 +368,7 @@ fn kill_marked(prefix: &str) {
 /// The buildlet's descendants, from `/proc/<pid>/task/<tid>/children`
 /// where the kernel has it, else from a walk of every process.
 fn descendants(me: i32) -> Vec<i32> {
-    let children_of = |pid: i32| -> Option<Vec<i32>> {
-        let mut out = Vec::new();
-        for t in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
-            let s = fs::read_to_string(t.path().join("children")).ok()?;
-            out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
-        }
-        Some(out)
-    };
+    let children_of = direct_children;
     let mut out = Vec::new();
     let mut stack = vec![me];
     let mut seen = HashSet::new();
@@ -451,12 +444,32 @@ pub(super) fn kill_escapees(base: &Path, running: &HashSet<String>) -> usize {
     killed
 }
 
-/// Reaps zombies reparented to the buildlet (reaper mode), leaving the
-/// direct children of running commands to tokio.
+/// Reaps zombies reparented to the buildlet, leaving the direct children
+/// of running commands to tokio. Looks only at the buildlet's own
+/// children (`/proc/self/task/*/children`), not at every process: it runs
+/// whenever a child exits.
 pub(super) fn reap_orphans(children: &HashSet<i32>) {
     let me = std::process::id() as i32;
-    for (pid, p) in processes() {
-        if p.ppid == me && p.zombie && !children.contains(&pid) {
+    let kids = match direct_children(me) {
+        Some(k) => k,
+        None => processes()
+            .into_iter()
+            .filter(|(_, p)| p.ppid == me)
+            .map(|(pid, _)| pid)
+            .collect(),
+    };
+    for pid in kids {
+        if children.contains(&pid) {
+            continue;
+        }
+        let zombie = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().starts_with(['Z', 'X']))
+            })
+            .unwrap_or(false);
+        if zombie {
             let mut status = 0;
             // SAFETY: waitpid on a specific zombie child of ours.
             unsafe {
@@ -464,4 +477,15 @@ pub(super) fn reap_orphans(children: &HashSet<i32>) {
             }
         }
     }
+}
+
+/// The direct children of `pid` (of all its threads), if the kernel
+/// offers `/proc/PID/task/TID/children`.
+fn direct_children(pid: i32) -> Option<Vec<i32>> {
+    let mut out = Vec::new();
+    for t in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let s = fs::read_to_string(t.path().join("children")).ok()?;
+        out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+    }
+    Some(out)
 }

@@ -68,6 +68,19 @@ pub fn priority(kind: BuildKind) -> Priority {
     }
 }
 
+/// What [`Farm::early_source`] did.
+enum EarlySource {
+    /// The source could not be read.
+    Unreadable(String),
+    /// The source, and how pushing it to the machine went.
+    Pushed(
+        Arc<source::Source>,
+        Result<source::Pushed, buildlet::client::Error>,
+    ),
+    /// Pushing took longer than the builder's whole timeout.
+    TimedOut(Duration),
+}
+
 impl Farm {
     /// Starts the driver of a stored, queued build: it asks the lease queue
     /// for a machine, runs the build on it, and asks again after a machine
@@ -181,16 +194,27 @@ impl Farm {
         // Registered before the attempt starts, so a cancel that finds the
         // build running can always reach it.
         let rb = self.register_running(id);
-        let (attempt_id, number) = match self
-            .store
-            .start_attempt(id, &lease.hostname, &lease.host_type)
-            .await
-        {
+        // The source goes to the machine while the attempt is recorded:
+        // both must be done before the first step, neither needs the other.
+        let early = self.early_source(&build, &builder, &host, &lease, &rb);
+        let (started, early) = tokio::join!(
+            self.store
+                .start_attempt(id, &lease.hostname, &lease.host_type),
+            early
+        );
+        let (attempt_id, number) = match started {
             Ok(Some(a)) => a,
-            Ok(None) => return done(&self),
+            // The source may be on the machine already: it is cleaned
+            // before anyone else gets it, not handed back as it is.
+            Ok(None) => {
+                self.unregister_running(id);
+                self.end_lease(lease).await;
+                return Next::Done;
+            }
             Err(e) => {
                 tracing::error!(build = id, "starting attempt: {e}");
-                release(&self);
+                self.unregister_running(id);
+                self.end_lease(lease).await;
                 return Next::AgainLater;
             }
         };
@@ -213,7 +237,7 @@ impl Farm {
         drop(phase);
         let mut lease = lease;
         let outcome = self
-            .execute(&build, &builder, &host, &mut lease, attempt_id, &rb)
+            .execute(&build, &builder, &host, &mut lease, attempt_id, &rb, early)
             .await;
         let max = cfg.farm.max_attempts as i64;
         let (result, detail) = match &outcome {
@@ -339,9 +363,51 @@ impl Farm {
         }
     }
 
+    /// Reads the build's source and pushes it to the leased machine (see
+    /// `run_build`: this overlaps recording the attempt). Stops early, with
+    /// `None`, when the build is cancelled meanwhile.
+    async fn early_source(
+        self: &Arc<Self>,
+        build: &BuildRow,
+        builder: &BuildConfig,
+        host: &HostConfig,
+        lease: &Lease,
+        rb: &RunningBuild,
+    ) -> Option<EarlySource> {
+        let mut cancel = rb.cancel.subscribe();
+        let work = async {
+            let phase = self.metrics.phase("source-archive");
+            let src = self.source(&build.repo, &build.commit).await;
+            drop(phase);
+            let src = match src {
+                Ok(s) => s,
+                Err(e) => return EarlySource::Unreadable(e),
+            };
+            let _phase = self.metrics.phase("source-push");
+            let pushed = self
+                .push_source(
+                    &lease.client,
+                    &lease.hostname,
+                    &host.name,
+                    &build.repo,
+                    &build.commit,
+                    &src,
+                )
+                .await;
+            EarlySource::Pushed(src, pushed)
+        };
+        tokio::select! {
+            r = work => Some(r),
+            _ = cancel.wait_for(|c| *c) => None,
+            _ = tokio::time::sleep(builder.timeout) => Some(EarlySource::TimedOut(builder.timeout)),
+        }
+    }
+
     /// Runs the steps on `main`, the build's machine. A sharded step may
     /// lose that machine and go on with a helper: then `main` is replaced
-    /// by the helper (and the lost machine is out of the pool).
+    /// by the helper (and the lost machine is out of the pool). `early` is
+    /// the source already pushed to `main`, if it was.
+    #[allow(clippy::too_many_arguments)]
     async fn execute(
         self: &Arc<Self>,
         build: &BuildRow,
@@ -350,6 +416,7 @@ impl Farm {
         main: &mut Lease,
         attempt_id: i64,
         rb: &RunningBuild,
+        early: Option<EarlySource>,
     ) -> Outcome {
         // One snapshot of the secrets for what is sent and what is masked
         // (a reload between attempts may have changed them).
@@ -373,24 +440,22 @@ impl Farm {
         if *cancel.borrow() {
             return Outcome::Cancelled;
         }
-        let phase = self.metrics.phase("source-archive");
-        let src = match self.source(&build.repo, &build.commit).await {
-            Ok(t) => t,
-            Err(e) => {
+        let (src, push) = match early {
+            None => return Outcome::Cancelled,
+            Some(EarlySource::Unreadable(e)) => {
                 return Outcome::CoordinatorError(format!(
                     "reading the source of {}@{}: {e}",
                     build.repo, build.commit
                 ));
             }
+            Some(EarlySource::TimedOut(t)) => {
+                return Outcome::Failed(format!(
+                    "build timed out after {t:?} while pushing the source"
+                ));
+            }
+            Some(EarlySource::Pushed(src, push)) => (src, push),
         };
         let tgz = src.tgz.clone();
-        drop(phase);
-        let phase = self.metrics.phase("source-push");
-        let push = tokio::select! {
-            r = self.push_source(&client, &main.hostname, &host.name, &build.repo, &build.commit, &src) => r,
-            _ = cancel.wait_for(|c| *c) => return Outcome::Cancelled,
-            _ = tokio::time::sleep_until(deadline.into()) => return Outcome::Failed(format!("build timed out after {:?} while pushing the source", builder.timeout)),
-        };
         match push {
             Ok(p) => rb
                 .log
@@ -403,7 +468,6 @@ impl Farm {
                 };
             }
         }
-        drop(phase);
         let _steps = self.metrics.phase("steps");
         let base_env = base_env(build, builder, host);
         for (i, step) in builder.steps.iter().enumerate() {

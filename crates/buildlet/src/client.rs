@@ -587,7 +587,6 @@ impl Client {
             .collect()
     }
 
-    /// `POST /removeall`; `"."` empties the work dir.
     /// Empties the work dir and the source cache (`/removeall` with
     /// `srccache=1`): before a machine changes hands.
     pub async fn clear_all(&self) -> Result<(), Error> {
@@ -597,6 +596,7 @@ impl Client {
         read_all(resp).await.map(|_| ())
     }
 
+    /// `POST /removeall`; `"."` empties the work dir.
     pub async fn remove_all(&self, paths: &[&str]) -> Result<(), Error> {
         let form: Vec<(&str, &str)> = paths.iter().map(|p| ("path", *p)).collect();
         let resp = self.post_form("/removeall", &form).await?;

@@ -27,7 +27,7 @@
 //! Where the cache cannot be moved into the work dir (another file
 //! system), its files are copied instead ([`copy_tree`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -48,6 +48,11 @@ struct Lent {
     id: (u64, u64),
 }
 
+/// A ctime no file has: a key holding it is never trusted (the file is
+/// read again), for files changed too recently (git's racy rule) and on
+/// systems without inodes and ctimes.
+const UNTRUSTED: (i64, i64) = (i64::MIN, 0);
+
 /// What is remembered of one cached file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FileKey {
@@ -66,7 +71,7 @@ pub struct SrcCache {
     /// Blob ids of cached files, by path below the cache's tree dir.
     blobs: HashMap<PathBuf, (FileKey, [u8; 20])>,
     /// Symbolic links of the tree, by path (what else is in it goes).
-    links: std::collections::HashSet<PathBuf>,
+    links: HashSet<PathBuf>,
     /// Where the tree is while a build uses it.
     lent: Option<Lent>,
     /// Files the last [`SrcCache::hash`] had to read.
@@ -241,7 +246,7 @@ impl SrcCache {
     /// are not regular files, directories or symbolic links make it fail.
     pub fn hash(&mut self, dir: &Path) -> io::Result<String> {
         let mut seen = HashMap::with_capacity(self.blobs.len());
-        let mut links = std::collections::HashSet::new();
+        let mut links = HashSet::new();
         let mut read = 0;
         let id = self.hash_dir(dir, Path::new(""), &mut seen, &mut links, &mut read)?;
         // Git's "racy" rule: a file changed in the same tick of the file
@@ -250,7 +255,7 @@ impl SrcCache {
         if let Some(now) = fs_now(dir) {
             for (k, _) in seen.values_mut() {
                 if k.mtime >= now || k.ctime >= now {
-                    k.ctime = (i64::MIN, 0);
+                    k.ctime = UNTRUSTED;
                 }
             }
         }
@@ -271,7 +276,7 @@ impl SrcCache {
         base: &Path,
         rel: &Path,
         seen: &mut HashMap<PathBuf, (FileKey, [u8; 20])>,
-        links: &mut std::collections::HashSet<PathBuf>,
+        links: &mut HashSet<PathBuf>,
         read: &mut u64,
     ) -> io::Result<[u8; 20]> {
         let mut entries: Vec<(Vec<u8>, &'static str, [u8; 20], bool)> = Vec::new();
@@ -295,7 +300,7 @@ impl SrcCache {
                 let meta = check_file(&full, &meta)?;
                 let key = file_key(&meta);
                 let id = match self.blobs.get(&path) {
-                    Some((k, id)) if *k == key => *id,
+                    Some((k, id)) if *k == key && k.ctime != UNTRUSTED => *id,
                     _ => {
                         *read += 1;
                         hash_file(&full, &meta)?
@@ -366,13 +371,13 @@ fn file_key(m: &fs::Metadata) -> FileKey {
 
 #[cfg(not(unix))]
 fn file_key(m: &fs::Metadata) -> FileKey {
-    // Without inode and ctime nothing proves a file unchanged: a key that
-    // never matches makes every file be read again.
+    // Without inode and ctime nothing proves a file unchanged: every file
+    // is read again.
     FileKey {
         ino: 0,
         size: m.len(),
         mtime: (i64::MIN, 0),
-        ctime: (i64::MIN, 0),
+        ctime: UNTRUSTED,
         mode: 0,
     }
 }

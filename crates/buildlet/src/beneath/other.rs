@@ -122,11 +122,7 @@ fn make_writable(dir: &Path) {
 
 impl Dir {
     pub fn lstat(&self, name: &str) -> io::Result<Option<Stat>> {
-        match fs::symlink_metadata(self.path.join(name)) {
-            Ok(m) => Ok(Some(stat_of(&m))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        self.lstat_os(std::ffi::OsStr::new(name))
     }
 
     pub fn create_new(&self, name: &str, _mode: u32) -> io::Result<File> {
@@ -158,7 +154,7 @@ impl Dir {
     }
 
     pub fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        fs::rename(self.path.join(from), self.path.join(to))
+        self.move_to(from, self, to)
     }
 
     pub fn move_to(&self, from: &str, dest: &Dir, to: &str) -> io::Result<()> {
@@ -193,16 +189,6 @@ impl Dir {
         }
     }
 
-    pub fn remove_all_os(&self, name: &std::ffi::OsStr) -> io::Result<()> {
-        let p = self.path.join(name);
-        match fs::symlink_metadata(&p) {
-            Ok(m) if m.is_dir() => fs::remove_dir_all(&p),
-            Ok(_) => fs::remove_file(&p),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-
     pub fn open_dir_restored(&self, name: &std::ffi::OsStr) -> io::Result<Dir> {
         Ok(Dir {
             path: self.path.join(name),
@@ -210,6 +196,10 @@ impl Dir {
     }
 
     pub fn remove_all(&self, name: &str) -> io::Result<()> {
+        self.remove_all_os(std::ffi::OsStr::new(name))
+    }
+
+    pub fn remove_all_os(&self, name: &std::ffi::OsStr) -> io::Result<()> {
         let p = self.path.join(name);
         match fs::symlink_metadata(&p) {
             Ok(m) if m.is_dir() => fs::remove_dir_all(&p).or_else(|_| {
@@ -223,8 +213,8 @@ impl Dir {
     }
 
     pub fn empty(&self) -> io::Result<()> {
-        for n in self.names()? {
-            self.remove_all(&n)?;
+        for n in self.names_os()? {
+            self.remove_all_os(&n)?;
         }
         Ok(())
     }

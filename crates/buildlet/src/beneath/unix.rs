@@ -401,11 +401,7 @@ impl Dir {
     }
 
     pub fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        let f = cstr(OsStr::new(from))?;
-        let t = cstr(OsStr::new(to))?;
-        let fd = self.fd.as_raw_fd();
-        // SAFETY: both strings are NUL-terminated.
-        check(unsafe { libc::renameat(fd, f.as_ptr(), fd, t.as_ptr()) }).map(drop)
+        self.move_to(from, self, to)
     }
 
     /// Moves `from` (here) to `to` in the directory `dest` (same file
@@ -471,17 +467,22 @@ impl Dir {
     /// Opens the directory `name` (never through a symlink) and gives it
     /// mode 0755, first making it usable if a step took its permissions.
     pub fn open_dir_restored(&self, name: &OsStr) -> io::Result<Dir> {
-        let c = cstr(name)?;
-        let fd = match openat(self.fd.as_raw_fd(), &c, DIR_FLAGS, 0) {
+        let d = self.open_dir_usable(&cstr(name)?)?;
+        d.set_mode(0o755)?;
+        Ok(d)
+    }
+
+    /// Opens the directory `c` (never through a symlink), first making it
+    /// usable if a step took its permissions.
+    fn open_dir_usable(&self, c: &CStr) -> io::Result<Dir> {
+        let fd = match openat(self.fd.as_raw_fd(), c, DIR_FLAGS, 0) {
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                self.make_usable(&c)?;
-                openat(self.fd.as_raw_fd(), &c, DIR_FLAGS, 0)?
+                self.make_usable(c)?;
+                openat(self.fd.as_raw_fd(), c, DIR_FLAGS, 0)?
             }
             r => r?,
         };
-        let d = Dir { fd };
-        d.set_mode(0o755)?;
-        Ok(d)
+        Ok(Dir { fd })
     }
 
     fn raw_names(&self) -> io::Result<Vec<CString>> {
@@ -524,14 +525,7 @@ impl Dir {
         match self.lstat_c(c)? {
             None => Ok(()),
             Some(st) if st.kind == Kind::Dir => {
-                let sub = match openat(fd, c, DIR_FLAGS, 0) {
-                    Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                        self.make_usable(c)?;
-                        openat(fd, c, DIR_FLAGS, 0)?
-                    }
-                    r => r?,
-                };
-                let sub = Dir { fd: sub };
+                let sub = self.open_dir_usable(c)?;
                 let _ = sub.set_mode(0o700);
                 sub.empty()?;
                 // SAFETY: c is NUL-terminated.

@@ -14,7 +14,7 @@
 //!   itself into another cgroup its user can write (the buildlet's own);
 //!   the buildlet is a child subreaper here too, so such a process stays
 //!   its descendant, and every descendant found in no running command's
-//!   cgroup is killed when a command ends ([`Containment::kill_escapees`]).
+//!   cgroup is killed when a command ends ([`Containment::kill`]).
 //! * **reaper** (no writable cgroup v2): the buildlet is a child subreaper,
 //!   so orphans of a command are reparented to it instead of to init; each
 //!   command carries `FARMER_BUILDLET_SCOPE=<scope>.<n>` in its environment.
@@ -206,7 +206,7 @@ impl Containment {
     /// running command's cgroup: a step can write its pid into any
     /// `cgroup.procs` its user may write (its parent's, the buildlet's
     /// own), which `cgroup.kill` of its command then misses.
-    pub fn kill_escapees(&self) {
+    fn kill_escapees(&self) {
         #[cfg(target_os = "linux")]
         {
             let base = match &*lock(&self.active) {
@@ -279,9 +279,11 @@ impl Containment {
         lock(&self.children).remove(&jail.shared.pid.load(Ordering::SeqCst));
     }
 
-    /// Kills every process of the command.
+    /// Kills every process of the command, also those that left its
+    /// cgroup.
     pub fn kill(&self, jail: &Jail) {
         kill_shared(&jail.shared);
+        self.kill_escapees();
     }
 
     /// Kills every process of the command and forgets it; its cgroup is
@@ -290,7 +292,6 @@ impl Containment {
         self.kill(&jail);
         lock(&self.running).remove(&jail.id);
         lock(&self.children).remove(&jail.shared.pid.load(Ordering::SeqCst));
-        self.kill_escapees();
         if let Some(dir) = lock(&jail.shared.cgroup).take() {
             std::thread::Builder::new()
                 .name("cgroup-rmdir".into())

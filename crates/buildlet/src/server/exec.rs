@@ -371,7 +371,6 @@ where
                     // would keep the pipe open otherwise), also what left
                     // its cgroup.
                     contain.kill(&jail);
-                    contain.kill_escapees();
                     drain_deadline = Some(tokio::time::Instant::now() + DRAIN_GRACE);
                 }
                 _ = tx.closed() => {

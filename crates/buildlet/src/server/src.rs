@@ -2,9 +2,9 @@
 //! source cache ([`crate::srccache`]). Without `base` the body is the whole
 //! tree (a tar.gz); with it, a delta over the tree BASE the cache holds:
 //! changed and new entries, and `.wh.NAME` whiteouts for what is gone. The
-//! result is checked against git's tree id TREE before it is copied to DIR
-//! (emptied first, then filled with hard links to the cache), so a wrong or
-//! corrupt cache is never built.
+//! result is checked against git's tree id TREE before it is lent to DIR
+//! (emptied first; see [`crate::srccache`]), so a wrong or corrupt cache is
+//! never built.
 //!
 //! Answers: `200` with JSON stats; `409` when the cache does not hold BASE
 //! (it says what it holds); `422` when the tree assembled is not TREE (the

@@ -1382,13 +1382,7 @@ fn hwm_kb(status_file: &str) -> Option<u64> {
 /// User + system CPU seconds of a process, from `/proc/PID/stat`.
 #[cfg(unix)]
 fn cpu_secs(pid: u32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
-    // Fields 14 and 15 of stat(5); index 0 here is field 3.
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (hz > 0).then(|| ticks as f64 / hz as f64)
+    cpu_split(pid).map(|(own, _)| own)
 }
 
 #[cfg(not(unix))]

@@ -12,7 +12,7 @@ CREATE TABLE hook_deliveries (
     accepted INTEGER NOT NULL,
     detail TEXT NOT NULL
 );
-CREATE INDEX hook_deliveries_by_repo ON hook_deliveries (repo, accepted, id);
+CREATE INDEX hook_deliveries_by_repo ON hook_deliveries (repo, id);
 
 CREATE TABLE outbox (
     id INTEGER PRIMARY KEY,
@@ -46,6 +46,3 @@ CREATE TABLE branch_states (
     build_id INTEGER NOT NULL,
     PRIMARY KEY (repo, branch, builder)
 );
-
--- A user's builds in flight (the per-user cap on queued builds).
-CREATE INDEX builds_by_requester ON builds (requested_by, status);

@@ -78,7 +78,7 @@ enum EarlySource {
         Result<source::Pushed, buildlet::client::Error>,
     ),
     /// Pushing took longer than the builder's whole timeout.
-    TimedOut(Duration),
+    TimedOut,
 }
 
 impl Farm {
@@ -196,7 +196,9 @@ impl Farm {
         let rb = self.register_running(id);
         // The source goes to the machine while the attempt is recorded:
         // both must be done before the first step, neither needs the other.
-        let early = self.early_source(&build, &builder, &host, &lease, &rb);
+        // The builder's timeout counts from here: the push is part of it.
+        let deadline = Instant::now() + builder.timeout;
+        let early = self.early_source(&build, deadline, &host, &lease, &rb);
         let (started, early) = tokio::join!(
             self.store
                 .start_attempt(id, &lease.hostname, &lease.host_type),
@@ -237,7 +239,9 @@ impl Farm {
         drop(phase);
         let mut lease = lease;
         let outcome = self
-            .execute(&build, &builder, &host, &mut lease, attempt_id, &rb, early)
+            .execute(
+                &build, &builder, &host, &mut lease, attempt_id, &rb, early, deadline,
+            )
             .await;
         let max = cfg.farm.max_attempts as i64;
         let (result, detail) = match &outcome {
@@ -369,7 +373,7 @@ impl Farm {
     async fn early_source(
         self: &Arc<Self>,
         build: &BuildRow,
-        builder: &BuildConfig,
+        deadline: Instant,
         host: &HostConfig,
         lease: &Lease,
         rb: &RunningBuild,
@@ -399,14 +403,15 @@ impl Farm {
         tokio::select! {
             r = work => Some(r),
             _ = cancel.wait_for(|c| *c) => None,
-            _ = tokio::time::sleep(builder.timeout) => Some(EarlySource::TimedOut(builder.timeout)),
+            _ = tokio::time::sleep_until(deadline.into()) => Some(EarlySource::TimedOut),
         }
     }
 
     /// Runs the steps on `main`, the build's machine. A sharded step may
     /// lose that machine and go on with a helper: then `main` is replaced
     /// by the helper (and the lost machine is out of the pool). `early` is
-    /// the source already pushed to `main`, if it was.
+    /// the source already pushed to `main`, if it was; `deadline` ends the
+    /// builder's timeout, which began before that push.
     #[allow(clippy::too_many_arguments)]
     async fn execute(
         self: &Arc<Self>,
@@ -417,6 +422,7 @@ impl Farm {
         attempt_id: i64,
         rb: &RunningBuild,
         early: Option<EarlySource>,
+        deadline: Instant,
     ) -> Outcome {
         // One snapshot of the secrets for what is sent and what is masked
         // (a reload between attempts may have changed them).
@@ -434,8 +440,6 @@ impl Farm {
         }
         let (builder, host) = (&*with_secrets.0, &*with_secrets.1);
         let mut client = main.client.clone();
-        let started = Instant::now();
-        let deadline = started + builder.timeout;
         let mut cancel = rb.cancel.subscribe();
         if *cancel.borrow() {
             return Outcome::Cancelled;
@@ -448,9 +452,10 @@ impl Farm {
                     build.repo, build.commit
                 ));
             }
-            Some(EarlySource::TimedOut(t)) => {
+            Some(EarlySource::TimedOut) => {
                 return Outcome::Failed(format!(
-                    "build timed out after {t:?} while pushing the source"
+                    "build timed out after {:?} while pushing the source",
+                    builder.timeout
                 ));
             }
             Some(EarlySource::Pushed(src, push)) => (src, push),

@@ -195,8 +195,11 @@ impl Farm {
         .ok()?;
         match made {
             Ok(d) => {
-                let kept = d.clone().filter(|d| d.len() <= MAX_KEPT_DELTA);
-                self.delivery.deltas.put(key, kept);
+                // "No delta" is kept too; a large delta is not kept at all
+                // (kept as "none", it would send others the whole tree).
+                if d.as_ref().is_none_or(|d| d.len() <= MAX_KEPT_DELTA) {
+                    self.delivery.deltas.put(key, d.clone());
+                }
                 d
             }
             Err(e) => {

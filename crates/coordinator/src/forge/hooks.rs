@@ -31,6 +31,8 @@ use crate::store::{BuildFilter, BuildKind, BuildStatus};
 /// that large lists thousands of commits farmer does not read; a few MiB
 /// covers real pushes and pull requests.
 pub const MAX_PAYLOAD: usize = 4 << 20;
+/// How long a delivery's body may take to arrive (forges send it at once).
+const BODY_TIME: Duration = Duration::from_secs(10);
 /// How long fetching a pull request's head may take before the forge
 /// (which waits about 10 s) is answered anyway.
 const PULL_FETCH_LIMIT: Duration = Duration::from_secs(8);
@@ -95,13 +97,6 @@ async fn receive(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let Ok(_turn) = tokio::time::timeout(Duration::from_secs(10), TURNS.acquire()).await else {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many webhook deliveries at once; try again",
-        )
-        .into_response();
-    };
     let Some(kind) = ForgeKind::from_name(&forge) else {
         return refuse(
             StatusCode::NOT_FOUND,
@@ -118,13 +113,30 @@ async fn receive(
         )
         .into_response();
     }
-    // At most MAX_PAYLOAD bytes are read; more is refused.
-    let bytes = match http_body_util::Limited::new(body, MAX_PAYLOAD)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
+    // Taken after the cheap refusals above, so only real deliveries wait.
+    let Ok(_turn) = tokio::time::timeout(Duration::from_secs(10), TURNS.acquire()).await else {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many webhook deliveries at once; try again",
+        )
+        .into_response();
+    };
+    // At most MAX_PAYLOAD bytes are read, within BODY_TIME (a trickled
+    // body must not hold a turn); more, or slower, is refused.
+    let read = tokio::time::timeout(
+        BODY_TIME,
+        http_body_util::Limited::new(body, MAX_PAYLOAD).collect(),
+    );
+    let bytes = match read.await {
+        Ok(Ok(b)) => b.to_bytes(),
         Err(_) => {
+            return refuse(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the payload did not arrive within {BODY_TIME:?}; nothing was done"),
+            )
+            .into_response();
+        }
+        Ok(Err(_)) => {
             let o = refuse(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!(

@@ -129,17 +129,18 @@ fn git(
         ("protocol.https.allow", "always".into()),
         ("protocol.http.allow", "always".into()),
     ];
-    if let Some(p) = &auth.password {
+    // The credential as git sends it, also hidden in git's error output.
+    let basic = auth.password.as_deref().map(|p| {
         use base64::Engine;
-        let basic =
-            base64::engine::general_purpose::STANDARD.encode(format!("{}:{p}", auth.username));
-        config.push(("http.extraHeader", format!("Authorization: Basic {basic}")));
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{p}", auth.username))
+    });
+    if let Some(b) = &basic {
+        config.push(("http.extraHeader", format!("Authorization: Basic {b}")));
     }
+    // (An inherited GIT_SSL_CAINFO cannot win over this: the environment
+    // was cleared above.)
     if let Some(ca) = &auth.ca_file {
         config.push(("http.sslCAInfo", ca.display().to_string()));
-        // The environment beats the config in git: a GIT_SSL_CAINFO the
-        // coordinator inherited would otherwise win over the repo's file.
-        cmd.env("GIT_SSL_CAINFO", ca);
     }
     cmd.env("GIT_CONFIG_COUNT", config.len().to_string());
     for (i, (k, v)) in config.iter().enumerate() {
@@ -204,11 +205,8 @@ fn git(
             .rsplit_once('\n')
             .map_or(String::new(), |(head, _)| head.to_string());
     }
-    if let Some(p) = auth.password.as_deref().filter(|p| !p.is_empty()) {
-        use base64::Engine;
-        let basic =
-            base64::engine::general_purpose::STANDARD.encode(format!("{}:{p}", auth.username));
-        text = text.replace(&basic, "***").replace(p, "***");
+    if let (Some(p), Some(b)) = (auth.password.as_deref().filter(|p| !p.is_empty()), &basic) {
+        text = text.replace(b.as_str(), "***").replace(p, "***");
     }
     let text = text
         .lines()

@@ -25,17 +25,18 @@ done"#;
 fn expected(repo: &Path, commit: &str, scratch: &Path) -> String {
     let _ = std::fs::remove_dir_all(scratch);
     std::fs::create_dir_all(scratch).unwrap();
-    let out = Command::new("git")
-        .current_dir(repo)
-        .args(["--work-tree"])
-        .arg(scratch)
-        .args(["checkout", "-q", commit, "--", "."])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let work_tree = scratch.to_str().unwrap();
+    git(
+        repo,
+        &[
+            "--work-tree",
+            work_tree,
+            "checkout",
+            "-q",
+            commit,
+            "--",
+            ".",
+        ],
     );
     // git checkout into another work tree also updates the index: put it back.
     git(repo, &["reset", "-q"]);
@@ -45,7 +46,22 @@ fn expected(repo: &Path, commit: &str, scratch: &Path) -> String {
         .current_dir(scratch)
         .output()
         .unwrap();
-    String::from_utf8(out.stdout).unwrap()
+    let text = String::from_utf8(out.stdout).unwrap();
+    // A manifest that hashed nothing (no sha1sum) would compare equal to
+    // an equally empty one: every file line must carry a hash.
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.lines()
+            .filter(|l| l.starts_with("F "))
+            .all(|l| l.rsplit(' ').next().is_some_and(|h| h.len() == 40))
+            && text.lines().any(|l| l.starts_with("F ")),
+        "{text}"
+    );
+    text
 }
 
 /// The manifest a build's step printed (its log between the markers).

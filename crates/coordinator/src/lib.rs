@@ -38,5 +38,6 @@ pub mod server;
 pub mod shard;
 pub mod sources;
 pub mod store;
+pub mod store_cli;
 pub mod tls;
 pub mod view;

@@ -56,6 +56,17 @@ enum Cmd {
         /// Serve gomote shells over SSH on this address (`ssh -p PORT INSTANCE@HOST`); none by default.
         #[arg(long = "ssh-listen")]
         ssh_listen: Option<String>,
+        /// Where the store lives: postgres://USER:PASSWORD@HOST:PORT/DATABASE
+        /// (the database must exist; its tables are created) or sqlite:PATH.
+        /// Default: the config's `[store] url`, else DATA_DIR/farmer.db.
+        /// Prefer the environment variable for a URL with a password: the
+        /// command line is visible to every user of the machine.
+        #[arg(
+            long = "database-url",
+            env = "FARMER_DATABASE_URL",
+            hide_env_values = true
+        )]
+        database_url: Option<String>,
     },
     /// Check a config file; prints every error with file, line and field.
     CheckConfig { file: PathBuf },
@@ -83,6 +94,9 @@ enum Cmd {
         #[arg(allow_hyphen_values = true, trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// The store: copy a farm's history to PostgreSQL (`farmer store migrate --help`).
+    #[command(subcommand)]
+    Store(coordinator::store_cli::StoreCmd),
     /// The farm's machine certificate authority (revoke).
     #[command(subcommand)]
     Ca(coordinator::admin_cli::CaCmd),
@@ -213,6 +227,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Request(r) => coordinator::admin_cli::run_request(r),
         Cmd::Ca(c) => coordinator::admin_cli::run_ca(c),
+        Cmd::Store(c) => coordinator::store_cli::run_store(c),
         Cmd::User(u) => coordinator::admin_cli::run_user(u),
         Cmd::Secret(c) => coordinator::secret_cli::run_secret(c),
         Cmd::Build(b) => match coordinator::build_cli::run_build(b) {
@@ -242,6 +257,7 @@ fn main() -> anyhow::Result<()> {
                 tls_key: None,
                 local_buildlet: None,
                 ssh_listen: Some(ssh_listen),
+                store: None,
             })
         }
         Cmd::Serve {
@@ -252,13 +268,22 @@ fn main() -> anyhow::Result<()> {
             tls_key,
             insecure_plaintext_reverse,
             ssh_listen,
+            database_url,
         } => {
             // A flag wins over the config's [serve]; a config with errors
             // is reported by the start itself.
             let file = coordinator::config::load(&config)
                 .map(|c| c.serve)
                 .unwrap_or_default();
+            let store = match database_url {
+                Some(u) => Some(
+                    coordinator::store::Location::parse(&u)
+                        .map_err(|e| anyhow::anyhow!("--database-url: {e}"))?,
+                ),
+                None => file.store,
+            };
             serve(RunOptions {
+                store,
                 data_dir: data_dir
                     .or(file.data_dir)
                     .unwrap_or_else(|| PathBuf::from("farmer-data")),

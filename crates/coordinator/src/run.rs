@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use crate::farm::{Farm, FarmOptions};
 use crate::keys::{MasterKey, write_private};
 use crate::sources::LocalTarget;
-use crate::store::Store;
+use crate::store::{Location, Store};
 
 /// How to run a coordinator.
 #[derive(Debug, Clone)]
@@ -28,6 +28,8 @@ pub struct RunOptions {
     pub local_buildlet: Option<Vec<String>>,
     /// Where the gomote SSH server listens (`None`: no SSH).
     pub ssh_listen: Option<String>,
+    /// Where the store lives (`None`: `farmer.db` in the data dir).
+    pub store: Option<crate::store::Location>,
 }
 
 /// What a started coordinator tells its caller.
@@ -35,6 +37,9 @@ pub struct Started {
     pub farm: Arc<Farm>,
     pub addr: SocketAddr,
 }
+
+/// The SQLite store inside the data dir, unless the store is elsewhere.
+pub const STORE_FILE: &str = "farmer.db";
 
 /// The admin token file inside the data dir.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -97,9 +102,14 @@ pub async fn run(
         names.push(host);
     }
     let identity = crate::tls::load_or_create(&cert, &key, &names)?;
-    let store = Store::open(&opts.data_dir.join("farmer.db"))
+    let location = opts
+        .store
+        .clone()
+        .unwrap_or_else(|| Location::Sqlite(opts.data_dir.join(STORE_FILE)));
+    let store = Store::connect(&location)
         .await
         .context("opening the store")?;
+    tracing::info!(store = %location, "store opened");
     let rec = store.recover().await?;
     if rec.lost_attempts > 0 || rec.requeued_builds > 0 {
         tracing::warn!(

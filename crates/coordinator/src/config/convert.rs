@@ -14,7 +14,7 @@ use super::{
 use crate::results::{Format, ResultFiles};
 
 const TOP_KEYS: &[&str] = &[
-    "farm", "serve", "repos", "hosts", "builders", "secrets", "smtp",
+    "farm", "serve", "repos", "hosts", "builders", "secrets", "smtp", "store",
 ];
 const SERVE_KEYS: &[&str] = &["listen", "data_dir", "ssh_listen"];
 const FARM_KEYS: &[&str] = &[
@@ -97,10 +97,13 @@ pub(super) fn farm_config(ctx: &mut Ctx<'_>, tree: &Raw) -> FarmConfig {
         None => FarmSettings::default(),
     };
 
-    let serve = match root.get(ctx, "serve").and_then(|e| ctx.table(&e)) {
+    let mut serve = match root.get(ctx, "serve").and_then(|e| ctx.table(&e)) {
         Some(t) => serve_settings(ctx, &t),
         None => ServeSettings::default(),
     };
+    if let Some(t) = root.get(ctx, "store").and_then(|e| ctx.table(&e)) {
+        serve.store = store_location(ctx, &t);
+    }
 
     let secrets = match root.get(ctx, "secrets").and_then(|e| ctx.table(&e)) {
         Some(t) => forge::secrets(ctx, &t),
@@ -237,6 +240,27 @@ fn serve_settings(ctx: &mut Ctx<'_>, t: &Table<'_>) -> ServeSettings {
         listen,
         data_dir,
         ssh_listen,
+        store: None,
+    }
+}
+
+/// `[store] url`: checked here, so a typo is reported with its line
+/// rather than when the coordinator first connects.
+fn store_location(ctx: &mut Ctx<'_>, t: &Table<'_>) -> Option<crate::store::Location> {
+    t.check_keys(ctx, &["url"], "[store]");
+    let e = t.get(ctx, "url")?;
+    let v = ctx.string(&e)?;
+    match crate::store::Location::parse(&v) {
+        // A relative file is the config file's neighbour, as `data_dir` is.
+        Ok(crate::store::Location::Sqlite(p)) => {
+            let base = ctx.file().parent().unwrap_or(Path::new(""));
+            Some(crate::store::Location::Sqlite(base.join(p)))
+        }
+        Ok(l) => Some(l),
+        Err(msg) => {
+            ctx.error(Some(e.at), &e.path, format!("[store] url: {msg}"));
+            None
+        }
     }
 }
 

@@ -47,6 +47,8 @@ pub struct ServeSettings {
     /// Relative paths are resolved against the config file's directory.
     pub data_dir: Option<PathBuf>,
     pub ssh_listen: Option<String>,
+    /// `[store] url`: where the store lives (default: SQLite in the data dir).
+    pub store: Option<crate::store::Location>,
 }
 
 impl FarmConfig {

@@ -26,7 +26,6 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use sqlx::Row;
 
 use crate::ca::Ca;
 use crate::keys::MasterKey;
@@ -234,12 +233,10 @@ pub async fn verify_token(
 /// Why `serial` was revoked, if it was. A store error is an error, never
 /// "not revoked": callers refuse (fail closed).
 async fn revoked(store: &Store, serial: &str) -> Result<Option<String>, String> {
-    let row = sqlx::query("SELECT reason FROM revoked WHERE serial = ?")
-        .bind(serial)
-        .fetch_optional(store.pool())
+    store
+        .revocation_reason(serial)
         .await
-        .map_err(|e| format!("cannot read the revocation list: {e}"))?;
-    Ok(row.map(|r| r.try_get::<String, _>("reason").unwrap_or_default()))
+        .map_err(|e| format!("cannot read the revocation list: {e}"))
 }
 
 /// The host type and certificate serial a bot's hostname is bound to, if
@@ -248,19 +245,10 @@ pub async fn bound_host_type(
     store: &Store,
     hostname: &str,
 ) -> Result<Option<(String, String)>, String> {
-    let row = sqlx::query("SELECT host_type, serial FROM bots WHERE hostname = ?")
-        .bind(hostname)
-        .fetch_optional(store.pool())
+    store
+        .bot_binding(hostname)
         .await
-        .map_err(|e| format!("cannot read the bound host names: {e}"))?;
-    let Some(r) = row else {
-        return Ok(None);
-    };
-    let get = |c: &str| {
-        r.try_get::<String, _>(c)
-            .map_err(|e| format!("bad row for {hostname} in bots: {e}"))
-    };
-    Ok(Some((get("host_type")?, get("serial")?)))
+        .map_err(|e| format!("cannot read the bound host names: {e}"))
 }
 
 /// A builder request as an owner sends it: JSON to `POST /api/requests`,
@@ -318,11 +306,10 @@ pub async fn submit_request(
             ),
         ));
     }
-    let pending: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM bot_requests WHERE status = 'pending'")
-            .fetch_one(store.pool())
-            .await
-            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("database: {e}")))?;
+    let pending = store
+        .pending_requests()
+        .await
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     if pending >= MAX_PENDING_REQUESTS {
         return Err((
             StatusCode::TOO_MANY_REQUESTS,
@@ -343,19 +330,16 @@ pub async fn submit_request(
     let mut secret = [0u8; 24];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
     let secret = hex::encode(secret);
-    let id = sqlx::query(
-        "INSERT INTO bot_requests (hostname, csr_pem, contact, notes, secret_sha256, status, created_at) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
-    )
-    .bind(hostname)
-    .bind(csr_pem)
-    .bind(contact)
-    .bind(notes)
-    .bind(hex::encode(Sha256::digest(secret.as_bytes())))
-    .bind(now_ms())
-    .execute(store.pool())
-    .await
-    .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("database: {e}")))?
-    .last_insert_rowid();
+    let id = store
+        .add_request(
+            hostname,
+            csr_pem,
+            contact,
+            notes,
+            &hex::encode(Sha256::digest(secret.as_bytes())),
+        )
+        .await
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     tracing::info!(id, %hostname, "builder request submitted");
     Ok((id, secret))
 }

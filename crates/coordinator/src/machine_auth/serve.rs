@@ -15,7 +15,6 @@ use botauth::token::{TokenRequest, TokenResponse};
 use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use sqlx::Row;
 use x509_parser::prelude::*;
 
 use super::{
@@ -26,7 +25,7 @@ use crate::auth::Admin;
 use crate::ca::Ca;
 use crate::farm::Farm;
 use crate::pool::Refusal;
-use crate::store::now_ms;
+use crate::store::{Approval, BotRequestRow, RequestStatus, now_ms};
 
 pub fn router(farm: Arc<Farm>) -> Router {
     Router::new()
@@ -85,21 +84,20 @@ struct SecretQuery {
     secret: Option<String>,
 }
 
-fn request_json(r: &sqlx::sqlite::SqliteRow, with_cert: bool) -> serde_json::Value {
-    let g = |c: &str| r.try_get::<String, _>(c).unwrap_or_default();
+fn request_json(r: &BotRequestRow, with_cert: bool) -> serde_json::Value {
     let mut v = json!({
-        "id": r.try_get::<i64, _>("id").unwrap_or_default(),
-        "hostname": g("hostname"),
-        "contact": g("contact"),
-        "notes": g("notes"),
-        "status": g("status"),
-        "reason": g("reason"),
-        "host_type": g("host_type"),
-        "serial": g("serial"),
-        "created_at": r.try_get::<i64, _>("created_at").unwrap_or_default(),
+        "id": r.id,
+        "hostname": r.hostname,
+        "contact": r.contact,
+        "notes": r.notes,
+        "status": r.status,
+        "reason": r.reason,
+        "host_type": r.host_type,
+        "serial": r.serial,
+        "created_at": r.created_at,
     });
     if with_cert {
-        v["cert_pem"] = json!(g("cert_pem"));
+        v["cert_pem"] = json!(r.cert_pem);
     }
     v
 }
@@ -110,13 +108,13 @@ async fn request_status(
     Path(id): Path<i64>,
     Query(q): Query<SecretQuery>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let r = sqlx::query("SELECT * FROM bot_requests WHERE id = ?")
-        .bind(id)
-        .fetch_optional(farm.store.pool())
+    let r = farm
+        .store
+        .request(id)
         .await
         .map_err(db)?
         .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no request {id}")))?;
-    let stored: String = r.try_get("secret_sha256").unwrap_or_default();
+    let stored = &r.secret_sha256;
     // The header is preferred (URLs end up in logs); `?secret=` still works.
     let given = headers
         .get(crate::admin_cli::SECRET_HEADER)
@@ -142,10 +140,7 @@ async fn list_requests(
     State(farm): State<Arc<Farm>>,
     _: Admin,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let rows = sqlx::query("SELECT * FROM bot_requests ORDER BY id DESC LIMIT 500")
-        .fetch_all(farm.store.pool())
-        .await
-        .map_err(db)?;
+    let rows = farm.store.requests(500).await.map_err(db)?;
     Ok(Json(json!(
         rows.iter()
             .map(|r| request_json(r, false))
@@ -176,48 +171,46 @@ async fn approve(
             ),
         ));
     }
-    let r = sqlx::query("SELECT hostname, csr_pem, status FROM bot_requests WHERE id = ?")
-        .bind(id)
-        .fetch_optional(farm.store.pool())
+    let r = farm
+        .store
+        .request(id)
         .await
         .map_err(db)?
         .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no request {id}")))?;
-    let status: String = r.try_get("status").map_err(db)?;
-    if status != "pending" {
-        return Err(err(
+    let already = |status: &dyn std::fmt::Display| {
+        err(
             StatusCode::BAD_REQUEST,
             format!("request {id} is already {status}"),
-        ));
+        )
+    };
+    if r.status != RequestStatus::Pending {
+        return Err(already(&r.status));
     }
-    let hostname: String = r.try_get("hostname").map_err(db)?;
-    let csr: String = r.try_get("csr_pem").map_err(db)?;
+    let hostname = r.hostname;
     let dns = botauth::hostname::bot_dns_name(&hostname, &bot_domain());
     let issued = ca(&farm)?
-        .sign(&csr, &dns, CERT_DAYS)
+        .sign(&r.csr_pem, &dns, CERT_DAYS)
         .map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
-    let now = now_ms();
-    let mut tx = farm.store.pool().begin().await.map_err(db)?;
-    sqlx::query("UPDATE bot_requests SET status = 'approved', host_type = ?, cert_pem = ?, serial = ?, decided_at = ? WHERE id = ?")
-        .bind(&a.host_type)
-        .bind(&issued.cert_pem)
-        .bind(&issued.serial)
-        .bind(now)
-        .bind(id)
-        .execute(&mut *tx)
+    let approved = farm
+        .store
+        .approve_request(&Approval {
+            id,
+            hostname: &hostname,
+            host_type: &a.host_type,
+            cert_pem: &issued.cert_pem,
+            serial: &issued.serial,
+            not_after: issued.not_after,
+        })
         .await
         .map_err(db)?;
-    sqlx::query(
-        "INSERT INTO bots (hostname, host_type, serial, not_after, approved_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (hostname) DO UPDATE SET host_type = excluded.host_type, serial = excluded.serial, not_after = excluded.not_after, approved_at = excluded.approved_at",
-    )
-    .bind(&hostname)
-    .bind(&a.host_type)
-    .bind(&issued.serial)
-    .bind(issued.not_after)
-    .bind(now)
-    .execute(&mut *tx)
-    .await
-    .map_err(db)?;
-    tx.commit().await.map_err(db)?;
+    if !approved {
+        // Decided by another admin while this one's certificate was signed.
+        let now = farm.store.request(id).await.map_err(db)?;
+        return Err(match now {
+            Some(r) => already(&r.status),
+            None => err(StatusCode::NOT_FOUND, format!("no request {id}")),
+        });
+    }
     tracing::info!(id, %hostname, host_type = %a.host_type, serial = %issued.serial, "builder request approved");
     Ok(Json(
         json!({ "id": id, "status": "approved", "hostname": hostname, "host_type": a.host_type, "serial": issued.serial, "cert_pem": issued.cert_pem }),
@@ -242,15 +235,8 @@ async fn reject(
             "a rejection needs a reason the owner will read",
         ));
     }
-    let n = sqlx::query("UPDATE bot_requests SET status = 'rejected', reason = ?, decided_at = ? WHERE id = ? AND status = 'pending'")
-        .bind(&r.reason)
-        .bind(now_ms())
-        .bind(id)
-        .execute(farm.store.pool())
-        .await
-        .map_err(db)?
-        .rows_affected();
-    if n == 0 {
+    let rejected = farm.store.reject_request(id, &r.reason).await.map_err(db)?;
+    if !rejected {
         return Err(err(
             StatusCode::BAD_REQUEST,
             format!("request {id} does not exist or is not pending"),
@@ -276,13 +262,7 @@ async fn revoke(
 ) -> ApiResult<Json<serde_json::Value>> {
     let (serial, hostname) = match (r.serial, r.hostname) {
         (Some(s), _) => {
-            let h: Option<String> =
-                sqlx::query("SELECT hostname FROM bot_requests WHERE serial = ?")
-                    .bind(&s)
-                    .fetch_optional(farm.store.pool())
-                    .await
-                    .map_err(db)?
-                    .and_then(|r| r.try_get("hostname").ok());
+            let h = farm.store.hostname_of_serial(&s).await.map_err(db)?;
             let h = h.ok_or_else(|| {
                 err(
                     StatusCode::NOT_FOUND,
@@ -305,12 +285,8 @@ async fn revoke(
     } else {
         r.reason
     };
-    sqlx::query("INSERT OR IGNORE INTO revoked (serial, hostname, at, reason) VALUES (?, ?, ?, ?)")
-        .bind(&serial)
-        .bind(&hostname)
-        .bind(now_ms())
-        .bind(&reason)
-        .execute(farm.store.pool())
+    farm.store
+        .revoke(&serial, &hostname, &reason)
         .await
         .map_err(db)?;
     tracing::warn!(%serial, %hostname, "certificate revoked");

@@ -2,6 +2,7 @@
 //! 0007_forge.sql). Only this file speaks SQL about them.
 
 use serde::Serialize;
+use sqlx::Row;
 
 use super::{Result, Store, now_ms};
 
@@ -14,7 +15,7 @@ pub const MAX_REFUSED: i64 = 50;
 const MAX_DONE_MESSAGES: i64 = 5000;
 
 /// One webhook request as received, accepted or refused.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Delivery {
     pub id: i64,
     pub repo: String,
@@ -69,25 +70,23 @@ impl Store {
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO hook_deliveries (repo, forge, event, delivery, received_at, accepted, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO hook_deliveries (repo, forge, event, delivery, received_at, accepted, detail) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(repo)
         .bind(forge)
         .bind(event)
         .bind(delivery)
         .bind(now_ms())
-        .bind(accepted)
+        .bind(accepted as i64)
         .bind(detail)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "DELETE FROM hook_deliveries WHERE repo = ? AND accepted = ? AND id <= \
-             (SELECT id FROM hook_deliveries WHERE repo = ? AND accepted = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            "DELETE FROM hook_deliveries WHERE repo = $1 AND accepted = $2 AND id <= \
+             (SELECT id FROM hook_deliveries WHERE repo = $1 AND accepted = $2 ORDER BY id DESC LIMIT 1 OFFSET $3)",
         )
         .bind(repo)
-        .bind(accepted)
-        .bind(repo)
-        .bind(accepted)
+        .bind(accepted as i64)
         .bind(if accepted { MAX_DELIVERIES } else { MAX_REFUSED })
         .execute(&mut *tx)
         .await?;
@@ -97,13 +96,27 @@ impl Store {
 
     /// A repo's deliveries, newest first.
     pub async fn deliveries(&self, repo: &str, limit: i64) -> Result<Vec<Delivery>> {
-        Ok(sqlx::query_as(
-            "SELECT id, repo, forge, event, delivery, received_at, accepted, detail FROM hook_deliveries WHERE repo = ? ORDER BY id DESC LIMIT ?",
+        let rows = sqlx::query(
+            "SELECT id, repo, forge, event, delivery, received_at, accepted, detail FROM hook_deliveries WHERE repo = $1 ORDER BY id DESC LIMIT $2",
         )
         .bind(repo)
         .bind(limit)
         .fetch_all(&self.pool)
-        .await?)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Delivery {
+                    id: r.try_get("id")?,
+                    repo: r.try_get("repo")?,
+                    forge: r.try_get("forge")?,
+                    event: r.try_get("event")?,
+                    delivery: r.try_get("delivery")?,
+                    received_at: r.try_get("received_at")?,
+                    accepted: r.try_get::<i64, _>("accepted")? != 0,
+                    detail: r.try_get("detail")?,
+                })
+            })
+            .collect()
     }
 
     /// Queues a message. An unsent message with the same `dedupe` key is
@@ -118,14 +131,14 @@ impl Store {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "UPDATE outbox SET state = 'superseded', done_at = ? WHERE dedupe = ? AND state = 'pending'",
+            "UPDATE outbox SET state = 'superseded', done_at = $1 WHERE dedupe = $2 AND state = 'pending'",
         )
         .bind(now)
         .bind(dedupe)
         .execute(&mut *tx)
         .await?;
-        let id = sqlx::query(
-            "INSERT INTO outbox (kind, repo, dedupe, payload, created_at, next_at) VALUES (?, ?, ?, ?, ?, ?)",
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO outbox (kind, repo, dedupe, payload, created_at, next_at) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
         )
         .bind(kind)
         .bind(repo)
@@ -133,11 +146,10 @@ impl Store {
         .bind(payload)
         .bind(now)
         .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .last_insert_rowid();
+        .fetch_one(&mut *tx)
+        .await?;
         sqlx::query(
-            "DELETE FROM outbox WHERE state != 'pending' AND id <= (SELECT id FROM outbox WHERE state != 'pending' ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            "DELETE FROM outbox WHERE state != 'pending' AND id <= (SELECT id FROM outbox WHERE state != 'pending' ORDER BY id DESC LIMIT 1 OFFSET $1)",
         )
         .bind(MAX_DONE_MESSAGES)
         .execute(&mut *tx)
@@ -149,7 +161,7 @@ impl Store {
     /// Pending messages due now, oldest first.
     pub async fn outbox_due(&self, limit: i64) -> Result<Vec<OutboxRow>> {
         Ok(sqlx::query_as(&format!(
-            "SELECT {OUTBOX_COLS} FROM outbox WHERE state = 'pending' AND next_at <= ? ORDER BY id LIMIT ?"
+            "SELECT {OUTBOX_COLS} FROM outbox WHERE state = 'pending' AND next_at <= $1 ORDER BY id LIMIT $2"
         ))
         .bind(now_ms())
         .bind(limit)
@@ -169,7 +181,7 @@ impl Store {
     /// Marks a message sent (unless something superseded it meanwhile).
     pub async fn outbox_sent(&self, id: i64) -> Result<()> {
         sqlx::query(
-            "UPDATE outbox SET state = 'sent', attempts = attempts + 1, done_at = ?, last_error = '' WHERE id = ? AND state = 'pending'",
+            "UPDATE outbox SET state = 'sent', attempts = attempts + 1, done_at = $1, last_error = '' WHERE id = $2 AND state = 'pending'",
         )
         .bind(now_ms())
         .bind(id)
@@ -182,13 +194,13 @@ impl Store {
     pub async fn outbox_failed(&self, id: i64, error: &str, next_at: Option<i64>) -> Result<()> {
         match next_at {
             Some(at) => sqlx::query(
-                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_at = ? WHERE id = ? AND state = 'pending'",
+                "UPDATE outbox SET attempts = attempts + 1, last_error = $1, next_at = $2 WHERE id = $3 AND state = 'pending'",
             )
             .bind(error)
             .bind(at)
             .bind(id),
             None => sqlx::query(
-                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, state = 'failed', done_at = ? WHERE id = ? AND state = 'pending'",
+                "UPDATE outbox SET attempts = attempts + 1, last_error = $1, state = 'failed', done_at = $2 WHERE id = $3 AND state = 'pending'",
             )
             .bind(error)
             .bind(now_ms())
@@ -202,7 +214,7 @@ impl Store {
     /// A repo's messages, newest first.
     pub async fn outbox_for_repo(&self, repo: &str, limit: i64) -> Result<Vec<OutboxRow>> {
         Ok(sqlx::query_as(&format!(
-            "SELECT {OUTBOX_COLS} FROM outbox WHERE repo = ? ORDER BY id DESC LIMIT ?"
+            "SELECT {OUTBOX_COLS} FROM outbox WHERE repo = $1 ORDER BY id DESC LIMIT $2"
         ))
         .bind(repo)
         .bind(limit)
@@ -218,7 +230,7 @@ impl Store {
         builder: &str,
     ) -> Result<Option<BranchState>> {
         Ok(sqlx::query_as(
-            "SELECT state, commit_hash, commit_time, build_id FROM branch_states WHERE repo = ? AND branch = ? AND builder = ?",
+            "SELECT state, commit_hash, commit_time, build_id FROM branch_states WHERE repo = $1 AND branch = $2 AND builder = $3",
         )
         .bind(repo)
         .bind(branch)
@@ -235,7 +247,7 @@ impl Store {
         s: &BranchState,
     ) -> Result<()> {
         sqlx::query(
-            "INSERT INTO branch_states (repo, branch, builder, state, commit_hash, commit_time, build_id) VALUES (?, ?, ?, ?, ?, ?, ?) \
+            "INSERT INTO branch_states (repo, branch, builder, state, commit_hash, commit_time, build_id) VALUES ($1, $2, $3, $4, $5, $6, $7) \
              ON CONFLICT (repo, branch, builder) DO UPDATE SET state = excluded.state, commit_hash = excluded.commit_hash, \
              commit_time = excluded.commit_time, build_id = excluded.build_id",
         )

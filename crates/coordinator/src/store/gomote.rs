@@ -49,11 +49,11 @@ impl Store {
     /// Adds a user; false when the name is taken.
     pub async fn user_add(&self, name: &str, token_sha256: &str, admin: bool) -> Result<bool> {
         let r = sqlx::query(
-            "INSERT INTO users (name, token_sha256, admin, created_at) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            "INSERT INTO users (name, token_sha256, admin, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
         )
         .bind(name)
         .bind(token_sha256)
-        .bind(admin)
+        .bind(admin as i64)
         .bind(now_ms())
         .execute(self.pool())
         .await?;
@@ -62,7 +62,7 @@ impl Store {
 
     /// Removes a user and their keys; false when there was none.
     pub async fn user_remove(&self, name: &str) -> Result<bool> {
-        let r = sqlx::query("DELETE FROM users WHERE name = ?")
+        let r = sqlx::query("DELETE FROM users WHERE name = $1")
             .bind(name)
             .execute(self.pool())
             .await?;
@@ -71,12 +71,12 @@ impl Store {
 
     /// The user a token (by its hash) belongs to: `(name, admin)`.
     pub async fn user_by_token(&self, token_sha256: &str) -> Result<Option<(String, bool)>> {
-        let r = sqlx::query("SELECT name, admin FROM users WHERE token_sha256 = ?")
+        let r = sqlx::query("SELECT name, admin FROM users WHERE token_sha256 = $1")
             .bind(token_sha256)
             .fetch_optional(self.pool())
             .await?;
         Ok(match r {
-            Some(r) => Some((r.try_get("name")?, r.try_get("admin")?)),
+            Some(r) => Some((r.try_get("name")?, r.try_get::<i64, _>("admin")? != 0)),
             None => None,
         })
     }
@@ -84,7 +84,7 @@ impl Store {
     /// Every user with their key fingerprints, by name.
     pub async fn users(&self) -> Result<Vec<UserRow>> {
         let rows = sqlx::query(
-            "SELECT u.name, u.admin, u.created_at, group_concat(k.fingerprint, ' ') AS keys FROM users u LEFT JOIN user_keys k ON k.user = u.name GROUP BY u.name ORDER BY u.name LIMIT ?",
+            "SELECT u.name, u.admin, u.created_at, string_agg(k.fingerprint, ' ') AS keys FROM users u LEFT JOIN user_keys k ON k.\"user\" = u.name GROUP BY u.name ORDER BY u.name LIMIT $1",
         )
         .bind(MAX_ROWS)
         .fetch_all(self.pool())
@@ -94,7 +94,7 @@ impl Store {
                 let keys: Option<String> = r.try_get("keys")?;
                 Ok(UserRow {
                     name: r.try_get("name")?,
-                    admin: r.try_get("admin")?,
+                    admin: r.try_get::<i64, _>("admin")? != 0,
                     created_at: r.try_get("created_at")?,
                     keys: keys
                         .unwrap_or_default()
@@ -109,7 +109,7 @@ impl Store {
     /// Registers an SSH key of a user; false when the user does not exist.
     pub async fn user_key_add(&self, user: &str, fingerprint: &str, line: &str) -> Result<bool> {
         let r = sqlx::query(
-            "INSERT INTO user_keys (user, fingerprint, key_line, added_at) SELECT name, ?, ?, ? FROM users WHERE name = ? ON CONFLICT DO UPDATE SET key_line = excluded.key_line",
+            "INSERT INTO user_keys (\"user\", fingerprint, key_line, added_at) SELECT name, $1, $2, $3 FROM users WHERE name = $4 ON CONFLICT (\"user\", fingerprint) DO UPDATE SET key_line = excluded.key_line",
         )
         .bind(fingerprint)
         .bind(line)
@@ -122,7 +122,7 @@ impl Store {
 
     /// Every `(user, fingerprint)` pair, for the SSH server's cache.
     pub async fn user_keys(&self) -> Result<Vec<(String, String)>> {
-        let rows = sqlx::query("SELECT user, fingerprint FROM user_keys LIMIT 100000")
+        let rows = sqlx::query("SELECT \"user\", fingerprint FROM user_keys LIMIT 100000")
             .fetch_all(self.pool())
             .await?;
         rows.iter()
@@ -133,7 +133,7 @@ impl Store {
     /// Records a new instance.
     pub async fn instance_add(&self, i: &InstanceRow) -> Result<()> {
         sqlx::query(
-            "INSERT INTO gomote_instances (name, owner, builder, host_type, hostname, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO gomote_instances (name, owner, builder, host_type, hostname, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&i.name)
         .bind(&i.owner)
@@ -153,9 +153,11 @@ impl Store {
     pub async fn instance_last_number(&self, prefix: &str) -> Result<u64> {
         let dashed = format!("{prefix}-");
         let n: Option<i64> = sqlx::query_scalar(
-            "SELECT MAX(CAST(substr(name, ?1 + 1) AS INTEGER)) FROM gomote_instances WHERE substr(name, 1, ?1) = ?2",
+            "SELECT MAX(CAST(substr(name, CAST($1 AS INTEGER) + 1) AS BIGINT)) FROM gomote_instances \
+             WHERE substr(name, 1, CAST($1 AS INTEGER)) = $2 AND length(name) BETWEEN $1 + 1 AND $1 + 18 \
+             AND ltrim(substr(name, CAST($1 AS INTEGER) + 1), '0123456789') = ''",
         )
-        .bind(dashed.len() as i64)
+        .bind(dashed.chars().count() as i64)
         .bind(&dashed)
         .fetch_one(self.pool())
         .await?;
@@ -164,7 +166,7 @@ impl Store {
 
     /// Notes the machine an instance got.
     pub async fn instance_set_machine(&self, name: &str, hostname: &str) -> Result<()> {
-        sqlx::query("UPDATE gomote_instances SET hostname = ? WHERE name = ?")
+        sqlx::query("UPDATE gomote_instances SET hostname = $1 WHERE name = $2")
             .bind(hostname)
             .bind(name)
             .execute(self.pool())
@@ -175,7 +177,7 @@ impl Store {
     /// Notes a renewal.
     pub async fn instance_set_expiry(&self, name: &str, expires_at: i64) -> Result<()> {
         sqlx::query(
-            "UPDATE gomote_instances SET expires_at = ? WHERE name = ? AND ended_at IS NULL",
+            "UPDATE gomote_instances SET expires_at = $1 WHERE name = $2 AND ended_at IS NULL",
         )
         .bind(expires_at)
         .bind(name)
@@ -188,14 +190,14 @@ impl Store {
     pub async fn instance_end(&self, name: &str, reason: &str) -> Result<()> {
         let mut tx = self.pool().begin().await?;
         sqlx::query(
-            "UPDATE gomote_instances SET ended_at = ?, end_reason = ? WHERE name = ? AND ended_at IS NULL",
+            "UPDATE gomote_instances SET ended_at = $1, end_reason = $2 WHERE name = $3 AND ended_at IS NULL",
         )
         .bind(now_ms())
         .bind(reason)
         .bind(name)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM gomote_group_members WHERE instance = ?")
+        sqlx::query("DELETE FROM gomote_group_members WHERE instance = $1")
             .bind(name)
             .execute(&mut *tx)
             .await?;
@@ -206,7 +208,7 @@ impl Store {
     /// One instance, live or ended.
     pub async fn instance(&self, name: &str) -> Result<Option<InstanceRow>> {
         Ok(sqlx::query_as(&format!(
-            "SELECT {INSTANCE_COLS} FROM gomote_instances WHERE name = ?"
+            "SELECT {INSTANCE_COLS} FROM gomote_instances WHERE name = $1"
         ))
         .bind(name)
         .fetch_optional(self.pool())
@@ -216,7 +218,7 @@ impl Store {
     /// The instances that have not ended (a restarted coordinator resumes them).
     pub async fn instances_active(&self) -> Result<Vec<InstanceRow>> {
         Ok(sqlx::query_as(&format!(
-            "SELECT {INSTANCE_COLS} FROM gomote_instances WHERE ended_at IS NULL ORDER BY created_at LIMIT ?"
+            "SELECT {INSTANCE_COLS} FROM gomote_instances WHERE ended_at IS NULL ORDER BY created_at LIMIT $1"
         ))
         .bind(MAX_ROWS * 10)
         .fetch_all(self.pool())
@@ -226,7 +228,7 @@ impl Store {
     /// Creates a group; false when the name is taken.
     pub async fn group_add(&self, name: &str, owner: &str) -> Result<bool> {
         let r = sqlx::query(
-            "INSERT INTO gomote_groups (name, owner, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            "INSERT INTO gomote_groups (name, owner, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
         )
         .bind(name)
         .bind(owner)
@@ -238,7 +240,7 @@ impl Store {
 
     /// Deletes a group (not its instances).
     pub async fn group_remove(&self, name: &str) -> Result<bool> {
-        let r = sqlx::query("DELETE FROM gomote_groups WHERE name = ?")
+        let r = sqlx::query("DELETE FROM gomote_groups WHERE name = $1")
             .bind(name)
             .execute(self.pool())
             .await?;
@@ -248,9 +250,9 @@ impl Store {
     /// Adds (`true`) or removes an instance from a group.
     pub async fn group_member(&self, group: &str, instance: &str, add: bool) -> Result<()> {
         let sql = if add {
-            "INSERT INTO gomote_group_members (grp, instance) VALUES (?, ?) ON CONFLICT DO NOTHING"
+            "INSERT INTO gomote_group_members (grp, instance) VALUES ($1, $2) ON CONFLICT DO NOTHING"
         } else {
-            "DELETE FROM gomote_group_members WHERE grp = ? AND instance = ?"
+            "DELETE FROM gomote_group_members WHERE grp = $1 AND instance = $2"
         };
         sqlx::query(sql)
             .bind(group)
@@ -272,7 +274,7 @@ impl Store {
 
     async fn groups_where(&self, name: Option<&str>) -> Result<Vec<GroupRow>> {
         let rows = sqlx::query(
-            "SELECT g.name, g.owner, g.created_at, group_concat(m.instance, ' ') AS members FROM gomote_groups g LEFT JOIN gomote_group_members m ON m.grp = g.name WHERE ?1 IS NULL OR g.name = ?1 GROUP BY g.name ORDER BY g.name LIMIT ?2",
+            "SELECT g.name, g.owner, g.created_at, string_agg(m.instance, ' ') AS members FROM gomote_groups g LEFT JOIN gomote_group_members m ON m.grp = g.name WHERE CAST($1 AS TEXT) IS NULL OR g.name = $1 GROUP BY g.name ORDER BY g.name LIMIT $2",
         )
         .bind(name)
         .bind(MAX_ROWS)

@@ -1,5 +1,13 @@
 //! The coordinator's durable state: repos' commits, builds, attempts, steps
-//! with their (compressed) logs, and machines seen, in SQLite (WAL).
+//! with their (compressed) logs, and machines seen, in SQLite (WAL; the
+//! default, nothing to run) or PostgreSQL (a farm that needs backups,
+//! replication and a standby coordinator).
+//!
+//! All SQL of the coordinator lives in this module and its children, written
+//! once for both engines through sqlx's `Any` driver: `$N` parameters (SQLite
+//! takes them too), `ON CONFLICT`, `RETURNING`, `string_agg`, no bare columns
+//! beside aggregates, every integer a 64-bit one. What differs is only the
+//! schema's spelling: `migrations/sqlite` and `migrations/postgres`.
 //!
 //! Everything a restart must not lose is written here before it is acted on:
 //! a build exists in the store before it is queued, an attempt before the
@@ -10,17 +18,24 @@
 
 use std::path::Path;
 use std::str::FromStr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::AnyPool;
+use sqlx::Row;
+use sqlx::any::AnyRow;
 
+mod certs;
+mod copy;
+mod engine;
 mod forge;
 mod gomote;
 mod results;
 mod units;
 
+pub use certs::{Approval, BotRequestRow, RequestStatus};
+pub use copy::{TABLES, TableCopy};
+pub use engine::{Engine, Location};
 pub use forge::{BranchState, Delivery, MAX_DELIVERIES, OutboxRow};
 pub use gomote::{GroupRow, InstanceRow, UserRow};
 pub use results::{FlakeRow, TestRow, TestsOf};
@@ -263,12 +278,13 @@ pub struct BuildFilter {
 
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
+    engine: Engine,
 }
 
 const BUILD_COLS: &str = "id, builder, host_type, repo, branch, commit_hash, commit_time, kind, status, created_at, started_at, finished_at, attempts, error, flaky, requested_by";
 
-fn build_row(r: &sqlx::sqlite::SqliteRow) -> Result<BuildRow> {
+fn build_row(r: &AnyRow) -> Result<BuildRow> {
     let kind: String = r.try_get("kind")?;
     let status: String = r.try_get("status")?;
     Ok(BuildRow {
@@ -291,50 +307,36 @@ fn build_row(r: &sqlx::sqlite::SqliteRow) -> Result<BuildRow> {
     })
 }
 
+/// `$from, $from+1, ...`: `n` numbered parameters, for an `IN (...)` list.
+fn params(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl Store {
-    /// Opens (creating if needed) the SQLite database at `path` and migrates it.
-    /// Opens (creating if missing) and migrates the store at `path`. Errors
-    /// name the file; a database locked by another process is reported
-    /// within a second instead of after the usual 10 s wait.
+    /// Opens (creating if missing) and migrates the SQLite store at `path`.
+    /// Errors name the file; a database locked by another process is
+    /// reported within a second instead of after the usual 10 s wait.
     pub async fn open(path: &Path) -> Result<Store> {
-        let named = |e: &dyn std::fmt::Display| {
-            let text = e.to_string();
-            let hint = if text.contains("locked") || text.contains("busy") {
-                " (another process holds a lock on it: is another farmer running on this data dir?)"
-            } else {
-                ""
-            };
-            StoreError::Open(format!("SQLite database {}: {text}{hint}", path.display()))
-        };
-        let opts = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true);
-        {
-            // Migrate over one connection that waits at most a second.
-            let quick = SqlitePoolOptions::new()
-                .max_connections(1)
-                .connect_with(opts.clone().busy_timeout(Duration::from_secs(1)))
-                .await
-                .map_err(|e| named(&e))?;
-            sqlx::migrate!("./migrations")
-                .run(&quick)
-                .await
-                .map_err(|e| named(&e))?;
-            quick.close().await;
-        }
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts.busy_timeout(Duration::from_secs(10)))
-            .await
-            .map_err(|e| named(&e))?;
-        Ok(Store { pool })
+        Store::connect(&Location::Sqlite(path.to_path_buf())).await
     }
 
-    /// The connection pool, for modules that keep their own tables.
-    pub fn pool(&self) -> &SqlitePool {
+    /// Opens and migrates the store at `location`: a SQLite file (created
+    /// if missing) or a PostgreSQL database (which must exist).
+    pub async fn connect(location: &Location) -> Result<Store> {
+        let (pool, engine) = engine::connect(location).await?;
+        Ok(Store { pool, engine })
+    }
+
+    /// Which engine holds the store.
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// The connection pool, for the store's own modules.
+    fn pool(&self) -> &AnyPool {
         &self.pool
     }
 
@@ -344,13 +346,13 @@ impl Store {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         let lost = sqlx::query(
-            "UPDATE attempts SET result = 'lost', finished_at = ?, error = 'the coordinator stopped while this attempt ran; the build was re-queued' WHERE result = 'running'",
+            "UPDATE attempts SET result = 'lost', finished_at = $1, error = 'the coordinator stopped while this attempt ran; the build was re-queued' WHERE result = 'running'",
         )
         .bind(now)
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        sqlx::query("UPDATE steps SET result = 'lost', finished_at = ? WHERE result = 'running'")
+        sqlx::query("UPDATE steps SET result = 'lost', finished_at = $1 WHERE result = 'running'")
             .bind(now)
             .execute(&mut *tx)
             .await?;
@@ -369,7 +371,7 @@ impl Store {
     pub async fn add_commit(&self, c: &CommitRow, branch: &str) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let new = sqlx::query(
-            "INSERT OR IGNORE INTO commits (repo, hash, author, email, time, subject, parents, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO commits (repo, hash, author, email, time, subject, parents, seen_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
         )
         .bind(&c.repo)
         .bind(&c.hash)
@@ -383,7 +385,9 @@ impl Store {
         .await?
         .rows_affected()
             > 0;
-        sqlx::query("INSERT OR IGNORE INTO commit_branches (repo, branch, hash) VALUES (?, ?, ?)")
+        sqlx::query(
+            "INSERT INTO commit_branches (repo, branch, hash) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
             .bind(&c.repo)
             .bind(branch)
             .bind(&c.hash)
@@ -395,7 +399,7 @@ impl Store {
 
     /// Hashes of every commit already seen on a repo's branch.
     pub async fn known_commits(&self, repo: &str, branch: &str) -> Result<Vec<String>> {
-        let rows = sqlx::query("SELECT hash FROM commit_branches WHERE repo = ? AND branch = ?")
+        let rows = sqlx::query("SELECT hash FROM commit_branches WHERE repo = $1 AND branch = $2")
             .bind(repo)
             .bind(branch)
             .fetch_all(&self.pool)
@@ -406,7 +410,7 @@ impl Store {
     }
 
     pub async fn commit(&self, repo: &str, hash: &str) -> Result<Option<CommitRow>> {
-        let r = sqlx::query("SELECT repo, hash, author, email, time, subject, parents FROM commits WHERE repo = ? AND hash = ?")
+        let r = sqlx::query("SELECT repo, hash, author, email, time, subject, parents FROM commits WHERE repo = $1 AND hash = $2")
             .bind(repo)
             .bind(hash)
             .fetch_optional(&self.pool)
@@ -423,7 +427,7 @@ impl Store {
         offset: i64,
     ) -> Result<Vec<CommitRow>> {
         let rows = sqlx::query(
-            "SELECT c.repo, c.hash, c.author, c.email, c.time, c.subject, c.parents FROM commits c JOIN commit_branches b ON b.repo = c.repo AND b.hash = c.hash WHERE c.repo = ? AND b.branch = ? ORDER BY c.time DESC, c.seen_at DESC LIMIT ? OFFSET ?",
+            "SELECT c.repo, c.hash, c.author, c.email, c.time, c.subject, c.parents FROM commits c JOIN commit_branches b ON b.repo = c.repo AND b.hash = c.hash WHERE c.repo = $1 AND b.branch = $2 ORDER BY c.time DESC, c.seen_at DESC LIMIT $3 OFFSET $4",
         )
         .bind(repo)
         .bind(branch)
@@ -437,8 +441,8 @@ impl Store {
     /// Creates a build in state `queued`. A post-submit build of a
     /// (builder, commit) that already exists is not created again: `None`.
     pub async fn create_build(&self, b: &NewBuild) -> Result<Option<i64>> {
-        let r = sqlx::query(
-            "INSERT OR IGNORE INTO builds (builder, host_type, repo, branch, commit_hash, commit_time, kind, status, created_at, requested_by) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+        Ok(sqlx::query_scalar(
+            "INSERT INTO builds (builder, host_type, repo, branch, commit_hash, commit_time, kind, status, created_at, requested_by) VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $9) ON CONFLICT DO NOTHING RETURNING id",
         )
         .bind(&b.builder)
         .bind(&b.host_type)
@@ -449,15 +453,14 @@ impl Store {
         .bind(b.kind.as_str())
         .bind(now_ms())
         .bind(&b.requested_by)
-        .execute(&self.pool)
-        .await?;
-        Ok((r.rows_affected() > 0).then(|| r.last_insert_rowid()))
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     /// Builds `requested_by` has queued or running.
     pub async fn active_builds_of(&self, requested_by: &str) -> Result<i64> {
         Ok(sqlx::query_scalar(
-            "SELECT COUNT(*) FROM builds WHERE requested_by = ? AND status IN ('queued', 'running')",
+            "SELECT COUNT(*) FROM builds WHERE requested_by = $1 AND status IN ('queued', 'running')",
         )
         .bind(requested_by)
         .fetch_one(&self.pool)
@@ -467,7 +470,7 @@ impl Store {
     /// Who asked for build `id` ("" for the poller).
     pub async fn requested_by(&self, id: i64) -> Result<Option<String>> {
         Ok(
-            sqlx::query_scalar("SELECT requested_by FROM builds WHERE id = ?")
+            sqlx::query_scalar("SELECT requested_by FROM builds WHERE id = $1")
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?,
@@ -475,7 +478,7 @@ impl Store {
     }
 
     pub async fn build(&self, id: i64) -> Result<Option<BuildRow>> {
-        let r = sqlx::query(&format!("SELECT {BUILD_COLS} FROM builds WHERE id = ?"))
+        let r = sqlx::query(&format!("SELECT {BUILD_COLS} FROM builds WHERE id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -485,39 +488,38 @@ impl Store {
     /// Builds matching a filter, newest first.
     pub async fn builds(&self, f: &BuildFilter) -> Result<Vec<BuildRow>> {
         let mut sql = format!("SELECT {BUILD_COLS} FROM builds WHERE 1=1");
-        let mut binds: Vec<String> = Vec::new();
-        if let Some(v) = &f.builder {
-            sql.push_str(" AND builder = ?");
-            binds.push(v.clone());
-        }
-        if let Some(v) = &f.repo {
-            sql.push_str(" AND repo = ?");
-            binds.push(v.clone());
-        }
-        if let Some(v) = &f.commit {
-            sql.push_str(" AND commit_hash = ?");
-            binds.push(v.clone());
-        }
-        if let Some(v) = &f.status {
-            sql.push_str(" AND status = ?");
-            binds.push(v.as_str().to_string());
-        }
-        if let Some(v) = &f.host_type {
-            sql.push_str(" AND host_type = ?");
-            binds.push(v.clone());
+        let mut texts: Vec<&str> = Vec::new();
+        for (cond, v) in [
+            ("builder", f.builder.as_deref()),
+            ("repo", f.repo.as_deref()),
+            ("commit_hash", f.commit.as_deref()),
+            ("status", f.status.map(BuildStatus::as_str)),
+            ("host_type", f.host_type.as_deref()),
+        ] {
+            if let Some(v) = v {
+                texts.push(v);
+                sql.push_str(&format!(" AND {cond} = ${}", texts.len()));
+            }
         }
         if let Some(v) = &f.machine {
-            sql.push_str(" AND id IN (SELECT build_id FROM attempts WHERE machine = ?)");
-            binds.push(v.clone());
+            texts.push(v);
+            sql.push_str(&format!(
+                " AND id IN (SELECT build_id FROM attempts WHERE machine = ${})",
+                texts.len()
+            ));
         }
-        if let Some(v) = f.before {
-            sql.push_str(" AND id < ?");
-            binds.push(v.to_string());
+        let mut n = texts.len();
+        if f.before.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND id < ${n}"));
         }
-        sql.push_str(" ORDER BY id DESC LIMIT ?");
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", n + 1));
         let mut q = sqlx::query(&sql);
-        for b in &binds {
-            q = q.bind(b);
+        for t in texts {
+            q = q.bind(t);
+        }
+        if let Some(before) = f.before {
+            q = q.bind(before);
         }
         let limit = if f.limit <= 0 {
             100
@@ -562,7 +564,7 @@ impl Store {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         let updated = sqlx::query(
-            "UPDATE builds SET status = 'running', attempts = attempts + 1, started_at = COALESCE(started_at, ?) WHERE id = ? AND status = 'queued'",
+            "UPDATE builds SET status = 'running', attempts = attempts + 1, started_at = COALESCE(started_at, $1) WHERE id = $2 AND status = 'queued'",
         )
         .bind(now)
         .bind(build_id)
@@ -572,28 +574,26 @@ impl Store {
         if updated == 0 {
             return Ok(None);
         }
-        let number: i64 = sqlx::query("SELECT attempts FROM builds WHERE id = ?")
+        let number: i64 = sqlx::query_scalar("SELECT attempts FROM builds WHERE id = $1")
             .bind(build_id)
             .fetch_one(&mut *tx)
-            .await?
-            .try_get("attempts")?;
-        let id = sqlx::query(
-            "INSERT INTO attempts (build_id, number, machine, host_type, started_at, result) VALUES (?, ?, ?, ?, ?, 'running')",
+            .await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO attempts (build_id, number, machine, host_type, started_at, result) VALUES ($1, $2, $3, $4, $5, 'running') RETURNING id",
         )
         .bind(build_id)
         .bind(number)
         .bind(machine)
         .bind(host_type)
         .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .last_insert_rowid();
+        .fetch_one(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(Some((id, number)))
     }
 
     pub async fn finish_attempt(&self, attempt_id: i64, result: &str, error: &str) -> Result<()> {
-        sqlx::query("UPDATE attempts SET result = ?, error = ?, finished_at = ? WHERE id = ? AND result = 'running'")
+        sqlx::query("UPDATE attempts SET result = $1, error = $2, finished_at = $3 WHERE id = $4 AND result = 'running'")
             .bind(result)
             .bind(error)
             .bind(now_ms())
@@ -606,7 +606,7 @@ impl Store {
     /// Puts a running build back in the queue after a lost attempt.
     pub async fn requeue(&self, build_id: i64) -> Result<bool> {
         let n =
-            sqlx::query("UPDATE builds SET status = 'queued' WHERE id = ? AND status = 'running'")
+            sqlx::query("UPDATE builds SET status = 'queued' WHERE id = $1 AND status = 'running'")
                 .bind(build_id)
                 .execute(&self.pool)
                 .await?
@@ -618,7 +618,7 @@ impl Store {
     /// started (or ended) meanwhile.
     pub async fn cancel_queued(&self, build_id: i64, error: &str) -> Result<bool> {
         let n = sqlx::query(
-            "UPDATE builds SET status = 'cancelled', error = ?, finished_at = ? WHERE id = ? AND status = 'queued'",
+            "UPDATE builds SET status = 'cancelled', error = $1, finished_at = $2 WHERE id = $3 AND status = 'queued'",
         )
         .bind(error)
         .bind(now_ms())
@@ -638,7 +638,7 @@ impl Store {
     ) -> Result<bool> {
         debug_assert!(status.is_terminal());
         let n = sqlx::query(
-            "UPDATE builds SET status = ?, error = ?, finished_at = ? WHERE id = ? AND status IN ('queued', 'running')",
+            "UPDATE builds SET status = $1, error = $2, finished_at = $3 WHERE id = $4 AND status IN ('queued', 'running')",
         )
         .bind(status.as_str())
         .bind(error)
@@ -657,17 +657,16 @@ impl Store {
         number: i64,
         name: &str,
     ) -> Result<i64> {
-        let id = sqlx::query(
-            "INSERT INTO steps (build_id, attempt_id, number, name, started_at, result) VALUES (?, ?, ?, ?, ?, 'running')",
+        let id = sqlx::query_scalar(
+            "INSERT INTO steps (build_id, attempt_id, number, name, started_at, result) VALUES ($1, $2, $3, $4, $5, 'running') RETURNING id",
         )
         .bind(build_id)
         .bind(attempt_id)
         .bind(number)
         .bind(name)
         .bind(now_ms())
-        .execute(&self.pool)
-        .await?
-        .last_insert_rowid();
+        .fetch_one(&self.pool)
+        .await?;
         Ok(id)
     }
 
@@ -680,7 +679,7 @@ impl Store {
         log: &[u8],
     ) -> Result<()> {
         let gz = gzip(log);
-        sqlx::query("UPDATE steps SET result = ?, detail = ?, finished_at = ?, log_gz = ?, log_size = ? WHERE id = ?")
+        sqlx::query("UPDATE steps SET result = $1, detail = $2, finished_at = $3, log_gz = $4, log_size = $5 WHERE id = $6")
             .bind(result)
             .bind(detail)
             .bind(now_ms())
@@ -694,7 +693,7 @@ impl Store {
 
     pub async fn attempts(&self, build_id: i64) -> Result<Vec<AttemptRow>> {
         Ok(sqlx::query_as(
-            "SELECT id, build_id, number, machine, host_type, started_at, finished_at, result, error FROM attempts WHERE build_id = ? ORDER BY number",
+            "SELECT id, build_id, number, machine, host_type, started_at, finished_at, result, error FROM attempts WHERE build_id = $1 ORDER BY number",
         )
         .bind(build_id)
         .fetch_all(&self.pool)
@@ -703,7 +702,7 @@ impl Store {
 
     pub async fn steps(&self, build_id: i64) -> Result<Vec<StepRow>> {
         Ok(sqlx::query_as(
-            "SELECT id, build_id, attempt_id, number, name, started_at, finished_at, result, detail, log_size FROM steps WHERE build_id = ? ORDER BY attempt_id, number",
+            "SELECT id, build_id, attempt_id, number, name, started_at, finished_at, result, detail, log_size FROM steps WHERE build_id = $1 ORDER BY attempt_id, number",
         )
         .bind(build_id)
         .fetch_all(&self.pool)
@@ -712,7 +711,7 @@ impl Store {
 
     /// The stored (finished) log of one step, decompressed.
     pub async fn step_log(&self, step_id: i64) -> Result<Option<Vec<u8>>> {
-        let r = sqlx::query("SELECT log_gz FROM steps WHERE id = ?")
+        let r = sqlx::query("SELECT log_gz FROM steps WHERE id = $1")
             .bind(step_id)
             .fetch_optional(&self.pool)
             .await?;
@@ -731,7 +730,7 @@ impl Store {
     ) -> Result<()> {
         let now = now_ms();
         sqlx::query(
-            "INSERT INTO machines (hostname, host_type, version, build, addr, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (hostname) DO UPDATE SET host_type = excluded.host_type, version = excluded.version, build = excluded.build, addr = excluded.addr, last_seen = excluded.last_seen",
+            "INSERT INTO machines (hostname, host_type, version, build, addr, first_seen, last_seen) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (hostname) DO UPDATE SET host_type = excluded.host_type, version = excluded.version, build = excluded.build, addr = excluded.addr, last_seen = excluded.last_seen",
         )
         .bind(hostname)
         .bind(host_type)
@@ -746,19 +745,22 @@ impl Store {
     }
 
     /// The newest build of each builder at each of some commits of a repo:
-    /// the cells of the build grid. SQLite picks the newest build and packs
-    /// each commit's cells into one string (as the Go dashboard's per-commit
+    /// the cells of the build grid. The database picks the newest build and
+    /// packs each commit's cells into one string (as the Go dashboard's per-commit
     /// `ResultData`), so a page of 50 commits × 100 builders is 50 rows.
     pub async fn latest_builds(&self, repo: &str, hashes: &[String]) -> Result<Vec<LatestBuild>> {
         let mut out = Vec::new();
         for chunk in hashes.chunks(500) {
-            let marks = vec!["?"; chunk.len()].join(", ");
+            // The newest build per (commit, builder) by id, then one row
+            // per commit with its cells packed as `builder US status US
+            // flaky US id`, cells apart by RS.
             let sql = format!(
-                "SELECT commit_hash, group_concat(builder || char(31) || status || char(31) || flaky || char(31) || id, char(30)) AS cells \
-                 FROM (SELECT commit_hash, builder, status, flaky, MAX(id) AS id FROM builds WHERE repo = ? AND commit_hash IN ({marks}) GROUP BY commit_hash, builder) \
-                 GROUP BY commit_hash"
+                "SELECT b.commit_hash, string_agg(b.builder || $1 || b.status || $1 || b.flaky || $1 || b.id, $2) AS cells \
+                 FROM builds b JOIN (SELECT MAX(id) AS id FROM builds WHERE repo = $3 AND commit_hash IN ({}) GROUP BY commit_hash, builder) m ON m.id = b.id \
+                 GROUP BY b.commit_hash",
+                params(4, chunk.len())
             );
-            let mut q = sqlx::query(&sql).bind(repo);
+            let mut q = sqlx::query(&sql).bind("\u{1f}").bind("\u{1e}").bind(repo);
             for h in chunk {
                 q = q.bind(h);
             }
@@ -799,9 +801,9 @@ impl Store {
     ) -> Result<Vec<CommitRow>> {
         let rows = sqlx::query(
             "SELECT c.repo, c.hash, c.author, c.email, c.time, c.subject, c.parents FROM commits c JOIN commit_branches b ON b.repo = c.repo AND b.hash = c.hash \
-             WHERE c.repo = ? AND b.branch = ? AND EXISTS (SELECT 1 FROM builds x WHERE x.repo = c.repo AND x.commit_hash = c.hash AND x.status IN ('failed', 'infra-error') \
+             WHERE c.repo = $1 AND b.branch = $2 AND EXISTS (SELECT 1 FROM builds x WHERE x.repo = c.repo AND x.commit_hash = c.hash AND x.status IN ('failed', 'infra-error') \
              AND NOT EXISTS (SELECT 1 FROM builds y WHERE y.repo = x.repo AND y.commit_hash = x.commit_hash AND y.builder = x.builder AND y.id > x.id)) \
-             ORDER BY c.time DESC, c.seen_at DESC LIMIT ? OFFSET ?",
+             ORDER BY c.time DESC, c.seen_at DESC LIMIT $3 OFFSET $4",
         )
         .bind(repo)
         .bind(branch)
@@ -822,7 +824,7 @@ impl Store {
     ) -> Result<()> {
         let now = now_ms();
         sqlx::query(
-            "INSERT INTO exec_instances (hostname, host_type, state, detail, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hostname) DO UPDATE SET state = excluded.state, detail = excluded.detail, updated_at = excluded.updated_at",
+            "INSERT INTO exec_instances (hostname, host_type, state, detail, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (hostname) DO UPDATE SET state = excluded.state, detail = excluded.detail, updated_at = excluded.updated_at",
         )
         .bind(hostname)
         .bind(host_type)
@@ -841,7 +843,7 @@ impl Store {
     pub async fn exec_instance_delete(&self, hostname: &str) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         for table in ["exec_instances", "machines"] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE hostname = ?"))
+            sqlx::query(&format!("DELETE FROM {table} WHERE hostname = $1"))
                 .bind(hostname)
                 .execute(&mut *tx)
                 .await?;
@@ -854,7 +856,7 @@ impl Store {
     /// coordinator destroys each).
     pub async fn exec_instances(&self, host_type: &str) -> Result<Vec<ExecInstanceRow>> {
         let rows = sqlx::query(
-            "SELECT hostname, state FROM exec_instances WHERE host_type = ? ORDER BY created_at LIMIT 10000",
+            "SELECT hostname, state FROM exec_instances WHERE host_type = $1 ORDER BY created_at LIMIT 10000",
         )
         .bind(host_type)
         .fetch_all(&self.pool)
@@ -872,7 +874,7 @@ impl Store {
     /// The machines seen, at most [`MAX_MACHINES`] (the most recently
     /// seen), by host type and name. Pages and the open API list them.
     pub async fn machines(&self) -> Result<Vec<MachineRow>> {
-        let rows = sqlx::query("SELECT hostname, host_type, version, build, addr, first_seen, last_seen FROM (SELECT * FROM machines ORDER BY last_seen DESC LIMIT ?) ORDER BY host_type, hostname")
+        let rows = sqlx::query("SELECT hostname, host_type, version, build, addr, first_seen, last_seen FROM (SELECT * FROM machines ORDER BY last_seen DESC LIMIT $1) recent ORDER BY host_type, hostname")
             .bind(MAX_MACHINES)
             .fetch_all(&self.pool)
             .await?;
@@ -901,7 +903,7 @@ pub struct ExecInstanceRow {
     pub state: String,
 }
 
-fn commit_row(r: &sqlx::sqlite::SqliteRow) -> Result<CommitRow> {
+fn commit_row(r: &AnyRow) -> Result<CommitRow> {
     let parents: String = r.try_get("parents")?;
     Ok(CommitRow {
         repo: r.try_get("repo")?,

@@ -57,8 +57,8 @@ pub struct FlakeRow {
     pub last_flaky_build: i64,
 }
 
-/// The last attempt of build `?` that recorded results.
-const LAST_ATTEMPT: &str = "SELECT MAX(attempt_id) FROM test_results WHERE build_id = ?";
+/// The last attempt of build `$1` that recorded results.
+const LAST_ATTEMPT: &str = "SELECT MAX(attempt_id) FROM test_results WHERE build_id = $1";
 
 const TEST_COLS: &str = "id, build_id, attempt_id, step_id, builder, commit_hash, commit_time, name, outcome, duration_ms, failure, log_line";
 
@@ -70,7 +70,7 @@ impl Store {
         for t in tests {
             sqlx::query(
                 "INSERT INTO test_results (build_id, attempt_id, step_id, builder, repo, commit_hash, commit_time, name, outcome, duration_ms, failure, log_line, created_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
             )
             .bind(of.build_id)
             .bind(of.attempt_id)
@@ -98,7 +98,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         for n in names {
             sqlx::query(
-                "UPDATE test_results SET outcome = 'flaky' WHERE step_id = ? AND name = ? AND outcome = 'fail'",
+                "UPDATE test_results SET outcome = 'flaky' WHERE step_id = $1 AND name = $2 AND outcome = 'fail'",
             )
             .bind(step_id)
             .bind(n)
@@ -111,7 +111,7 @@ impl Store {
 
     /// Marks a build as passed only after re-runs.
     pub async fn set_build_flaky(&self, build_id: i64) -> Result<()> {
-        sqlx::query("UPDATE builds SET flaky = 1 WHERE id = ?")
+        sqlx::query("UPDATE builds SET flaky = 1 WHERE id = $1")
             .bind(build_id)
             .execute(&self.pool)
             .await?;
@@ -124,10 +124,9 @@ impl Store {
     /// order recorded; at most `limit`.
     pub async fn build_tests(&self, build_id: i64, limit: i64) -> Result<Vec<TestRow>> {
         Ok(sqlx::query_as(&format!(
-            "SELECT {TEST_COLS} FROM test_results WHERE build_id = ? AND attempt_id = ({LAST_ATTEMPT}) \
-             ORDER BY CASE outcome WHEN 'fail' THEN 0 WHEN 'flaky' THEN 1 WHEN 'skip' THEN 2 ELSE 3 END, id LIMIT ?"
+            "SELECT {TEST_COLS} FROM test_results WHERE build_id = $1 AND attempt_id = ({LAST_ATTEMPT}) \
+             ORDER BY CASE outcome WHEN 'fail' THEN 0 WHEN 'flaky' THEN 1 WHEN 'skip' THEN 2 ELSE 3 END, id LIMIT $2"
         ))
-        .bind(build_id)
         .bind(build_id)
         .bind(limit.min(MAX_TEST_ROWS))
         .fetch_all(&self.pool)
@@ -137,9 +136,8 @@ impl Store {
     /// Counts of a build's results by outcome (its last attempt's).
     pub async fn build_test_counts(&self, build_id: i64) -> Result<HashMap<String, i64>> {
         let rows = sqlx::query(&format!(
-            "SELECT outcome, COUNT(*) AS n FROM test_results WHERE build_id = ? AND attempt_id = ({LAST_ATTEMPT}) GROUP BY outcome"
+            "SELECT outcome, COUNT(*) AS n FROM test_results WHERE build_id = $1 AND attempt_id = ({LAST_ATTEMPT}) GROUP BY outcome"
         ))
-        .bind(build_id)
         .bind(build_id)
         .fetch_all(&self.pool)
         .await?;
@@ -160,18 +158,17 @@ impl Store {
         // others out); names repeated by a retried attempt are dropped.
         let mut out: HashMap<i64, Vec<String>> = HashMap::new();
         for chunk in build_ids.chunks(500) {
-            let marks = vec!["?"; chunk.len()].join(", ");
             let sql = format!(
                 "SELECT build_id, name FROM ( \
                    SELECT build_id, name, ROW_NUMBER() OVER (PARTITION BY build_id ORDER BY id) AS rn \
-                   FROM test_results WHERE outcome = 'fail' AND build_id IN ({marks})) \
-                 WHERE rn <= ? ORDER BY build_id, rn"
+                   FROM test_results WHERE outcome = 'fail' AND build_id IN ({})) firsts \
+                 WHERE rn <= $1 ORDER BY build_id, rn",
+                super::params(2, chunk.len())
             );
-            let mut q = sqlx::query(&sql);
+            let mut q = sqlx::query(&sql).bind((per_build * 2) as i64);
             for id in chunk {
                 q = q.bind(id);
             }
-            q = q.bind((per_build * 2) as i64);
             for r in q.fetch_all(&self.pool).await? {
                 let name: String = r.try_get("name")?;
                 let v = out.entry(r.try_get("build_id")?).or_default();
@@ -187,7 +184,7 @@ impl Store {
     /// first; at most `limit`.
     pub async fn test_history(&self, name: &str, limit: i64) -> Result<Vec<TestRow>> {
         Ok(sqlx::query_as(&format!(
-            "SELECT {TEST_COLS} FROM test_results WHERE name = ? ORDER BY commit_time DESC, id DESC LIMIT ?"
+            "SELECT {TEST_COLS} FROM test_results WHERE name = $1 ORDER BY commit_time DESC, id DESC LIMIT $2"
         ))
         .bind(name)
         .bind(limit.min(MAX_TEST_ROWS))
@@ -203,16 +200,18 @@ impl Store {
             "WITH recent AS (
                SELECT id FROM (
                  SELECT id, ROW_NUMBER() OVER (PARTITION BY builder ORDER BY id DESC) AS rn
-                 FROM builds WHERE status IN ('passed', 'failed'))
-               WHERE rn <= ?)
-             SELECT t.builder, t.name, COUNT(DISTINCT t.build_id) AS runs,
-                    COUNT(DISTINCT CASE WHEN t.outcome = 'flaky' THEN t.build_id END) AS flaky,
-                    COUNT(DISTINCT CASE WHEN t.outcome = 'fail' THEN t.build_id END) AS failed,
-                    MAX(CASE WHEN t.outcome = 'flaky' THEN t.build_id END) AS last_flaky
-             FROM test_results t JOIN recent r ON r.id = t.build_id
-             GROUP BY t.builder, t.name HAVING flaky > 0
-             ORDER BY CAST(flaky AS REAL) / runs DESC, flaky DESC, t.name
-             LIMIT ?",
+                 FROM builds WHERE status IN ('passed', 'failed')) numbered
+               WHERE rn <= $1),
+             rates AS (
+               SELECT t.builder, t.name, COUNT(DISTINCT t.build_id) AS runs,
+                      COUNT(DISTINCT CASE WHEN t.outcome = 'flaky' THEN t.build_id END) AS flaky,
+                      COUNT(DISTINCT CASE WHEN t.outcome = 'fail' THEN t.build_id END) AS failed,
+                      MAX(CASE WHEN t.outcome = 'flaky' THEN t.build_id END) AS last_flaky
+               FROM test_results t JOIN recent r ON r.id = t.build_id
+               GROUP BY t.builder, t.name)
+             SELECT builder, name, runs, flaky, failed, last_flaky FROM rates WHERE flaky > 0
+             ORDER BY CAST(flaky AS REAL) / runs DESC, flaky DESC, name
+             LIMIT $2",
         )
         .bind(builds)
         .bind(limit.min(MAX_TEST_ROWS))
@@ -242,7 +241,8 @@ impl Store {
     /// Stores the whole log of an attempt (replacing one stored before).
     pub async fn put_attempt_log(&self, attempt_id: i64, build_id: i64, log: &[u8]) -> Result<()> {
         sqlx::query(
-            "INSERT OR REPLACE INTO attempt_logs (attempt_id, build_id, log_gz, log_size) VALUES (?, ?, ?, ?)",
+            "INSERT INTO attempt_logs (attempt_id, build_id, log_gz, log_size) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (attempt_id) DO UPDATE SET log_gz = excluded.log_gz, log_size = excluded.log_size",
         )
         .bind(attempt_id)
         .bind(build_id)
@@ -255,7 +255,7 @@ impl Store {
 
     /// The stored whole logs of a build's attempts, by attempt id.
     pub async fn attempt_logs(&self, build_id: i64) -> Result<HashMap<i64, Vec<u8>>> {
-        let rows = sqlx::query("SELECT attempt_id, log_gz FROM attempt_logs WHERE build_id = ?")
+        let rows = sqlx::query("SELECT attempt_id, log_gz FROM attempt_logs WHERE build_id = $1")
             .bind(build_id)
             .fetch_all(&self.pool)
             .await?;

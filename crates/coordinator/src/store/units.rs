@@ -36,7 +36,7 @@ impl Store {
     pub async fn record_unit_run(&self, r: &UnitRun) -> Result<()> {
         sqlx::query(
             "INSERT INTO unit_runs (build_id, step_id, builder, step, unit, machine, started_at, duration_ms, result, detail) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(r.build_id)
         .bind(r.step_id)
@@ -58,7 +58,7 @@ impl Store {
     pub async fn unit_runs(&self, build_id: i64) -> Result<Vec<UnitRun>> {
         Ok(sqlx::query_as(
             "SELECT build_id, step_id, builder, step, unit, machine, started_at, duration_ms, result, detail \
-             FROM unit_runs WHERE build_id = ? ORDER BY id LIMIT ?",
+             FROM unit_runs WHERE build_id = $1 ORDER BY id LIMIT $2",
         )
         .bind(build_id)
         .bind(MAX_UNIT_ROWS)
@@ -78,8 +78,8 @@ impl Store {
     ) -> Result<HashMap<String, Vec<i64>>> {
         let rows = sqlx::query(
             "SELECT unit, duration_ms FROM unit_runs \
-             WHERE builder = ? AND step = ? AND result IN ('passed', 'failed') \
-             ORDER BY id DESC LIMIT ?",
+             WHERE builder = $1 AND step = $2 AND result IN ('passed', 'failed') \
+             ORDER BY id DESC LIMIT $3",
         )
         .bind(builder)
         .bind(step)

@@ -912,14 +912,7 @@ fn a_revocation_check_that_fails_refuses_the_token() {
     let (ok, out, err) = f.tokend(&key, &cert, &token);
     assert!(ok, "{out}{err}");
     // The revocation list becomes unreadable under the running coordinator.
-    let db = f.c.data_dir.join("farmer.db");
-    let st = Command::new("python3")
-        .arg("-c")
-        .arg("import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('ALTER TABLE revoked RENAME TO revoked_gone'); c.commit()")
-        .arg(&db)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    common::store_sql(&f.c.data_dir, "ALTER TABLE revoked RENAME TO revoked_gone");
     std::fs::remove_file(&token).unwrap();
     let (ok, out, err) = f.tokend(&key, &cert, &token);
     assert!(

@@ -25,4 +25,5 @@ mod shard;
 mod sources;
 mod ssh;
 mod stage0;
+mod store;
 mod tls;

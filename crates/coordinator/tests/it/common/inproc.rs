@@ -58,9 +58,11 @@ impl InProc {
         let cfg = coordinator::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         let data = dir.join("data");
         std::fs::create_dir_all(&data).unwrap();
-        let store = coordinator::store::Store::open(&data.join("farmer.db"))
-            .await
-            .unwrap();
+        let location = match super::store_url(&data) {
+            Some(url) => coordinator::store::Location::parse(&url).unwrap(),
+            None => coordinator::store::Location::Sqlite(data.join("farmer.db")),
+        };
+        let store = coordinator::store::Store::connect(&location).await.unwrap();
         let master = coordinator::keys::MasterKey::load_or_create(&data).unwrap();
         let farm = Farm::new(FarmOptions {
             data_dir: data,

@@ -142,6 +142,71 @@ fn collect<R: std::io::Read + Send + 'static>(
     });
 }
 
+/// The PostgreSQL server the farms of this run use, if any:
+/// `FARMER_TEST_STORE=postgres` runs every farm these tests start on
+/// PostgreSQL (`FARMER_TEST_POSTGRES` names the server; scripts/test starts
+/// one and sets both); unset or `sqlite`, farms keep SQLite in their data dir.
+pub fn postgres_server() -> Option<String> {
+    match std::env::var("FARMER_TEST_STORE").as_deref() {
+        Ok("postgres") => Some(std::env::var("FARMER_TEST_POSTGRES").expect(
+            "FARMER_TEST_STORE=postgres needs FARMER_TEST_POSTGRES=postgres://USER@HOST:PORT/DB (scripts/test sets both)",
+        )),
+        Ok("sqlite") | Ok("") | Err(_) => None,
+        Ok(other) => panic!("FARMER_TEST_STORE={other:?}: use sqlite or postgres"),
+    }
+}
+
+/// The store URL of the farm whose data dir is `data_dir`, on PostgreSQL
+/// runs: a database of its own per data dir, created on first use, so a
+/// restarted coordinator finds its state again. `None` on SQLite runs.
+pub fn store_url(data_dir: &Path) -> Option<String> {
+    use std::hash::{Hash, Hasher};
+    let server = postgres_server()?;
+    let mut h = std::hash::DefaultHasher::new();
+    std::path::absolute(data_dir).unwrap().hash(&mut h);
+    let name = format!("farm_{:016x}", h.finish());
+    let out = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", &server, "-c"])
+        .arg(format!("CREATE DATABASE {name}"))
+        .output()
+        .expect("psql (scripts/test installs PostgreSQL)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() || err.contains("already exists"),
+        "creating database {name}: {err}"
+    );
+    let mut url = server.clone();
+    let at = url
+        .rfind('/')
+        .expect("FARMER_TEST_POSTGRES ends with /DATABASE");
+    url.truncate(at + 1);
+    url.push_str(&name);
+    Some(url)
+}
+
+/// Runs `sql` on the store of the farm whose data dir is `data_dir`,
+/// whichever engine holds it (to break or inspect a farm under test).
+pub fn store_sql(data_dir: &Path, sql: &str) {
+    let out = match store_url(data_dir) {
+        Some(url) => Command::new("psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", &url, "-c", sql])
+            .output()
+            .unwrap(),
+        None => Command::new("python3")
+            .arg("-c")
+            .arg("import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.executescript(sys.argv[2]); c.commit()")
+            .arg(data_dir.join("farmer.db"))
+            .arg(sql)
+            .output()
+            .unwrap(),
+    };
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A `farmer serve` process.
 pub struct Coordinator {
     pub child: Child,
@@ -172,7 +237,12 @@ impl Coordinator {
     }
 
     fn start_full(data_dir: &Path, config: &Path, listen: &str, extra: &[&str]) -> Coordinator {
-        let mut child = Command::new(FARMER)
+        let mut cmd = Command::new(FARMER);
+        if let Some(url) = store_url(data_dir) {
+            // An explicit --database-url in `extra` wins over this.
+            cmd.env("FARMER_DATABASE_URL", url);
+        }
+        let mut child = cmd
             .args(["serve", "--config"])
             .arg(config)
             .arg("--data-dir")

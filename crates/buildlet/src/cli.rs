@@ -31,7 +31,10 @@ pub struct Cli {
 
     /// Reverse mode: dial the coordinator at HOST[:PORT] (port 443 if
     /// omitted) instead of listening, and serve it over that connection.
-    #[arg(long, value_name = "HOST[:PORT]")]
+    /// Several, comma-separated (a leader and its standby): the first that
+    /// accepts the machine serves it; when the link drops or a coordinator
+    /// answers that it is a standby, the next one is tried.
+    #[arg(long, value_name = "HOST[:PORT][,HOST[:PORT]...]")]
     coordinator: Option<String>,
 
     /// Reverse mode: the host type this machine is (e.g. host-linux-amd64-alice).
@@ -231,15 +234,24 @@ async fn run_reverse(cli: Cli, coordinator: String) -> anyhow::Result<()> {
             "-coordinator needs -reverse-type=HOST-TYPE (or -token-file=FILE for a bot with a machine certificate)"
         ),
     };
-    let coordinator = if coordinator
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        && !coordinator.ends_with(']')
-    {
-        coordinator
-    } else {
-        format!("{coordinator}:443")
-    };
+    let coordinators: Vec<String> = coordinator
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            if c.rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+                && !c.ends_with(']')
+            {
+                c.to_string()
+            } else {
+                format!("{c}:443")
+            }
+        })
+        .collect();
+    if coordinators.is_empty() {
+        bail!("-coordinator names no address (HOST[:PORT], or several comma-separated)");
+    }
     let (key, key_path) = if cli.token_file.is_some() {
         (String::new(), PathBuf::from("(machine token)"))
     } else {
@@ -274,12 +286,12 @@ async fn run_reverse(cli: Cli, coordinator: String) -> anyhow::Result<()> {
     let hostname = cfg.hostname.clone();
     let buildlet = Buildlet::new(cfg)?;
     tracing::info!(
-        %coordinator, %host_type, %hostname, key = %key_path.display(),
+        coordinator = %coordinators.join(","), %host_type, %hostname, key = %key_path.display(),
         workdir = %buildlet.workdir().display(),
         "reverse mode"
     );
     let rcfg = ReverseConfig {
-        coordinator,
+        coordinators,
         host_type,
         hostname,
         key,

@@ -31,8 +31,9 @@ pub use farmtls::{PIN_FORMS, Pin, Tls, parse_pin};
 /// Where and as whom to register.
 #[derive(Debug, Clone)]
 pub struct ReverseConfig {
-    /// `HOST:PORT` of the coordinator.
-    pub coordinator: String,
+    /// `HOST:PORT` of each coordinator, tried in turn (a leader and its
+    /// standbys); at least one.
+    pub coordinators: Vec<String>,
     pub host_type: String,
     pub hostname: String,
     /// The builder key for `host_type` (empty when a machine token is used).
@@ -134,8 +135,17 @@ pub async fn run(b: Arc<Buildlet>, cfg: ReverseConfig) -> Result<(), ReverseErro
     let _ = tokio::task::spawn_blocking(binary_sha256).await;
     let mut backoff = Duration::from_secs(1);
     let max_backoff = Duration::from_secs(60);
+    let n = cfg.coordinators.len().max(1);
+    // The address tried now, and how many have failed in a row since one
+    // last served: the next address is tried at once until all have.
+    let mut at = 0;
+    let mut failed = 0;
+    // Whether a coordinator of this round said it is a standby (one of them
+    // is about to lead: come back soon).
+    let mut standby_seen = false;
     loop {
-        let attempt = connect_once(&b, &cfg, connector.as_ref());
+        let addr = cfg.coordinators.get(at).map_or("", String::as_str);
+        let attempt = connect_once(&b, &cfg, addr, connector.as_ref());
         let mut attempt = std::pin::pin!(attempt);
         let result = tokio::select! {
             r = attempt.as_mut() => r,
@@ -155,24 +165,47 @@ pub async fn run(b: Arc<Buildlet>, cfg: ReverseConfig) -> Result<(), ReverseErro
         match result {
             Ok(served_for) => {
                 tracing::warn!(
+                    coordinator = addr,
                     "connection to the coordinator closed after {served_for:?}; reconnecting"
                 );
                 if served_for > Duration::from_secs(30) {
                     backoff = Duration::from_secs(1);
                 }
+                failed = 0;
+                standby_seen = false;
             }
             Err(e @ ReverseError::Refused { .. }) if e.upgrade_required() && under_stage0() => {
                 // stage0 fetches the current release when we exit.
                 tracing::error!("{e}; exiting so stage0 can fetch the current buildlet");
                 return Err(e);
             }
+            Err(e) if e.standby() => {
+                tracing::info!(coordinator = addr, "{e}");
+                standby_seen = true;
+                failed += 1;
+            }
             Err(e @ ReverseError::Refused { .. }) => {
                 tracing::error!("{e}");
                 backoff = backoff.max(Duration::from_secs(10));
+                failed += 1;
             }
-            Err(e) => tracing::warn!("{e}"),
+            Err(e) => {
+                tracing::warn!("{e}");
+                failed += 1;
+            }
         }
-        let wait = jitter(backoff);
+        if n > 1 && failed > 0 {
+            at = (at + 1) % n;
+            if failed % n != 0 {
+                continue;
+            }
+        }
+        let wait = if standby_seen {
+            jitter(Duration::from_secs(1))
+        } else {
+            jitter(backoff)
+        };
+        standby_seen = false;
         tracing::info!("reconnecting in {wait:?}");
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -230,6 +263,11 @@ fn under_stage0() -> bool {
 }
 
 impl ReverseError {
+    /// The coordinator is a standby (`503` saying so): another leads.
+    pub fn standby(&self) -> bool {
+        matches!(self, ReverseError::Refused { status, message } if *status == StatusCode::SERVICE_UNAVAILABLE && message.contains("standby"))
+    }
+
     /// The coordinator refused this buildlet as too old (`426 Upgrade Required`).
     pub fn upgrade_required(&self) -> bool {
         matches!(self, ReverseError::Refused { status, .. } if *status == StatusCode::UPGRADE_REQUIRED)
@@ -285,22 +323,22 @@ use farmtls::host_part;
 async fn connect_once(
     b: &Arc<Buildlet>,
     cfg: &ReverseConfig,
+    addr: &str,
     tls: Option<&tokio_rustls::TlsConnector>,
 ) -> Result<Duration, ReverseError> {
-    let addr = &cfg.coordinator;
     let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
         .await
         .map_err(|_| ReverseError::Connect {
-            addr: addr.clone(),
+            addr: addr.to_string(),
             err: io::Error::new(io::ErrorKind::TimedOut, "no answer within 10s"),
         })?
         .map_err(|err| ReverseError::Connect {
-            addr: addr.clone(),
+            addr: addr.to_string(),
             err,
         })?;
     let _ = tcp.set_nodelay(true);
     match tls {
-        None => register_and_serve(b, cfg, tcp).await,
+        None => register_and_serve(b, cfg, addr, tcp).await,
         Some(connector) => {
             let name = rustls::pki_types::ServerName::try_from(host_part(addr).to_string())
                 .map_err(|e| ReverseError::Config(format!("coordinator host {addr:?}: {e}")))?;
@@ -308,14 +346,14 @@ async fn connect_once(
                 tokio::time::timeout(Duration::from_secs(30), connector.connect(name, tcp))
                     .await
                     .map_err(|_| ReverseError::Tls {
-                        addr: addr.clone(),
+                        addr: addr.to_string(),
                         err: "handshake took longer than 30s".into(),
                     })?
                     .map_err(|e| ReverseError::Tls {
-                        addr: addr.clone(),
+                        addr: addr.to_string(),
                         err: e.to_string(),
                     })?;
-            register_and_serve(b, cfg, stream).await
+            register_and_serve(b, cfg, addr, stream).await
         }
     }
 }
@@ -323,6 +361,7 @@ async fn connect_once(
 async fn register_and_serve<S>(
     b: &Arc<Buildlet>,
     cfg: &ReverseConfig,
+    addr: &str,
     stream: S,
 ) -> Result<Duration, ReverseError>
 where
@@ -339,7 +378,7 @@ where
         req = req.header(proto::HDR_MACHINE_TOKEN, token);
     }
     let req = req
-        .header(header::HOST, cfg.coordinator.as_str())
+        .header(header::HOST, addr)
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, proto::REVERSE_UPGRADE)
         .header(proto::HDR_HOST_TYPE, cfg.host_type.as_str())
@@ -376,7 +415,7 @@ where
         .await
         .map_err(|e| ReverseError::Protocol(format!("taking over the connection: {e}")))?;
     tracing::info!(
-        coordinator = %cfg.coordinator,
+        coordinator = %addr,
         host_type = %cfg.host_type,
         hostname = %cfg.hostname,
         "registered with the coordinator"

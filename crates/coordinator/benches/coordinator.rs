@@ -687,7 +687,7 @@ async fn bench_memory(dir: &Path) -> anyhow::Result<()> {
         cfg.hostname = hostname.clone();
         let b = buildlet::server::Buildlet::new(cfg)?;
         let rc = buildlet::reverse::ReverseConfig {
-            coordinator: c.addr.clone(),
+            coordinators: vec![c.addr.clone()],
             host_type: "host-bench-idle".into(),
             hostname,
             key: key.clone(),

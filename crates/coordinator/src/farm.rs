@@ -94,6 +94,9 @@ pub struct Farm {
     /// Where the API and dashboard listen, once they do (links in statuses
     /// and notifications when `[farm] url` is not set).
     http_addr: Mutex<Option<String>>,
+    /// Whether this coordinator schedules (see [`crate::leadership`]); a
+    /// standby serves only what reads.
+    leading: std::sync::atomic::AtomicBool,
     /// The values of `[secrets]`, read at start and at each reload.
     secrets: RwLock<Arc<crate::secrets::Secrets>>,
     /// Wakes the outbox's sender when a message is queued.
@@ -154,6 +157,7 @@ impl Farm {
             outbox_wake: tokio::sync::Notify::new(),
             poll_wake: Mutex::new(HashMap::new()),
             http_addr: Mutex::new(None),
+            leading: std::sync::atomic::AtomicBool::new(true),
             data_dir: o.data_dir,
             config: RwLock::new(Arc::new(o.config)),
             store: o.store,
@@ -192,6 +196,15 @@ impl Farm {
     /// Records where the gomote SSH server listens.
     pub fn set_ssh_addr(&self, addr: String) {
         *self.ssh_addr.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+    }
+
+    /// Whether this coordinator leads (always, on SQLite).
+    pub fn leading(&self) -> bool {
+        self.leading.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn set_leading(&self, on: bool) {
+        self.leading.store(on, std::sync::atomic::Ordering::Release);
     }
 
     /// Records where the API and dashboard listen.

@@ -20,6 +20,7 @@ pub mod git;
 pub mod gomote;
 pub mod history;
 pub mod keys;
+pub mod leadership;
 pub mod logs;
 pub mod machine_auth;
 pub mod metrics;

@@ -66,6 +66,7 @@ pub async fn run(
     on_start: impl FnOnce(&Started),
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let mut shutdown = std::pin::pin!(shutdown);
     std::fs::create_dir_all(&opts.data_dir)
         .with_context(|| format!("creating data dir {}", opts.data_dir.display()))?;
     // Secrets live in the data dir: only its owner may enter it, and no
@@ -102,6 +103,10 @@ pub async fn run(
         names.push(host);
     }
     let identity = crate::tls::load_or_create(&cert, &key, &names)?;
+    let listener = tokio::net::TcpListener::bind(&opts.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}: is another farmer (or something else) using that port? Pick another with --listen", opts.listen))?;
+    let addr = listener.local_addr()?;
     let location = opts
         .store
         .clone()
@@ -110,18 +115,20 @@ pub async fn run(
         .await
         .context("opening the store")?;
     tracing::info!(store = %location, "store opened");
-    let rec = store.recover().await?;
-    if rec.lost_attempts > 0 || rec.requeued_builds > 0 {
-        tracing::warn!(
-            lost_attempts = rec.lost_attempts,
-            requeued = rec.requeued_builds,
-            "recovered from an unclean stop: attempts that were running are recorded as lost and their builds re-queued"
-        );
-    }
-    let listener = tokio::net::TcpListener::bind(&opts.listen)
+    let mut lock = store
+        .leader_lock()
         .await
-        .with_context(|| format!("cannot listen on {}: is another farmer (or something else) using that port? Pick another with --listen", opts.listen))?;
-    let addr = listener.local_addr()?;
+        .context("connecting for the leader lock")?;
+    // How the others name this coordinator when it leads.
+    let me = if addr.ip().is_unspecified() {
+        format!("{}:{}", buildlet::server::default_hostname(), addr.port())
+    } else {
+        addr.to_string()
+    };
+    let leading = lock
+        .try_acquire(&me)
+        .await
+        .context("trying for the leader lock")?;
     let farm = Farm::new(FarmOptions {
         data_dir: opts.data_dir.clone(),
         config,
@@ -132,21 +139,20 @@ pub async fn run(
         tls_fingerprint: Some(identity.fingerprint.clone()),
         tls_spki_pin: Some(identity.spki_pin.clone()),
     });
+    // Nothing that changes the farm is served until it leads and its queue
+    // is loaded (a standby answers 503 to those).
+    farm.set_leading(false);
     farm.set_http_addr(addr.to_string());
-    let resumed = crate::gomote::resume(&farm).await?;
-    if resumed > 0 {
-        tracing::info!(resumed, "gomote instances resumed from the store");
-    }
-    let queued = farm.load_queue().await?;
-    if queued > 0 {
-        tracing::info!(queued, "queued builds loaded from the store");
-    }
     let router = crate::api::router(farm.clone())
         .merge(crate::dashboard::router(farm.clone()))
         .merge(crate::machine_auth::serve::router(farm.clone()))
         .merge(crate::release::serve::router(farm.clone()))
         .merge(crate::gomote::api::router(farm.clone()))
         .merge(crate::forge::hooks::router(farm.clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            farm.clone(),
+            crate::leadership::standby_gate,
+        ))
         // No request the coordinator serves needs more; axum answers 413.
         .layer(axum::extract::DefaultBodyLimit::max(256 << 10));
     let mut tasks = tokio::task::JoinSet::new();
@@ -155,6 +161,49 @@ pub async fn run(
         router,
         Some(identity.config.clone()),
     ));
+    let mut on_start = Some(on_start);
+    if !leading {
+        let leader = farm.store.leader().await.ok().flatten();
+        tracing::warn!(
+            leader = leader.as_ref().map_or("(unknown)", |l| l.addr.as_str()),
+            "standby: another coordinator leads on this store; serving the dashboard and the read API, and taking over if it stops"
+        );
+        if let Some(f) = on_start.take() {
+            f(&Started {
+                farm: farm.clone(),
+                addr,
+            });
+        }
+        let wait = crate::leadership::acquire(&farm.store, &me);
+        lock = tokio::select! {
+            l = wait => l,
+            _ = shutdown.as_mut() => {
+                tasks.abort_all();
+                return Ok(());
+            }
+        };
+        tracing::warn!("leading now: recovering what the previous leader left running");
+    }
+    if farm.store.engine() == crate::store::Engine::Postgres {
+        tasks.spawn(crate::leadership::watch(lock));
+    }
+    let rec = farm.store.recover().await?;
+    if rec.lost_attempts > 0 || rec.requeued_builds > 0 {
+        tracing::warn!(
+            lost_attempts = rec.lost_attempts,
+            requeued = rec.requeued_builds,
+            "recovered from an unclean stop: attempts that were running are recorded as lost and their builds re-queued"
+        );
+    }
+    let resumed = crate::gomote::resume(&farm).await?;
+    if resumed > 0 {
+        tracing::info!(resumed, "gomote instances resumed from the store");
+    }
+    let queued = farm.load_queue().await?;
+    if queued > 0 {
+        tracing::info!(queued, "queued builds loaded from the store");
+    }
+    farm.set_leading(true);
     tasks.spawn(farm.clone().dispatch_loop());
     tasks.spawn(farm.clone().health_loop());
     tasks.spawn(farm.clone().sample_loop());
@@ -234,10 +283,12 @@ pub async fn run(
             }
         });
     }
-    on_start(&Started {
-        farm: farm.clone(),
-        addr,
-    });
+    if let Some(f) = on_start.take() {
+        f(&Started {
+            farm: farm.clone(),
+            addr,
+        });
+    }
     shutdown.await;
     tracing::info!(
         "stopping: machine sources first (local buildlets stop, exec machines are destroyed)"

@@ -71,9 +71,16 @@ async fn migrate(from: &str, to: &str) -> anyhow::Result<()> {
         .context("copying the store")?;
     let mut total = 0;
     for c in &copied {
+        let removed = if c.removed > 0 {
+            format!(", {} gone from the source removed", c.removed)
+        } else {
+            String::new()
+        };
         println!(
-            "{:<22} {:>9} rows ({} new)",
-            c.table, c.destination, c.inserted
+            "{:<22} {:>9} rows ({} new{removed})",
+            c.table,
+            c.destination,
+            c.added()
         );
         total += c.destination;
     }

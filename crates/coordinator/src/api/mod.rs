@@ -106,6 +106,9 @@ async fn status(State(farm): State<Arc<Farm>>) -> ApiResult<Json<serde_json::Val
     Ok(Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_secs": farm.started.elapsed().as_secs(),
+        "store": farm.store.engine(),
+        "leading": farm.leading(),
+        "leader": farm.store.leader().await?,
         "health": crate::view::health(&farm, &farm.store.machines().await?),
         "refusals": farm.pool.recent_refusals(),
         "running": running,

@@ -107,6 +107,9 @@ pub struct RefusalLine {
 
 pub struct StatusView {
     pub version: &'static str,
+    /// Leader or standby, with the leader and since when (PostgreSQL
+    /// stores, which several coordinators can share); empty on SQLite.
+    pub role: String,
     pub uptime: String,
     pub started: String,
     pub running: usize,
@@ -132,6 +135,24 @@ pub struct StatusView {
 
 /// Machines seen before and not connected that the status page lists.
 const GONE_LISTED: usize = 50;
+
+/// "leader since …" or "standby; the leader is … since …".
+async fn role(farm: &Farm) -> Result<String, PageError> {
+    if farm.store.engine() != crate::store::Engine::Postgres {
+        return Ok(String::new());
+    }
+    let leader = farm.store.leader().await?;
+    Ok(match (farm.leading(), leader) {
+        (true, Some(l)) => format!("leader since {}", date_ms(l.since)),
+        (true, None) => "leader".into(),
+        (false, Some(l)) => format!(
+            "standby; the leader is {} since {}",
+            l.addr,
+            date_ms(l.since)
+        ),
+        (false, None) => "standby; no coordinator leads at this moment".into(),
+    })
+}
 
 pub async fn load(farm: &Farm) -> Result<StatusView, PageError> {
     let cfg = farm.config();
@@ -367,6 +388,7 @@ pub async fn load(farm: &Farm) -> Result<StatusView, PageError> {
     let queued = farm.scheduler.views(0).iter().map(|q| q.waiting).sum();
     Ok(StatusView {
         version: env!("CARGO_PKG_VERSION"),
+        role: role(farm).await?,
         uptime: since(farm.started_ms, now),
         started: date_ms(farm.started_ms),
         running: running_builds.len(),

@@ -5,7 +5,7 @@
 use serde::Serialize;
 use sqlx::Row;
 
-use super::{Result, Store, StoreError, now_ms};
+use super::{Result, Store, StoreError, now_ms, text};
 
 /// Where a builder request stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -95,7 +95,7 @@ impl Store {
     pub async fn revocation_reason(&self, serial: &str) -> Result<Option<String>> {
         Ok(
             sqlx::query_scalar("SELECT reason FROM revoked WHERE serial = $1")
-                .bind(serial)
+                .bind(text(serial))
                 .fetch_optional(self.pool())
                 .await?,
         )
@@ -104,7 +104,7 @@ impl Store {
     /// The host type and certificate serial an approved bot is bound to.
     pub async fn bot_binding(&self, hostname: &str) -> Result<Option<(String, String)>> {
         let r = sqlx::query("SELECT host_type, serial FROM bots WHERE hostname = $1")
-            .bind(hostname)
+            .bind(text(hostname))
             .fetch_optional(self.pool())
             .await?;
         r.map(|r| Ok((r.try_get("host_type")?, r.try_get("serial")?)))
@@ -132,11 +132,11 @@ impl Store {
         Ok(sqlx::query_scalar(
             "INSERT INTO bot_requests (hostname, csr_pem, contact, notes, secret_sha256, status, created_at) VALUES ($1, $2, $3, $4, $5, 'pending', $6) RETURNING id",
         )
-        .bind(hostname)
-        .bind(csr_pem)
-        .bind(contact)
-        .bind(notes)
-        .bind(secret_sha256)
+        .bind(text(hostname))
+        .bind(text(csr_pem))
+        .bind(text(contact))
+        .bind(text(notes))
+        .bind(text(secret_sha256))
         .bind(now_ms())
         .fetch_one(self.pool())
         .await?)
@@ -169,9 +169,9 @@ impl Store {
         let now = now_ms();
         let mut tx = self.pool().begin().await?;
         let n = sqlx::query("UPDATE bot_requests SET status = 'approved', host_type = $1, cert_pem = $2, serial = $3, decided_at = $4 WHERE id = $5 AND status = 'pending'")
-            .bind(a.host_type)
-            .bind(a.cert_pem)
-            .bind(a.serial)
+            .bind(text(a.host_type))
+            .bind(text(a.cert_pem))
+            .bind(text(a.serial))
             .bind(now)
             .bind(a.id)
             .execute(&mut *tx)
@@ -183,9 +183,9 @@ impl Store {
         sqlx::query(
             "INSERT INTO bots (hostname, host_type, serial, not_after, approved_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (hostname) DO UPDATE SET host_type = excluded.host_type, serial = excluded.serial, not_after = excluded.not_after, approved_at = excluded.approved_at",
         )
-        .bind(a.hostname)
-        .bind(a.host_type)
-        .bind(a.serial)
+        .bind(text(a.hostname))
+        .bind(text(a.host_type))
+        .bind(text(a.serial))
         .bind(a.not_after)
         .bind(now)
         .execute(&mut *tx)
@@ -197,7 +197,7 @@ impl Store {
     /// Rejects a pending request; false if it does not exist or is decided.
     pub async fn reject_request(&self, id: i64, reason: &str) -> Result<bool> {
         let n = sqlx::query("UPDATE bot_requests SET status = 'rejected', reason = $1, decided_at = $2 WHERE id = $3 AND status = 'pending'")
-            .bind(reason)
+            .bind(text(reason))
             .bind(now_ms())
             .bind(id)
             .execute(self.pool())
@@ -210,7 +210,7 @@ impl Store {
     pub async fn hostname_of_serial(&self, serial: &str) -> Result<Option<String>> {
         Ok(
             sqlx::query_scalar("SELECT hostname FROM bot_requests WHERE serial = $1")
-                .bind(serial)
+                .bind(text(serial))
                 .fetch_optional(self.pool())
                 .await?,
         )
@@ -219,10 +219,10 @@ impl Store {
     /// Revokes a serial (again is a no-op that keeps the first reason).
     pub async fn revoke(&self, serial: &str, hostname: &str, reason: &str) -> Result<()> {
         sqlx::query("INSERT INTO revoked (serial, hostname, at, reason) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
-            .bind(serial)
-            .bind(hostname)
+            .bind(text(serial))
+            .bind(text(hostname))
             .bind(now_ms())
-            .bind(reason)
+            .bind(text(reason))
             .execute(self.pool())
             .await?;
         Ok(())

@@ -1,10 +1,11 @@
 //! `farmer store migrate`: copies a farm's whole store (every table, ids
 //! kept) from one store to a PostgreSQL one, then checks the counts.
 //!
-//! The copy reads the source in one transaction (a consistent snapshot, even
-//! if something writes meanwhile) in primary-key order and batches, and
-//! inserts with `ON CONFLICT DO NOTHING`: a copy cut short is simply run
-//! again, and goes on where the rows stop matching.
+//! The source is read in one transaction (a consistent snapshot: SQLite's
+//! read transaction, PostgreSQL's repeatable read) in primary-key order and
+//! bounded batches. Rows are upserted, and rows the source no longer has
+//! are deleted afterwards (children first): running the copy again, after
+//! a cut or after the source changed, makes the destination equal to it.
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -38,9 +39,13 @@ pub const TABLES: &[&str] = &[
     "branch_states",
 ];
 
-/// Rows per insert. Logs ride along in `steps` and `attempt_logs`, so a
-/// batch is kept small enough to hold in memory.
-const BATCH: i64 = 200;
+/// Rows read per batch; tables with blobs (compressed logs, which can be
+/// megabytes each) in smaller batches.
+const BATCH: i64 = 500;
+const BLOB_BATCH: i64 = 16;
+/// Most bytes of values in one insert (a PostgreSQL message holds at most
+/// 1 GiB; memory holds a batch twice).
+const INSERT_BYTES: usize = 32 << 20;
 
 /// What one table's copy did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,10 +53,18 @@ pub struct TableCopy {
     pub table: &'static str,
     /// Rows in the source.
     pub source: i64,
-    /// Rows inserted now (fewer than `source` when a copy is run again).
-    pub inserted: u64,
-    /// Rows in the destination afterwards.
+    /// Rows in the destination before and after.
+    pub before: i64,
     pub destination: i64,
+    /// Rows deleted from the destination because the source has them no more.
+    pub removed: u64,
+}
+
+impl TableCopy {
+    /// Rows the destination did not have before.
+    pub fn added(&self) -> i64 {
+        self.destination - self.before + self.removed as i64
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -80,9 +93,235 @@ enum Value {
 fn read(r: &AnyRow, i: usize, kind: Kind) -> Result<Value> {
     Ok(match kind {
         Kind::Int => Value::Int(r.try_get(i)?),
-        Kind::Text => Value::Text(r.try_get(i)?),
+        Kind::Text => Value::Text(r.try_get::<Option<String>, _>(i)?.map(|t| super::text(&t))),
         Kind::Bytes => Value::Bytes(r.try_get(i)?),
     })
+}
+
+impl Value {
+    fn size(&self) -> usize {
+        match self {
+            Value::Int(_) => 8,
+            Value::Text(t) => t.as_ref().map_or(0, String::len),
+            Value::Bytes(b) => b.as_ref().map_or(0, Vec::len),
+        }
+    }
+}
+
+/// One table as the destination defines it.
+struct Shape {
+    table: &'static str,
+    columns: Vec<Column>,
+    keys: Vec<String>,
+    /// Where each key column is among `columns`.
+    key_idx: Vec<usize>,
+}
+
+impl Shape {
+    fn names(&self) -> String {
+        self.columns
+            .iter()
+            .map(|c| quote(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn key_list(&self) -> String {
+        self.keys
+            .iter()
+            .map(|k| quote(k))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// `SELECT cols FROM t [WHERE (keys) > (after)] ORDER BY keys LIMIT n`.
+    fn page(&self, cols: &str, after: bool, limit: i64) -> String {
+        let mut sql = format!("SELECT {cols} FROM {}", quote(self.table));
+        if after {
+            sql.push_str(&format!(
+                " WHERE ({}) > ({})",
+                self.key_list(),
+                super::params(1, self.keys.len())
+            ));
+        }
+        sql.push_str(&format!(" ORDER BY {} LIMIT {limit}", self.key_list()));
+        sql
+    }
+
+    /// `(keys) IN (VALUES ($1, $2), ...)` for `n` keys.
+    fn keys_in(&self, n: usize) -> String {
+        let k = self.keys.len();
+        let tuples: Vec<String> = (0..n)
+            .map(|i| format!("({})", super::params(i * k + 1, k)))
+            .collect();
+        format!("({}) IN (VALUES {})", self.key_list(), tuples.join(", "))
+    }
+
+    /// The upsert of `rows` rows: new rows added, changed rows updated.
+    fn upsert(&self, rows: usize) -> String {
+        let n = self.columns.len();
+        let tuples: Vec<String> = (0..rows)
+            .map(|r| format!("({})", super::params(r * n + 1, n)))
+            .collect();
+        let set: Vec<String> = self
+            .columns
+            .iter()
+            .filter(|c| !self.keys.contains(&c.name))
+            .map(|c| format!("{q} = excluded.{q}", q = quote(&c.name)))
+            .collect();
+        let action = if set.is_empty() {
+            "DO NOTHING".to_string()
+        } else {
+            format!("DO UPDATE SET {}", set.join(", "))
+        };
+        format!(
+            "INSERT INTO {} ({}) VALUES {} ON CONFLICT ({}) {action}",
+            quote(self.table),
+            self.names(),
+            tuples.join(", "),
+            self.key_list()
+        )
+    }
+
+    fn has_blobs(&self) -> bool {
+        self.columns.iter().any(|c| matches!(c.kind, Kind::Bytes))
+    }
+}
+
+type Src = sqlx::Transaction<'static, sqlx::Any>;
+
+/// Copies every row of one table, in key order and bounded batches.
+async fn copy_table(
+    src: &mut Src,
+    to: &Store,
+    shape: &Shape,
+    progress: &mut impl FnMut(&str, u64),
+) -> Result<()> {
+    let limit = if shape.has_blobs() { BLOB_BATCH } else { BATCH };
+    let names = shape.names();
+    let width = shape.columns.len();
+    let mut after: Option<Vec<Value>> = None;
+    let mut done = 0u64;
+    loop {
+        let sql = shape.page(&names, after.is_some(), limit);
+        let mut q = sqlx::query(sql.as_str());
+        for v in after.take().into_iter().flatten() {
+            q = bind(q, v);
+        }
+        let rows = q.fetch_all(&mut **src).await?;
+        let Some(last) = rows.last() else { break };
+        let mut key = Vec::new();
+        for &i in &shape.key_idx {
+            key.push(read(last, i, shape.columns[i].kind)?);
+        }
+        let mut batch: Vec<Value> = Vec::new();
+        let mut bytes = 0;
+        for (n, r) in rows.iter().enumerate() {
+            for (i, c) in shape.columns.iter().enumerate() {
+                let v = read(r, i, c.kind)?;
+                bytes += v.size();
+                batch.push(v);
+            }
+            if bytes >= INSERT_BYTES || n + 1 == rows.len() {
+                let sql = shape.upsert(batch.len() / width);
+                let mut q = sqlx::query(sql.as_str());
+                for v in batch.drain(..) {
+                    q = bind(q, v);
+                }
+                q.execute(to.pool()).await?;
+                bytes = 0;
+            }
+        }
+        done += rows.len() as u64;
+        progress(shape.table, done);
+        if (rows.len() as i64) < limit {
+            break;
+        }
+        after = Some(key);
+    }
+    Ok(())
+}
+
+/// Deletes the destination's rows whose keys the source does not have.
+async fn remove_missing(src: &mut Src, to: &Store, shape: &Shape) -> Result<u64> {
+    let keys = shape.key_list();
+    let mut after: Option<Vec<Value>> = None;
+    let mut removed = 0;
+    loop {
+        let sql = shape.page(&keys, after.is_some(), BATCH);
+        let mut q = sqlx::query(sql.as_str());
+        for v in after.take().into_iter().flatten() {
+            q = bind(q, v);
+        }
+        let rows = q.fetch_all(to.pool()).await?;
+        let Some(last) = rows.last() else { break };
+        let kinds: Vec<Kind> = shape
+            .key_idx
+            .iter()
+            .map(|&i| shape.columns[i].kind)
+            .collect();
+        let read_key = |r: &AnyRow| -> Result<Vec<Value>> {
+            kinds
+                .iter()
+                .enumerate()
+                .map(|(i, k)| read(r, i, *k))
+                .collect()
+        };
+        let next = read_key(last)?;
+        let found = {
+            let sql = format!(
+                "SELECT {keys} FROM {} WHERE {}",
+                quote(shape.table),
+                shape.keys_in(rows.len())
+            );
+            let mut q = sqlx::query(sql.as_str());
+            for r in &rows {
+                for v in read_key(r)? {
+                    q = bind(q, v);
+                }
+            }
+            let mut found = std::collections::HashSet::new();
+            for r in q.fetch_all(&mut **src).await? {
+                found.insert(key_text(&read_key(&r)?));
+            }
+            found
+        };
+        let missing: Vec<&AnyRow> = rows
+            .iter()
+            .filter(|r| read_key(r).is_ok_and(|k| !found.contains(&key_text(&k))))
+            .collect();
+        if !missing.is_empty() {
+            let sql = format!(
+                "DELETE FROM {} WHERE {}",
+                quote(shape.table),
+                shape.keys_in(missing.len())
+            );
+            let mut q = sqlx::query(sql.as_str());
+            for r in &missing {
+                for v in read_key(r)? {
+                    q = bind(q, v);
+                }
+            }
+            removed += q.execute(to.pool()).await?.rows_affected();
+        }
+        if (rows.len() as i64) < BATCH {
+            break;
+        }
+        after = Some(next);
+    }
+    Ok(removed)
+}
+
+/// A key as one comparable string.
+fn key_text(k: &[Value]) -> String {
+    k.iter()
+        .map(|v| match v {
+            Value::Int(i) => format!("i{i:?}"),
+            Value::Text(t) => format!("t{t:?}"),
+            Value::Bytes(b) => format!("b{b:?}"),
+        })
+        .collect::<Vec<_>>()
+        .join("\u{1f}")
 }
 
 impl Store {
@@ -110,83 +349,54 @@ impl Store {
             )));
         }
         // One read transaction: a consistent snapshot of the source.
-        let mut src = self.pool().begin().await?;
+        let mut src: Src = self.pool().begin().await?;
+        if self.engine() == Engine::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .execute(&mut *src)
+                .await?;
+        }
+        let count = |t: &str| format!("SELECT COUNT(*) FROM {}", quote(t));
+        let mut shapes = Vec::new();
         let mut out = Vec::new();
         for &table in TABLES {
-            let columns = columns(to, table).await?;
-            let keys = primary_key(to, table).await?;
-            let names: Vec<String> = columns.iter().map(|c| quote(&c.name)).collect();
-            let key_list = keys.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", ");
-            let key_idx: Vec<usize> = keys
-                .iter()
-                .map(|k| columns.iter().position(|c| &c.name == k).unwrap_or(0))
-                .collect();
-            let mut after: Option<Vec<Value>> = None;
-            let mut inserted = 0u64;
-            loop {
-                let mut sql = format!("SELECT {} FROM {}", names.join(", "), quote(table));
-                if after.is_some() {
-                    let marks = super::params(1, keys.len());
-                    sql.push_str(&format!(" WHERE ({key_list}) > ({marks})"));
-                }
-                sql.push_str(&format!(" ORDER BY {key_list} LIMIT {BATCH}"));
-                let mut q = sqlx::query(&sql);
-                for v in after.iter().flatten() {
-                    q = bind(q, v);
-                }
-                let rows = q.fetch_all(&mut *src).await?;
-                if rows.is_empty() {
-                    break;
-                }
-                let mut values = Vec::with_capacity(rows.len() * columns.len());
-                for r in &rows {
-                    for (i, c) in columns.iter().enumerate() {
-                        values.push(read(r, i, c.kind)?);
-                    }
-                }
-                let tuples: Vec<String> = (0..rows.len())
-                    .map(|n| format!("({})", super::params(n * columns.len() + 1, columns.len())))
-                    .collect();
-                let insert = format!(
-                    "INSERT INTO {} ({}) VALUES {} ON CONFLICT DO NOTHING",
-                    quote(table),
-                    names.join(", "),
-                    tuples.join(", ")
-                );
-                let mut q = sqlx::query(&insert);
-                for v in &values {
-                    q = bind(q, v);
-                }
-                inserted += q.execute(to.pool()).await?.rows_affected();
-                progress(table, inserted);
-                let last = rows.len() - 1;
-                let mut key = Vec::new();
-                for &i in &key_idx {
-                    key.push(read(&rows[last], i, columns[i].kind)?);
-                }
-                after = Some(key);
-                if (rows.len() as i64) < BATCH {
-                    break;
-                }
+            let shape = shape(to, table).await?;
+            let before: i64 = sqlx::query_scalar(&count(table))
+                .fetch_one(to.pool())
+                .await?;
+            copy_table(&mut src, to, &shape, &mut progress).await?;
+            out.push(TableCopy {
+                table,
+                source: 0,
+                before,
+                destination: 0,
+                removed: 0,
+            });
+            shapes.push(shape);
+        }
+        // Children first: a parent's rows go after those that point at them.
+        for (shape, c) in shapes.iter().zip(out.iter_mut()).rev() {
+            c.source = sqlx::query_scalar(&count(c.table))
+                .fetch_one(&mut *src)
+                .await?;
+            let now: i64 = sqlx::query_scalar(&count(c.table))
+                .fetch_one(to.pool())
+                .await?;
+            if now > c.source {
+                c.removed = remove_missing(&mut src, to, shape).await?;
             }
-            if columns.iter().any(|c| c.name == "id") {
+            c.destination = sqlx::query_scalar(&count(c.table))
+                .fetch_one(to.pool())
+                .await?;
+            if shape.columns.iter().any(|col| col.name == "id") {
                 // Identities go on after the highest id copied.
                 sqlx::query(&format!(
-                    "SELECT setval(pg_get_serial_sequence('{table}', 'id'), COALESCE((SELECT MAX(id) FROM {q}), 0) + 1, false)",
-                    q = quote(table)
+                    "SELECT setval(pg_get_serial_sequence('{t}', 'id'), COALESCE((SELECT MAX(id) FROM {q}), 0) + 1, false)",
+                    t = c.table,
+                    q = quote(c.table)
                 ))
                 .execute(to.pool())
                 .await?;
             }
-            let count = format!("SELECT COUNT(*) FROM {}", quote(table));
-            let source: i64 = sqlx::query_scalar(&count).fetch_one(&mut *src).await?;
-            let destination: i64 = sqlx::query_scalar(&count).fetch_one(to.pool()).await?;
-            out.push(TableCopy {
-                table,
-                source,
-                inserted,
-                destination,
-            });
         }
         src.rollback().await?;
         let wrong: Vec<String> = out
@@ -211,13 +421,33 @@ impl Store {
 
 fn bind<'q>(
     q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
-    v: &Value,
+    v: Value,
 ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
     match v {
-        Value::Int(x) => q.bind(*x),
-        Value::Text(x) => q.bind(x.clone()),
-        Value::Bytes(x) => q.bind(x.clone()),
+        Value::Int(x) => q.bind(x),
+        Value::Text(x) => q.bind(x),
+        Value::Bytes(x) => q.bind(x),
     }
+}
+
+/// A destination table's columns and primary key.
+async fn shape(to: &Store, table: &'static str) -> Result<Shape> {
+    let columns = columns(to, table).await?;
+    let keys = primary_key(to, table).await?;
+    let key_idx = keys
+        .iter()
+        .map(|k| {
+            columns.iter().position(|c| &c.name == k).ok_or_else(|| {
+                StoreError::Invalid(format!("{table}: key column {k} is not a column"))
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Shape {
+        table,
+        columns,
+        keys,
+        key_idx,
+    })
 }
 
 /// A destination table's columns, in order, with the kind each holds.

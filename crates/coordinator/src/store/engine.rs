@@ -44,13 +44,16 @@ impl Location {
         if s.starts_with("postgres://") || s.starts_with("postgresql://") {
             let url = url::Url::parse(s)
                 .map_err(|e| format!("the store URL {:?} is not a URL: {e}", redact(s)))?;
-            if url.host_str().is_none_or(str::is_empty) {
+            // A Unix socket is named by `?host=/run/postgresql`.
+            let socket = url.query_pairs().any(|(k, _)| k == "host");
+            if url.host_str().is_none_or(str::is_empty) && !socket {
                 return Err(format!(
-                    "the store URL {:?} names no host (postgres://USER:PASSWORD@HOST:PORT/DATABASE)",
+                    "the store URL {:?} names no host (postgres://USER:PASSWORD@HOST:PORT/DATABASE, or postgres:///DATABASE?host=/run/postgresql for a local socket)",
                     redact(s)
                 ));
             }
-            if url.path().trim_start_matches('/').is_empty() {
+            let named = url.query_pairs().any(|(k, _)| k == "dbname");
+            if url.path().trim_start_matches('/').is_empty() && !named {
                 return Err(format!(
                     "the store URL {:?} names no database (postgres://USER:PASSWORD@HOST:PORT/DATABASE)",
                     redact(s)
@@ -62,6 +65,11 @@ impl Location {
             let path = rest.strip_prefix("//").unwrap_or(rest);
             if path.is_empty() {
                 return Err("the store URL sqlite: names no file (sqlite:PATH)".into());
+            }
+            if path.contains('?') {
+                return Err(format!(
+                    "the store URL {s:?}: options after '?' are not taken for SQLite; give only the file (sqlite:PATH)"
+                ));
             }
             return Ok(Location::Sqlite(PathBuf::from(path)));
         }
@@ -95,16 +103,30 @@ impl std::fmt::Debug for Location {
     }
 }
 
-/// A URL with its password replaced by `***`.
+/// A URL with its password (`user:PASSWORD@`, or `?password=`) replaced
+/// by `***`.
 pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "(not a URL)".into(),
+    let Ok(mut u) = url::Url::parse(url) else {
+        return "(not a URL)".into();
+    };
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
     }
+    if u.query_pairs().any(|(k, _)| k == "password") {
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k == "password" {
+                    "***".into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    u.to_string()
 }
 
 /// Connections per coordinator. SQLite writes one at a time anyway; a
@@ -231,12 +253,26 @@ mod tests {
 
     #[test]
     fn a_location_never_shows_its_password() {
-        let l = Location::parse("postgres://farmer:hunter22@db/farm").unwrap();
-        let shown = format!("{l} {l:?}");
-        assert!(
-            !shown.contains("hunter22") && shown.contains("***"),
-            "{shown}"
-        );
+        for url in [
+            "postgres://farmer:hunter22@db/farm",
+            "postgres://farmer@db/farm?sslmode=require&password=hunter22",
+        ] {
+            let l = Location::parse(url).unwrap();
+            let shown = format!("{l} {l:?}");
+            assert!(
+                !shown.contains("hunter22") && shown.contains("***"),
+                "{shown}"
+            );
+        }
+        let e = Location::parse("postgres://farmer:hunter22@/?sslmode=require").unwrap_err();
+        assert!(!e.contains("hunter22"), "{e}");
+    }
+
+    #[test]
+    fn a_local_socket_and_sqlite_options() {
+        assert!(Location::parse("postgres:///farm?host=/run/postgresql").is_ok());
+        let e = Location::parse("sqlite:/x.db?mode=ro").unwrap_err();
+        assert!(e.contains("only the file"), "{e}");
     }
 
     #[test]

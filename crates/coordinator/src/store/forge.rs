@@ -4,7 +4,7 @@
 use serde::Serialize;
 use sqlx::Row;
 
-use super::{Result, Store, now_ms};
+use super::{Result, Store, now_ms, text};
 
 /// Accepted deliveries kept per repo (older ones are deleted as new ones come).
 pub const MAX_DELIVERIES: i64 = 150;
@@ -72,20 +72,20 @@ impl Store {
         sqlx::query(
             "INSERT INTO hook_deliveries (repo, forge, event, delivery, received_at, accepted, detail) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
-        .bind(repo)
-        .bind(forge)
-        .bind(event)
-        .bind(delivery)
+        .bind(text(repo))
+        .bind(text(forge))
+        .bind(text(event))
+        .bind(text(delivery))
         .bind(now_ms())
         .bind(accepted as i64)
-        .bind(detail)
+        .bind(text(detail))
         .execute(&mut *tx)
         .await?;
         sqlx::query(
             "DELETE FROM hook_deliveries WHERE repo = $1 AND accepted = $2 AND id <= \
              (SELECT id FROM hook_deliveries WHERE repo = $1 AND accepted = $2 ORDER BY id DESC LIMIT 1 OFFSET $3)",
         )
-        .bind(repo)
+        .bind(text(repo))
         .bind(accepted as i64)
         .bind(if accepted { MAX_DELIVERIES } else { MAX_REFUSED })
         .execute(&mut *tx)
@@ -99,7 +99,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT id, repo, forge, event, delivery, received_at, accepted, detail FROM hook_deliveries WHERE repo = $1 ORDER BY id DESC LIMIT $2",
         )
-        .bind(repo)
+        .bind(text(repo))
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
@@ -134,16 +134,19 @@ impl Store {
             "UPDATE outbox SET state = 'superseded', done_at = $1 WHERE dedupe = $2 AND state = 'pending'",
         )
         .bind(now)
-        .bind(dedupe)
+        .bind(text(dedupe))
         .execute(&mut *tx)
         .await?;
         let id: i64 = sqlx::query_scalar(
-            "INSERT INTO outbox (kind, repo, dedupe, payload, created_at, next_at) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+            "INSERT INTO outbox (kind, repo, dedupe, payload, created_at, next_at) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (dedupe) WHERE state = 'pending' DO UPDATE SET kind = excluded.kind, repo = excluded.repo, \
+             payload = excluded.payload, created_at = excluded.created_at, next_at = excluded.next_at, attempts = 0, last_error = '' \
+             RETURNING id",
         )
-        .bind(kind)
-        .bind(repo)
-        .bind(dedupe)
-        .bind(payload)
+        .bind(text(kind))
+        .bind(text(repo))
+        .bind(text(dedupe))
+        .bind(text(payload))
         .bind(now)
         .bind(now)
         .fetch_one(&mut *tx)
@@ -196,13 +199,13 @@ impl Store {
             Some(at) => sqlx::query(
                 "UPDATE outbox SET attempts = attempts + 1, last_error = $1, next_at = $2 WHERE id = $3 AND state = 'pending'",
             )
-            .bind(error)
+            .bind(text(error))
             .bind(at)
             .bind(id),
             None => sqlx::query(
                 "UPDATE outbox SET attempts = attempts + 1, last_error = $1, state = 'failed', done_at = $2 WHERE id = $3 AND state = 'pending'",
             )
-            .bind(error)
+            .bind(text(error))
             .bind(now_ms())
             .bind(id),
         }
@@ -216,7 +219,7 @@ impl Store {
         Ok(sqlx::query_as(&format!(
             "SELECT {OUTBOX_COLS} FROM outbox WHERE repo = $1 ORDER BY id DESC LIMIT $2"
         ))
-        .bind(repo)
+        .bind(text(repo))
         .bind(limit)
         .fetch_all(&self.pool)
         .await?)
@@ -232,9 +235,9 @@ impl Store {
         Ok(sqlx::query_as(
             "SELECT state, commit_hash, commit_time, build_id FROM branch_states WHERE repo = $1 AND branch = $2 AND builder = $3",
         )
-        .bind(repo)
-        .bind(branch)
-        .bind(builder)
+        .bind(text(repo))
+        .bind(text(branch))
+        .bind(text(builder))
         .fetch_optional(&self.pool)
         .await?)
     }
@@ -251,11 +254,11 @@ impl Store {
              ON CONFLICT (repo, branch, builder) DO UPDATE SET state = excluded.state, commit_hash = excluded.commit_hash, \
              commit_time = excluded.commit_time, build_id = excluded.build_id",
         )
-        .bind(repo)
-        .bind(branch)
-        .bind(builder)
-        .bind(&s.state)
-        .bind(&s.commit_hash)
+        .bind(text(repo))
+        .bind(text(branch))
+        .bind(text(builder))
+        .bind(text(&s.state))
+        .bind(text(&s.commit_hash))
         .bind(s.commit_time)
         .bind(s.build_id)
         .execute(&self.pool)

@@ -4,7 +4,7 @@
 use serde::Serialize;
 use sqlx::Row;
 
-use super::{Result, Store, now_ms};
+use super::{Result, Store, now_ms, text};
 
 /// Most rows any listing here returns: pages and the CLI show them whole.
 pub const MAX_ROWS: i64 = 1000;
@@ -51,8 +51,8 @@ impl Store {
         let r = sqlx::query(
             "INSERT INTO users (name, token_sha256, admin, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
         )
-        .bind(name)
-        .bind(token_sha256)
+        .bind(text(name))
+        .bind(text(token_sha256))
         .bind(admin as i64)
         .bind(now_ms())
         .execute(self.pool())
@@ -63,7 +63,7 @@ impl Store {
     /// Removes a user and their keys; false when there was none.
     pub async fn user_remove(&self, name: &str) -> Result<bool> {
         let r = sqlx::query("DELETE FROM users WHERE name = $1")
-            .bind(name)
+            .bind(text(name))
             .execute(self.pool())
             .await?;
         Ok(r.rows_affected() == 1)
@@ -72,7 +72,7 @@ impl Store {
     /// The user a token (by its hash) belongs to: `(name, admin)`.
     pub async fn user_by_token(&self, token_sha256: &str) -> Result<Option<(String, bool)>> {
         let r = sqlx::query("SELECT name, admin FROM users WHERE token_sha256 = $1")
-            .bind(token_sha256)
+            .bind(text(token_sha256))
             .fetch_optional(self.pool())
             .await?;
         Ok(match r {
@@ -84,7 +84,7 @@ impl Store {
     /// Every user with their key fingerprints, by name.
     pub async fn users(&self) -> Result<Vec<UserRow>> {
         let rows = sqlx::query(
-            "SELECT u.name, u.admin, u.created_at, string_agg(k.fingerprint, ' ') AS keys FROM users u LEFT JOIN user_keys k ON k.\"user\" = u.name GROUP BY u.name ORDER BY u.name LIMIT $1",
+            "SELECT u.name, u.admin, u.created_at, string_agg(k.fingerprint, ' ' ORDER BY k.fingerprint) AS keys FROM users u LEFT JOIN user_keys k ON k.\"user\" = u.name GROUP BY u.name ORDER BY u.name LIMIT $1",
         )
         .bind(MAX_ROWS)
         .fetch_all(self.pool())
@@ -111,10 +111,10 @@ impl Store {
         let r = sqlx::query(
             "INSERT INTO user_keys (\"user\", fingerprint, key_line, added_at) SELECT name, $1, $2, $3 FROM users WHERE name = $4 ON CONFLICT (\"user\", fingerprint) DO UPDATE SET key_line = excluded.key_line",
         )
-        .bind(fingerprint)
-        .bind(line)
+        .bind(text(fingerprint))
+        .bind(text(line))
         .bind(now_ms())
-        .bind(user)
+        .bind(text(user))
         .execute(self.pool())
         .await?;
         Ok(r.rows_affected() == 1)
@@ -135,10 +135,10 @@ impl Store {
         sqlx::query(
             "INSERT INTO gomote_instances (name, owner, builder, host_type, hostname, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
-        .bind(&i.name)
-        .bind(&i.owner)
-        .bind(&i.builder)
-        .bind(&i.host_type)
+        .bind(text(&i.name))
+        .bind(text(&i.owner))
+        .bind(text(&i.builder))
+        .bind(text(&i.host_type))
         .bind(&i.hostname)
         .bind(i.created_at)
         .bind(i.expires_at)
@@ -158,7 +158,7 @@ impl Store {
              AND ltrim(substr(name, CAST($1 AS INTEGER) + 1), '0123456789') = ''",
         )
         .bind(dashed.chars().count() as i64)
-        .bind(&dashed)
+        .bind(text(&dashed))
         .fetch_one(self.pool())
         .await?;
         Ok(n.unwrap_or(0).max(0) as u64)
@@ -167,8 +167,8 @@ impl Store {
     /// Notes the machine an instance got.
     pub async fn instance_set_machine(&self, name: &str, hostname: &str) -> Result<()> {
         sqlx::query("UPDATE gomote_instances SET hostname = $1 WHERE name = $2")
-            .bind(hostname)
-            .bind(name)
+            .bind(text(hostname))
+            .bind(text(name))
             .execute(self.pool())
             .await?;
         Ok(())
@@ -180,7 +180,7 @@ impl Store {
             "UPDATE gomote_instances SET expires_at = $1 WHERE name = $2 AND ended_at IS NULL",
         )
         .bind(expires_at)
-        .bind(name)
+        .bind(text(name))
         .execute(self.pool())
         .await?;
         Ok(())
@@ -193,12 +193,12 @@ impl Store {
             "UPDATE gomote_instances SET ended_at = $1, end_reason = $2 WHERE name = $3 AND ended_at IS NULL",
         )
         .bind(now_ms())
-        .bind(reason)
-        .bind(name)
+        .bind(text(reason))
+        .bind(text(name))
         .execute(&mut *tx)
         .await?;
         sqlx::query("DELETE FROM gomote_group_members WHERE instance = $1")
-            .bind(name)
+            .bind(text(name))
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -210,7 +210,7 @@ impl Store {
         Ok(sqlx::query_as(&format!(
             "SELECT {INSTANCE_COLS} FROM gomote_instances WHERE name = $1"
         ))
-        .bind(name)
+        .bind(text(name))
         .fetch_optional(self.pool())
         .await?)
     }
@@ -230,8 +230,8 @@ impl Store {
         let r = sqlx::query(
             "INSERT INTO gomote_groups (name, owner, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
         )
-        .bind(name)
-        .bind(owner)
+        .bind(text(name))
+        .bind(text(owner))
         .bind(now_ms())
         .execute(self.pool())
         .await?;
@@ -241,7 +241,7 @@ impl Store {
     /// Deletes a group (not its instances).
     pub async fn group_remove(&self, name: &str) -> Result<bool> {
         let r = sqlx::query("DELETE FROM gomote_groups WHERE name = $1")
-            .bind(name)
+            .bind(text(name))
             .execute(self.pool())
             .await?;
         Ok(r.rows_affected() == 1)
@@ -255,8 +255,8 @@ impl Store {
             "DELETE FROM gomote_group_members WHERE grp = $1 AND instance = $2"
         };
         sqlx::query(sql)
-            .bind(group)
-            .bind(instance)
+            .bind(text(group))
+            .bind(text(instance))
             .execute(self.pool())
             .await?;
         Ok(())
@@ -274,7 +274,7 @@ impl Store {
 
     async fn groups_where(&self, name: Option<&str>) -> Result<Vec<GroupRow>> {
         let rows = sqlx::query(
-            "SELECT g.name, g.owner, g.created_at, string_agg(m.instance, ' ') AS members FROM gomote_groups g LEFT JOIN gomote_group_members m ON m.grp = g.name WHERE CAST($1 AS TEXT) IS NULL OR g.name = $1 GROUP BY g.name ORDER BY g.name LIMIT $2",
+            "SELECT g.name, g.owner, g.created_at, string_agg(m.instance, ' ' ORDER BY m.instance) AS members FROM gomote_groups g LEFT JOIN gomote_group_members m ON m.grp = g.name WHERE CAST($1 AS TEXT) IS NULL OR g.name = $1 GROUP BY g.name ORDER BY g.name LIMIT $2",
         )
         .bind(name)
         .bind(MAX_ROWS)

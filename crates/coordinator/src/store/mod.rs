@@ -30,6 +30,7 @@ mod copy;
 mod engine;
 mod forge;
 mod gomote;
+mod leader;
 mod results;
 mod units;
 
@@ -38,6 +39,7 @@ pub use copy::{TABLES, TableCopy};
 pub use engine::{Engine, Location};
 pub use forge::{BranchState, Delivery, MAX_DELIVERIES, OutboxRow};
 pub use gomote::{GroupRow, InstanceRow, UserRow};
+pub use leader::{LeaderInfo, LeaderLock};
 pub use results::{FlakeRow, TestRow, TestsOf};
 pub use units::UnitRun;
 
@@ -280,6 +282,8 @@ pub struct BuildFilter {
 pub struct Store {
     pool: AnyPool,
     engine: Engine,
+    /// Where it is: the leader lock opens a connection of its own there.
+    location: Location,
 }
 
 const BUILD_COLS: &str = "id, builder, host_type, repo, branch, commit_hash, commit_time, kind, status, created_at, started_at, finished_at, attempts, error, flaky, requested_by";
@@ -307,6 +311,17 @@ fn build_row(r: &AnyRow) -> Result<BuildRow> {
     })
 }
 
+/// Text as both engines take it: PostgreSQL refuses NUL in text, which
+/// outside input (step output, test failures, forms, commit messages,
+/// headers) can carry; it becomes U+FFFD, as invalid UTF-8 already does.
+pub(crate) fn text(s: &str) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}")
+    } else {
+        s.to_string()
+    }
+}
+
 /// `$from, $from+1, ...`: `n` numbered parameters, for an `IN (...)` list.
 fn params(from: usize, n: usize) -> String {
     (from..from + n)
@@ -327,7 +342,11 @@ impl Store {
     /// if missing) or a PostgreSQL database (which must exist).
     pub async fn connect(location: &Location) -> Result<Store> {
         let (pool, engine) = engine::connect(location).await?;
-        Ok(Store { pool, engine })
+        Ok(Store {
+            pool,
+            engine,
+            location: location.clone(),
+        })
     }
 
     /// Which engine holds the store.
@@ -373,12 +392,12 @@ impl Store {
         let new = sqlx::query(
             "INSERT INTO commits (repo, hash, author, email, time, subject, parents, seen_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
         )
-        .bind(&c.repo)
-        .bind(&c.hash)
-        .bind(&c.author)
-        .bind(&c.email)
+        .bind(text(&c.repo))
+        .bind(text(&c.hash))
+        .bind(text(&c.author))
+        .bind(text(&c.email))
         .bind(c.time)
-        .bind(&c.subject)
+        .bind(text(&c.subject))
         .bind(c.parents.join(" "))
         .bind(now_ms())
         .execute(&mut *tx)
@@ -388,9 +407,9 @@ impl Store {
         sqlx::query(
             "INSERT INTO commit_branches (repo, branch, hash) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
         )
-            .bind(&c.repo)
-            .bind(branch)
-            .bind(&c.hash)
+            .bind(text(&c.repo))
+            .bind(text(branch))
+            .bind(text(&c.hash))
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -400,8 +419,8 @@ impl Store {
     /// Hashes of every commit already seen on a repo's branch.
     pub async fn known_commits(&self, repo: &str, branch: &str) -> Result<Vec<String>> {
         let rows = sqlx::query("SELECT hash FROM commit_branches WHERE repo = $1 AND branch = $2")
-            .bind(repo)
-            .bind(branch)
+            .bind(text(repo))
+            .bind(text(branch))
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
@@ -411,8 +430,8 @@ impl Store {
 
     pub async fn commit(&self, repo: &str, hash: &str) -> Result<Option<CommitRow>> {
         let r = sqlx::query("SELECT repo, hash, author, email, time, subject, parents FROM commits WHERE repo = $1 AND hash = $2")
-            .bind(repo)
-            .bind(hash)
+            .bind(text(repo))
+            .bind(text(hash))
             .fetch_optional(&self.pool)
             .await?;
         r.map(|r| commit_row(&r)).transpose()
@@ -427,10 +446,10 @@ impl Store {
         offset: i64,
     ) -> Result<Vec<CommitRow>> {
         let rows = sqlx::query(
-            "SELECT c.repo, c.hash, c.author, c.email, c.time, c.subject, c.parents FROM commits c JOIN commit_branches b ON b.repo = c.repo AND b.hash = c.hash WHERE c.repo = $1 AND b.branch = $2 ORDER BY c.time DESC, c.seen_at DESC LIMIT $3 OFFSET $4",
+            "SELECT c.repo, c.hash, c.author, c.email, c.time, c.subject, c.parents FROM commits c JOIN commit_branches b ON b.repo = c.repo AND b.hash = c.hash WHERE c.repo = $1 AND b.branch = $2 ORDER BY c.time DESC, c.seen_at DESC, c.hash LIMIT $3 OFFSET $4",
         )
-        .bind(repo)
-        .bind(branch)
+        .bind(text(repo))
+        .bind(text(branch))
         .bind(limit)
         .bind(offset)
         .fetch_all(&self.pool)
@@ -444,15 +463,15 @@ impl Store {
         Ok(sqlx::query_scalar(
             "INSERT INTO builds (builder, host_type, repo, branch, commit_hash, commit_time, kind, status, created_at, requested_by) VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $9) ON CONFLICT DO NOTHING RETURNING id",
         )
-        .bind(&b.builder)
-        .bind(&b.host_type)
-        .bind(&b.repo)
-        .bind(&b.branch)
-        .bind(&b.commit)
+        .bind(text(&b.builder))
+        .bind(text(&b.host_type))
+        .bind(text(&b.repo))
+        .bind(text(&b.branch))
+        .bind(text(&b.commit))
         .bind(b.commit_time)
-        .bind(b.kind.as_str())
+        .bind(text(b.kind.as_str()))
         .bind(now_ms())
-        .bind(&b.requested_by)
+        .bind(text(&b.requested_by))
         .fetch_optional(&self.pool)
         .await?)
     }
@@ -462,7 +481,7 @@ impl Store {
         Ok(sqlx::query_scalar(
             "SELECT COUNT(*) FROM builds WHERE requested_by = $1 AND status IN ('queued', 'running')",
         )
-        .bind(requested_by)
+        .bind(text(requested_by))
         .fetch_one(&self.pool)
         .await?)
     }
@@ -516,7 +535,7 @@ impl Store {
         sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", n + 1));
         let mut q = sqlx::query(&sql);
         for t in texts {
-            q = q.bind(t);
+            q = q.bind(text(t));
         }
         if let Some(before) = f.before {
             q = q.bind(before);
@@ -583,8 +602,8 @@ impl Store {
         )
         .bind(build_id)
         .bind(number)
-        .bind(machine)
-        .bind(host_type)
+        .bind(text(machine))
+        .bind(text(host_type))
         .bind(now)
         .fetch_one(&mut *tx)
         .await?;
@@ -594,8 +613,8 @@ impl Store {
 
     pub async fn finish_attempt(&self, attempt_id: i64, result: &str, error: &str) -> Result<()> {
         sqlx::query("UPDATE attempts SET result = $1, error = $2, finished_at = $3 WHERE id = $4 AND result = 'running'")
-            .bind(result)
-            .bind(error)
+            .bind(text(result))
+            .bind(text(error))
             .bind(now_ms())
             .bind(attempt_id)
             .execute(&self.pool)
@@ -620,7 +639,7 @@ impl Store {
         let n = sqlx::query(
             "UPDATE builds SET status = 'cancelled', error = $1, finished_at = $2 WHERE id = $3 AND status = 'queued'",
         )
-        .bind(error)
+        .bind(text(error))
         .bind(now_ms())
         .bind(build_id)
         .execute(&self.pool)
@@ -640,8 +659,8 @@ impl Store {
         let n = sqlx::query(
             "UPDATE builds SET status = $1, error = $2, finished_at = $3 WHERE id = $4 AND status IN ('queued', 'running')",
         )
-        .bind(status.as_str())
-        .bind(error)
+        .bind(text(status.as_str()))
+        .bind(text(error))
         .bind(now_ms())
         .bind(build_id)
         .execute(&self.pool)
@@ -663,7 +682,7 @@ impl Store {
         .bind(build_id)
         .bind(attempt_id)
         .bind(number)
-        .bind(name)
+        .bind(text(name))
         .bind(now_ms())
         .fetch_one(&self.pool)
         .await?;
@@ -680,8 +699,8 @@ impl Store {
     ) -> Result<()> {
         let gz = gzip(log);
         sqlx::query("UPDATE steps SET result = $1, detail = $2, finished_at = $3, log_gz = $4, log_size = $5 WHERE id = $6")
-            .bind(result)
-            .bind(detail)
+            .bind(text(result))
+            .bind(text(detail))
             .bind(now_ms())
             .bind(gz)
             .bind(log.len() as i64)
@@ -732,11 +751,11 @@ impl Store {
         sqlx::query(
             "INSERT INTO machines (hostname, host_type, version, build, addr, first_seen, last_seen) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (hostname) DO UPDATE SET host_type = excluded.host_type, version = excluded.version, build = excluded.build, addr = excluded.addr, last_seen = excluded.last_seen",
         )
-        .bind(hostname)
-        .bind(host_type)
+        .bind(text(hostname))
+        .bind(text(host_type))
         .bind(version)
-        .bind(build)
-        .bind(addr)
+        .bind(text(build))
+        .bind(text(addr))
         .bind(now)
         .bind(now)
         .execute(&self.pool)
@@ -760,9 +779,12 @@ impl Store {
                  GROUP BY b.commit_hash",
                 params(4, chunk.len())
             );
-            let mut q = sqlx::query(&sql).bind("\u{1f}").bind("\u{1e}").bind(repo);
+            let mut q = sqlx::query(&sql)
+                .bind(text("\u{1f}"))
+                .bind(text("\u{1e}"))
+                .bind(text(repo));
             for h in chunk {
-                q = q.bind(h);
+                q = q.bind(text(h));
             }
             for r in q.fetch_all(&self.pool).await? {
                 let commit: String = r.try_get("commit_hash")?;
@@ -803,10 +825,10 @@ impl Store {
             "SELECT c.repo, c.hash, c.author, c.email, c.time, c.subject, c.parents FROM commits c JOIN commit_branches b ON b.repo = c.repo AND b.hash = c.hash \
              WHERE c.repo = $1 AND b.branch = $2 AND EXISTS (SELECT 1 FROM builds x WHERE x.repo = c.repo AND x.commit_hash = c.hash AND x.status IN ('failed', 'infra-error') \
              AND NOT EXISTS (SELECT 1 FROM builds y WHERE y.repo = x.repo AND y.commit_hash = x.commit_hash AND y.builder = x.builder AND y.id > x.id)) \
-             ORDER BY c.time DESC, c.seen_at DESC LIMIT $3 OFFSET $4",
+             ORDER BY c.time DESC, c.seen_at DESC, c.hash LIMIT $3 OFFSET $4",
         )
-        .bind(repo)
-        .bind(branch)
+        .bind(text(repo))
+        .bind(text(branch))
         .bind(limit)
         .bind(offset)
         .fetch_all(&self.pool)
@@ -826,10 +848,10 @@ impl Store {
         sqlx::query(
             "INSERT INTO exec_instances (hostname, host_type, state, detail, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (hostname) DO UPDATE SET state = excluded.state, detail = excluded.detail, updated_at = excluded.updated_at",
         )
-        .bind(hostname)
-        .bind(host_type)
-        .bind(state)
-        .bind(detail)
+        .bind(text(hostname))
+        .bind(text(host_type))
+        .bind(text(state))
+        .bind(text(detail))
         .bind(now)
         .bind(now)
         .execute(&self.pool)
@@ -844,7 +866,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         for table in ["exec_instances", "machines"] {
             sqlx::query(&format!("DELETE FROM {table} WHERE hostname = $1"))
-                .bind(hostname)
+                .bind(text(hostname))
                 .execute(&mut *tx)
                 .await?;
         }
@@ -858,7 +880,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT hostname, state FROM exec_instances WHERE host_type = $1 ORDER BY created_at LIMIT 10000",
         )
-        .bind(host_type)
+        .bind(text(host_type))
         .fetch_all(&self.pool)
         .await?;
         rows.iter()

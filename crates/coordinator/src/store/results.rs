@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 use sqlx::Row;
 
-use super::{Result, Store, gunzip, gzip, now_ms};
+use super::{Result, Store, gunzip, gzip, now_ms, text};
 use crate::results::TestResult;
 
 /// Most rows a listing of tests returns.
@@ -75,14 +75,14 @@ impl Store {
             .bind(of.build_id)
             .bind(of.attempt_id)
             .bind(of.step_id)
-            .bind(&of.builder)
-            .bind(&of.repo)
-            .bind(&of.commit)
+            .bind(text(&of.builder))
+            .bind(text(&of.repo))
+            .bind(text(&of.commit))
             .bind(of.commit_time)
-            .bind(&t.name)
-            .bind(t.outcome.as_str())
+            .bind(text(&t.name))
+            .bind(text(t.outcome.as_str()))
             .bind(t.duration_ms)
-            .bind(&t.failure)
+            .bind(text(&t.failure))
             .bind(t.line.map(|l| l as i64))
             .bind(now)
             .execute(&mut *tx)
@@ -101,7 +101,7 @@ impl Store {
                 "UPDATE test_results SET outcome = 'flaky' WHERE step_id = $1 AND name = $2 AND outcome = 'fail'",
             )
             .bind(step_id)
-            .bind(n)
+            .bind(text(n))
             .execute(&mut *tx)
             .await?;
         }
@@ -186,7 +186,7 @@ impl Store {
         Ok(sqlx::query_as(&format!(
             "SELECT {TEST_COLS} FROM test_results WHERE name = $1 ORDER BY commit_time DESC, id DESC LIMIT $2"
         ))
-        .bind(name)
+        .bind(text(name))
         .bind(limit.min(MAX_TEST_ROWS))
         .fetch_all(&self.pool)
         .await?)

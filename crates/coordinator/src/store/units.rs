@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 use sqlx::Row;
 
-use super::{Result, Store};
+use super::{Result, Store, text};
 
 /// Most unit runs one build lists (its page and `/api/builds/{id}`).
 pub const MAX_UNIT_ROWS: i64 = 100_000;
@@ -40,14 +40,14 @@ impl Store {
         )
         .bind(r.build_id)
         .bind(r.step_id)
-        .bind(&r.builder)
-        .bind(&r.step)
-        .bind(&r.unit)
-        .bind(&r.machine)
+        .bind(text(&r.builder))
+        .bind(text(&r.step))
+        .bind(text(&r.unit))
+        .bind(text(&r.machine))
         .bind(r.started_at)
         .bind(r.duration_ms)
-        .bind(&r.result)
-        .bind(&r.detail)
+        .bind(text(&r.result))
+        .bind(text(&r.detail))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -81,8 +81,8 @@ impl Store {
              WHERE builder = $1 AND step = $2 AND result IN ('passed', 'failed') \
              ORDER BY id DESC LIMIT $3",
         )
-        .bind(builder)
-        .bind(step)
+        .bind(text(builder))
+        .bind(text(step))
         .bind(HISTORY_ROWS)
         .fetch_all(&self.pool)
         .await?;

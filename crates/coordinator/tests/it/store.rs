@@ -230,6 +230,39 @@ fn a_farm_moved_to_postgres_answers_the_same_and_the_move_can_be_rerun() {
     assert_eq!(code, 201, "{v}");
     let newest = v["id"].as_i64().unwrap();
     assert!(ids.iter().all(|&id| newest > id), "{v}");
+    drop(c);
+
+    // The source changed since (a user removed, a build's error rewritten
+    // with a NUL PostgreSQL cannot hold in text), and the destination has
+    // a build the source never had: a third run makes it equal again.
+    let st = Command::new("python3")
+        .arg("-c")
+        .arg("import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute(\"DELETE FROM users WHERE name = 'alice'\"); c.execute(\"UPDATE builds SET error = 'bad' || char(0) || 'byte' WHERE id = (SELECT MIN(id) FROM builds)\"); c.commit()")
+        .arg(data.join("farmer.db"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (ok, third, err) = migrate(&sqlite, &pg);
+    assert!(ok, "{third}{err}");
+    assert!(
+        line(&third, "users").contains("0 rows (0 new, 1 gone from the source removed)"),
+        "{third}"
+    );
+    assert!(
+        line(&third, "builds").contains("2 rows (0 new, 1 gone from the source removed)"),
+        "{third}"
+    );
+    let psql = |sql: &str| {
+        let out = Command::new("psql")
+            .args(["-X", "-A", "-t", &pg, "-c", sql])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(
+        psql("SELECT error FROM builds ORDER BY id LIMIT 1"),
+        "bad\u{FFFD}byte"
+    );
 }
 
 #[test]
@@ -318,5 +351,122 @@ fn the_farm_runs_on_the_engine_of_this_run() {
     assert_eq!(
         Path::new(&data.join("farmer.db")).exists(),
         common::postgres_server().is_none()
+    );
+}
+
+/// Two coordinators on one PostgreSQL store: the second stands by (pages
+/// and reads, nothing that changes the farm), takes over within 15 s of
+/// the leader's SIGKILL, re-runs the build that was running, once, and a
+/// leader that loses its lock exits rather than schedule beside another.
+#[test]
+fn a_standby_takes_over_when_the_leader_dies_and_the_build_finishes_once() {
+    let pg = database("failover");
+    let dir = tempfile::tempdir().unwrap();
+    let marks = dir.path().join("marks");
+    let mut repo = TestRepo::new(&dir.path().join("repo"));
+    repo.commit(
+        "slow",
+        &[(
+            "run.sh",
+            &format!(
+                "echo start >> {m}\nsleep 4\necho end >> {m}\n",
+                m = marks.display()
+            ),
+        )],
+    );
+    let cfg = dir.path().join("farm.toml");
+    std::fs::write(
+        &cfg,
+        config(
+            &repo.path,
+            "[builders.slow]\nhost = \"host-test-trusted\"\nsteps = [{ name = \"run\", run = \"sh run.sh\" }]\n",
+        ),
+    )
+    .unwrap();
+    // One data dir (keys, TLS, CA) for both, as a standby shares its
+    // leader's; the store is the shared database.
+    let data = dir.path().join("data");
+    let mut a = Coordinator::start_args(&data, &cfg, &["--database-url", &pg]);
+    let b = Coordinator::start_args(&data, &cfg, &["--database-url", &pg]);
+    let status = |c: &Coordinator| c.get("/api/status");
+    assert_eq!(status(&a)["leading"], true);
+    assert_eq!(status(&b)["leading"], false);
+    assert_eq!(status(&b)["leader"]["addr"], a.addr.as_str());
+    assert!(
+        b.get_text("/status")
+            .contains(&format!("standby; the leader is {}", a.addr)),
+        "{}",
+        b.get_text("/status")
+    );
+    // A standby changes nothing.
+    let (code, v) = b.post("/api/users", r#"{"name":"carol"}"#, Some(&b.token));
+    assert_eq!(code, 503, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("standby"), "{v}");
+
+    let key = a.key("host-test-trusted");
+    let _bot = Bot::start_to(
+        &format!("{},{}", a.addr, b.addr),
+        &dir.path().join("bots"),
+        "host-test-trusted",
+        "bot-1",
+        Some(&key),
+        &a.fingerprint,
+        &[],
+    );
+    // The build runs on the leader; then the leader dies mid-step.
+    a.wait("the step to start", Duration::from_secs(60), |_| {
+        std::fs::read_to_string(&marks)
+            .ok()
+            .filter(|m| m.contains("start"))
+    });
+    let id = a.get("/api/builds")[0]["id"].as_i64().unwrap();
+    a.kill();
+    let killed = std::time::Instant::now();
+    b.wait("the standby to lead", Duration::from_secs(15), |c| {
+        (status(c)["leading"] == true).then_some(())
+    });
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    eprintln!("the standby led {took:?} after the leader's SIGKILL");
+
+    let done = b.wait("the build to finish", Duration::from_secs(90), |c| {
+        let v = c.get(&format!("/api/builds/{id}"));
+        (v["build"]["status"] != "running" && v["build"]["status"] != "queued").then_some(v)
+    });
+    assert_eq!(done["build"]["status"], "passed", "{done}");
+    let attempts = done["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{done}");
+    assert_eq!(attempts[0]["result"], "lost", "{done}");
+    let m = std::fs::read_to_string(&marks).unwrap();
+    assert_eq!(m.matches("start").count(), 2, "{m}");
+    assert_eq!(m.matches("end").count(), 1, "ran to its end once: {m}");
+    assert_eq!(b.get("/api/builds").as_array().unwrap().len(), 1);
+    assert!(b.get_text(&format!("/builds/{id}")).contains("passed"));
+    assert!(b.get_text("/status").contains("leader since"));
+
+    // A leader whose lock connection is cut exits (code 3) rather than
+    // keep scheduling beside whoever takes the lock next.
+    let mut b = b;
+    common::store_sql_url(
+        &pg,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'farmer-leader%' AND datname = current_database()",
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let exited = loop {
+        if let Some(st) = b.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the leader kept running without its lock: {}",
+            b.err.all()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(exited.code(), Some(3), "{}", b.err.all());
+    assert!(
+        b.err.all().contains("lost the leader lock"),
+        "{}",
+        b.err.all()
     );
 }

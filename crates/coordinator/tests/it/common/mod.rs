@@ -184,22 +184,32 @@ pub fn store_url(data_dir: &Path) -> Option<String> {
     Some(url)
 }
 
+/// Runs `sql` on the PostgreSQL database at `url`.
+pub fn store_sql_url(url: &str, sql: &str) {
+    let out = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", url, "-c", sql])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs `sql` on the store of the farm whose data dir is `data_dir`,
 /// whichever engine holds it (to break or inspect a farm under test).
 pub fn store_sql(data_dir: &Path, sql: &str) {
-    let out = match store_url(data_dir) {
-        Some(url) => Command::new("psql")
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", &url, "-c", sql])
-            .output()
-            .unwrap(),
-        None => Command::new("python3")
+    if let Some(url) = store_url(data_dir) {
+        return store_sql_url(&url, sql);
+    }
+    let out = Command::new("python3")
             .arg("-c")
             .arg("import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.executescript(sys.argv[2]); c.commit()")
             .arg(data_dir.join("farmer.db"))
             .arg(sql)
             .output()
-            .unwrap(),
-    };
+            .unwrap();
     assert!(
         out.status.success(),
         "{sql}: {}",
@@ -429,11 +439,25 @@ impl Bot {
         pin: &str,
         extra: &[&str],
     ) -> Bot {
+        Bot::start_to(&c.addr, dir, host_type, hostname, key, pin, extra)
+    }
+
+    /// A bot dialling `coordinators` (`-coordinator=`: one address, or
+    /// several comma-separated) and trusting `pin`.
+    pub fn start_to(
+        coordinators: &str,
+        dir: &Path,
+        host_type: &str,
+        hostname: &str,
+        key: Option<&str>,
+        pin: &str,
+        extra: &[&str],
+    ) -> Bot {
         std::fs::create_dir_all(dir).unwrap();
         let workdir = dir.join(format!("wd-{hostname}"));
         let mut cmd = Command::new(FARMER);
         cmd.arg("buildlet")
-            .arg(format!("-coordinator={}", c.addr))
+            .arg(format!("-coordinator={coordinators}"))
             .arg(format!("-reverse-type={host_type}"))
             .arg(format!("-hostname={hostname}"))
             .arg(format!("-workdir={}", workdir.display()))

@@ -1,0 +1,172 @@
+//! Which coordinator schedules, when several share one PostgreSQL store:
+//! the one holding a session-level advisory lock on a connection of its
+//! own. The lock goes with that connection, so a leader that dies (or whose
+//! link to the database breaks) releases it, and a standby polling for it
+//! takes over. A SQLite store is one process's: its coordinator always leads.
+
+use std::time::Duration;
+
+use sqlx::{AnyConnection, Connection, Executor};
+
+use super::{Engine, Location, Result, Store, StoreError, now_ms};
+
+/// The advisory lock's key (per database, so farms sharing a server do not
+/// contend). Below 2^32: `pg_locks` then shows it as `objid`, `classid` 0.
+const LOCK_KEY: i64 = 0x6661_726d; // "farm"
+
+/// What a leader writes into its lock connection's `application_name`, for
+/// the others' `/status` (read back from `pg_stat_activity`).
+const NAME_PREFIX: &str = "farmer-leader";
+
+/// The leader as the others see it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LeaderInfo {
+    /// Where it serves (its `--listen` address as it reported it).
+    pub addr: String,
+    /// When it took the lead (ms since the epoch).
+    pub since: i64,
+}
+
+/// A connection that holds, or tries for, the leader lock.
+pub struct LeaderLock {
+    /// `None` on SQLite (always the leader).
+    conn: Option<AnyConnection>,
+    held: bool,
+}
+
+impl Store {
+    /// A connection of its own for the leader lock (not from the pool: the
+    /// pool recycles connections, and the lock lives as long as this one).
+    /// The server probes it often, so a leader whose machine vanished is
+    /// noticed in about ten seconds rather than after TCP's two hours.
+    pub async fn leader_lock(&self) -> Result<LeaderLock> {
+        let Location::Postgres(url) = &self.location else {
+            return Ok(LeaderLock {
+                conn: None,
+                held: false,
+            });
+        };
+        let opts: sqlx::any::AnyConnectOptions = url
+            .parse()
+            .map_err(|e| StoreError::Open(format!("{}: {e}", self.location)))?;
+        let mut conn =
+            tokio::time::timeout(Duration::from_secs(10), AnyConnection::connect_with(&opts))
+                .await
+                .map_err(|_| {
+                    StoreError::Open(format!("{}: no connection within 10 s", self.location))
+                })?
+                .map_err(|e| StoreError::Open(format!("{}: {e}", self.location)))?;
+        conn.execute(
+            "SET tcp_keepalives_idle = 4; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3",
+        )
+        .await?;
+        Ok(LeaderLock {
+            conn: Some(conn),
+            held: false,
+        })
+    }
+
+    /// The coordinator holding the leader lock now, if one does (always
+    /// `None` on SQLite, where there are no others).
+    pub async fn leader(&self) -> Result<Option<LeaderInfo>> {
+        if self.engine != Engine::Postgres {
+            return Ok(None);
+        }
+        let name: Option<String> = sqlx::query_scalar(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND l.granted AND CAST(l.classid AS BIGINT) = 0 \
+             AND CAST(l.objid AS BIGINT) = $1 AND l.objsubid = 1 \
+             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) LIMIT 1",
+        )
+        .bind(LOCK_KEY)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(name.and_then(|n| parse_name(&n)))
+    }
+}
+
+impl LeaderLock {
+    /// Tries once to take the lead, announcing `addr` as the leader's
+    /// address. True once held (and from then on).
+    pub async fn try_acquire(&mut self, addr: &str) -> Result<bool> {
+        let Some(conn) = self.conn.as_mut() else {
+            self.held = true;
+            return Ok(true);
+        };
+        if self.held {
+            return Ok(true);
+        }
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(LOCK_KEY)
+            .fetch_one(&mut *conn)
+            .await?;
+        if got {
+            // application_name holds at most 63 bytes; the address is cut
+            // rather than the time.
+            let mut name = format!("{NAME_PREFIX} {} {addr}", now_ms());
+            while name.len() > 63 {
+                name.pop();
+            }
+            sqlx::query("SELECT set_config('application_name', $1, false)")
+                .bind(name)
+                .execute(&mut *conn)
+                .await?;
+            self.held = true;
+        }
+        Ok(got)
+    }
+
+    /// Checks, within 5 s, that the lock is still held on a live connection.
+    /// An error means another coordinator may lead now: the caller must
+    /// stop scheduling at once.
+    pub async fn check(&mut self) -> Result<()> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        let held = tokio::time::timeout(
+            Duration::from_secs(5),
+            sqlx::query_scalar::<_, i64>(
+                "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                 AND pid = pg_backend_pid() AND CAST(objid AS BIGINT) = $1 AND objsubid = 1",
+            )
+            .bind(LOCK_KEY)
+            .fetch_one(&mut *conn),
+        )
+        .await
+        .map_err(|_| {
+            StoreError::Invalid("the leader lock's connection did not answer within 5 s".into())
+        })??;
+        if held != 1 {
+            return Err(StoreError::Invalid(
+                "the leader lock is no longer held".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn parse_name(n: &str) -> Option<LeaderInfo> {
+    let rest = n.strip_prefix(NAME_PREFIX)?.trim_start();
+    let (since, addr) = rest.split_once(' ').unwrap_or((rest, ""));
+    Some(LeaderInfo {
+        addr: addr.to_string(),
+        since: since.parse().ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_leader_is_read_back_from_its_connection_name() {
+        assert_eq!(
+            parse_name("farmer-leader 1765000000000 10.0.0.5:8443"),
+            Some(LeaderInfo {
+                addr: "10.0.0.5:8443".into(),
+                since: 1_765_000_000_000
+            })
+        );
+        assert_eq!(parse_name("psql"), None);
+    }
+}

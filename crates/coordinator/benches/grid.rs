@@ -181,6 +181,7 @@ async fn run() -> anyhow::Result<()> {
         allow_plaintext: false,
         tls_fingerprint: None,
         tls_spki_pin: None,
+        artifacts: None,
     });
     let q = GridQuery {
         n: Some(COMMITS.to_string()),

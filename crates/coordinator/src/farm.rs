@@ -133,11 +133,17 @@ pub struct FarmOptions {
     pub allow_plaintext: bool,
     pub tls_fingerprint: Option<String>,
     pub tls_spki_pin: Option<String>,
+    /// Where releases, finished logs and build artifacts live (`None`: the
+    /// data dir's `artifacts/`).
+    pub artifacts: Option<Arc<dyn crate::artifacts::ArtifactStore>>,
 }
 
 impl Farm {
     pub fn new(o: FarmOptions) -> Arc<Farm> {
-        let releases = Arc::new(Releases::local(&o.data_dir));
+        let releases = Arc::new(match o.artifacts {
+            Some(a) => Releases::with_store(&o.data_dir, a),
+            None => Releases::local(&o.data_dir),
+        });
         let pool = Arc::new(Pool::new());
         let scheduler = Scheduler::new(pool.clone());
         let sources = Sources::new(
@@ -196,6 +202,11 @@ impl Farm {
     /// Records where the gomote SSH server listens.
     pub fn set_ssh_addr(&self, addr: String) {
         *self.ssh_addr.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+    }
+
+    /// Where releases, finished logs and build artifacts live.
+    pub fn artifacts(&self) -> &dyn crate::artifacts::ArtifactStore {
+        self.releases.store()
     }
 
     /// Whether this coordinator leads (always, on SQLite).

@@ -111,9 +111,21 @@ pub async fn run(
         .store
         .clone()
         .unwrap_or_else(|| Location::Sqlite(opts.data_dir.join(STORE_FILE)));
+    let artifacts = crate::artifacts::open(
+        config.serve.storage.as_ref(),
+        &opts.data_dir.join(crate::release::ARTIFACTS_DIR),
+    )?;
+    // A bucket that is missing or refuses the credentials is found now,
+    // not when the first log is written.
+    artifacts
+        .check()
+        .await
+        .with_context(|| format!("checking the artifact store ({})", artifacts.describe()))?;
+    tracing::info!(artifacts = %artifacts.describe(), "artifact store");
     let store = Store::connect(&location)
         .await
-        .context("opening the store")?;
+        .context("opening the store")?
+        .with_blobs(artifacts.clone());
     tracing::info!(store = %location, "store opened");
     let mut lock = store
         .leader_lock()
@@ -138,6 +150,7 @@ pub async fn run(
         allow_plaintext: opts.allow_plaintext,
         tls_fingerprint: Some(identity.fingerprint.clone()),
         tls_spki_pin: Some(identity.spki_pin.clone()),
+        artifacts: Some(artifacts),
     });
     // Nothing that changes the farm is served until it leads and its queue
     // is loaded (a standby answers 503 to those).

@@ -21,6 +21,7 @@ use crate::auth::Caller;
 use crate::farm::{Farm, TriggerError};
 use crate::store::{BuildFilter, BuildKind, BuildStatus};
 
+pub mod artifacts;
 pub mod metrics;
 
 pub fn router(farm: Arc<Farm>) -> Router {
@@ -39,6 +40,11 @@ pub fn router(farm: Arc<Farm>) -> Router {
         .route("/api/history", get(history))
         .route("/api/builds/{id}", get(build))
         .route("/api/builds/{id}/log", get(build_log))
+        .route("/api/builds/{id}/artifacts", get(artifacts::list))
+        .route(
+            "/api/builds/{id}/artifacts/{*name}",
+            get(artifacts::download),
+        )
         .route("/api/builds/{id}/cancel", post(cancel))
         .route("/api/builds/{id}/rebuild", post(rebuild))
         .with_state(farm)
@@ -319,6 +325,12 @@ async fn build(
         "shards": shards,
         "test_counts": test_counts,
         "tests": tests,
+        "artifacts": farm.store.build_artifacts(id).await?.iter().map(|f| json!({
+            "name": f.name,
+            "size": f.size,
+            "sha256": f.sha256,
+            "url": artifacts::download_path(id, &f.name),
+        })).collect::<Vec<_>>(),
     })))
 }
 

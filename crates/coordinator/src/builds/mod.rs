@@ -22,6 +22,7 @@ use crate::pool::{Holder, Lease};
 use crate::scheduler::{LeaseRequest, Priority, Ticket};
 use crate::store::{BuildKind, BuildRow, BuildStatus};
 
+pub mod artifacts;
 mod rerun;
 pub mod source;
 pub(crate) use rerun::{StepCtx, names};
@@ -557,6 +558,7 @@ impl Farm {
             let failed: Vec<String> = results.failed().map(|t| t.name.clone()).collect();
             match r {
                 Ok(ProcessState::Ok) => {
+                    self.keep_artifacts(&ctx, &client).await;
                     let _ = self
                         .store
                         .finish_step(
@@ -611,6 +613,7 @@ impl Farm {
                             return end;
                         }
                         if rerun.still_failing.is_empty() && rerun.clean {
+                            self.keep_artifacts(&ctx, &client).await;
                             let detail = format!("flaky: {}", rerun::names(&rerun.flaky));
                             let _ = self
                                 .store

@@ -70,7 +70,7 @@ pub(crate) struct Rerun {
 const RETRY_NAMES_MAX: usize = 64 << 10;
 
 impl StepCtx<'_> {
-    fn log(&self, text: &str) {
+    pub(crate) fn log(&self, text: &str) {
         self.rb.log.append(text.as_bytes());
     }
 

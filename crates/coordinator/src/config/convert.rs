@@ -14,7 +14,7 @@ use super::{
 use crate::results::{Format, ResultFiles};
 
 const TOP_KEYS: &[&str] = &[
-    "farm", "serve", "repos", "hosts", "builders", "secrets", "smtp", "store",
+    "farm", "serve", "repos", "hosts", "builders", "secrets", "smtp", "store", "storage",
 ];
 const SERVE_KEYS: &[&str] = &["listen", "data_dir", "ssh_listen"];
 const FARM_KEYS: &[&str] = &[
@@ -80,7 +80,15 @@ const BUILDER_KEYS: &[&str] = &[
     "retry_failed",
 ];
 const STEP_KEYS: &[&str] = &[
-    "name", "run", "command", "dir", "env", "timeout", "shard", "results",
+    "name",
+    "run",
+    "command",
+    "dir",
+    "env",
+    "timeout",
+    "shard",
+    "results",
+    "artifacts",
 ];
 const SHARD_KEYS: &[&str] = &["list", "run", "helpers", "try_helpers"];
 
@@ -103,6 +111,9 @@ pub(super) fn farm_config(ctx: &mut Ctx<'_>, tree: &Raw) -> FarmConfig {
     };
     if let Some(t) = root.get(ctx, "store").and_then(|e| ctx.table(&e)) {
         serve.store = store_location(ctx, &t);
+    }
+    if let Some(t) = root.get(ctx, "storage").and_then(|e| ctx.table(&e)) {
+        serve.storage = storage(ctx, &t);
     }
 
     let secrets = match root.get(ctx, "secrets").and_then(|e| ctx.table(&e)) {
@@ -241,7 +252,48 @@ fn serve_settings(ctx: &mut Ctx<'_>, t: &Table<'_>) -> ServeSettings {
         data_dir,
         ssh_listen,
         store: None,
+        storage: None,
     }
+}
+
+/// `[storage]`: an S3-compatible bucket for artifacts and logs.
+fn storage(ctx: &mut Ctx<'_>, t: &Table<'_>) -> Option<crate::artifacts::StorageConfig> {
+    t.check_keys(ctx, &["url", "endpoint", "region"], "[storage]");
+    let Some(e) = t.get(ctx, "url") else {
+        ctx.error(
+            None,
+            "storage",
+            "[storage] needs url = \"s3://BUCKET/PREFIX\" (leave [storage] out to keep artifacts in the data dir)",
+        );
+        return None;
+    };
+    let url = ctx.string(&e)?;
+    let endpoint = match t.get(ctx, "endpoint") {
+        Some(ep) => {
+            let v = ctx.string(&ep)?;
+            if !(v.starts_with("http://") || v.starts_with("https://")) {
+                ctx.error(
+                    Some(ep.at),
+                    &ep.path,
+                    format!("[storage] endpoint {v:?} must be an http:// or https:// URL"),
+                );
+                return None;
+            }
+            Some(v)
+        }
+        None => None,
+    };
+    let region = t.get(ctx, "region").and_then(|r| ctx.string(&r));
+    let cfg = crate::artifacts::StorageConfig {
+        url,
+        endpoint,
+        region,
+    };
+    if let Err(msg) = cfg.bucket_prefix() {
+        ctx.error(Some(e.at), &e.path, msg);
+        return None;
+    }
+    Some(cfg)
 }
 
 /// `[store] url`: checked here, so a typo is reported with its line
@@ -1021,6 +1073,18 @@ fn step(
         Some(e) => results(ctx, &e, &who),
         None => Vec::new(),
     };
+    let artifacts = match t.get(ctx, "artifacts") {
+        Some(e) if shard.is_some() => {
+            ctx.error(
+                Some(e.key_at),
+                &e.path,
+                format!("{who}: artifacts are not kept from a sharded step (its units run on several machines); keep them in a step after it"),
+            );
+            Vec::new()
+        }
+        Some(e) => artifacts(ctx, &e, &who),
+        None => Vec::new(),
+    };
     let command = match (&run, &command_entry) {
         _ if shard.is_some() => Vec::new(),
         (Some(r), Some(c)) => {
@@ -1099,12 +1163,12 @@ fn step(
         timeout,
         shard: shard.flatten(),
         results,
+        artifacts,
     }
 }
 
-/// A step's result files: `"FORMAT:GLOB"` or a list of them, the glob
-/// relative to the step's directory.
-fn results(ctx: &mut Ctx<'_>, e: &Entry<'_>, who: &str) -> Vec<ResultFiles> {
+/// A string or a list of strings.
+fn one_or_list(ctx: &mut Ctx<'_>, e: &Entry<'_>) -> Vec<Located> {
     let list = match e.value {
         Raw::Str(_) => ctx.string(e).map(|s| {
             vec![Located {
@@ -1115,8 +1179,61 @@ fn results(ctx: &mut Ctx<'_>, e: &Entry<'_>, who: &str) -> Vec<ResultFiles> {
         }),
         _ => ctx.string_list(e),
     };
+    list.unwrap_or_default()
+}
+
+/// What is wrong with a glob of files in a step's directory, if anything:
+/// it must stay inside the directory.
+fn glob_problem(glob: &str) -> Option<&'static str> {
+    if glob.is_empty() {
+        Some("is empty")
+    } else if glob.starts_with(['/', '\\']) || glob.as_bytes().get(1) == Some(&b':') {
+        Some("must be relative to the step's directory")
+    } else if glob.split('/').any(|p| p == "..") {
+        Some("must not contain \"..\"")
+    } else {
+        None
+    }
+}
+
+/// Most globs of `artifacts` in one step.
+const MAX_ARTIFACT_GLOBS: usize = 16;
+
+/// A step's `artifacts`: a glob or a list of them, relative to the step's
+/// directory, never leaving it.
+fn artifacts(ctx: &mut Ctx<'_>, e: &Entry<'_>, who: &str) -> Vec<String> {
+    let list = one_or_list(ctx, e);
+    if list.len() > MAX_ARTIFACT_GLOBS {
+        ctx.error(
+            Some(e.at),
+            &e.path,
+            format!(
+                "{who}: artifacts has {} globs; at most {MAX_ARTIFACT_GLOBS}",
+                list.len()
+            ),
+        );
+        return Vec::new();
+    }
     let mut out = Vec::new();
-    for item in list.unwrap_or_default() {
+    for item in list {
+        let glob = item.value.trim();
+        match glob_problem(glob) {
+            Some(p) => ctx.error(
+                Some(item.at),
+                &item.path,
+                format!("{who}: artifacts path {glob:?} {p}"),
+            ),
+            None => out.push(glob.to_string()),
+        }
+    }
+    out
+}
+
+/// A step's result files: `"FORMAT:GLOB"` or a list of them, the glob
+/// relative to the step's directory.
+fn results(ctx: &mut Ctx<'_>, e: &Entry<'_>, who: &str) -> Vec<ResultFiles> {
+    let mut out = Vec::new();
+    for item in one_or_list(ctx, e) {
         let Some((format, glob)) = item.value.split_once(':') else {
             ctx.error(
                 Some(item.at),
@@ -1141,16 +1258,7 @@ fn results(ctx: &mut Ctx<'_>, e: &Entry<'_>, who: &str) -> Vec<ResultFiles> {
             continue;
         };
         let glob = glob.trim();
-        let problem = if glob.is_empty() {
-            Some("is empty")
-        } else if glob.starts_with(['/', '\\']) || glob.as_bytes().get(1) == Some(&b':') {
-            Some("must be relative to the step's directory")
-        } else if glob.split('/').any(|p| p == "..") {
-            Some("must not contain \"..\"")
-        } else {
-            None
-        };
-        if let Some(p) = problem {
+        if let Some(p) = glob_problem(glob) {
             ctx.error(
                 Some(item.at),
                 &item.path,

@@ -49,6 +49,9 @@ pub struct ServeSettings {
     pub ssh_listen: Option<String>,
     /// `[store] url`: where the store lives (default: SQLite in the data dir).
     pub store: Option<crate::store::Location>,
+    /// `[storage]`: an S3-compatible bucket for artifacts, logs and
+    /// releases (default: the data dir's `artifacts/`).
+    pub storage: Option<crate::artifacts::StorageConfig>,
 }
 
 impl FarmConfig {
@@ -299,6 +302,10 @@ pub struct Step {
     pub shard: Option<Shard>,
     /// Result files read after the step (besides what its output shows).
     pub results: Vec<crate::results::ResultFiles>,
+    /// Globs of files kept after the step passes (`artifacts = [...]`),
+    /// relative to its directory: stored, listed on the build page and
+    /// downloadable.
+    pub artifacts: Vec<String>,
 }
 
 /// Most re-runs of failed tests a builder may ask for.

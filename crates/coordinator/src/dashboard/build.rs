@@ -126,6 +126,16 @@ pub struct BuildView {
     pub tests: TestsView,
     /// Where the time of each sharded step went.
     pub shards: Vec<StepReport>,
+    /// The files the build kept.
+    pub artifacts: Vec<ArtifactView>,
+}
+
+/// A file a build kept, with its download link.
+pub struct ArtifactView {
+    pub name: String,
+    pub size: String,
+    pub sha256: String,
+    pub url: String,
 }
 
 async fn load(farm: &Farm, id: i64) -> Result<BuildView, PageError> {
@@ -167,7 +177,20 @@ async fn load(farm: &Farm, id: i64) -> Result<BuildView, PageError> {
             .find(|a| a.id == aid)
             .map_or(0, |a| a.number)
     };
+    let artifacts = farm
+        .store
+        .build_artifacts(id)
+        .await?
+        .into_iter()
+        .map(|f| ArtifactView {
+            url: crate::api::artifacts::download_path(id, &f.name),
+            size: crate::view::human_bytes(f.size.max(0) as u64),
+            name: f.name,
+            sha256: f.sha256,
+        })
+        .collect();
     Ok(BuildView {
+        artifacts,
         id,
         short: short(&b.commit).to_string(),
         subject: commit

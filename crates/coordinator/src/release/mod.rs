@@ -353,7 +353,7 @@ pub struct PublishCli {
     /// The buildlet protocol version of the file, when it cannot be read from it.
     #[arg(long)]
     protocol: Option<u32>,
-    /// The farm config, to check `min_buildlet_version`. Default: farmer.toml in the data dir, if any.
+    /// The farm config: its `min_buildlet_version` is checked, and its `[storage]` (an S3 bucket) receives the release. Default: farmer.toml in the data dir, if any.
     #[arg(long)]
     config: Option<PathBuf>,
     /// The release private key. Default: <data-dir>/release/release.key (created if missing).
@@ -361,38 +361,44 @@ pub struct PublishCli {
     key_file: Option<PathBuf>,
 }
 
-fn min_protocol(config: Option<&Path>, data_dir: &Path) -> anyhow::Result<Option<u32>> {
+/// What `farmer buildlet publish` reads from the farm config: the oldest
+/// protocol accepted, and where artifacts live (`[storage]`).
+fn farm_settings(
+    config: Option<&Path>,
+    data_dir: &Path,
+) -> anyhow::Result<(Option<u32>, Option<crate::artifacts::StorageConfig>)> {
     let (path, explicit) = match config {
         Some(p) => (p.to_path_buf(), true),
         None => (data_dir.join(crate::demo::CONFIG_FILE), false),
     };
     if !explicit && !path.exists() {
-        return Ok(None);
+        return Ok((None, None));
     }
     match crate::config::load(&path) {
-        Ok(c) => Ok(Some(c.farm.min_buildlet_version)),
+        Ok(c) => Ok((Some(c.farm.min_buildlet_version), c.serve.storage)),
         Err(e) if explicit => bail!("{e}"),
         Err(_) => {
             tracing::warn!(
-                "{} has errors; not checking min_buildlet_version",
+                "{} has errors; not checking min_buildlet_version, publishing to the data dir",
                 path.display()
             );
-            Ok(None)
+            Ok((None, None))
         }
     }
 }
 
-/// Publishes into the data dir's local store with the release key in
-/// `key_file` (created if missing, its public half written beside the
-/// store): what `farmer buildlet publish` and `farmer up` share.
+/// Publishes into `store` (the data dir's local store by default) with the
+/// release key in `key_file` (created if missing, its public half written
+/// into the data dir): what `farmer buildlet publish` and `farmer up` share.
 fn publish_local(
     data_dir: &Path,
     key_file: &Path,
+    store: Option<Arc<dyn ArtifactStore>>,
     req: PublishRequest,
 ) -> anyhow::Result<(Published, Arc<dyn ArtifactStore>)> {
     let key = load_or_create_key(key_file)?;
     write_public_key(data_dir, &key)?;
-    let store = local_store(data_dir);
+    let store = store.unwrap_or_else(|| local_store(data_dir));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -406,7 +412,14 @@ pub fn publish_main(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
     let platform = Platform::parse(&cli.os, &cli.arch).map_err(anyhow::Error::msg)?;
     let data =
         std::fs::read(&cli.file).with_context(|| format!("reading {}", cli.file.display()))?;
-    let min = min_protocol(cli.config.as_deref(), &cli.data_dir)?;
+    let (min, storage) = farm_settings(cli.config.as_deref(), &cli.data_dir)?;
+    let store = match &storage {
+        Some(s) => Some(crate::artifacts::open(
+            Some(s),
+            &cli.data_dir.join(ARTIFACTS_DIR),
+        )?),
+        None => None,
+    };
     let key_file = cli
         .key_file
         .clone()
@@ -416,6 +429,7 @@ pub fn publish_main(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
     let (p, store) = publish_local(
         &cli.data_dir,
         &key_file,
+        store,
         PublishRequest {
             platform: platform.clone(),
             data: Bytes::from(data),
@@ -458,6 +472,7 @@ pub fn publish_for_demo(data_dir: &Path) -> anyhow::Result<Manifest> {
     let (p, _) = publish_local(
         data_dir,
         &key_dir(data_dir).join(PRIVATE_KEY_FILE),
+        None,
         PublishRequest {
             platform: Platform::current(),
             data: Bytes::from(data),

@@ -50,8 +50,15 @@ pub async fn collect(
     r
 }
 
-async fn read_files(client: &Client, dir: &str, f: &ResultFiles, mask: &Mask, r: &mut Results) {
-    let base = glob_base(&f.glob);
+/// The files under `dir` (relative to the work dir) that `glob` matches,
+/// as paths relative to `dir`, sorted; a sentence when they cannot be
+/// listed. Shared with the artifacts a step keeps.
+pub(crate) async fn list_matching(
+    client: &Client,
+    dir: &str,
+    glob: &str,
+) -> Result<Vec<String>, String> {
+    let base = glob_base(glob);
     let listed = if base.is_empty() {
         dir.to_string()
     } else {
@@ -59,16 +66,18 @@ async fn read_files(client: &Client, dir: &str, f: &ResultFiles, mask: &Mask, r:
     };
     let depth = |s: &str| s.split('/').filter(|p| !p.is_empty() && *p != ".").count();
     let opts = LsOptions {
-        recursive: f.glob.contains("**") || depth(&f.glob) > depth(&base) + 1,
+        recursive: glob.contains("**") || depth(glob) > depth(&base) + 1,
         ..Default::default()
     };
     let entries = match client.ls(&listed, &opts).await {
         Ok(e) => e,
-        Err(e) => {
-            r.problems
-                .push(format!("results {:?}: listing {listed}: {e}", f.glob));
-            return;
+        // A glob whose directory does not exist matches nothing.
+        Err(buildlet::client::Error::Rejected { status, .. })
+            if status == http::StatusCode::NOT_FOUND && !base.is_empty() =>
+        {
+            return Ok(Vec::new());
         }
+        Err(e) => return Err(format!("listing {listed}: {e}")),
     };
     let mut matched: Vec<String> = entries
         .into_iter()
@@ -80,9 +89,20 @@ async fn read_files(client: &Client, dir: &str, f: &ResultFiles, mask: &Mask, r:
                 format!("{base}/{}", e.path)
             }
         })
-        .filter(|p| glob_match(&f.glob, p))
+        .filter(|p| glob_match(glob, p))
         .collect();
     matched.sort();
+    Ok(matched)
+}
+
+async fn read_files(client: &Client, dir: &str, f: &ResultFiles, mask: &Mask, r: &mut Results) {
+    let mut matched = match list_matching(client, dir, &f.glob).await {
+        Ok(m) => m,
+        Err(e) => {
+            r.problems.push(format!("results {:?}: {e}", f.glob));
+            return;
+        }
+    };
     if matched.is_empty() {
         r.problems
             .push(format!("results {:?}: no file matched", f.glob));
@@ -97,7 +117,7 @@ async fn read_files(client: &Client, dir: &str, f: &ResultFiles, mask: &Mask, r:
         matched.truncate(MAX_FILES);
     }
     for rel in matched {
-        match fetch(client, &format!("{dir}/{rel}")).await {
+        match fetch(client, &format!("{dir}/{rel}"), MAX_FILE).await {
             Ok(bytes) => match f.format.read(&mask.apply(&bytes)) {
                 // Lines of a file are not lines of the step's log.
                 Ok(tests) => r.extend(
@@ -113,10 +133,11 @@ async fn read_files(client: &Client, dir: &str, f: &ResultFiles, mask: &Mask, r:
     }
 }
 
-/// One file's content, through a one-entry `/tgz`, at most [`MAX_FILE`].
-async fn fetch(client: &Client, path: &str) -> Result<Vec<u8>, String> {
+/// One file's content, through a one-entry `/tgz`, at most `cap` bytes.
+pub(crate) async fn fetch(client: &Client, path: &str, cap: usize) -> Result<Vec<u8>, String> {
     let mut tgz = CappedBuffer {
-        cap: MAX_FILE,
+        // An archive of a file that does not compress is a little larger.
+        cap: cap + (cap >> 6) + (64 << 10),
         bytes: Vec::new(),
         overflowed: false,
     };
@@ -124,7 +145,7 @@ async fn fetch(client: &Client, path: &str) -> Result<Vec<u8>, String> {
         .get_tgz(path, &mut tgz, None)
         .await
         .map_err(|e| format!("fetching it: {e}"))?;
-    let too_big = || format!("larger than {} MiB; not read", MAX_FILE >> 20);
+    let too_big = || format!("larger than {} MiB; not read", cap >> 20);
     if tgz.overflowed {
         return Err(too_big());
     }
@@ -136,10 +157,10 @@ async fn fetch(client: &Client, path: &str) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("unpacking it: {e}"))?;
     let mut out = Vec::new();
     (&mut entry)
-        .take(MAX_FILE as u64 + 1)
+        .take(cap as u64 + 1)
         .read_to_end(&mut out)
         .map_err(|e| format!("unpacking it: {e}"))?;
-    if out.len() > MAX_FILE {
+    if out.len() > cap {
         return Err(too_big());
     }
     Ok(out)

@@ -21,6 +21,7 @@ pub const TABLES: &[&str] = &[
     "builds",
     "attempts",
     "steps",
+    "build_artifacts",
     "attempt_logs",
     "unit_runs",
     "test_results",

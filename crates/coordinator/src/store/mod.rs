@@ -21,19 +21,26 @@ use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+
+use crate::artifacts::ArtifactStore;
+use std::sync::Arc;
+
 use sqlx::AnyPool;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
+mod build_artifacts;
 mod certs;
 mod copy;
 mod engine;
 mod forge;
 mod gomote;
 mod leader;
+mod logs;
 mod results;
 mod units;
 
+pub use build_artifacts::{BuildArtifact, MAX_BUILD_ARTIFACTS};
 pub use certs::{Approval, BotRequestRow, RequestStatus};
 pub use copy::{TABLES, TableCopy};
 pub use engine::{Engine, Location};
@@ -281,6 +288,8 @@ pub struct BuildFilter {
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// Where finished logs go (see `logs.rs`); in the rows without one.
+    blobs: Option<Arc<dyn ArtifactStore>>,
     engine: Engine,
     /// Where it is: the leader lock opens a connection of its own there.
     location: Location,
@@ -344,6 +353,7 @@ impl Store {
         let (pool, engine) = engine::connect(location).await?;
         Ok(Store {
             pool,
+            blobs: None,
             engine,
             location: location.clone(),
         })
@@ -689,27 +699,6 @@ impl Store {
         Ok(id)
     }
 
-    /// Finishes a step and stores its log gzip-compressed.
-    pub async fn finish_step(
-        &self,
-        step_id: i64,
-        result: &str,
-        detail: &str,
-        log: &[u8],
-    ) -> Result<()> {
-        let gz = gzip(log);
-        sqlx::query("UPDATE steps SET result = $1, detail = $2, finished_at = $3, log_gz = $4, log_size = $5 WHERE id = $6")
-            .bind(text(result))
-            .bind(text(detail))
-            .bind(now_ms())
-            .bind(gz)
-            .bind(log.len() as i64)
-            .bind(step_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
     pub async fn attempts(&self, build_id: i64) -> Result<Vec<AttemptRow>> {
         Ok(sqlx::query_as(
             "SELECT id, build_id, number, machine, host_type, started_at, finished_at, result, error FROM attempts WHERE build_id = $1 ORDER BY number",
@@ -726,17 +715,6 @@ impl Store {
         .bind(build_id)
         .fetch_all(&self.pool)
         .await?)
-    }
-
-    /// The stored (finished) log of one step, decompressed.
-    pub async fn step_log(&self, step_id: i64) -> Result<Option<Vec<u8>>> {
-        let r = sqlx::query("SELECT log_gz FROM steps WHERE id = $1")
-            .bind(step_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        let Some(r) = r else { return Ok(None) };
-        let gz: Option<Vec<u8>> = r.try_get("log_gz")?;
-        Ok(Some(gz.map(|g| gunzip(&g)).unwrap_or_default()))
     }
 
     pub async fn machine_seen(
@@ -943,11 +921,4 @@ pub(crate) fn gzip(data: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     let _ = e.write_all(data);
     e.finish().unwrap_or_default()
-}
-
-pub(crate) fn gunzip(data: &[u8]) -> Vec<u8> {
-    use std::io::Read;
-    let mut out = Vec::new();
-    let _ = flate2::read::GzDecoder::new(data).read_to_end(&mut out);
-    out
 }

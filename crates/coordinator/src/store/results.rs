@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 use sqlx::Row;
 
-use super::{Result, Store, gunzip, gzip, now_ms, text};
+use super::{Result, Store, now_ms, text};
 use crate::results::TestResult;
 
 /// Most rows a listing of tests returns.
@@ -234,35 +234,6 @@ impl Store {
                     },
                     last_flaky_build: r.try_get::<Option<i64>, _>("last_flaky")?.unwrap_or(0),
                 })
-            })
-            .collect()
-    }
-
-    /// Stores the whole log of an attempt (replacing one stored before).
-    pub async fn put_attempt_log(&self, attempt_id: i64, build_id: i64, log: &[u8]) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO attempt_logs (attempt_id, build_id, log_gz, log_size) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (attempt_id) DO UPDATE SET log_gz = excluded.log_gz, log_size = excluded.log_size",
-        )
-        .bind(attempt_id)
-        .bind(build_id)
-        .bind(gzip(log))
-        .bind(log.len() as i64)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// The stored whole logs of a build's attempts, by attempt id.
-    pub async fn attempt_logs(&self, build_id: i64) -> Result<HashMap<i64, Vec<u8>>> {
-        let rows = sqlx::query("SELECT attempt_id, log_gz FROM attempt_logs WHERE build_id = $1")
-            .bind(build_id)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let gz: Vec<u8> = r.try_get("log_gz")?;
-                Ok((r.try_get("attempt_id")?, gunzip(&gz)))
             })
             .collect()
     }

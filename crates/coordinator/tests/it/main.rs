@@ -25,5 +25,6 @@ mod shard;
 mod sources;
 mod ssh;
 mod stage0;
+mod storage;
 mod store;
 mod tls;

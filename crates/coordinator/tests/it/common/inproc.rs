@@ -73,6 +73,7 @@ impl InProc {
             allow_plaintext: true,
             tls_fingerprint: None,
             tls_spki_pin: None,
+            artifacts: None,
         });
         let dispatch = tokio::spawn(farm.clone().dispatch_loop());
         let outbox = tokio::spawn(coordinator::forge::outbox::deliver_loop(farm.clone()));

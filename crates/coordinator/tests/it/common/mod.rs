@@ -238,16 +238,33 @@ impl Coordinator {
     }
 
     pub fn start_on(data_dir: &Path, config: &Path, listen: &str) -> Coordinator {
-        Coordinator::start_full(data_dir, config, listen, &[])
+        Coordinator::start_full(data_dir, config, listen, &[], &[])
     }
 
     /// `farmer serve` with extra flags.
     pub fn start_args(data_dir: &Path, config: &Path, extra: &[&str]) -> Coordinator {
-        Coordinator::start_full(data_dir, config, "127.0.0.1:0", extra)
+        Coordinator::start_full(data_dir, config, "127.0.0.1:0", extra, &[])
     }
 
-    fn start_full(data_dir: &Path, config: &Path, listen: &str, extra: &[&str]) -> Coordinator {
+    /// `farmer serve` with extra flags and environment variables.
+    pub fn start_env(
+        data_dir: &Path,
+        config: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Coordinator {
+        Coordinator::start_full(data_dir, config, "127.0.0.1:0", extra, env)
+    }
+
+    fn start_full(
+        data_dir: &Path,
+        config: &Path,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Coordinator {
         let mut cmd = Command::new(FARMER);
+        cmd.envs(env.iter().copied());
         if let Some(url) = store_url(data_dir) {
             // An explicit --database-url in `extra` wins over this.
             cmd.env("FARMER_DATABASE_URL", url);

@@ -1,21 +1,30 @@
-//! The artifact store: named blobs the coordinator serves, starting with
+//! The artifact store: named blobs the coordinator keeps and serves —
 //! published buildlet binaries and their release index (see
-//! [`crate::release`]).
+//! [`crate::release`]), finished logs (see [`crate::store`]) and the files
+//! builds keep (`artifacts = [...]` of a step, see [`crate::builds`]).
 //!
-//! [`ArtifactStore`] is the seam for scale: the embedded default is
-//! [`LocalDir`], a directory under the data dir; an S3-compatible object
-//! store (`object_store`) implements the same five calls — whole-object
-//! get, streaming open, atomic put, and a cheap change token (mtime and size
-//! here, the ETag there) that the coordinator polls to notice a publish.
+//! [`ArtifactStore`] has two backends: [`LocalDir`], a directory under the
+//! data dir (the default), and [`S3`], any S3-compatible object store
+//! through the `object_store` crate (`[storage] url = "s3://bucket/prefix"`),
+//! which a standby coordinator can share. Both do the same five calls:
+//! whole-object get, streaming open, atomic put, and a cheap change token
+//! (mtime and size here, the ETag there) that the coordinator polls to
+//! notice a publish.
 
 use std::future::Future;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
+use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::Stream;
-use tokio::io::AsyncReadExt;
+
+mod local;
+mod s3;
+
+pub use local::LocalDir;
+pub use s3::{S3, StorageConfig};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
@@ -40,6 +49,11 @@ pub trait ArtifactStore: Send + Sync + 'static {
     fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, io::Result<()>>;
     /// A token that changes whenever the object changes, or `None` if missing.
     fn version<'a>(&'a self, key: &'a str) -> BoxFuture<'a, io::Result<Option<String>>>;
+    /// Checks that the store can be used (a bucket exists and these
+    /// credentials may list it), so a mistake shows at start.
+    fn check(&self) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Refuses keys that could escape the store or are not plain names.
@@ -64,92 +78,12 @@ pub fn check_key(key: &str) -> io::Result<()> {
     }
 }
 
-/// Artifacts as files under a directory.
-pub struct LocalDir {
-    root: PathBuf,
-}
-
-impl LocalDir {
-    pub fn new(root: impl Into<PathBuf>) -> LocalDir {
-        LocalDir { root: root.into() }
-    }
-
-    /// The file that holds `key`.
-    pub fn path(&self, key: &str) -> io::Result<PathBuf> {
-        check_key(key)?;
-        Ok(self.root.join(key))
-    }
-}
-
-fn missing<T>(r: io::Result<T>) -> io::Result<Option<T>> {
-    match r {
-        Ok(v) => Ok(Some(v)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-fn put_file(path: &Path, data: &[u8]) -> io::Result<()> {
-    atomicfile::write(path, data, None)
-}
-
-impl ArtifactStore for LocalDir {
-    fn describe(&self) -> String {
-        format!("local directory {}", self.root.display())
-    }
-
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, io::Result<Option<Bytes>>> {
-        Box::pin(async move {
-            let p = self.path(key)?;
-            Ok(missing(tokio::fs::read(&p).await)?.map(Bytes::from))
-        })
-    }
-
-    fn open<'a>(&'a self, key: &'a str) -> BoxFuture<'a, io::Result<Option<Object>>> {
-        Box::pin(async move {
-            let p = self.path(key)?;
-            let Some(file) = missing(tokio::fs::File::open(&p).await)? else {
-                return Ok(None);
-            };
-            let size = file.metadata().await?.len();
-            let body = futures_util::stream::unfold(Some(file), |file| async move {
-                let mut file = file?;
-                let mut buf = BytesMut::with_capacity(256 * 1024);
-                match file.read_buf(&mut buf).await {
-                    Ok(0) => None,
-                    Ok(_) => Some((Ok(buf.freeze()), Some(file))),
-                    Err(e) => Some((Err(e), None)),
-                }
-            });
-            Ok(Some(Object {
-                size,
-                body: Box::pin(body),
-            }))
-        })
-    }
-
-    fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, io::Result<()>> {
-        Box::pin(async move {
-            let p = self.path(key)?;
-            tokio::task::spawn_blocking(move || put_file(&p, &data))
-                .await
-                .map_err(io::Error::other)?
-        })
-    }
-
-    fn version<'a>(&'a self, key: &'a str) -> BoxFuture<'a, io::Result<Option<String>>> {
-        Box::pin(async move {
-            let p = self.path(key)?;
-            let Some(m) = missing(tokio::fs::metadata(&p).await)? else {
-                return Ok(None);
-            };
-            let mtime = m
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_nanos());
-            Ok(Some(format!("{mtime}-{}", m.len())))
-        })
+/// The farm's artifact store: S3 when `[storage]` names a bucket, else the
+/// directory `dir` (in the data dir).
+pub fn open(cfg: Option<&StorageConfig>, dir: &Path) -> anyhow::Result<Arc<dyn ArtifactStore>> {
+    match cfg {
+        Some(c) => Ok(Arc::new(S3::new(c)?)),
+        None => Ok(Arc::new(LocalDir::new(dir))),
     }
 }
 

@@ -1,0 +1,128 @@
+//! Build artifacts: after a step passes, the files its `artifacts` globs
+//! name are fetched from the machine, stored in the artifact store under
+//! their SHA-256 (`builds/sha256/HEX`: a file many builds keep is stored
+//! once) and recorded with the build (`store::build_artifacts`). Every fetch
+//! is bounded; a file that cannot be kept is a line in the log, never a
+//! failed build.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use super::StepCtx;
+use crate::farm::Farm;
+use crate::results::collect::{fetch, list_matching};
+use buildlet::client::Client;
+
+/// Largest file kept.
+pub const MAX_FILE: usize = 64 << 20;
+/// Most files one step keeps.
+pub const MAX_FILES: usize = 32;
+/// Most bytes one step keeps in all.
+pub const MAX_STEP_BYTES: usize = 256 << 20;
+/// The longest fetching one step's files may take.
+const FETCH_LIMIT: Duration = Duration::from_secs(600);
+
+/// Where a kept file's bytes are.
+pub fn key(sha256: &str) -> String {
+    format!("builds/sha256/{sha256}")
+}
+
+impl Farm {
+    /// Keeps the files `ctx.step.artifacts` names, saying in the log what
+    /// was kept and what was not.
+    pub(crate) async fn keep_artifacts(&self, ctx: &StepCtx<'_>, client: &Client) {
+        if ctx.step.artifacts.is_empty() {
+            return;
+        }
+        let work = async {
+            let dir = super::step_dir(ctx.step);
+            let mut names: Vec<String> = Vec::new();
+            for glob in &ctx.step.artifacts {
+                match list_matching(client, &dir, glob).await {
+                    Ok(m) if m.is_empty() => {
+                        ctx.log(&format!("farmer: artifacts {glob:?}: no file matched\n"))
+                    }
+                    Ok(m) => {
+                        for n in m {
+                            if !names.contains(&n) {
+                                names.push(n);
+                            }
+                        }
+                    }
+                    Err(e) => ctx.log(&format!("farmer: artifacts {glob:?}: {e}\n")),
+                }
+            }
+            if names.len() > MAX_FILES {
+                ctx.log(&format!(
+                    "farmer: artifacts: {} files matched; only the first {MAX_FILES} are kept\n",
+                    names.len()
+                ));
+                names.truncate(MAX_FILES);
+            }
+            let mut total = 0;
+            for name in names {
+                let cap = MAX_FILE.min(MAX_STEP_BYTES - total);
+                if cap == 0 {
+                    ctx.log(&format!(
+                        "farmer: artifacts: {name}: not kept, the step's files reached {} MiB\n",
+                        MAX_STEP_BYTES >> 20
+                    ));
+                    continue;
+                }
+                let data = match fetch(client, &format!("{dir}/{name}"), cap).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        ctx.log(&format!("farmer: artifacts: {name}: {e}\n"));
+                        continue;
+                    }
+                };
+                total += data.len();
+                match self.keep_one(ctx, &name, data).await {
+                    Ok(line) => ctx.log(&line),
+                    Err(e) => ctx.log(&format!("farmer: artifacts: {name}: not kept: {e}\n")),
+                }
+            }
+        };
+        if tokio::time::timeout(FETCH_LIMIT, work).await.is_err() {
+            ctx.log(&format!(
+                "farmer: artifacts: fetching took over {FETCH_LIMIT:?}; the rest were not kept\n"
+            ));
+        }
+    }
+
+    async fn keep_one(
+        &self,
+        ctx: &StepCtx<'_>,
+        name: &str,
+        data: Vec<u8>,
+    ) -> Result<String, String> {
+        let size = data.len();
+        let sha = hex::encode(Sha256::digest(&data));
+        let store = self.artifacts();
+        let k = key(&sha);
+        let have = store.version(&k).await.map_err(|e| e.to_string())?;
+        if have.is_none() {
+            store
+                .put(&k, Bytes::from(data))
+                .await
+                .map_err(|e| format!("writing it to the {}: {e}", store.describe()))?;
+        }
+        self.store
+            .add_build_artifact(
+                ctx.build.id,
+                ctx.attempt_id,
+                ctx.step_id,
+                name,
+                size as i64,
+                &sha,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(format!(
+            "farmer: artifacts: kept {name} ({})\n",
+            crate::view::human_bytes(size as u64)
+        ))
+    }
+}

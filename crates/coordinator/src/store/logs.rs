@@ -1,0 +1,175 @@
+//! Finished logs, gzip-compressed: in the artifact store (`logs/steps/ID`,
+//! `logs/attempts/ID`) when the store was given one, which may be a bucket
+//! the database never has to carry; in the database row otherwise, and
+//! whenever the artifact store fails (a log is never lost to an outage).
+//! Rows written before keep their logs and are read as they are. Live logs
+//! stream from memory (`crate::logs`) while a build runs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sqlx::Row;
+
+use super::{Result, Store, gzip, now_ms, text};
+use crate::artifacts::ArtifactStore;
+
+fn step_key(id: i64) -> String {
+    format!("logs/steps/{id}.log.gz")
+}
+
+fn attempt_key(id: i64) -> String {
+    format!("logs/attempts/{id}.log.gz")
+}
+
+/// Decompresses a stored log, at most a little more than the longest log
+/// ever kept (`logs::MAX_LOG`): a damaged object cannot balloon.
+fn gunzip(gz: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let limit = (crate::logs::MAX_LOG + (1 << 20)) as u64;
+    let _ = flate2::read::GzDecoder::new(gz)
+        .take(limit)
+        .read_to_end(&mut out);
+    out
+}
+
+impl Store {
+    /// Finished logs go to `blobs` from now on.
+    pub fn with_blobs(mut self, blobs: Arc<dyn ArtifactStore>) -> Store {
+        self.blobs = Some(blobs);
+        self
+    }
+
+    /// Compresses `log` and puts it in the artifact store; the compressed
+    /// bytes come back for the row when there is no artifact store or it
+    /// failed.
+    async fn keep_log(&self, key: &str, log: &[u8]) -> Option<Vec<u8>> {
+        let gz = if log.len() > 1 << 20 {
+            let owned = log.to_vec();
+            tokio::task::spawn_blocking(move || gzip(&owned))
+                .await
+                .unwrap_or_default()
+        } else {
+            gzip(log)
+        };
+        let Some(blobs) = &self.blobs else {
+            return Some(gz);
+        };
+        let data = Bytes::from(gz);
+        match blobs.put(key, data.clone()).await {
+            Ok(()) => None,
+            Err(e) => {
+                tracing::warn!(
+                    key,
+                    "cannot write a finished log to the {}: {e}; keeping it in the database",
+                    blobs.describe()
+                );
+                Some(data.to_vec())
+            }
+        }
+    }
+
+    /// A log as kept: from its row, else from the artifact store.
+    async fn read_log(&self, key: &str, row: Option<Vec<u8>>, size: i64) -> Vec<u8> {
+        if let Some(gz) = row.filter(|g| !g.is_empty()) {
+            return gunzip(&gz);
+        }
+        if size == 0 {
+            return Vec::new();
+        }
+        let Some(blobs) = &self.blobs else {
+            return Vec::new();
+        };
+        match blobs.get(key).await {
+            Ok(Some(gz)) => gunzip(&gz),
+            Ok(None) => {
+                tracing::warn!(
+                    key,
+                    "a finished log is missing from the {}",
+                    blobs.describe()
+                );
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::warn!(
+                    key,
+                    "cannot read a finished log from the {}: {e}",
+                    blobs.describe()
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    /// Finishes a step and keeps its log.
+    pub async fn finish_step(
+        &self,
+        step_id: i64,
+        result: &str,
+        detail: &str,
+        log: &[u8],
+    ) -> Result<()> {
+        let row = self.keep_log(&step_key(step_id), log).await;
+        sqlx::query("UPDATE steps SET result = $1, detail = $2, finished_at = $3, log_gz = $4, log_size = $5 WHERE id = $6")
+            .bind(text(result))
+            .bind(text(detail))
+            .bind(now_ms())
+            .bind(row)
+            .bind(log.len() as i64)
+            .bind(step_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The kept (finished) log of one step, decompressed.
+    pub async fn step_log(&self, step_id: i64) -> Result<Option<Vec<u8>>> {
+        let r = sqlx::query("SELECT log_gz, log_size FROM steps WHERE id = $1")
+            .bind(step_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(r) = r else { return Ok(None) };
+        let row: Option<Vec<u8>> = r.try_get("log_gz")?;
+        let size: i64 = r.try_get("log_size")?;
+        Ok(Some(self.read_log(&step_key(step_id), row, size).await))
+    }
+
+    /// Keeps the whole log of an attempt (replacing one kept before).
+    pub async fn put_attempt_log(&self, attempt_id: i64, build_id: i64, log: &[u8]) -> Result<()> {
+        // The row's blob is empty when the log is in the artifact store.
+        let row = self
+            .keep_log(&attempt_key(attempt_id), log)
+            .await
+            .unwrap_or_default();
+        sqlx::query(
+            "INSERT INTO attempt_logs (attempt_id, build_id, log_gz, log_size) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (attempt_id) DO UPDATE SET log_gz = excluded.log_gz, log_size = excluded.log_size",
+        )
+        .bind(attempt_id)
+        .bind(build_id)
+        .bind(row)
+        .bind(log.len() as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The kept whole logs of a build's attempts, by attempt id.
+    pub async fn attempt_logs(&self, build_id: i64) -> Result<HashMap<i64, Vec<u8>>> {
+        let rows = sqlx::query(
+            "SELECT attempt_id, log_gz, log_size FROM attempt_logs WHERE build_id = $1 LIMIT 1000",
+        )
+        .bind(build_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = HashMap::new();
+        for r in rows {
+            let id: i64 = r.try_get("attempt_id")?;
+            let row: Vec<u8> = r.try_get("log_gz")?;
+            let size: i64 = r.try_get("log_size")?;
+            out.insert(id, self.read_log(&attempt_key(id), Some(row), size).await);
+        }
+        Ok(out)
+    }
+}

@@ -141,8 +141,9 @@ pub async fn run(b: Arc<Buildlet>, cfg: ReverseConfig) -> Result<(), ReverseErro
     let mut at = 0;
     let mut failed = 0;
     // Whether a coordinator of this round said it is a standby (one of them
-    // is about to lead: come back soon).
+    // is about to lead: come back soon, though less often while it lasts).
     let mut standby_seen = false;
+    let mut standby_wait = Duration::from_secs(1);
     loop {
         let addr = cfg.coordinators.get(at).map_or("", String::as_str);
         let attempt = connect_once(&b, &cfg, addr, connector.as_ref());
@@ -173,6 +174,7 @@ pub async fn run(b: Arc<Buildlet>, cfg: ReverseConfig) -> Result<(), ReverseErro
                 }
                 failed = 0;
                 standby_seen = false;
+                standby_wait = Duration::from_secs(1);
             }
             Err(e @ ReverseError::Refused { .. }) if e.upgrade_required() && under_stage0() => {
                 // stage0 fetches the current release when we exit.
@@ -201,7 +203,9 @@ pub async fn run(b: Arc<Buildlet>, cfg: ReverseConfig) -> Result<(), ReverseErro
             }
         }
         let wait = if standby_seen {
-            jitter(Duration::from_secs(1))
+            let w = jitter(standby_wait);
+            standby_wait = (standby_wait * 2).min(Duration::from_secs(8));
+            w
         } else {
             jitter(backoff)
         };

@@ -41,6 +41,9 @@
 //! 6. **Sharded tests.** See `coordinator/shard.rs`.
 //! 7. **Source delivery.** Whole trees vs deltas through a 10 MB/s link;
 //!    see `coordinator/delivery.rs`.
+//! 8. **Scale on both stores.** 10,000 queued builds and 1,000 idle reverse
+//!    connections, API latencies, throughput and memory, on SQLite and on a
+//!    throwaway PostgreSQL server; see `coordinator/scale.rs`.
 //!
 //! The coordinators log (`FARMER_LOG=warn`) and the buildlets log
 //! (`BUILDLET_LOG=warn`) to files in the temp dir; every child is killed at
@@ -48,6 +51,8 @@
 
 #[path = "coordinator/delivery.rs"]
 mod delivery;
+#[path = "coordinator/scale.rs"]
+mod scale;
 #[path = "coordinator/shard.rs"]
 mod shard;
 
@@ -118,7 +123,7 @@ async fn run(nofile: Option<String>) -> anyhow::Result<()> {
         &commit[..12]
     );
     // FARMER_BENCH=gomote (or a comma list of dispatch, throughput,
-    // elastic, memory, gomote, shard, delivery) runs only those sections.
+    // elastic, memory, gomote, shard, delivery, scale) runs only those sections.
     let only = std::env::var("FARMER_BENCH").unwrap_or_default();
     let wanted = |s: &str| only.is_empty() || only.split(',').any(|x| x.trim() == s);
     if wanted("dispatch") {
@@ -141,6 +146,9 @@ async fn run(nofile: Option<String>) -> anyhow::Result<()> {
     }
     if wanted("delivery") {
         delivery::bench_delivery(&dir).await?;
+    }
+    if wanted("scale") {
+        scale::bench_scale(&dir, &repo, &commit).await?;
     }
     Ok(())
 }
@@ -341,16 +349,36 @@ async fn dispatch_one(
 // 2. Throughput
 
 async fn bench_throughput(dir: &Path, repo: &Path, commit: &str) -> anyhow::Result<()> {
+    throughput_on(dir, repo, commit, None).await.map(|_| ())
+}
+
+/// Throughput with the store at `database_url` (else SQLite).
+async fn throughput_on(
+    dir: &Path,
+    repo: &Path,
+    commit: &str,
+    database_url: Option<&str>,
+) -> anyhow::Result<f64> {
     println!();
     println!(
-        "== throughput: {TPUT_BUILDLETS} buildlets, {TPUT_BUILDS} trivial builds (`true`) from {TPUT_CLIENTS} concurrent clients =="
+        "== throughput: {TPUT_BUILDLETS} buildlets, {TPUT_BUILDS} trivial builds (`true`) from {TPUT_CLIENTS} concurrent clients, store on {} ==",
+        if database_url.is_some() {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        }
     );
     let config = farm_config(
         Some(repo),
         &[("host-bench-four", TPUT_BUILDLETS)],
         &[("nop", "host-bench-four", r#"command = ["true"]"#)],
     );
-    let c = Coordinator::start(dir, "throughput", &config)?;
+    let name = if database_url.is_some() {
+        "throughput-pg"
+    } else {
+        "throughput"
+    };
+    let c = Coordinator::start_on(dir, name, &config, database_url)?;
     let api = Api::new(&c);
     let key = c.key("host-bench-four")?;
     let bots = start_buildlets(&c, dir, "host-bench-four", "four", TPUT_BUILDLETS, &key)?;
@@ -411,9 +439,12 @@ async fn bench_throughput(dir: &Path, repo: &Path, commit: &str) -> anyhow::Resu
         submit.as_secs_f64(),
         submitted as f64 / submit.as_secs_f64()
     );
+    let rate = match done_at {
+        Some(t) => done as f64 / t.as_secs_f64(),
+        None => done as f64 / TPUT_LIMIT.as_secs_f64(),
+    };
     match done_at {
         Some(t) => {
-            let rate = done as f64 / t.as_secs_f64();
             println!(
                 "throughput: all {done} finished {:.2} s after the first POST: {rate:.0} builds/s  (target > 200: {})",
                 t.as_secs_f64(),
@@ -454,7 +485,7 @@ async fn bench_throughput(dir: &Path, repo: &Path, commit: &str) -> anyhow::Resu
         done - passed,
         c.log.display()
     );
-    Ok(())
+    Ok(rate)
 }
 
 /// A process's own CPU seconds and those of its reaped children.
@@ -669,59 +700,21 @@ async fn bench_memory(dir: &Path) -> anyhow::Result<()> {
     let config = farm_config(None, &[("host-bench-idle", IDLE_CONNS)], &[]);
     let c = Coordinator::start(dir, "memory", &config)?;
     let api = Api::new(&c);
-    let key = c.key("host-bench-idle")?;
-    let pin = buildlet::reverse::parse_pin(&c.pin)
-        .with_context(|| format!("the coordinator printed a bad pin {:?}", c.pin))?;
     // Let the coordinator settle, and touch the API once, before the baseline.
     tokio::time::sleep(Duration::from_secs(1)).await;
     api.get_json("/api/machines").await?;
     let coord0 = rss_kb(&format!("/proc/{}/status", c.pid()));
     let self0 = rss_kb("/proc/self/status");
 
-    let t0 = Instant::now();
-    let mut tasks = Tasks(Vec::with_capacity(IDLE_CONNS));
-    let workdirs = dir.join("idle");
-    for i in 0..IDLE_CONNS {
-        let hostname = format!("idle-{i:04}");
-        let mut cfg = buildlet::server::Config::new(workdirs.join(&hostname));
-        cfg.hostname = hostname.clone();
-        let b = buildlet::server::Buildlet::new(cfg)?;
-        let rc = buildlet::reverse::ReverseConfig {
-            coordinators: vec![c.addr.clone()],
-            host_type: "host-bench-idle".into(),
-            hostname,
-            key: key.clone(),
-            token_file: None,
-            tls: buildlet::reverse::Tls::Pinned(pin),
-        };
-        tasks.0.push(tokio::spawn(async move {
-            let _ = buildlet::reverse::run(b, rc).await;
-        }));
-        if i % 100 == 99 {
-            // Pace the dialling a little so the accept backlog never overflows.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    let limit = Duration::from_secs(60);
-    let mut connected;
-    loop {
-        connected = count_connected(&api, "host-bench-idle").await?;
-        if connected >= IDLE_CONNS || t0.elapsed() > limit {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    if connected < IDLE_CONNS {
-        println!(
-            "memory: WARNING only {connected} of {IDLE_CONNS} connected within {} s; figures below are for {connected}",
-            limit.as_secs()
-        );
-    } else {
-        println!(
-            "memory: {connected} buildlets connected {:.2} s after the first dial",
-            t0.elapsed().as_secs_f64()
-        );
-    }
+    let (tasks, connected) = connect_idle(
+        &c,
+        &api,
+        IDLE_CONNS,
+        "host-bench-idle",
+        &dir.join("idle"),
+        "memory",
+    )
+    .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let coord1 = rss_kb(&format!("/proc/{}/status", c.pid()));
     let coord_hwm = hwm_kb(&format!("/proc/{}/status", c.pid()));
@@ -752,6 +745,66 @@ async fn bench_memory(dir: &Path) -> anyhow::Result<()> {
     }
     println!("memory: still connected at the RSS reading       {still}");
     Ok(())
+}
+
+/// Dials `n` in-process reverse buildlets of `host_type` to `c` (work dirs
+/// under `workdirs`) and waits up to a minute for them to be connected;
+/// returns their tasks and how many connected.
+async fn connect_idle(
+    c: &Coordinator,
+    api: &Api,
+    n: usize,
+    host_type: &str,
+    workdirs: &Path,
+    label: &str,
+) -> anyhow::Result<(Tasks, usize)> {
+    let key = c.key(host_type)?;
+    let pin = buildlet::reverse::parse_pin(&c.pin)
+        .with_context(|| format!("the coordinator printed a bad pin {:?}", c.pin))?;
+    let t0 = Instant::now();
+    let mut tasks = Tasks(Vec::with_capacity(n));
+    for i in 0..n {
+        let hostname = format!("idle-{i:04}");
+        let mut cfg = buildlet::server::Config::new(workdirs.join(&hostname));
+        cfg.hostname = hostname.clone();
+        let b = buildlet::server::Buildlet::new(cfg)?;
+        let rc = buildlet::reverse::ReverseConfig {
+            coordinators: vec![c.addr.clone()],
+            host_type: host_type.into(),
+            hostname,
+            key: key.clone(),
+            token_file: None,
+            tls: buildlet::reverse::Tls::Pinned(pin),
+        };
+        tasks.0.push(tokio::spawn(async move {
+            let _ = buildlet::reverse::run(b, rc).await;
+        }));
+        if i % 100 == 99 {
+            // Pace the dialling a little so the accept backlog never overflows.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let limit = Duration::from_secs(60);
+    let mut connected;
+    loop {
+        connected = count_connected(api, host_type).await?;
+        if connected >= n || t0.elapsed() > limit {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if connected < n {
+        println!(
+            "{label}: WARNING only {connected} of {n} connected within {} s; figures below are for {connected}",
+            limit.as_secs()
+        );
+    } else {
+        println!(
+            "{label}: {connected} buildlets connected {:.2} s after the first dial",
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok((tasks, connected))
 }
 
 /// Aborts the in-process buildlet tasks when dropped (also on a panic).
@@ -792,14 +845,28 @@ struct Coordinator {
 
 impl Coordinator {
     fn start(dir: &Path, name: &str, config: &str) -> anyhow::Result<Coordinator> {
+        Coordinator::start_on(dir, name, config, None)
+    }
+
+    /// A coordinator whose store is at `database_url` (else SQLite in its
+    /// data dir).
+    fn start_on(
+        dir: &Path,
+        name: &str,
+        config: &str,
+        database_url: Option<&str>,
+    ) -> anyhow::Result<Coordinator> {
         let config_path = dir.join(format!("{name}.toml"));
         std::fs::write(&config_path, config)?;
         let data_dir = dir.join(format!("{name}-data"));
         let log = dir.join(format!("{name}-coordinator.log"));
         let err = File::create(&log)?;
-        let child = Command::new(FARMER)
-            .args(["serve", "--config"])
-            .arg(&config_path)
+        let mut cmd = Command::new(FARMER);
+        cmd.args(["serve", "--config"]).arg(&config_path);
+        if let Some(u) = database_url {
+            cmd.args(["--database-url", u]);
+        }
+        let child = cmd
             .arg("--data-dir")
             .arg(&data_dir)
             .args(["--listen", "127.0.0.1:0"])

@@ -122,10 +122,14 @@ pub async fn run(
         .await
         .with_context(|| format!("checking the artifact store ({})", artifacts.describe()))?;
     tracing::info!(artifacts = %artifacts.describe(), "artifact store");
+    // Logs go where every coordinator of the farm reads them: a bucket, or
+    // the data dir of a farm on SQLite (one coordinator); else in the rows.
+    let shared =
+        config.serve.storage.is_some() || location.engine() == crate::store::Engine::Sqlite;
     let store = Store::connect(&location)
         .await
         .context("opening the store")?
-        .with_blobs(artifacts.clone());
+        .with_blobs(artifacts.clone(), shared);
     tracing::info!(store = %location, "store opened");
     let mut lock = store
         .leader_lock()
@@ -138,7 +142,7 @@ pub async fn run(
         addr.to_string()
     };
     let leading = lock
-        .try_acquire(&me)
+        .try_acquire(&store, &me)
         .await
         .context("trying for the leader lock")?;
     let farm = Farm::new(FarmOptions {
@@ -174,7 +178,29 @@ pub async fn run(
         router,
         Some(identity.config.clone()),
     ));
+    // SIGHUP reloads the config; a standby (whose default action would be
+    // to die) only notes it: it reads the config when it takes over.
+    #[cfg(unix)]
+    {
+        let f = farm.clone();
+        tasks.spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                if !f.leading() {
+                    tracing::info!(
+                        "standby: the config is read again when this coordinator takes over"
+                    );
+                } else if let Err(e) = f.reload() {
+                    tracing::error!("config reload failed; keeping the old config:\n{e}");
+                }
+            }
+        });
+    }
     let mut on_start = Some(on_start);
+    let took_over = !leading;
     if !leading {
         let leader = farm.store.leader().await.ok().flatten();
         tracing::warn!(
@@ -196,6 +222,19 @@ pub async fn run(
             }
         };
         tracing::warn!("leading now: recovering what the previous leader left running");
+    }
+    // Fenced before anything is recovered: no other coordinator writes
+    // from here on (see `store::leader`).
+    let ended = farm
+        .store
+        .fence_others()
+        .await
+        .context("ending other coordinators' connections")?;
+    if ended > 0 {
+        tracing::warn!(
+            ended,
+            "ended the connections of other coordinators to the store"
+        );
     }
     if farm.store.engine() == crate::store::Engine::Postgres {
         tasks.spawn(crate::leadership::watch(lock));
@@ -278,24 +317,16 @@ pub async fn run(
         None => LocalTarget::this_exe(connect, Some(identity.fingerprint.clone()), secrets)?,
     };
     farm.sources.set_target(target);
-    let started = farm.apply_config();
+    // A standby's config may be days old: it is read again as it takes over.
+    let started = if took_over {
+        farm.reload().unwrap_or_else(|e| {
+            tracing::error!("reading the config again at takeover failed; going on with the one read at start:\n{e}");
+            farm.apply_config()
+        })
+    } else {
+        farm.apply_config()
+    };
     tracing::debug!(?started, "pollers and machine sources started");
-    // Reloads apply to what is running, so they start after it.
-    #[cfg(unix)]
-    {
-        let f = farm.clone();
-        tasks.spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let Ok(mut hup) = signal(SignalKind::hangup()) else {
-                return;
-            };
-            while hup.recv().await.is_some() {
-                if let Err(e) = f.reload() {
-                    tracing::error!("config reload failed; keeping the old config:\n{e}");
-                }
-            }
-        });
-    }
     if let Some(f) = on_start.take() {
         f(&Started {
             farm: farm.clone(),

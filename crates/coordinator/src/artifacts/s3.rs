@@ -60,6 +60,8 @@ impl StorageConfig {
 /// An S3 bucket (under a prefix) as the artifact store.
 pub struct S3 {
     store: Arc<dyn ObjectStore>,
+    /// The same bucket for GETs, without a whole-request timeout.
+    reader: Arc<dyn ObjectStore>,
     describe: String,
 }
 
@@ -68,47 +70,55 @@ impl S3 {
     /// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`) or the instance's role.
     pub fn new(cfg: &StorageConfig) -> anyhow::Result<S3> {
         let (bucket, prefix) = cfg.bucket_prefix().map_err(anyhow::Error::msg)?;
-        let mut b = AmazonS3Builder::from_env()
-            .with_bucket_name(&bucket)
-            // Bounded: a store that stops answering fails a write within
-            // about a minute (a log then stays in the database), never
-            // holds a build for the library's default three minutes.
-            .with_retry(RetryConfig {
-                max_retries: 3,
-                retry_timeout: Duration::from_secs(30),
-                ..Default::default()
+        let http = cfg
+            .endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("http://"));
+        let build = |client: ClientOptions| -> anyhow::Result<Arc<dyn ObjectStore>> {
+            let mut b = AmazonS3Builder::from_env()
+                .with_bucket_name(&bucket)
+                .with_retry(RetryConfig {
+                    max_retries: 3,
+                    retry_timeout: Duration::from_secs(30),
+                    ..Default::default()
+                })
+                .with_client_options(client.with_connect_timeout(Duration::from_secs(5)))
+                // After the client options, which hold it: only an http://
+                // endpoint named in the config allows plain HTTP (never
+                // AWS_ALLOW_HTTP from the environment).
+                .with_allow_http(http);
+            if let Some(r) = &cfg.region {
+                b = b.with_region(r);
+            } else if std::env::var_os("AWS_DEFAULT_REGION").is_none()
+                && std::env::var_os("AWS_REGION").is_none()
+            {
+                b = b.with_region("us-east-1");
+            }
+            if let Some(e) = &cfg.endpoint {
+                b = b.with_endpoint(e.trim_end_matches('/'));
+            }
+            let s3 = b
+                .build()
+                .map_err(|e| anyhow::anyhow!("[storage] {}: {e}", cfg.url))?;
+            Ok(if prefix.is_empty() {
+                Arc::new(s3)
+            } else {
+                Arc::new(PrefixStore::new(s3, prefix.as_str()))
             })
-            .with_client_options(
-                ClientOptions::new()
-                    .with_connect_timeout(Duration::from_secs(5))
-                    .with_timeout(Duration::from_secs(120)),
-            );
-        if let Some(r) = &cfg.region {
-            b = b.with_region(r);
-        } else if std::env::var_os("AWS_DEFAULT_REGION").is_none()
-            && std::env::var_os("AWS_REGION").is_none()
-        {
-            b = b.with_region("us-east-1");
-        }
-        if let Some(e) = &cfg.endpoint {
-            b = b
-                .with_endpoint(e.trim_end_matches('/'))
-                .with_allow_http(e.starts_with("http://"));
-        }
-        let s3 = b
-            .build()
-            .map_err(|e| anyhow::anyhow!("[storage] {}: {e}", cfg.url))?;
-        let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
-            Arc::new(s3)
-        } else {
-            Arc::new(PrefixStore::new(s3, prefix.as_str()))
         };
+        // Writes, HEADs and listings are bounded as a whole (a store that
+        // stops answering fails a write within a few minutes, and a log then
+        // stays in the database); reads stream to clients as slow as they
+        // are, so only their connecting is bounded.
+        let store = build(ClientOptions::new().with_timeout(Duration::from_secs(120)))?;
+        let reader = build(ClientOptions::new().with_timeout_disabled())?;
         let at = cfg
             .endpoint
             .as_deref()
             .map_or(String::new(), |e| format!(" at {e}"));
         Ok(S3 {
             store,
+            reader,
             describe: format!(
                 "S3 bucket {bucket}{}{at}",
                 if prefix.is_empty() {
@@ -150,7 +160,7 @@ impl ArtifactStore for S3 {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, io::Result<Option<Bytes>>> {
         Box::pin(async move {
             let p = S3::path(key)?;
-            let Some(r) = found(self.store.get(&p).await)? else {
+            let Some(r) = found(self.reader.get(&p).await)? else {
                 return Ok(None);
             };
             Ok(Some(r.bytes().await.map_err(io_err)?))
@@ -160,7 +170,7 @@ impl ArtifactStore for S3 {
     fn open<'a>(&'a self, key: &'a str) -> BoxFuture<'a, io::Result<Option<Object>>> {
         Box::pin(async move {
             let p = S3::path(key)?;
-            let Some(r) = found(self.store.get(&p).await)? else {
+            let Some(r) = found(self.reader.get(&p).await)? else {
                 return Ok(None);
             };
             let size = r.meta.size;

@@ -24,6 +24,27 @@ pub const MAX_STEP_BYTES: usize = 256 << 20;
 /// The longest fetching one step's files may take.
 const FETCH_LIMIT: Duration = Duration::from_secs(600);
 
+/// Longest name of a kept file.
+const MAX_NAME: usize = 1024;
+
+/// What is wrong with a file name a machine listed, if anything: names go
+/// into links, pages and the log, so they are plain relative paths.
+fn name_problem(name: &str) -> Option<&'static str> {
+    if name.len() > MAX_NAME {
+        Some("is longer than 1 KiB")
+    } else if name.chars().any(char::is_control) {
+        Some("has control characters")
+    } else if name.starts_with('/')
+        || name
+            .split('/')
+            .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        Some("is not a plain relative path")
+    } else {
+        None
+    }
+}
+
 /// Where a kept file's bytes are.
 pub fn key(sha256: &str) -> String {
     format!("builds/sha256/{sha256}")
@@ -36,6 +57,7 @@ impl Farm {
         if ctx.step.artifacts.is_empty() {
             return;
         }
+        let mask = ctx.rb.log.mask();
         let work = async {
             let dir = super::step_dir(ctx.step);
             let mut names: Vec<String> = Vec::new();
@@ -63,6 +85,13 @@ impl Farm {
             }
             let mut total = 0;
             for name in names {
+                if let Some(why) = name_problem(&name) {
+                    ctx.log(&format!(
+                        "farmer: artifacts: a file name {why}; not kept: {:?}\n",
+                        name.chars().take(200).collect::<String>()
+                    ));
+                    continue;
+                }
                 let cap = MAX_FILE.min(MAX_STEP_BYTES - total);
                 if cap == 0 {
                     ctx.log(&format!(
@@ -79,15 +108,28 @@ impl Farm {
                     }
                 };
                 total += data.len();
+                // A secret's value is never published: logs are masked,
+                // a kept file cannot be (its bytes are the point).
+                if mask.apply(&data) != data {
+                    ctx.log(&format!(
+                        "farmer: artifacts: {name}: not kept: it contains the value of one of the farm's secrets\n"
+                    ));
+                    continue;
+                }
                 match self.keep_one(ctx, &name, data).await {
                     Ok(line) => ctx.log(&line),
                     Err(e) => ctx.log(&format!("farmer: artifacts: {name}: not kept: {e}\n")),
                 }
             }
         };
-        if tokio::time::timeout(FETCH_LIMIT, work).await.is_err() {
+        // Within the build's own deadline too.
+        let limit = FETCH_LIMIT.min(
+            ctx.deadline
+                .saturating_duration_since(std::time::Instant::now()),
+        );
+        if tokio::time::timeout(limit, work).await.is_err() {
             ctx.log(&format!(
-                "farmer: artifacts: fetching took over {FETCH_LIMIT:?}; the rest were not kept\n"
+                "farmer: artifacts: fetching took over {limit:?}; the rest were not kept\n"
             ));
         }
     }

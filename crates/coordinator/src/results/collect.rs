@@ -145,11 +145,23 @@ pub(crate) async fn fetch(client: &Client, path: &str, cap: usize) -> Result<Vec
         .get_tgz(path, &mut tgz, None)
         .await
         .map_err(|e| format!("fetching it: {e}"))?;
-    let too_big = || format!("larger than {} MiB; not read", cap >> 20);
     if tgz.overflowed {
-        return Err(too_big());
+        return Err(format!("larger than {} MiB; not read", cap >> 20));
     }
-    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&tgz.bytes[..]));
+    // Unpacked off the async threads (up to tens of MiB).
+    let bytes = std::mem::take(&mut tgz.bytes);
+    tokio::task::spawn_blocking(move || unpack_one(&bytes, cap))
+        .await
+        .map_err(|e| format!("unpacking it: {e}"))?
+}
+
+/// The one file of a `/tgz` answer, at most `cap` bytes.
+fn unpack_one(tgz: &[u8], cap: usize) -> Result<Vec<u8>, String> {
+    let too_big = || format!("larger than {} MiB; not read", cap >> 20);
+    // Bounded after decompression too: tar reads long-name and PAX headers
+    // whole, and a machine could send a small archive of a huge one.
+    let inflated = flate2::read::GzDecoder::new(tgz).take(cap as u64 + (1 << 20));
+    let mut ar = tar::Archive::new(inflated);
     let mut entries = ar.entries().map_err(|e| format!("unpacking it: {e}"))?;
     let mut entry = entries
         .next()

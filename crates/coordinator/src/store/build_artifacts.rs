@@ -23,6 +23,9 @@ pub struct BuildArtifact {
 
 const COLS: &str = "id, build_id, attempt_id, step_id, name, size, sha256, created_at";
 
+/// The latest attempt of build `$1` that kept files.
+const LAST: &str = "(SELECT MAX(attempt_id) FROM build_artifacts WHERE build_id = $1)";
+
 impl Store {
     /// Records a file a step kept.
     pub async fn add_build_artifact(
@@ -49,11 +52,13 @@ impl Store {
         Ok(())
     }
 
-    /// A build's kept files, one per name (the newest attempt's), by name.
+    /// The files a build's latest attempt that kept any kept, one per
+    /// name, by name (an earlier attempt's files, maybe from another
+    /// machine, are not mixed in).
     pub async fn build_artifacts(&self, build_id: i64) -> Result<Vec<BuildArtifact>> {
         Ok(sqlx::query_as(&format!(
             "SELECT {COLS} FROM build_artifacts WHERE id IN \
-             (SELECT MAX(id) FROM build_artifacts WHERE build_id = $1 GROUP BY name) ORDER BY name LIMIT $2"
+             (SELECT MAX(id) FROM build_artifacts WHERE build_id = $1 AND attempt_id = {LAST} GROUP BY name) ORDER BY name LIMIT $2"
         ))
         .bind(build_id)
         .bind(MAX_BUILD_ARTIFACTS)
@@ -61,10 +66,10 @@ impl Store {
         .await?)
     }
 
-    /// One kept file of a build by name (the newest attempt's).
+    /// One kept file of a build by name (of the attempt listed).
     pub async fn build_artifact(&self, build_id: i64, name: &str) -> Result<Option<BuildArtifact>> {
         Ok(sqlx::query_as(&format!(
-            "SELECT {COLS} FROM build_artifacts WHERE build_id = $1 AND name = $2 ORDER BY id DESC LIMIT 1"
+            "SELECT {COLS} FROM build_artifacts WHERE build_id = $1 AND name = $2 AND attempt_id = {LAST} ORDER BY id DESC LIMIT 1"
         ))
         .bind(build_id)
         .bind(text(name))

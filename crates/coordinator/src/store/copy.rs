@@ -91,10 +91,20 @@ enum Value {
     Bytes(Option<Vec<u8>>),
 }
 
+/// A value as the destination stores it (text without NUL, which
+/// PostgreSQL refuses).
 fn read(r: &AnyRow, i: usize, kind: Kind) -> Result<Value> {
+    Ok(match read_raw(r, i, kind)? {
+        Value::Text(t) => Value::Text(t.map(|t| super::text(&t))),
+        v => v,
+    })
+}
+
+/// A value exactly as the source has it (a key to page on).
+fn read_raw(r: &AnyRow, i: usize, kind: Kind) -> Result<Value> {
     Ok(match kind {
         Kind::Int => Value::Int(r.try_get(i)?),
-        Kind::Text => Value::Text(r.try_get::<Option<String>, _>(i)?.map(|t| super::text(&t))),
+        Kind::Text => Value::Text(r.try_get(i)?),
         Kind::Bytes => Value::Bytes(r.try_get(i)?),
     })
 }
@@ -213,7 +223,7 @@ async fn copy_table(
         let Some(last) = rows.last() else { break };
         let mut key = Vec::new();
         for &i in &shape.key_idx {
-            key.push(read(last, i, shape.columns[i].kind)?);
+            key.push(read_raw(last, i, shape.columns[i].kind)?);
         }
         let mut batch: Vec<Value> = Vec::new();
         let mut bytes = 0;
@@ -358,33 +368,37 @@ impl Store {
         }
         let count = |t: &str| format!("SELECT COUNT(*) FROM {}", quote(t));
         let mut shapes = Vec::new();
-        let mut out = Vec::new();
         for &table in TABLES {
-            let shape = shape(to, table).await?;
-            let before: i64 = sqlx::query_scalar(&count(table))
+            shapes.push(shape(to, table).await?);
+        }
+        let mut out = Vec::new();
+        for shape in &shapes {
+            let before: i64 = sqlx::query_scalar(&count(shape.table))
                 .fetch_one(to.pool())
                 .await?;
-            copy_table(&mut src, to, &shape, &mut progress).await?;
             out.push(TableCopy {
-                table,
+                table: shape.table,
                 source: 0,
                 before,
                 destination: 0,
                 removed: 0,
             });
-            shapes.push(shape);
         }
-        // Children first: a parent's rows go after those that point at them.
+        // First what the source no longer has, children before parents (a
+        // stale row could otherwise clash with a new one on a unique index).
         for (shape, c) in shapes.iter().zip(out.iter_mut()).rev() {
+            if c.before > 0 {
+                c.removed = remove_missing(&mut src, to, shape).await?;
+            }
+        }
+        // Then every row of the source, parents before children.
+        for shape in &shapes {
+            copy_table(&mut src, to, shape, &mut progress).await?;
+        }
+        for (shape, c) in shapes.iter().zip(out.iter_mut()) {
             c.source = sqlx::query_scalar(&count(c.table))
                 .fetch_one(&mut *src)
                 .await?;
-            let now: i64 = sqlx::query_scalar(&count(c.table))
-                .fetch_one(to.pool())
-                .await?;
-            if now > c.source {
-                c.removed = remove_missing(&mut src, to, shape).await?;
-            }
             c.destination = sqlx::query_scalar(&count(c.table))
                 .fetch_one(to.pool())
                 .await?;

@@ -8,6 +8,7 @@ use sqlx::AnyPool;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, Connection, Executor};
 
+use super::leader::Fence;
 use super::{Result, StoreError};
 
 /// The engine a store runs on.
@@ -134,11 +135,14 @@ pub fn redact(url: &str) -> String {
 const SQLITE_CONNECTIONS: u32 = 4;
 const POSTGRES_CONNECTIONS: u32 = 8;
 
-pub(super) async fn connect(location: &Location) -> Result<(AnyPool, Engine)> {
+pub(super) async fn connect(location: &Location, fence: &Fence) -> Result<(AnyPool, Engine)> {
     sqlx::any::install_default_drivers();
     match location {
         Location::Sqlite(path) => Ok((sqlite(path).await?, Engine::Sqlite)),
-        Location::Postgres(url) => Ok((postgres(url, location).await?, Engine::Postgres)),
+        Location::Postgres(url) => Ok((
+            postgres(url, location, fence.clone()).await?,
+            Engine::Postgres,
+        )),
     }
 }
 
@@ -195,12 +199,19 @@ async fn sqlite(path: &Path) -> Result<AnyPool> {
         .map_err(|e| named(&e))
 }
 
-async fn postgres(url: &str, location: &Location) -> Result<AnyPool> {
+async fn postgres(url: &str, location: &Location, fence: Fence) -> Result<AnyPool> {
     let named = |e: &dyn std::fmt::Display| StoreError::Open(format!("{location}: {e}"));
     let opts: AnyConnectOptions = url.parse().map_err(|e| named(&e))?;
     let pool = AnyPoolOptions::new()
         .max_connections(POSTGRES_CONNECTIONS)
         .acquire_timeout(Duration::from_secs(10))
+        // Every connection is named after this process (a new leader
+        // ends the old one's), and a leader's new connection first checks
+        // that it still leads (see `leader.rs`).
+        .after_connect(move |conn, _| {
+            let fence = fence.clone();
+            Box::pin(async move { fence.on_connect(conn).await })
+        })
         .connect_with(opts)
         .await
         .map_err(|e| named(&e))?;

@@ -3,7 +3,19 @@
 //! own. The lock goes with that connection, so a leader that dies (or whose
 //! link to the database breaks) releases it, and a standby polling for it
 //! takes over. A SQLite store is one process's: its coordinator always leads.
+//!
+//! The lock alone does not stop an old leader that has not yet noticed it
+//! lost it (its watchdog checks every 2 s; a paused VM notices later) from
+//! writing through its pool. So leadership is fenced on the database: every
+//! connection of a coordinator is named `farmer ID` after its process; a new
+//! leader ends every other coordinator's connections before it recovers
+//! anything, and a leader's *new* connection first checks that the lock is
+//! still held by this process's lock connection and fails otherwise. An old
+//! leader can then no longer write at all: its connections are gone and it
+//! cannot open one.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::{AnyConnection, Connection, Executor};
@@ -17,6 +29,58 @@ const LOCK_KEY: i64 = 0x6661_726d; // "farm"
 /// What a leader writes into its lock connection's `application_name`, for
 /// the others' `/status` (read back from `pg_stat_activity`).
 const NAME_PREFIX: &str = "farmer-leader";
+
+/// This process on the database: the name of its connections and whether
+/// it leads (its new connections are then checked).
+#[derive(Clone)]
+pub(super) struct Fence {
+    id: String,
+    leading: Arc<AtomicBool>,
+}
+
+impl Fence {
+    pub(super) fn new() -> Fence {
+        let mut b = [0u8; 6];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut b);
+        Fence {
+            id: hex::encode(b),
+            leading: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn connection_name(&self) -> String {
+        format!("farmer {}", self.id)
+    }
+
+    /// Run on every new pool connection (PostgreSQL).
+    pub(super) async fn on_connect(&self, conn: &mut AnyConnection) -> sqlx::Result<()> {
+        sqlx::query("SELECT set_config('application_name', $1, false)")
+            .bind(self.connection_name())
+            .execute(&mut *conn)
+            .await?;
+        if !self.leading.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let held: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND l.granted AND CAST(l.objid AS BIGINT) = $1 AND l.objsubid = 1 \
+             AND a.application_name LIKE $2",
+        )
+        .bind(LOCK_KEY)
+        .bind(format!("{NAME_PREFIX} % {} %", self.id))
+        .fetch_one(&mut *conn)
+        .await?;
+        if held == 0 {
+            tracing::error!(
+                "this coordinator no longer holds the leader lock; refusing to use the store"
+            );
+            return Err(sqlx::Error::Protocol(
+                "this coordinator no longer holds the leader lock".into(),
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// The leader as the others see it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -56,8 +120,10 @@ impl Store {
                     StoreError::Open(format!("{}: no connection within 10 s", self.location))
                 })?
                 .map_err(|e| StoreError::Open(format!("{}: {e}", self.location)))?;
+        // tcp_user_timeout also covers a leader that vanished while the
+        // server still had unacknowledged data for it.
         conn.execute(
-            "SET tcp_keepalives_idle = 4; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3",
+            "SET tcp_keepalives_idle = 4; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3; SET tcp_user_timeout = 10000",
         )
         .await?;
         Ok(LeaderLock {
@@ -83,12 +149,32 @@ impl Store {
         .await?;
         Ok(name.and_then(|n| parse_name(&n)))
     }
+
+    /// Called once this coordinator holds the lock, before it recovers
+    /// anything: from now on its new connections check the lock, and every
+    /// other coordinator's connections are ended (a standby's reads just
+    /// reconnect; an old leader's writes fail). Returns how many were ended.
+    pub async fn fence_others(&self) -> Result<u64> {
+        self.fence.leading.store(true, Ordering::Release);
+        if self.engine != Engine::Postgres {
+            return Ok(0);
+        }
+        let ended: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() \
+             AND application_name LIKE 'farmer %' AND application_name <> $1",
+        )
+        .bind(self.fence.connection_name())
+        .fetch_all(self.pool())
+        .await?;
+        Ok(ended.into_iter().filter(|e| *e).count() as u64)
+    }
 }
 
 impl LeaderLock {
     /// Tries once to take the lead, announcing `addr` as the leader's
     /// address. True once held (and from then on).
-    pub async fn try_acquire(&mut self, addr: &str) -> Result<bool> {
+    pub async fn try_acquire(&mut self, store: &Store, addr: &str) -> Result<bool> {
         let Some(conn) = self.conn.as_mut() else {
             self.held = true;
             return Ok(true);
@@ -103,7 +189,7 @@ impl LeaderLock {
         if got {
             // application_name holds at most 63 bytes; the address is cut
             // rather than the time.
-            let mut name = format!("{NAME_PREFIX} {} {addr}", now_ms());
+            let mut name = format!("{NAME_PREFIX} {} {} {addr}", now_ms(), store.fence.id);
             while name.len() > 63 {
                 name.pop();
             }
@@ -145,12 +231,15 @@ impl LeaderLock {
     }
 }
 
+/// `farmer-leader SINCE ID ADDR` as written by [`LeaderLock::try_acquire`].
 fn parse_name(n: &str) -> Option<LeaderInfo> {
     let rest = n.strip_prefix(NAME_PREFIX)?.trim_start();
-    let (since, addr) = rest.split_once(' ').unwrap_or((rest, ""));
+    let mut f = rest.splitn(3, ' ');
+    let since = f.next()?.parse().ok()?;
+    let _id = f.next()?;
     Some(LeaderInfo {
-        addr: addr.to_string(),
-        since: since.parse().ok()?,
+        addr: f.next().unwrap_or("").to_string(),
+        since,
     })
 }
 
@@ -161,7 +250,7 @@ mod tests {
     #[test]
     fn the_leader_is_read_back_from_its_connection_name() {
         assert_eq!(
-            parse_name("farmer-leader 1765000000000 10.0.0.5:8443"),
+            parse_name("farmer-leader 1765000000000 0a1b2c3d4e5f 10.0.0.5:8443"),
             Some(LeaderInfo {
                 addr: "10.0.0.5:8443".into(),
                 since: 1_765_000_000_000

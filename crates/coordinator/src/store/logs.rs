@@ -1,9 +1,12 @@
 //! Finished logs, gzip-compressed: in the artifact store (`logs/steps/ID`,
-//! `logs/attempts/ID`) when the store was given one, which may be a bucket
-//! the database never has to carry; in the database row otherwise, and
+//! `logs/attempts/ID`) when it is one every coordinator of the farm reads
+//! (a bucket, or the data dir of a farm on SQLite, which has one
+//! coordinator); in the database row otherwise (PostgreSQL with the artifact
+//! store in one coordinator's data dir: a standby could not read it), and
 //! whenever the artifact store fails (a log is never lost to an outage).
-//! Rows written before keep their logs and are read as they are. Live logs
-//! stream from memory (`crate::logs`) while a build runs.
+//! Logs are read from where they were written: the row when it holds them,
+//! else the artifact store. Live logs stream from memory (`crate::logs`)
+//! while a build runs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,7 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use sqlx::Row;
 
-use super::{Result, Store, gzip, now_ms, text};
+use super::{Result, Store, StoreError, gzip, now_ms, text};
 use crate::artifacts::ArtifactStore;
 
 fn step_key(id: i64) -> String {
@@ -35,9 +38,11 @@ fn gunzip(gz: &[u8]) -> Vec<u8> {
 }
 
 impl Store {
-    /// Finished logs go to `blobs` from now on.
-    pub fn with_blobs(mut self, blobs: Arc<dyn ArtifactStore>) -> Store {
+    /// Finished logs are read from `blobs` (when their row does not hold
+    /// them) and, if `write`, written there from now on.
+    pub fn with_blobs(mut self, blobs: Arc<dyn ArtifactStore>, write: bool) -> Store {
         self.blobs = Some(blobs);
+        self.write_blobs = write;
         self
     }
 
@@ -49,11 +54,11 @@ impl Store {
             let owned = log.to_vec();
             tokio::task::spawn_blocking(move || gzip(&owned))
                 .await
-                .unwrap_or_default()
+                .unwrap_or_else(|_| gzip(log))
         } else {
             gzip(log)
         };
-        let Some(blobs) = &self.blobs else {
+        let Some(blobs) = self.blobs.as_ref().filter(|_| self.write_blobs) else {
             return Some(gz);
         };
         let data = Bytes::from(gz);
@@ -70,35 +75,30 @@ impl Store {
         }
     }
 
-    /// A log as kept: from its row, else from the artifact store.
-    async fn read_log(&self, key: &str, row: Option<Vec<u8>>, size: i64) -> Vec<u8> {
+    /// A log as kept: from its row, else from the artifact store. A log the
+    /// artifact store lost or cannot give is an error, not an empty log.
+    async fn read_log(&self, key: &str, row: Option<Vec<u8>>, size: i64) -> Result<Vec<u8>> {
         if let Some(gz) = row.filter(|g| !g.is_empty()) {
-            return gunzip(&gz);
+            return Ok(gunzip(&gz));
         }
         if size == 0 {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let Some(blobs) = &self.blobs else {
-            return Vec::new();
+            return Err(StoreError::Invalid(format!(
+                "the log {key} is in an artifact store this coordinator does not have"
+            )));
         };
         match blobs.get(key).await {
-            Ok(Some(gz)) => gunzip(&gz),
-            Ok(None) => {
-                tracing::warn!(
-                    key,
-                    "a finished log is missing from the {}",
-                    blobs.describe()
-                );
-                Vec::new()
-            }
-            Err(e) => {
-                tracing::warn!(
-                    key,
-                    "cannot read a finished log from the {}: {e}",
-                    blobs.describe()
-                );
-                Vec::new()
-            }
+            Ok(Some(gz)) => Ok(gunzip(&gz)),
+            Ok(None) => Err(StoreError::Invalid(format!(
+                "the log {key} is missing from the {}",
+                blobs.describe()
+            ))),
+            Err(e) => Err(StoreError::Invalid(format!(
+                "reading the log {key} from the {}: {e}",
+                blobs.describe()
+            ))),
         }
     }
 
@@ -132,7 +132,7 @@ impl Store {
         let Some(r) = r else { return Ok(None) };
         let row: Option<Vec<u8>> = r.try_get("log_gz")?;
         let size: i64 = r.try_get("log_size")?;
-        Ok(Some(self.read_log(&step_key(step_id), row, size).await))
+        Ok(Some(self.read_log(&step_key(step_id), row, size).await?))
     }
 
     /// Keeps the whole log of an attempt (replacing one kept before).
@@ -168,7 +168,7 @@ impl Store {
             let id: i64 = r.try_get("attempt_id")?;
             let row: Vec<u8> = r.try_get("log_gz")?;
             let size: i64 = r.try_get("log_size")?;
-            out.insert(id, self.read_log(&attempt_key(id), Some(row), size).await);
+            out.insert(id, self.read_log(&attempt_key(id), Some(row), size).await?);
         }
         Ok(out)
     }

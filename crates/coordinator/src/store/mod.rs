@@ -290,9 +290,13 @@ pub struct Store {
     pool: AnyPool,
     /// Where finished logs go (see `logs.rs`); in the rows without one.
     blobs: Option<Arc<dyn ArtifactStore>>,
+    /// Whether new finished logs go to `blobs`.
+    write_blobs: bool,
     engine: Engine,
     /// Where it is: the leader lock opens a connection of its own there.
     location: Location,
+    /// This process's name on the database, and whether it leads.
+    fence: leader::Fence,
 }
 
 const BUILD_COLS: &str = "id, builder, host_type, repo, branch, commit_hash, commit_time, kind, status, created_at, started_at, finished_at, attempts, error, flaky, requested_by";
@@ -350,12 +354,15 @@ impl Store {
     /// Opens and migrates the store at `location`: a SQLite file (created
     /// if missing) or a PostgreSQL database (which must exist).
     pub async fn connect(location: &Location) -> Result<Store> {
-        let (pool, engine) = engine::connect(location).await?;
+        let fence = leader::Fence::new();
+        let (pool, engine) = engine::connect(location, &fence).await?;
         Ok(Store {
             pool,
             blobs: None,
+            write_blobs: false,
             engine,
             location: location.clone(),
+            fence,
         })
     }
 

@@ -445,7 +445,10 @@ fn a_standby_takes_over_when_the_leader_dies_and_the_build_finishes_once() {
     assert!(b.get_text("/status").contains("leader since"));
 
     // A leader whose lock connection is cut exits (code 3) rather than
-    // keep scheduling beside whoever takes the lock next.
+    // keep scheduling beside whoever takes the lock next: here a third
+    // coordinator, standing by, which takes over and fences it.
+    let c3 = Coordinator::start_args(&data, &cfg, &["--database-url", &pg]);
+    assert_eq!(status(&c3)["leading"], false);
     let mut b = b;
     common::store_sql_url(
         &pg,
@@ -469,4 +472,14 @@ fn a_standby_takes_over_when_the_leader_dies_and_the_build_finishes_once() {
         "{}",
         b.err.all()
     );
+    c3.wait(
+        "the third coordinator to lead",
+        Duration::from_secs(15),
+        |c| (status(c)["leading"] == true).then_some(()),
+    );
+    assert_eq!(status(&c3)["leader"]["addr"], c3.addr.as_str());
+    // The build stays passed, once.
+    let v = c3.get(&format!("/api/builds/{id}"));
+    assert_eq!(v["build"]["status"], "passed", "{v}");
+    assert_eq!(v["attempts"].as_array().unwrap().len(), 2, "{v}");
 }

@@ -29,7 +29,7 @@ pub struct Cli {
     #[arg(long, value_name = "FILE", env = "FARMER_STAGE0_CONFIG")]
     config: Option<PathBuf>,
 
-    /// The coordinator, HOST[:PORT] (port 443 if omitted).
+    /// The coordinator, HOST[:PORT] (port 443 if omitted); several comma-separated (a leader and its standby): releases come from the first that answers, and the buildlet gets them all.
     #[arg(long, value_name = "HOST[:PORT]", env = "FARMER_COORDINATOR")]
     coordinator: Option<String>,
 

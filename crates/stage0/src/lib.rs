@@ -69,7 +69,9 @@ const MAX_MANIFEST: usize = 64 * 1024;
 /// the release key, where the binary lives, and how to run the buildlet.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `HOST[:PORT]` of the coordinator (port 443 if omitted).
+    /// `HOST[:PORT]` of the coordinator (port 443 if omitted), or several
+    /// comma-separated (a leader and its standby): downloads come from the
+    /// first that answers, and the buildlet gets them all.
     pub coordinator: String,
     pub tls: Tls,
     /// The farm's release public key; nothing else is ever run.
@@ -101,7 +103,13 @@ impl Config {
     /// A config with defaults for everything but the essentials.
     pub fn new(coordinator: &str, tls: Tls, release_key: ReleaseKey, dir: PathBuf) -> Config {
         Config {
-            coordinator: http::with_port(coordinator),
+            coordinator: coordinator
+                .split(',')
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(http::with_port)
+                .collect::<Vec<_>>()
+                .join(","),
             tls,
             release_key,
             dir,
@@ -216,27 +224,30 @@ pub fn jitter(d: Duration) -> Duration {
     d.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
 }
 
-/// Polls the coordinator until it answers anything over HTTP (even an
+/// Polls the coordinators until one answers anything over HTTP (even an
 /// error status), at most `limit`. Logs every 5 s while it waits. Returns
-/// whether it answered.
-pub async fn wait_for_network(client: &http::Client, limit: Duration) -> bool {
+/// whether one answered.
+pub async fn wait_for_network(clients: &[http::Client], limit: Duration) -> bool {
     let start = Instant::now();
     let mut last_log = Instant::now();
     loop {
-        let err = match tokio::time::timeout(Duration::from_secs(5), client.get("/healthz")).await {
-            Ok(Ok(_)) => {
-                if start.elapsed() > Duration::from_secs(1) {
-                    tracing::info!(
-                        "the coordinator at {} answered after {:.0?}",
-                        client.addr(),
-                        start.elapsed()
-                    );
+        let mut err = String::from("no coordinator address");
+        for client in clients {
+            err = match tokio::time::timeout(Duration::from_secs(5), client.get("/healthz")).await {
+                Ok(Ok(_)) => {
+                    if start.elapsed() > Duration::from_secs(1) {
+                        tracing::info!(
+                            "the coordinator at {} answered after {:.0?}",
+                            client.addr(),
+                            start.elapsed()
+                        );
+                    }
+                    return true;
                 }
-                return true;
-            }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "no answer within 5s".to_string(),
-        };
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("{}: no answer within 5s", client.addr()),
+            };
+        }
         let waited = start.elapsed();
         if waited >= limit {
             tracing::warn!("gave up waiting for the network after {waited:.0?}: {err}");
@@ -489,14 +500,29 @@ pub async fn update_once(client: &http::Client, cfg: &Config) -> Result<Installe
 /// falls back to the last good binary on disk; without one it keeps trying
 /// (an error is returned only for a configuration that can never work).
 pub async fn ensure_buildlet(cfg: &Config) -> Result<Installed, Error> {
-    let client =
-        http::Client::new(&cfg.coordinator, &cfg.tls).map_err(|e| Error::Config(e.to_string()))?;
+    let clients = cfg
+        .coordinator
+        .split(',')
+        .map(|a| http::Client::new(a, &cfg.tls).map_err(|e| Error::Config(e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    if clients.is_empty() {
+        return Err(Error::Config("no coordinator address".into()));
+    }
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     let mut tries = 0u32;
-    wait_for_network(&client, cfg.network_wait).await;
+    wait_for_network(&clients, cfg.network_wait).await;
     loop {
         tries += 1;
-        let err = match update_once(&client, cfg).await {
+        // Each address in turn while they are unreachable (a leader down,
+        // its standby up: both serve releases).
+        let mut result = Err(Error::Config("no coordinator address".into()));
+        for client in &clients {
+            result = update_once(client, cfg).await;
+            if !matches!(result, Err(Error::Unreachable(_))) {
+                break;
+            }
+        }
+        let err = match result {
             Ok(i) => return Ok(i),
             Err(Error::Config(m)) => return Err(Error::Config(m)),
             Err(e) => e,
@@ -725,6 +751,22 @@ mod tests {
         let js: std::collections::HashSet<_> =
             (0..20).map(|_| jitter(Duration::from_secs(10))).collect();
         assert!(js.len() > 10);
+    }
+
+    #[test]
+    fn several_coordinators_each_get_a_port_and_all_reach_the_buildlet() {
+        let k = ReleaseKey::from_signing(&ed25519_dalek::SigningKey::from_bytes(&[1; 32]));
+        let c = Config::new(
+            " a.example, b.example:8443 ,",
+            Tls::Pinned(farmtls::Pin::Cert([0xab; 32])),
+            k,
+            "/x".into(),
+        );
+        assert_eq!(c.coordinator, "a.example:443,b.example:8443");
+        assert_eq!(
+            c.buildlet_args()[0],
+            "-coordinator=a.example:443,b.example:8443"
+        );
     }
 
     #[test]

@@ -299,6 +299,39 @@ fn stage0_downloads_verifies_registers_and_builds() {
     );
 }
 
+/// With several `-coordinator` addresses (a leader and its standby),
+/// stage0 downloads from the first that answers and the buildlet it runs
+/// gets them all.
+#[test]
+fn stage0_takes_several_coordinators_and_uses_the_one_that_answers() {
+    let (dir, mut repo, cfg) = setup();
+    repo.commit("one", &[("test.sh", "echo tests pass\n")]);
+    let c = Coordinator::start(&dir.path().join("data"), &cfg);
+    publish(&c, &buildlet_binary(&dir.path().join("bin"), "v1"), "v1");
+    // Nothing listens on the first address.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let s = Stage0::start(
+        &format!("{dead},{}", c.addr),
+        &c.fingerprint,
+        &release_key(&c),
+        &c.key("host-test-trusted"),
+        &dir.path().join("m1"),
+        "s0-two",
+        &[],
+    );
+    let m = wait_on_release(&c, "s0-two", "v1", Duration::from_secs(60));
+    assert_eq!(m["binary"]["stage0"], true, "{m}");
+    s.expect(
+        "downloaded and verified buildlet v1",
+        Duration::from_secs(5),
+    );
+    let builds = c.wait_builds_done(1, Duration::from_secs(60));
+    assert_eq!(build_machine(&c, &builds[0]["id"]), "s0-two");
+}
+
 #[test]
 fn a_new_release_moves_the_fleet_without_losing_a_build() {
     let (dir, mut repo, cfg) = setup();

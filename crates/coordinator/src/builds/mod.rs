@@ -20,7 +20,7 @@ use crate::farm::{Farm, RunningBuild};
 use crate::logs::MAX_LOG;
 use crate::pool::{Holder, Lease};
 use crate::scheduler::{LeaseRequest, Priority, Ticket};
-use crate::store::{BuildKind, BuildRow, BuildStatus};
+use crate::store::{BuildKind, BuildRow, BuildStatus, RunResult};
 
 pub mod artifacts;
 mod rerun;
@@ -246,11 +246,11 @@ impl Farm {
             .await;
         let max = cfg.farm.max_attempts as i64;
         let (result, detail) = match &outcome {
-            Outcome::Passed => ("passed", String::new()),
-            Outcome::Failed(m) => ("failed", m.clone()),
-            Outcome::Cancelled => ("cancelled", "cancelled by an admin".to_string()),
-            Outcome::Infra(m) => ("infra-error", m.clone()),
-            Outcome::CoordinatorError(m) => ("infra-error", m.clone()),
+            Outcome::Passed => (RunResult::Passed, String::new()),
+            Outcome::Failed(m) => (RunResult::Failed, m.clone()),
+            Outcome::Cancelled => (RunResult::Cancelled, "cancelled by an admin".to_string()),
+            Outcome::Infra(m) => (RunResult::InfraError, m.clone()),
+            Outcome::CoordinatorError(m) => (RunResult::InfraError, m.clone()),
         };
         let phase = self.metrics.phase("record-result");
         if let Err(e) = self.store.finish_attempt(attempt_id, result, &detail).await {
@@ -515,7 +515,7 @@ impl Farm {
             let Some((cmd, args)) = step.command.split_first() else {
                 let _ = self
                     .store
-                    .finish_step(step_id, "failed", "empty command", b"")
+                    .finish_step(step_id, RunResult::Failed, "empty command", b"")
                     .await;
                 return Outcome::Failed(format!("step {}: empty command", step.name));
             };
@@ -523,7 +523,10 @@ impl Farm {
             rb.log.append(header.as_bytes());
             if remaining.is_zero() {
                 let msg = format!("build timed out after {:?}", builder.timeout);
-                let _ = self.store.finish_step(step_id, "failed", &msg, b"").await;
+                let _ = self
+                    .store
+                    .finish_step(step_id, RunResult::Failed, &msg, b"")
+                    .await;
                 return Outcome::Failed(msg);
             }
             let step_timeout = step.timeout.min(remaining);
@@ -546,7 +549,7 @@ impl Farm {
             let Some(r) = r else {
                 let _ = self
                     .store
-                    .finish_step(step_id, "cancelled", "cancelled by an admin", &log)
+                    .finish_step(step_id, RunResult::Cancelled, "cancelled by an admin", &log)
                     .await;
                 return Outcome::Cancelled;
             };
@@ -563,7 +566,7 @@ impl Farm {
                         .store
                         .finish_step(
                             step_id,
-                            "passed",
+                            RunResult::Passed,
                             "",
                             &rb.log.range_async(step_start, step_start + MAX_LOG).await,
                         )
@@ -590,7 +593,7 @@ impl Farm {
                         .store
                         .finish_step(
                             step_id,
-                            "failed",
+                            RunResult::Failed,
                             &msg,
                             &rb.log.range_async(step_start, step_start + MAX_LOG).await,
                         )
@@ -603,10 +606,10 @@ impl Farm {
                         if let Some(end) = rerun.end {
                             let (result, detail) = match &end {
                                 Outcome::Cancelled => {
-                                    ("cancelled", "cancelled by an admin".to_string())
+                                    (RunResult::Cancelled, "cancelled by an admin".to_string())
                                 }
-                                Outcome::Infra(m) => ("infra-error", m.clone()),
-                                _ => ("failed", state.to_string()),
+                                Outcome::Infra(m) => (RunResult::InfraError, m.clone()),
+                                _ => (RunResult::Failed, state.to_string()),
                             };
                             let log = rb.log.range_async(step_start, step_start + MAX_LOG).await;
                             let _ = self.store.finish_step(step_id, result, &detail, &log).await;
@@ -619,7 +622,7 @@ impl Farm {
                                 .store
                                 .finish_step(
                                     step_id,
-                                    "passed",
+                                    RunResult::Passed,
                                     &detail,
                                     &rb.log.range_async(step_start, step_start + MAX_LOG).await,
                                 )
@@ -643,7 +646,7 @@ impl Farm {
                         let log = rb.log.range_async(step_start, step_start + MAX_LOG).await;
                         let _ = self
                             .store
-                            .finish_step(step_id, "failed", &state.to_string(), &log)
+                            .finish_step(step_id, RunResult::Failed, &state.to_string(), &log)
                             .await;
                         return Outcome::Failed(format!("step {} failed: {state}{why}", step.name));
                     }
@@ -655,7 +658,7 @@ impl Farm {
                     let log = rb.log.range_async(step_start, step_start + MAX_LOG).await;
                     let _ = self
                         .store
-                        .finish_step(step_id, "failed", &state.to_string(), &log)
+                        .finish_step(step_id, RunResult::Failed, &state.to_string(), &log)
                         .await;
                     return Outcome::Failed(format!("step {} failed: {state}{why}", step.name));
                 }
@@ -663,7 +666,7 @@ impl Farm {
                     let msg = format!("step {}: {e}", step.name);
                     let _ = self
                         .store
-                        .finish_step(step_id, "infra-error", &e.to_string(), &log)
+                        .finish_step(step_id, RunResult::InfraError, &e.to_string(), &log)
                         .await;
                     return Outcome::Infra(msg);
                 }
@@ -671,7 +674,7 @@ impl Farm {
                     let msg = format!("step {}: {e}", step.name);
                     let _ = self
                         .store
-                        .finish_step(step_id, "failed", &e.to_string(), &log)
+                        .finish_step(step_id, RunResult::Failed, &e.to_string(), &log)
                         .await;
                     return Outcome::Failed(msg);
                 }

@@ -20,7 +20,7 @@ use super::util::{date_ms, date_secs, duration_ms, short};
 use super::{Layout, PageError, PageResult, html, html_event};
 use crate::farm::Farm;
 use crate::shard::report::StepReport;
-use crate::store::{BuildStatus, now_ms};
+use crate::store::{BuildStatus, RunResult, now_ms};
 
 /// Most of one step's stored log shown on the page (its end: that is where
 /// failures are); the raw log link has everything.
@@ -233,7 +233,7 @@ async fn load(farm: &Farm, id: i64) -> Result<BuildView, PageError> {
                 host_type: a.host_type.clone(),
                 started: date_ms(a.started_at),
                 took: duration_ms(a.finished_at.unwrap_or(now) - a.started_at),
-                result: a.result.clone(),
+                result: a.result.to_string(),
                 error: a.error.clone(),
             })
             .collect(),
@@ -243,7 +243,7 @@ async fn load(farm: &Farm, id: i64) -> Result<BuildView, PageError> {
                 attempt: attempt_no(s.attempt_id),
                 number: s.number,
                 name: s.name.clone(),
-                result: s.result.clone(),
+                result: s.result.to_string(),
                 took: duration_ms(s.finished_at.unwrap_or(now) - s.started_at),
                 detail: s.detail.clone(),
                 log_size: s.log_size,
@@ -314,8 +314,8 @@ async fn step_logs(farm: &Farm, v: &BuildView) -> Result<Vec<StepLog>, PageError
             step_id: s.id,
             attempt: view.attempt,
             name: s.name.clone(),
-            open: s.result != "passed",
-            result: s.result.clone(),
+            open: s.result != RunResult::Passed,
+            result: s.result.to_string(),
             took: view.took.clone(),
             lines: text
                 .lines()

@@ -30,7 +30,7 @@ use crate::logs::MAX_LOG;
 use crate::pool::{Holder, Lease};
 use crate::results::{Outcome as TestOutcome, TestResult};
 use crate::scheduler::{LeaseRequest, Ticket};
-use crate::store::{BuildKind, UnitRun, now_ms};
+use crate::store::{BuildKind, RunResult, UnitRun, now_ms};
 
 /// Output of one unit kept for the log: its end, where failures are.
 const UNIT_OUTPUT: usize = 256 << 10;
@@ -221,10 +221,10 @@ impl Farm {
             );
         }
         let (result, detail) = match &outcome {
-            Outcome::Passed => ("passed", String::new()),
-            Outcome::Failed(m) => ("failed", m.clone()),
-            Outcome::Cancelled => ("cancelled", "cancelled by an admin".to_string()),
-            Outcome::Infra(m) | Outcome::CoordinatorError(m) => ("infra-error", m.clone()),
+            Outcome::Passed => (RunResult::Passed, String::new()),
+            Outcome::Failed(m) => (RunResult::Failed, m.clone()),
+            Outcome::Cancelled => (RunResult::Cancelled, "cancelled by an admin".to_string()),
+            Outcome::Infra(m) | Outcome::CoordinatorError(m) => (RunResult::InfraError, m.clone()),
         };
         log.append(
             format!(

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use sqlx::Row;
 
-use super::{Result, Store, StoreError, gzip, now_ms, text};
+use super::{Result, RunResult, Store, StoreError, gzip, now_ms, text};
 use crate::artifacts::ArtifactStore;
 
 fn step_key(id: i64) -> String {
@@ -106,13 +106,13 @@ impl Store {
     pub async fn finish_step(
         &self,
         step_id: i64,
-        result: &str,
+        result: RunResult,
         detail: &str,
         log: &[u8],
     ) -> Result<()> {
         let row = self.keep_log(&step_key(step_id), log).await;
         sqlx::query("UPDATE steps SET result = $1, detail = $2, finished_at = $3, log_gz = $4, log_size = $5 WHERE id = $6")
-            .bind(text(result))
+            .bind(result.as_str())
             .bind(text(detail))
             .bind(now_ms())
             .bind(row)

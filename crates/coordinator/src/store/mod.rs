@@ -167,6 +167,58 @@ impl FromStr for BuildKind {
     }
 }
 
+/// How an attempt or a step ended (or that it is still running).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunResult {
+    Running,
+    Passed,
+    Failed,
+    Cancelled,
+    /// The machine or the farm broke, not the work.
+    InfraError,
+    /// The coordinator stopped (or its machine went away) while it ran.
+    Lost,
+}
+
+impl RunResult {
+    pub const ALL: [RunResult; 6] = [
+        RunResult::Running,
+        RunResult::Passed,
+        RunResult::Failed,
+        RunResult::Cancelled,
+        RunResult::InfraError,
+        RunResult::Lost,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunResult::Running => "running",
+            RunResult::Passed => "passed",
+            RunResult::Failed => "failed",
+            RunResult::Cancelled => "cancelled",
+            RunResult::InfraError => "infra-error",
+            RunResult::Lost => "lost",
+        }
+    }
+}
+
+impl std::fmt::Display for RunResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl TryFrom<String> for RunResult {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        RunResult::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown attempt or step result {s:?}"))
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct CommitRow {
     pub repo: String,
@@ -210,7 +262,8 @@ pub struct AttemptRow {
     pub host_type: String,
     pub started_at: i64,
     pub finished_at: Option<i64>,
-    pub result: String,
+    #[sqlx(try_from = "String")]
+    pub result: RunResult,
     pub error: String,
 }
 
@@ -223,7 +276,8 @@ pub struct StepRow {
     pub name: String,
     pub started_at: i64,
     pub finished_at: Option<i64>,
-    pub result: String,
+    #[sqlx(try_from = "String")]
+    pub result: RunResult,
     pub detail: String,
     pub log_size: i64,
 }
@@ -628,9 +682,14 @@ impl Store {
         Ok(Some((id, number)))
     }
 
-    pub async fn finish_attempt(&self, attempt_id: i64, result: &str, error: &str) -> Result<()> {
+    pub async fn finish_attempt(
+        &self,
+        attempt_id: i64,
+        result: RunResult,
+        error: &str,
+    ) -> Result<()> {
         sqlx::query("UPDATE attempts SET result = $1, error = $2, finished_at = $3 WHERE id = $4 AND result = 'running'")
-            .bind(text(result))
+            .bind(result.as_str())
             .bind(text(error))
             .bind(now_ms())
             .bind(attempt_id)

@@ -79,7 +79,7 @@ fn a_test_that_fails_then_passes_on_another_machine_is_flaky_and_the_build_passe
             "{flaky:?}"
         );
         let steps = f.farm.store.steps(id).await.unwrap();
-        assert_eq!(steps[0].result, "passed");
+        assert_eq!(steps[0].result, coordinator::store::RunResult::Passed);
         assert!(steps[0].detail.contains("flaky: tests::flaky"), "{steps:?}");
         let log = f.step_log(id, 0).await;
         // The failure's line in the step's log is the one stored.

@@ -156,7 +156,7 @@ fn a_failing_unit_fails_the_build_by_name_and_helpers_go_back() {
         assert_eq!(bad.len(), 1);
         assert_eq!(bad[0].0, "failed");
         let steps = f.farm.store.steps(id).await.unwrap();
-        assert_eq!(steps[1].result, "failed");
+        assert_eq!(steps[1].result, coordinator::store::RunResult::Failed);
         assert!(
             f.step_log(id, 1).await.contains("unit bad-0.05 is broken"),
             "the unit's output is in its section"

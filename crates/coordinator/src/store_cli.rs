@@ -53,9 +53,23 @@ async fn migrate(from: &str, to: &str) -> anyhow::Result<()> {
             p.display()
         );
     }
-    let src = Store::connect(&from)
+    let mut src = Store::connect(&from)
         .await
         .with_context(|| format!("opening {from}"))?;
+    // A SQLite farm keeps its finished logs in its data dir's artifact
+    // store (beside farmer.db); they are copied into the destination's rows.
+    if let Location::Sqlite(p) = &from {
+        let dir = p
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join(crate::release::ARTIFACTS_DIR);
+        if dir.is_dir() {
+            src = src.with_blobs(
+                std::sync::Arc::new(crate::artifacts::LocalDir::new(dir)),
+                false,
+            );
+        }
+    }
     let dst = Store::connect(&to)
         .await
         .with_context(|| format!("opening {to}"))?;

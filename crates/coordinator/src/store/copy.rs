@@ -203,6 +203,7 @@ type Src = sqlx::Transaction<'static, sqlx::Any>;
 
 /// Copies every row of one table, in key order and bounded batches.
 async fn copy_table(
+    src_store: &Store,
     src: &mut Src,
     to: &Store,
     shape: &Shape,
@@ -228,8 +229,12 @@ async fn copy_table(
         let mut batch: Vec<Value> = Vec::new();
         let mut bytes = 0;
         for (n, r) in rows.iter().enumerate() {
+            let mut row = Vec::with_capacity(width);
             for (i, c) in shape.columns.iter().enumerate() {
-                let v = read(r, i, c.kind)?;
+                row.push(read(r, i, c.kind)?);
+            }
+            src_store.inline_log(shape, &mut row).await;
+            for v in row {
                 bytes += v.size();
                 batch.push(v);
             }
@@ -323,6 +328,49 @@ async fn remove_missing(src: &mut Src, to: &Store, shape: &Shape) -> Result<u64>
     Ok(removed)
 }
 
+impl Store {
+    /// A finished log the source keeps in its artifact store (its row's
+    /// blob empty) goes into the destination's row: the copy carries the
+    /// whole history, whatever the destination's artifact store will be.
+    async fn inline_log(&self, shape: &Shape, row: &mut [Value]) {
+        let Some(blobs) = &self.blobs else { return };
+        let (key_col, key): (&str, fn(i64) -> String) = match shape.table {
+            "steps" => ("id", super::logs::step_key),
+            "attempt_logs" => ("attempt_id", super::logs::attempt_key),
+            _ => return,
+        };
+        let at = |name: &str| shape.columns.iter().position(|c| c.name == name);
+        let (Some(k), Some(gz), Some(size)) = (at(key_col), at("log_gz"), at("log_size")) else {
+            return;
+        };
+        let (Value::Int(Some(id)), Value::Int(Some(size))) = (&row[k], &row[size]) else {
+            return;
+        };
+        let empty = match &row[gz] {
+            Value::Bytes(b) => b.as_ref().is_none_or(Vec::is_empty),
+            _ => false,
+        };
+        if !empty || *size == 0 {
+            return;
+        }
+        match blobs.get(&key(*id)).await {
+            Ok(Some(data)) => row[gz] = Value::Bytes(Some(data.to_vec())),
+            Ok(None) => tracing::warn!(
+                table = shape.table,
+                id,
+                "a finished log is missing from the {}",
+                blobs.describe()
+            ),
+            Err(e) => tracing::warn!(
+                table = shape.table,
+                id,
+                "reading a finished log from the {}: {e}",
+                blobs.describe()
+            ),
+        }
+    }
+}
+
 /// A key as one comparable string.
 fn key_text(k: &[Value]) -> String {
     k.iter()
@@ -393,7 +441,7 @@ impl Store {
         }
         // Then every row of the source, parents before children.
         for shape in &shapes {
-            copy_table(&mut src, to, shape, &mut progress).await?;
+            copy_table(self, &mut src, to, shape, &mut progress).await?;
         }
         for (shape, c) in shapes.iter().zip(out.iter_mut()) {
             c.source = sqlx::query_scalar(&count(c.table))

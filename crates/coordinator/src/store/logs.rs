@@ -17,11 +17,11 @@ use sqlx::Row;
 use super::{Result, RunResult, Store, StoreError, gzip, now_ms, text};
 use crate::artifacts::ArtifactStore;
 
-fn step_key(id: i64) -> String {
+pub(super) fn step_key(id: i64) -> String {
     format!("logs/steps/{id}.log.gz")
 }
 
-fn attempt_key(id: i64) -> String {
+pub(super) fn attempt_key(id: i64) -> String {
     format!("logs/attempts/{id}.log.gz")
 }
 

@@ -191,6 +191,22 @@ fn a_farm_moved_to_postgres_answers_the_same_and_the_move_can_be_rerun() {
     };
     assert!(line(&out, "builds").contains("2 rows (2 new)"), "{out}");
     assert!(line(&out, "steps").contains("4 rows (4 new)"), "{out}");
+    // The logs the SQLite farm kept in its data dir are in the rows now.
+    let psql = |sql: &str| {
+        let out = Command::new("psql")
+            .args(["-X", "-A", "-t", &pg, "-c", sql])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(
+        psql("SELECT COUNT(*) FROM steps WHERE length(log_gz) > 0"),
+        "4"
+    );
+    assert_eq!(
+        psql("SELECT COUNT(*) FROM attempt_logs WHERE length(log_gz) > 0"),
+        "2"
+    );
     // Run again (as after a cut): nothing new, every count still right.
     let (ok, again, err) = migrate(&sqlite, &pg);
     assert!(ok, "{again}{err}");
@@ -252,13 +268,6 @@ fn a_farm_moved_to_postgres_answers_the_same_and_the_move_can_be_rerun() {
         line(&third, "builds").contains("2 rows (0 new, 1 gone from the source removed)"),
         "{third}"
     );
-    let psql = |sql: &str| {
-        let out = Command::new("psql")
-            .args(["-X", "-A", "-t", &pg, "-c", sql])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
     assert_eq!(
         psql("SELECT error FROM builds ORDER BY id LIMIT 1"),
         "bad\u{FFFD}byte"

@@ -181,33 +181,44 @@ impl Store {
         )
     }
 
-    /// Marks a message sent (unless something superseded it meanwhile).
-    pub async fn outbox_sent(&self, id: i64) -> Result<()> {
+    /// Marks the message `row` was sent, unless it was superseded or
+    /// rewritten meanwhile (a newer payload of the same key replaces a
+    /// pending one in place, with a new `created_at`: it is sent next).
+    pub async fn outbox_sent(&self, row: &OutboxRow) -> Result<()> {
         sqlx::query(
-            "UPDATE outbox SET state = 'sent', attempts = attempts + 1, done_at = $1, last_error = '' WHERE id = $2 AND state = 'pending'",
+            "UPDATE outbox SET state = 'sent', attempts = attempts + 1, done_at = $1, last_error = '' WHERE id = $2 AND state = 'pending' AND created_at = $3",
         )
         .bind(now_ms())
-        .bind(id)
+        .bind(row.id)
+        .bind(row.created_at)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    /// Records a failed attempt: tried again at `next_at`, or given up.
-    pub async fn outbox_failed(&self, id: i64, error: &str, next_at: Option<i64>) -> Result<()> {
+    /// Records a failed attempt at `row`: tried again at `next_at`, or given
+    /// up (unless it was rewritten meanwhile, as for [`Store::outbox_sent`]).
+    pub async fn outbox_failed(
+        &self,
+        row: &OutboxRow,
+        error: &str,
+        next_at: Option<i64>,
+    ) -> Result<()> {
         match next_at {
             Some(at) => sqlx::query(
-                "UPDATE outbox SET attempts = attempts + 1, last_error = $1, next_at = $2 WHERE id = $3 AND state = 'pending'",
+                "UPDATE outbox SET attempts = attempts + 1, last_error = $1, next_at = $2 WHERE id = $3 AND state = 'pending' AND created_at = $4",
             )
             .bind(text(error))
             .bind(at)
-            .bind(id),
+            .bind(row.id)
+            .bind(row.created_at),
             None => sqlx::query(
-                "UPDATE outbox SET attempts = attempts + 1, last_error = $1, state = 'failed', done_at = $2 WHERE id = $3 AND state = 'pending'",
+                "UPDATE outbox SET attempts = attempts + 1, last_error = $1, state = 'failed', done_at = $2 WHERE id = $3 AND state = 'pending' AND created_at = $4",
             )
             .bind(text(error))
             .bind(now_ms())
-            .bind(id),
+            .bind(row.id)
+            .bind(row.created_at),
         }
         .execute(&self.pool)
         .await?;

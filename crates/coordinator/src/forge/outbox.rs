@@ -92,7 +92,7 @@ async fn deliver(farm: &Arc<Farm>, client: &Client, row: &OutboxRow) {
     let stored = match r {
         Ok(()) => {
             tracing::debug!(id = row.id, kind = %row.kind, repo = %row.repo, "outbox: sent");
-            farm.store.outbox_sent(&row).await
+            farm.store.outbox_sent(row).await
         }
         Err(e) => {
             let attempts = row.attempts + 1;
@@ -115,7 +115,7 @@ async fn deliver(farm: &Arc<Farm>, client: &Client, row: &OutboxRow) {
                 "outbox: sending failed{}: {message}",
                 if next.is_some() { "; will retry" } else { "; giving up" }
             );
-            farm.store.outbox_failed(&row, &message, next).await
+            farm.store.outbox_failed(row, &message, next).await
         }
     };
     if let Err(e) = stored {

@@ -269,6 +269,22 @@ impl Farm {
     /// sources start and stop to match. A broken file keeps the old config
     /// and returns the errors.
     pub fn reload(self: &Arc<Self>) -> Result<Vec<String>, config::ConfigErrors> {
+        let new = self.read_config_again()?;
+        let changes = self.apply_config();
+        if changes.is_empty() {
+            tracing::info!(path = %new.path.display(), "config reloaded; nothing to start or stop");
+        }
+        for c in &changes {
+            tracing::info!(path = %new.path.display(), "config reloaded: {c}");
+        }
+        self.scheduler.changed.notify_one();
+        Ok(changes)
+    }
+
+    /// Reads the config file and the secrets again and makes them current,
+    /// without starting or stopping anything (a standby taking over does
+    /// this before it recovers; [`Farm::reload`] then applies).
+    pub fn read_config_again(&self) -> Result<Arc<FarmConfig>, config::ConfigErrors> {
         let old = self.config();
         let new = Arc::new(config::load(&old.path)?);
         // A secret that cannot be read refuses the whole reload: the old
@@ -296,15 +312,7 @@ impl Farm {
                         r.url.starts_with("https://") || r.url.starts_with("http://")
                     })
             });
-        let changes = self.apply_config();
-        if changes.is_empty() {
-            tracing::info!(path = %new.path.display(), "config reloaded; nothing to start or stop");
-        }
-        for c in &changes {
-            tracing::info!(path = %new.path.display(), "config reloaded: {c}");
-        }
-        self.scheduler.changed.notify_one();
-        Ok(changes)
+        Ok(new)
     }
 
     /// Starts and stops repo pollers and machine sources to match the

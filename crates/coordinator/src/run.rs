@@ -200,7 +200,6 @@ pub async fn run(
         });
     }
     let mut on_start = Some(on_start);
-    let took_over = !leading;
     if !leading {
         let leader = farm.store.leader().await.ok().flatten();
         tracing::warn!(
@@ -222,6 +221,13 @@ pub async fn run(
             }
         };
         tracing::warn!("leading now: recovering what the previous leader left running");
+        // A standby's config may be days old: read again before anything
+        // runs on it (the secrets hidden from local builds included).
+        if let Err(e) = farm.read_config_again() {
+            tracing::error!(
+                "reading the config again at takeover failed; going on with the one read at start:\n{e}"
+            );
+        }
     }
     // Fenced before anything is recovered: no other coordinator writes
     // from here on (see `store::leader`).
@@ -317,15 +323,7 @@ pub async fn run(
         None => LocalTarget::this_exe(connect, Some(identity.fingerprint.clone()), secrets)?,
     };
     farm.sources.set_target(target);
-    // A standby's config may be days old: it is read again as it takes over.
-    let started = if took_over {
-        farm.reload().unwrap_or_else(|e| {
-            tracing::error!("reading the config again at takeover failed; going on with the one read at start:\n{e}");
-            farm.apply_config()
-        })
-    } else {
-        farm.apply_config()
-    };
+    let started = farm.apply_config();
     tracing::debug!(?started, "pollers and machine sources started");
     if let Some(f) = on_start.take() {
         f(&Started {

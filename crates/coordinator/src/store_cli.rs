@@ -24,6 +24,10 @@ pub enum StoreCmd {
         /// A password is better given by FARMER_DATABASE_URL or PGPASSWORD.
         #[arg(long, env = "FARMER_DATABASE_URL", hide_env_values = true)]
         to: String,
+        /// Where the source farm kept its finished logs: its data dir's
+        /// `artifacts/`. Default: `artifacts/` beside the SQLite file.
+        #[arg(long = "from-artifacts")]
+        from_artifacts: Option<std::path::PathBuf>,
     },
 }
 
@@ -32,11 +36,19 @@ pub fn run_store(cmd: StoreCmd) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cmd {
-        StoreCmd::Migrate { from, to } => rt.block_on(migrate(&from, &to)),
+        StoreCmd::Migrate {
+            from,
+            to,
+            from_artifacts,
+        } => rt.block_on(migrate(&from, &to, from_artifacts)),
     }
 }
 
-async fn migrate(from: &str, to: &str) -> anyhow::Result<()> {
+async fn migrate(
+    from: &str,
+    to: &str,
+    from_artifacts: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
     let from = Location::parse(from).map_err(|e| anyhow::anyhow!("--from: {e}"))?;
     let to = Location::parse(to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
     if to.engine() != Engine::Postgres {
@@ -58,17 +70,26 @@ async fn migrate(from: &str, to: &str) -> anyhow::Result<()> {
         .with_context(|| format!("opening {from}"))?;
     // A SQLite farm keeps its finished logs in its data dir's artifact
     // store (beside farmer.db); they are copied into the destination's rows.
-    if let Location::Sqlite(p) = &from {
-        let dir = p
-            .parent()
-            .unwrap_or(std::path::Path::new("."))
-            .join(crate::release::ARTIFACTS_DIR);
-        if dir.is_dir() {
-            src = src.with_blobs(
-                std::sync::Arc::new(crate::artifacts::LocalDir::new(dir)),
-                false,
-            );
+    let artifacts = match (&from_artifacts, &from) {
+        (Some(d), _) => {
+            if !d.is_dir() {
+                bail!("--from-artifacts: {} is not a directory", d.display());
+            }
+            Some(d.clone())
         }
+        (None, Location::Sqlite(p)) => Some(
+            p.parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join(crate::release::ARTIFACTS_DIR),
+        )
+        .filter(|d| d.is_dir()),
+        (None, _) => None,
+    };
+    if let Some(dir) = &artifacts {
+        src = src.with_blobs(
+            std::sync::Arc::new(crate::artifacts::LocalDir::new(dir.clone())),
+            false,
+        );
     }
     let dst = Store::connect(&to)
         .await
@@ -102,5 +123,14 @@ async fn migrate(from: &str, to: &str) -> anyhow::Result<()> {
         "done: {total} rows in {} tables; every count matches",
         copied.len()
     );
+    let missing: u64 = copied.iter().map(|c| c.missing_logs).sum();
+    if missing > 0 {
+        bail!(
+            "{missing} finished logs were not found in {}: their rows were copied without them (their pages say so). If the old farm kept them elsewhere, run again with --from-artifacts DATA_DIR/artifacts",
+            artifacts.map_or("(no artifact directory)".into(), |d| d
+                .display()
+                .to_string())
+        );
+    }
     Ok(())
 }

@@ -513,13 +513,26 @@ pub async fn ensure_buildlet(cfg: &Config) -> Result<Installed, Error> {
     wait_for_network(&clients, cfg.network_wait).await;
     loop {
         tries += 1;
-        // Each address in turn while they are unreachable (a leader down,
-        // its standby up: both serve releases).
+        // Each address in turn until one gives a verified release (a
+        // leader down, or a standby without this farm's releases); the
+        // error kept is the first that says more than "unreachable".
         let mut result = Err(Error::Config("no coordinator address".into()));
         for client in &clients {
-            result = update_once(client, cfg).await;
-            if !matches!(result, Err(Error::Unreachable(_))) {
-                break;
+            match update_once(client, cfg).await {
+                Ok(i) => {
+                    result = Ok(i);
+                    break;
+                }
+                Err(Error::Config(m)) => {
+                    result = Err(Error::Config(m));
+                    break;
+                }
+                Err(e) => {
+                    let keep_first = matches!(&result, Err(k) if !matches!(k, Error::Config(_) | Error::Unreachable(_)));
+                    if !keep_first {
+                        result = Err(e);
+                    }
+                }
             }
         }
         let err = match result {

@@ -32,8 +32,10 @@ const MAX_NAME: usize = 1024;
 fn name_problem(name: &str) -> Option<&'static str> {
     if name.len() > MAX_NAME {
         Some("is longer than 1 KiB")
-    } else if name.chars().any(char::is_control) {
-        Some("has control characters")
+    } else if name.chars().any(|c| {
+        c.is_control() || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }) {
+        Some("has control or direction-changing characters")
     } else if name.starts_with('/')
         || name
             .split('/')
@@ -61,6 +63,7 @@ impl Farm {
         let work = async {
             let dir = super::step_dir(ctx.step);
             let mut names: Vec<String> = Vec::new();
+            let mut seen = std::collections::HashSet::new();
             for glob in &ctx.step.artifacts {
                 match list_matching(client, &dir, glob).await {
                     Ok(m) if m.is_empty() => {
@@ -68,7 +71,11 @@ impl Farm {
                     }
                     Ok(m) => {
                         for n in m {
-                            if !names.contains(&n) {
+                            // One past the limit is enough to say so.
+                            if names.len() > MAX_FILES {
+                                break;
+                            }
+                            if seen.insert(n.clone()) {
                                 names.push(n);
                             }
                         }
@@ -78,8 +85,7 @@ impl Farm {
             }
             if names.len() > MAX_FILES {
                 ctx.log(&format!(
-                    "farmer: artifacts: {} files matched; only the first {MAX_FILES} are kept\n",
-                    names.len()
+                    "farmer: artifacts: more than {MAX_FILES} files matched; only the first {MAX_FILES} are kept\n"
                 ));
                 names.truncate(MAX_FILES);
             }
@@ -109,14 +115,30 @@ impl Farm {
                 };
                 total += data.len();
                 // A secret's value is never published: logs are masked,
-                // a kept file cannot be (its bytes are the point).
-                if mask.apply(&data) != data {
+                // a kept file cannot be (its bytes are the point). Only the
+                // literal value is found (not one compressed or encoded):
+                // a guard against accidents. Scanned, and hashed, off the
+                // async threads.
+                let m = mask.clone();
+                let checked = tokio::task::spawn_blocking(move || {
+                    let secret = matches!(m.apply(&data), std::borrow::Cow::Owned(_));
+                    let sha = hex::encode(Sha256::digest(&data));
+                    (secret, sha, data)
+                })
+                .await;
+                let Ok((secret, sha, data)) = checked else {
+                    ctx.log(&format!(
+                        "farmer: artifacts: {name}: not kept: checking it failed\n"
+                    ));
+                    continue;
+                };
+                if secret {
                     ctx.log(&format!(
                         "farmer: artifacts: {name}: not kept: it contains the value of one of the farm's secrets\n"
                     ));
                     continue;
                 }
-                match self.keep_one(ctx, &name, data).await {
+                match self.keep_one(ctx, &name, sha, data).await {
                     Ok(line) => ctx.log(&line),
                     Err(e) => ctx.log(&format!("farmer: artifacts: {name}: not kept: {e}\n")),
                 }
@@ -138,10 +160,10 @@ impl Farm {
         &self,
         ctx: &StepCtx<'_>,
         name: &str,
+        sha: String,
         data: Vec<u8>,
     ) -> Result<String, String> {
         let size = data.len();
-        let sha = hex::encode(Sha256::digest(&data));
         let store = self.artifacts();
         let k = key(&sha);
         let have = store.version(&k).await.map_err(|e| e.to_string())?;

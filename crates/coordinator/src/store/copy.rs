@@ -59,6 +59,9 @@ pub struct TableCopy {
     pub destination: i64,
     /// Rows deleted from the destination because the source has them no more.
     pub removed: u64,
+    /// Finished logs the source's artifact store did not have (their rows
+    /// were copied without them).
+    pub missing_logs: u64,
 }
 
 impl TableCopy {
@@ -178,7 +181,19 @@ impl Shape {
             .columns
             .iter()
             .filter(|c| !self.keys.contains(&c.name))
-            .map(|c| format!("{q} = excluded.{q}", q = quote(&c.name)))
+            .map(|c| {
+                let q = quote(&c.name);
+                if c.name == "log_gz" {
+                    // A log the destination has is kept when the source's
+                    // copy of it went missing since.
+                    format!(
+                        "{q} = CASE WHEN excluded.{q} IS NULL OR length(excluded.{q}) = 0 THEN {t}.{q} ELSE excluded.{q} END",
+                        t = quote(self.table)
+                    )
+                } else {
+                    format!("{q} = excluded.{q}")
+                }
+            })
             .collect();
         let action = if set.is_empty() {
             "DO NOTHING".to_string()
@@ -208,8 +223,9 @@ async fn copy_table(
     to: &Store,
     shape: &Shape,
     progress: &mut impl FnMut(&str, u64),
-) -> Result<()> {
+) -> Result<u64> {
     let limit = if shape.has_blobs() { BLOB_BATCH } else { BATCH };
+    let mut missing = 0;
     let names = shape.names();
     let width = shape.columns.len();
     let mut after: Option<Vec<Value>> = None;
@@ -233,7 +249,9 @@ async fn copy_table(
             for (i, c) in shape.columns.iter().enumerate() {
                 row.push(read(r, i, c.kind)?);
             }
-            src_store.inline_log(shape, &mut row).await;
+            if !src_store.inline_log(shape, &mut row).await {
+                missing += 1;
+            }
             for v in row {
                 bytes += v.size();
                 batch.push(v);
@@ -255,7 +273,7 @@ async fn copy_table(
         }
         after = Some(key);
     }
-    Ok(())
+    Ok(missing)
 }
 
 /// Deletes the destination's rows whose keys the source does not have.
@@ -332,41 +350,55 @@ impl Store {
     /// A finished log the source keeps in its artifact store (its row's
     /// blob empty) goes into the destination's row: the copy carries the
     /// whole history, whatever the destination's artifact store will be.
-    async fn inline_log(&self, shape: &Shape, row: &mut [Value]) {
-        let Some(blobs) = &self.blobs else { return };
+    /// False when the log should be in the artifact store and is not.
+    async fn inline_log(&self, shape: &Shape, row: &mut [Value]) -> bool {
         let (key_col, key): (&str, fn(i64) -> String) = match shape.table {
             "steps" => ("id", super::logs::step_key),
             "attempt_logs" => ("attempt_id", super::logs::attempt_key),
-            _ => return,
+            _ => return true,
         };
         let at = |name: &str| shape.columns.iter().position(|c| c.name == name);
         let (Some(k), Some(gz), Some(size)) = (at(key_col), at("log_gz"), at("log_size")) else {
-            return;
+            return true;
         };
         let (Value::Int(Some(id)), Value::Int(Some(size))) = (&row[k], &row[size]) else {
-            return;
+            return true;
         };
         let empty = match &row[gz] {
             Value::Bytes(b) => b.as_ref().is_none_or(Vec::is_empty),
             _ => false,
         };
         if !empty || *size == 0 {
-            return;
+            return true;
         }
+        // A PostgreSQL source without one keeps such logs in a bucket the
+        // destination's farm reads too.
+        let Some(blobs) = &self.blobs else {
+            return self.engine != Engine::Sqlite;
+        };
         match blobs.get(&key(*id)).await {
-            Ok(Some(data)) => row[gz] = Value::Bytes(Some(data.to_vec())),
-            Ok(None) => tracing::warn!(
-                table = shape.table,
-                id,
-                "a finished log is missing from the {}",
-                blobs.describe()
-            ),
-            Err(e) => tracing::warn!(
-                table = shape.table,
-                id,
-                "reading a finished log from the {}: {e}",
-                blobs.describe()
-            ),
+            Ok(Some(data)) => {
+                row[gz] = Value::Bytes(Some(data.to_vec()));
+                true
+            }
+            Ok(None) => {
+                tracing::warn!(
+                    table = shape.table,
+                    id,
+                    "a finished log is missing from the {}",
+                    blobs.describe()
+                );
+                false
+            }
+            Err(e) => {
+                tracing::warn!(
+                    table = shape.table,
+                    id,
+                    "reading a finished log from the {}: {e}",
+                    blobs.describe()
+                );
+                false
+            }
         }
     }
 }
@@ -430,6 +462,7 @@ impl Store {
                 before,
                 destination: 0,
                 removed: 0,
+                missing_logs: 0,
             });
         }
         // First what the source no longer has, children before parents (a
@@ -440,8 +473,8 @@ impl Store {
             }
         }
         // Then every row of the source, parents before children.
-        for shape in &shapes {
-            copy_table(self, &mut src, to, shape, &mut progress).await?;
+        for (shape, c) in shapes.iter().zip(out.iter_mut()) {
+            c.missing_logs = copy_table(self, &mut src, to, shape, &mut progress).await?;
         }
         for (shape, c) in shapes.iter().zip(out.iter_mut()) {
             c.source = sqlx::query_scalar(&count(c.table))

@@ -140,7 +140,8 @@ impl Store {
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO outbox (kind, repo, dedupe, payload, created_at, next_at) VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (dedupe) WHERE state = 'pending' DO UPDATE SET kind = excluded.kind, repo = excluded.repo, \
-             payload = excluded.payload, created_at = excluded.created_at, next_at = excluded.next_at, attempts = 0, last_error = '' \
+             payload = excluded.payload, next_at = excluded.next_at, attempts = 0, last_error = '', \
+             created_at = CASE WHEN excluded.created_at > outbox.created_at THEN excluded.created_at ELSE outbox.created_at + 1 END \
              RETURNING id",
         )
         .bind(text(kind))

@@ -123,9 +123,13 @@ impl Store {
         // tcp_user_timeout also covers a leader that vanished while the
         // server still had unacknowledged data for it.
         conn.execute(
-            "SET tcp_keepalives_idle = 4; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3; SET tcp_user_timeout = 10000",
+            "SET tcp_keepalives_idle = 4; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3",
         )
         .await?;
+        // PostgreSQL 12 and later; older servers go on without it.
+        if let Err(e) = conn.execute("SET tcp_user_timeout = 10000").await {
+            tracing::debug!("tcp_user_timeout not set: {e}");
+        }
         Ok(LeaderLock {
             conn: Some(conn),
             held: false,
@@ -159,9 +163,26 @@ impl Store {
         if self.engine != Engine::Postgres {
             return Ok(0);
         }
+        // A role may always end its own sessions; ending another role's
+        // needs privileges a farm's role should not have. Coordinators of
+        // one farm use one role; another role's sessions are named, not
+        // ended (an error here would hand the lead back and forth).
+        let others: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name LIKE 'farmer %' AND application_name <> $1 AND usename <> current_user",
+        )
+        .bind(self.fence.connection_name())
+        .fetch_one(self.pool())
+        .await?;
+        if others > 0 {
+            tracing::error!(
+                others,
+                "coordinators of this store connect as another database role; their connections cannot be ended, so an old leader is not fenced: give every coordinator of a farm the same role"
+            );
+        }
         let ended: Vec<bool> = sqlx::query_scalar(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = current_database() AND pid <> pg_backend_pid() \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() AND usename = current_user \
              AND application_name LIKE 'farmer %' AND application_name <> $1",
         )
         .bind(self.fence.connection_name())

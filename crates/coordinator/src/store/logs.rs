@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use sqlx::Row;
 
-use super::{Result, RunResult, Store, StoreError, gzip, now_ms, text};
+use super::{Result, RunResult, Store, gzip, now_ms, text};
 use crate::artifacts::ArtifactStore;
 
 pub(super) fn step_key(id: i64) -> String {
@@ -76,7 +76,9 @@ impl Store {
     }
 
     /// A log as kept: from its row, else from the artifact store. A log the
-    /// artifact store lost or cannot give is an error, not an empty log.
+    /// artifact store lost or cannot give reads as a line saying so (and a
+    /// warning): never silently empty, and one lost log does not take the
+    /// rest of its build's page with it.
     async fn read_log(&self, key: &str, row: Option<Vec<u8>>, size: i64) -> Result<Vec<u8>> {
         if let Some(gz) = row.filter(|g| !g.is_empty()) {
             return Ok(gunzip(&gz));
@@ -84,22 +86,16 @@ impl Store {
         if size == 0 {
             return Ok(Vec::new());
         }
-        let Some(blobs) = &self.blobs else {
-            return Err(StoreError::Invalid(format!(
-                "the log {key} is in an artifact store this coordinator does not have"
-            )));
+        let why = match &self.blobs {
+            None => "it is in an artifact store this coordinator does not have".to_string(),
+            Some(blobs) => match blobs.get(key).await {
+                Ok(Some(gz)) => return Ok(gunzip(&gz)),
+                Ok(None) => format!("it is missing from the {}", blobs.describe()),
+                Err(e) => format!("reading it from the {}: {e}", blobs.describe()),
+            },
         };
-        match blobs.get(key).await {
-            Ok(Some(gz)) => Ok(gunzip(&gz)),
-            Ok(None) => Err(StoreError::Invalid(format!(
-                "the log {key} is missing from the {}",
-                blobs.describe()
-            ))),
-            Err(e) => Err(StoreError::Invalid(format!(
-                "reading the log {key} from the {}: {e}",
-                blobs.describe()
-            ))),
-        }
+        tracing::warn!(key, "a finished log cannot be read: {why}");
+        Ok(format!("farmer: this log ({size} bytes) cannot be read: {why}\n").into_bytes())
     }
 
     /// Finishes a step and keeps its log.

@@ -207,6 +207,36 @@ fn a_farm_moved_to_postgres_answers_the_same_and_the_move_can_be_rerun() {
         psql("SELECT COUNT(*) FROM attempt_logs WHERE length(log_gz) > 0"),
         "2"
     );
+    // The logs gone from the source since: the copy says so and fails, and
+    // keeps the logs the destination already has; a wrong directory is
+    // refused before anything is copied.
+    let logs = data.join("artifacts/logs");
+    std::fs::rename(&logs, data.join("logs.away")).unwrap();
+    let (ok, _, err) = migrate(&sqlite, &pg);
+    assert!(
+        !ok && err.contains("6 finished logs were not found"),
+        "{err}"
+    );
+    assert_eq!(
+        psql("SELECT COUNT(*) FROM steps WHERE length(log_gz) > 0"),
+        "4"
+    );
+    std::fs::rename(data.join("logs.away"), &logs).unwrap();
+    let out = common::output_within(
+        Command::new(FARMER).args([
+            "store",
+            "migrate",
+            "--from",
+            &sqlite,
+            "--to",
+            &pg,
+            "--from-artifacts",
+            "/nonexistent",
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a directory"));
     // Run again (as after a cut): nothing new, every count still right.
     let (ok, again, err) = migrate(&sqlite, &pg);
     assert!(ok, "{again}{err}");

@@ -124,7 +124,7 @@ pub fn build(runs: &[UnitRun]) -> Vec<StepReport> {
                 machine: r.machine.clone(),
                 offset_ms: r.started_at - start,
                 duration_ms: r.duration_ms,
-                result: r.result.clone(),
+                result: r.result.to_string(),
                 detail: r.detail.clone(),
             };
             let mut lanes: BTreeMap<&str, Lane> = BTreeMap::new();
@@ -173,7 +173,7 @@ mod tests {
             machine: machine.into(),
             started_at: start,
             duration_ms: d,
-            result: "passed".into(),
+            result: crate::store::RunResult::Passed,
             detail: String::new(),
         }
     }

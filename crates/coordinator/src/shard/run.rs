@@ -395,7 +395,7 @@ impl Farm {
                 &r.unit,
                 &machine,
                 r.since,
-                "cancelled",
+                RunResult::Cancelled,
                 "the step ended",
             )
             .await;
@@ -663,11 +663,14 @@ impl Farm {
             };
             let took = since.elapsed();
             let (result, detail) = match r {
-                None => ("cancelled", "stopped: another unit failed".to_string()),
-                Some(Ok(ProcessState::Ok)) => ("passed", String::new()),
-                Some(Ok(state)) => ("failed", state.to_string()),
-                Some(Err(e)) if e.is_communication() => ("lost", e.to_string()),
-                Some(Err(e)) => ("failed", e.to_string()),
+                None => (
+                    RunResult::Cancelled,
+                    "stopped: another unit failed".to_string(),
+                ),
+                Some(Ok(ProcessState::Ok)) => (RunResult::Passed, String::new()),
+                Some(Ok(state)) => (RunResult::Failed, state.to_string()),
+                Some(Err(e)) if e.is_communication() => (RunResult::Lost, e.to_string()),
+                Some(Err(e)) => (RunResult::Failed, e.to_string()),
             };
             let mut section = format!(
                 "\n--- unit {} on {}: {result} in {:.1}s{}{detail}\n",
@@ -686,7 +689,7 @@ impl Farm {
                     section.push(b'\n');
                 }
             }
-            if result == "lost" {
+            if result == RunResult::Lost {
                 let again = sh.q().losses.get(&unit.unit).copied().unwrap_or(0) + 1 < MAX_LOSSES;
                 section.extend(if again {
                     &b"farmer: the unit goes back to the queue\n"[..]
@@ -694,7 +697,7 @@ impl Farm {
                     &b"farmer: the unit has now broken two machines; it fails the step\n"[..]
                 });
             }
-            let retry = result == "failed" && unit.failures < run.builder.retry_failed;
+            let retry = result == RunResult::Failed && unit.failures < run.builder.retry_failed;
             if retry {
                 section.extend(
                     format!(
@@ -727,7 +730,7 @@ impl Farm {
                 .await;
             // Marked while the unit still counts as running, so the step
             // cannot end (and drop this worker) before it is written.
-            if result == "passed" && unit.failures > 0 {
+            if result == RunResult::Passed && unit.failures > 0 {
                 let names = sh.q().failed_tests.remove(&unit.unit).unwrap_or_default();
                 if let Err(e) = self.store.mark_flaky(run.step_id, &names).await {
                     tracing::warn!(build = run.build.id, "recording flaky tests: {e}");
@@ -736,22 +739,22 @@ impl Farm {
             {
                 let mut q = sh.q();
                 q.running.remove(&lease.id);
-                if main && result == "lost" {
+                if main && result == RunResult::Lost {
                     q.main_lost = true;
                 }
-                let lost_too_often = result == "lost" && {
+                let lost_too_often = result == RunResult::Lost && {
                     let n = q.losses.entry(unit.unit.clone()).or_default();
                     *n += 1;
                     *n >= MAX_LOSSES
                 };
                 match result {
-                    "passed" => {
+                    RunResult::Passed => {
                         q.passed += 1;
                         if unit.failures > 0 {
                             q.flaky.push(unit.unit.clone());
                         }
                     }
-                    "failed" if retry => {
+                    RunResult::Failed if retry => {
                         let names: Vec<String> = unit_tests
                             .iter()
                             .filter(|t| t.outcome == TestOutcome::Fail)
@@ -767,9 +770,9 @@ impl Farm {
                             ..unit
                         });
                     }
-                    "lost" if !lost_too_often => q.pending.push_front(unit),
-                    "failed" | "lost" => {
-                        let what = if result == "lost" {
+                    RunResult::Lost if !lost_too_often => q.pending.push_front(unit),
+                    RunResult::Failed | RunResult::Lost => {
+                        let what = if result == RunResult::Lost {
                             format!("it lost its machine {MAX_LOSSES} times (last: {detail})")
                         } else {
                             detail.clone()
@@ -781,7 +784,7 @@ impl Farm {
                     _ => {}
                 }
             }
-            if result == "lost" {
+            if result == RunResult::Lost {
                 lost = true;
                 self.pool.remove(
                     lease.id,
@@ -823,7 +826,7 @@ impl Farm {
         unit: &str,
         machine: &str,
         since: Instant,
-        result: &str,
+        result: RunResult,
         detail: &str,
     ) {
         let took = since.elapsed();
@@ -836,7 +839,7 @@ impl Farm {
             machine: machine.to_string(),
             started_at: now_ms() - took.as_millis() as i64,
             duration_ms: took.as_millis() as i64,
-            result: result.to_string(),
+            result,
             detail: detail.to_string(),
         };
         if let Err(e) = self.store.record_unit_run(&r).await {
@@ -850,15 +853,15 @@ impl Farm {
 /// after line `output_at`); a unit that reports none is itself the test.
 fn unit_results(
     unit: &str,
-    result: &str,
+    result: RunResult,
     took: Duration,
     output: &[u8],
     header_line: usize,
     output_at: usize,
 ) -> Vec<TestResult> {
     let outcome = match result {
-        "passed" => TestOutcome::Pass,
-        "failed" => TestOutcome::Fail,
+        RunResult::Passed => TestOutcome::Pass,
+        RunResult::Failed => TestOutcome::Fail,
         // Cut short: says nothing about the unit.
         _ => return Vec::new(),
     };

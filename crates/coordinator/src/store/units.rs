@@ -26,7 +26,8 @@ pub struct UnitRun {
     pub started_at: i64,
     pub duration_ms: i64,
     /// `passed`, `failed`, `lost` or `cancelled`.
-    pub result: String,
+    #[sqlx(try_from = "String")]
+    pub result: super::RunResult,
     pub detail: String,
 }
 
@@ -46,7 +47,7 @@ impl Store {
         .bind(text(&r.machine))
         .bind(r.started_at)
         .bind(r.duration_ms)
-        .bind(text(&r.result))
+        .bind(r.result.as_str())
         .bind(text(&r.detail))
         .execute(&self.pool)
         .await?;

@@ -232,8 +232,8 @@ shard.helpers = 1
         let runs = f.farm.store.unit_runs(id).await.unwrap();
         let flaky: Vec<_> = runs.iter().filter(|r| r.unit == "flaky").collect();
         assert_eq!(flaky.len(), 2, "{runs:?}");
-        assert_eq!(flaky[0].result, "failed");
-        assert_eq!(flaky[1].result, "passed");
+        assert_eq!(flaky[0].result.as_str(), "failed");
+        assert_eq!(flaky[1].result.as_str(), "passed");
         let tests = f.farm.store.build_tests(id, 100).await.unwrap();
         let t = tests.iter().find(|t| t.name == "flaky").unwrap();
         assert_eq!(t.outcome, "flaky", "{tests:#?}");

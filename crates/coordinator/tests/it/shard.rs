@@ -65,7 +65,7 @@ fn by_unit(runs: &[UnitRun]) -> BTreeMap<String, Vec<(String, String)>> {
     for r in runs {
         m.entry(r.unit.clone())
             .or_default()
-            .push((r.result.clone(), r.machine.clone()));
+            .push((r.result.to_string(), r.machine.clone()));
     }
     m
 }
@@ -219,6 +219,9 @@ fn cancelling_a_sharded_build_gives_every_helper_back_at_once() {
         // The units cut short are on record as such.
         let runs = f.farm.store.unit_runs(id).await.unwrap();
         assert_eq!(runs.len(), 3, "{runs:?}");
-        assert!(runs.iter().all(|r| r.result == "cancelled"), "{runs:?}");
+        assert!(
+            runs.iter().all(|r| r.result.as_str() == "cancelled"),
+            "{runs:?}"
+        );
     });
 }

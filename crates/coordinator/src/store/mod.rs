@@ -653,21 +653,17 @@ impl Store {
     ) -> Result<Option<(i64, i64)>> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE builds SET status = 'running', attempts = attempts + 1, started_at = COALESCE(started_at, $1) WHERE id = $2 AND status = 'queued'",
+        // One round trip: the update says the attempt's number.
+        let number: Option<i64> = sqlx::query_scalar(
+            "UPDATE builds SET status = 'running', attempts = attempts + 1, started_at = COALESCE(started_at, $1) WHERE id = $2 AND status = 'queued' RETURNING attempts",
         )
         .bind(now)
         .bind(build_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated == 0 {
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(number) = number else {
             return Ok(None);
-        }
-        let number: i64 = sqlx::query_scalar("SELECT attempts FROM builds WHERE id = $1")
-            .bind(build_id)
-            .fetch_one(&mut *tx)
-            .await?;
+        };
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO attempts (build_id, number, machine, host_type, started_at, result) VALUES ($1, $2, $3, $4, $5, 'running') RETURNING id",
         )

@@ -73,11 +73,14 @@ impl AsyncWrite for TailBuffer {
 }
 
 /// An output sink that keeps at most `cap` bytes and remembers that more
-/// came, for output that must be read whole (the unit list).
+/// came, for output that must be read whole (the unit list, a fetched file).
 pub struct CappedBuffer {
     pub cap: usize,
     pub bytes: Vec<u8>,
     pub overflowed: bool,
+    /// Past the cap, fail the transfer (a machine sending more is cut off)
+    /// instead of draining the rest.
+    pub stop: bool,
 }
 
 impl AsyncWrite for CappedBuffer {
@@ -89,6 +92,9 @@ impl AsyncWrite for CappedBuffer {
         let room = self.cap - self.bytes.len();
         if buf.len() > room {
             self.overflowed = true;
+            if self.stop {
+                return Poll::Ready(Err(std::io::Error::other("more than the cap")));
+            }
         }
         let n = buf.len().min(room);
         self.bytes.extend_from_slice(&buf[..n]);

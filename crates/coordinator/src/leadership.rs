@@ -38,7 +38,10 @@ pub async fn standby_gate(State(farm): State<Arc<Farm>>, req: Request, next: Nex
     if reads {
         return next.run(req).await;
     }
-    let leader = leader_note(&farm).await;
+    let leader = match farm.store.leader().await {
+        Ok(Some(l)) => format!("the leader is {}", l.addr),
+        _ => "no coordinator leads at this moment".to_string(),
+    };
     (
         StatusCode::SERVICE_UNAVAILABLE,
         axum::Json(serde_json::json!({
@@ -47,26 +50,6 @@ pub async fn standby_gate(State(farm): State<Arc<Farm>>, req: Request, next: Nex
         })),
     )
         .into_response()
-}
-
-/// "the leader is ADDR", looked up at most once a second: refusals are
-/// cheap for whoever sends them (machines retry a standby every second or
-/// so), so each must not cost a query.
-async fn leader_note(farm: &Farm) -> String {
-    static NOTE: std::sync::Mutex<Option<(std::time::Instant, String)>> =
-        std::sync::Mutex::new(None);
-    if let Some((at, note)) = &*NOTE.lock().unwrap_or_else(|e| e.into_inner())
-        && at.elapsed() < Duration::from_secs(1)
-    {
-        return note.clone();
-    }
-    let note = match farm.store.leader().await {
-        Ok(Some(l)) => format!("the leader is {}", l.addr),
-        _ => "no coordinator leads at this moment".to_string(),
-    };
-    *NOTE.lock().unwrap_or_else(|e| e.into_inner()) =
-        Some((std::time::Instant::now(), note.clone()));
-    note
 }
 
 /// Waits until this coordinator holds the leader lock, reconnecting when

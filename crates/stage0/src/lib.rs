@@ -505,9 +505,6 @@ pub async fn ensure_buildlet(cfg: &Config) -> Result<Installed, Error> {
         .split(',')
         .map(|a| http::Client::new(a, &cfg.tls).map_err(|e| Error::Config(e.to_string())))
         .collect::<Result<Vec<_>, _>>()?;
-    if clients.is_empty() {
-        return Err(Error::Config("no coordinator address".into()));
-    }
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     let mut tries = 0u32;
     wait_for_network(&clients, cfg.network_wait).await;
@@ -516,29 +513,23 @@ pub async fn ensure_buildlet(cfg: &Config) -> Result<Installed, Error> {
         // Each address in turn until one gives a verified release (a
         // leader down, or a standby without this farm's releases); the
         // error kept is the first that says more than "unreachable".
-        let mut result = Err(Error::Config("no coordinator address".into()));
+        let mut err: Option<Error> = None;
         for client in &clients {
             match update_once(client, cfg).await {
-                Ok(i) => {
-                    result = Ok(i);
-                    break;
-                }
-                Err(Error::Config(m)) => {
-                    result = Err(Error::Config(m));
-                    break;
-                }
+                Ok(i) => return Ok(i),
+                Err(Error::Config(m)) => return Err(Error::Config(m)),
                 Err(e) => {
-                    let keep_first = matches!(&result, Err(k) if !matches!(k, Error::Config(_) | Error::Unreachable(_)));
-                    if !keep_first {
-                        result = Err(e);
+                    if err
+                        .as_ref()
+                        .is_none_or(|k| matches!(k, Error::Unreachable(_)))
+                    {
+                        err = Some(e);
                     }
                 }
             }
         }
-        let err = match result {
-            Ok(i) => return Ok(i),
-            Err(Error::Config(m)) => return Err(Error::Config(m)),
-            Err(e) => e,
+        let Some(err) = err else {
+            return Err(Error::Config("no coordinator address".into()));
         };
         let give_up_now =
             !matches!(err, Error::Unreachable(_)) || tries >= cfg.tries_before_last_good;

@@ -23,20 +23,28 @@ pub async fn list(
     if farm.store.build(id).await?.is_none() {
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no build {id}")));
     }
-    let files = farm.store.build_artifacts(id).await?;
-    Ok(Json(json!(
-        files
-            .iter()
-            .map(|f| json!({
+    Ok(Json(json!(listing(
+        id,
+        &farm.store.build_artifacts(id).await?
+    ))))
+}
+
+/// A build's kept files as the API shows them (the list and the build's
+/// detail): name, size, SHA-256, attempt, step and download URL.
+pub fn listing(build: i64, files: &[crate::store::BuildArtifact]) -> Vec<serde_json::Value> {
+    files
+        .iter()
+        .map(|f| {
+            json!({
                 "name": f.name,
                 "size": f.size,
                 "sha256": f.sha256,
                 "attempt_id": f.attempt_id,
                 "step_id": f.step_id,
-                "url": download_path(id, &f.name),
-            }))
-            .collect::<Vec<_>>()
-    )))
+                "url": download_path(build, &f.name),
+            })
+        })
+        .collect()
 }
 
 /// Where a build's file downloads: each path segment percent-encoded.

@@ -325,12 +325,7 @@ async fn build(
         "shards": shards,
         "test_counts": test_counts,
         "tests": tests,
-        "artifacts": farm.store.build_artifacts(id).await?.iter().map(|f| json!({
-            "name": f.name,
-            "size": f.size,
-            "sha256": f.sha256,
-            "url": artifacts::download_path(id, &f.name),
-        })).collect::<Vec<_>>(),
+        "artifacts": artifacts::listing(id, &farm.store.build_artifacts(id).await?),
     })))
 }
 

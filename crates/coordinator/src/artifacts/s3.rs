@@ -60,7 +60,7 @@ impl StorageConfig {
 /// An S3 bucket (under a prefix) as the artifact store.
 pub struct S3 {
     store: Arc<dyn ObjectStore>,
-    /// The same bucket for GETs, without a whole-request timeout.
+    /// The same bucket for streamed GETs, without a whole-request timeout.
     reader: Arc<dyn ObjectStore>,
     describe: String,
 }
@@ -160,7 +160,8 @@ impl ArtifactStore for S3 {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, io::Result<Option<Bytes>>> {
         Box::pin(async move {
             let p = S3::path(key)?;
-            let Some(r) = found(self.reader.get(&p).await)? else {
+            // A whole (small) object: bounded like a write.
+            let Some(r) = found(self.store.get(&p).await)? else {
                 return Ok(None);
             };
             Ok(Some(r.bytes().await.map_err(io_err)?))

@@ -10,6 +10,7 @@ use buildlet::client::{Client, LsOptions};
 use buildlet::proto::EntryKind;
 
 use super::{MAX_FILE, MAX_FILES, ResultFiles, Results, from_output, glob_base, glob_match};
+use crate::bounded::CappedBuffer;
 use crate::secrets::Mask;
 
 /// The longest all result files of one step may take to fetch.
@@ -134,11 +135,12 @@ async fn read_files(client: &Client, dir: &str, f: &ResultFiles, mask: &Mask, r:
 
 /// One file's content, through a one-entry `/tgz`, at most `cap` bytes.
 pub(crate) async fn fetch(client: &Client, path: &str, cap: usize) -> Result<Vec<u8>, String> {
-    let mut tgz = StopAtCap {
+    let mut tgz = CappedBuffer {
         // An archive of a file that does not compress is a little larger.
         cap: cap + (cap >> 6) + (64 << 10),
         bytes: Vec::new(),
         overflowed: false,
+        stop: true,
     };
     let got = client.get_tgz(path, &mut tgz, None).await;
     if tgz.overflowed {
@@ -150,41 +152,6 @@ pub(crate) async fn fetch(client: &Client, path: &str, cap: usize) -> Result<Vec
     tokio::task::spawn_blocking(move || unpack_one(&bytes, cap))
         .await
         .map_err(|e| format!("unpacking it: {e}"))?
-}
-
-/// Keeps at most `cap` bytes and fails the transfer past them: a machine
-/// that sends more is cut off, not read to the end.
-struct StopAtCap {
-    cap: usize,
-    bytes: Vec<u8>,
-    overflowed: bool,
-}
-
-impl tokio::io::AsyncWrite for StopAtCap {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        if buf.len() > self.cap - self.bytes.len() {
-            self.overflowed = true;
-            return std::task::Poll::Ready(Err(std::io::Error::other("too large")));
-        }
-        self.bytes.extend_from_slice(buf);
-        std::task::Poll::Ready(Ok(buf.len()))
-    }
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
 }
 
 /// The one file of a `/tgz` answer, at most `cap` bytes.

@@ -449,6 +449,7 @@ impl Farm {
             cap: MAX_LIST_OUTPUT,
             bytes: Vec::new(),
             overflowed: false,
+            stop: false,
         };
         let r = tokio::select! {
             r = main.client.exec(&cmd, &opts, &mut out) => r,

@@ -374,7 +374,7 @@ impl Store {
         // A PostgreSQL source without one keeps such logs in a bucket the
         // destination's farm reads too.
         let Some(blobs) = &self.blobs else {
-            return self.engine != Engine::Sqlite;
+            return self.engine() != Engine::Sqlite;
         };
         match blobs.get(&key(*id)).await {
             Ok(Some(data)) => {

@@ -135,14 +135,11 @@ pub fn redact(url: &str) -> String {
 const SQLITE_CONNECTIONS: u32 = 4;
 const POSTGRES_CONNECTIONS: u32 = 8;
 
-pub(super) async fn connect(location: &Location, fence: &Fence) -> Result<(AnyPool, Engine)> {
+pub(super) async fn connect(location: &Location, fence: &Fence) -> Result<AnyPool> {
     sqlx::any::install_default_drivers();
     match location {
-        Location::Sqlite(path) => Ok((sqlite(path).await?, Engine::Sqlite)),
-        Location::Postgres(url) => Ok((
-            postgres(url, location, fence.clone()).await?,
-            Engine::Postgres,
-        )),
+        Location::Sqlite(path) => sqlite(path).await,
+        Location::Postgres(url) => postgres(url, location, fence.clone()).await,
     }
 }
 

@@ -30,12 +30,17 @@ const LOCK_KEY: i64 = 0x6661_726d; // "farm"
 /// the others' `/status` (read back from `pg_stat_activity`).
 const NAME_PREFIX: &str = "farmer-leader";
 
+/// A [`Store::leader`] answer and when it was read.
+type LeaderSeen = (std::time::Instant, Option<LeaderInfo>);
+
 /// This process on the database: the name of its connections and whether
 /// it leads (its new connections are then checked).
 #[derive(Clone)]
 pub(super) struct Fence {
     id: String,
     leading: Arc<AtomicBool>,
+    /// The last [`Store::leader`] answer and when it was read.
+    leader_seen: Arc<std::sync::Mutex<Option<LeaderSeen>>>,
 }
 
 impl Fence {
@@ -45,6 +50,7 @@ impl Fence {
         Fence {
             id: hex::encode(b),
             leading: Arc::new(AtomicBool::new(false)),
+            leader_seen: Arc::default(),
         }
     }
 
@@ -138,9 +144,17 @@ impl Store {
 
     /// The coordinator holding the leader lock now, if one does (always
     /// `None` on SQLite, where there are no others).
+    /// Read at most once a second: pages, `/api/status` and a standby's
+    /// refusals (machines retry a standby every second or so) all ask.
     pub async fn leader(&self) -> Result<Option<LeaderInfo>> {
-        if self.engine != Engine::Postgres {
+        if self.engine() != Engine::Postgres {
             return Ok(None);
+        }
+        let seen = &self.fence.leader_seen;
+        if let Some((at, l)) = &*seen.lock().unwrap_or_else(|e| e.into_inner())
+            && at.elapsed() < Duration::from_secs(1)
+        {
+            return Ok(l.clone());
         }
         let name: Option<String> = sqlx::query_scalar(
             "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
@@ -151,7 +165,10 @@ impl Store {
         .bind(LOCK_KEY)
         .fetch_optional(self.pool())
         .await?;
-        Ok(name.and_then(|n| parse_name(&n)))
+        let l = name.and_then(|n| parse_name(&n));
+        *seen.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), l.clone()));
+        Ok(l)
     }
 
     /// Called once this coordinator holds the lock, before it recovers
@@ -160,7 +177,7 @@ impl Store {
     /// reconnect; an old leader's writes fail). Returns how many were ended.
     pub async fn fence_others(&self) -> Result<u64> {
         self.fence.leading.store(true, Ordering::Release);
-        if self.engine != Engine::Postgres {
+        if self.engine() != Engine::Postgres {
             return Ok(0);
         }
         // A role may always end its own sessions; ending another role's

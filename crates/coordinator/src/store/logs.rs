@@ -25,6 +25,16 @@ pub(super) fn attempt_key(id: i64) -> String {
     format!("logs/attempts/{id}.log.gz")
 }
 
+/// Decompresses a stored log off the async threads when it is large.
+async fn gunzip_async(gz: Vec<u8>) -> Vec<u8> {
+    if gz.len() < 64 << 10 {
+        return gunzip(&gz);
+    }
+    tokio::task::spawn_blocking(move || gunzip(&gz))
+        .await
+        .unwrap_or_default()
+}
+
 /// Decompresses a stored log, at most a little more than the longest log
 /// ever kept (`logs::MAX_LOG`): a damaged object cannot balloon.
 fn gunzip(gz: &[u8]) -> Vec<u8> {
@@ -81,7 +91,7 @@ impl Store {
     /// rest of its build's page with it.
     async fn read_log(&self, key: &str, row: Option<Vec<u8>>, size: i64) -> Result<Vec<u8>> {
         if let Some(gz) = row.filter(|g| !g.is_empty()) {
-            return Ok(gunzip(&gz));
+            return Ok(gunzip_async(gz).await);
         }
         if size == 0 {
             return Ok(Vec::new());
@@ -89,7 +99,7 @@ impl Store {
         let why = match &self.blobs {
             None => "it is in an artifact store this coordinator does not have".to_string(),
             Some(blobs) => match blobs.get(key).await {
-                Ok(Some(gz)) => return Ok(gunzip(&gz)),
+                Ok(Some(gz)) => return Ok(gunzip_async(gz.to_vec()).await),
                 Ok(None) => format!("it is missing from the {}", blobs.describe()),
                 Err(e) => format!("reading it from the {}: {e}", blobs.describe()),
             },

@@ -346,7 +346,6 @@ pub struct Store {
     blobs: Option<Arc<dyn ArtifactStore>>,
     /// Whether new finished logs go to `blobs`.
     write_blobs: bool,
-    engine: Engine,
     /// Where it is: the leader lock opens a connection of its own there.
     location: Location,
     /// This process's name on the database, and whether it leads.
@@ -409,12 +408,11 @@ impl Store {
     /// if missing) or a PostgreSQL database (which must exist).
     pub async fn connect(location: &Location) -> Result<Store> {
         let fence = leader::Fence::new();
-        let (pool, engine) = engine::connect(location, &fence).await?;
+        let pool = engine::connect(location, &fence).await?;
         Ok(Store {
             pool,
             blobs: None,
             write_blobs: false,
-            engine,
             location: location.clone(),
             fence,
         })
@@ -422,7 +420,7 @@ impl Store {
 
     /// Which engine holds the store.
     pub fn engine(&self) -> Engine {
-        self.engine
+        self.location.engine()
     }
 
     /// The connection pool, for the store's own modules.
@@ -540,7 +538,7 @@ impl Store {
         .bind(text(&b.branch))
         .bind(text(&b.commit))
         .bind(b.commit_time)
-        .bind(text(b.kind.as_str()))
+        .bind(b.kind.as_str())
         .bind(now_ms())
         .bind(text(&b.requested_by))
         .fetch_optional(&self.pool)
@@ -731,7 +729,7 @@ impl Store {
         let n = sqlx::query(
             "UPDATE builds SET status = $1, error = $2, finished_at = $3 WHERE id = $4 AND status IN ('queued', 'running')",
         )
-        .bind(text(status.as_str()))
+        .bind(status.as_str())
         .bind(text(error))
         .bind(now_ms())
         .bind(build_id)
@@ -820,8 +818,8 @@ impl Store {
                 params(4, chunk.len())
             );
             let mut q = sqlx::query(&sql)
-                .bind(text("\u{1f}"))
-                .bind(text("\u{1e}"))
+                .bind("\u{1f}")
+                .bind("\u{1e}")
                 .bind(text(repo));
             for h in chunk {
                 q = q.bind(text(h));

@@ -80,7 +80,7 @@ impl Store {
             .bind(text(&of.commit))
             .bind(of.commit_time)
             .bind(text(&t.name))
-            .bind(text(t.outcome.as_str()))
+            .bind(t.outcome.as_str())
             .bind(t.duration_ms)
             .bind(text(&t.failure))
             .bind(t.line.map(|l| l as i64))

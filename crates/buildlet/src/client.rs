@@ -74,6 +74,13 @@ pub trait Transport: Send + Sync + 'static {
         &self,
         req: Request<ReqBody>,
     ) -> Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send + '_>>;
+
+    /// Whether the connection rests between sessions (a parked reverse
+    /// link, see [`crate::link`]): its liveness is the link's own ping, so
+    /// health checks leave it alone rather than wake it.
+    fn parked(&self) -> bool {
+        false
+    }
 }
 
 /// Talks HTTP/1.1 to a buildlet listening on an address.
@@ -266,6 +273,11 @@ impl Client {
     }
 
     /// A client over any transport; `base` is the URL prefix put on every path.
+    /// Whether the machine's link is parked ([`Transport::parked`]).
+    pub fn parked(&self) -> bool {
+        self.transport.parked()
+    }
+
     pub fn with_transport(
         transport: Arc<dyn Transport>,
         base: String,

@@ -15,6 +15,7 @@ pub mod beneath;
 pub mod cli;
 pub mod client;
 pub mod fault;
+pub mod link;
 pub mod paths;
 pub mod proto;
 pub mod reverse;

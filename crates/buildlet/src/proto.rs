@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 /// The buildlet protocol version. Bumped whenever the API changes in a way a
 /// coordinator may need to know about (it can refuse buildlets that are too old).
-pub const VERSION: u32 = 1;
+/// 2: reverse links park between HTTP/2 sessions ([`crate::link`]).
+pub const VERSION: u32 = 2;
 
 /// The trailer of `/exec` that carries the exit state. Its absence means the
 /// stream broke off: a communication failure, never a failed command.
@@ -48,7 +49,7 @@ pub const ENV_STAGE0: &str = "FARMER_STAGE0";
 /// for any platform without running it. Keep the number equal to [`VERSION`]
 /// (a test checks).
 pub static BINARY_INFO: &str = concat!(
-    "\nFARMER_BUILDLET_INFO protocol=1 build=",
+    "\nFARMER_BUILDLET_INFO protocol=2 build=",
     env!("CARGO_PKG_VERSION"),
     "\n"
 );

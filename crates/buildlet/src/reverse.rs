@@ -5,11 +5,13 @@
 //! The buildlet sends `GET /reverse` with `Upgrade: farmer-buildlet` and its
 //! host type, host name, version and builder key. On `101 Switching
 //! Protocols` the roles turn around: the coordinator runs an HTTP/2 client on
-//! the connection and the buildlet an HTTP/2 server ([`Buildlet::handle`]).
-//! HTTP/2 PINGs keep NAT mappings alive and detect a dead peer. When the link
-//! drops, the buildlet reconnects with jittered exponential backoff; a
-//! refusal is logged with the coordinator's reason, which names what the
-//! owner must fix.
+//! the connection and the buildlet an HTTP/2 server ([`Buildlet::handle`]),
+//! in sessions that end when the link is idle ([`serve_link`], see
+//! [`crate::link`]). HTTP/2 PINGs in a session, one-byte pings while parked
+//! and TCP keepalives keep NAT mappings alive and detect a dead peer. When
+//! the link drops, the buildlet reconnects with jittered exponential
+//! backoff; a refusal is logged with the coordinator's reason, which names
+//! what the owner must fix.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -23,6 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+use crate::link::{self, Link};
 use crate::proto;
 use crate::server::Buildlet;
 
@@ -341,6 +344,7 @@ async fn connect_once(
             err,
         })?;
     let _ = tcp.set_nodelay(true);
+    keep_alive(&tcp);
     match tls {
         None => register_and_serve(b, cfg, addr, tcp).await,
         Some(connector) => {
@@ -359,6 +363,20 @@ async fn connect_once(
                     })?;
             register_and_serve(b, cfg, addr, stream).await
         }
+    }
+}
+
+/// TCP keepalives: while the link is parked no HTTP/2 PING crosses it, so
+/// the kernel notices a coordinator whose machine or network died (about
+/// 40 s) and keeps NAT mappings open.
+fn keep_alive(tcp: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(20))
+        .with_interval(Duration::from_secs(5));
+    #[cfg(any(target_os = "linux", target_os = "macos", target_os = "freebsd"))]
+    let ka = ka.with_retries(4);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+        tracing::debug!("TCP keepalive: {e}");
     }
 }
 
@@ -425,31 +443,82 @@ where
         "registered with the coordinator"
     );
     let started = std::time::Instant::now();
-    let me = b.clone();
-    let svc = hyper::service::service_fn(move |req| {
-        let me = me.clone();
-        async move { Ok::<_, std::convert::Infallible>(me.handle(req).await) }
-    });
-    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(15)))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .serve_connection(upgraded, svc);
-    let mut served = std::pin::pin!(served);
-    let served = tokio::select! {
-        r = served.as_mut() => r,
-        _ = b.halted() => {
-            // GOAWAY: streams in flight (the `/halt` reply) complete.
-            served.as_mut().graceful_shutdown();
-            tokio::time::timeout(crate::server::HALT_GRACE, served)
-                .await
-                .unwrap_or(Ok(()))
-        }
-    };
-    if let Err(e) = served {
+    if let Err(e) = serve_link(b, TokioIo::new(upgraded)).await {
         tracing::debug!("reverse connection ended: {e}");
     }
     Ok(started.elapsed())
+}
+
+/// Serves the coordinator over a reverse link (the upgraded connection of
+/// `/reverse`, or any byte stream) until the link ends or the buildlet
+/// halts: an HTTP/2 session whenever the coordinator begins one, parked in
+/// between (see [`crate::link`]). Returns why the link ended.
+pub async fn serve_link<T>(b: &Arc<Buildlet>, io: T) -> Result<(), String>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut link = Link::new(io);
+    let mut buf = [0u8; 64];
+    loop {
+        // Parked (or just connected): answer pings until the coordinator
+        // begins a session.
+        loop {
+            let n = tokio::select! {
+                r = link.read_some(&mut buf) => r.map_err(|e| format!("reading the link: {e}"))?,
+                _ = b.halted() => return Ok(()),
+            };
+            if n == 0 {
+                return Err("the coordinator closed the link".into());
+            }
+            let (pings, begun) = link::parked_bytes(&mut link, &buf[..n]);
+            if pings > 0 {
+                link.send(&[link::PONG; 64][..pings])
+                    .await
+                    .map_err(|e| format!("answering a ping: {e}"))?;
+            }
+            if begun {
+                break;
+            }
+        }
+        let (session, back) = link.served_session();
+        let me = b.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let me = me.clone();
+            async move { Ok::<_, std::convert::Infallible>(me.handle(req).await) }
+        });
+        let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(15)))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .serve_connection(TokioIo::new(session), svc);
+        // Boxed so that dropping it gives the link back.
+        let mut served = Box::pin(served);
+        let ended = tokio::select! {
+            r = served.as_mut() => r,
+            _ = b.halted() => {
+                // GOAWAY: streams in flight (the `/halt` reply) complete.
+                served.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(crate::server::HALT_GRACE, served).await;
+                return Ok(());
+            }
+        };
+        drop(served);
+        link = tokio::time::timeout(link::RESYNC_TIMEOUT, back)
+            .await
+            .map_err(|_| "the ended session kept the link".to_string())?
+            .map_err(|_| "the ended session dropped the link".to_string())?;
+        if !link.peer_went_away {
+            return Err(match ended {
+                Ok(()) => "the session ended".to_string(),
+                Err(e) => format!("HTTP/2: {e}"),
+            });
+        }
+        // The coordinator let the session go: park.
+        tokio::time::timeout(link::RESYNC_TIMEOUT, link.resync())
+            .await
+            .map_err(|_| "parking: no end mark from the coordinator in time".to_string())?
+            .map_err(|e| format!("parking: {e}"))?;
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! `ARCHITECTURE.md` at the repository root maps each concept to its module.
 
 pub mod admin_cli;
+pub mod alloc;
 pub mod api;
 pub mod artifacts;
 pub mod auth;
@@ -21,6 +22,7 @@ pub mod gomote;
 pub mod history;
 pub mod keys;
 pub mod leadership;
+pub mod link;
 pub mod logs;
 pub mod machine_auth;
 pub mod metrics;

@@ -206,6 +206,8 @@ struct Refusals {
 pub struct Counts {
     pub connected: u32,
     pub busy: u32,
+    /// Idle with their links parked ([`crate::link`]).
+    pub parked: u32,
 }
 
 #[derive(Default)]
@@ -468,13 +470,23 @@ impl Pool {
         idle && self.remove(id, reason)
     }
 
-    /// Idle machines' clients, for health checks.
+    /// Idle machines' clients, for health checks; parked links are left
+    /// out (their own pings check them, and a check would wake them).
     pub fn idle_machines(&self) -> Vec<(u64, Client)> {
         let m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
         m.values()
-            .filter(|x| x.view.state == MachineState::Idle)
+            .filter(|x| x.view.state == MachineState::Idle && !x.client.parked())
             .map(|x| (x.view.id, x.client.clone()))
             .collect()
+    }
+
+    /// How long a machine has been idle (`None` if it is not idle or gone).
+    pub fn idle_for(&self, id: u64) -> Option<std::time::Duration> {
+        let m = self.machines.lock().unwrap_or_else(|e| e.into_inner());
+        let x = m.get(&id)?;
+        (x.view.state == MachineState::Idle && !x.view.draining).then(|| {
+            std::time::Duration::from_millis((now_ms() - x.view.state_since).max(0) as u64)
+        })
     }
 
     /// The client of a connected machine.
@@ -576,6 +588,9 @@ impl Pool {
             c.connected += 1;
             if x.view.state != MachineState::Idle {
                 c.busy += 1;
+            }
+            if x.client.parked() {
+                c.parked += 1;
             }
         }
         out

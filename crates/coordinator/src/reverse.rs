@@ -5,24 +5,22 @@
 //! the registration headers, that the host type is configured, the builder
 //! key, and the buildlet version. Each refusal is a status and a sentence the
 //! machine owner can act on, and is counted per host type. On success it
-//! answers `101`, runs an HTTP/2 *client* over the connection, confirms the
-//! buildlet with `/status`, and adds it to the pool; when the connection
-//! ends (or HTTP/2 PINGs go unanswered), the machine leaves the pool.
+//! answers `101`, runs an HTTP/2 *client* over the connection (parked while
+//! the machine is idle, see [`crate::link`]), confirms the buildlet with
+//! `/status`, and adds it to the pool; when the connection ends (or pings go
+//! unanswered), the machine leaves the pool.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use buildlet::client::{BoxError, Client, ReqBody, Transport};
+use buildlet::client::Client;
 use buildlet::proto;
 use http::{StatusCode, header};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioIo;
 
 use crate::farm::Farm;
 use crate::pool::Refusal;
@@ -33,24 +31,6 @@ use crate::store::now_ms;
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
-}
-
-/// Sends requests over the HTTP/2 connection a buildlet dialled.
-struct H2Transport {
-    sender: hyper::client::conn::http2::SendRequest<ReqBody>,
-}
-
-impl Transport for H2Transport {
-    fn send(
-        &self,
-        req: http::Request<ReqBody>,
-    ) -> Pin<Box<dyn Future<Output = Result<http::Response<Incoming>, BoxError>> + Send + '_>> {
-        let mut sender = self.sender.clone();
-        Box::pin(async move {
-            sender.ready().await?;
-            Ok(sender.send_request(req).await?)
-        })
-    }
 }
 
 fn refuse(
@@ -387,11 +367,13 @@ pub struct Accepted {
     pub binary: crate::release::Registration,
 }
 
-/// Serves an accepted machine over its link until the link closes: the
-/// coordinator is the HTTP/2 client of the buildlet on it, asks `/status`,
-/// and adds the machine to the pool. The link is the upgraded connection
-/// of `/reverse`, or any byte stream (the in-process test harness uses a
-/// pipe to a real buildlet handler), so both take the same path.
+/// Registers an accepted machine: starts its link's task (the coordinator is
+/// the HTTP/2 client of the buildlet on it, in sessions, parked while idle:
+/// [`crate::link`]), asks `/status`, and adds the machine to the pool. Returns
+/// once the machine joined (or failed to); the link's task removes it when
+/// the link ends. The link is the upgraded connection of `/reverse`, or any
+/// byte stream (the in-process test harness uses a pipe to a real buildlet
+/// handler), so both take the same path.
 pub async fn attach<IO>(farm: Arc<Farm>, io: IO, a: Accepted)
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -404,37 +386,45 @@ where
         peer,
         binary,
     } = a;
-    let (heartbeat, hb_timeout) = {
-        let c = farm.config();
-        (c.farm.heartbeat, c.farm.heartbeat_timeout)
-    };
-    let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(heartbeat))
-        .keep_alive_timeout(
-            hb_timeout
-                .saturating_sub(heartbeat)
-                .max(Duration::from_secs(1)),
-        )
-        .keep_alive_while_idle(true)
-        .handshake::<_, ReqBody>(io)
-        .await;
-    let (sender, conn) = match handshake {
-        Ok(x) => x,
-        Err(e) => {
-            tracing::warn!(%hostname, "HTTP/2 over the reverse connection failed: {e}");
-            return;
+    let shared = crate::link::Shared::new();
+    let membership = Arc::new(std::sync::Mutex::new(Membership::Joining));
+    let settings = {
+        let farm = farm.clone();
+        move || {
+            let c = farm.config();
+            crate::link::Settings {
+                heartbeat: c.farm.heartbeat,
+                heartbeat_timeout: c.farm.heartbeat_timeout,
+                park_after: c.farm.park_after,
+            }
         }
     };
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-    let conn_task = tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!("reverse connection ended: {e}");
+    let idle_for = {
+        let farm = farm.clone();
+        let membership = membership.clone();
+        move |d: Duration| match *lock(&membership) {
+            Membership::Member(id) => farm.pool.idle_for(id).is_some_and(|idle| idle >= d),
+            _ => false,
         }
-        let _ = done_tx.send(());
+    };
+    // The link's task outlives this function: it is all a connected
+    // machine costs besides its pool entry, and removes the machine when
+    // the link ends.
+    let link_task = tokio::spawn({
+        let farm = farm.clone();
+        let membership = membership.clone();
+        let link = crate::link::run(TokioIo::new(io), shared.clone(), settings, idle_for);
+        async move {
+            let why = link.await;
+            let mut m = lock(&membership);
+            if let Membership::Member(id) = *m {
+                farm.pool.remove(id, &why);
+            }
+            *m = Membership::Ended;
+        }
     });
     let client = Client::with_transport(
-        Arc::new(H2Transport { sender }),
+        Arc::new(crate::link::LinkTransport(shared.clone())),
         "http://buildlet".into(),
         None,
     );
@@ -442,15 +432,16 @@ where
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::warn!(%hostname, "buildlet did not answer /status after registering: {e}");
-            conn_task.abort();
+            link_task.abort();
             return;
         }
         Err(_) => {
             tracing::warn!(%hostname, "buildlet did not answer /status within 10s after registering");
-            conn_task.abort();
+            link_task.abort();
             return;
         }
     };
+    shared.allow_parking(status.version >= buildlet::link::PARKING_VERSION);
     let id = match farm.pool.add(
         &hostname,
         &host_type,
@@ -460,16 +451,26 @@ where
         &peer.to_string(),
         crate::release::reported_binary(&status, &binary),
         client,
-        conn_task.abort_handle(),
+        link_task.abort_handle(),
     ) {
         Ok(id) => id,
         Err(why) => {
             // Another machine took the name while this one registered.
             tracing::warn!(%hostname, %host_type, "dropping a registration: {why}");
-            conn_task.abort();
+            link_task.abort();
             return;
         }
     };
+    {
+        let mut m = lock(&membership);
+        if matches!(*m, Membership::Ended) {
+            drop(m);
+            farm.pool
+                .remove(id, "the link closed while the machine registered");
+            return;
+        }
+        *m = Membership::Member(id);
+    }
     farm.releases
         .machine_joined(&farm.pool, id, &hostname, &status, &binary);
     // What its source cache holds: kept if it is what the farm last sent
@@ -494,6 +495,16 @@ where
     {
         tracing::warn!("recording machine: {e}");
     }
-    let _ = done_rx.await;
-    farm.pool.remove(id, "connection closed");
+}
+
+/// Whether a registering machine is in the pool yet: whoever of the
+/// registration and the ending link comes second removes it.
+enum Membership {
+    Joining,
+    Member(u64),
+    Ended,
+}
+
+fn lock(m: &std::sync::Mutex<Membership>) -> std::sync::MutexGuard<'_, Membership> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

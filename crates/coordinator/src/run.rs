@@ -264,6 +264,7 @@ pub async fn run(
     farm.set_leading(true);
     tasks.spawn(farm.clone().dispatch_loop());
     tasks.spawn(farm.clone().health_loop());
+    tasks.spawn(crate::link::trim_loop());
     tasks.spawn(farm.clone().sample_loop());
     tasks.spawn(crate::gomote::expiry_loop(farm.clone()));
     tasks.spawn(crate::forge::outbox::deliver_loop(farm.clone()));

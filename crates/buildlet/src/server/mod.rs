@@ -444,7 +444,7 @@ fn is_dangerous(root: &Path) -> bool {
 
 /// Returns freed heap memory to the OS after a large transfer, so an idle
 /// buildlet stays small (glibc keeps freed arenas otherwise).
-pub(crate) fn release_memory() {
+pub fn release_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free memory to the OS; it is thread-safe.
     unsafe {

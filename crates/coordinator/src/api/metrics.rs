@@ -110,6 +110,7 @@ pub async fn render(farm: &Farm) -> String {
         for (state, v) in [
             ("connected", c.connected as i64),
             ("busy", c.busy as i64),
+            ("parked", c.parked as i64),
             ("expected", h.expected as i64),
         ] {
             set(
@@ -121,7 +122,7 @@ pub async fn render(farm: &Farm) -> String {
     }
     reg.register(
         "farmer_machines",
-        "Machines per host type: connected, busy, expected",
+        "Machines per host type: connected, busy, parked (idle, link parked), expected",
         machines,
     );
 

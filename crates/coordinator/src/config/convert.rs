@@ -22,6 +22,7 @@ const FARM_KEYS: &[&str] = &[
     "max_attempts",
     "heartbeat",
     "heartbeat_timeout",
+    "park_after",
     "local_user",
     "local_sandbox",
     "gomote_idle_timeout",
@@ -389,6 +390,21 @@ fn farm_settings(ctx: &mut Ctx<'_>, t: &Table<'_>) -> FarmSettings {
         .and_then(|e| ctx.uint(&e))
     {
         s.gomote_max_instances = v;
+    }
+    if let Some(e) = t.get(ctx, "park_after") {
+        match e.value {
+            Raw::Bool(false) => s.park_after = None,
+            Raw::Bool(true) => {}
+            _ => match ctx.duration(&e) {
+                Some(d) if d < Duration::from_secs(1) => ctx.error(
+                    Some(e.at),
+                    &e.path,
+                    "park_after must be at least 1s (or false to keep idle links' sessions open)",
+                ),
+                Some(d) => s.park_after = Some(d),
+                None => {}
+            },
+        }
     }
     let heartbeat = t.get(ctx, "heartbeat");
     let heartbeat_value = heartbeat.as_ref().and_then(|e| ctx.duration(e));

@@ -87,6 +87,10 @@ pub struct FarmSettings {
     pub heartbeat: Duration,
     /// Silence after which a buildlet is considered gone and its build re-run.
     pub heartbeat_timeout: Duration,
+    /// A reverse link idle this long parks: its HTTP/2 session ends and
+    /// only pings cross it until the machine is used (`park_after`; `false`
+    /// gives `None`, sessions stay open). See [`crate::link`].
+    pub park_after: Option<Duration>,
     /// Whom local buildlets run as when the coordinator runs as root, so
     /// builds cannot read root's files (the farm's secrets among them).
     pub local_user: String,
@@ -112,6 +116,7 @@ impl Default for FarmSettings {
             max_attempts: 3,
             heartbeat: Duration::from_secs(10),
             heartbeat_timeout: Duration::from_secs(30),
+            park_after: Some(Duration::from_secs(15)),
             local_user: "nobody".to_string(),
             local_sandbox: true,
             gomote_idle_timeout: Duration::from_secs(30 * 60),

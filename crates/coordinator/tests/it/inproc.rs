@@ -270,3 +270,47 @@ fn backfill_bounds_the_history_a_first_poll_builds() {
         });
     }
 }
+
+/// Whether `hostname`'s link is parked.
+fn parked(f: &InProc) -> bool {
+    f.farm
+        .pool
+        .counts()
+        .get("host-a")
+        .is_some_and(|c| c.parked == 1)
+}
+
+#[test]
+fn an_idle_link_parks_and_wakes_for_each_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = TestRepo::new(&dir.path().join("repo"));
+    let cfg = config(&repo.path, BUILDER).replace("[farm]\n", "[farm]\npark_after = \"1s\"\n");
+    rt().block_on(async {
+        let f = InProc::start(&cfg).await;
+        f.machine("host-a", "m1").await;
+        for round in 0..3 {
+            f.until("the idle link parked", Duration::from_secs(15), || {
+                parked(&f)
+            })
+            .await;
+            // Parked across heartbeats: its pings are answered, it stays.
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            assert!(parked(&f), "round {round}: the link left its parked state");
+            let commit = repo.commit(
+                &format!("c{round}"),
+                &[("file", &format!("round {round}\n"))],
+            );
+            let id = f
+                .farm
+                .trigger("b", None, None, &commit, BuildKind::PostSubmit, "test")
+                .await
+                .unwrap();
+            let b = f.finished(id).await;
+            assert_eq!(b.status, BuildStatus::Passed, "round {round}: {b:?}");
+            let log = f.step_log(id, 0).await;
+            assert!(log.contains(&format!("round {round}")), "{log}");
+            // The same connection served it: the machine never left.
+            assert_eq!(f.farm.pool.snapshot().len(), 1);
+        }
+    });
+}

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use buildlet::server::{Buildlet, ContainMode};
 use coordinator::farm::{Farm, FarmOptions};
 use coordinator::reverse::{Accepted, attach};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 
 pub struct InProc {
     pub farm: Arc<Farm>,
@@ -105,14 +105,7 @@ impl InProc {
         let (coordinator_end, machine_end) = tokio::io::duplex(1 << 20);
         let me = b.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let me = me.clone();
-                async move { Ok::<_, std::convert::Infallible>(me.handle(req).await) }
-            });
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .serve_connection(TokioIo::new(machine_end), svc)
-                .await;
+            let _ = buildlet::reverse::serve_link(&me, machine_end).await;
         });
         tokio::spawn(attach(
             self.farm.clone(),

@@ -314,3 +314,45 @@ fn an_idle_link_parks_and_wakes_for_each_build() {
         }
     });
 }
+
+#[test]
+fn a_parked_link_that_stops_answering_or_speaks_out_of_turn_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = TestRepo::new(&dir.path().join("repo"));
+    let cfg = config(&repo.path, BUILDER).replace(
+        "heartbeat_timeout = \"30s\"\n",
+        "heartbeat_timeout = \"3s\"\npark_after = \"1s\"\n",
+    );
+    rt().block_on(async {
+        let f = InProc::start(&cfg).await;
+        let (_b1, silent) = f.tapped_machine("host-a", "silent").await;
+        let (_b2, chatty) = f.tapped_machine("host-a", "chatty").await;
+        let both_parked = || {
+            f.farm
+                .pool
+                .counts()
+                .get("host-a")
+                .is_some_and(|c| c.parked == 2)
+        };
+        f.until("both links parked", Duration::from_secs(15), both_parked)
+            .await;
+        // A machine that stops answering pings goes within the timeout.
+        silent.mute.store(true, std::sync::atomic::Ordering::SeqCst);
+        // One that sends anything but answers to pings goes at once.
+        chatty.inject.send(b"HTTP/1.1 200 OK\r\n".to_vec()).unwrap();
+        f.until("the chatty machine dropped", Duration::from_secs(2), || {
+            f.farm.pool.find("host-a", "chatty").is_none()
+        })
+        .await;
+        assert!(
+            f.farm.pool.find("host-a", "silent").is_some(),
+            "the silent machine went before its heartbeat timeout"
+        );
+        f.until(
+            "the silent machine dropped",
+            Duration::from_secs(10),
+            || f.farm.pool.find("host-a", "silent").is_none(),
+        )
+        .await;
+    });
+}

@@ -585,10 +585,11 @@ fn min_buildlet_version_is_coherent_with_releases() {
     publish(&c, &buildlet_binary(&bin, "v1"), "v1");
 
     // The farm now needs a newer protocol than any published buildlet speaks.
+    let min = format!("min_buildlet_version = {}", buildlet::proto::VERSION + 1);
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(
         &cfg,
-        text.replacen("[farm]\n", "[farm]\nmin_buildlet_version = 2\n", 1),
+        text.replacen("[farm]\n", &format!("[farm]\n{min}\n"), 1),
     )
     .unwrap();
     assert!(
@@ -603,7 +604,7 @@ fn min_buildlet_version_is_coherent_with_releases() {
             .as_str()
             .map(str::to_string)
     });
-    assert!(warning.contains("min_buildlet_version = 2"), "{warning}");
+    assert!(warning.contains(&min), "{warning}");
 
     // Publishing a buildlet below the minimum is refused.
     let p = platform();
@@ -618,10 +619,7 @@ fn min_buildlet_version_is_coherent_with_releases() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("below the farm's min_buildlet_version = 2"),
-        "{err}"
-    );
+    assert!(err.contains(&format!("below the farm's {min}")), "{err}");
 
     // A machine under stage0 refused as too old exits, so its stage0 looks
     // for a newer release instead of retrying forever with the old binary.

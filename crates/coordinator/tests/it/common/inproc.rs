@@ -15,6 +15,14 @@ use coordinator::farm::{Farm, FarmOptions};
 use coordinator::reverse::{Accepted, attach};
 use hyper_util::rt::TokioIo;
 
+/// A machine's link seen from the middle (see [`InProc::tapped_machine`]).
+pub struct Tap {
+    /// Drop what the machine sends (it seems to hang).
+    pub mute: Arc<std::sync::atomic::AtomicBool>,
+    /// Bytes to send to the coordinator as if the machine sent them.
+    pub inject: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+}
+
 pub struct InProc {
     pub farm: Arc<Farm>,
     pub dir: tempfile::TempDir,
@@ -95,6 +103,65 @@ impl InProc {
     /// with its own work dir, joined over a pipe. Returns once it is in the
     /// pool.
     pub async fn machine(&self, host_type: &str, hostname: &str) -> Arc<Buildlet> {
+        let (coordinator_end, machine_end) = tokio::io::duplex(1 << 20);
+        self.join(host_type, hostname, coordinator_end, machine_end)
+            .await
+    }
+
+    /// [`InProc::machine`] with a [`Tap`] on its link, through which a test
+    /// silences the machine or makes it say what it should not.
+    pub async fn tapped_machine(&self, host_type: &str, hostname: &str) -> (Arc<Buildlet>, Tap) {
+        let (coordinator_end, mut tap_coordinator_side) = tokio::io::duplex(1 << 20);
+        let (mut tap_machine_side, machine_end) = tokio::io::duplex(1 << 20);
+        let (inject, mut injected) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        let tap = Tap {
+            mute: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            inject,
+        };
+        let mute = tap.mute.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut from_machine, mut to_machine) = tokio::io::split(&mut tap_machine_side);
+            let (mut from_coord, mut to_coord) = tokio::io::split(&mut tap_coordinator_side);
+            let down = tokio::io::copy(&mut from_coord, &mut to_machine);
+            let up = async {
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    tokio::select! {
+                        r = from_machine.read(&mut buf) => {
+                            let n = match r { Ok(0) | Err(_) => return, Ok(n) => n };
+                            if !mute.load(std::sync::atomic::Ordering::SeqCst)
+                                && to_coord.write_all(&buf[..n]).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                        Some(bytes) = injected.recv() => {
+                            if to_coord.write_all(&bytes).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                _ = down => {}
+                _ = up => {}
+            }
+        });
+        let b = self
+            .join(host_type, hostname, coordinator_end, machine_end)
+            .await;
+        (b, tap)
+    }
+
+    async fn join(
+        &self,
+        host_type: &str,
+        hostname: &str,
+        coordinator_end: tokio::io::DuplexStream,
+        machine_end: tokio::io::DuplexStream,
+    ) -> Arc<Buildlet> {
         let mut cfg =
             buildlet::server::Config::new(self.dir.path().join("machines").join(hostname));
         cfg.hostname = hostname.to_string();
@@ -102,7 +169,6 @@ impl InProc {
         // cgroup and reaper settings alone.
         cfg.contain = ContainMode::Group;
         let b = Buildlet::new(cfg).unwrap();
-        let (coordinator_end, machine_end) = tokio::io::duplex(1 << 20);
         let me = b.clone();
         tokio::spawn(async move {
             let _ = buildlet::reverse::serve_link(&me, machine_end).await;

@@ -691,13 +691,16 @@ pub fn http_post(url: &str, body: &str, token: Option<&str>) -> (u16, serde_json
 /// Heartbeats go every second (token checks and health checks are quick to
 /// observe), but a machine is dropped only after 30 s of silence: a debug
 /// buildlet stalled on a loaded 2-core runner must not lose its build.
-/// Tests about dropping a silent machine shorten it themselves.
+/// Tests about dropping a silent machine shorten it themselves. Idle links
+/// park after a second, so every test that pauses between builds also
+/// crosses parked links (over TLS, with the real buildlet).
 pub fn config(repo: &Path, builders: &str) -> String {
     format!(
         r#"[farm]
 max_attempts = 3
 heartbeat = "1s"
 heartbeat_timeout = "30s"
+park_after = "1s"
 
 [repos.r]
 url = "{}"

@@ -472,8 +472,10 @@ where
             }
             let (pings, begun) = link::parked_bytes(&mut link, &buf[..n]);
             if pings > 0 {
-                link.send(&[link::PONG; 64][..pings])
+                // A coordinator that stops reading must not hang us here.
+                tokio::time::timeout(link::RESYNC_TIMEOUT, link.send(&[link::PONG; 64][..pings]))
                     .await
+                    .map_err(|_| "answering a ping: the coordinator reads nothing".to_string())?
                     .map_err(|e| format!("answering a ping: {e}"))?;
             }
             if begun {

@@ -413,3 +413,72 @@ fn a_unit_that_breaks_its_machines_fails_after_two_instead_of_emptying_the_pool(
         (m.len() == 1 && m[0]["state"] == "idle").then_some(())
     });
 }
+
+/// How many machines of the trusted host type have parked links.
+fn parked(c: &Coordinator) -> usize {
+    let needle = "farmer_machines{host_type=\"host-test-trusted\",state=\"parked\"} ";
+    c.get_text("/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix(needle))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn an_idle_machines_link_parks_over_tls_and_wakes_for_each_build() {
+    const QUICK: &str = r#"
+[builders.quick]
+host = "host-test-trusted"
+repos = ["r"]
+[[builders.quick.steps]]
+name = "show"
+run = "cat x"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = TestRepo::new(&dir.path().join("repo"));
+    repo.commit("one", &[("x", "round 0\n")]);
+    let cfg = dir.path().join("farm.toml");
+    std::fs::write(&cfg, config(&repo.path, QUICK)).unwrap();
+    let c = Coordinator::start(&dir.path().join("data"), &cfg);
+    let key = c.key("host-test-trusted");
+    let bot = Bot::start(
+        &c,
+        &dir.path().join("bots"),
+        "host-test-trusted",
+        "parker",
+        Some(&key),
+    );
+    c.wait_connected(1);
+    let connected_at = c.get("/api/machines")["connected"][0]["connected_at"].clone();
+    for round in 0..3 {
+        c.wait_builds_done(round + 1, Duration::from_secs(60));
+        // park_after is 1 s in the shared config.
+        c.wait("the idle link parked", Duration::from_secs(20), |c| {
+            (parked(c) == 1).then_some(())
+        });
+        // Parked across heartbeats (1 s): its pings are answered.
+        std::thread::sleep(Duration::from_millis(2500));
+        assert_eq!(
+            parked(&c),
+            1,
+            "round {round}: the link left its parked state"
+        );
+        repo.commit(
+            &format!("c{round}"),
+            &[("x", &format!("round {}\n", round + 1))],
+        );
+    }
+    let builds = c.wait_builds_done(4, Duration::from_secs(60));
+    for b in &builds {
+        assert_eq!(b["status"], "passed", "{b}");
+    }
+    let log = c.get_text(&format!("/api/builds/{}/log", builds[0]["id"]));
+    assert!(
+        log.contains("round 3"),
+        "the newest build ran on its own tree: {log}"
+    );
+    // Woken, not reconnected: the same connection served every build.
+    let m = c.get("/api/machines");
+    assert_eq!(m["connected"][0]["connected_at"], connected_at, "{m}");
+    assert!(!bot.log.all().contains("reconnecting"), "{}", bot.log.all());
+}

@@ -35,8 +35,10 @@
 //!    in this process as tokio tasks of [`buildlet::reverse::run`], each with
 //!    its own work dir, doing the real handshake and serving the real
 //!    protocol (the coordinator's `/status` confirmation, HTTP/2 PINGs and
-//!    health checks). `RLIMIT_NOFILE` is raised first so the coordinator
-//!    inherits it.
+//!    health checks). Measured twice: 2 s after connecting (HTTP/2 sessions
+//!    open, as while machines work), and once every link has parked
+//!    (`park_after`, see `coordinator::link`) and the freed pages were
+//!    purged. `RLIMIT_NOFILE` is raised first so the coordinator inherits it.
 //! 5. **gomote.** See `bench_gomote`.
 //! 6. **Sharded tests.** See `coordinator/shard.rs`.
 //! 7. **Source delivery.** Whole trees vs deltas through a 10 MB/s link;
@@ -718,20 +720,7 @@ async fn bench_memory(dir: &Path) -> anyhow::Result<()> {
     // With their HTTP/2 sessions open (as while machines work).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let coord_soon = rss_kb(&format!("/proc/{}/status", c.pid()));
-    // Idle: every link parks after `park_after` (15 s by default), and the
-    // coordinator gives the freed pages back within its next 10 s round.
-    let t0 = Instant::now();
-    let mut parked = 0;
-    while t0.elapsed() < Duration::from_secs(90) {
-        parked = count_parked(&api, "host-bench-idle").await?;
-        if parked >= connected {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let parked_after = t0.elapsed() + Duration::from_secs(2);
-    tokio::time::sleep(Duration::from_secs(12)).await;
-    let coord1 = rss_kb(&format!("/proc/{}/status", c.pid()));
+    let (parked, parked_after, coord1) = parked_rss(&c, &api, "host-bench-idle", connected).await?;
     let coord_hwm = hwm_kb(&format!("/proc/{}/status", c.pid()));
     let self1 = rss_kb("/proc/self/status");
     let still = count_connected(&api, "host-bench-idle").await?;
@@ -749,7 +738,7 @@ async fn bench_memory(dir: &Path) -> anyhow::Result<()> {
             }
             println!(
                 "memory: {parked} of {connected} links parked {:.0} s after connecting",
-                parked_after.as_secs_f64()
+                parked_after.as_secs_f64() + 2.0
             );
             println!(
                 "memory: RSS, {connected} parked links, settled    {b} KB (peak {} KB)",
@@ -771,6 +760,30 @@ async fn bench_memory(dir: &Path) -> anyhow::Result<()> {
     }
     println!("memory: still connected at the RSS reading       {still}");
     Ok(())
+}
+
+/// Waits (at most 90 s) until all `n` idle links of `host_type` are parked
+/// (after `park_after`, 15 s by default), then 12 s more for the
+/// coordinator's next purge; returns how many parked, when, and the
+/// coordinator's RSS then.
+pub(crate) async fn parked_rss(
+    c: &Coordinator,
+    api: &Api,
+    host_type: &str,
+    n: usize,
+) -> anyhow::Result<(usize, Duration, Option<u64>)> {
+    let t0 = Instant::now();
+    let mut parked = 0;
+    while t0.elapsed() < Duration::from_secs(90) {
+        parked = count_parked(api, host_type).await?;
+        if parked >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let after = t0.elapsed();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    Ok((parked, after, rss_kb(&format!("/proc/{}/status", c.pid()))))
 }
 
 /// How many machines of `host_type` have their links parked, from `/metrics`.

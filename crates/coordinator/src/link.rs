@@ -90,7 +90,7 @@ struct InFlight<'a>(&'a AtomicUsize);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -103,7 +103,7 @@ impl Transport for LinkTransport {
             let shared = &self.0;
             // Counted before the session is looked up, so the link cannot
             // park between the lookup and the send.
-            shared.in_flight.fetch_add(1, Ordering::Relaxed);
+            shared.in_flight.fetch_add(1, Ordering::SeqCst);
             let _in_flight = InFlight(&shared.in_flight);
             let mut rx = shared.state.subscribe();
             let mut sender = loop {
@@ -219,14 +219,20 @@ where
                         && idle_for(after)
                 });
                 if ready {
-                    break;
+                    // Senders look the session up after counting
+                    // themselves, so one that found it before it was
+                    // withdrawn is counted now: keep serving it.
+                    let session = shared.state.send_replace(State::Between);
+                    if shared.in_flight.load(Ordering::SeqCst) == 0 {
+                        break;
+                    }
+                    shared.state.send_replace(session);
                 }
             }
         }
     }
-    // Park: drop every sender, so the HTTP/2 client says GOAWAY once the
-    // streams still open (if any) are done, and lets the link go.
-    shared.state.send_replace(State::Between);
+    // Park: every sender is dropped, so the HTTP/2 client says GOAWAY once
+    // the streams still open (if any) are done, and lets the link go.
     let _ = tokio::time::timeout(link::RESYNC_TIMEOUT, conn.as_mut()).await;
     drop(conn);
     let mut link = match tokio::time::timeout(link::RESYNC_TIMEOUT, back).await {

@@ -272,12 +272,12 @@ impl Client {
         Client::with_transport(Arc::new(HttpTransport::new()), base, password)
     }
 
-    /// A client over any transport; `base` is the URL prefix put on every path.
     /// Whether the machine's link is parked ([`Transport::parked`]).
     pub fn parked(&self) -> bool {
         self.transport.parked()
     }
 
+    /// A client over any transport; `base` is the URL prefix put on every path.
     pub fn with_transport(
         transport: Arc<dyn Transport>,
         base: String,

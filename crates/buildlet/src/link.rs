@@ -50,9 +50,10 @@ pub const PARK_MARKER: [u8; 16] = *b"\xff\xfefarmer-parked\n";
 pub const RESYNC_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Most bytes of an ended session one end discards before the other's
-/// marker: leftover control frames are a few dozen bytes; more is a peer
-/// that is not parking.
-const MAX_LEFTOVER: usize = 256 << 10;
+/// marker: leftover control frames are a few dozen bytes, but the data of a
+/// stream reset just before the end may still be in flight (up to a
+/// stream's window); more is a peer that is not parking.
+const MAX_LEFTOVER: usize = 4 << 20;
 
 /// A reverse link's connection with the bytes read ahead of their use.
 pub struct Link<T> {

@@ -368,15 +368,23 @@ async fn connect_once(
 
 /// TCP keepalives: while the link is parked no HTTP/2 PING crosses it, so
 /// the kernel notices a coordinator whose machine or network died (about
-/// 40 s) and keeps NAT mappings open.
+/// 40 s) and keeps NAT mappings open. Keepalives stop while sent data waits
+/// for its acknowledgement (an answer to a ping, say), so on Linux such
+/// data also has a time limit instead of the kernel's 15 minutes of
+/// retransmissions.
 fn keep_alive(tcp: &TcpStream) {
+    let sock = socket2::SockRef::from(tcp);
     let ka = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(20))
         .with_interval(Duration::from_secs(5));
     #[cfg(any(target_os = "linux", target_os = "macos", target_os = "freebsd"))]
     let ka = ka.with_retries(4);
-    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+    if let Err(e) = sock.set_tcp_keepalive(&ka) {
         tracing::debug!("TCP keepalive: {e}");
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) = sock.set_tcp_user_timeout(Some(Duration::from_secs(60))) {
+        tracing::debug!("TCP user timeout: {e}");
     }
 }
 

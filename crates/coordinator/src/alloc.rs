@@ -15,6 +15,7 @@ pub fn release_free_memory() {
     // `arena.<MALLCTL_ARENAS_ALL>.purge`, MALLCTL_ARENAS_ALL being 4096.
     // SAFETY: a valid NUL-terminated name, no value read or written; when
     // jemalloc is not the allocator (tests) it purges its empty arenas.
+    #[cfg(unix)]
     unsafe {
         tikv_jemalloc_sys::mallctl(
             c"arena.4096.purge".as_ptr(),

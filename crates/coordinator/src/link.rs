@@ -141,6 +141,14 @@ impl Drop for CloseOnDrop {
 /// Links parked since the last [`trim_loop`] round.
 static PARKED: AtomicUsize = AtomicUsize::new(0);
 
+/// Links parked since the process started (`farmer_links_parked_total`).
+static PARKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times links parked since the process started.
+pub fn parks_total() -> u64 {
+    PARKS.load(Ordering::Relaxed)
+}
+
 /// Serves one link until it ends; returns why. `settings` is read at each
 /// step; `idle_for(d)` says whether the machine has been idle in the pool
 /// for at least `d`.
@@ -161,6 +169,7 @@ where
         };
         shared.state.send_replace(State::Parked);
         PARKED.fetch_add(1, Ordering::Relaxed);
+        PARKS.fetch_add(1, Ordering::Relaxed);
         if let Err(why) = parked(&mut link, &shared, &settings).await {
             return why;
         }
@@ -264,7 +273,13 @@ where
         let s = settings();
         let deadline = due_since.map_or(Instant::now() + far, |t| t + s.heartbeat_timeout);
         tokio::select! {
-            _ = shared.wake.notified() => break,
+            // A permit left by a sender that has its answer by now wakes
+            // nobody: only a sender still counted does.
+            _ = shared.wake.notified() => {
+                if shared.in_flight.load(Ordering::SeqCst) > 0 {
+                    break;
+                }
+            }
             _ = tokio::time::sleep_until(next_ping) => {
                 // A peer that stops reading fills the socket: bounded.
                 match tokio::time::timeout(s.heartbeat_timeout, link.send(&[PING])).await {

@@ -8,6 +8,7 @@ use coordinator::run::{RunOptions, Started};
 
 /// jemalloc rather than glibc's malloc: see `coordinator::alloc` (parked
 /// reverse links cost a third of the memory).
+#[cfg(unix)]
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

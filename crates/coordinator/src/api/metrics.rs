@@ -135,6 +135,13 @@ pub async fn render(farm: &Farm) -> String {
         "Refused buildlet registrations by host type and reason",
         refused,
     );
+    let parks: Counter = Counter::default();
+    parks.inc_by(crate::link::parks_total());
+    reg.register(
+        "farmer_links_parked",
+        "Times a reverse link parked (each wake and park again counts once): a fast rise means links wake often",
+        parks,
+    );
     let checks: Counter = Counter::default();
     checks.inc_by(farm.bots.checks_passed());
     reg.register(

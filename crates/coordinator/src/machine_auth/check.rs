@@ -1,5 +1,7 @@
 //! The loop that re-checks the machine token of every connected bot, so a
-//! revocation or an expired token takes effect within a heartbeat. Apart
+//! revocation or an expired token takes effect within a heartbeat (for a
+//! bot whose link is parked, the binding and revocation only: see
+//! [`super::binding_holds`]). Apart
 //! from the checks ([`super`]) because it follows the farm's config and
 //! pool, while the farm holds the bot registry: it sits above the farm.
 
@@ -29,6 +31,15 @@ pub async fn check_loop(farm: Arc<Farm>) {
             let f = farm.clone();
             tokio::spawn(async move {
                 let reg = &f.bots;
+                if client.parked() {
+                    // Asking a parked machine for its token would wake its
+                    // link every heartbeat: check what the store says.
+                    match super::binding_holds(&f.store, &hostname).await {
+                        Ok(()) => reg.check_passed(),
+                        Err((msg, kind)) => drop_bot(&f, reg, id, &hostname, msg, kind),
+                    }
+                    return;
+                }
                 let token =
                     match tokio::time::timeout(Duration::from_secs(10), client.machine_token())
                         .await

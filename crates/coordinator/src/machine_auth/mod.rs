@@ -230,6 +230,31 @@ pub async fn verify_token(
     Ok(claims)
 }
 
+/// What can be checked of a bot whose link is parked without waking it
+/// (its token would have to come over a session): its host name is still
+/// bound to a certificate that is not revoked. The token itself, expiry
+/// included, is checked again within a heartbeat of the link waking.
+pub async fn binding_holds(store: &Store, hostname: &str) -> Result<(), (String, &'static str)> {
+    let serial = match bound_host_type(store, hostname).await {
+        Ok(Some((_, serial))) => serial,
+        Ok(None) => {
+            return Err((
+                format!("{hostname} is no longer bound to a host type"),
+                "unknown-hostname",
+            ));
+        }
+        Err(e) => return Err((format!("refusing: {e}"), "store-error")),
+    };
+    match revoked(store, &serial).await {
+        Ok(None) => Ok(()),
+        Ok(Some(reason)) => Err((
+            format!("the certificate (serial {serial}) of {hostname} was revoked: {reason}"),
+            "revoked",
+        )),
+        Err(e) => Err((format!("refusing: {e}"), "store-error")),
+    }
+}
+
 /// Why `serial` was revoked, if it was. A store error is an error, never
 /// "not revoked": callers refuse (fail closed).
 async fn revoked(store: &Store, serial: &str) -> Result<Option<String>, String> {

@@ -41,6 +41,7 @@ fn start() -> Farm {
         r#"[farm]
 heartbeat = "1s"
 heartbeat_timeout = "30s"
+park_after = "1s"
 
 [repos.r]
 url = "{}"
@@ -260,12 +261,35 @@ fn the_whole_certificate_path_then_revocation() {
         (checks(c) >= before + 2).then_some(())
     });
     assert_eq!(f.c.connected(), vec![HOST.to_string()]);
+    // Idle, its link parks; its checks go on without waking it (they
+    // read the binding and the revocation list), so it stays parked.
+    let parked = |c: &Coordinator| {
+        c.get_text("/metrics")
+            .lines()
+            .any(|l| l == "farmer_machines{host_type=\"host-linux-riscv64\",state=\"parked\"} 1")
+    };
+    f.c.wait("the idle bot's link parked", Duration::from_secs(20), |c| {
+        parked(c).then_some(())
+    });
+    let parks = |c: &Coordinator| {
+        c.get_text("/metrics").lines().find_map(|l| {
+            l.strip_prefix("farmer_links_parked_total ")
+                .map(str::to_string)
+        })
+    };
+    let (before, parks_before) = (checks(&f.c), parks(&f.c));
+    assert!(parks_before.is_some(), "no farmer_links_parked_total");
+    f.c.wait("two checks while parked", Duration::from_secs(30), |c| {
+        (checks(c) >= before + 2).then_some(())
+    });
+    assert!(parked(&f.c), "a token check woke the parked link");
+    assert_eq!(parks(&f.c), parks_before, "the link woke and parked again");
     let blog =
         f.c.get_text(&format!("/api/builds/{}/log", builds[0]["id"]));
     assert!(blog.contains("on host-linux-riscv64"), "{blog}");
 
-    // Revocation: the connected bot is dropped at the next check, and the
-    // token daemon is refused with the reason.
+    // Revocation: the connected (parked) bot is dropped at the next check,
+    // and the token daemon is refused with the reason.
     let (ok, out, err) = f.admin(&[
         "ca",
         "revoke",

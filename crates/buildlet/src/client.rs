@@ -73,7 +73,7 @@ pub trait Transport: Send + Sync + 'static {
     fn send(
         &self,
         req: Request<ReqBody>,
-    ) -> Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send + '_>>;
+    ) -> Pin<Box<dyn Future<Output = Result<Response<Reply>, BoxError>> + Send + '_>>;
 
     /// Whether the connection rests between sessions (a parked reverse
     /// link, see [`crate::link`]): its liveness is the link's own ping, so
@@ -114,8 +114,53 @@ impl Transport for HttpTransport {
     fn send(
         &self,
         req: Request<ReqBody>,
-    ) -> Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send + '_>> {
-        Box::pin(async move { self.client.request(req).await.map_err(Into::into) })
+    ) -> Pin<Box<dyn Future<Output = Result<Response<Reply>, BoxError>> + Send + '_>> {
+        Box::pin(async move {
+            let resp = self.client.request(req).await?;
+            Ok(resp.map(Reply::new))
+        })
+    }
+}
+
+/// A buildlet's answer body, with what its transport keeps alive until the
+/// body is dropped: a reverse link counts the request as in flight until
+/// then, so it never parks under a body still being read.
+pub struct Reply {
+    body: Incoming,
+    _hold: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl Reply {
+    pub fn new(body: Incoming) -> Reply {
+        Reply { body, _hold: None }
+    }
+
+    /// `body`, keeping `hold` alive as long as it lives.
+    pub fn holding(body: Incoming, hold: impl std::any::Any + Send + Sync) -> Reply {
+        Reply {
+            body,
+            _hold: Some(Box::new(hold)),
+        }
+    }
+}
+
+impl http_body::Body for Reply {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -186,7 +231,7 @@ pub enum ShellEvent {
 /// A running `/shell` session. Dropping it ends the session on the machine:
 /// the request is aborted, and the buildlet kills its processes.
 pub struct ShellSession {
-    body: Incoming,
+    body: Reply,
     ended: bool,
     /// Dropped with the session; aborts the request body, so the
     /// connection is torn down even while the input sender lives on.
@@ -323,7 +368,7 @@ impl Client {
         uri: Uri,
         body: ReqBody,
         content_type: Option<&str>,
-    ) -> Result<Response<Incoming>, Error> {
+    ) -> Result<Response<Reply>, Error> {
         self.send_ext(method, uri, body, content_type, Duration::ZERO)
             .await
     }
@@ -337,7 +382,7 @@ impl Client {
         body: ReqBody,
         content_type: Option<&str>,
         extra: Duration,
-    ) -> Result<Response<Incoming>, Error> {
+    ) -> Result<Response<Reply>, Error> {
         let mut req = Request::builder().method(method).uri(uri);
         if let Some(a) = &self.auth {
             req = req.header(header::AUTHORIZATION, a.clone());
@@ -387,11 +432,7 @@ impl Client {
         read_limited(resp, limit, SMALL_BODY_TIME, false).await
     }
 
-    async fn post_form(
-        &self,
-        path: &str,
-        form: &[(&str, &str)],
-    ) -> Result<Response<Incoming>, Error> {
+    async fn post_form(&self, path: &str, form: &[(&str, &str)]) -> Result<Response<Reply>, Error> {
         let body = form_urlencoded::Serializer::new(String::new())
             .extend_pairs(form)
             .finish();
@@ -743,7 +784,7 @@ impl Client {
         &self,
         req: Request<ReqBody>,
         headers_within: Duration,
-    ) -> Result<Response<Incoming>, Error> {
+    ) -> Result<Response<Reply>, Error> {
         let (mut parts, body) = req.into_parts();
         let pq = parts
             .uri
@@ -767,7 +808,7 @@ impl Client {
         &self,
         req: Request<ReqBody>,
         limit: Duration,
-    ) -> Result<Response<Incoming>, Error> {
+    ) -> Result<Response<Reply>, Error> {
         tokio::time::timeout(limit, self.transport.send(req))
             .await
             .map_err(|_| Error::Unreachable(format!("no response within {limit:?}").into()))?
@@ -804,7 +845,7 @@ fn full(b: Bytes) -> ReqBody {
         .boxed()
 }
 
-async fn read_all(resp: Response<Incoming>) -> Result<Bytes, Error> {
+async fn read_all(resp: Response<Reply>) -> Result<Bytes, Error> {
     read_limited(resp, MAX_SMALL_BODY, SMALL_BODY_TIME, false).await
 }
 
@@ -830,7 +871,7 @@ const LISTING_TIME: Duration = Duration::from_secs(600);
 /// is a protocol error, or with `truncate` the first `limit` bytes: a
 /// hostile machine must not make the coordinator buffer without bound.
 async fn read_limited(
-    resp: Response<Incoming>,
+    resp: Response<Reply>,
     limit: usize,
     time: Duration,
     truncate: bool,

@@ -44,12 +44,15 @@ impl buildlet::client::Transport for Through {
     ) -> Pin<
         Box<
             dyn std::future::Future<
-                    Output = Result<http::Response<hyper::body::Incoming>, BoxError>,
+                    Output = Result<http::Response<buildlet::client::Reply>, BoxError>,
                 > + Send
                 + '_,
         >,
     > {
-        Box::pin(async move { self.0.request(req).await.map_err(Into::into) })
+        Box::pin(async move {
+            let resp = self.0.request(req).await?;
+            Ok(resp.map(buildlet::client::Reply::new))
+        })
     }
 }
 

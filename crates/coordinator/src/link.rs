@@ -23,9 +23,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use buildlet::client::{BoxError, ReqBody, Transport};
+use buildlet::client::{BoxError, Reply, ReqBody, Transport};
 use buildlet::link::{self, Link, PING, PONG};
-use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -85,12 +84,20 @@ impl Shared {
 /// Sends requests over a link's current session, waking a parked link first.
 pub struct LinkTransport(pub Arc<Shared>);
 
-/// Counts a request as in flight while it lives.
-struct InFlight<'a>(&'a AtomicUsize);
+/// Counts a request as in flight while it lives (until its answer's body
+/// is dropped).
+struct InFlight(Arc<Shared>);
 
-impl Drop for InFlight<'_> {
+impl InFlight {
+    fn new(shared: &Arc<Shared>) -> InFlight {
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(shared.clone())
+    }
+}
+
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -98,13 +105,13 @@ impl Transport for LinkTransport {
     fn send(
         &self,
         req: http::Request<ReqBody>,
-    ) -> Pin<Box<dyn Future<Output = Result<http::Response<Incoming>, BoxError>> + Send + '_>> {
+    ) -> Pin<Box<dyn Future<Output = Result<http::Response<Reply>, BoxError>> + Send + '_>> {
         Box::pin(async move {
             let shared = &self.0;
             // Counted before the session is looked up, so the link cannot
-            // park between the lookup and the send.
-            shared.in_flight.fetch_add(1, Ordering::SeqCst);
-            let _in_flight = InFlight(&shared.in_flight);
+            // park between the lookup and the send; and until the answer's
+            // body is dropped, so it cannot park under a body being read.
+            let in_flight = InFlight::new(shared);
             let mut rx = shared.state.subscribe();
             let mut sender = loop {
                 let state = rx.borrow_and_update().clone();
@@ -119,7 +126,8 @@ impl Transport for LinkTransport {
                 }
             };
             sender.ready().await?;
-            Ok(sender.send_request(req).await?)
+            let resp = sender.send_request(req).await?;
+            Ok(resp.map(|body| Reply::holding(body, in_flight)))
         })
     }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
-use buildlet::client::{BoxError, Client, ReqBody, Transport};
+use buildlet::client::{BoxError, Client, Reply, ReqBody, Transport};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -45,9 +45,9 @@ impl Transport for H2 {
     fn send(
         &self,
         req: Request<ReqBody>,
-    ) -> Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send + '_>> {
+    ) -> Pin<Box<dyn Future<Output = Result<Response<Reply>, BoxError>> + Send + '_>> {
         let mut sender = self.0.clone();
-        Box::pin(async move { sender.send_request(req).await.map_err(Into::into) })
+        Box::pin(async move { Ok(sender.send_request(req).await?.map(Reply::new)) })
     }
 }
 

@@ -356,3 +356,45 @@ fn a_parked_link_that_stops_answering_or_speaks_out_of_turn_is_dropped() {
         .await;
     });
 }
+
+#[test]
+fn a_link_does_not_park_under_an_answer_still_streaming() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = TestRepo::new(&dir.path().join("repo"));
+    let cfg = config(&repo.path, BUILDER).replace("[farm]\n", "[farm]\npark_after = \"1s\"\n");
+    rt().block_on(async {
+        let f = InProc::start(&cfg).await;
+        f.machine("host-a", "m1").await;
+        let id = f.farm.pool.find("host-a", "m1").unwrap().id;
+        let client = f.farm.pool.client(id).unwrap();
+        // The machine is idle in the pool while a command's output streams
+        // past park_after (as a gomote stream can outlive its lease).
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stream = {
+            let (client, done) = (client.clone(), done.clone());
+            tokio::spawn(async move {
+                let opts = buildlet::client::ExecOptions {
+                    args: vec!["-c".into(), "echo start; sleep 4; echo end".into()],
+                    ..Default::default()
+                };
+                let r = client.exec_output("/bin/sh", &opts).await;
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+                r
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        // The session is still there: another request is answered while
+        // the stream runs, not after a park that waited for it.
+        client.status().await.unwrap();
+        assert!(
+            !done.load(std::sync::atomic::Ordering::SeqCst),
+            "the status answer waited for the stream"
+        );
+        let (st, out) = stream.await.unwrap().unwrap();
+        assert!(st.success(), "{st:?}");
+        assert_eq!(String::from_utf8_lossy(&out), "start\nend\n");
+        // Once the answer is read, the link parks.
+        f.until("the link parked", Duration::from_secs(15), || parked(&f))
+            .await;
+    });
+}

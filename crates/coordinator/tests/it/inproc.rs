@@ -398,3 +398,32 @@ fn a_link_does_not_park_under_an_answer_still_streaming() {
             .await;
     });
 }
+
+#[test]
+fn a_protocol_1_machine_keeps_its_session_and_builds() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = TestRepo::new(&dir.path().join("repo"));
+    let cfg = config(&repo.path, BUILDER).replace("[farm]\n", "[farm]\npark_after = \"1s\"\n");
+    rt().block_on(async {
+        let f = InProc::start(&cfg).await;
+        f.protocol_1_machine("host-a", "old").await;
+        let m = f.farm.pool.find("host-a", "old").unwrap();
+        assert_eq!(m.version, 1);
+        // Well past park_after, and across heartbeats: never parked (it
+        // could not), still there, and it builds.
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert!(!parked(&f), "a protocol 1 link was parked");
+        }
+        assert_eq!(f.farm.pool.find("host-a", "old").map(|m| m.id), Some(m.id));
+        let commit = repo.commit("old", &[("file", "for the old one\n")]);
+        let id = f
+            .farm
+            .trigger("b", None, None, &commit, BuildKind::PostSubmit, "test")
+            .await
+            .unwrap();
+        let b = f.finished(id).await;
+        assert_eq!(b.status, BuildStatus::Passed, "{b:?}");
+        assert!(f.step_log(id, 0).await.contains("for the old one"));
+    });
+}

@@ -155,6 +155,50 @@ impl InProc {
         (b, tap)
     }
 
+    /// A machine of buildlet protocol 1, as released before links parked:
+    /// plain HTTP/2 on its pipe from the start, and `/status` says 1.
+    pub async fn protocol_1_machine(&self, host_type: &str, hostname: &str) -> Arc<Buildlet> {
+        use http_body_util::BodyExt;
+        type Body = http_body_util::combinators::BoxBody<bytes::Bytes, buildlet::client::BoxError>;
+        let (coordinator_end, machine_end) = tokio::io::duplex(1 << 20);
+        let b = self.buildlet(hostname);
+        let me = b.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let me = me.clone();
+                    async move {
+                        if req.uri().path() == "/status" {
+                            let mut st = me.status();
+                            st.version = 1;
+                            let json = serde_json::to_vec(&st).unwrap();
+                            let body: Body = http_body_util::Full::new(bytes::Bytes::from(json))
+                                .map_err(|e| match e {})
+                                .boxed();
+                            return Ok::<_, std::convert::Infallible>(http::Response::new(body));
+                        }
+                        let resp = me.handle(req).await;
+                        Ok(resp.map(|b| b.map_err(Into::into).boxed()))
+                    }
+                });
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(TokioIo::new(machine_end), svc)
+                .await;
+        });
+        self.attach(host_type, hostname, coordinator_end).await;
+        b
+    }
+
+    fn buildlet(&self, hostname: &str) -> Arc<Buildlet> {
+        let mut cfg =
+            buildlet::server::Config::new(self.dir.path().join("machines").join(hostname));
+        cfg.hostname = hostname.to_string();
+        // The process group is enough here, and leaves the test process's
+        // cgroup and reaper settings alone.
+        cfg.contain = ContainMode::Group;
+        Buildlet::new(cfg).unwrap()
+    }
+
     async fn join(
         &self,
         host_type: &str,
@@ -162,17 +206,23 @@ impl InProc {
         coordinator_end: tokio::io::DuplexStream,
         machine_end: tokio::io::DuplexStream,
     ) -> Arc<Buildlet> {
-        let mut cfg =
-            buildlet::server::Config::new(self.dir.path().join("machines").join(hostname));
-        cfg.hostname = hostname.to_string();
-        // The process group is enough here, and leaves the test process's
-        // cgroup and reaper settings alone.
-        cfg.contain = ContainMode::Group;
-        let b = Buildlet::new(cfg).unwrap();
+        let b = self.buildlet(hostname);
         let me = b.clone();
         tokio::spawn(async move {
             let _ = buildlet::reverse::serve_link(&me, machine_end).await;
         });
+        self.attach(host_type, hostname, coordinator_end).await;
+        b
+    }
+
+    /// Registers the machine at the other end of `coordinator_end` through
+    /// [`attach`]; returns once it is in the pool.
+    async fn attach(
+        &self,
+        host_type: &str,
+        hostname: &str,
+        coordinator_end: tokio::io::DuplexStream,
+    ) {
         tokio::spawn(attach(
             self.farm.clone(),
             TokioIo::new(coordinator_end),
@@ -189,7 +239,6 @@ impl InProc {
             self.farm.pool.find(host_type, hostname).is_some()
         })
         .await;
-        b
     }
 
     /// A request through the farm's real routers (API, dashboard, hooks):

@@ -55,7 +55,7 @@ pub struct Shared {
     state: watch::Sender<State>,
     /// A sender found the link parked.
     wake: Notify,
-    /// Requests sent and not yet answered (their headers).
+    /// Requests sent whose answer's body is not dropped yet.
     in_flight: AtomicUsize,
     /// The machine speaks a protocol that parks (known after `/status`).
     parkable: AtomicBool,
@@ -146,9 +146,6 @@ impl Drop for CloseOnDrop {
     }
 }
 
-/// Links parked since the last [`trim_loop`] round.
-static PARKED: AtomicUsize = AtomicUsize::new(0);
-
 /// Links parked since the process started (`farmer_links_parked_total`).
 static PARKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -176,7 +173,6 @@ where
             Err(why) => return why,
         };
         shared.state.send_replace(State::Parked);
-        PARKED.fetch_add(1, Ordering::Relaxed);
         PARKS.fetch_add(1, Ordering::Relaxed);
         if let Err(why) = parked(&mut link, &shared, &settings).await {
             return why;
@@ -276,10 +272,9 @@ where
     let mut due_since: Option<Instant> = None;
     let mut next_ping = Instant::now() + settings().heartbeat;
     let mut buf = [0u8; 16];
-    let far = Duration::from_secs(86400 * 365);
     loop {
         let s = settings();
-        let deadline = due_since.map_or(Instant::now() + far, |t| t + s.heartbeat_timeout);
+        let deadline = due_since.map(|t| t + s.heartbeat_timeout);
         tokio::select! {
             // A permit left by a sender that has its answer by now wakes
             // nobody: only a sender still counted does.
@@ -299,7 +294,7 @@ where
                 due_since.get_or_insert_with(Instant::now);
                 next_ping = Instant::now() + s.heartbeat;
             }
-            _ = tokio::time::sleep_until(deadline) => {
+            _ = tokio::time::sleep_until(deadline.unwrap_or(next_ping)), if deadline.is_some() => {
                 return Err(format!(
                     "no answer to a ping on the parked link within {:?}",
                     s.heartbeat_timeout
@@ -315,17 +310,14 @@ where
             }
         }
     }
-    let deadline = due_since.map(|t| t + settings().heartbeat_timeout);
+    // Answers are due (so `due_since` is set) whenever some are missing.
+    let deadline = due_since.unwrap_or_else(Instant::now) + settings().heartbeat_timeout;
     while unanswered > 0 {
         let want = unanswered.min(buf.len());
-        let read = link.read_some(&mut buf[..want]);
-        let n = match deadline {
-            Some(d) => tokio::time::timeout_at(d, read)
-                .await
-                .map_err(|_| "no answer to a ping on the parked link in time".to_string())?,
-            None => read.await,
-        }
-        .map_err(|e| format!("reading the parked link: {e}"))?;
+        let n = tokio::time::timeout_at(deadline, link.read_some(&mut buf[..want]))
+            .await
+            .map_err(|_| "no answer to a ping on the parked link in time".to_string())?
+            .map_err(|e| format!("reading the parked link: {e}"))?;
         if n == 0 {
             return Err("the machine closed the link".into());
         }
@@ -353,9 +345,12 @@ fn answers(read: &[u8], unanswered: &mut usize) -> Result<(), String> {
 /// machines just parked would look no lighter. Runs forever; trims at most
 /// every 10 s, and only after links parked.
 pub async fn trim_loop() {
+    let mut seen = parks_total();
     loop {
         tokio::time::sleep(Duration::from_secs(10)).await;
-        if PARKED.swap(0, Ordering::Relaxed) > 0 {
+        let now = parks_total();
+        if now != seen {
+            seen = now;
             let _ = tokio::task::spawn_blocking(crate::alloc::release_free_memory).await;
         }
     }

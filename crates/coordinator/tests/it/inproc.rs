@@ -271,7 +271,25 @@ fn backfill_bounds_the_history_a_first_poll_builds() {
     }
 }
 
-/// Whether `hostname`'s link is parked.
+/// [`config`] with links parking after a second idle.
+fn parking_config(repo: &std::path::Path) -> String {
+    config(repo, BUILDER).replace("[farm]\n", "[farm]\npark_after = \"1s\"\n")
+}
+
+/// Builds `commit` with the builder `b`; asserts it passed and returns its
+/// step's log.
+async fn passing_build(f: &InProc, commit: &str) -> String {
+    let id = f
+        .farm
+        .trigger("b", None, None, commit, BuildKind::PostSubmit, "test")
+        .await
+        .unwrap();
+    let b = f.finished(id).await;
+    assert_eq!(b.status, BuildStatus::Passed, "{b:?}");
+    f.step_log(id, 0).await
+}
+
+/// Whether the one machine of `host-a` has its link parked.
 fn parked(f: &InProc) -> bool {
     f.farm
         .pool
@@ -284,7 +302,7 @@ fn parked(f: &InProc) -> bool {
 fn an_idle_link_parks_and_wakes_for_each_build() {
     let dir = tempfile::tempdir().unwrap();
     let mut repo = TestRepo::new(&dir.path().join("repo"));
-    let cfg = config(&repo.path, BUILDER).replace("[farm]\n", "[farm]\npark_after = \"1s\"\n");
+    let cfg = parking_config(&repo.path);
     rt().block_on(async {
         let f = InProc::start(&cfg).await;
         f.machine("host-a", "m1").await;
@@ -300,14 +318,7 @@ fn an_idle_link_parks_and_wakes_for_each_build() {
                 &format!("c{round}"),
                 &[("file", &format!("round {round}\n"))],
             );
-            let id = f
-                .farm
-                .trigger("b", None, None, &commit, BuildKind::PostSubmit, "test")
-                .await
-                .unwrap();
-            let b = f.finished(id).await;
-            assert_eq!(b.status, BuildStatus::Passed, "round {round}: {b:?}");
-            let log = f.step_log(id, 0).await;
+            let log = passing_build(&f, &commit).await;
             assert!(log.contains(&format!("round {round}")), "{log}");
             // The same connection served it: the machine never left.
             assert_eq!(f.farm.pool.snapshot().len(), 1);
@@ -361,7 +372,7 @@ fn a_parked_link_that_stops_answering_or_speaks_out_of_turn_is_dropped() {
 fn a_link_does_not_park_under_an_answer_still_streaming() {
     let dir = tempfile::tempdir().unwrap();
     let repo = TestRepo::new(&dir.path().join("repo"));
-    let cfg = config(&repo.path, BUILDER).replace("[farm]\n", "[farm]\npark_after = \"1s\"\n");
+    let cfg = parking_config(&repo.path);
     rt().block_on(async {
         let f = InProc::start(&cfg).await;
         f.machine("host-a", "m1").await;
@@ -382,7 +393,14 @@ fn a_link_does_not_park_under_an_answer_still_streaming() {
                 r
             })
         };
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+        // Idle past park_after and two of the link's checks (every 250 ms).
+        f.until("the machine idle 1.5 s", Duration::from_secs(10), || {
+            f.farm
+                .pool
+                .idle_for(id)
+                .is_some_and(|d| d >= Duration::from_millis(1500))
+        })
+        .await;
         // The session is still there: another request is answered while
         // the stream runs, not after a park that waited for it.
         client.status().await.unwrap();
@@ -403,7 +421,7 @@ fn a_link_does_not_park_under_an_answer_still_streaming() {
 fn a_protocol_1_machine_keeps_its_session_and_builds() {
     let dir = tempfile::tempdir().unwrap();
     let mut repo = TestRepo::new(&dir.path().join("repo"));
-    let cfg = config(&repo.path, BUILDER).replace("[farm]\n", "[farm]\npark_after = \"1s\"\n");
+    let cfg = parking_config(&repo.path);
     rt().block_on(async {
         let f = InProc::start(&cfg).await;
         f.protocol_1_machine("host-a", "old").await;
@@ -417,13 +435,6 @@ fn a_protocol_1_machine_keeps_its_session_and_builds() {
         }
         assert_eq!(f.farm.pool.find("host-a", "old").map(|m| m.id), Some(m.id));
         let commit = repo.commit("old", &[("file", "for the old one\n")]);
-        let id = f
-            .farm
-            .trigger("b", None, None, &commit, BuildKind::PostSubmit, "test")
-            .await
-            .unwrap();
-        let b = f.finished(id).await;
-        assert_eq!(b.status, BuildStatus::Passed, "{b:?}");
-        assert!(f.step_log(id, 0).await.contains("for the old one"));
+        assert!(passing_build(&f, &commit).await.contains("for the old one"));
     });
 }

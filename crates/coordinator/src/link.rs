@@ -26,7 +26,7 @@ use std::time::Duration;
 use buildlet::client::{BoxError, Reply, ReqBody, Transport};
 use buildlet::link::{self, Link, PING, PONG};
 use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -112,28 +112,55 @@ impl Transport for LinkTransport {
             // park between the lookup and the send; and until the answer's
             // body is dropped, so it cannot park under a body being read.
             let in_flight = InFlight::new(shared);
-            let mut rx = shared.state.subscribe();
-            let mut sender = loop {
-                let state = rx.borrow_and_update().clone();
-                match state {
-                    State::Session(s) => break s,
-                    State::Parked => shared.wake.notify_one(),
-                    State::Between => {}
-                    State::Closed => return Err("the machine's link is closed".into()),
-                }
-                if rx.changed().await.is_err() {
-                    return Err("the machine's link is closed".into());
-                }
-            };
-            sender.ready().await?;
-            let resp = sender.send_request(req).await?;
-            Ok(resp.map(|body| Reply::holding(body, in_flight)))
+            let resp = crate::alloc::InSession::new(send_in_session(shared, req)).await?;
+            // The answer's head was decoded in the session arena; the
+            // caller would free it outside, into its thread's cache, from
+            // where it would go to some long-lived object and pin the
+            // session's pages. So the caller gets a copy (of the bytes too:
+            // header values share the session's read buffer), and the
+            // original is freed here.
+            let (parts, body) = resp.into_parts();
+            let mut head = http::Response::new(Reply::holding(body, in_flight));
+            *head.status_mut() = parts.status;
+            *head.version_mut() = parts.version;
+            let headers = head.headers_mut();
+            for (name, value) in &parts.headers {
+                let name = http::HeaderName::from_bytes(name.as_str().as_bytes())
+                    .unwrap_or_else(|_| name.clone());
+                let value = http::HeaderValue::from_bytes(value.as_bytes())
+                    .unwrap_or_else(|_| value.clone());
+                headers.append(name, value);
+            }
+            crate::alloc::in_session(|| drop(parts));
+            Ok(head)
         })
     }
 
     fn parked(&self) -> bool {
         self.0.is_parked()
     }
+}
+
+/// Sends `req` over the link's session, waking the link if it is parked.
+async fn send_in_session(
+    shared: &Shared,
+    req: http::Request<ReqBody>,
+) -> Result<http::Response<hyper::body::Incoming>, BoxError> {
+    let mut rx = shared.state.subscribe();
+    let mut sender = loop {
+        let state = rx.borrow_and_update().clone();
+        match state {
+            State::Session(s) => break s,
+            State::Parked => shared.wake.notify_one(),
+            State::Between => {}
+            State::Closed => return Err("the machine's link is closed".into()),
+        }
+        if rx.changed().await.is_err() {
+            return Err("the machine's link is closed".into());
+        }
+    };
+    sender.ready().await?;
+    Ok(sender.send_request(req).await?)
 }
 
 /// Marks the link closed however its task ends (also when aborted), so
@@ -168,7 +195,14 @@ where
     loop {
         // Boxed: the task's future is sized by its largest state, and a
         // parked link should cost only what parking needs.
-        link = match Box::pin(session(link, &shared, &settings, &idle_for)).await {
+        // In the session arena (`crate::alloc`), so that an ended session
+        // leaves whole pages free rather than holes between links.
+        let session = crate::alloc::in_session(|| {
+            Box::pin(crate::alloc::InSession::new(session(
+                link, &shared, &settings, &idle_for,
+            )))
+        });
+        link = match session.await {
             Ok(l) => l,
             Err(why) => return why,
         };
@@ -197,7 +231,7 @@ where
 {
     let s = settings();
     let (session, back) = link.session();
-    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(crate::alloc::SessionExecutor)
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(s.heartbeat))
         .keep_alive_timeout(
@@ -262,45 +296,68 @@ where
 /// Keeps a parked link: pings every heartbeat, checks the answers, and
 /// returns once a sender wants a session (after the answers to pings in
 /// flight, which come before the session's bytes). An error ends the link.
+///
+/// One timer serves the pings and the answers' deadline, and nothing is
+/// awaited while the `select!`'s futures live: this future is part of every
+/// parked link's task, so its size is memory per idle machine.
 async fn parked<T, S>(link: &mut Link<T>, shared: &Shared, settings: &S) -> Result<(), String>
 where
     T: AsyncRead + AsyncWrite + Unpin,
     S: Fn() -> Settings,
 {
+    enum Event {
+        Wake,
+        Timer,
+        Read(std::io::Result<usize>),
+    }
     let mut unanswered = 0usize;
     // Since when an answer is due (the oldest unanswered ping, roughly).
     let mut due_since: Option<Instant> = None;
     let mut next_ping = Instant::now() + settings().heartbeat;
     let mut buf = [0u8; 16];
+    let timer = tokio::time::sleep_until(next_ping);
+    tokio::pin!(timer);
     loop {
         let s = settings();
         let deadline = due_since.map(|t| t + s.heartbeat_timeout);
-        tokio::select! {
+        timer
+            .as_mut()
+            .reset(deadline.map_or(next_ping, |d| d.min(next_ping)));
+        let event = tokio::select! {
+            _ = shared.wake.notified() => Event::Wake,
+            _ = timer.as_mut() => Event::Timer,
+            r = link.read_some(&mut buf) => Event::Read(r),
+        };
+        match event {
             // A permit left by a sender that has its answer by now wakes
             // nobody: only a sender still counted does.
-            _ = shared.wake.notified() => {
+            Event::Wake => {
                 if shared.in_flight.load(Ordering::SeqCst) > 0 {
                     break;
                 }
             }
-            _ = tokio::time::sleep_until(next_ping) => {
-                // A peer that stops reading fills the socket: bounded.
-                match tokio::time::timeout(s.heartbeat_timeout, link.send(&[PING])).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Err(format!("pinging the parked link: {e}")),
-                    Err(_) => return Err("pinging the parked link: the machine reads nothing".into()),
-                }
-                unanswered += 1;
-                due_since.get_or_insert_with(Instant::now);
-                next_ping = Instant::now() + s.heartbeat;
-            }
-            _ = tokio::time::sleep_until(deadline.unwrap_or(next_ping)), if deadline.is_some() => {
+            Event::Timer if deadline.is_some_and(|d| Instant::now() >= d) => {
                 return Err(format!(
                     "no answer to a ping on the parked link within {:?}",
                     s.heartbeat_timeout
                 ));
             }
-            r = link.read_some(&mut buf) => {
+            Event::Timer => {
+                if Instant::now() < next_ping {
+                    continue;
+                }
+                // A peer that stops reading fills the socket: bounded.
+                timer.as_mut().reset(Instant::now() + s.heartbeat_timeout);
+                let sent = tokio::select! {
+                    r = link.send(&[PING]) => r.map_err(|e| format!("pinging the parked link: {e}")),
+                    _ = timer.as_mut() => Err("pinging the parked link: the machine reads nothing".to_string()),
+                };
+                sent?;
+                unanswered += 1;
+                due_since.get_or_insert_with(Instant::now);
+                next_ping = Instant::now() + s.heartbeat;
+            }
+            Event::Read(r) => {
                 let n = r.map_err(|e| format!("reading the parked link: {e}"))?;
                 if n == 0 {
                     return Err("the machine closed the link".into());
@@ -312,12 +369,14 @@ where
     }
     // Answers are due (so `due_since` is set) whenever some are missing.
     let deadline = due_since.unwrap_or_else(Instant::now) + settings().heartbeat_timeout;
+    timer.as_mut().reset(deadline);
     while unanswered > 0 {
         let want = unanswered.min(buf.len());
-        let n = tokio::time::timeout_at(deadline, link.read_some(&mut buf[..want]))
-            .await
-            .map_err(|_| "no answer to a ping on the parked link in time".to_string())?
-            .map_err(|e| format!("reading the parked link: {e}"))?;
+        let read = tokio::select! {
+            r = link.read_some(&mut buf[..want]) => r.map_err(|e| format!("reading the parked link: {e}")),
+            _ = timer.as_mut() => Err("no answer to a ping on the parked link in time".to_string()),
+        };
+        let n = read?;
         if n == 0 {
             return Err("the machine closed the link".into());
         }

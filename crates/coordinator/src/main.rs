@@ -6,11 +6,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use coordinator::run::{RunOptions, Started};
 
-/// jemalloc rather than glibc's malloc: see `coordinator::alloc` (parked
-/// reverse links cost a third of the memory).
+/// jemalloc rather than glibc's malloc, with HTTP/2 sessions in an arena of
+/// their own: see `coordinator::alloc` (a parked reverse link costs half the
+/// memory it would).
 #[cfg(unix)]
 #[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static ALLOC: coordinator::alloc::FarmAlloc = coordinator::alloc::FarmAlloc;
 
 /// farmer: a self-hosted build farm.
 ///
@@ -140,6 +141,8 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    coordinator::alloc::init_session_arena();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // Run as a buildlet when installed under that name (stage0 saves the
     // binary it downloads as `buildlet`, and `farmer up` publishes itself).

@@ -410,19 +410,14 @@ where
     // The link's task outlives this function: it is all a connected
     // machine costs besides its pool entry, and removes the machine when
     // the link ends.
-    let link_task = tokio::spawn({
-        let farm = farm.clone();
-        let membership = membership.clone();
-        let link = crate::link::run(TokioIo::new(io), shared.clone(), settings, idle_for);
-        async move {
-            let why = link.await;
-            let mut m = lock(&membership);
-            if let Membership::Member(id) = *m {
-                farm.pool.remove(id, &why);
-            }
-            *m = Membership::Ended;
-        }
-    });
+    let link_task = tokio::spawn(serve_link(
+        farm.clone(),
+        membership.clone(),
+        TokioIo::new(io),
+        shared.clone(),
+        settings,
+        idle_for,
+    ));
     let client = Client::with_transport(
         Arc::new(crate::link::LinkTransport(shared.clone())),
         "http://buildlet".into(),
@@ -495,6 +490,32 @@ where
     {
         tracing::warn!("recording machine: {e}");
     }
+}
+
+/// The link's task: serves the link, then removes the machine.
+///
+/// An async fn that makes the link's future inside, rather than a block
+/// that captures it and awaits it: such a block holds the future twice
+/// (as captured and as awaited), and this task lives as long as the
+/// machine is connected.
+async fn serve_link<T, S, I>(
+    farm: Arc<Farm>,
+    membership: Arc<std::sync::Mutex<Membership>>,
+    io: T,
+    shared: Arc<crate::link::Shared>,
+    settings: S,
+    idle_for: I,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Fn() -> crate::link::Settings + Send,
+    I: Fn(Duration) -> bool + Send,
+{
+    let why = crate::link::run(io, shared, settings, idle_for).await;
+    let mut m = lock(&membership);
+    if let Membership::Member(id) = *m {
+        farm.pool.remove(id, &why);
+    }
+    *m = Membership::Ended;
 }
 
 /// Whether a registering machine is in the pool yet: whoever of the

@@ -2,9 +2,17 @@
 //! crate's dependencies instead of one per file). Run one group with
 //! `cargo test -p coordinator --test it GROUP::`.
 
+/// The `farmer` binary's allocator, so the in-process tests run on it too
+/// (and `alloc::` can check it).
+#[cfg(unix)]
+#[global_allocator]
+static ALLOC: coordinator::alloc::FarmAlloc = coordinator::alloc::FarmAlloc;
+
 mod cdp;
 mod common;
 
+#[cfg(unix)]
+mod alloc;
 mod browser;
 mod certs;
 mod cli;

@@ -921,6 +921,8 @@ impl Coordinator {
             .arg(&data_dir)
             .args(["--listen", "127.0.0.1:0"])
             .env("FARMER_LOG", "warn")
+            // See `start_buildlet`.
+            .env_remove("LD_LIBRARY_PATH")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(err)
@@ -1029,6 +1031,11 @@ fn start_buildlet(
         .env("HOME", &home)
         .env_remove("GO_BUILD_KEY_PATH")
         .env("BUILDLET_LOG", "warn")
+        // Cargo runs the bench with its build dirs in LD_LIBRARY_PATH; a
+        // machine's steps would inherit it and the dynamic loader of every
+        // command would try each of them first (some 80 failed opens per
+        // `true`), which no real machine pays.
+        .env_remove("LD_LIBRARY_PATH")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

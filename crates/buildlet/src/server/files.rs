@@ -589,6 +589,32 @@ where
     }
 }
 
+/// Empties the work dir, leaving its `tmp` directory there, empty: our
+/// own plain directory is emptied and kept rather than removed and made
+/// anew (see `srccache::fs_now` for what a freed inode per build costs);
+/// anything else by that name (a link, a file, a directory a step made
+/// that we cannot give back its mode) goes like the rest.
+fn empty_work_dir(dir: &crate::beneath::Dir) -> io::Result<()> {
+    for name in dir.names_os()? {
+        if name == "tmp"
+            && dir
+                .lstat_os(&name)?
+                .is_some_and(|st| st.kind == crate::beneath::Kind::Dir)
+            && dir
+                .open_dir_restored(&name)
+                .and_then(|tmp| tmp.empty())
+                .is_ok()
+        {
+            continue;
+        }
+        dir.remove_all_os(&name)?;
+    }
+    match dir.mkdir("tmp") {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Removes each target below `root` (`.`, no components, empties it).
 fn remove_targets(
     root: &crate::beneath::Root,
@@ -597,13 +623,7 @@ fn remove_targets(
     for (p, comps) in targets {
         let ioe = |e: &io::Error| super::io_error(format_args!("removing {p:?}"), e);
         match comps.split_last() {
-            None => {
-                root.as_dir().empty().map_err(|e| ioe(&e))?;
-                match root.as_dir().mkdir("tmp") {
-                    Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(ioe(&e)),
-                    _ => {}
-                }
-            }
+            None => empty_work_dir(root.as_dir()).map_err(|e| ioe(&e))?,
             Some((last, parent)) => match root.dir(&p, parent, None) {
                 Ok(dir) => dir.remove_all(last).map_err(|e| ioe(&e))?,
                 Err(DirError::Path(e)) => return Err(bad(e)),

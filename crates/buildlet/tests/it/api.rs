@@ -281,6 +281,56 @@ fn removeall() {
     });
 }
 
+/// Emptying the work dir keeps its own `tmp` (the same directory, emptied,
+/// its mode given back) instead of removing and making it again; a `tmp`
+/// a step replaced with a link is removed, never followed.
+#[test]
+#[cfg(unix)]
+fn removeall_keeps_an_emptied_tmp_and_never_follows_one() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let h = Harness::start();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("keep"), "mine").unwrap();
+    runtime().block_on(async {
+        let c = h.client();
+        let tmp = h.workdir.join("tmp");
+        let ino = std::fs::metadata(&tmp).unwrap().ino();
+        // The same inode number can come back for a directory made anew;
+        // its birth time cannot.
+        let born = std::fs::metadata(&tmp).unwrap().created().ok();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::create_dir_all(tmp.join("deep/er")).unwrap();
+        std::fs::write(tmp.join("deep/er/f"), "x").unwrap();
+        std::fs::write(tmp.join("g"), "y").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o500)).unwrap();
+        c.remove_all(&["."]).await.unwrap();
+        let meta = std::fs::symlink_metadata(&tmp).unwrap();
+        assert!(meta.is_dir());
+        assert_eq!(meta.ino(), ino, "tmp was made anew instead of kept");
+        assert_eq!(
+            meta.created().ok(),
+            born,
+            "tmp was made anew instead of kept"
+        );
+        assert_eq!(meta.permissions().mode() & 0o777, 0o755);
+        assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
+
+        std::fs::remove_dir(&tmp).unwrap();
+        std::os::unix::fs::symlink(outside.path(), &tmp).unwrap();
+        c.remove_all(&["."]).await.unwrap();
+        assert!(std::fs::symlink_metadata(&tmp).unwrap().is_dir());
+        assert_eq!(
+            std::fs::read_to_string(outside.path().join("keep")).unwrap(),
+            "mine"
+        );
+        let left: Vec<_> = std::fs::read_dir(&h.workdir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec!["tmp"]);
+    });
+}
+
 #[test]
 fn exec_streams_in_order_with_trailer() {
     let h = Harness::start();

@@ -293,18 +293,25 @@ impl Containment {
         lock(&self.running).remove(&jail.id);
         lock(&self.children).remove(&jail.shared.pid.load(Ordering::SeqCst));
         if let Some(dir) = lock(&jail.shared.cgroup).take() {
-            std::thread::Builder::new()
-                .name("cgroup-rmdir".into())
-                .spawn(move || {
-                    platform::remove_cgroup(&dir);
-                    // The base goes too when this was the last command (the
-                    // rmdir fails otherwise), so an idle buildlet leaves no
-                    // cgroups; the next command makes it again.
-                    if let Some(base) = dir.parent() {
-                        let _ = std::fs::remove_dir(base);
-                    }
-                })
-                .ok();
+            let remove = move || {
+                platform::remove_cgroup(&dir);
+                // The base goes too when this was the last command (the
+                // rmdir fails otherwise), so an idle buildlet leaves no
+                // cgroups; the next command makes it again.
+                if let Some(base) = dir.parent() {
+                    let _ = std::fs::remove_dir(base);
+                }
+            };
+            // A thread of the runtime's blocking pool (reused, not made
+            // and ended per command); a thread of its own outside one.
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(remove)),
+                Err(_) => drop(
+                    std::thread::Builder::new()
+                        .name("cgroup-rmdir".into())
+                        .spawn(remove),
+                ),
+            }
         }
     }
 

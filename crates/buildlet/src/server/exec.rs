@@ -312,10 +312,7 @@ where
 
     let (tx, body) = ResponseBody::channel(16);
     let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(16);
-    std::thread::Builder::new()
-        .name(format!("exec-output-{pid}"))
-        .spawn(move || pump_output(reader, out_tx))
-        .ok();
+    start_pump(reader, out_tx, pid);
 
     let debug_header = plan.debug.then(|| {
         Bytes::from(format!(
@@ -433,6 +430,48 @@ pub(super) fn streaming_response(
     h.insert(header::TRAILER, HeaderValue::from_static("Process-State"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
+}
+
+/// Reads the command's output into `tx` until every writer is gone: on
+/// unix a task on the runtime (no thread made and ended per command), else
+/// (or if the pipe cannot be registered) a thread of its own.
+fn start_pump(reader: std::io::PipeReader, tx: mpsc::Sender<Bytes>, pid: u32) {
+    #[cfg(unix)]
+    let (reader, tx) = {
+        let fd = std::os::fd::OwnedFd::from(reader);
+        match fd
+            .try_clone()
+            .and_then(tokio::net::unix::pipe::Receiver::from_owned_fd)
+        {
+            Ok(rx) => {
+                tokio::spawn(pump_output_async(rx, tx));
+                return;
+            }
+            Err(_) => (std::io::PipeReader::from(fd), tx),
+        }
+    };
+    std::thread::Builder::new()
+        .name(format!("exec-output-{pid}"))
+        .spawn(move || pump_output(reader, tx))
+        .ok();
+}
+
+#[cfg(unix)]
+async fn pump_output_async(mut rx: tokio::net::unix::pipe::Receiver, tx: mpsc::Sender<Bytes>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match rx.read(&mut buf).await {
+            Ok(0) => return,
+            Ok(n) => {
+                if tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        }
+    }
 }
 
 fn pump_output(mut reader: std::io::PipeReader, tx: mpsc::Sender<Bytes>) {

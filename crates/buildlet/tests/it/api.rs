@@ -331,6 +331,51 @@ fn removeall_keeps_an_emptied_tmp_and_never_follows_one() {
     });
 }
 
+/// A command's output is read by a task of the buildlet's runtime, not a
+/// thread made per command, and all of it arrives in order.
+#[test]
+#[cfg(target_os = "linux")]
+fn exec_output_is_read_without_a_thread_per_command() {
+    let h = Harness::start();
+    let pid = h.child.id();
+    runtime().block_on(async {
+        let c = h.client();
+        let run = tokio::spawn(async move {
+            c.exec_output(
+                "sh",
+                &ExecOptions {
+                    args: vec![
+                        "-c".into(),
+                        "echo one; sleep 0.5; echo two >&2; echo three".into(),
+                    ],
+                    sys: true,
+                    ..Default::default()
+                },
+            )
+            .await
+        });
+        let mut threads = std::collections::BTreeSet::new();
+        for _ in 0..6 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .flatten()
+            {
+                if let Ok(comm) = std::fs::read_to_string(t.path().join("comm")) {
+                    threads.insert(comm.trim().to_string());
+                }
+            }
+        }
+        let (state, out) = run.await.unwrap().unwrap();
+        assert_eq!(state, ProcessState::Ok);
+        assert_eq!(String::from_utf8_lossy(&out), "one\ntwo\nthree\n");
+        assert!(
+            !threads.iter().any(|t| t.starts_with("exec-output")),
+            "{threads:?}"
+        );
+    });
+}
+
 #[test]
 fn exec_streams_in_order_with_trailer() {
     let h = Harness::start();

@@ -398,3 +398,57 @@ fn a_process_that_leaves_its_cgroup_still_dies_with_the_command() {
     assert_eq!(String::from_utf8_lossy(&out).trim(), "escaped");
     assert_none_left(&m, "after the command whose step left its cgroup exited");
 }
+
+/// The buildlet's zombie children (of all its threads), by `/proc`.
+fn zombie_children(pid: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        for k in kids
+            .split_whitespace()
+            .filter_map(|k| k.parse::<i32>().ok())
+        {
+            let zombie = std::fs::read_to_string(format!("/proc/{k}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, r)| r.trim_start().starts_with('Z'))
+                })
+                .unwrap_or(false);
+            if zombie {
+                out.push(k);
+            }
+        }
+    }
+    out
+}
+
+/// A process orphaned while its command runs is reparented to the buildlet
+/// (a subreaper) and, once it exits, reaped by it: no zombie of the
+/// buildlet is left once the command has ended.
+#[test]
+fn orphans_that_exit_are_reaped_not_left_as_zombies() {
+    for (mode, flags) in modes() {
+        let m = marker();
+        let _sweep = Sweep(m.clone());
+        let h = Harness::start_with(None, flags);
+        let pid = h.child.id();
+        // The subshell exits at once, so `sleep 0.2` becomes the
+        // buildlet's child and exits while the command still runs.
+        let s = format!("(sleep 0.2 &); sleep 1.5; : {m}");
+        let (st, _) = runtime()
+            .block_on(h.client().exec_output("sh", &opts(&s)))
+            .unwrap();
+        assert_eq!(st, ProcessState::Ok, "{mode}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut left = zombie_children(pid);
+        while !left.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            left = zombie_children(pid);
+        }
+        assert!(left.is_empty(), "{mode}: zombies of the buildlet: {left:?}");
+    }
+}

@@ -368,6 +368,9 @@ fn kill_marked(prefix: &str) {
 /// The buildlet's descendants, from `/proc/<pid>/task/<tid>/children`
 /// where the kernel has it, else from a walk of every process.
 fn descendants(me: i32) -> Vec<i32> {
+    if !has_children() {
+        return Vec::new();
+    }
     let children_of = direct_children;
     let mut out = Vec::new();
     let mut stack = vec![me];
@@ -449,6 +452,9 @@ pub(super) fn kill_escapees(base: &Path, running: &HashSet<String>) -> usize {
 /// children (`/proc/self/task/*/children`), not at every process: it runs
 /// whenever a child exits.
 pub(super) fn reap_orphans(children: &HashSet<i32>) {
+    if !has_children() {
+        return;
+    }
     let me = std::process::id() as i32;
     let kids = match direct_children(me) {
         Some(k) => k,
@@ -477,6 +483,25 @@ pub(super) fn reap_orphans(children: &HashSet<i32>) {
             }
         }
     }
+}
+
+/// Whether the buildlet has any child process, running or a zombie: one
+/// `waitid` that says ECHILD when there is none (`WNOWAIT`: it takes no
+/// exit status from whoever waits for a child). Most of the time no
+/// command runs and the walks of `/proc` (a file per thread) can be
+/// skipped.
+fn has_children() -> bool {
+    // SAFETY: waitid writes only into `info`, a zeroed siginfo_t.
+    let r = unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        libc::waitid(
+            libc::P_ALL,
+            0,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    !(r == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD))
 }
 
 /// The direct children of `pid` (of all its threads), if the kernel

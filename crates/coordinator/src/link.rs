@@ -28,7 +28,7 @@ use buildlet::link::{self, Link, PING, PONG};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// The link's timing, read from the farm config at each step (a SIGHUP
@@ -52,7 +52,12 @@ enum State {
 
 /// What the link's task and its senders share.
 pub struct Shared {
-    state: watch::Sender<State>,
+    /// A mutex and a `Notify` rather than a `watch` channel: a watch keeps
+    /// eight wakers' worth of state in an allocation of its own (368 B
+    /// per link, a parked link's largest part after TLS).
+    state: std::sync::Mutex<State>,
+    /// The state changed (waiters enable their `Notified` before reading it).
+    changed: Notify,
     /// A sender found the link parked.
     wake: Notify,
     /// Requests sent whose answer's body is not dropped yet.
@@ -64,7 +69,8 @@ pub struct Shared {
 impl Shared {
     pub fn new() -> Arc<Shared> {
         Arc::new(Shared {
-            state: watch::Sender::new(State::Between),
+            state: std::sync::Mutex::new(State::Between),
+            changed: Notify::new(),
             wake: Notify::new(),
             in_flight: AtomicUsize::new(0),
             parkable: AtomicBool::new(false),
@@ -77,7 +83,19 @@ impl Shared {
     }
 
     pub fn is_parked(&self) -> bool {
-        matches!(*self.state.borrow(), State::Parked)
+        matches!(*self.lock_state(), State::Parked)
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the state, wakes every sender waiting for a change, and returns
+    /// the state before.
+    fn set_state(&self, state: State) -> State {
+        let before = std::mem::replace(&mut *self.lock_state(), state);
+        self.changed.notify_waiters();
+        before
     }
 }
 
@@ -146,18 +164,18 @@ async fn send_in_session(
     shared: &Shared,
     req: http::Request<ReqBody>,
 ) -> Result<http::Response<hyper::body::Incoming>, BoxError> {
-    let mut rx = shared.state.subscribe();
     let mut sender = loop {
-        let state = rx.borrow_and_update().clone();
+        // Enabled before the state is read, so a change in between wakes it.
+        let mut changed = std::pin::pin!(shared.changed.notified());
+        changed.as_mut().enable();
+        let state = shared.lock_state().clone();
         match state {
             State::Session(s) => break s,
             State::Parked => shared.wake.notify_one(),
             State::Between => {}
             State::Closed => return Err("the machine's link is closed".into()),
         }
-        if rx.changed().await.is_err() {
-            return Err("the machine's link is closed".into());
-        }
+        changed.await;
     };
     sender.ready().await?;
     Ok(sender.send_request(req).await?)
@@ -169,7 +187,7 @@ struct CloseOnDrop(Arc<Shared>);
 
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
-        self.0.state.send_replace(State::Closed);
+        self.0.set_state(State::Closed);
     }
 }
 
@@ -206,12 +224,12 @@ where
             Ok(l) => l,
             Err(why) => return why,
         };
-        shared.state.send_replace(State::Parked);
+        shared.set_state(State::Parked);
         PARKS.fetch_add(1, Ordering::Relaxed);
         if let Err(why) = parked(&mut link, &shared, &settings).await {
             return why;
         }
-        shared.state.send_replace(State::Between);
+        shared.set_state(State::Between);
     }
 }
 
@@ -243,7 +261,7 @@ where
         .handshake::<_, ReqBody>(TokioIo::new(session))
         .await
         .map_err(|e| format!("HTTP/2 over the link failed: {e}"))?;
-    shared.state.send_replace(State::Session(sender));
+    shared.set_state(State::Session(sender));
     // Boxed so that dropping it below ends it (hyper's connection task
     // lets the link go only once every handle of the session is gone).
     let mut conn = Box::pin(conn);
@@ -269,11 +287,11 @@ where
                     // Senders look the session up after counting
                     // themselves, so one that found it before it was
                     // withdrawn is counted now: keep serving it.
-                    let session = shared.state.send_replace(State::Between);
+                    let session = shared.set_state(State::Between);
                     if shared.in_flight.load(Ordering::SeqCst) == 0 {
                         break;
                     }
-                    shared.state.send_replace(session);
+                    shared.set_state(session);
                 }
             }
         }

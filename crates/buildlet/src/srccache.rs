@@ -252,11 +252,12 @@ impl SrcCache {
         // Git's "racy" rule: a file changed in the same tick of the file
         // system's clock as now could change again without its times
         // moving; it is not trusted by its key but read next time.
-        if let Some(now) = fs_now(dir) {
-            for (k, _) in seen.values_mut() {
-                if k.mtime >= now || k.ctime >= now {
-                    k.ctime = UNTRUSTED;
-                }
+        // Without the file system's now, nothing is trusted (a stamp a
+        // step keeps spoiling must not switch the rule off).
+        let now = fs_now(dir);
+        for (k, _) in seen.values_mut() {
+            if now.is_none_or(|now| k.mtime >= now || k.ctime >= now) {
+                k.ctime = UNTRUSTED;
             }
         }
         self.blobs = seen;
@@ -392,46 +393,63 @@ pub fn blob_id(data: &[u8]) -> [u8; 20] {
 
 /// The file system's idea of now, for the racy rule: the times of a
 /// stamp file beside `dir` (in its parent, the cache dir) just touched.
+/// `None` if there is no stamp of ours to touch (then nothing is trusted).
 ///
 /// One stamp is kept and touched, not a new file made and removed per
 /// hash: on ext4 without a journal every inode freed in the last seconds
 /// is stepped over, block lookup by block lookup, by each later file
 /// creation on the file system, so a file made and removed per build made
-/// every process's creations slower (a third of the coordinator's CPU in
-/// the throughput bench).
+/// every process's creations slower.
+#[cfg(unix)]
 fn fs_now(dir: &Path) -> Option<(i64, i64)> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let parent = dir.parent()?;
     // Touch and read as one, so a concurrent touch cannot hand this hash
     // a later time than its own.
     static STAMP: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = STAMP.lock().unwrap_or_else(|e| e.into_inner());
-    let mut o = fs::OpenOptions::new();
-    o.write(true).create(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        // Never through a link, never blocking on a fifo put there.
-        o.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
-    }
-    let f = o.open(parent.join(".racy-stamp")).ok()?;
-    #[cfg(unix)]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a valid fd; a null times pointer means "now" for both
-        // times, in the file system's own clock and granularity (ctime
-        // moves too).
-        if unsafe { libc::futimens(f.as_raw_fd(), std::ptr::null()) } != 0 {
-            return None;
+    let path = parent.join(".racy-stamp");
+    // Never through a link, never blocking on a fifo; and only our own
+    // file with one name (a hard link planted there would have its times
+    // changed): anything else by that name is replaced.
+    let open = |new: bool| {
+        let mut o = fs::OpenOptions::new();
+        o.write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+        if new {
+            o.create_new(true);
+        } else {
+            o.create(true);
         }
-    }
-    #[cfg(not(unix))]
-    f.set_modified(std::time::SystemTime::now()).ok()?;
-    let meta = f.metadata().ok()?;
-    if !meta.is_file() {
+        let f = o.open(&path).ok()?;
+        let m = f.metadata().ok()?;
+        (m.is_file() && m.nlink() == 1).then_some(f)
+    };
+    let f = match open(false) {
+        Some(f) => f,
+        None => {
+            match fs::symlink_metadata(&path) {
+                Ok(m) if m.is_dir() => fs::remove_dir_all(&path).ok()?,
+                Ok(_) => fs::remove_file(&path).ok()?,
+                Err(_) => {}
+            }
+            open(true)?
+        }
+    };
+    // SAFETY: a valid fd; a null times pointer means "now" for both times,
+    // in the file system's own clock and granularity (ctime moves too).
+    if unsafe { libc::futimens(f.as_raw_fd(), std::ptr::null()) } != 0 {
         return None;
     }
-    let k = file_key(&meta);
+    let k = file_key(&f.metadata().ok()?);
     Some(k.mtime.min(k.ctime))
+}
+
+/// Without file times to trust (see `file_key`), there is no racy rule.
+#[cfg(not(unix))]
+fn fs_now(_dir: &Path) -> Option<(i64, i64)> {
+    None
 }
 
 /// Opens a cached file for reading without following a symbolic link or
@@ -590,8 +608,9 @@ mod tests {
     #[test]
     fn tree_ids_match_git() {
         use std::os::unix::fs::PermissionsExt;
+        // A dir below the temp dir: the racy stamp goes beside it.
         let d = tempfile::tempdir().unwrap();
-        let w = d.path();
+        let w = &d.path().join("w");
         fs::create_dir_all(w.join("a/b")).unwrap();
         fs::create_dir_all(w.join("a.b")).unwrap();
         fs::write(w.join("a/b/c.txt"), "c\n").unwrap();
@@ -618,8 +637,9 @@ mod tests {
             .set_modified(mtime)
             .unwrap();
         assert_ne!(c.hash(w).unwrap(), want);
-        let empty = tempfile::tempdir().unwrap();
-        assert_eq!(SrcCache::default().hash(empty.path()).unwrap(), EMPTY_TREE);
+        let empty = d.path().join("empty");
+        fs::create_dir(&empty).unwrap();
+        assert_eq!(SrcCache::default().hash(&empty).unwrap(), EMPTY_TREE);
     }
 
     /// The racy rule's clock is one stamp beside the tree, touched in
@@ -647,22 +667,34 @@ mod tests {
         names.sort();
         assert_eq!(names, [".racy-stamp", "tree"]);
 
-        // A link is not followed: the file it names keeps its times.
+        // Neither a link nor a second name of another file is touched
+        // through: the file keeps its times. A fifo nobody reads does not
+        // block the hash.
         let outside = tempfile::NamedTempFile::new().unwrap();
         let before = fs::metadata(outside.path()).unwrap().modified().unwrap();
+        let plants: [&dyn Fn(&Path); 3] = [
+            &|p| std::os::unix::fs::symlink(outside.path(), p).unwrap(),
+            &|p| fs::hard_link(outside.path(), p).unwrap(),
+            &|p| {
+                let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+                // SAFETY: a NUL-terminated path.
+                assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+            },
+        ];
+        for plant in plants {
+            fs::remove_file(&stamp).unwrap();
+            plant(&stamp);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            assert_eq!(c.hash(&tree).unwrap(), id);
+            let m = fs::metadata(outside.path()).unwrap();
+            assert_eq!(m.modified().unwrap(), before);
+        }
+        // A directory in its place goes too. Each time, the stamp is ours
+        // again afterwards: a plain file with one name.
         fs::remove_file(&stamp).unwrap();
-        std::os::unix::fs::symlink(outside.path(), &stamp).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::create_dir_all(stamp.join("sub")).unwrap();
         assert_eq!(c.hash(&tree).unwrap(), id);
-        assert_eq!(
-            fs::metadata(outside.path()).unwrap().modified().unwrap(),
-            before
-        );
-        // A fifo nobody reads does not block the hash.
-        fs::remove_file(&stamp).unwrap();
-        let path = std::ffi::CString::new(stamp.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
-        assert_eq!(c.hash(&tree).unwrap(), id);
+        let m = fs::symlink_metadata(&stamp).unwrap();
+        assert!(m.is_file() && m.nlink() == 1, "{m:?}");
     }
 }

@@ -145,9 +145,10 @@ impl Transport for LinkTransport {
             for (name, value) in &parts.headers {
                 let name = http::HeaderName::from_bytes(name.as_str().as_bytes())
                     .unwrap_or_else(|_| name.clone());
-                let value = http::HeaderValue::from_bytes(value.as_bytes())
+                let mut copy = http::HeaderValue::from_bytes(value.as_bytes())
                     .unwrap_or_else(|_| value.clone());
-                headers.append(name, value);
+                copy.set_sensitive(value.is_sensitive());
+                headers.append(name, copy);
             }
             crate::alloc::in_session(|| drop(parts));
             Ok(head)

@@ -447,7 +447,19 @@ fn start_pump(reader: std::io::PipeReader, tx: mpsc::Sender<Bytes>, pid: u32) {
                 tokio::spawn(pump_output_async(rx, tx));
                 return;
             }
-            Err(_) => (std::io::PipeReader::from(fd), tx),
+            Err(_) => {
+                // The failed registration may have made the (shared) file
+                // description non-blocking; the thread reads blocking.
+                use std::os::fd::AsRawFd;
+                // SAFETY: fcntl on a descriptor we own.
+                unsafe {
+                    let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+                    if flags >= 0 {
+                        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+                    }
+                }
+                (std::io::PipeReader::from(fd), tx)
+            }
         }
     };
     std::thread::Builder::new()

@@ -596,7 +596,11 @@ where
 /// that we cannot give back its mode) goes like the rest.
 fn empty_work_dir(dir: &crate::beneath::Dir) -> io::Result<()> {
     for name in dir.names_os()? {
-        if name == "tmp"
+        // Only where directories are opened by handle (never through a
+        // link swapped in after the check); elsewhere it goes and is made
+        // again.
+        if cfg!(unix)
+            && name == "tmp"
             && dir
                 .lstat_os(&name)?
                 .is_some_and(|st| st.kind == crate::beneath::Kind::Dir)

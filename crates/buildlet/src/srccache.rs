@@ -404,11 +404,9 @@ pub fn blob_id(data: &[u8]) -> [u8; 20] {
 fn fs_now(dir: &Path) -> Option<(i64, i64)> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    // No lock of its own: `SrcCache::hash` takes its cache by `&mut`, so
+    // no other touch of this stamp comes between this one and its read.
     let parent = dir.parent()?;
-    // Touch and read as one, so a concurrent touch cannot hand this hash
-    // a later time than its own.
-    static STAMP: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = STAMP.lock().unwrap_or_else(|e| e.into_inner());
     let path = parent.join(".racy-stamp");
     // Never through a link, never blocking on a fifo; and only our own
     // file with one name (a hard link planted there would have its times

@@ -34,20 +34,9 @@ thread_local! {
     static SESSION: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Runs `f` with session allocation (see the module doc).
+/// Runs `f` with session allocation (see the module doc), restoring this
+/// thread's mode afterwards, also when `f` panics.
 pub fn in_session<R>(f: impl FnOnce() -> R) -> R {
-    with_mode(true, f)
-}
-
-/// Runs `f` with ordinary allocation, also inside session code: for what
-/// outlives the session's part of the work (see [`InSession`]).
-pub fn outside_session<R>(f: impl FnOnce() -> R) -> R {
-    with_mode(false, f)
-}
-
-/// Runs `f` with this thread's session flag set to `session`, restoring
-/// the flag afterwards, also when `f` panics.
-fn with_mode<R>(session: bool, f: impl FnOnce() -> R) -> R {
     struct Restore(bool);
     impl Drop for Restore {
         fn drop(&mut self) {
@@ -55,7 +44,7 @@ fn with_mode<R>(session: bool, f: impl FnOnce() -> R) -> R {
             SESSION.with(|s| s.set(was));
         }
     }
-    let _restore = Restore(SESSION.with(|s| s.replace(session)));
+    let _restore = Restore(SESSION.with(|s| s.replace(true)));
     f()
 }
 

@@ -271,11 +271,7 @@ fn removeall() {
         assert!(!h.workdir.join("c").exists());
         assert!(h.workdir.join("b/3").exists());
         c.remove_all(&["."]).await.unwrap();
-        let left: Vec<_> = std::fs::read_dir(&h.workdir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(left, vec!["tmp"]);
+        assert_eq!(h.workdir_names(), ["tmp"]);
         let err = c.remove_all(&[]).await.unwrap_err();
         assert!(matches!(err, Error::Rejected { .. }));
     });
@@ -323,21 +319,20 @@ fn removeall_keeps_an_emptied_tmp_and_never_follows_one() {
             std::fs::read_to_string(outside.path().join("keep")).unwrap(),
             "mine"
         );
-        let left: Vec<_> = std::fs::read_dir(&h.workdir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(left, vec!["tmp"]);
+        assert_eq!(h.workdir_names(), ["tmp"]);
     });
 }
 
 /// A command's output is read by a task of the buildlet's runtime, not a
-/// thread made per command, and all of it arrives in order.
+/// thread made per command, and all of it arrives in order. The threads
+/// are looked at while the command is known to run: it says so by a file,
+/// and waits for one from the test before it ends.
 #[test]
 #[cfg(target_os = "linux")]
 fn exec_output_is_read_without_a_thread_per_command() {
     let h = Harness::start();
     let pid = h.child.id();
+    let (running, go) = (h.workdir.join("running"), h.workdir.join("go"));
     runtime().block_on(async {
         let c = h.client();
         let run = tokio::spawn(async move {
@@ -346,7 +341,10 @@ fn exec_output_is_read_without_a_thread_per_command() {
                 &ExecOptions {
                     args: vec![
                         "-c".into(),
-                        "echo one; sleep 0.5; echo two >&2; echo three".into(),
+                        "echo one; touch running; i=0; \
+                         while [ ! -e go ] && [ $i -lt 1000 ]; do sleep 0.01; i=$((i+1)); done; \
+                         echo two >&2; echo three"
+                            .into(),
                     ],
                     sys: true,
                     ..Default::default()
@@ -354,18 +352,18 @@ fn exec_output_is_read_without_a_thread_per_command() {
             )
             .await
         });
-        let mut threads = std::collections::BTreeSet::new();
-        for _ in 0..6 {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-                .unwrap()
-                .flatten()
-            {
-                if let Ok(comm) = std::fs::read_to_string(t.path().join("comm")) {
-                    threads.insert(comm.trim().to_string());
-                }
-            }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !running.exists() {
+            assert!(Instant::now() < deadline, "the command did not start");
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+            .map(|comm| comm.trim().to_string())
+            .collect();
+        std::fs::write(&go, "").unwrap();
         let (state, out) = run.await.unwrap().unwrap();
         assert_eq!(state, ProcessState::Ok);
         assert_eq!(String::from_utf8_lossy(&out), "one\ntwo\nthree\n");

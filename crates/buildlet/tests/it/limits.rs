@@ -25,12 +25,8 @@ fn rejected(err: &Error, status: u16, needle: &str) {
 
 /// Names in the work dir besides `tmp`.
 fn left_behind(h: &Harness) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(&h.workdir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "tmp")
-        .collect();
-    v.sort();
+    let mut v = h.workdir_names();
+    v.retain(|n| n != "tmp");
     v
 }
 

@@ -78,6 +78,16 @@ impl Harness {
         out
     }
 
+    /// The names in the work dir, sorted.
+    pub fn workdir_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.workdir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Waits for the process to exit, bounded.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let start = Instant::now();

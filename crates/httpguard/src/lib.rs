@@ -340,6 +340,7 @@ where
     S::Future: Send + 'static,
     S::Error: 'static,
     B: Body + 'static,
+    ReqB: Body,
 {
     type Response = Response<TrackedBody<B>>;
     type Error = S::Error;
@@ -352,18 +353,36 @@ where
         self.state.inflight.fetch_add(1, Ordering::AcqRel);
         self.state.touch();
         let token = InFlight(self.state.clone());
+        let close_on_refusal = refusal_closes(&req);
         let control = BodyDeadline::default();
         let mut req = req.map(|b| DeadlineBody::new(b, self.body_deadline, control.clone()));
         req.extensions_mut().insert(control);
         let fut = self.inner.call(req);
         Box::pin(async move {
-            let resp = fut.await?;
+            let mut resp = fut.await?;
+            if close_on_refusal && !resp.status().is_success() {
+                resp.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
             Ok(resp.map(|inner| TrackedBody {
                 inner,
                 _token: token,
             }))
         })
     }
+}
+
+/// Whether a refusal of `req` must close its HTTP/1 connection: the
+/// request carries a body the handler may leave unread. hyper then closes
+/// the connection after the answer, but notices only after it has written
+/// the answer's head without `Connection: close`; a pooling client may send
+/// its next request down that connection and get no answer at all. Saying
+/// `close` keeps the client from reusing it. (HTTP/2 forbids the header and
+/// resets the stream instead.)
+fn refusal_closes<B: Body>(req: &Request<B>) -> bool {
+    req.version() <= http::Version::HTTP_11 && !req.body().is_end_stream()
 }
 
 /// A response body that keeps its request counted as in flight.

@@ -47,7 +47,7 @@ impl Store {
         .bind(size)
         .bind(text(sha256))
         .bind(now_ms())
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         Ok(())
     }

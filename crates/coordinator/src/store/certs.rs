@@ -138,7 +138,7 @@ impl Store {
         .bind(text(notes))
         .bind(text(secret_sha256))
         .bind(now_ms())
-        .fetch_one(self.pool())
+        .fetch_one(self.writer())
         .await?)
     }
 
@@ -167,7 +167,7 @@ impl Store {
     /// in one transaction; false (nothing changed) if it was no longer pending.
     pub async fn approve_request(&self, a: &Approval<'_>) -> Result<bool> {
         let now = now_ms();
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.writer().begin().await?;
         let n = sqlx::query("UPDATE bot_requests SET status = 'approved', host_type = $1, cert_pem = $2, serial = $3, decided_at = $4 WHERE id = $5 AND status = 'pending'")
             .bind(text(a.host_type))
             .bind(text(a.cert_pem))
@@ -200,7 +200,7 @@ impl Store {
             .bind(text(reason))
             .bind(now_ms())
             .bind(id)
-            .execute(self.pool())
+            .execute(self.writer())
             .await?
             .rows_affected();
         Ok(n > 0)
@@ -223,7 +223,7 @@ impl Store {
             .bind(text(hostname))
             .bind(now_ms())
             .bind(text(reason))
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         Ok(())
     }

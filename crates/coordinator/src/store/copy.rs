@@ -262,7 +262,7 @@ async fn copy_table(
                 for v in batch.drain(..) {
                     q = bind(q, v);
                 }
-                q.execute(to.pool()).await?;
+                q.execute(to.writer()).await?;
                 bytes = 0;
             }
         }
@@ -336,7 +336,7 @@ async fn remove_missing(src: &mut Src, to: &Store, shape: &Shape) -> Result<u64>
                     q = bind(q, v);
                 }
             }
-            removed += q.execute(to.pool()).await?.rows_affected();
+            removed += q.execute(to.writer()).await?.rows_affected();
         }
         if (rows.len() as i64) < BATCH {
             break;
@@ -490,7 +490,7 @@ impl Store {
                     t = c.table,
                     q = quote(c.table)
                 ))
-                .execute(to.pool())
+                .execute(to.writer())
                 .await?;
             }
         }

@@ -130,20 +130,46 @@ pub fn redact(url: &str) -> String {
     u.to_string()
 }
 
-/// Connections per coordinator. SQLite writes one at a time anyway; a
-/// PostgreSQL server is shared with a standby and the operator's tools.
-const SQLITE_CONNECTIONS: u32 = 4;
+/// Connections per coordinator for reading. A PostgreSQL server is shared
+/// with a standby and the operator's tools.
+const SQLITE_READERS: u32 = 4;
 const POSTGRES_CONNECTIONS: u32 = 8;
 
-pub(super) async fn connect(location: &Location, fence: &Fence) -> Result<AnyPool> {
+/// How long a write waits for SQLite's one writer: as long as the busy
+/// timeout a write waited for the file lock before.
+const SQLITE_WRITE_WAIT: Duration = Duration::from_secs(10);
+
+/// The store's connections: `read` for queries, `write` for everything
+/// that changes rows.
+///
+/// SQLite lets one connection write at a time. With writes spread over
+/// several connections, the losers of each race for the lock wait in
+/// SQLite's busy handler, which sleeps 1, 2, 5, 10 ms and on: under a
+/// stream of builds, a thousand sleeps per three seconds, each a write
+/// late by a millisecond or more. One connection for writes queues them
+/// in the pool instead, where a write starts the moment the previous one
+/// ends; readers never wait for it (WAL). PostgreSQL locks rows, not the
+/// database: both are the same pool there.
+pub(super) struct Pools {
+    pub read: AnyPool,
+    pub write: AnyPool,
+}
+
+pub(super) async fn connect(location: &Location, fence: &Fence) -> Result<Pools> {
     sqlx::any::install_default_drivers();
     match location {
         Location::Sqlite(path) => sqlite(path).await,
-        Location::Postgres(url) => postgres(url, location, fence.clone()).await,
+        Location::Postgres(url) => {
+            let pool = postgres(url, location, fence.clone()).await?;
+            Ok(Pools {
+                read: pool.clone(),
+                write: pool,
+            })
+        }
     }
 }
 
-async fn sqlite(path: &Path) -> Result<AnyPool> {
+async fn sqlite(path: &Path) -> Result<Pools> {
     let named = |e: &dyn std::fmt::Display| {
         let text = e.to_string();
         let hint = if text.contains("locked") || text.contains("busy") {
@@ -182,18 +208,24 @@ async fn sqlite(path: &Path) -> Result<AnyPool> {
         let _ = quick.close().await;
     }
     let pragmas = pragmas(Duration::from_secs(10));
-    AnyPoolOptions::new()
-        .max_connections(SQLITE_CONNECTIONS)
-        .after_connect(move |conn, _| {
-            let pragmas = pragmas.clone();
-            Box::pin(async move {
-                conn.execute(pragmas.as_str()).await?;
-                Ok(())
+    let pool = |connections: u32| {
+        let pragmas = pragmas.clone();
+        AnyPoolOptions::new()
+            .max_connections(connections)
+            .acquire_timeout(SQLITE_WRITE_WAIT)
+            .after_connect(move |conn, _| {
+                let pragmas = pragmas.clone();
+                Box::pin(async move {
+                    conn.execute(pragmas.as_str()).await?;
+                    Ok(())
+                })
             })
-        })
-        .connect_with(opts)
-        .await
-        .map_err(|e| named(&e))
+            .connect_with(opts.clone())
+    };
+    Ok(Pools {
+        read: pool(SQLITE_READERS).await.map_err(|e| named(&e))?,
+        write: pool(1).await.map_err(|e| named(&e))?,
+    })
 }
 
 async fn postgres(url: &str, location: &Location, fence: Fence) -> Result<AnyPool> {

@@ -68,7 +68,7 @@ impl Store {
         accepted: bool,
         detail: &str,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer().begin().await?;
         sqlx::query(
             "INSERT INTO hook_deliveries (repo, forge, event, delivery, received_at, accepted, detail) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
@@ -129,7 +129,7 @@ impl Store {
         payload: &str,
     ) -> Result<i64> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer().begin().await?;
         sqlx::query(
             "UPDATE outbox SET state = 'superseded', done_at = $1 WHERE dedupe = $2 AND state = 'pending'",
         )
@@ -192,7 +192,7 @@ impl Store {
         .bind(now_ms())
         .bind(row.id)
         .bind(row.created_at)
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?;
         Ok(())
     }
@@ -221,7 +221,7 @@ impl Store {
             .bind(row.id)
             .bind(row.created_at),
         }
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?;
         Ok(())
     }
@@ -273,7 +273,7 @@ impl Store {
         .bind(text(&s.commit_hash))
         .bind(s.commit_time)
         .bind(s.build_id)
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?;
         Ok(())
     }

@@ -55,7 +55,7 @@ impl Store {
         .bind(text(token_sha256))
         .bind(admin as i64)
         .bind(now_ms())
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -64,7 +64,7 @@ impl Store {
     pub async fn user_remove(&self, name: &str) -> Result<bool> {
         let r = sqlx::query("DELETE FROM users WHERE name = $1")
             .bind(text(name))
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -115,7 +115,7 @@ impl Store {
         .bind(text(line))
         .bind(now_ms())
         .bind(text(user))
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -142,7 +142,7 @@ impl Store {
         .bind(&i.hostname)
         .bind(i.created_at)
         .bind(i.expires_at)
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         Ok(())
     }
@@ -169,7 +169,7 @@ impl Store {
         sqlx::query("UPDATE gomote_instances SET hostname = $1 WHERE name = $2")
             .bind(text(hostname))
             .bind(text(name))
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         Ok(())
     }
@@ -181,14 +181,14 @@ impl Store {
         )
         .bind(expires_at)
         .bind(text(name))
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         Ok(())
     }
 
     /// Ends an instance with the reason; its group memberships go too.
     pub async fn instance_end(&self, name: &str, reason: &str) -> Result<()> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.writer().begin().await?;
         sqlx::query(
             "UPDATE gomote_instances SET ended_at = $1, end_reason = $2 WHERE name = $3 AND ended_at IS NULL",
         )
@@ -233,7 +233,7 @@ impl Store {
         .bind(text(name))
         .bind(text(owner))
         .bind(now_ms())
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -242,7 +242,7 @@ impl Store {
     pub async fn group_remove(&self, name: &str) -> Result<bool> {
         let r = sqlx::query("DELETE FROM gomote_groups WHERE name = $1")
             .bind(text(name))
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         Ok(r.rows_affected() == 1)
     }
@@ -257,7 +257,7 @@ impl Store {
         sqlx::query(sql)
             .bind(text(group))
             .bind(text(instance))
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         Ok(())
     }

@@ -124,7 +124,7 @@ impl Store {
             .bind(row)
             .bind(log.len() as i64)
             .bind(step_id)
-            .execute(&self.pool)
+            .execute(self.writer())
             .await?;
         Ok(())
     }
@@ -156,7 +156,7 @@ impl Store {
         .bind(build_id)
         .bind(row)
         .bind(log.len() as i64)
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?;
         Ok(())
     }

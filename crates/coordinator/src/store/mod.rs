@@ -341,7 +341,11 @@ pub struct BuildFilter {
 
 #[derive(Clone)]
 pub struct Store {
+    /// For reading.
     pool: AnyPool,
+    /// For writing: on SQLite one connection, so writes queue rather than
+    /// race for the file lock (see `engine::Pools`).
+    writer: AnyPool,
     /// Where finished logs go (see `logs.rs`); in the rows without one.
     blobs: Option<Arc<dyn ArtifactStore>>,
     /// Whether new finished logs go to `blobs`.
@@ -408,9 +412,10 @@ impl Store {
     /// if missing) or a PostgreSQL database (which must exist).
     pub async fn connect(location: &Location) -> Result<Store> {
         let fence = leader::Fence::new();
-        let pool = engine::connect(location, &fence).await?;
+        let pools = engine::connect(location, &fence).await?;
         Ok(Store {
-            pool,
+            pool: pools.read,
+            writer: pools.write,
             blobs: None,
             write_blobs: false,
             location: location.clone(),
@@ -423,16 +428,23 @@ impl Store {
         self.location.engine()
     }
 
-    /// The connection pool, for the store's own modules.
+    /// The connections for reading, for the store's own modules.
     fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// The connection for writing (a transaction that writes included),
+    /// for the store's own modules. Nothing may wait on another write
+    /// while it holds this one: on SQLite it is the only one.
+    fn writer(&self) -> &AnyPool {
+        &self.writer
     }
 
     /// Marks attempts left running by a previous process as lost and puts
     /// their builds back in the queue. Run once at start, before scheduling.
     pub async fn recover(&self) -> Result<Recovery> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer().begin().await?;
         let lost = sqlx::query(
             "UPDATE attempts SET result = 'lost', finished_at = $1, error = 'the coordinator stopped while this attempt ran; the build was re-queued' WHERE result = 'running'",
         )
@@ -457,7 +469,7 @@ impl Store {
 
     /// Records a commit and its branch; returns true if the commit was new.
     pub async fn add_commit(&self, c: &CommitRow, branch: &str) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer().begin().await?;
         let new = sqlx::query(
             "INSERT INTO commits (repo, hash, author, email, time, subject, parents, seen_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
         )
@@ -541,7 +553,7 @@ impl Store {
         .bind(b.kind.as_str())
         .bind(now_ms())
         .bind(text(&b.requested_by))
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.writer())
         .await?)
     }
 
@@ -650,7 +662,7 @@ impl Store {
         host_type: &str,
     ) -> Result<Option<(i64, i64)>> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer().begin().await?;
         // One round trip: the update says the attempt's number.
         let number: Option<i64> = sqlx::query_scalar(
             "UPDATE builds SET status = 'running', attempts = attempts + 1, started_at = COALESCE(started_at, $1) WHERE id = $2 AND status = 'queued' RETURNING attempts",
@@ -687,7 +699,7 @@ impl Store {
             .bind(text(error))
             .bind(now_ms())
             .bind(attempt_id)
-            .execute(&self.pool)
+            .execute(self.writer())
             .await?;
         Ok(())
     }
@@ -697,7 +709,7 @@ impl Store {
         let n =
             sqlx::query("UPDATE builds SET status = 'queued' WHERE id = $1 AND status = 'running'")
                 .bind(build_id)
-                .execute(&self.pool)
+                .execute(self.writer())
                 .await?
                 .rows_affected();
         Ok(n > 0)
@@ -712,7 +724,7 @@ impl Store {
         .bind(text(error))
         .bind(now_ms())
         .bind(build_id)
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?
         .rows_affected();
         Ok(n > 0)
@@ -733,7 +745,7 @@ impl Store {
         .bind(text(error))
         .bind(now_ms())
         .bind(build_id)
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?
         .rows_affected();
         Ok(n > 0)
@@ -754,7 +766,7 @@ impl Store {
         .bind(number)
         .bind(text(name))
         .bind(now_ms())
-        .fetch_one(&self.pool)
+        .fetch_one(self.writer())
         .await?;
         Ok(id)
     }
@@ -796,7 +808,7 @@ impl Store {
         .bind(text(addr))
         .bind(now)
         .bind(now)
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?;
         Ok(())
     }
@@ -892,7 +904,7 @@ impl Store {
         .bind(text(detail))
         .bind(now)
         .bind(now)
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?;
         Ok(())
     }
@@ -901,7 +913,7 @@ impl Store {
     /// name is never used again, and an ephemeral pool would otherwise add
     /// a row per build.
     pub async fn exec_instance_delete(&self, hostname: &str) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer().begin().await?;
         for table in ["exec_instances", "machines"] {
             sqlx::query(&format!("DELETE FROM {table} WHERE hostname = $1"))
                 .bind(text(hostname))
@@ -981,4 +993,56 @@ pub(crate) fn gzip(data: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     let _ = e.write_all(data);
     e.finish().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_build(n: usize) -> NewBuild {
+        NewBuild {
+            builder: "b".into(),
+            host_type: "h".into(),
+            repo: "r".into(),
+            branch: "main".into(),
+            commit: format!("{n:040x}"),
+            commit_time: 0,
+            kind: BuildKind::PostSubmit,
+            requested_by: String::new(),
+        }
+    }
+
+    /// On SQLite every write goes through one connection while reads have
+    /// their own: many concurrent builds' writes all land, each exactly
+    /// once, and readers keep answering meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sqlite_writes_queue_on_one_connection_and_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("farmer.db")).await.unwrap();
+        assert_eq!(store.writer().options().get_max_connections(), 1);
+        assert!(store.pool().options().get_max_connections() > 1);
+        let mut tasks = tokio::task::JoinSet::new();
+        for n in 0..64 {
+            let store = store.clone();
+            tasks.spawn(async move {
+                let id = store.create_build(&new_build(n)).await?.expect("new");
+                let (attempt, number) = store.start_attempt(id, "m", "h").await?.expect("queued");
+                let step = store.start_step(id, attempt, 1, "s").await?;
+                store
+                    .finish_step(step, RunResult::Passed, "", b"ok\n")
+                    .await?;
+                store.finish_attempt(attempt, RunResult::Passed, "").await?;
+                assert!(store.finish_build(id, BuildStatus::Passed, "").await?);
+                // A read in between writes sees them.
+                let b = store.build(id).await?.expect("stored");
+                Ok::<_, StoreError>((b.status, number))
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            assert_eq!(r.unwrap().unwrap(), (BuildStatus::Passed, 1));
+        }
+        let counts = store.status_counts().await.unwrap();
+        assert_eq!(counts, vec![(BuildStatus::Passed, 64)]);
+        assert!(store.writer().size() <= 1);
+    }
 }

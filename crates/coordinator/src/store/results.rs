@@ -65,7 +65,7 @@ const TEST_COLS: &str = "id, build_id, attempt_id, step_id, builder, commit_hash
 impl Store {
     /// Records a step's test results in one transaction.
     pub async fn record_tests(&self, of: &TestsOf, tests: &[TestResult]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer().begin().await?;
         let now = now_ms();
         for t in tests {
             sqlx::query(
@@ -95,7 +95,7 @@ impl Store {
     /// Turns a step's failed results of `names` into flaky ones (they
     /// passed when run again).
     pub async fn mark_flaky(&self, step_id: i64, names: &[String]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer().begin().await?;
         for n in names {
             sqlx::query(
                 "UPDATE test_results SET outcome = 'flaky' WHERE step_id = $1 AND name = $2 AND outcome = 'fail'",
@@ -113,7 +113,7 @@ impl Store {
     pub async fn set_build_flaky(&self, build_id: i64) -> Result<()> {
         sqlx::query("UPDATE builds SET flaky = 1 WHERE id = $1")
             .bind(build_id)
-            .execute(&self.pool)
+            .execute(self.writer())
             .await?;
         Ok(())
     }

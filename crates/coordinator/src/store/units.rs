@@ -49,7 +49,7 @@ impl Store {
         .bind(r.duration_ms)
         .bind(r.result.as_str())
         .bind(text(&r.detail))
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?;
         Ok(())
     }

@@ -135,9 +135,10 @@ pub fn redact(url: &str) -> String {
 const SQLITE_READERS: u32 = 4;
 const POSTGRES_CONNECTIONS: u32 = 8;
 
-/// How long a write waits for SQLite's one writer: as long as the busy
-/// timeout a write waited for the file lock before.
-const SQLITE_WRITE_WAIT: Duration = Duration::from_secs(10);
+/// How long a statement waits for a free connection (a write: for SQLite's
+/// one writer), as long as SQLite's busy timeout lets it wait for the file
+/// lock held by another process.
+const SQLITE_WAIT: Duration = Duration::from_secs(10);
 
 /// The store's connections: `read` for queries, `write` for everything
 /// that changes rows.
@@ -207,12 +208,12 @@ async fn sqlite(path: &Path) -> Result<Pools> {
             .map_err(|e| named(&e))?;
         let _ = quick.close().await;
     }
-    let pragmas = pragmas(Duration::from_secs(10));
+    let pragmas = pragmas(SQLITE_WAIT);
     let pool = |connections: u32| {
         let pragmas = pragmas.clone();
         AnyPoolOptions::new()
             .max_connections(connections)
-            .acquire_timeout(SQLITE_WRITE_WAIT)
+            .acquire_timeout(SQLITE_WAIT)
             .after_connect(move |conn, _| {
                 let pragmas = pragmas.clone();
                 Box::pin(async move {

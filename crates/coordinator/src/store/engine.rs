@@ -209,8 +209,14 @@ async fn sqlite(path: &Path) -> Result<Pools> {
         let _ = quick.close().await;
     }
     let pragmas = pragmas(SQLITE_WAIT);
-    let pool = |connections: u32| {
-        let pragmas = pragmas.clone();
+    // Readers are `query_only`: a write put on them by mistake fails at
+    // once instead of quietly bringing back the race for the lock.
+    let pool = |connections: u32, query_only: bool| {
+        let pragmas = if query_only {
+            format!("{pragmas} PRAGMA query_only = ON;")
+        } else {
+            pragmas.clone()
+        };
         AnyPoolOptions::new()
             .max_connections(connections)
             .acquire_timeout(SQLITE_WAIT)
@@ -224,8 +230,8 @@ async fn sqlite(path: &Path) -> Result<Pools> {
             .connect_with(opts.clone())
     };
     Ok(Pools {
-        read: pool(SQLITE_READERS).await.map_err(|e| named(&e))?,
-        write: pool(1).await.map_err(|e| named(&e))?,
+        read: pool(SQLITE_READERS, true).await.map_err(|e| named(&e))?,
+        write: pool(1, false).await.map_err(|e| named(&e))?,
     })
 }
 

@@ -1013,8 +1013,8 @@ mod tests {
     }
 
     /// On SQLite every write goes through one connection while reads have
-    /// their own: many concurrent builds' writes all land, each exactly
-    /// once, and readers keep answering meanwhile.
+    /// their own, which refuse to write: many concurrent builds' writes all
+    /// land, each exactly once, with reads between them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn sqlite_writes_queue_on_one_connection_and_all_land() {
         let dir = tempfile::tempdir().unwrap();
@@ -1043,6 +1043,13 @@ mod tests {
         }
         let counts = store.status_counts().await.unwrap();
         assert_eq!(counts, vec![(BuildStatus::Passed, 64)]);
-        assert!(store.writer().size() <= 1);
+        // A write on a reader fails loudly and changes nothing.
+        let e = sqlx::query("UPDATE builds SET error = 'x'")
+            .execute(store.pool())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("readonly"), "{e}");
+        let b = store.builds(&BuildFilter::default()).await.unwrap();
+        assert!(b.iter().all(|b| b.error.is_empty()));
     }
 }

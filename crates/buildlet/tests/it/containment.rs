@@ -436,13 +436,26 @@ fn orphans_that_exit_are_reaped_not_left_as_zombies() {
         let _sweep = Sweep(m.clone());
         let h = Harness::start_with(None, flags);
         let pid = h.child.id();
-        // The subshell exits at once, so `sleep 0.2` becomes the
-        // buildlet's child and exits while the command still runs.
-        let s = format!("(sleep 0.2 &); sleep 1.5; : {m}");
-        let (st, _) = runtime()
+        // The subshell exits at once, so the inner `sh` becomes the
+        // buildlet's child; it writes its pid and exits while the command
+        // still runs. A zombie still answers `kill -0`: the command waits
+        // (bounded) until the buildlet has reaped it, and says if not.
+        let s = format!(
+            "(sh -c 'echo $$ > orphan' &); \
+             i=0; while [ ! -s orphan ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done; \
+             p=$(cat orphan); i=0; \
+             while kill -0 $p 2>/dev/null && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done; \
+             kill -0 $p 2>/dev/null && echo unreaped; echo orphan $p; : {m}"
+        );
+        let (st, out) = runtime()
             .block_on(h.client().exec_output("sh", &opts(&s)))
             .unwrap();
-        assert_eq!(st, ProcessState::Ok, "{mode}");
+        let out = String::from_utf8_lossy(&out);
+        assert_eq!(st, ProcessState::Ok, "{mode}: {out}");
+        assert!(
+            out.contains("orphan ") && !out.contains("unreaped"),
+            "{mode}: {out}"
+        );
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut left = zombie_children(pid);
         while !left.is_empty() && Instant::now() < deadline {

@@ -77,6 +77,15 @@ const FARMER: &str = env!("CARGO_BIN_EXE_farmer");
 
 const DISPATCH_WARMUP: usize = 10;
 const DISPATCH_RUNS: usize = 200;
+/// Builds started on an idle farm, one every [`IDLE_GAP`]: what a farm
+/// whose builds come now and then (most volunteer farms) sees.
+const IDLE_RUNS: usize = 20;
+const IDLE_GAP: Duration = Duration::from_millis(250);
+/// Issue 16's goals: dispatch p50, trivial builds/s with 4 buildlets, and
+/// coordinator CPU per build.
+const GOAL_DISPATCH_MS: f64 = 1.5;
+const GOAL_BUILDS_PER_S: f64 = 1000.0;
+const GOAL_CPU_MS: f64 = 0.5;
 const TPUT_BUILDLETS: usize = 4;
 const TPUT_BUILDS: usize = 1000;
 const TPUT_CLIENTS: usize = 8;
@@ -130,7 +139,8 @@ async fn run(nofile: Option<String>) -> anyhow::Result<()> {
         &commit[..12]
     );
     // FARMER_BENCH=gomote (or a comma list of dispatch, throughput,
-    // elastic, memory, gomote, shard, delivery, scale) runs only those sections.
+    // elastic, memory, gomote, shard, delivery, scale) runs only those
+    // sections; FARMER_BENCH_BUILDLET_ARGS adds flags to every buildlet.
     let only = std::env::var("FARMER_BENCH").unwrap_or_default();
     let wanted = |s: &str| only.is_empty() || only.split(',').any(|x| x.trim() == s);
     if wanted("dispatch") {
@@ -200,9 +210,13 @@ async fn bench_dispatch(dir: &Path, repo: &Path, commit: &str) -> anyhow::Result
     let after = Histogram::parse(&after_text);
     let p50 = percentile(&mut start, 0.5);
     println!(
-        "dispatch: POST -> step command started   {}  (target p50 < 5 ms: {})",
+        "dispatch: POST -> step command started   {}  (goal p50 <= {GOAL_DISPATCH_MS} ms: {})",
         summary(&mut start),
-        if p50 < 5.0 { "met" } else { "NOT met" }
+        if p50 <= GOAL_DISPATCH_MS {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
     println!(
         "dispatch: POST round trip (build queued)  {}",
@@ -267,6 +281,20 @@ async fn bench_dispatch(dir: &Path, repo: &Path, commit: &str) -> anyhow::Result
     if let Some(ms) = cpu_per_get(&api, c.pid(), "/api/builds/1").await? {
         println!("dispatch: one poll (GET /api/builds/ID) costs the coordinator {ms:.3} ms of CPU");
     }
+    // Builds that come now and then find every CPU asleep and the kernel's
+    // caches cold: moving a process into a cgroup, for one, then waits for
+    // an RCU grace period (the buildlet makes commands in their cgroup to
+    // avoid it).
+    let mut idle = Vec::with_capacity(IDLE_RUNS);
+    for _ in 0..IDLE_RUNS {
+        tokio::time::sleep(IDLE_GAP).await;
+        idle.push(dispatch_one(&api, "stamp", "one-1", commit).await?.start_ms);
+    }
+    println!(
+        "dispatch: on an idle farm (one build every {} ms, {IDLE_RUNS} builds): POST -> step command started {}",
+        IDLE_GAP.as_millis(),
+        summary(&mut idle)
+    );
     Ok(())
 }
 
@@ -482,13 +510,17 @@ async fn throughput_on(
     match done_at {
         Some(t) => {
             println!(
-                "throughput: all {done} finished {:.2} s after the first POST: {rate:.0} builds/s  (target > 200: {})",
+                "throughput: all {done} finished {:.2} s after the first POST: {rate:.0} builds/s  (goal >= {GOAL_BUILDS_PER_S}: {})",
                 t.as_secs_f64(),
-                if rate > 200.0 { "met" } else { "NOT met" }
+                if rate >= GOAL_BUILDS_PER_S {
+                    "met"
+                } else {
+                    "NOT met"
+                }
             );
         }
         None => println!(
-            "throughput: only {done} of {submitted} finished within {} s: {:.0} builds/s  (target > 200: NOT met)",
+            "throughput: only {done} of {submitted} finished within {} s: {:.0} builds/s  (goal >= {GOAL_BUILDS_PER_S}: NOT met)",
             TPUT_LIMIT.as_secs(),
             done as f64 / TPUT_LIMIT.as_secs_f64()
         ),
@@ -497,7 +529,13 @@ async fn throughput_on(
         "throughput: {passed} passed, {} other; coordinator CPU {}",
         done - passed,
         match cpu {
-            Some(s) if done > 0 => format!("{s:.2} s ({:.2} ms per build)", s * 1e3 / done as f64),
+            Some(s) if done > 0 => {
+                let per = s * 1e3 / done as f64;
+                format!(
+                    "{s:.2} s ({per:.2} ms per build; goal <= {GOAL_CPU_MS} ms: {})",
+                    if per <= GOAL_CPU_MS { "met" } else { "NOT met" }
+                )
+            }
             _ => "n/a".to_string(),
         }
     );
@@ -1069,6 +1107,13 @@ fn start_buildlet(
         .arg(format!("-tls-pin={}", c.pin))
         .arg(format!("-workdir={}", home.join("work").display()))
         .arg("-reboot=false")
+        // FARMER_BENCH_BUILDLET_ARGS: more flags for every buildlet, to
+        // compare settings (e.g. `-spawn=fork`).
+        .args(
+            std::env::var("FARMER_BENCH_BUILDLET_ARGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        )
         .env("HOME", &home)
         .env_remove("GO_BUILD_KEY_PATH")
         .env("BUILDLET_LOG", "warn")

@@ -99,6 +99,10 @@ pub(crate) struct Containment {
     /// reaper must leave them alone. Held across spawn and registration.
     pub(crate) children: Mutex<std::collections::HashSet<i32>>,
     reaper_started: AtomicBool,
+    /// `-spawn`: whether commands may be made in their cgroup by `clone3`.
+    spawn: super::spawn::SpawnMode,
+    /// Set once `clone3` was refused here: the fork path from then on.
+    clone3_off: AtomicBool,
 }
 
 /// What kill needs to know about one command; shared with `kill_all`.
@@ -119,10 +123,11 @@ pub(crate) struct Jail {
     /// `<scope>.<id>`, the value of [`SCOPE_ENV`] in the command's environment.
     pub marker: String,
     shared: Arc<Shared>,
-    /// `cgroup.procs` of the command's cgroup, opened before the fork so the
-    /// child only has to `write` to it.
+    /// The command's cgroup directory, opened before the spawn: the child
+    /// is made in it (`clone3`), or the fork path opens its `cgroup.procs`
+    /// so the child only has to `write` to it.
     #[cfg(target_os = "linux")]
-    procs: Option<std::os::fd::OwnedFd>,
+    cgroup_fd: Option<std::os::fd::OwnedFd>,
 }
 
 impl Jail {
@@ -137,7 +142,7 @@ impl Jail {
             }),
             marker,
             #[cfg(target_os = "linux")]
-            procs: None,
+            cgroup_fd: None,
         }
     }
 }
@@ -145,7 +150,11 @@ impl Jail {
 impl Containment {
     /// Picks the mode and kills whatever an earlier buildlet on the same
     /// work dir (`root`) left running. Call before emptying the work dir.
-    pub fn setup(mode: ContainMode, root: &std::path::Path) -> Containment {
+    pub fn setup(
+        mode: ContainMode,
+        spawn: super::spawn::SpawnMode,
+        root: &std::path::Path,
+    ) -> Containment {
         use sha2::Digest;
         let digest = sha2::Sha256::digest(root.as_os_str().as_encoded_bytes());
         let scope = hex::encode(&digest[..8]);
@@ -158,6 +167,28 @@ impl Containment {
             running: Mutex::new(HashMap::new()),
             children: Mutex::new(Default::default()),
             reaper_started: AtomicBool::new(false),
+            spawn,
+            clone3_off: AtomicBool::new(false),
+        }
+    }
+
+    /// The cgroup `jail`'s command can be made in by `clone3`, when that
+    /// is how commands start here (see `super::spawn`).
+    #[cfg(target_os = "linux")]
+    pub fn clone3_target<'j>(&self, jail: &'j Jail) -> Option<std::os::fd::BorrowedFd<'j>> {
+        use std::os::fd::AsFd;
+        if self.spawn == super::spawn::SpawnMode::Fork || self.clone3_off.load(Ordering::Relaxed) {
+            return None;
+        }
+        jail.cgroup_fd.as_ref().map(|f| f.as_fd())
+    }
+
+    /// `clone3` into a cgroup was refused: commands fork from now on.
+    pub fn clone3_refused(&self, e: &std::io::Error) {
+        if !self.clone3_off.swap(true, Ordering::Relaxed) {
+            tracing::info!(
+                "starting a command inside its cgroup (clone3) was refused: {e}; commands are forked and join their cgroup from now on"
+            );
         }
     }
 
@@ -179,9 +210,9 @@ impl Containment {
         {
             if let Active::Cgroup(base) = &active {
                 match platform::new_cgroup(base, id) {
-                    Ok((dir, procs)) => {
+                    Ok((dir, fd)) => {
                         let mut j = Jail::new(id, marker, Some(dir));
-                        j.procs = Some(procs);
+                        j.cgroup_fd = Some(fd);
                         return j;
                     }
                     Err(e) => {
@@ -245,19 +276,21 @@ impl Containment {
 
     /// Records a spawned command so [`Containment::kill_all`] reaches it.
     /// Call with [`Containment::children`] held since before the spawn.
+    /// `born_in` says the child was made in its cgroup (`clone3`).
     ///
     /// A child that did not land in its cgroup (the write in the pre-exec
     /// hook failed: a cgroup file system that refuses us) switches the
     /// buildlet to reaper mode instead of failing the command.
-    pub fn started(&self, jail: &mut Jail, pid: u32) {
+    pub fn started(&self, jail: &mut Jail, pid: u32, born_in: bool) {
         let pid = i32::try_from(pid).unwrap_or(0);
         jail.shared.pid.store(pid, Ordering::SeqCst);
         lock(&self.running).insert(jail.id, jail.shared.clone());
         #[cfg(target_os = "linux")]
         {
-            jail.procs = None;
+            jail.cgroup_fd = None;
             let mut cg = lock(&jail.shared.cgroup);
             if let Some(dir) = cg.clone()
+                && !born_in
                 && !platform::in_cgroup(pid, &dir)
             {
                 tracing::warn!(
@@ -380,11 +413,14 @@ impl Jail {
     /// Returns the hook for `Command::pre_exec`.
     #[cfg(unix)]
     pub fn pre_exec_hook(&self) -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
+        // Owned by the hook, so closed when the command is dropped. A
+        // failure to open it shows as a child outside its cgroup (see
+        // `Containment::started`).
         #[cfg(target_os = "linux")]
-        let procs = self.procs.as_ref().map(|f| {
-            use std::os::fd::AsRawFd;
-            f.as_raw_fd()
-        });
+        let procs = self
+            .cgroup_fd
+            .as_ref()
+            .and_then(|d| platform::open_procs(d).ok());
         // SAFETY: getpid has no preconditions.
         let parent = unsafe { libc::getpid() };
         move || {
@@ -402,8 +438,9 @@ impl Jail {
                     }
                     // Join the command's cgroup. A failure is not fatal
                     // here: `Containment::started` notices and falls back.
-                    if let Some(fd) = procs {
-                        libc::write(fd, b"0".as_ptr().cast(), 1);
+                    if let Some(fd) = &procs {
+                        use std::os::fd::AsRawFd;
+                        libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1);
                     }
                 }
             }

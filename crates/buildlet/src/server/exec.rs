@@ -14,6 +14,7 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::{Body as HttpBody, Frame};
 use tokio::sync::mpsc;
 
+use super::spawn::Child;
 use super::{Buildlet, Form, ResponseBody, read_form, text};
 use crate::paths;
 use crate::proto::{self, ProcessState};
@@ -215,9 +216,65 @@ pub(super) fn spawn_contained(
     if let Ok(c) = &spawned {
         let pid = c.id().unwrap_or(0);
         children.insert(i32::try_from(pid).unwrap_or(0));
-        contain.started(jail, pid);
+        contain.started(jail, pid, false);
     }
     spawned
+}
+
+/// Starts a command of `/exec` with its output into `stdout` and `stderr`:
+/// made inside its cgroup where the kernel allows (see `super::spawn`),
+/// else by [`contained_command`] and [`spawn_contained`].
+fn spawn_command(
+    contain: &super::contain::Containment,
+    jail: &mut super::contain::Jail,
+    plan: &Plan,
+    stdout: std::os::fd::OwnedFd,
+    stderr: std::os::fd::OwnedFd,
+) -> std::io::Result<Child> {
+    #[allow(unused_mut)]
+    let (mut stdout, mut stderr) = (stdout, stderr);
+    #[cfg(target_os = "linux")]
+    if let Some(cgroup) = contain.clone3_target(jail) {
+        use super::spawn::clone3;
+        let mut env = plan.env.clone();
+        set_env(
+            &mut env,
+            super::contain::SCOPE_ENV.into(),
+            jail.marker.clone().into(),
+        );
+        let stdin = std::fs::File::open("/dev/null")?.into();
+        let mut children = contain.children.lock().unwrap_or_else(|e| e.into_inner());
+        let spec = clone3::Spec {
+            program: &plan.program,
+            args: &plan.args,
+            env: &env,
+            dir: &plan.dir,
+            stdin,
+            stdout,
+            stderr,
+        };
+        match clone3::spawn(cgroup, spec) {
+            Ok(born) => {
+                children.insert(born.pid() as i32);
+                contain.started(jail, born.pid(), true);
+                return Ok(Child::Born(born));
+            }
+            Err(clone3::Failed::Start(e)) => return Err(e),
+            Err(clone3::Failed::Refused(e, fds)) => {
+                contain.clone3_refused(&e);
+                let [_, out, err] = *fds;
+                (stdout, stderr) = (out, err);
+            }
+        }
+    }
+    let mut command = contained_command(jail, &plan.program, &plan.args, &plan.env, &plan.dir);
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(stderr));
+    #[cfg(unix)]
+    command.process_group(0);
+    spawn_contained(contain, jail, &mut command).map(Child::Tokio)
 }
 
 pub(super) fn set_env(env: &mut Vec<(OsString, OsString)>, k: OsString, v: OsString) {
@@ -294,12 +351,7 @@ where
     let contain = b.contain.clone();
     contain.start_reaper();
     let mut jail = contain.prepare();
-    let mut command = contained_command(&jail, &plan.program, &plan.args, &plan.env, &plan.dir);
-    command.stdin(Stdio::null()).stdout(writer).stderr(writer2);
-    #[cfg(unix)]
-    command.process_group(0);
-    let spawned = spawn_contained(&contain, &mut jail, &mut command);
-    drop(command);
+    let spawned = spawn_command(&contain, &mut jail, &plan, writer.into(), writer2.into());
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {

@@ -13,6 +13,7 @@ mod contain;
 mod exec;
 mod files;
 mod shell;
+mod spawn;
 mod src;
 
 use std::io;
@@ -31,6 +32,7 @@ use tokio::sync::watch;
 
 pub use body::ResponseBody;
 pub use contain::{ContainMode, SCOPE_ENV};
+pub use spawn::SpawnMode;
 
 use crate::proto;
 
@@ -55,6 +57,8 @@ pub struct Config {
     pub reboot: bool,
     /// How commands' processes are kept together so they die together.
     pub contain: ContainMode,
+    /// How commands are started (`-spawn`).
+    pub spawn: SpawnMode,
     /// Reported in `/status`.
     pub hostname: String,
     /// Bot mode: the machine token file, served at `/machine-token` so the
@@ -75,6 +79,7 @@ impl Config {
             max_entries: proto::DEFAULT_MAX_ENTRIES,
             reboot: false,
             contain: ContainMode::Auto,
+            spawn: SpawnMode::Auto,
             hostname: default_hostname(),
             token_file: None,
             src_cache: None,
@@ -150,7 +155,7 @@ impl Buildlet {
             return Err(SetupError::DangerousWorkdir(root));
         }
         // Before emptying: a leftover process could be writing there.
-        let contain = Arc::new(contain::Containment::setup(cfg.contain, &root));
+        let contain = Arc::new(contain::Containment::setup(cfg.contain, cfg.spawn, &root));
         let root_dir = crate::beneath::Root::open(&root).map_err(werr)?;
         root_dir.as_dir().empty().map_err(werr)?;
         root_dir.as_dir().mkdir("tmp").map_err(werr)?;

@@ -138,8 +138,15 @@ fn opts(script: &str) -> ExecOptions {
     }
 }
 
-fn modes() -> [(&'static str, &'static [&'static str]); 2] {
-    [("default", &[]), ("reaper", &["-contain=reaper"])]
+/// The default (cgroup where the machine allows, commands made inside it
+/// by clone3), cgroup with forked commands that join it (where clone3 is
+/// refused), and reaper mode.
+fn modes() -> [(&'static str, &'static [&'static str]); 3] {
+    [
+        ("default", &[]),
+        ("fork", &["-spawn=fork"]),
+        ("reaper", &["-contain=reaper"]),
+    ]
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -137,7 +138,8 @@ pub(super) fn in_cgroup(pid: i32, dir: &Path) -> bool {
         .is_some_and(|p| p.trim_end().ends_with(&format!("/{name}")))
 }
 
-/// Creates `base/cmd-<id>` and opens its `cgroup.procs` for writing.
+/// Creates `base/cmd-<id>` and opens it (for `clone3(CLONE_INTO_CGROUP)`,
+/// or to open its `cgroup.procs`: see [`open_procs`]).
 pub(super) fn new_cgroup(base: &Path, id: u64) -> io::Result<(PathBuf, OwnedFd)> {
     let dir = base.join(format!("cmd-{id}"));
     let mut tries = 0;
@@ -159,9 +161,29 @@ pub(super) fn new_cgroup(base: &Path, id: u64) -> io::Result<(PathBuf, OwnedFd)>
         }
     }
     let f = fs::OpenOptions::new()
-        .write(true)
-        .open(dir.join("cgroup.procs"))?;
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(&dir)?;
     Ok((dir, f.into()))
+}
+
+/// `cgroup.procs` of the cgroup whose directory `dir` is, for writing.
+pub(super) fn open_procs(dir: &OwnedFd) -> io::Result<OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: openat on a directory we own with a NUL-terminated name; the
+    // result is a new descriptor we own.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c"cgroup.procs".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is fresh.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Kills every process in the cgroup `dir` and below.

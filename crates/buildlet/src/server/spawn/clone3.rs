@@ -1,0 +1,391 @@
+//! `clone3(CLONE_INTO_CGROUP | CLONE_PIDFD)` and the child it makes (see
+//! the parent module).
+
+use std::ffi::{CString, OsString};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::ExitStatus;
+
+use tokio::io::unix::AsyncFd;
+
+/// A child made by `clone3`, with its pidfd. Killed when dropped unreaped,
+/// like a tokio child with `kill_on_drop`.
+pub(crate) struct Born {
+    pid: i32,
+    pidfd: Option<AsyncFd<OwnedFd>>,
+    status: Option<ExitStatus>,
+}
+
+impl Born {
+    pub fn pid(&self) -> u32 {
+        self.pid as u32
+    }
+
+    pub(super) async fn wait(&mut self) -> io::Result<ExitStatus> {
+        if let Some(s) = self.status {
+            return Ok(s);
+        }
+        let Some(fd) = &self.pidfd else {
+            return Err(io::Error::other("no pidfd"));
+        };
+        loop {
+            // A pidfd reads ready once its process has exited.
+            let mut guard = fd.readable().await?;
+            match reap(self.pid, libc::WNOHANG)? {
+                Some(s) => {
+                    self.status = Some(s);
+                    self.pidfd = None;
+                    return Ok(s);
+                }
+                None => guard.clear_ready(),
+            }
+        }
+    }
+
+    pub(super) fn start_kill(&mut self) -> io::Result<()> {
+        if self.status.is_some() {
+            return Ok(());
+        }
+        // SAFETY: kill(2); the pid is our unreaped child, so it names no
+        // other process.
+        if unsafe { libc::kill(self.pid, libc::SIGKILL) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Born {
+    fn drop(&mut self) {
+        if self.status.is_some() {
+            return;
+        }
+        let _ = self.start_kill();
+        // Reaped once it is gone, off this thread.
+        if let (Some(fd), Ok(rt)) = (self.pidfd.take(), tokio::runtime::Handle::try_current()) {
+            let pid = self.pid;
+            rt.spawn(async move {
+                if let Ok(mut g) = fd.readable().await {
+                    let _ = reap(pid, libc::WNOHANG);
+                    g.clear_ready();
+                }
+            });
+        }
+    }
+}
+
+/// `waitpid` on our own child: its status once exited, `None` if not yet.
+fn reap(pid: i32, flags: i32) -> io::Result<Option<ExitStatus>> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid with a valid out pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, flags) };
+        if r == pid {
+            return Ok(Some(ExitStatus::from_raw(status)));
+        }
+        if r == 0 {
+            return Ok(None);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// What a command is started with.
+pub(crate) struct Spec<'a> {
+    pub program: &'a Path,
+    pub args: &'a [String],
+    /// The whole environment (nothing is inherited).
+    pub env: &'a [(OsString, OsString)],
+    pub dir: &'a Path,
+    pub stdin: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// Why [`spawn`] did not start the command.
+pub(crate) enum Failed {
+    /// `clone3` itself was refused (old kernel, seccomp, a cgroup that
+    /// takes no processes): nothing ran; the fork path may try. The spec's
+    /// descriptors come back for it.
+    Refused(io::Error, Box<[OwnedFd; 3]>),
+    /// The child ran and could not become the command (no such program,
+    /// no such directory...): the command's own error.
+    Start(io::Error),
+}
+
+// `struct clone_args` of <linux/sched.h>, up to `cgroup` (CLONE_ARGS_SIZE_VER2).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_PIDFD: u64 = 0x1000;
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Where the child failed, with its errno, through the error pipe.
+const AT_DUP: u32 = 1;
+const AT_CHDIR: u32 = 2;
+const AT_SETPGID: u32 = 3;
+const AT_PDEATHSIG: u32 = 4;
+const AT_EXEC: u32 = 5;
+
+fn cstring(what: &str, b: &[u8]) -> Result<CString, io::Error> {
+    CString::new(b).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what} contains a NUL byte"),
+        )
+    })
+}
+
+/// A descriptor the child can `dup2` onto 0, 1 or 2 without clobbering
+/// another of them: never itself one of 0, 1, 2.
+fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    // SAFETY: fcntl on a descriptor we own; the result is a new one we own.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: r is a fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+}
+
+/// Starts `spec` as a child in the cgroup whose directory `cgroup` is, in a
+/// process group of its own, with `PR_SET_PDEATHSIG(SIGKILL)`. Call with
+/// the jail's `children` lock held (see `exec::spawn_contained`).
+pub(crate) fn spawn(cgroup: BorrowedFd<'_>, spec: Spec<'_>) -> Result<Born, Failed> {
+    let prepared = (|| {
+        let prog = cstring("the program", spec.program.as_os_str().as_bytes())?;
+        let dir = cstring("the directory", spec.dir.as_os_str().as_bytes())?;
+        let mut argv = vec![prog.clone()];
+        for a in spec.args {
+            argv.push(cstring("an argument", a.as_bytes())?);
+        }
+        let mut envp = Vec::with_capacity(spec.env.len());
+        for (k, v) in spec.env {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            envp.push(cstring("the environment", &kv)?);
+        }
+        Ok::<_, io::Error>((prog, dir, argv, envp))
+    })();
+    let (prog, dir, argv, envp) = match prepared {
+        Ok(p) => p,
+        Err(e) => return Err(Failed::Start(e)),
+    };
+    let argv_p: Vec<*const libc::c_char> = argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp_p: Vec<*const libc::c_char> = envp
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let fds = (|| {
+        Ok::<_, io::Error>([
+            above_stdio(spec.stdin)?,
+            above_stdio(spec.stdout)?,
+            above_stdio(spec.stderr)?,
+        ])
+    })();
+    let fds = match fds {
+        Ok(f) => f,
+        Err(e) => return Err(Failed::Start(e)),
+    };
+    let (err_r, err_w) = match pipe() {
+        Ok(p) => p,
+        Err(e) => return Err(Failed::Refused(e, Box::new(fds))),
+    };
+    let raw: [RawFd; 3] = [fds[0].as_raw_fd(), fds[1].as_raw_fd(), fds[2].as_raw_fd()];
+    let err_fd = err_w.as_raw_fd();
+    // SAFETY: getpid and sigemptyset have no preconditions beyond a valid
+    // pointer.
+    let parent = unsafe { libc::getpid() };
+    let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::sigemptyset(&mut empty) };
+    let mut pidfd: i32 = -1;
+    let mut args = CloneArgs {
+        flags: CLONE_PIDFD | CLONE_INTO_CGROUP,
+        pidfd: &mut pidfd as *mut i32 as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup.as_raw_fd() as u64,
+        ..Default::default()
+    };
+    // SAFETY: clone3 without CLONE_VM makes a copy of this process (like
+    // fork); the child runs only `child`, which makes async-signal-safe
+    // calls on memory prepared above and never returns.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if pid == 0 {
+        // SAFETY: in the child; see `child`.
+        unsafe {
+            child(
+                raw,
+                dir.as_ptr(),
+                prog.as_ptr(),
+                argv_p.as_ptr(),
+                envp_p.as_ptr(),
+                &empty,
+                parent,
+                err_fd,
+            )
+        }
+    }
+    if pid < 0 {
+        return Err(Failed::Refused(io::Error::last_os_error(), Box::new(fds)));
+    }
+    let pid = pid as i32;
+    drop(err_w);
+    drop(fds);
+    // SAFETY: the kernel wrote a fresh pidfd there.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // The child closes the pipe's write end by exec (CLOEXEC) or writes
+    // where it failed.
+    let mut buf = [0u8; 8];
+    let n = read_full(&err_r, &mut buf);
+    if n == 8 {
+        let at = u32::from_ne_bytes(buf[..4].try_into().unwrap_or_default());
+        let errno = i32::from_ne_bytes(buf[4..].try_into().unwrap_or_default());
+        let _ = reap(pid, 0);
+        let e = io::Error::from_raw_os_error(errno);
+        let what = match at {
+            AT_DUP => "setting up its output",
+            AT_CHDIR => "entering its directory",
+            AT_SETPGID => "making its process group",
+            AT_PDEATHSIG => "tying it to the buildlet",
+            _ => "",
+        };
+        return Err(Failed::Start(if what.is_empty() {
+            e
+        } else {
+            io::Error::new(e.kind(), format!("{what}: {e}"))
+        }));
+    }
+    // SAFETY: an OwnedFd keeps its one descriptor open until dropped.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) };
+    let pidfd = match registered {
+        Ok(f) => Some(f),
+        Err(e) => {
+            let e = io::Error::from(e);
+            // SAFETY: kill(2) on our unreaped child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = reap(pid, 0);
+            return Err(Failed::Start(e));
+        }
+    };
+    Ok(Born {
+        pid,
+        pidfd,
+        status: None,
+    })
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 with a valid two-int array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both are fresh descriptors.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Reads until `buf` is full or the writers are gone; how much was read.
+fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        // SAFETY: read into the rest of `buf`.
+        let r = unsafe { libc::read(fd.as_raw_fd(), buf[n..].as_mut_ptr().cast(), buf.len() - n) };
+        if r > 0 {
+            n += r as usize;
+        } else if r == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            break;
+        }
+    }
+    n
+}
+
+/// The child of `clone3`: sets up and execs, or reports where it failed.
+///
+/// # Safety
+/// Only in the child of `clone3`. Makes async-signal-safe calls only (no
+/// allocation, no locks), on pointers made before the clone.
+#[allow(clippy::too_many_arguments)]
+unsafe fn child(
+    fds: [RawFd; 3],
+    dir: *const libc::c_char,
+    prog: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    empty: *const libc::sigset_t,
+    parent: libc::pid_t,
+    err: RawFd,
+) -> ! {
+    /// Reports `errno` and where it was set, and ends the child.
+    unsafe fn failed(err: RawFd, at: u32) -> ! {
+        unsafe {
+            let errno = *libc::__errno_location();
+            let mut msg = [0u8; 8];
+            msg[..4].copy_from_slice(&at.to_ne_bytes());
+            msg[4..].copy_from_slice(&errno.to_ne_bytes());
+            libc::write(err, msg.as_ptr().cast(), 8);
+            libc::_exit(127)
+        }
+    }
+    unsafe {
+        let fail = |at: u32| failed(err, at);
+        for (i, fd) in fds.iter().enumerate() {
+            if libc::dup2(*fd, i as i32) < 0 {
+                fail(AT_DUP);
+            }
+        }
+        if libc::chdir(dir) != 0 {
+            fail(AT_CHDIR);
+        }
+        if libc::setpgid(0, 0) != 0 {
+            fail(AT_SETPGID);
+        }
+        // What the buildlet blocks or ignores is not the command's business
+        // (Rust ignores SIGPIPE; a command expects the default).
+        libc::sigprocmask(libc::SIG_SETMASK, empty, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            fail(AT_PDEATHSIG);
+        }
+        // The buildlet died between the clone and the prctl: do not run.
+        if libc::getppid() != parent {
+            libc::_exit(1);
+        }
+        libc::execve(prog, argv, envp);
+        fail(AT_EXEC)
+    }
+}

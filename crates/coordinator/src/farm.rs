@@ -526,21 +526,29 @@ impl Farm {
         let c = commit.to_string();
         let r2 = r.clone();
         let br = branch.clone();
-        let found = tokio::task::spawn_blocking(move || {
-            let hash = if c.len() == 40 && c.bytes().all(|x| x.is_ascii_hexdigit()) {
-                c.clone()
-            } else {
-                match r2.branch_head(&c) {
-                    Ok(Some(h)) => h,
-                    _ if c.is_empty() => r2.branch_head(&br).ok().flatten().unwrap_or_default(),
-                    _ => c.clone(),
-                }
-            };
-            r2.commit(&hash)
-        })
-        .await
-        .map_err(|e| TriggerError::Internal(e.to_string()))?
-        .map_err(|e| TriggerError::NotFound(format!("commit {commit:?} in repo {repo:?}: {e}")))?;
+        // A commit looked up lately needs no git access (nor a blocking
+        // thread): most builds are of a commit just built elsewhere.
+        let cached = r.cached_commit(commit);
+        let found = match cached {
+            Some(c) => c,
+            None => tokio::task::spawn_blocking(move || {
+                let hash = if c.len() == 40 && c.bytes().all(|x| x.is_ascii_hexdigit()) {
+                    c.clone()
+                } else {
+                    match r2.branch_head(&c) {
+                        Ok(Some(h)) => h,
+                        _ if c.is_empty() => r2.branch_head(&br).ok().flatten().unwrap_or_default(),
+                        _ => c.clone(),
+                    }
+                };
+                r2.commit(&hash)
+            })
+            .await
+            .map_err(|e| TriggerError::Internal(e.to_string()))?
+            .map_err(|e| {
+                TriggerError::NotFound(format!("commit {commit:?} in repo {repo:?}: {e}"))
+            })?,
+        };
         let id = self
             .store
             .create_build(&NewBuild {

@@ -740,3 +740,35 @@ fn write_history_creates_a_repository_without_git() {
     let err = git::write_history(&path, "bad..name", &more).unwrap_err();
     assert!(err.to_string().contains("bad..name"), "{err}");
 }
+
+/// A commit looked up by its full hash is answered from memory afterwards
+/// (every triggered build looks its commit up): its object may even be
+/// gone from disk. A branch name, a short hash, and a commit never looked
+/// up still go to the repository.
+#[test]
+fn commits_by_full_hash_are_remembered() {
+    let f = fixture();
+    let repo = Repo::open(f.work.to_str().unwrap(), &f.cache).unwrap();
+    assert!(repo.cached_commit(&f.c2).is_none(), "nothing looked up yet");
+    let c2 = repo.commit(&f.c2).unwrap();
+    assert_eq!(repo.cached_commit(&f.c2), Some(c2.clone()));
+    assert_eq!(repo.cached_commit(&f.c2.to_uppercase()), Some(c2.clone()));
+    assert_eq!(
+        repo.cached_commit(&f.c2[..12]),
+        None,
+        "short hashes may grow ambiguous"
+    );
+    assert_eq!(repo.cached_commit("main"), None, "branches move");
+    // Unpacked loose objects: remove both commits' files.
+    let loose = |h: &str| f.work.join(".git/objects").join(&h[..2]).join(&h[2..]);
+    for h in [&f.c1, &f.c2] {
+        assert!(loose(h).exists(), "{h} is a loose object in the fixture");
+        std::fs::remove_file(loose(h)).unwrap();
+    }
+    assert_eq!(repo.commit(&f.c2).unwrap(), c2, "served from memory");
+    let gone = repo.commit(&f.c1).unwrap_err();
+    assert!(
+        matches!(gone, GitError::NotFound { .. } | GitError::Read { .. }),
+        "{gone:?}"
+    );
+}

@@ -477,16 +477,18 @@ impl Farm {
         let _steps = self.metrics.phase("steps");
         let base_env = base_env(build, builder, host);
         for (i, step) in builder.steps.iter().enumerate() {
-            let step_id = match self
-                .store
-                .start_step(build.id, attempt_id, i as i64 + 1, &step.name)
-                .await
-            {
-                Ok(s) => s,
-                Err(e) => return Outcome::CoordinatorError(format!("recording step: {e}")),
+            // The step's row. A sharded step's comes first (its shards
+            // are recorded under it); a plain step's is written while its
+            // command starts: both must be done before the step's end is
+            // recorded, and neither needs the other.
+            let record = async {
+                self.store
+                    .start_step(build.id, attempt_id, i as i64 + 1, &step.name)
+                    .await
+                    .map_err(|e| Outcome::CoordinatorError(format!("recording step: {e}")))
             };
             *rb.step.lock().unwrap_or_else(|e| e.into_inner()) = step.name.clone();
-            let ctx = StepCtx {
+            let ctx = |step_id| StepCtx {
                 build,
                 builder,
                 step,
@@ -499,6 +501,10 @@ impl Farm {
                 rb,
             };
             if let Some(shard) = &step.shard {
+                let ctx = match record.await {
+                    Ok(id) => ctx(id),
+                    Err(o) => return o,
+                };
                 let run = crate::shard::run::StepRun { ctx, shard };
                 let (end, survivor) = self.run_sharded(&run, main, &mut cancel).await;
                 if let Some(s) = survivor {
@@ -513,6 +519,10 @@ impl Farm {
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             let Some((cmd, args)) = step.command.split_first() else {
+                let step_id = match record.await {
+                    Ok(id) => id,
+                    Err(o) => return o,
+                };
                 let _ = self
                     .store
                     .finish_step(step_id, RunResult::Failed, "empty command", b"")
@@ -522,6 +532,10 @@ impl Farm {
             let header = format!("\n--- step {}: {} {}\n", step.name, cmd, args.join(" "));
             rb.log.append(header.as_bytes());
             if remaining.is_zero() {
+                let step_id = match record.await {
+                    Ok(id) => id,
+                    Err(o) => return o,
+                };
                 let msg = format!("build timed out after {:?}", builder.timeout);
                 let _ = self
                     .store
@@ -539,11 +553,20 @@ impl Farm {
             let mut w = rb.log.stream();
             let step_start = rb.log.len();
             let t0 = Instant::now();
-            let r = tokio::select! {
-                r = client.exec(&cmd, &opts, &mut w) => Some(r),
-                _ = cancel.wait_for(|c| *c) => None,
+            let run = async {
+                tokio::select! {
+                    r = client.exec(&cmd, &opts, &mut w) => Some(r),
+                    _ = cancel.wait_for(|c| *c) => None,
+                }
             };
+            let (recorded, r) = tokio::join!(record, run);
             w.finish();
+            // A store that failed to record the step cannot record its end.
+            let step_id = match recorded {
+                Ok(id) => id,
+                Err(o) => return o,
+            };
+            let ctx = ctx(step_id);
             let took = t0.elapsed();
             let log = rb.log.range_async(step_start, step_start + MAX_LOG).await;
             let Some(r) = r else {

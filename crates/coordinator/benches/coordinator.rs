@@ -202,6 +202,7 @@ async fn bench_dispatch(dir: &Path, repo: &Path, commit: &str) -> anyhow::Result
     }
     let before_text = api.get_text("/metrics").await?;
     let before = Histogram::parse(&before_text);
+    let ticks0 = cpu_ticks();
     let mut start = Vec::with_capacity(DISPATCH_RUNS);
     let mut post = Vec::with_capacity(DISPATCH_RUNS);
     let mut passed = Vec::with_capacity(DISPATCH_RUNS);
@@ -300,6 +301,11 @@ async fn bench_dispatch(dir: &Path, repo: &Path, commit: &str) -> anyhow::Result
         IDLE_GAP.as_millis(),
         summary(&mut idle)
     );
+    if let Some(p) = steal_since(&ticks0) {
+        println!(
+            "dispatch: the hypervisor took {p:.1} % of the CPUs' time during this section (steal; figures run slower by about that much)"
+        );
+    }
     Ok(())
 }
 
@@ -470,6 +476,7 @@ async fn throughput_on(
     };
     let bots0 = bots_cpu();
     let machine0 = machine_cpu();
+    let ticks0 = cpu_ticks();
     let t0 = Instant::now();
     let mut clients = tokio::task::JoinSet::new();
     for k in 0..TPUT_CLIENTS {
@@ -551,11 +558,16 @@ async fn throughput_on(
     {
         let per = |s: f64| s * 1e3 / done as f64;
         println!(
-            "throughput: CPU per build, ms: coordinator {:.2}, buildlets {:.2}, their commands (fork, exec, `true`) {:.2}, everything on the machine {:.2} (the bench's clients and the kernel's work included)",
+            "throughput: CPU per build, ms: coordinator {:.2}, buildlets {:.2}, their commands (fork, exec, `true`) {:.2}, everything on the machine {:.2} (the bench's clients and the kernel's work included; the hypervisor's steal not)",
             per(coord),
             per(own),
             per(kids),
             per(all)
+        );
+    }
+    if let Some(p) = steal_since(&ticks0) {
+        println!(
+            "throughput: the hypervisor took {p:.1} % of the CPUs' time during the run (steal; figures run slower by about that much)"
         );
     }
     // The bench watched the run through `/metrics`; what those scrapes
@@ -594,18 +606,26 @@ fn cpu_split(_pid: u32) -> Option<(f64, f64)> {
 }
 
 /// CPU seconds the whole machine spent busy (all CPUs; /proc/stat).
-fn machine_cpu() -> Option<f64> {
+/// The `cpu` line of `/proc/stat`: user nice system idle iowait irq
+/// softirq steal..., in clock ticks.
+fn cpu_ticks() -> Option<Vec<u64>> {
     let s = std::fs::read_to_string("/proc/stat").ok()?;
     let cpu = s.lines().next()?.strip_prefix("cpu ")?;
-    let v: Vec<u64> = cpu
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal...
+    Some(
+        cpu.split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect(),
+    )
+}
+
+/// CPU seconds the machine spent working (idle, iowait and what the
+/// hypervisor stole left out).
+fn machine_cpu() -> Option<f64> {
+    let v = cpu_ticks()?;
     let busy: u64 = v
         .iter()
         .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
+        .filter(|(i, _)| !matches!(i, 3 | 4 | 7))
         .map(|(_, x)| x)
         .sum();
     #[cfg(unix)]
@@ -614,6 +634,17 @@ fn machine_cpu() -> Option<f64> {
     #[cfg(not(unix))]
     let hz = 100.0;
     (hz > 0.0).then(|| busy as f64 / hz)
+}
+
+/// The share of all CPU time the hypervisor took (steal) since `before`
+/// (from [`cpu_ticks`]): on a shared VM the figures of a section are slower
+/// by about that much, and it varies from run to run.
+fn steal_since(before: &Option<Vec<u64>>) -> Option<f64> {
+    let (b, a) = (before.as_ref()?, cpu_ticks()?);
+    let total = |v: &[u64]| v.iter().take(8).sum::<u64>();
+    let all = total(&a).checked_sub(total(b))?;
+    let stolen = a.get(7)?.checked_sub(*b.get(7)?)?;
+    (all > 0).then(|| stolen as f64 * 100.0 / all as f64)
 }
 
 /// Finished-build counters from `/metrics` (`farmer_builds_finished_total`).

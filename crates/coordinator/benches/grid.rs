@@ -109,7 +109,8 @@ async fn fill(store: &Store, cfg: &config::FarmConfig) -> anyhow::Result<usize> 
                     requested_by: String::new(),
                 })
                 .await?
-                .expect("new build");
+                .expect("new build")
+                .id;
             n += 1;
             let end = match k {
                 0..=14 => Some(BuildStatus::Passed),

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::builds::Queued;
 use crate::config::{self, FarmConfig};
 use crate::git;
 use crate::keys::MasterKey;
@@ -354,15 +353,11 @@ impl Farm {
     /// Starts a driver for every queued build in the store (at start).
     pub async fn load_queue(self: &Arc<Self>) -> Result<usize, crate::store::StoreError> {
         let q = self.store.queued_builds().await?;
-        for b in &q {
-            self.enqueue(Queued {
-                build_id: b.id,
-                host_type: b.host_type.clone(),
-                kind: b.kind,
-                commit_time: b.commit_time,
-            });
+        let n = q.len();
+        for b in q {
+            self.enqueue(b);
         }
-        Ok(q.len())
+        Ok(n)
     }
 
     pub fn running(&self, id: i64) -> Option<Arc<RunningBuild>> {
@@ -549,7 +544,7 @@ impl Farm {
                 TriggerError::NotFound(format!("commit {commit:?} in repo {repo:?}: {e}"))
             })?,
         };
-        let id = self
+        let row = self
             .store
             .create_build(&NewBuild {
                 builder: builder.to_string(),
@@ -564,12 +559,8 @@ impl Farm {
             .await
             .map_err(|e| TriggerError::Internal(e.to_string()))?
             .ok_or_else(|| TriggerError::Invalid("an identical build already exists".into()))?;
-        self.enqueue(Queued {
-            build_id: id,
-            host_type: b.host_type.clone(),
-            kind,
-            commit_time: found.time,
-        });
+        let id = row.id;
+        self.enqueue(row);
         Ok(id)
     }
 

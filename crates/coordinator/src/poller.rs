@@ -119,18 +119,13 @@ pub async fn poll_once(farm: &Arc<Farm>, repo: &str) -> Result<usize, String> {
                     kind: BuildKind::PostSubmit,
                     requested_by: String::new(),
                 };
-                if let Some(id) = farm
+                if let Some(row) = farm
                     .store
                     .create_build(&nb)
                     .await
                     .map_err(|e| e.to_string())?
                 {
-                    farm.enqueue(crate::builds::Queued {
-                        build_id: id,
-                        host_type: b.host_type.clone(),
-                        kind: BuildKind::PostSubmit,
-                        commit_time: c.time,
-                    });
+                    farm.enqueue(row);
                     queued += 1;
                 }
             }

@@ -40,15 +40,6 @@ pub(crate) enum Outcome {
     CoordinatorError(String),
 }
 
-/// A stored build waiting for a machine.
-#[derive(Debug, Clone)]
-pub struct Queued {
-    pub build_id: i64,
-    pub host_type: String,
-    pub kind: BuildKind,
-    pub commit_time: i64,
-}
-
 /// What a build's driver does after one turn on a machine.
 enum Next {
     /// The build ended (or is no longer this driver's to run).
@@ -87,27 +78,27 @@ impl Farm {
     /// for a machine, runs the build on it, and asks again after a machine
     /// broke, until the build ends. Withdrawing the build's request
     /// ([`Farm::cancel`]) ends a driver that waits.
-    pub(crate) fn enqueue(self: &Arc<Self>, q: Queued) {
+    /// `build` is the stored row of a queued build (as stored or read back:
+    /// what a driver uses of it never changes once stored).
+    pub(crate) fn enqueue(self: &Arc<Self>, build: BuildRow) {
         // The request is queued now, not when the task first runs, so the
         // queue (and `/api/queue`) shows the build as soon as it exists.
-        let ticket = self.request_for(&q);
-        crate::forge::build_changed(self, q.build_id);
+        let ticket = self.request_for(&build);
+        crate::forge::build_changed(self, build.id);
         let me = self.clone();
-        tokio::spawn(async move { me.drive(q, ticket).await });
+        tokio::spawn(async move { me.drive(build, ticket).await });
     }
 
-    fn request_for(&self, q: &Queued) -> Ticket {
+    fn request_for(&self, q: &BuildRow) -> Ticket {
         self.scheduler.request(LeaseRequest {
             host_type: q.host_type.clone(),
             priority: priority(q.kind),
-            holder: Holder::Build {
-                build_id: q.build_id,
-            },
+            holder: Holder::Build { build_id: q.id },
             commit_time: q.commit_time,
         })
     }
 
-    async fn drive(self: Arc<Self>, q: Queued, first: Ticket) {
+    async fn drive(self: Arc<Self>, mut q: BuildRow, first: Ticket) {
         let mut next = Some(first);
         loop {
             let mut ticket = match next.take() {
@@ -116,13 +107,17 @@ impl Farm {
                     // Between attempts the build may have been cancelled:
                     // then no request is made (it would be demand for nothing).
                     let queued = loop {
-                        match self.store.build(q.build_id).await {
-                            Ok(b) => break b.is_some_and(|b| b.status == BuildStatus::Queued),
+                        match self.store.build(q.id).await {
+                            Ok(Some(b)) if b.status == BuildStatus::Queued => {
+                                q = b;
+                                break true;
+                            }
+                            Ok(_) => break false,
                             // A store that fails now must not strand a
                             // queued build without a driver.
                             Err(e) => {
                                 tracing::warn!(
-                                    build = q.build_id,
+                                    build = q.id,
                                     "reading the build to re-queue it: {e}; retrying"
                                 );
                                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -130,7 +125,7 @@ impl Farm {
                         }
                     };
                     if !queued {
-                        self.unregister_running(q.build_id);
+                        self.unregister_running(q.id);
                         return;
                     }
                     self.request_for(&q)
@@ -138,12 +133,12 @@ impl Farm {
             };
             let Ok(lease) = ticket.lease().await else {
                 // Withdrawn: cancelled while it waited.
-                self.unregister_running(q.build_id);
+                self.unregister_running(q.id);
                 return;
             };
             self.metrics.observe_dispatch(ticket.waited());
             drop(ticket);
-            match self.clone().run_build(q.build_id, lease).await {
+            match self.clone().run_build(&q, lease).await {
                 Next::Done => return,
                 Next::Again => {}
                 Next::AgainLater => tokio::time::sleep(Duration::from_secs(1)).await,
@@ -153,7 +148,8 @@ impl Farm {
 
     /// Runs a build on a leased machine, then ends the lease (the machine
     /// is cleaned for reuse, retired, or dropped when broken).
-    async fn run_build(self: Arc<Self>, id: i64, lease: Lease) -> Next {
+    async fn run_build(self: Arc<Self>, build: &BuildRow, lease: Lease) -> Next {
+        let id = build.id;
         let release = |me: &Arc<Farm>| me.pool.release_idle(lease.id);
         // The build is not this driver's to run (any more): the machine
         // goes back untouched.
@@ -163,15 +159,9 @@ impl Farm {
             Next::Done
         };
         let phase = self.metrics.phase("record-start");
-        let build = match self.store.build(id).await {
-            Ok(Some(b)) if b.status == BuildStatus::Queued => b,
-            Ok(_) => return done(&self),
-            Err(e) => {
-                tracing::error!(build = id, "reading build: {e}");
-                release(&self);
-                return Next::AgainLater;
-            }
-        };
+        // Not read again here: whether it is still queued (not cancelled
+        // meanwhile) is what starting the attempt checks, in the same
+        // statement that starts it.
         let cfg = self.config();
         let (Some(builder), Some(host)) = (
             cfg.builders.get(&build.builder).cloned(),
@@ -199,7 +189,7 @@ impl Farm {
         // both must be done before the first step, neither needs the other.
         // The builder's timeout counts from here: the push is part of it.
         let deadline = Instant::now() + builder.timeout;
-        let early = self.early_source(&build, deadline, &host, &lease, &rb);
+        let early = self.early_source(build, deadline, &host, &lease, &rb);
         let (started, early) = tokio::join!(
             self.store
                 .start_attempt(id, &lease.hostname, &lease.host_type),
@@ -241,7 +231,7 @@ impl Farm {
         let mut lease = lease;
         let outcome = self
             .execute(
-                &build, &builder, &host, &mut lease, attempt_id, &rb, early, deadline,
+                build, &builder, &host, &mut lease, attempt_id, &rb, early, deadline,
             )
             .await;
         let max = cfg.farm.max_attempts as i64;

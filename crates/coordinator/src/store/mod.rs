@@ -540,10 +540,13 @@ impl Store {
 
     /// Creates a build in state `queued`. A post-submit build of a
     /// (builder, commit) that already exists is not created again: `None`.
-    pub async fn create_build(&self, b: &NewBuild) -> Result<Option<i64>> {
-        Ok(sqlx::query_scalar(
-            "INSERT INTO builds (builder, host_type, repo, branch, commit_hash, commit_time, kind, status, created_at, requested_by) VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $9) ON CONFLICT DO NOTHING RETURNING id",
-        )
+    /// Stores a queued build and returns its row (`None`: an identical
+    /// build exists). The row comes back from the insert itself, so its
+    /// driver need not read it.
+    pub async fn create_build(&self, b: &NewBuild) -> Result<Option<BuildRow>> {
+        let r = sqlx::query(&format!(
+            "INSERT INTO builds (builder, host_type, repo, branch, commit_hash, commit_time, kind, status, created_at, requested_by) VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $9) ON CONFLICT DO NOTHING RETURNING {BUILD_COLS}",
+        ))
         .bind(text(&b.builder))
         .bind(text(&b.host_type))
         .bind(text(&b.repo))
@@ -554,7 +557,8 @@ impl Store {
         .bind(now_ms())
         .bind(text(&b.requested_by))
         .fetch_optional(self.writer())
-        .await?)
+        .await?;
+        r.as_ref().map(build_row).transpose()
     }
 
     /// Builds `requested_by` has queued or running.
@@ -1025,7 +1029,7 @@ mod tests {
         for n in 0..64 {
             let store = store.clone();
             tasks.spawn(async move {
-                let id = store.create_build(&new_build(n)).await?.expect("new");
+                let id = store.create_build(&new_build(n)).await?.expect("new").id;
                 let (attempt, number) = store.start_attempt(id, "m", "h").await?.expect("queued");
                 let step = store.start_step(id, attempt, 1, "s").await?;
                 store

@@ -255,6 +255,11 @@ fn spawn_command(
         };
         match clone3::spawn(cgroup, spec) {
             Ok(born) => {
+                tracing::debug!(
+                    pid = born.pid(),
+                    shared_memory = born.shared(),
+                    "made in its cgroup"
+                );
                 children.insert(born.pid() as i32);
                 contain.started(jail, born.pid(), true);
                 return Ok(Child::Born(born));

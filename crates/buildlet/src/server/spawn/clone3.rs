@@ -17,11 +17,19 @@ pub(crate) struct Born {
     pid: i32,
     pidfd: Option<AsyncFd<OwnedFd>>,
     status: Option<ExitStatus>,
+    /// Made sharing the buildlet's memory until its exec (see `shared`).
+    shared: bool,
 }
 
 impl Born {
     pub fn pid(&self) -> u32 {
         self.pid as u32
+    }
+
+    /// Whether the child shared the buildlet's memory until its exec
+    /// (no page table copied) rather than starting from a copy.
+    pub fn shared(&self) -> bool {
+        self.shared
     }
 
     pub(super) async fn wait(&mut self) -> io::Result<ExitStatus> {
@@ -121,7 +129,7 @@ pub(crate) enum Failed {
 
 // `struct clone_args` of <linux/sched.h>, up to `cgroup` (CLONE_ARGS_SIZE_VER2).
 #[repr(C)]
-#[derive(Default)]
+#[derive(Default, Clone, Copy)]
 struct CloneArgs {
     flags: u64,
     pidfd: u64,
@@ -226,6 +234,16 @@ pub(crate) fn spawn(cgroup: BorrowedFd<'_>, spec: Spec<'_>) -> Result<Born, Fail
     let parent = unsafe { libc::getpid() };
     let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
     unsafe { libc::sigemptyset(&mut empty) };
+    let work = ChildWork {
+        fds: raw,
+        dir: dir.as_ptr(),
+        prog: prog.as_ptr(),
+        argv: argv_p.as_ptr(),
+        envp: envp_p.as_ptr(),
+        empty: &empty,
+        parent,
+        err: err_fd,
+    };
     let mut pidfd: i32 = -1;
     let mut args = CloneArgs {
         flags: CLONE_PIDFD | CLONE_INTO_CGROUP,
@@ -234,31 +252,33 @@ pub(crate) fn spawn(cgroup: BorrowedFd<'_>, spec: Spec<'_>) -> Result<Born, Fail
         cgroup: cgroup.as_raw_fd() as u64,
         ..Default::default()
     };
-    // SAFETY: clone3 without CLONE_VM makes a copy of this process (like
-    // fork); the child runs only `child`, which makes async-signal-safe
-    // calls on memory prepared above and never returns.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &mut args as *mut CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
-    if pid == 0 {
-        // SAFETY: in the child; see `child`.
-        unsafe {
-            child(
-                raw,
-                dir.as_ptr(),
-                prog.as_ptr(),
-                argv_p.as_ptr(),
-                envp_p.as_ptr(),
-                &empty,
-                parent,
-                err_fd,
-            )
+    // Sharing this process's memory until the exec spares copying its
+    // page tables and faulting them back in (a quarter of the buildlet's
+    // CPU per command when copied); where that is not done, or refused, a
+    // copy (like fork).
+    let mut shared = true;
+    let pid = match shared::clone(&mut args, &work) {
+        Some(r) if r >= 0 => r,
+        _ => {
+            shared = false;
+            // SAFETY: clone3 without CLONE_VM makes a copy of this process
+            // (like fork); the child runs only `child`, which makes
+            // async-signal-safe calls on memory prepared above and never
+            // returns.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_clone3,
+                    &mut args as *mut CloneArgs,
+                    std::mem::size_of::<CloneArgs>(),
+                )
+            };
+            if r == 0 {
+                // SAFETY: in the child; see `child`.
+                unsafe { child(&work) }
+            }
+            r
         }
-    }
+    };
     if pid < 0 {
         return Err(Failed::Refused(io::Error::last_os_error(), Box::new(fds)));
     }
@@ -306,6 +326,7 @@ pub(crate) fn spawn(cgroup: BorrowedFd<'_>, spec: Spec<'_>) -> Result<Born, Fail
         pid,
         pidfd,
         status: None,
+        shared,
     })
 }
 
@@ -334,13 +355,11 @@ fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
     n
 }
 
-/// The child of `clone3`: sets up and execs, or reports where it failed.
-///
-/// # Safety
-/// Only in the child of `clone3`. Makes async-signal-safe calls only (no
-/// allocation, no locks), on pointers made before the clone.
-#[allow(clippy::too_many_arguments)]
-unsafe fn child(
+/// What the child needs, made before the clone: pointers into the parent's
+/// memory (the child's copy of it, or, shared, the parent's itself while it
+/// waits for the exec).
+#[derive(Clone, Copy)]
+struct ChildWork {
     fds: [RawFd; 3],
     dir: *const libc::c_char,
     prog: *const libc::c_char,
@@ -349,7 +368,24 @@ unsafe fn child(
     empty: *const libc::sigset_t,
     parent: libc::pid_t,
     err: RawFd,
-) -> ! {
+}
+
+/// The child of `clone3`: sets up and execs, or reports where it failed.
+///
+/// # Safety
+/// Only in the child of `clone3`. Makes async-signal-safe calls only (no
+/// allocation, no locks), on pointers made before the clone.
+unsafe fn child(w: &ChildWork) -> ! {
+    let ChildWork {
+        fds,
+        dir,
+        prog,
+        argv,
+        envp,
+        empty,
+        parent,
+        err,
+    } = *w;
     /// Reports `errno` and where it was set, and ends the child.
     unsafe fn failed(err: RawFd, at: u32) -> ! {
         unsafe {
@@ -387,5 +423,160 @@ unsafe fn child(
         }
         libc::execve(prog, argv, envp);
         fail(AT_EXEC)
+    }
+}
+
+/// `clone3(CLONE_VM | CLONE_VFORK)`, as `posix_spawn` does it: the child
+/// runs on a stack of its own in this process's memory while the calling
+/// thread waits, until it execs or exits. No page table is copied.
+mod shared {
+    use super::{ChildWork, CloneArgs, child};
+
+    /// Returns the child's pid, or `None` where this is not done (other
+    /// architectures) or was refused: the caller then clones a copy.
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    pub(super) fn clone(args: &mut CloneArgs, work: &ChildWork) -> Option<i64> {
+        const CLONE_VM: u64 = 0x100;
+        const CLONE_VFORK: u64 = 0x4000;
+        /// The child only sets up and execs: a few frames.
+        const STACK: usize = 64 << 10;
+        // u128: 16-byte aligned, as both ABIs want the stack.
+        let mut stack = vec![0u128; STACK / 16];
+        let mut a = *args;
+        a.flags |= CLONE_VM | CLONE_VFORK;
+        a.stack = stack.as_mut_ptr() as u64;
+        a.stack_size = STACK as u64;
+        // No handler of this process may run in the child (it would run
+        // in this memory): every signal is blocked until the child has set
+        // its handlers to the default (`entry`).
+        // SAFETY: sigset and sigmask calls on local sets.
+        let r = unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+            // SAFETY: the child runs `entry` on `stack`, which outlives it
+            // (this thread waits until the child execs or exits), and
+            // `work` is only read.
+            let r = raw_clone3(
+                &mut a,
+                std::mem::size_of::<CloneArgs>(),
+                entry,
+                work as *const ChildWork as *mut libc::c_void,
+            );
+            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            r
+        };
+        drop(stack);
+        (r > 0).then_some(r)
+    }
+
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    pub(super) fn clone(_: &mut CloneArgs, _: &ChildWork) -> Option<i64> {
+        None
+    }
+
+    /// The shared child's first frame: handlers back to the default (the
+    /// child has its own table; no CLONE_SIGHAND), then [`child`].
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    extern "C" fn entry(arg: *mut libc::c_void) -> ! {
+        // SAFETY: in the child; sigaction on its own table, then `child`
+        // with the work the parent made.
+        unsafe {
+            for sig in 1..=64 {
+                if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                    continue;
+                }
+                let mut old: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+                    && old.sa_sigaction != libc::SIG_IGN
+                    && old.sa_sigaction != libc::SIG_DFL
+                {
+                    let mut dfl: libc::sigaction = std::mem::zeroed();
+                    dfl.sa_sigaction = libc::SIG_DFL;
+                    libc::sigaction(sig, &dfl, std::ptr::null_mut());
+                }
+            }
+            child(&*(arg as *const ChildWork))
+        }
+    }
+
+    /// `clone3`; in the child (on the new stack) calls `f(arg)`, which never
+    /// returns. The parent gets the pid, or -1 with errno set.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn raw_clone3(
+        args: *mut CloneArgs,
+        size: usize,
+        f: extern "C" fn(*mut libc::c_void) -> !,
+        arg: *mut libc::c_void,
+    ) -> i64 {
+        let ret: i64;
+        // SAFETY: the syscall preserves every register but rax, rcx and
+        // r11; the child starts on its own 16-byte aligned stack, where
+        // `call` makes an ordinary first frame.
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                "test rax, rax",
+                "jnz 2f",
+                "xor ebp, ebp",
+                "mov rdi, r12",
+                "call r13",
+                "ud2",
+                "2:",
+                inlateout("rax") libc::SYS_clone3 => ret,
+                in("rdi") args,
+                in("rsi") size,
+                in("r12") arg,
+                in("r13") f,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        errno(ret)
+    }
+
+    /// See the x86-64 version.
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn raw_clone3(
+        args: *mut CloneArgs,
+        size: usize,
+        f: extern "C" fn(*mut libc::c_void) -> !,
+        arg: *mut libc::c_void,
+    ) -> i64 {
+        let ret: i64;
+        // SAFETY: the syscall preserves every register but x0; the child
+        // starts on its own 16-byte aligned stack.
+        unsafe {
+            std::arch::asm!(
+                "svc #0",
+                "cbnz x0, 2f",
+                "mov x29, xzr",
+                "mov x30, xzr",
+                "mov x0, x10",
+                "blr x11",
+                "brk #0",
+                "2:",
+                inlateout("x0") args => ret,
+                in("x1") size,
+                in("x8") libc::SYS_clone3,
+                in("x10") arg,
+                in("x11") f,
+                options(nostack),
+            );
+        }
+        errno(ret)
+    }
+
+    /// A raw syscall's result as libc gives it: -1 with errno set.
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    fn errno(ret: i64) -> i64 {
+        if (-4095..0).contains(&ret) {
+            // SAFETY: errno is this thread's.
+            unsafe { *libc::__errno_location() = (-ret) as i32 };
+            return -1;
+        }
+        ret
     }
 }

@@ -242,6 +242,39 @@ mod tests {
         contain.shutdown();
     }
 
+    /// A file without an interpreter line runs with /bin/sh, as it does on
+    /// the fork path (execvp).
+    #[test]
+    fn a_script_without_an_interpreter_line_runs_with_sh() {
+        let root = tempfile::tempdir().unwrap();
+        let Some(contain) = cgroup_mode(root.path()) else {
+            return;
+        };
+        let jail = contain.prepare();
+        let cgroup = contain.clone3_target(&jail).unwrap();
+        let script = root.path().join("plain");
+        std::fs::write(&script, "echo plain script ran with \"$1\"\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let env = vec![("PATH".into(), "/usr/bin:/bin".into())];
+        let (status, mut out) = rt().block_on(async {
+            let (r, out) = start(
+                cgroup,
+                script.to_str().unwrap(),
+                &["one".into()],
+                &env,
+                root.path(),
+            );
+            (started(r).wait().await.unwrap(), out)
+        });
+        let mut text = String::new();
+        out.read_to_string(&mut text).unwrap();
+        assert!(status.success(), "{status:?}: {text}");
+        assert_eq!(text, "plain script ran with one\n");
+        drop(jail);
+        contain.shutdown();
+    }
+
     /// A directory that is no cgroup is refused before anything runs, and
     /// the descriptors come back for the fork path.
     #[test]

@@ -42,7 +42,7 @@ impl Born {
         loop {
             // A pidfd reads ready once its process has exited.
             let mut guard = fd.readable().await?;
-            match reap(self.pid, libc::WNOHANG)? {
+            match reap(fd.as_raw_fd(), libc::WNOHANG)? {
                 Some(s) => {
                     self.status = Some(s);
                     self.pidfd = None;
@@ -54,15 +54,10 @@ impl Born {
     }
 
     pub(super) fn start_kill(&mut self) -> io::Result<()> {
-        if self.status.is_some() {
-            return Ok(());
+        match (&self.status, &self.pidfd) {
+            (None, Some(fd)) => kill(fd.as_raw_fd()),
+            _ => Ok(()),
         }
-        // SAFETY: kill(2); the pid is our unreaped child, so it names no
-        // other process.
-        if unsafe { libc::kill(self.pid, libc::SIGKILL) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
     }
 }
 
@@ -74,10 +69,11 @@ impl Drop for Born {
         let _ = self.start_kill();
         // Reaped once it is gone, off this thread.
         if let (Some(fd), Ok(rt)) = (self.pidfd.take(), tokio::runtime::Handle::try_current()) {
-            let pid = self.pid;
             rt.spawn(async move {
-                if let Ok(mut g) = fd.readable().await {
-                    let _ = reap(pid, libc::WNOHANG);
+                while let Ok(mut g) = fd.readable().await {
+                    if !matches!(reap(fd.as_raw_fd(), libc::WNOHANG), Ok(None)) {
+                        break;
+                    }
                     g.clear_ready();
                 }
             });
@@ -85,23 +81,59 @@ impl Drop for Born {
     }
 }
 
-/// `waitpid` on our own child: its status once exited, `None` if not yet.
-fn reap(pid: i32, flags: i32) -> io::Result<Option<ExitStatus>> {
-    let mut status = 0;
+/// Reaps our child through its pidfd: its status once exited, `None` if
+/// not yet. Never by pid: once the orphan reaper or anyone reaped it, its
+/// pid may name another process.
+fn reap(pidfd: RawFd, flags: i32) -> io::Result<Option<ExitStatus>> {
     loop {
-        // SAFETY: waitpid with a valid out pointer.
-        let r = unsafe { libc::waitpid(pid, &mut status, flags) };
-        if r == pid {
-            return Ok(Some(ExitStatus::from_raw(status)));
-        }
+        // SAFETY: waitid with a valid out pointer; siginfo is plain data.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                pidfd as libc::id_t,
+                &mut info,
+                libc::WEXITED | flags,
+            )
+        };
         if r == 0 {
-            return Ok(None);
+            // SAFETY: filled in by waitid for a child (SIGCHLD) event.
+            let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+            if pid == 0 {
+                return Ok(None);
+            }
+            // Back into the status word waitpid gives.
+            let raw = match info.si_code {
+                libc::CLD_EXITED => (status & 0xff) << 8,
+                libc::CLD_KILLED => status & 0x7f,
+                libc::CLD_DUMPED => (status & 0x7f) | 0x80,
+                _ => status,
+            };
+            return Ok(Some(ExitStatus::from_raw(raw)));
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
         }
     }
+}
+
+/// SIGKILL to our child through its pidfd (never a reused pid).
+fn kill(pidfd: RawFd) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal with no siginfo.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd,
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// What a command is started with.
@@ -182,6 +214,13 @@ fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
 /// process group of its own, with `PR_SET_PDEATHSIG(SIGKILL)`. Call with
 /// the jail's `children` lock held (see `exec::spawn_contained`).
 pub(crate) fn spawn(cgroup: BorrowedFd<'_>, spec: Spec<'_>) -> Result<Born, Failed> {
+    // The child is waited for through the runtime: without one, nothing
+    // may start (it could be neither waited for nor killed).
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(Failed::Start(io::Error::other(
+            "no async runtime to wait for the command on",
+        )));
+    }
     let prepared = (|| {
         let prog = cstring("the program", spec.program.as_os_str().as_bytes())?;
         let dir = cstring("the directory", spec.dir.as_os_str().as_bytes())?;
@@ -207,6 +246,13 @@ pub(crate) fn spawn(cgroup: BorrowedFd<'_>, spec: Spec<'_>) -> Result<Born, Fail
         .map(|a| a.as_ptr())
         .chain(std::iter::once(std::ptr::null()))
         .collect();
+    // A file without an interpreter line runs with /bin/sh, as execvp (and
+    // so the fork path) does it: `/bin/sh PROGRAM ARGS...`.
+    let sh_argv_p: Vec<*const libc::c_char> = [SH.as_ptr(), prog.as_ptr()]
+        .into_iter()
+        .chain(argv[1..].iter().map(|a| a.as_ptr()))
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
     let envp_p: Vec<*const libc::c_char> = envp
         .iter()
         .map(|a| a.as_ptr())
@@ -225,7 +271,7 @@ pub(crate) fn spawn(cgroup: BorrowedFd<'_>, spec: Spec<'_>) -> Result<Born, Fail
     };
     let (err_r, err_w) = match pipe() {
         Ok(p) => p,
-        Err(e) => return Err(Failed::Refused(e, Box::new(fds))),
+        Err(e) => return Err(Failed::Start(e)),
     };
     let raw: [RawFd; 3] = [fds[0].as_raw_fd(), fds[1].as_raw_fd(), fds[2].as_raw_fd()];
     let err_fd = err_w.as_raw_fd();
@@ -239,6 +285,7 @@ pub(crate) fn spawn(cgroup: BorrowedFd<'_>, spec: Spec<'_>) -> Result<Born, Fail
         dir: dir.as_ptr(),
         prog: prog.as_ptr(),
         argv: argv_p.as_ptr(),
+        sh_argv: sh_argv_p.as_ptr(),
         envp: envp_p.as_ptr(),
         empty: &empty,
         parent,
@@ -280,7 +327,14 @@ pub(crate) fn spawn(cgroup: BorrowedFd<'_>, spec: Spec<'_>) -> Result<Born, Fail
         }
     };
     if pid < 0 {
-        return Err(Failed::Refused(io::Error::last_os_error(), Box::new(fds)));
+        let e = io::Error::last_os_error();
+        // Out of processes or memory (a build that forks without end): this
+        // command cannot start, but clone3 works; anything else says this
+        // kernel, profile or cgroup will not take it.
+        return Err(match e.raw_os_error() {
+            Some(libc::EAGAIN | libc::ENOMEM) => Failed::Start(e),
+            _ => Failed::Refused(e, Box::new(fds)),
+        });
     }
     let pid = pid as i32;
     drop(err_w);
@@ -291,11 +345,11 @@ pub(crate) fn spawn(cgroup: BorrowedFd<'_>, spec: Spec<'_>) -> Result<Born, Fail
     // where it failed.
     let mut buf = [0u8; 8];
     let n = read_full(&err_r, &mut buf);
-    if n == 8 {
+    if n != 0 {
         let at = u32::from_ne_bytes(buf[..4].try_into().unwrap_or_default());
         let errno = i32::from_ne_bytes(buf[4..].try_into().unwrap_or_default());
-        let _ = reap(pid, 0);
-        let e = io::Error::from_raw_os_error(errno);
+        let _ = reap(pidfd.as_raw_fd(), 0);
+        let e = io::Error::from_raw_os_error(if n == 8 { errno } else { libc::EIO });
         let what = match at {
             AT_DUP => "setting up its output",
             AT_CHDIR => "entering its directory",
@@ -315,10 +369,9 @@ pub(crate) fn spawn(cgroup: BorrowedFd<'_>, spec: Spec<'_>) -> Result<Born, Fail
     let pidfd = match registered {
         Ok(f) => Some(f),
         Err(e) => {
-            let e = io::Error::from(e);
-            // SAFETY: kill(2) on our unreaped child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let _ = reap(pid, 0);
+            let (fd, e) = e.into_parts();
+            let _ = kill(fd.as_raw_fd());
+            let _ = reap(fd.as_raw_fd(), 0);
             return Err(Failed::Start(e));
         }
     };
@@ -364,11 +417,16 @@ struct ChildWork {
     dir: *const libc::c_char,
     prog: *const libc::c_char,
     argv: *const *const libc::c_char,
+    /// `[/bin/sh, prog, args...]`, for a file exec calls no executable.
+    sh_argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
     empty: *const libc::sigset_t,
     parent: libc::pid_t,
     err: RawFd,
 }
+
+/// What runs a file without an interpreter line.
+const SH: &std::ffi::CStr = c"/bin/sh";
 
 /// The child of `clone3`: sets up and execs, or reports where it failed.
 ///
@@ -381,6 +439,7 @@ unsafe fn child(w: &ChildWork) -> ! {
         dir,
         prog,
         argv,
+        sh_argv,
         envp,
         empty,
         parent,
@@ -422,6 +481,9 @@ unsafe fn child(w: &ChildWork) -> ! {
             libc::_exit(1);
         }
         libc::execve(prog, argv, envp);
+        if *libc::__errno_location() == libc::ENOEXEC {
+            libc::execve(SH.as_ptr(), sh_argv, envp);
+        }
         fail(AT_EXEC)
     }
 }
@@ -434,7 +496,10 @@ mod shared {
 
     /// Returns the child's pid, or `None` where this is not done (other
     /// architectures) or was refused: the caller then clones a copy.
-    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    #[cfg(any(
+        all(target_arch = "x86_64", target_pointer_width = "64"),
+        target_arch = "aarch64"
+    ))]
     pub(super) fn clone(args: &mut CloneArgs, work: &ChildWork) -> Option<i64> {
         const CLONE_VM: u64 = 0x100;
         const CLONE_VFORK: u64 = 0x4000;
@@ -471,14 +536,20 @@ mod shared {
         (r > 0).then_some(r)
     }
 
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    #[cfg(not(any(
+        all(target_arch = "x86_64", target_pointer_width = "64"),
+        target_arch = "aarch64"
+    )))]
     pub(super) fn clone(_: &mut CloneArgs, _: &ChildWork) -> Option<i64> {
         None
     }
 
     /// The shared child's first frame: handlers back to the default (the
     /// child has its own table; no CLONE_SIGHAND), then [`child`].
-    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    #[cfg(any(
+        all(target_arch = "x86_64", target_pointer_width = "64"),
+        target_arch = "aarch64"
+    ))]
     extern "C" fn entry(arg: *mut libc::c_void) -> ! {
         // SAFETY: in the child; sigaction on its own table, then `child`
         // with the work the parent made.
@@ -503,7 +574,7 @@ mod shared {
 
     /// `clone3`; in the child (on the new stack) calls `f(arg)`, which never
     /// returns. The parent gets the pid, or -1 with errno set.
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", target_pointer_width = "64"))]
     unsafe fn raw_clone3(
         args: *mut CloneArgs,
         size: usize,
@@ -570,7 +641,10 @@ mod shared {
     }
 
     /// A raw syscall's result as libc gives it: -1 with errno set.
-    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    #[cfg(any(
+        all(target_arch = "x86_64", target_pointer_width = "64"),
+        target_arch = "aarch64"
+    ))]
     fn errno(ret: i64) -> i64 {
         if (-4095..0).contains(&ret) {
             // SAFETY: errno is this thread's.

@@ -212,7 +212,7 @@ fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
 
 /// Starts `spec` as a child in the cgroup whose directory `cgroup` is, in a
 /// process group of its own, with `PR_SET_PDEATHSIG(SIGKILL)`. Call with
-/// the jail's `children` lock held (see `exec::spawn_contained`).
+/// the containment's `children` lock held (see `exec::spawn_command`).
 pub(crate) fn spawn(cgroup: BorrowedFd<'_>, spec: Spec<'_>) -> Result<Born, Failed> {
     // The child is waited for through the runtime: without one, nothing
     // may start (it could be neither waited for nor killed).
@@ -241,23 +241,15 @@ pub(crate) fn spawn(cgroup: BorrowedFd<'_>, spec: Spec<'_>) -> Result<Born, Fail
         Ok(p) => p,
         Err(e) => return Err(Failed::Start(e)),
     };
-    let argv_p: Vec<*const libc::c_char> = argv
-        .iter()
-        .map(|a| a.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
+    let argv_p = null_terminated(argv.iter().map(|a| a.as_c_str()));
     // A file without an interpreter line runs with /bin/sh, as execvp (and
     // so the fork path) does it: `/bin/sh PROGRAM ARGS...`.
-    let sh_argv_p: Vec<*const libc::c_char> = [SH.as_ptr(), prog.as_ptr()]
-        .into_iter()
-        .chain(argv[1..].iter().map(|a| a.as_ptr()))
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
-    let envp_p: Vec<*const libc::c_char> = envp
-        .iter()
-        .map(|a| a.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
+    let sh_argv_p = null_terminated(
+        [SH, prog.as_c_str()]
+            .into_iter()
+            .chain(argv[1..].iter().map(|a| a.as_c_str())),
+    );
+    let envp_p = null_terminated(envp.iter().map(|a| a.as_c_str()));
     let fds = (|| {
         Ok::<_, io::Error>([
             above_stdio(spec.stdin)?,
@@ -269,7 +261,7 @@ pub(crate) fn spawn(cgroup: BorrowedFd<'_>, spec: Spec<'_>) -> Result<Born, Fail
         Ok(f) => f,
         Err(e) => return Err(Failed::Start(e)),
     };
-    let (err_r, err_w) = match pipe() {
+    let (err_r, err_w) = match std::io::pipe() {
         Ok(p) => p,
         Err(e) => return Err(Failed::Start(e)),
     };
@@ -342,10 +334,12 @@ pub(crate) fn spawn(cgroup: BorrowedFd<'_>, spec: Spec<'_>) -> Result<Born, Fail
     // SAFETY: the kernel wrote a fresh pidfd there.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     // The child closes the pipe's write end by exec (CLOEXEC) or writes
-    // where it failed.
-    let mut buf = [0u8; 8];
-    let n = read_full(&err_r, &mut buf);
+    // where it failed: 8 bytes at most.
+    let mut buf = Vec::with_capacity(8);
+    let _ = std::io::Read::read_to_end(&mut std::io::Read::take(err_r, 8), &mut buf);
+    let n = buf.len();
     if n != 0 {
+        buf.resize(8, 0);
         let at = u32::from_ne_bytes(buf[..4].try_into().unwrap_or_default());
         let errno = i32::from_ne_bytes(buf[4..].try_into().unwrap_or_default());
         let _ = reap(pidfd.as_raw_fd(), 0);
@@ -383,29 +377,14 @@ pub(crate) fn spawn(cgroup: BorrowedFd<'_>, spec: Spec<'_>) -> Result<Born, Fail
     })
 }
 
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 with a valid two-int array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both are fresh descriptors.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-/// Reads until `buf` is full or the writers are gone; how much was read.
-fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
-    let mut n = 0;
-    while n < buf.len() {
-        // SAFETY: read into the rest of `buf`.
-        let r = unsafe { libc::read(fd.as_raw_fd(), buf[n..].as_mut_ptr().cast(), buf.len() - n) };
-        if r > 0 {
-            n += r as usize;
-        } else if r == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            break;
-        }
-    }
-    n
+/// `execve`'s pointer array: the strings, then a null.
+fn null_terminated<'a>(
+    strings: impl Iterator<Item = &'a std::ffi::CStr>,
+) -> Vec<*const libc::c_char> {
+    strings
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
 }
 
 /// What the child needs, made before the clone: pointers into the parent's
@@ -505,8 +484,9 @@ mod shared {
         const CLONE_VFORK: u64 = 0x4000;
         /// The child only sets up and execs: a few frames.
         const STACK: usize = 64 << 10;
-        // u128: 16-byte aligned, as both ABIs want the stack.
-        let mut stack = vec![0u128; STACK / 16];
+        // u128: 16-byte aligned, as both ABIs want the stack. Allocated,
+        // not zeroed: the child writes before it reads.
+        let mut stack: Vec<u128> = Vec::with_capacity(STACK / 16);
         let mut a = *args;
         a.flags |= CLONE_VM | CLONE_VFORK;
         a.stack = stack.as_mut_ptr() as u64;

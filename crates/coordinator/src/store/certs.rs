@@ -167,7 +167,8 @@ impl Store {
     /// in one transaction; false (nothing changed) if it was no longer pending.
     pub async fn approve_request(&self, a: &Approval<'_>) -> Result<bool> {
         let now = now_ms();
-        let mut tx = self.writer().begin().await?;
+        let mut w = self.writer().acquire().await?;
+        let mut tx = w.begin().await?;
         let n = sqlx::query("UPDATE bot_requests SET status = 'approved', host_type = $1, cert_pem = $2, serial = $3, decided_at = $4 WHERE id = $5 AND status = 'pending'")
             .bind(text(a.host_type))
             .bind(text(a.cert_pem))

@@ -214,12 +214,12 @@ impl Shape {
     }
 }
 
-type Src = sqlx::Transaction<'static, sqlx::Any>;
+type Src<'c> = sqlx::Transaction<'c, sqlx::Any>;
 
 /// Copies every row of one table, in key order and bounded batches.
 async fn copy_table(
     src_store: &Store,
-    src: &mut Src,
+    src: &mut Src<'_>,
     to: &Store,
     shape: &Shape,
     progress: &mut impl FnMut(&str, u64),
@@ -277,7 +277,7 @@ async fn copy_table(
 }
 
 /// Deletes the destination's rows whose keys the source does not have.
-async fn remove_missing(src: &mut Src, to: &Store, shape: &Shape) -> Result<u64> {
+async fn remove_missing(src: &mut Src<'_>, to: &Store, shape: &Shape) -> Result<u64> {
     let keys = shape.key_list();
     let mut after: Option<Vec<Value>> = None;
     let mut removed = 0;
@@ -440,7 +440,8 @@ impl Store {
             )));
         }
         // One read transaction: a consistent snapshot of the source.
-        let mut src: Src = self.pool().begin().await?;
+        let mut conn = self.pool().acquire().await?;
+        let mut src: Src = conn.begin().await?;
         if self.engine() == Engine::Postgres {
             sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 .execute(&mut *src)

@@ -1,5 +1,6 @@
 //! Where the store lives and how it is opened: a SQLite file (WAL, the
-//! default) or a PostgreSQL database, both behind one `AnyPool`.
+//! default) or a PostgreSQL database, both through sqlx's `Any` driver
+//! (connections: `conns.rs`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -7,6 +8,8 @@ use std::time::Duration;
 use sqlx::AnyPool;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, Connection, Executor};
+
+use super::conns::Conns;
 
 use super::leader::Fence;
 use super::{Result, StoreError};
@@ -148,12 +151,12 @@ const SQLITE_WAIT: Duration = Duration::from_secs(10);
 /// SQLite's busy handler, which sleeps 1, 2, 5, 10 ms and on: under a
 /// stream of builds, a thousand sleeps per three seconds, each a write
 /// late by a millisecond or more. One connection for writes queues them
-/// in the pool instead, where a write starts the moment the previous one
+/// for it instead, where a write starts the moment the previous one
 /// ends; readers never wait for it (WAL). PostgreSQL locks rows, not the
 /// database: both are the same pool there.
 pub(super) struct Pools {
-    pub read: AnyPool,
-    pub write: AnyPool,
+    pub read: Conns,
+    pub write: Conns,
 }
 
 pub(super) async fn connect(location: &Location, fence: &Fence) -> Result<Pools> {
@@ -163,8 +166,8 @@ pub(super) async fn connect(location: &Location, fence: &Fence) -> Result<Pools>
         Location::Postgres(url) => {
             let pool = postgres(url, location, fence.clone()).await?;
             Ok(Pools {
-                read: pool.clone(),
-                write: pool,
+                read: Conns::Pool(pool.clone()),
+                write: Conns::Pool(pool),
             })
         }
     }
@@ -211,28 +214,18 @@ async fn sqlite(path: &Path) -> Result<Pools> {
     let pragmas = pragmas(SQLITE_WAIT);
     // Readers are `query_only`: a write put on them by mistake fails at
     // once instead of quietly bringing back the race for the lock.
-    let pool = |connections: u32, query_only: bool| {
-        let pragmas = if query_only {
-            format!("{pragmas} PRAGMA query_only = ON;")
-        } else {
-            pragmas.clone()
-        };
-        AnyPoolOptions::new()
-            .max_connections(connections)
-            .acquire_timeout(SQLITE_WAIT)
-            .after_connect(move |conn, _| {
-                let pragmas = pragmas.clone();
-                Box::pin(async move {
-                    conn.execute(pragmas.as_str()).await?;
-                    Ok(())
-                })
-            })
-            .connect_with(opts.clone())
-    };
-    Ok(Pools {
-        read: pool(SQLITE_READERS, true).await.map_err(|e| named(&e))?,
-        write: pool(1, false).await.map_err(|e| named(&e))?,
-    })
+    let read = Conns::own(
+        opts.clone(),
+        format!("{pragmas} PRAGMA query_only = ON;"),
+        SQLITE_READERS,
+        SQLITE_WAIT,
+    )
+    .await
+    .map_err(|e| named(&e))?;
+    let write = Conns::own(opts, pragmas, 1, SQLITE_WAIT)
+        .await
+        .map_err(|e| named(&e))?;
+    Ok(Pools { read, write })
 }
 
 async fn postgres(url: &str, location: &Location, fence: Fence) -> Result<AnyPool> {

@@ -68,7 +68,8 @@ impl Store {
         accepted: bool,
         detail: &str,
     ) -> Result<()> {
-        let mut tx = self.writer().begin().await?;
+        let mut w = self.writer().acquire().await?;
+        let mut tx = w.begin().await?;
         sqlx::query(
             "INSERT INTO hook_deliveries (repo, forge, event, delivery, received_at, accepted, detail) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
@@ -101,7 +102,7 @@ impl Store {
         )
         .bind(text(repo))
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?;
         rows.iter()
             .map(|r| {
@@ -129,7 +130,8 @@ impl Store {
         payload: &str,
     ) -> Result<i64> {
         let now = now_ms();
-        let mut tx = self.writer().begin().await?;
+        let mut w = self.writer().acquire().await?;
+        let mut tx = w.begin().await?;
         sqlx::query(
             "UPDATE outbox SET state = 'superseded', done_at = $1 WHERE dedupe = $2 AND state = 'pending'",
         )
@@ -169,7 +171,7 @@ impl Store {
         ))
         .bind(now_ms())
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?)
     }
 
@@ -177,7 +179,7 @@ impl Store {
     pub async fn outbox_next_due(&self) -> Result<Option<i64>> {
         Ok(
             sqlx::query_scalar("SELECT MIN(next_at) FROM outbox WHERE state = 'pending'")
-                .fetch_one(&self.pool)
+                .fetch_one(self.pool())
                 .await?,
         )
     }
@@ -233,7 +235,7 @@ impl Store {
         ))
         .bind(text(repo))
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?)
     }
 
@@ -250,7 +252,7 @@ impl Store {
         .bind(text(repo))
         .bind(text(branch))
         .bind(text(builder))
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool())
         .await?)
     }
 

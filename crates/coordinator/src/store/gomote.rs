@@ -188,7 +188,8 @@ impl Store {
 
     /// Ends an instance with the reason; its group memberships go too.
     pub async fn instance_end(&self, name: &str, reason: &str) -> Result<()> {
-        let mut tx = self.writer().begin().await?;
+        let mut w = self.writer().acquire().await?;
+        let mut tx = w.begin().await?;
         sqlx::query(
             "UPDATE gomote_instances SET ended_at = $1, end_reason = $2 WHERE name = $3 AND ended_at IS NULL",
         )

@@ -133,7 +133,7 @@ impl Store {
     pub async fn step_log(&self, step_id: i64) -> Result<Option<Vec<u8>>> {
         let r = sqlx::query("SELECT log_gz, log_size FROM steps WHERE id = $1")
             .bind(step_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.pool())
             .await?;
         let Some(r) = r else { return Ok(None) };
         let row: Option<Vec<u8>> = r.try_get("log_gz")?;
@@ -167,7 +167,7 @@ impl Store {
             "SELECT attempt_id, log_gz, log_size FROM attempt_logs WHERE build_id = $1 LIMIT 1000",
         )
         .bind(build_id)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?;
         let mut out = HashMap::new();
         for r in rows {

@@ -25,12 +25,12 @@ use serde::Serialize;
 use crate::artifacts::ArtifactStore;
 use std::sync::Arc;
 
-use sqlx::AnyPool;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
 mod build_artifacts;
 mod certs;
+mod conns;
 mod copy;
 mod engine;
 mod forge;
@@ -342,10 +342,10 @@ pub struct BuildFilter {
 #[derive(Clone)]
 pub struct Store {
     /// For reading.
-    pool: AnyPool,
+    pool: Arc<conns::Conns>,
     /// For writing: on SQLite one connection, so writes queue rather than
     /// race for the file lock (see `engine::Pools`).
-    writer: AnyPool,
+    writer: Arc<conns::Conns>,
     /// Where finished logs go (see `logs.rs`); in the rows without one.
     blobs: Option<Arc<dyn ArtifactStore>>,
     /// Whether new finished logs go to `blobs`.
@@ -414,8 +414,8 @@ impl Store {
         let fence = leader::Fence::new();
         let pools = engine::connect(location, &fence).await?;
         Ok(Store {
-            pool: pools.read,
-            writer: pools.write,
+            pool: Arc::new(pools.read),
+            writer: Arc::new(pools.write),
             blobs: None,
             write_blobs: false,
             location: location.clone(),
@@ -429,14 +429,14 @@ impl Store {
     }
 
     /// The connections for reading, for the store's own modules.
-    fn pool(&self) -> &AnyPool {
+    fn pool(&self) -> &conns::Conns {
         &self.pool
     }
 
     /// The connection for writing (a transaction that writes included),
     /// for the store's own modules. Nothing may wait on another write
     /// while it holds this one: on SQLite it is the only one.
-    fn writer(&self) -> &AnyPool {
+    fn writer(&self) -> &conns::Conns {
         &self.writer
     }
 
@@ -444,7 +444,8 @@ impl Store {
     /// their builds back in the queue. Run once at start, before scheduling.
     pub async fn recover(&self) -> Result<Recovery> {
         let now = now_ms();
-        let mut tx = self.writer().begin().await?;
+        let mut w = self.writer().acquire().await?;
+        let mut tx = w.begin().await?;
         let lost = sqlx::query(
             "UPDATE attempts SET result = 'lost', finished_at = $1, error = 'the coordinator stopped while this attempt ran; the build was re-queued' WHERE result = 'running'",
         )
@@ -469,7 +470,8 @@ impl Store {
 
     /// Records a commit and its branch; returns true if the commit was new.
     pub async fn add_commit(&self, c: &CommitRow, branch: &str) -> Result<bool> {
-        let mut tx = self.writer().begin().await?;
+        let mut w = self.writer().acquire().await?;
+        let mut tx = w.begin().await?;
         let new = sqlx::query(
             "INSERT INTO commits (repo, hash, author, email, time, subject, parents, seen_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
         )
@@ -502,7 +504,7 @@ impl Store {
         let rows = sqlx::query("SELECT hash FROM commit_branches WHERE repo = $1 AND branch = $2")
             .bind(text(repo))
             .bind(text(branch))
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool())
             .await?;
         rows.iter()
             .map(|r| r.try_get("hash").map_err(Into::into))
@@ -513,7 +515,7 @@ impl Store {
         let r = sqlx::query("SELECT repo, hash, author, email, time, subject, parents FROM commits WHERE repo = $1 AND hash = $2")
             .bind(text(repo))
             .bind(text(hash))
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.pool())
             .await?;
         r.map(|r| commit_row(&r)).transpose()
     }
@@ -533,7 +535,7 @@ impl Store {
         .bind(text(branch))
         .bind(limit)
         .bind(offset)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?;
         rows.iter().map(commit_row).collect()
     }
@@ -567,7 +569,7 @@ impl Store {
             "SELECT COUNT(*) FROM builds WHERE requested_by = $1 AND status IN ('queued', 'running')",
         )
         .bind(text(requested_by))
-        .fetch_one(&self.pool)
+        .fetch_one(self.pool())
         .await?)
     }
 
@@ -576,7 +578,7 @@ impl Store {
         Ok(
             sqlx::query_scalar("SELECT requested_by FROM builds WHERE id = $1")
                 .bind(id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.pool())
                 .await?,
         )
     }
@@ -584,7 +586,7 @@ impl Store {
     pub async fn build(&self, id: i64) -> Result<Option<BuildRow>> {
         let r = sqlx::query(&format!("SELECT {BUILD_COLS} FROM builds WHERE id = $1"))
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.pool())
             .await?;
         r.as_ref().map(build_row).transpose()
     }
@@ -630,7 +632,7 @@ impl Store {
         } else {
             f.limit.min(10_000)
         };
-        let rows = q.bind(limit).fetch_all(&self.pool).await?;
+        let rows = q.bind(limit).fetch_all(self.pool()).await?;
         rows.iter().map(build_row).collect()
     }
 
@@ -639,7 +641,7 @@ impl Store {
         let rows = sqlx::query(&format!(
             "SELECT {BUILD_COLS} FROM builds WHERE status = 'queued' ORDER BY id"
         ))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?;
         rows.iter().map(build_row).collect()
     }
@@ -647,7 +649,7 @@ impl Store {
     /// Counts builds per status.
     pub async fn status_counts(&self) -> Result<Vec<(BuildStatus, i64)>> {
         let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM builds GROUP BY status")
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool())
             .await?;
         let mut out = Vec::new();
         for r in rows {
@@ -666,7 +668,8 @@ impl Store {
         host_type: &str,
     ) -> Result<Option<(i64, i64)>> {
         let now = now_ms();
-        let mut tx = self.writer().begin().await?;
+        let mut w = self.writer().acquire().await?;
+        let mut tx = w.begin().await?;
         // One round trip: the update says the attempt's number.
         let number: Option<i64> = sqlx::query_scalar(
             "UPDATE builds SET status = 'running', attempts = attempts + 1, started_at = COALESCE(started_at, $1) WHERE id = $2 AND status = 'queued' RETURNING attempts",
@@ -780,7 +783,7 @@ impl Store {
             "SELECT id, build_id, number, machine, host_type, started_at, finished_at, result, error FROM attempts WHERE build_id = $1 ORDER BY number",
         )
         .bind(build_id)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?)
     }
 
@@ -789,7 +792,7 @@ impl Store {
             "SELECT id, build_id, attempt_id, number, name, started_at, finished_at, result, detail, log_size FROM steps WHERE build_id = $1 ORDER BY attempt_id, number",
         )
         .bind(build_id)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?)
     }
 
@@ -840,7 +843,7 @@ impl Store {
             for h in chunk {
                 q = q.bind(text(h));
             }
-            for r in q.fetch_all(&self.pool).await? {
+            for r in q.fetch_all(self.pool()).await? {
                 let commit: String = r.try_get("commit_hash")?;
                 let cells: String = r.try_get("cells")?;
                 for cell in cells.split('\u{1e}') {
@@ -885,7 +888,7 @@ impl Store {
         .bind(text(branch))
         .bind(limit)
         .bind(offset)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?;
         rows.iter().map(commit_row).collect()
     }
@@ -917,7 +920,8 @@ impl Store {
     /// name is never used again, and an ephemeral pool would otherwise add
     /// a row per build.
     pub async fn exec_instance_delete(&self, hostname: &str) -> Result<()> {
-        let mut tx = self.writer().begin().await?;
+        let mut w = self.writer().acquire().await?;
+        let mut tx = w.begin().await?;
         for table in ["exec_instances", "machines"] {
             sqlx::query(&format!("DELETE FROM {table} WHERE hostname = $1"))
                 .bind(text(hostname))
@@ -935,7 +939,7 @@ impl Store {
             "SELECT hostname, state FROM exec_instances WHERE host_type = $1 ORDER BY created_at LIMIT 10000",
         )
         .bind(text(host_type))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?;
         rows.iter()
             .map(|r| {
@@ -952,7 +956,7 @@ impl Store {
     pub async fn machines(&self) -> Result<Vec<MachineRow>> {
         let rows = sqlx::query("SELECT hostname, host_type, version, build, addr, first_seen, last_seen FROM (SELECT * FROM machines ORDER BY last_seen DESC LIMIT $1) recent ORDER BY host_type, hostname")
             .bind(MAX_MACHINES)
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool())
             .await?;
         rows.iter()
             .map(|r| {
@@ -1023,8 +1027,8 @@ mod tests {
     async fn sqlite_writes_queue_on_one_connection_and_all_land() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("farmer.db")).await.unwrap();
-        assert_eq!(store.writer().options().get_max_connections(), 1);
-        assert!(store.pool().options().get_max_connections() > 1);
+        assert_eq!(store.writer().size(), 1);
+        assert!(store.pool().size() > 1);
         let mut tasks = tokio::task::JoinSet::new();
         for n in 0..64 {
             let store = store.clone();

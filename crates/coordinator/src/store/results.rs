@@ -65,7 +65,8 @@ const TEST_COLS: &str = "id, build_id, attempt_id, step_id, builder, commit_hash
 impl Store {
     /// Records a step's test results in one transaction.
     pub async fn record_tests(&self, of: &TestsOf, tests: &[TestResult]) -> Result<()> {
-        let mut tx = self.writer().begin().await?;
+        let mut w = self.writer().acquire().await?;
+        let mut tx = w.begin().await?;
         let now = now_ms();
         for t in tests {
             sqlx::query(
@@ -95,7 +96,8 @@ impl Store {
     /// Turns a step's failed results of `names` into flaky ones (they
     /// passed when run again).
     pub async fn mark_flaky(&self, step_id: i64, names: &[String]) -> Result<()> {
-        let mut tx = self.writer().begin().await?;
+        let mut w = self.writer().acquire().await?;
+        let mut tx = w.begin().await?;
         for n in names {
             sqlx::query(
                 "UPDATE test_results SET outcome = 'flaky' WHERE step_id = $1 AND name = $2 AND outcome = 'fail'",
@@ -129,7 +131,7 @@ impl Store {
         ))
         .bind(build_id)
         .bind(limit.min(MAX_TEST_ROWS))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?)
     }
 
@@ -139,7 +141,7 @@ impl Store {
             "SELECT outcome, COUNT(*) AS n FROM test_results WHERE build_id = $1 AND attempt_id = ({LAST_ATTEMPT}) GROUP BY outcome"
         ))
         .bind(build_id)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?;
         rows.iter()
             .map(|r| Ok((r.try_get("outcome")?, r.try_get("n")?)))
@@ -169,7 +171,7 @@ impl Store {
             for id in chunk {
                 q = q.bind(id);
             }
-            for r in q.fetch_all(&self.pool).await? {
+            for r in q.fetch_all(self.pool()).await? {
                 let name: String = r.try_get("name")?;
                 let v = out.entry(r.try_get("build_id")?).or_default();
                 if v.len() < per_build && !v.contains(&name) {
@@ -188,7 +190,7 @@ impl Store {
         ))
         .bind(text(name))
         .bind(limit.min(MAX_TEST_ROWS))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?)
     }
 
@@ -215,7 +217,7 @@ impl Store {
         )
         .bind(builds)
         .bind(limit.min(MAX_TEST_ROWS))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?;
         rows.iter()
             .map(|r| {

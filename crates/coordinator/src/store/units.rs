@@ -63,7 +63,7 @@ impl Store {
         )
         .bind(build_id)
         .bind(MAX_UNIT_ROWS)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?)
     }
 
@@ -85,7 +85,7 @@ impl Store {
         .bind(text(builder))
         .bind(text(step))
         .bind(HISTORY_ROWS)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?;
         let mut out: HashMap<String, Vec<i64>> = HashMap::new();
         for r in &rows {

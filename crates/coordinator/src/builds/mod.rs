@@ -243,15 +243,9 @@ impl Farm {
             Outcome::CoordinatorError(m) => (RunResult::InfraError, m.clone()),
         };
         let phase = self.metrics.phase("record-result");
-        if let Err(e) = self.store.finish_attempt(attempt_id, result, &detail).await {
-            tracing::error!(build = id, "recording attempt: {e}");
-        }
-        rb.log.append(
-            format!(
-                "farmer: attempt {number} {result}{}{detail}\n",
-                if detail.is_empty() { "" } else { ": " }
-            )
-            .as_bytes(),
+        let attempt_line = format!(
+            "farmer: attempt {number} {result}{}{detail}\n",
+            if detail.is_empty() { "" } else { ": " }
         );
         let final_status = match outcome {
             Outcome::Passed => (BuildStatus::Passed, String::new()),
@@ -262,6 +256,10 @@ impl Farm {
                 self.pool
                     .remove(lease.id, &format!("broke during build {id}: {m}"));
                 if number < max {
+                    if let Err(e) = self.store.finish_attempt(attempt_id, result, &detail).await {
+                        tracing::error!(build = id, "recording attempt: {e}");
+                    }
+                    rb.log.append(attempt_line.as_bytes());
                     return match self.store.requeue(id).await {
                         Ok(true) => {
                             rb.log.append(
@@ -294,6 +292,7 @@ impl Farm {
                 )
             }
         };
+        rb.log.append(attempt_line.as_bytes());
         let (status, msg) = final_status;
         let flaky = status == BuildStatus::Passed
             && !rb
@@ -301,17 +300,6 @@ impl Farm {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .is_empty();
-        if flaky && let Err(e) = self.store.set_build_flaky(id).await {
-            tracing::error!(build = id, "recording flakes: {e}");
-        }
-        match self.store.finish_build(id, status, &msg).await {
-            Ok(true) => {
-                self.metrics.build_finished(status);
-                crate::forge::build_changed(&self, id);
-            }
-            Ok(false) => {}
-            Err(e) => tracing::error!(build = id, "recording result: {e}"),
-        }
         rb.log.append(
             format!(
                 "farmer: build {id} {}{}{}\n",
@@ -325,8 +313,29 @@ impl Farm {
             )
             .as_bytes(),
         );
-        self.store_attempt_log(&rb, attempt_id, id, attempt_from)
+        // The attempt's end, the build's and the attempt's log: one write.
+        let log = rb
+            .log
+            .range_async(attempt_from, attempt_from + MAX_LOG)
             .await;
+        let ended = self
+            .store
+            .end_attempt(
+                (attempt_id, id),
+                result,
+                &detail,
+                Some((status, &msg, flaky)),
+                &log,
+            )
+            .await;
+        match ended {
+            Ok(true) => {
+                self.metrics.build_finished(status);
+                crate::forge::build_changed(&self, id);
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(build = id, "recording the attempt's and build's end: {e}"),
+        }
         tracing::info!(build = id, %status, "build finished");
         self.unregister_running(id);
         drop(phase);

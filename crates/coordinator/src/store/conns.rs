@@ -15,7 +15,10 @@
 //!
 //! [`Conns`] is an [`Executor`], as the pool was: a statement takes a
 //! connection for itself (`.execute(self.writer())`). A transaction holds one
-//! for its whole length ([`Conns::acquire`], then `begin`).
+//! for its whole length ([`Conns::acquire`], then `begin`). A short
+//! transaction whose statements need nothing from the caller between them
+//! is a [`Conns::batch`]: on SQLite one trip to the worker thread, not one
+//! per statement plus two for `BEGIN` and `COMMIT`.
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
@@ -120,6 +123,141 @@ impl Own {
             _permit: permit,
             broken: false,
         })
+    }
+}
+
+/// A value bound to a batch's statement.
+pub(super) enum Arg {
+    Int(i64),
+    Text(String),
+    Bytes(Option<Vec<u8>>),
+}
+
+/// One statement of a [`Conns::batch`]: its SQL numbers its parameters
+/// `$1`, `$2`, … on its own (no `$` elsewhere in it).
+pub(super) struct Stmt {
+    pub sql: &'static str,
+    pub args: Vec<Arg>,
+}
+
+impl Stmt {
+    pub(super) fn new(sql: &'static str, args: Vec<Arg>) -> Stmt {
+        Stmt { sql, args }
+    }
+}
+
+/// `sql` with its parameters `$N` renumbered to `$(N + by)`.
+fn shift_params(sql: &str, by: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut rest = sql;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..=i]);
+        rest = &rest[i + 1..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        match rest[..digits].parse::<usize>() {
+            Ok(n) => out.push_str(&(n + by).to_string()),
+            Err(_) => out.push_str(&rest[..digits]),
+        }
+        rest = &rest[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn bind<'q>(
+    mut q: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
+    args: &'q [Arg],
+) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>> {
+    for a in args {
+        q = match a {
+            Arg::Int(v) => q.bind(*v),
+            Arg::Text(v) => q.bind(v.as_str()),
+            Arg::Bytes(v) => q.bind(v.as_deref()),
+        };
+    }
+    q
+}
+
+impl Conns {
+    /// Runs `stmts` in one transaction: all of them or none. Returns each
+    /// statement's rows (`RETURNING`), in order.
+    ///
+    /// On SQLite the statements go to the worker thread as one text,
+    /// `BEGIN; …; COMMIT`. A statement that fails ends the batch; the
+    /// transaction is rolled back before the connection is used again. A
+    /// batch dropped half-way leaves its connection closed (SQLite rolls
+    /// back what it did not commit), never handed out inside a
+    /// transaction. On PostgreSQL, which takes one statement with
+    /// parameters at a time, it is an ordinary transaction.
+    pub(super) async fn batch(&self, stmts: &[Stmt]) -> Result<Vec<Vec<AnyRow>>, sqlx::Error> {
+        match self {
+            Conns::Pool(p) => {
+                let mut tx = p.begin().await?;
+                let mut out = Vec::with_capacity(stmts.len());
+                for s in stmts {
+                    out.push(
+                        bind(sqlx::query(s.sql), &s.args)
+                            .fetch_all(&mut *tx)
+                            .await?,
+                    );
+                }
+                tx.commit().await?;
+                Ok(out)
+            }
+            Conns::Own(o) => {
+                let mut sql = String::from("BEGIN; ");
+                let mut n = 0;
+                for s in stmts {
+                    sql.push_str(&shift_params(s.sql, n));
+                    sql.push_str("; ");
+                    n += s.args.len();
+                }
+                sql.push_str("COMMIT;");
+                let mut q = sqlx::query(&sql);
+                for s in stmts {
+                    q = bind(q, &s.args);
+                }
+                let mut c = o.clone().acquire().await?;
+                // Until the batch has ended one way or the other.
+                c.broken = true;
+                let conn = c.conn.as_mut().expect("taken only on drop");
+                let r = conn.fetch_many(q).try_collect::<Vec<_>>().await;
+                match r {
+                    Ok(items) => {
+                        c.broken = false;
+                        // Each statement's rows, then its result: BEGIN's
+                        // first, COMMIT's last.
+                        let mut out = Vec::with_capacity(stmts.len() + 2);
+                        let mut rows = Vec::new();
+                        for item in items {
+                            match item {
+                                Either::Left(_) => out.push(std::mem::take(&mut rows)),
+                                Either::Right(row) => rows.push(row),
+                            }
+                        }
+                        if out.len() != stmts.len() + 2 {
+                            return Err(sqlx::Error::Protocol(format!(
+                                "a batch of {} statements answered {} results",
+                                stmts.len() + 2,
+                                out.len()
+                            )));
+                        }
+                        out.pop();
+                        out.remove(0);
+                        Ok(out)
+                    }
+                    Err(e) => {
+                        if !matches!(e, sqlx::Error::WorkerCrashed | sqlx::Error::Io(_)) {
+                            let conn = c.conn.as_mut().expect("taken only on drop");
+                            // Fails harmlessly when BEGIN itself failed.
+                            let _ = conn.execute("ROLLBACK").await;
+                            c.broken = false;
+                        }
+                        Err(e)
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -287,6 +425,7 @@ impl<'c> Executor<'c> for &'c Conns {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sqlx::Row;
 
     async fn own(dir: &std::path::Path, size: u32, wait: Duration) -> Conns {
         sqlx::any::install_default_drivers();
@@ -300,6 +439,25 @@ mod tests {
             .await
             .unwrap();
         conns
+    }
+
+    async fn insert(conns: &Conns, n: i64) {
+        sqlx::query("INSERT INTO t VALUES ($1)")
+            .bind(n)
+            .execute(conns)
+            .await
+            .unwrap();
+    }
+
+    /// What another connection to the file sees committed, sorted.
+    async fn committed(dir: &std::path::Path) -> Vec<i64> {
+        let other = own_reader(dir).await;
+        let mut n: Vec<i64> = sqlx::query_scalar("SELECT n FROM t")
+            .fetch_all(&other)
+            .await
+            .unwrap();
+        n.sort();
+        n
     }
 
     fn idle(c: &Conns) -> usize {
@@ -323,10 +481,7 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, sqlx::Error::PoolTimedOut), "{e}");
         drop(held);
-        sqlx::query("INSERT INTO t VALUES (2)")
-            .execute(&conns)
-            .await
-            .unwrap();
+        insert(&conns, 2).await;
         let n: Vec<i64> = sqlx::query_scalar("SELECT n FROM t")
             .fetch_all(&conns)
             .await
@@ -351,16 +506,9 @@ mod tests {
                 .await
                 .unwrap();
         }
-        sqlx::query("INSERT INTO t VALUES (2)")
-            .execute(&conns)
-            .await
-            .unwrap();
+        insert(&conns, 2).await;
         // Another connection to the file sees the second row committed.
-        let other = own_reader(dir.path()).await;
-        let n: Vec<i64> = sqlx::query_scalar("SELECT n FROM t")
-            .fetch_all(&other)
-            .await
-            .unwrap();
+        let n = committed(dir.path()).await;
         assert_eq!(n, vec![2]);
     }
 
@@ -418,5 +566,90 @@ mod tests {
         ));
         drop((a, b, c));
         assert_eq!(idle(&conns), 3);
+    }
+
+    #[test]
+    fn parameters_are_renumbered_past_the_earlier_statements() {
+        assert_eq!(
+            shift_params("UPDATE t SET a = $1, b = $12 WHERE id = $2", 3),
+            "UPDATE t SET a = $4, b = $15 WHERE id = $5"
+        );
+        assert_eq!(shift_params("SELECT 1", 5), "SELECT 1");
+    }
+
+    /// One trip: each statement's rows come back in order, and all of it
+    /// is committed.
+    #[tokio::test]
+    async fn a_batch_returns_each_statements_rows_and_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let conns = own(dir.path(), 1, Duration::from_secs(5)).await;
+        let out = conns
+            .batch(&[
+                Stmt::new("INSERT INTO t VALUES ($1)", vec![Arg::Int(7)]),
+                Stmt::new(
+                    "INSERT INTO t VALUES ($1), ($2) RETURNING n",
+                    vec![Arg::Int(8), Arg::Int(9)],
+                ),
+                Stmt::new(
+                    "UPDATE t SET n = n + $1 WHERE n = $2",
+                    vec![Arg::Int(100), Arg::Int(7)],
+                ),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(out.len(), 3);
+        assert!(out[0].is_empty() && out[2].is_empty());
+        let got: Vec<i64> = out[1].iter().map(|r| r.get::<i64, _>("n")).collect();
+        assert_eq!(got, vec![8, 9]);
+        assert_eq!(committed(dir.path()).await, vec![8, 9, 107]);
+    }
+
+    /// A failing statement undoes the batch's earlier ones, and the
+    /// connection's next user is not left inside its transaction.
+    #[tokio::test]
+    async fn a_failing_batch_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let conns = own(dir.path(), 1, Duration::from_secs(5)).await;
+        let Err(e) = conns
+            .batch(&[
+                Stmt::new("INSERT INTO t VALUES ($1)", vec![Arg::Int(1)]),
+                Stmt::new("INSERT INTO no_such_table VALUES ($1)", vec![Arg::Int(2)]),
+            ])
+            .await
+        else {
+            panic!("a batch with a missing table succeeded");
+        };
+        assert!(e.to_string().contains("no_such_table"), "{e}");
+        assert_eq!(idle(&conns), 1, "the connection is fine after a rollback");
+        insert(&conns, 3).await;
+        assert_eq!(
+            committed(dir.path()).await,
+            vec![3],
+            "the first insert was rolled back, the later one committed"
+        );
+    }
+
+    /// A batch dropped before it ended takes its connection with it: the
+    /// next statement gets a fresh one and sees all of the batch or none.
+    #[tokio::test]
+    async fn a_dropped_batch_closes_its_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let conns = own(dir.path(), 1, Duration::from_secs(5)).await;
+        let stmts = [
+            Stmt::new("INSERT INTO t VALUES ($1)", vec![Arg::Int(1)]),
+            Stmt::new("INSERT INTO t VALUES ($1)", vec![Arg::Int(2)]),
+        ];
+        let mut fut = Box::pin(conns.batch(&stmts));
+        // Polled until it has sent its text, then dropped.
+        assert!(futures_util::poll!(fut.as_mut()).is_pending());
+        drop(fut);
+        assert_eq!(idle(&conns), 0, "a connection mid-batch went back");
+        insert(&conns, 3).await;
+        let mut n: Vec<i64> = sqlx::query_scalar("SELECT n FROM t")
+            .fetch_all(&conns)
+            .await
+            .unwrap();
+        n.sort();
+        assert!(n == vec![3] || n == vec![1, 2, 3], "{n:?}");
     }
 }

@@ -25,6 +25,11 @@ pub(super) fn attempt_key(id: i64) -> String {
     format!("logs/attempts/{id}.log.gz")
 }
 
+/// Keeps an attempt's whole log (replacing one kept before); the row's
+/// blob is empty when the log is in the artifact store.
+pub(super) const PUT_ATTEMPT_LOG: &str = "INSERT INTO attempt_logs (attempt_id, build_id, log_gz, log_size) VALUES ($1, $2, $3, $4) \
+     ON CONFLICT (attempt_id) DO UPDATE SET log_gz = excluded.log_gz, log_size = excluded.log_size";
+
 /// Decompresses a stored log off the async threads when it is large.
 async fn gunzip_async(gz: Vec<u8>) -> Vec<u8> {
     if gz.len() < 64 << 10 {
@@ -59,7 +64,7 @@ impl Store {
     /// Compresses `log` and puts it in the artifact store; the compressed
     /// bytes come back for the row when there is no artifact store or it
     /// failed.
-    async fn keep_log(&self, key: &str, log: &[u8]) -> Option<Vec<u8>> {
+    pub(super) async fn keep_log(&self, key: &str, log: &[u8]) -> Option<Vec<u8>> {
         let gz = if log.len() > 1 << 20 {
             let owned = log.to_vec();
             tokio::task::spawn_blocking(move || gzip(&owned))
@@ -148,16 +153,13 @@ impl Store {
             .keep_log(&attempt_key(attempt_id), log)
             .await
             .unwrap_or_default();
-        sqlx::query(
-            "INSERT INTO attempt_logs (attempt_id, build_id, log_gz, log_size) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (attempt_id) DO UPDATE SET log_gz = excluded.log_gz, log_size = excluded.log_size",
-        )
-        .bind(attempt_id)
-        .bind(build_id)
-        .bind(row)
-        .bind(log.len() as i64)
-        .execute(self.writer())
-        .await?;
+        sqlx::query(PUT_ATTEMPT_LOG)
+            .bind(attempt_id)
+            .bind(build_id)
+            .bind(row)
+            .bind(log.len() as i64)
+            .execute(self.writer())
+            .await?;
         Ok(())
     }
 

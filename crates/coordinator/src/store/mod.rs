@@ -356,6 +356,12 @@ pub struct Store {
     fence: leader::Fence,
 }
 
+const FINISH_ATTEMPT: &str = "UPDATE attempts SET result = $1, error = $2, finished_at = $3 WHERE id = $4 AND result = 'running'";
+
+/// A build's final status, written once (only over queued or running):
+/// a row comes back when it was written.
+const FINISH_BUILD: &str = "UPDATE builds SET status = $1, error = $2, finished_at = $3 WHERE id = $4 AND status IN ('queued', 'running') RETURNING id";
+
 const BUILD_COLS: &str = "id, builder, host_type, repo, branch, commit_hash, commit_time, kind, status, created_at, started_at, finished_at, attempts, error, flaky, requested_by";
 
 fn build_row(r: &AnyRow) -> Result<BuildRow> {
@@ -667,32 +673,36 @@ impl Store {
         machine: &str,
         host_type: &str,
     ) -> Result<Option<(i64, i64)>> {
+        use conns::{Arg, Stmt};
         let now = now_ms();
-        let mut w = self.writer().acquire().await?;
-        let mut tx = w.begin().await?;
-        // One round trip: the update says the attempt's number.
-        let number: Option<i64> = sqlx::query_scalar(
-            "UPDATE builds SET status = 'running', attempts = attempts + 1, started_at = COALESCE(started_at, $1) WHERE id = $2 AND status = 'queued' RETURNING attempts",
-        )
-        .bind(now)
-        .bind(build_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(number) = number else {
+        // One transaction (on SQLite one trip to its thread). The attempt
+        // is inserted only if the update made the build running just now:
+        // a running build already has the row of its current attempt.
+        let rows = self
+            .writer()
+            .batch(&[
+                Stmt::new(
+                    "UPDATE builds SET status = 'running', attempts = attempts + 1, started_at = COALESCE(started_at, $1) WHERE id = $2 AND status = 'queued'",
+                    vec![Arg::Int(now), Arg::Int(build_id)],
+                ),
+                Stmt::new(
+                    "INSERT INTO attempts (build_id, number, machine, host_type, started_at, result) \
+                     SELECT id, attempts, $2, $3, $4, 'running' FROM builds WHERE id = $1 AND status = 'running' \
+                     AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.build_id = $1 AND a.number = builds.attempts) \
+                     RETURNING id, number",
+                    vec![
+                        Arg::Int(build_id),
+                        Arg::Text(text(machine)),
+                        Arg::Text(text(host_type)),
+                        Arg::Int(now),
+                    ],
+                ),
+            ])
+            .await?;
+        let Some(r) = rows.get(1).and_then(|r| r.first()) else {
             return Ok(None);
         };
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO attempts (build_id, number, machine, host_type, started_at, result) VALUES ($1, $2, $3, $4, $5, 'running') RETURNING id",
-        )
-        .bind(build_id)
-        .bind(number)
-        .bind(text(machine))
-        .bind(text(host_type))
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Some((id, number)))
+        Ok(Some((r.try_get("id")?, r.try_get("number")?)))
     }
 
     pub async fn finish_attempt(
@@ -701,7 +711,7 @@ impl Store {
         result: RunResult,
         error: &str,
     ) -> Result<()> {
-        sqlx::query("UPDATE attempts SET result = $1, error = $2, finished_at = $3 WHERE id = $4 AND result = 'running'")
+        sqlx::query(FINISH_ATTEMPT)
             .bind(result.as_str())
             .bind(text(error))
             .bind(now_ms())
@@ -709,6 +719,63 @@ impl Store {
             .execute(self.writer())
             .await?;
         Ok(())
+    }
+
+    /// Ends an attempt, ends its build with it when `build` says how
+    /// (status, message, passed with flakes), and keeps the attempt's log:
+    /// one transaction, after the log's bytes are in the artifact store.
+    /// Returns whether the build's status changed (`false`: it was final
+    /// already, or `build` is `None`).
+    pub async fn end_attempt(
+        &self,
+        attempt: (i64, i64),
+        result: RunResult,
+        error: &str,
+        build: Option<(BuildStatus, &str, bool)>,
+        log: &[u8],
+    ) -> Result<bool> {
+        use conns::{Arg, Stmt};
+        let (attempt_id, build_id) = attempt;
+        let row = self
+            .keep_log(&logs::attempt_key(attempt_id), log)
+            .await
+            .unwrap_or_default();
+        let now = now_ms();
+        let mut stmts = vec![Stmt::new(
+            FINISH_ATTEMPT,
+            vec![
+                Arg::Text(result.as_str().into()),
+                Arg::Text(text(error)),
+                Arg::Int(now),
+                Arg::Int(attempt_id),
+            ],
+        )];
+        if let Some((status, msg, flaky)) = build {
+            debug_assert!(status.is_terminal());
+            if flaky {
+                stmts.push(Stmt::new(results::SET_FLAKY, vec![Arg::Int(build_id)]));
+            }
+            stmts.push(Stmt::new(
+                FINISH_BUILD,
+                vec![
+                    Arg::Text(status.as_str().into()),
+                    Arg::Text(text(msg)),
+                    Arg::Int(now),
+                    Arg::Int(build_id),
+                ],
+            ));
+        }
+        stmts.push(Stmt::new(
+            logs::PUT_ATTEMPT_LOG,
+            vec![
+                Arg::Int(attempt_id),
+                Arg::Int(build_id),
+                Arg::Bytes(Some(row)),
+                Arg::Int(log.len() as i64),
+            ],
+        ));
+        let rows = self.writer().batch(&stmts).await?;
+        Ok(build.is_some() && rows.get(stmts.len() - 2).is_some_and(|r| !r.is_empty()))
     }
 
     /// Puts a running build back in the queue after a lost attempt.
@@ -745,17 +812,14 @@ impl Store {
         error: &str,
     ) -> Result<bool> {
         debug_assert!(status.is_terminal());
-        let n = sqlx::query(
-            "UPDATE builds SET status = $1, error = $2, finished_at = $3 WHERE id = $4 AND status IN ('queued', 'running')",
-        )
-        .bind(status.as_str())
-        .bind(text(error))
-        .bind(now_ms())
-        .bind(build_id)
-        .execute(self.writer())
-        .await?
-        .rows_affected();
-        Ok(n > 0)
+        let changed = sqlx::query(FINISH_BUILD)
+            .bind(status.as_str())
+            .bind(text(error))
+            .bind(now_ms())
+            .bind(build_id)
+            .fetch_optional(self.writer())
+            .await?;
+        Ok(changed.is_some())
     }
 
     pub async fn start_step(
@@ -1059,5 +1123,89 @@ mod tests {
         assert!(e.to_string().contains("readonly"), "{e}");
         let b = store.builds(&BuildFilter::default()).await.unwrap();
         assert!(b.iter().all(|b| b.error.is_empty()));
+    }
+
+    /// An attempt starts only on a queued build, in one write that makes
+    /// the build running and records the attempt (never twice, never on a
+    /// cancelled build); it ends with its build and its log in one write,
+    /// which changes a final build no more.
+    #[tokio::test]
+    async fn attempts_start_and_end_with_their_builds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("farmer.db")).await.unwrap();
+        let cancelled = store.create_build(&new_build(1)).await.unwrap().unwrap().id;
+        assert!(store.cancel_queued(cancelled, "no").await.unwrap());
+        assert_eq!(
+            store.start_attempt(cancelled, "m", "h").await.unwrap(),
+            None
+        );
+        assert!(store.attempts(cancelled).await.unwrap().is_empty());
+
+        let id = store.create_build(&new_build(2)).await.unwrap().unwrap().id;
+        let (attempt, number) = store.start_attempt(id, "m1", "h").await.unwrap().unwrap();
+        assert_eq!(number, 1);
+        // Running already: no second attempt.
+        assert_eq!(store.start_attempt(id, "m2", "h").await.unwrap(), None);
+        let b = store.build(id).await.unwrap().unwrap();
+        assert_eq!((b.status, b.attempts), (BuildStatus::Running, 1));
+        let a = store.attempts(id).await.unwrap();
+        assert_eq!(a.len(), 1);
+        assert_eq!((a[0].id, a[0].machine.as_str()), (attempt, "m1"));
+
+        let ended = store
+            .end_attempt(
+                (attempt, id),
+                RunResult::Passed,
+                "",
+                Some((BuildStatus::Passed, "", true)),
+                b"the whole log\n",
+            )
+            .await
+            .unwrap();
+        assert!(ended);
+        let b = store.build(id).await.unwrap().unwrap();
+        assert_eq!((b.status, b.flaky), (BuildStatus::Passed, true));
+        let a = store.attempts(id).await.unwrap();
+        assert_eq!(a[0].result, RunResult::Passed);
+        assert!(a[0].finished_at.is_some());
+        assert_eq!(
+            store
+                .attempt_logs(id)
+                .await
+                .unwrap()
+                .get(&attempt)
+                .map(Vec::as_slice),
+            Some(&b"the whole log\n"[..])
+        );
+        // Final already: the build keeps its status, the log is replaced.
+        let again = store
+            .end_attempt(
+                (attempt, id),
+                RunResult::Failed,
+                "late",
+                Some((BuildStatus::Failed, "late", false)),
+                b"later\n",
+            )
+            .await
+            .unwrap();
+        assert!(!again);
+        let b = store.build(id).await.unwrap().unwrap();
+        assert_eq!((b.status, b.error.as_str()), (BuildStatus::Passed, ""));
+        assert_eq!(
+            store.attempts(id).await.unwrap()[0].result,
+            RunResult::Passed
+        );
+
+        // A lost attempt, re-queued: the next one is number 2.
+        let id = store.create_build(&new_build(3)).await.unwrap().unwrap().id;
+        let (first, _) = store.start_attempt(id, "m", "h").await.unwrap().unwrap();
+        store
+            .finish_attempt(first, RunResult::InfraError, "gone")
+            .await
+            .unwrap();
+        assert!(store.requeue(id).await.unwrap());
+        let (second, number) = store.start_attempt(id, "m", "h").await.unwrap().unwrap();
+        assert_ne!(first, second);
+        assert_eq!(number, 2);
     }
 }

@@ -57,6 +57,9 @@ pub struct FlakeRow {
     pub last_flaky_build: i64,
 }
 
+/// Marks a build as passed only after re-runs.
+pub(super) const SET_FLAKY: &str = "UPDATE builds SET flaky = 1 WHERE id = $1";
+
 /// The last attempt of build `$1` that recorded results.
 const LAST_ATTEMPT: &str = "SELECT MAX(attempt_id) FROM test_results WHERE build_id = $1";
 
@@ -108,15 +111,6 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
-        Ok(())
-    }
-
-    /// Marks a build as passed only after re-runs.
-    pub async fn set_build_flaky(&self, build_id: i64) -> Result<()> {
-        sqlx::query("UPDATE builds SET flaky = 1 WHERE id = $1")
-            .bind(build_id)
-            .execute(self.writer())
-            .await?;
         Ok(())
     }
 

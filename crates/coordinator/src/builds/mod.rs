@@ -324,7 +324,7 @@ impl Farm {
                 (attempt_id, id),
                 result,
                 &detail,
-                Some((status, &msg, flaky)),
+                (status, &msg, flaky),
                 &log,
             )
             .await;

@@ -721,17 +721,17 @@ impl Store {
         Ok(())
     }
 
-    /// Ends an attempt, ends its build with it when `build` says how
+    /// Ends a build's last attempt, ends the build with it as `build` says
     /// (status, message, passed with flakes), and keeps the attempt's log:
     /// one transaction, after the log's bytes are in the artifact store.
     /// Returns whether the build's status changed (`false`: it was final
-    /// already, or `build` is `None`).
+    /// already, e.g. cancelled meanwhile).
     pub async fn end_attempt(
         &self,
         attempt: (i64, i64),
         result: RunResult,
         error: &str,
-        build: Option<(BuildStatus, &str, bool)>,
+        build: (BuildStatus, &str, bool),
         log: &[u8],
     ) -> Result<bool> {
         use conns::{Arg, Stmt};
@@ -750,21 +750,20 @@ impl Store {
                 Arg::Int(attempt_id),
             ],
         )];
-        if let Some((status, msg, flaky)) = build {
-            debug_assert!(status.is_terminal());
-            if flaky {
-                stmts.push(Stmt::new(results::SET_FLAKY, vec![Arg::Int(build_id)]));
-            }
-            stmts.push(Stmt::new(
-                FINISH_BUILD,
-                vec![
-                    Arg::Text(status.as_str().into()),
-                    Arg::Text(text(msg)),
-                    Arg::Int(now),
-                    Arg::Int(build_id),
-                ],
-            ));
+        let (status, msg, flaky) = build;
+        debug_assert!(status.is_terminal());
+        if flaky {
+            stmts.push(Stmt::new(results::SET_FLAKY, vec![Arg::Int(build_id)]));
         }
+        stmts.push(Stmt::new(
+            FINISH_BUILD,
+            vec![
+                Arg::Text(status.as_str().into()),
+                Arg::Text(text(msg)),
+                Arg::Int(now),
+                Arg::Int(build_id),
+            ],
+        ));
         stmts.push(Stmt::new(
             logs::PUT_ATTEMPT_LOG,
             vec![
@@ -775,7 +774,8 @@ impl Store {
             ],
         ));
         let rows = self.writer().batch(&stmts).await?;
-        Ok(build.is_some() && rows.get(stmts.len() - 2).is_some_and(|r| !r.is_empty()))
+        // FINISH_BUILD's row, if it wrote one: the last statement but one.
+        Ok(rows.get(stmts.len() - 2).is_some_and(|r| !r.is_empty()))
     }
 
     /// Puts a running build back in the queue after a lost attempt.
@@ -1157,7 +1157,7 @@ mod tests {
                 (attempt, id),
                 RunResult::Passed,
                 "",
-                Some((BuildStatus::Passed, "", true)),
+                (BuildStatus::Passed, "", true),
                 b"the whole log\n",
             )
             .await
@@ -1183,7 +1183,7 @@ mod tests {
                 (attempt, id),
                 RunResult::Failed,
                 "late",
-                Some((BuildStatus::Failed, "late", false)),
+                (BuildStatus::Failed, "late", false),
                 b"later\n",
             )
             .await
@@ -1191,6 +1191,34 @@ mod tests {
         assert!(!again);
         let b = store.build(id).await.unwrap().unwrap();
         assert_eq!((b.status, b.error.as_str()), (BuildStatus::Passed, ""));
+        // Cancelled while it ran: the end neither passes it nor marks it
+        // flaky, but keeps the attempt's end and log.
+        let id4 = store.create_build(&new_build(4)).await.unwrap().unwrap().id;
+        let (a4, _) = store.start_attempt(id4, "m", "h").await.unwrap().unwrap();
+        assert!(
+            store
+                .finish_build(id4, BuildStatus::Cancelled, "by an admin")
+                .await
+                .unwrap()
+        );
+        let ended = store
+            .end_attempt(
+                (a4, id4),
+                RunResult::Passed,
+                "",
+                (BuildStatus::Passed, "", true),
+                b"x\n",
+            )
+            .await
+            .unwrap();
+        assert!(!ended);
+        let b = store.build(id4).await.unwrap().unwrap();
+        assert_eq!((b.status, b.flaky), (BuildStatus::Cancelled, false));
+        assert_eq!(
+            store.attempts(id4).await.unwrap()[0].result,
+            RunResult::Passed
+        );
+        assert!(store.attempt_logs(id4).await.unwrap().contains_key(&a4));
         assert_eq!(
             store.attempts(id).await.unwrap()[0].result,
             RunResult::Passed

@@ -57,8 +57,9 @@ pub struct FlakeRow {
     pub last_flaky_build: i64,
 }
 
-/// Marks a build as passed only after re-runs.
-pub(super) const SET_FLAKY: &str = "UPDATE builds SET flaky = 1 WHERE id = $1";
+/// Marks a build as passed only after re-runs (not one already final).
+pub(super) const SET_FLAKY: &str =
+    "UPDATE builds SET flaky = 1 WHERE id = $1 AND status IN ('queued', 'running')";
 
 /// The last attempt of build `$1` that recorded results.
 const LAST_ATTEMPT: &str = "SELECT MAX(attempt_id) FROM test_results WHERE build_id = $1";

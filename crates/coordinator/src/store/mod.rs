@@ -1060,13 +1060,6 @@ fn commit_row(r: &AnyRow) -> Result<CommitRow> {
     })
 }
 
-pub(crate) fn gzip(data: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    let _ = e.write_all(data);
-    e.finish().unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,7 +33,9 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyConnection, AnyPool, Connection, Describe, Either, Execute, Executor};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Where a store's statements get a connection.
+/// Where a store's statements get a connection (cheap to clone: both
+/// kinds are shared handles).
+#[derive(Clone)]
 pub(super) enum Conns {
     /// sqlx's pool (PostgreSQL).
     Pool(AnyPool),
@@ -130,14 +132,14 @@ impl Own {
 pub(super) enum Arg {
     Int(i64),
     Text(String),
-    Bytes(Option<Vec<u8>>),
+    Bytes(Vec<u8>),
 }
 
 /// One statement of a [`Conns::batch`]: its SQL numbers its parameters
 /// `$1`, `$2`, … on its own (no `$` elsewhere in it).
 pub(super) struct Stmt {
-    pub sql: &'static str,
-    pub args: Vec<Arg>,
+    sql: &'static str,
+    args: Vec<Arg>,
 }
 
 impl Stmt {
@@ -172,7 +174,7 @@ fn bind<'q>(
         q = match a {
             Arg::Int(v) => q.bind(*v),
             Arg::Text(v) => q.bind(v.as_str()),
-            Arg::Bytes(v) => q.bind(v.as_deref()),
+            Arg::Bytes(v) => q.bind(v.as_slice()),
         };
     }
     q
@@ -220,45 +222,53 @@ impl Conns {
                 let mut c = o.clone().acquire().await?;
                 // Until the batch has ended one way or the other.
                 c.broken = true;
-                let conn = c.conn.as_mut().expect("taken only on drop");
-                let r = conn.fetch_many(q).try_collect::<Vec<_>>().await;
-                match r {
-                    Ok(items) => {
-                        c.broken = false;
-                        // Each statement's rows, then its result: BEGIN's
-                        // first, COMMIT's last.
-                        let mut out = Vec::with_capacity(stmts.len() + 2);
-                        let mut rows = Vec::new();
-                        for item in items {
-                            match item {
-                                Either::Left(_) => out.push(std::mem::take(&mut rows)),
-                                Either::Right(row) => rows.push(row),
-                            }
-                        }
-                        if out.len() != stmts.len() + 2 {
-                            return Err(sqlx::Error::Protocol(format!(
-                                "a batch of {} statements answered {} results",
-                                stmts.len() + 2,
-                                out.len()
-                            )));
-                        }
-                        out.pop();
-                        out.remove(0);
-                        Ok(out)
-                    }
-                    Err(e) => {
-                        if !matches!(e, sqlx::Error::WorkerCrashed | sqlx::Error::Io(_)) {
-                            let conn = c.conn.as_mut().expect("taken only on drop");
-                            // Fails harmlessly when BEGIN itself failed.
-                            let _ = conn.execute("ROLLBACK").await;
-                            c.broken = false;
-                        }
-                        Err(e)
-                    }
-                }
+                let r = c.conn().fetch_many(q).try_collect::<Vec<_>>().await;
+                c.broken = match &r {
+                    Ok(_) => false,
+                    Err(e) if breaks(e) => true,
+                    // Fails harmlessly (and the connection is fine) when
+                    // BEGIN itself failed.
+                    Err(_) => c
+                        .conn()
+                        .execute("ROLLBACK")
+                        .await
+                        .is_err_and(|e| breaks(&e)),
+                };
+                per_statement(r?, stmts.len())
             }
         }
     }
+}
+
+/// Whether an error says the connection itself is gone.
+fn breaks(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::WorkerCrashed | sqlx::Error::Io(_))
+}
+
+/// A batch's answers split into each statement's rows: every statement
+/// gives its rows, then its result; `BEGIN`'s come first, `COMMIT`'s last.
+fn per_statement(
+    items: Vec<Either<AnyQueryResult, AnyRow>>,
+    n: usize,
+) -> Result<Vec<Vec<AnyRow>>, sqlx::Error> {
+    let mut out = Vec::with_capacity(n + 2);
+    let mut rows = Vec::new();
+    for item in items {
+        match item {
+            Either::Left(_) => out.push(std::mem::take(&mut rows)),
+            Either::Right(row) => rows.push(row),
+        }
+    }
+    if out.len() != n + 2 {
+        return Err(sqlx::Error::Protocol(format!(
+            "a batch of {} statements answered {} results",
+            n + 2,
+            out.len()
+        )));
+    }
+    out.pop();
+    out.remove(0);
+    Ok(out)
 }
 
 /// A connection taken for a while; back to its set when dropped.
@@ -284,9 +294,13 @@ pub(super) struct OwnConn {
 }
 
 impl OwnConn {
+    fn conn(&mut self) -> &mut AnyConnection {
+        self.conn.as_mut().expect("taken only on drop")
+    }
+
     /// Notes an error of a statement run on this connection.
     fn saw<T>(&mut self, r: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
-        if let Err(sqlx::Error::WorkerCrashed | sqlx::Error::Io(_)) = &r {
+        if r.as_ref().is_err_and(breaks) {
             self.broken = true;
         }
         r
@@ -317,7 +331,7 @@ impl DerefMut for Conn {
     fn deref_mut(&mut self) -> &mut AnyConnection {
         match self {
             Conn::Pool(c) => c,
-            Conn::Own(c) => c.conn.as_mut().expect("taken only on drop"),
+            Conn::Own(c) => c.conn(),
         }
     }
 }
@@ -328,7 +342,7 @@ macro_rules! on_own {
         let own = $own.clone();
         Box::pin(async move {
             let mut c = own.acquire().await?;
-            let $conn = c.conn.as_mut().expect("taken only on drop");
+            let $conn = c.conn();
             let r = $call.await;
             c.saw(r)
         })

@@ -40,18 +40,20 @@ const STORED_BELOW: usize = 1024;
 /// A log as kept: a gzip member (RFC 1952), which any gzip reader opens.
 fn gzip(data: &[u8]) -> Vec<u8> {
     use std::io::Write;
-    if data.len() < STORED_BELOW {
-        return gzip_stored(data);
+    if let Ok(len) = u16::try_from(data.len())
+        && usize::from(len) < STORED_BELOW
+    {
+        return gzip_stored(data, len);
     }
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     let _ = e.write_all(data);
     e.finish().unwrap_or_default()
 }
 
-/// `data` (shorter than 64 KiB) in a gzip member whose deflate stream is
-/// one final stored block (RFC 1951, 3.2.4).
-fn gzip_stored(data: &[u8]) -> Vec<u8> {
-    let len = u16::try_from(data.len()).expect("a stored block holds at most 65535 bytes");
+/// `data`, `len` bytes (a stored block holds at most 65535), in a gzip
+/// member whose deflate stream is one final stored block (RFC 1951,
+/// 3.2.4).
+fn gzip_stored(data: &[u8], len: u16) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() + 23);
     // Magic, deflate, no flags, no time, no extra flags, OS unknown.
     out.extend_from_slice(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff]);

@@ -342,10 +342,10 @@ pub struct BuildFilter {
 #[derive(Clone)]
 pub struct Store {
     /// For reading.
-    pool: Arc<conns::Conns>,
+    pool: conns::Conns,
     /// For writing: on SQLite one connection, so writes queue rather than
     /// race for the file lock (see `engine::Pools`).
-    writer: Arc<conns::Conns>,
+    writer: conns::Conns,
     /// Where finished logs go (see `logs.rs`); in the rows without one.
     blobs: Option<Arc<dyn ArtifactStore>>,
     /// Whether new finished logs go to `blobs`.
@@ -356,6 +356,7 @@ pub struct Store {
     fence: leader::Fence,
 }
 
+/// An attempt's end, written once (only over a running attempt).
 const FINISH_ATTEMPT: &str = "UPDATE attempts SET result = $1, error = $2, finished_at = $3 WHERE id = $4 AND result = 'running'";
 
 /// A build's final status, written once (only over queued or running):
@@ -420,8 +421,8 @@ impl Store {
         let fence = leader::Fence::new();
         let pools = engine::connect(location, &fence).await?;
         Ok(Store {
-            pool: Arc::new(pools.read),
-            writer: Arc::new(pools.write),
+            pool: pools.read,
+            writer: pools.write,
             blobs: None,
             write_blobs: false,
             location: location.clone(),
@@ -546,10 +547,9 @@ impl Store {
         rows.iter().map(commit_row).collect()
     }
 
-    /// Creates a build in state `queued`. A post-submit build of a
-    /// (builder, commit) that already exists is not created again: `None`.
-    /// Stores a queued build and returns its row (`None`: an identical
-    /// build exists). The row comes back from the insert itself, so its
+    /// Stores a build in state `queued` and returns its row. A post-submit
+    /// build of a (builder, commit) that already exists is not created
+    /// again: `None`. The row comes back from the insert itself, so its
     /// driver need not read it.
     pub async fn create_build(&self, b: &NewBuild) -> Result<Option<BuildRow>> {
         let r = sqlx::query(&format!(
@@ -769,7 +769,7 @@ impl Store {
             vec![
                 Arg::Int(attempt_id),
                 Arg::Int(build_id),
-                Arg::Bytes(Some(row)),
+                Arg::Bytes(row),
                 Arg::Int(log.len() as i64),
             ],
         ));

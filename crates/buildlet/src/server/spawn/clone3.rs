@@ -480,6 +480,13 @@ mod shared {
         target_arch = "aarch64"
     ))]
     pub(super) fn clone(args: &mut CloneArgs, work: &ChildWork) -> Option<i64> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        /// Set once this kernel or profile refused the shared clone: every
+        /// later command goes straight to the copy instead of asking again.
+        static REFUSED: AtomicBool = AtomicBool::new(false);
+        if REFUSED.load(Ordering::Relaxed) {
+            return None;
+        }
         const CLONE_VM: u64 = 0x100;
         const CLONE_VFORK: u64 = 0x4000;
         /// The child only sets up and execs: a few frames.
@@ -513,7 +520,16 @@ mod shared {
             r
         };
         drop(stack);
-        (r > 0).then_some(r)
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            // Out of processes or memory says nothing about the clone.
+            if !matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM)) {
+                tracing::info!("the shared-memory clone3 was refused ({e}); copying from now on");
+                REFUSED.store(true, Ordering::Relaxed);
+            }
+            return None;
+        }
+        Some(r)
     }
 
     #[cfg(not(any(

@@ -14,13 +14,14 @@ use std::time::{Duration, Instant};
 
 use buildlet::client::ExecOptions;
 use buildlet::proto::ProcessState;
+use bytes::Bytes;
 
 use crate::config::{BuildConfig, HostConfig, Step};
 use crate::farm::{Farm, RunningBuild};
 use crate::logs::MAX_LOG;
 use crate::pool::{Holder, Lease};
 use crate::scheduler::{LeaseRequest, Priority, Ticket};
-use crate::store::{BuildKind, BuildRow, BuildStatus, RunResult};
+use crate::store::{BuildKind, BuildRow, BuildStatus, RunResult, StepEnd};
 
 pub mod artifacts;
 mod rerun;
@@ -229,9 +230,10 @@ impl Farm {
         tracing::info!(build = id, attempt = number, builder = %build.builder, machine = %lease.hostname, "build started");
         drop(phase);
         let mut lease = lease;
+        let mut ended = None;
         let outcome = self
             .execute(
-                build, &builder, &host, &mut lease, attempt_id, &rb, early, deadline,
+                build, &builder, &host, &mut lease, attempt_id, &rb, early, deadline, &mut ended,
             )
             .await;
         let max = cfg.farm.max_attempts as i64;
@@ -256,6 +258,11 @@ impl Farm {
                 self.pool
                     .remove(lease.id, &format!("broke during build {id}: {m}"));
                 if number < max {
+                    if let Some(end) = &ended
+                        && let Err(e) = self.store.finish_step(end).await
+                    {
+                        tracing::error!(build = id, "recording the step's end: {e}");
+                    }
                     if let Err(e) = self.store.finish_attempt(attempt_id, result, &detail).await {
                         tracing::error!(build = id, "recording attempt: {e}");
                     }
@@ -313,7 +320,8 @@ impl Farm {
             )
             .as_bytes(),
         );
-        // The attempt's end, the build's and the attempt's log: one write.
+        // The last step's end, the attempt's, the build's and the
+        // attempt's log: one write.
         let log = rb
             .log
             .range_async(attempt_from, attempt_from + MAX_LOG)
@@ -325,7 +333,7 @@ impl Farm {
                 result,
                 &detail,
                 (status, &msg, flaky),
-                &log,
+                (&log, ended.as_ref()),
             )
             .await;
         match ended {
@@ -411,7 +419,9 @@ impl Farm {
     /// lose that machine and go on with a helper: then `main` is replaced
     /// by the helper (and the lost machine is out of the pool). `early` is
     /// the source already pushed to `main`, if it was; `deadline` ends the
-    /// builder's timeout, which began before that push.
+    /// builder's timeout, which began before that push. The end of the
+    /// step that ends the attempt (its last, or the one that failed) is left
+    /// in `ended`, for the attempt's end to record with its own.
     #[allow(clippy::too_many_arguments)]
     async fn execute(
         self: &Arc<Self>,
@@ -423,6 +433,7 @@ impl Farm {
         rb: &RunningBuild,
         early: Option<EarlySource>,
         deadline: Instant,
+        ended: &mut Option<StepEnd>,
     ) -> Outcome {
         // One snapshot of the secrets for what is sent and what is masked
         // (a reload between attempts may have changed them).
@@ -522,10 +533,12 @@ impl Farm {
                     Ok(id) => id,
                     Err(o) => return o,
                 };
-                let _ = self
-                    .store
-                    .finish_step(step_id, RunResult::Failed, "empty command", b"")
-                    .await;
+                *ended = Some(StepEnd {
+                    step_id,
+                    result: RunResult::Failed,
+                    detail: "empty command".into(),
+                    log: Bytes::new(),
+                });
                 return Outcome::Failed(format!("step {}: empty command", step.name));
             };
             let header = format!("\n--- step {}: {} {}\n", step.name, cmd, args.join(" "));
@@ -536,10 +549,12 @@ impl Farm {
                     Err(o) => return o,
                 };
                 let msg = format!("build timed out after {:?}", builder.timeout);
-                let _ = self
-                    .store
-                    .finish_step(step_id, RunResult::Failed, &msg, b"")
-                    .await;
+                *ended = Some(StepEnd {
+                    step_id,
+                    result: RunResult::Failed,
+                    detail: msg.clone(),
+                    log: Bytes::new(),
+                });
                 return Outcome::Failed(msg);
             }
             let step_timeout = step.timeout.min(remaining);
@@ -568,11 +583,20 @@ impl Farm {
             let ctx = ctx(step_id);
             let took = t0.elapsed();
             let log = rb.log.range_async(step_start, step_start + MAX_LOG).await;
+            let end = |result, detail: String, log| StepEnd {
+                step_id,
+                result,
+                detail,
+                log,
+            };
+            // The build's last step ends with its attempt, in one write.
+            let last = i + 1 == builder.steps.len();
             let Some(r) = r else {
-                let _ = self
-                    .store
-                    .finish_step(step_id, RunResult::Cancelled, "cancelled by an admin", &log)
-                    .await;
+                *ended = Some(end(
+                    RunResult::Cancelled,
+                    "cancelled by an admin".into(),
+                    log,
+                ));
                 return Outcome::Cancelled;
             };
             // What the step's tests said (a broken machine says nothing).
@@ -584,14 +608,8 @@ impl Farm {
             match r {
                 Ok(ProcessState::Ok) => {
                     self.keep_artifacts(&ctx, &client).await;
-                    let _ = self
-                        .store
-                        .finish_step(
-                            step_id,
-                            RunResult::Passed,
-                            "",
-                            &rb.log.range_async(step_start, step_start + MAX_LOG).await,
-                        )
+                    let log = rb.log.range_async(step_start, step_start + MAX_LOG).await;
+                    self.step_passed(end(RunResult::Passed, String::new(), log), last, ended)
                         .await;
                     rb.log.append(
                         format!(
@@ -611,22 +629,15 @@ impl Farm {
                     } else {
                         format!("step {} timed out after {d:?}", step.name)
                     };
-                    let _ = self
-                        .store
-                        .finish_step(
-                            step_id,
-                            RunResult::Failed,
-                            &msg,
-                            &rb.log.range_async(step_start, step_start + MAX_LOG).await,
-                        )
-                        .await;
+                    let log = rb.log.range_async(step_start, step_start + MAX_LOG).await;
+                    *ended = Some(end(RunResult::Failed, msg.clone(), log));
                     return Outcome::Failed(msg);
                 }
                 Ok(state) => {
                     if builder.retry_failed > 0 && !failed.is_empty() {
                         let rerun = self.rerun_failed(&ctx, &client, failed, &mut cancel).await;
-                        if let Some(end) = rerun.end {
-                            let (result, detail) = match &end {
+                        if let Some(stop) = rerun.end {
+                            let (result, detail) = match &stop {
                                 Outcome::Cancelled => {
                                     (RunResult::Cancelled, "cancelled by an admin".to_string())
                                 }
@@ -634,29 +645,21 @@ impl Farm {
                                 _ => (RunResult::Failed, state.to_string()),
                             };
                             let log = rb.log.range_async(step_start, step_start + MAX_LOG).await;
-                            let _ = self.store.finish_step(step_id, result, &detail, &log).await;
-                            return end;
+                            *ended = Some(end(result, detail, log));
+                            return stop;
                         }
                         if rerun.still_failing.is_empty() && rerun.clean {
                             self.keep_artifacts(&ctx, &client).await;
                             let detail = format!("flaky: {}", rerun::names(&rerun.flaky));
-                            let _ = self
-                                .store
-                                .finish_step(
-                                    step_id,
-                                    RunResult::Passed,
-                                    &detail,
-                                    &rb.log.range_async(step_start, step_start + MAX_LOG).await,
-                                )
-                                .await;
-                            rb.log.append(
-                                format!(
-                                    "--- step {} passed with flakes ({detail}) in {:.1}s\n",
-                                    step.name,
-                                    t0.elapsed().as_secs_f64()
-                                )
-                                .as_bytes(),
+                            let log = rb.log.range_async(step_start, step_start + MAX_LOG).await;
+                            let line = format!(
+                                "--- step {} passed with flakes ({detail}) in {:.1}s\n",
+                                step.name,
+                                t0.elapsed().as_secs_f64()
                             );
+                            self.step_passed(end(RunResult::Passed, detail, log), last, ended)
+                                .await;
+                            rb.log.append(line.as_bytes());
                             continue;
                         }
                         let why = if rerun.still_failing.is_empty() {
@@ -666,10 +669,7 @@ impl Farm {
                             format!("; failing tests: {}", rerun::names(&rerun.still_failing))
                         };
                         let log = rb.log.range_async(step_start, step_start + MAX_LOG).await;
-                        let _ = self
-                            .store
-                            .finish_step(step_id, RunResult::Failed, &state.to_string(), &log)
-                            .await;
+                        *ended = Some(end(RunResult::Failed, state.to_string(), log));
                         return Outcome::Failed(format!("step {} failed: {state}{why}", step.name));
                     }
                     let why = if failed.is_empty() {
@@ -678,31 +678,32 @@ impl Farm {
                         format!("; failing tests: {}", rerun::names(&failed))
                     };
                     let log = rb.log.range_async(step_start, step_start + MAX_LOG).await;
-                    let _ = self
-                        .store
-                        .finish_step(step_id, RunResult::Failed, &state.to_string(), &log)
-                        .await;
+                    *ended = Some(end(RunResult::Failed, state.to_string(), log));
                     return Outcome::Failed(format!("step {} failed: {state}{why}", step.name));
                 }
                 Err(e) if e.is_communication() => {
                     let msg = format!("step {}: {e}", step.name);
-                    let _ = self
-                        .store
-                        .finish_step(step_id, RunResult::InfraError, &e.to_string(), &log)
-                        .await;
+                    *ended = Some(end(RunResult::InfraError, e.to_string(), log));
                     return Outcome::Infra(msg);
                 }
                 Err(e) => {
                     let msg = format!("step {}: {e}", step.name);
-                    let _ = self
-                        .store
-                        .finish_step(step_id, RunResult::Failed, &e.to_string(), &log)
-                        .await;
+                    *ended = Some(end(RunResult::Failed, e.to_string(), log));
                     return Outcome::Failed(msg);
                 }
             }
         }
         Outcome::Passed
+    }
+
+    /// A passed step's end: recorded now, or, when it is the build's last
+    /// step, left in `ended` for the attempt's end.
+    async fn step_passed(&self, end: StepEnd, last: bool, ended: &mut Option<StepEnd>) {
+        if last {
+            *ended = Some(end);
+        } else if let Err(e) = self.store.finish_step(&end).await {
+            tracing::error!(step = end.step_id, "recording the step's end: {e}");
+        }
     }
 }
 

@@ -30,7 +30,7 @@ use crate::logs::MAX_LOG;
 use crate::pool::{Holder, Lease};
 use crate::results::{Outcome as TestOutcome, TestResult};
 use crate::scheduler::{LeaseRequest, Ticket};
-use crate::store::{BuildKind, RunResult, UnitRun, now_ms};
+use crate::store::{BuildKind, RunResult, StepEnd, UnitRun, now_ms};
 
 /// Output of one unit kept for the log: its end, where failures are.
 const UNIT_OUTPUT: usize = 256 << 10;
@@ -235,12 +235,13 @@ impl Farm {
             )
             .as_bytes(),
         );
-        let stored = log.range_async(step_start, step_start + MAX_LOG).await;
-        if let Err(e) = self
-            .store
-            .finish_step(run.step_id, result, &detail, &stored)
-            .await
-        {
+        let end = StepEnd {
+            step_id: run.step_id,
+            result,
+            detail,
+            log: log.range_async(step_start, step_start + MAX_LOG).await,
+        };
+        if let Err(e) = self.store.finish_step(&end).await {
             tracing::error!(build = run.build.id, "recording step: {e}");
         }
         (outcome, survivor)

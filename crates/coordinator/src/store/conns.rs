@@ -132,7 +132,8 @@ impl Own {
 pub(super) enum Arg {
     Int(i64),
     Text(String),
-    Bytes(Vec<u8>),
+    /// A blob, or `NULL`.
+    Bytes(Option<Vec<u8>>),
 }
 
 /// One statement of a [`Conns::batch`]: its SQL numbers its parameters
@@ -174,7 +175,7 @@ fn bind<'q>(
         q = match a {
             Arg::Int(v) => q.bind(*v),
             Arg::Text(v) => q.bind(v.as_str()),
-            Arg::Bytes(v) => q.bind(v.as_slice()),
+            Arg::Bytes(v) => q.bind(v.as_deref()),
         };
     }
     q

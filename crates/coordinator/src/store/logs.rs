@@ -4,6 +4,10 @@
 //! coordinator); in the database row otherwise (PostgreSQL with the artifact
 //! store in one coordinator's data dir: a standby could not read it), and
 //! whenever the artifact store fails (a log is never lost to an outage).
+//! A short log (under [`STORED_BELOW`]) is always kept in its row: an object
+//! of its own would cost more than it holds (a file's inode and block, or a
+//! bucket's PUT), and writing it was a tenth of the coordinator's CPU for a
+//! build of one short step.
 //! Logs are read from where they were written: the row when it holds them,
 //! else the artifact store. Live logs stream from memory (`crate::logs`)
 //! while a build runs.
@@ -14,6 +18,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use sqlx::Row;
 
+use super::conns::{Arg, Stmt};
 use super::{Result, RunResult, Store, now_ms, text};
 use crate::artifacts::ArtifactStore;
 
@@ -29,6 +34,20 @@ pub(super) fn attempt_key(id: i64) -> String {
 /// blob is empty when the log is in the artifact store.
 pub(super) const PUT_ATTEMPT_LOG: &str = "INSERT INTO attempt_logs (attempt_id, build_id, log_gz, log_size) VALUES ($1, $2, $3, $4) \
      ON CONFLICT (attempt_id) DO UPDATE SET log_gz = excluded.log_gz, log_size = excluded.log_size";
+
+/// Ends a step: its result, why, when, and its log (the blob `NULL` when
+/// the log is in the artifact store).
+const FINISH_STEP: &str = "UPDATE steps SET result = $1, detail = $2, finished_at = $3, log_gz = $4, log_size = $5 WHERE id = $6";
+
+/// A step's end not recorded yet: the last step's is recorded with its
+/// attempt's ([`Store::end_attempt`]), in the same write.
+#[derive(Debug)]
+pub struct StepEnd {
+    pub step_id: i64,
+    pub result: RunResult,
+    pub detail: String,
+    pub log: Bytes,
+}
 
 /// Logs shorter than this are kept as a gzip member of one stored
 /// (uncompressed) block. Compressing a few hundred bytes saves a few
@@ -101,8 +120,8 @@ impl Store {
     }
 
     /// Compresses `log` and puts it in the artifact store; the compressed
-    /// bytes come back for the row when there is no artifact store or it
-    /// failed.
+    /// bytes come back for the row when the log is short, there is no
+    /// artifact store, or it failed.
     pub(super) async fn keep_log(&self, key: &str, log: &[u8]) -> Option<Vec<u8>> {
         let gz = if log.len() > 1 << 20 {
             let owned = log.to_vec();
@@ -112,7 +131,11 @@ impl Store {
         } else {
             gzip(log)
         };
-        let Some(blobs) = self.blobs.as_ref().filter(|_| self.write_blobs) else {
+        let Some(blobs) = self
+            .blobs
+            .as_ref()
+            .filter(|_| self.write_blobs && log.len() >= STORED_BELOW)
+        else {
             return Some(gz);
         };
         let data = Bytes::from(gz);
@@ -153,24 +176,27 @@ impl Store {
     }
 
     /// Finishes a step and keeps its log.
-    pub async fn finish_step(
-        &self,
-        step_id: i64,
-        result: RunResult,
-        detail: &str,
-        log: &[u8],
-    ) -> Result<()> {
-        let row = self.keep_log(&step_key(step_id), log).await;
-        sqlx::query("UPDATE steps SET result = $1, detail = $2, finished_at = $3, log_gz = $4, log_size = $5 WHERE id = $6")
-            .bind(result.as_str())
-            .bind(text(detail))
-            .bind(now_ms())
-            .bind(row)
-            .bind(log.len() as i64)
-            .bind(step_id)
-            .execute(self.writer())
-            .await?;
+    pub async fn finish_step(&self, end: &StepEnd) -> Result<()> {
+        let stmt = self.finish_step_stmt(end, now_ms()).await;
+        self.writer().batch(&[stmt]).await?;
         Ok(())
+    }
+
+    /// [`FINISH_STEP`] for `end` as a statement of a batch, its log kept
+    /// first.
+    pub(super) async fn finish_step_stmt(&self, end: &StepEnd, now: i64) -> Stmt {
+        let row = self.keep_log(&step_key(end.step_id), &end.log).await;
+        Stmt::new(
+            FINISH_STEP,
+            vec![
+                Arg::Text(end.result.as_str().into()),
+                Arg::Text(text(&end.detail)),
+                Arg::Int(now),
+                Arg::Bytes(row),
+                Arg::Int(end.log.len() as i64),
+                Arg::Int(end.step_id),
+            ],
+        )
     }
 
     /// The kept (finished) log of one step, decompressed.

@@ -37,6 +37,7 @@ mod forge;
 mod gomote;
 mod leader;
 mod logs;
+pub use logs::StepEnd;
 mod results;
 mod units;
 
@@ -721,9 +722,10 @@ impl Store {
         Ok(())
     }
 
-    /// Ends a build's last attempt, ends the build with it as `build` says
-    /// (status, message, passed with flakes), and keeps the attempt's log:
-    /// one transaction, after the log's bytes are in the artifact store.
+    /// Ends a build's last attempt and its last step (`step`, when not
+    /// recorded yet), ends the build with it as `build` says (status,
+    /// message, passed with flakes), and keeps the attempt's log: one
+    /// transaction, after the logs' bytes are in the artifact store.
     /// Returns whether the build's status changed (`false`: it was final
     /// already, e.g. cancelled meanwhile).
     pub async fn end_attempt(
@@ -732,16 +734,21 @@ impl Store {
         result: RunResult,
         error: &str,
         build: (BuildStatus, &str, bool),
-        log: &[u8],
+        (log, step): (&[u8], Option<&StepEnd>),
     ) -> Result<bool> {
         use conns::{Arg, Stmt};
         let (attempt_id, build_id) = attempt;
-        let row = self
-            .keep_log(&logs::attempt_key(attempt_id), log)
-            .await
-            .unwrap_or_default();
         let now = now_ms();
-        let mut stmts = vec![Stmt::new(
+        let key = logs::attempt_key(attempt_id);
+        let (row, step) = tokio::join!(self.keep_log(&key, log), async {
+            match step {
+                Some(end) => Some(self.finish_step_stmt(end, now).await),
+                None => None,
+            }
+        });
+        let row = row.unwrap_or_default();
+        let mut stmts: Vec<Stmt> = step.into_iter().collect();
+        stmts.push(Stmt::new(
             FINISH_ATTEMPT,
             vec![
                 Arg::Text(result.as_str().into()),
@@ -749,7 +756,7 @@ impl Store {
                 Arg::Int(now),
                 Arg::Int(attempt_id),
             ],
-        )];
+        ));
         let (status, msg, flaky) = build;
         debug_assert!(status.is_terminal());
         if flaky {
@@ -769,7 +776,7 @@ impl Store {
             vec![
                 Arg::Int(attempt_id),
                 Arg::Int(build_id),
-                Arg::Bytes(row),
+                Arg::Bytes(Some(row)),
                 Arg::Int(log.len() as i64),
             ],
         ));
@@ -1077,6 +1084,34 @@ mod tests {
         }
     }
 
+    /// A short log stays in its row, a longer one goes to the artifact
+    /// store; both read back whole, from where they went.
+    #[tokio::test]
+    async fn short_logs_stay_in_the_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let objects = dir.path().join("artifacts");
+        let blobs: Arc<dyn ArtifactStore> = Arc::new(crate::artifacts::LocalDir::new(&objects));
+        let store = Store::open(&dir.path().join("farmer.db"))
+            .await
+            .unwrap()
+            .with_blobs(blobs, true);
+        let short = b"ok\n".repeat(1023 / 3);
+        let long = b"ok\n".repeat(1023 / 3 + 1);
+        let mut attempts = Vec::new();
+        for (n, log) in [&short, &long].into_iter().enumerate() {
+            let id = store.create_build(&new_build(n)).await.unwrap().unwrap().id;
+            let (attempt, _) = store.start_attempt(id, "m", "h").await.unwrap().unwrap();
+            store.put_attempt_log(attempt, id, log).await.unwrap();
+            assert_eq!(store.attempt_logs(id).await.unwrap()[&attempt], *log);
+            attempts.push(attempt);
+        }
+        let names: Vec<_> = std::fs::read_dir(objects.join("logs/attempts"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, [format!("{}.log.gz", attempts[1])]);
+    }
+
     /// On SQLite every write goes through one connection while reads have
     /// their own, which refuse to write: many concurrent builds' writes all
     /// land, each exactly once, with reads between them.
@@ -1093,9 +1128,13 @@ mod tests {
                 let id = store.create_build(&new_build(n)).await?.expect("new").id;
                 let (attempt, number) = store.start_attempt(id, "m", "h").await?.expect("queued");
                 let step = store.start_step(id, attempt, 1, "s").await?;
-                store
-                    .finish_step(step, RunResult::Passed, "", b"ok\n")
-                    .await?;
+                let end = StepEnd {
+                    step_id: step,
+                    result: RunResult::Passed,
+                    detail: String::new(),
+                    log: bytes::Bytes::from_static(b"ok\n"),
+                };
+                store.finish_step(&end).await?;
                 store.finish_attempt(attempt, RunResult::Passed, "").await?;
                 assert!(store.finish_build(id, BuildStatus::Passed, "").await?);
                 // A read in between writes sees them.
@@ -1145,17 +1184,35 @@ mod tests {
         assert_eq!(a.len(), 1);
         assert_eq!((a[0].id, a[0].machine.as_str()), (attempt, "m1"));
 
+        // The last step ends with its attempt.
+        let step = store.start_step(id, attempt, 1, "s").await.unwrap();
+        let step_end = StepEnd {
+            step_id: step,
+            result: RunResult::Failed,
+            detail: "exit status 1".into(),
+            log: bytes::Bytes::from_static(b"the step's log\n"),
+        };
         let ended = store
             .end_attempt(
                 (attempt, id),
                 RunResult::Passed,
                 "",
                 (BuildStatus::Passed, "", true),
-                b"the whole log\n",
+                (b"the whole log\n", Some(&step_end)),
             )
             .await
             .unwrap();
         assert!(ended);
+        let s = &store.steps(id).await.unwrap()[0];
+        assert_eq!(
+            (s.result, s.detail.as_str(), s.log_size),
+            (RunResult::Failed, "exit status 1", 15)
+        );
+        assert!(s.finished_at.is_some());
+        assert_eq!(
+            store.step_log(step).await.unwrap().unwrap(),
+            b"the step's log\n"
+        );
         let b = store.build(id).await.unwrap().unwrap();
         assert_eq!((b.status, b.flaky), (BuildStatus::Passed, true));
         let a = store.attempts(id).await.unwrap();
@@ -1177,7 +1234,7 @@ mod tests {
                 RunResult::Failed,
                 "late",
                 (BuildStatus::Failed, "late", false),
-                b"later\n",
+                (b"later\n", None),
             )
             .await
             .unwrap();
@@ -1200,7 +1257,7 @@ mod tests {
                 RunResult::Passed,
                 "",
                 (BuildStatus::Passed, "", true),
-                b"x\n",
+                (b"x\n", None),
             )
             .await
             .unwrap();

@@ -17,7 +17,7 @@ const BUILDER: &str = r#"
 [builders.keep]
 host = "host-test-trusted"
 steps = [
-  { name = "dist", run = "mkdir -p dist && seq 1 60000 > dist/app.bin && echo notes > dist/notes.txt", artifacts = ["dist/*", "missing/*.zip"] },
+  { name = "dist", run = "mkdir -p dist && seq 1 60000 > dist/app.bin && echo notes > dist/notes.txt && seq 1 500", artifacts = ["dist/*", "missing/*.zip"] },
 ]
 "#;
 

@@ -113,11 +113,19 @@ fn a_farm_moved_to_postgres_answers_the_same_and_the_move_can_be_rerun() {
     let pg = database("moved");
     let dir = tempfile::tempdir().unwrap();
     let mut repo = TestRepo::new(&dir.path().join("repo"));
+    // Each step prints more than 1 KiB: its log goes to the data dir, not
+    // into its row.
     repo.commit(
         "good",
-        &[("build.sh", "echo compiled\n"), ("test.sh", "echo ok\n")],
+        &[
+            ("build.sh", "seq 1 300; echo compiled\n"),
+            ("test.sh", "seq 1 300; echo ok\n"),
+        ],
     );
-    let head = repo.commit("bad", &[("test.sh", "echo FAIL TestThing; exit 1\n")]);
+    let head = repo.commit(
+        "bad",
+        &[("test.sh", "seq 1 300; echo FAIL TestThing; exit 1\n")],
+    );
     let cfg = dir.path().join("farm.toml");
     std::fs::write(&cfg, config(&repo.path, BUILDER)).unwrap();
     let data = dir.path().join("data");

@@ -232,57 +232,18 @@ async fn bench_dispatch(dir: &Path, repo: &Path, commit: &str) -> anyhow::Result
         "dispatch: POST -> build seen passed       {}  (following GET /api/builds/ID/log)",
         summary(&mut passed)
     );
-    let (p0, p1) = (phases(&before_text), phases(&after_text));
-    let means: Vec<(String, f64)> = p1
-        .iter()
-        .map(|(name, (sum, n))| {
-            let (s0, n0) = p0
-                .iter()
-                .find(|(n, _)| n == name)
-                .map_or((0.0, 0), |(_, v)| *v);
-            let n = n - n0;
-            let mean = if n > 0 {
-                (sum - s0) / n as f64 * 1e3
-            } else {
-                0.0
-            };
-            (name.clone(), mean)
-        })
-        .collect();
-    let parts: Vec<String> = means
-        .iter()
-        .map(|(name, mean)| format!("{name} {mean:.3}"))
-        .collect();
+    let h = after.minus(&before);
+    let parts = Breakdown::between(&before_text, &after_text, &start, &post, &h);
     println!(
         "dispatch: where an attempt's time goes, mean ms (farmer_build_phase_seconds): {}",
-        parts.join(", ")
+        parts.phases()
     );
-    let h = after.minus(&before);
     println!(
         "dispatch: coordinator farmer_dispatch_latency_seconds (queued -> machine leased), {} builds: {}",
         h.count,
         h.describe()
     );
-    // One dispatch, taken apart: what the API, the lease queue and the
-    // attempt's start cost (recording it and pushing the source run side
-    // by side: `record-start` spans both); the rest is recording the step
-    // and starting its command on the buildlet (the exec round trip and
-    // fork+exec).
-    let phase = |n: &str| means.iter().find(|(m, _)| m == n).map_or(0.0, |(_, v)| *v);
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let total = mean(&start);
-    let api_ms = mean(&post);
-    let queue = if h.count > 0 {
-        h.sum / h.count as f64 * 1e3
-    } else {
-        0.0
-    };
-    let record = phase("record-start");
-    let source = phase("source-archive") + phase("source-push");
-    let rest = total - api_ms - queue - record;
-    println!(
-        "dispatch: one dispatch, mean ms: API (POST answered, build stored) {api_ms:.3} + queue -> lease {queue:.3} + attempt recorded while the source is pushed {record:.3} (the push alone {source:.3}) + step recorded and command started {rest:.3} = {total:.3}"
-    );
+    println!("dispatch: one dispatch, mean ms: {}", parts.dispatch());
     // Why the bench follows the log rather than poll the build.
     if let Some(ms) = cpu_per_get(&api, c.pid(), "/api/builds/1").await? {
         println!("dispatch: one poll (GET /api/builds/ID) costs the coordinator {ms:.3} ms of CPU");
@@ -291,15 +252,26 @@ async fn bench_dispatch(dir: &Path, repo: &Path, commit: &str) -> anyhow::Result
     // caches cold: moving a process into a cgroup, for one, then waits for
     // an RCU grace period (the buildlet makes commands in their cgroup to
     // avoid it).
+    let before_text = api.get_text("/metrics").await?;
     let mut idle = Vec::with_capacity(IDLE_RUNS);
+    let mut idle_post = Vec::with_capacity(IDLE_RUNS);
     for _ in 0..IDLE_RUNS {
         tokio::time::sleep(IDLE_GAP).await;
-        idle.push(dispatch_one(&api, "stamp", "one-1", commit).await?.start_ms);
+        let s = dispatch_one(&api, "stamp", "one-1", commit).await?;
+        idle.push(s.start_ms);
+        idle_post.push(s.post_ms);
     }
+    let after_text = api.get_text("/metrics").await?;
+    let h = Histogram::parse(&after_text).minus(&Histogram::parse(&before_text));
+    let parts = Breakdown::between(&before_text, &after_text, &idle, &idle_post, &h);
     println!(
         "dispatch: on an idle farm (one build every {} ms, {IDLE_RUNS} builds): POST -> step command started {}",
         IDLE_GAP.as_millis(),
         summary(&mut idle)
+    );
+    println!(
+        "dispatch: on an idle farm, one dispatch, mean ms: {}",
+        parts.dispatch()
     );
     if let Some(p) = steal_since(&ticks0) {
         println!(
@@ -307,6 +279,87 @@ async fn bench_dispatch(dir: &Path, repo: &Path, commit: &str) -> anyhow::Result
         );
     }
     Ok(())
+}
+
+/// Where the dispatches between two `/metrics` snapshots spent their time.
+struct Breakdown {
+    /// `farmer_build_phase_seconds` means by phase, ms.
+    means: Vec<(String, f64)>,
+    /// Mean POST -> command started, POST round trip, queued -> leased, ms.
+    total: f64,
+    api: f64,
+    queue: f64,
+}
+
+impl Breakdown {
+    fn between(
+        before: &str,
+        after: &str,
+        start: &[f64],
+        post: &[f64],
+        leased: &Histogram,
+    ) -> Breakdown {
+        let (p0, p1) = (phases(before), phases(after));
+        let means = p1
+            .iter()
+            .map(|(name, (sum, n))| {
+                let (s0, n0) = p0
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map_or((0.0, 0), |(_, v)| *v);
+                let n = n - n0;
+                let mean = if n > 0 {
+                    (sum - s0) / n as f64 * 1e3
+                } else {
+                    0.0
+                };
+                (name.clone(), mean)
+            })
+            .collect();
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let queue = if leased.count > 0 {
+            leased.sum / leased.count as f64 * 1e3
+        } else {
+            0.0
+        };
+        Breakdown {
+            means,
+            total: mean(start),
+            api: mean(post),
+            queue,
+        }
+    }
+
+    fn phase(&self, n: &str) -> f64 {
+        self.means
+            .iter()
+            .find(|(m, _)| m == n)
+            .map_or(0.0, |(_, v)| *v)
+    }
+
+    fn phases(&self) -> String {
+        let parts: Vec<String> = self
+            .means
+            .iter()
+            .map(|(name, mean)| format!("{name} {mean:.3}"))
+            .collect();
+        parts.join(", ")
+    }
+
+    /// One dispatch, taken apart: what the API, the lease queue and the
+    /// attempt's start cost (recording it and pushing the source run side
+    /// by side: `record-start` spans both); the rest is recording the step
+    /// and starting its command on the buildlet (the exec round trip and
+    /// fork+exec).
+    fn dispatch(&self) -> String {
+        let record = self.phase("record-start");
+        let source = self.phase("source-archive") + self.phase("source-push");
+        let rest = self.total - self.api - self.queue - record;
+        format!(
+            "API (POST answered, build stored) {:.3} + queue -> lease {:.3} + attempt recorded while the source is pushed {record:.3} (the push alone {source:.3}) + step recorded and command started {rest:.3} = {:.3}",
+            self.api, self.queue, self.total
+        )
+    }
 }
 
 /// The coordinator's CPU milliseconds per `GET path`, over 100 of them.

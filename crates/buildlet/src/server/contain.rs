@@ -10,7 +10,8 @@
 //!   below the buildlet's own cgroup as `farmer-buildlet-<scope>/cmd-<n>`.
 //!   The child joins it before `exec`, so every descendant, `setsid` or not,
 //!   is inside; killing writes `cgroup.kill` (or, before Linux 5.14,
-//!   `SIGKILL`s every member until none is left). A step may still move
+//!   `SIGKILL`s every member until none is left). A cgroup its command
+//!   left empty is kept for the next commands for a while ([`SPARE_MAX`]). A step may still move
 //!   itself into another cgroup its user can write (the buildlet's own);
 //!   the buildlet is a child subreaper here too, so such a process stays
 //!   its descendant, and every descendant found in no running command's
@@ -35,6 +36,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The environment variable every command gets: `<scope>.<n>`.
 pub const SCOPE_ENV: &str = "FARMER_BUILDLET_SCOPE";
@@ -103,7 +105,24 @@ pub(crate) struct Containment {
     spawn: super::spawn::SpawnMode,
     /// Set once `clone3` was refused here: the fork path from then on.
     clone3_off: AtomicBool,
+    /// Emptied command cgroups kept for the next commands, with when each
+    /// came back (see [`SPARE_MAX`]).
+    spare: Mutex<Vec<(PathBuf, Instant)>>,
+    /// Whether the task that removes spares unused for [`SPARE_LINGER`]
+    /// (and then the base) is armed.
+    janitor: AtomicBool,
 }
+
+/// How many emptied command cgroups are kept for reuse. Making a cgroup
+/// (`mkdir`: the kernel sets up every controller's state) and removing it
+/// cost the buildlet a tenth of its CPU per command, on the path to the
+/// command's start; a removed memory cgroup also lingers in the kernel
+/// while pages are charged to it. A kept one is reused once it is empty.
+const SPARE_MAX: usize = 4;
+
+/// How long a kept cgroup stays unused before it is removed: an idle
+/// buildlet leaves no cgroups behind.
+const SPARE_LINGER: Duration = Duration::from_secs(2);
 
 /// What kill needs to know about one command; shared with `kill_all`.
 #[derive(Debug)]
@@ -115,6 +134,10 @@ struct Shared {
     exited: AtomicBool,
     marker: String,
     cgroup: Mutex<Option<PathBuf>>,
+    /// Set once `cgroup.kill` was written to its cgroup: such a cgroup is
+    /// not reused, since Linux (6.18 here) kills every process later made
+    /// in it by `clone3` (its kill count no longer matches the parent's).
+    cgroup_killed: AtomicBool,
 }
 
 /// One command's containment, from before spawn until it is cleaned up.
@@ -139,6 +162,7 @@ impl Jail {
                 exited: AtomicBool::new(false),
                 marker: marker.clone(),
                 cgroup: Mutex::new(cgroup),
+                cgroup_killed: AtomicBool::new(false),
             }),
             marker,
             #[cfg(target_os = "linux")]
@@ -169,6 +193,8 @@ impl Containment {
             reaper_started: AtomicBool::new(false),
             spawn,
             clone3_off: AtomicBool::new(false),
+            spare: Mutex::new(Vec::new()),
+            janitor: AtomicBool::new(false),
         }
     }
 
@@ -209,7 +235,11 @@ impl Containment {
         #[cfg(target_os = "linux")]
         {
             if let Active::Cgroup(base) = &active {
-                match platform::new_cgroup(base, id) {
+                let made = match self.take_spare() {
+                    Some(dir) => platform::open_cgroup(dir),
+                    None => platform::new_cgroup(base, id),
+                };
+                match made {
                     Ok((dir, fd)) => {
                         let mut j = Jail::new(id, marker, Some(dir));
                         j.cgroup_fd = Some(fd);
@@ -320,31 +350,96 @@ impl Containment {
     }
 
     /// Kills every process of the command and forgets it; its cgroup is
-    /// removed once empty.
-    pub fn finish(&self, jail: Jail) {
+    /// kept for a next command once empty (see [`SPARE_MAX`]), or removed.
+    pub fn finish(self: &Arc<Self>, jail: Jail) {
         self.kill(&jail);
         lock(&self.running).remove(&jail.id);
         lock(&self.children).remove(&jail.shared.pid.load(Ordering::SeqCst));
         if let Some(dir) = lock(&jail.shared.cgroup).take() {
-            let remove = move || {
-                platform::remove_cgroup(&dir);
-                // The base goes too when this was the last command (the
-                // rmdir fails otherwise), so an idle buildlet leaves no
-                // cgroups; the next command makes it again.
-                if let Some(base) = dir.parent() {
-                    let _ = std::fs::remove_dir(base);
+            let me = self.clone();
+            let reusable = !jail.shared.cgroup_killed.load(Ordering::SeqCst);
+            in_background(move || {
+                if reusable && platform::empty_cgroup(&dir) {
+                    let mut spare = lock(&me.spare);
+                    if spare.len() < SPARE_MAX {
+                        spare.push((dir, Instant::now()));
+                        drop(spare);
+                        me.arm_janitor();
+                        return;
+                    }
                 }
-            };
-            // A thread of the runtime's blocking pool (reused, not made
-            // and ended per command); a thread of its own outside one.
-            match tokio::runtime::Handle::try_current() {
-                Ok(rt) => drop(rt.spawn_blocking(remove)),
-                Err(_) => drop(
-                    std::thread::Builder::new()
-                        .name("cgroup-rmdir".into())
-                        .spawn(remove),
-                ),
+                platform::remove_cgroup(&dir);
+                me.remove_base_if_idle();
+            });
+        }
+    }
+
+    /// A kept cgroup, if one is empty still (a process of another command
+    /// may have moved itself into it: then it is killed and the cgroup
+    /// removed).
+    fn take_spare(&self) -> Option<PathBuf> {
+        loop {
+            let (dir, _) = lock(&self.spare).pop()?;
+            if platform::no_members(&dir) {
+                return Some(dir);
             }
+            tracing::warn!(
+                "a process moved itself into the unused cgroup {}; killed",
+                dir.display()
+            );
+            platform::kill_cgroup(&dir);
+            in_background(move || platform::remove_cgroup(&dir));
+        }
+    }
+
+    /// Removes, every [`SPARE_LINGER`], the kept cgroups unused since the
+    /// last round, until none is kept; then the base, when no command runs.
+    fn arm_janitor(self: &Arc<Self>) {
+        if self.janitor.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let me = self.clone();
+        let run = move || {
+            loop {
+                std::thread::sleep(SPARE_LINGER);
+                let old: Vec<PathBuf> = {
+                    let mut spare = lock(&me.spare);
+                    let (old, keep): (Vec<_>, Vec<_>) = spare
+                        .drain(..)
+                        .partition(|(_, at)| at.elapsed() >= SPARE_LINGER);
+                    *spare = keep;
+                    old.into_iter().map(|(d, _)| d).collect()
+                };
+                for dir in &old {
+                    platform::remove_cgroup(dir);
+                }
+                let spare = lock(&me.spare);
+                if spare.is_empty() {
+                    me.janitor.store(false, Ordering::SeqCst);
+                    drop(spare);
+                    me.remove_base_if_idle();
+                    return;
+                }
+            }
+        };
+        // Its own thread: it sleeps, which a blocking-pool thread should not.
+        if std::thread::Builder::new()
+            .name("cgroup-janitor".into())
+            .spawn(run)
+            .is_err()
+        {
+            self.janitor.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// The base goes when no command runs and no cgroup is kept (the rmdir
+    /// fails otherwise), so an idle buildlet leaves no cgroups; the next
+    /// command makes it again.
+    fn remove_base_if_idle(&self) {
+        if let Active::Cgroup(base) = &*lock(&self.active)
+            && lock(&self.spare).is_empty()
+        {
+            let _ = std::fs::remove_dir(base);
         }
     }
 
@@ -471,7 +566,11 @@ fn kill_shared(j: &Shared) {
     {
         let cgroup = lock(&j.cgroup).clone();
         match cgroup {
-            Some(dir) => platform::kill_cgroup(&dir),
+            Some(dir) => {
+                if platform::kill_cgroup(&dir) {
+                    j.cgroup_killed.store(true, Ordering::SeqCst);
+                }
+            }
             None => {
                 let root = if j.exited.load(Ordering::SeqCst) {
                     0
@@ -484,6 +583,19 @@ fn kill_shared(j: &Shared) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = &j.marker;
+}
+
+/// Runs `f` on a thread of the runtime's blocking pool (reused, not made
+/// and ended per command); on a thread of its own outside a runtime.
+fn in_background(f: impl FnOnce() + Send + 'static) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(f)),
+        Err(_) => drop(
+            std::thread::Builder::new()
+                .name("cgroup-rmdir".into())
+                .spawn(f),
+        ),
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

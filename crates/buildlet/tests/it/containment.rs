@@ -372,6 +372,55 @@ fn commands_run_in_their_own_cgroup_where_possible() {
     }
 }
 
+/// A command that ended with nothing left running leaves its cgroup to
+/// the next command; one whose leftovers had to be killed does not (Linux
+/// kills every process later made in a cgroup that was `cgroup.kill`ed),
+/// and the command after it runs normally. Idle, the buildlet still
+/// removes them all.
+#[test]
+fn an_emptied_cgroup_is_reused_and_a_killed_one_is_not() {
+    let Some((mount, _)) = writable_cgroup() else {
+        eprintln!("cgroup v2 not writable here; nothing to reuse");
+        return;
+    };
+    let h = Harness::start_with(None, &["-contain=cgroup"]);
+    let m = marker();
+    let run = |script: String| {
+        let (st, out) = runtime()
+            .block_on(h.client().exec_output("sh", &opts(&script)))
+            .unwrap();
+        let out = String::from_utf8_lossy(&out).into_owned();
+        assert_eq!(st, ProcessState::Ok, "{script}: {out}");
+        out.lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .unwrap_or_else(|| panic!("no cgroup in {out}"))
+            .to_string()
+    };
+    let first = run("grep ^0:: /proc/self/cgroup".into());
+    let second = run("grep ^0:: /proc/self/cgroup".into());
+    assert_eq!(first, second, "the emptied cgroup was not reused");
+    // Leaves a process behind: killed with its cgroup, which goes.
+    let third = run(format!("setsid sleep {m} & grep ^0:: /proc/self/cgroup"));
+    assert_eq!(third, second);
+    let fourth = run("grep ^0:: /proc/self/cgroup".into());
+    assert_ne!(fourth, third, "a killed cgroup was reused");
+    assert_none_left(&m, "after the command that left it ended");
+    let base = mount
+        .join(fourth.trim_start_matches('/'))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while base.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} left behind by an idle buildlet",
+            base.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A step that moves itself out of its command's cgroup (into the
 /// buildlet's own, which its user may write) and out of its process group
 /// is still killed when its command ends.

@@ -160,11 +160,47 @@ pub(super) fn new_cgroup(base: &Path, id: u64) -> io::Result<(PathBuf, OwnedFd)>
             Err(e) => return Err(e),
         }
     }
+    open_cgroup(dir)
+}
+
+/// Opens the cgroup directory `dir` (see [`new_cgroup`]).
+pub(super) fn open_cgroup(dir: PathBuf) -> io::Result<(PathBuf, OwnedFd)> {
     let f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
         .open(&dir)?;
     Ok((dir, f.into()))
+}
+
+/// Whether the cgroup `dir` has no process (its own `cgroup.procs`; a
+/// cgroup kept for reuse has no sub-cgroups).
+pub(super) fn no_members(dir: &Path) -> bool {
+    fs::read(dir.join("cgroup.procs")).is_ok_and(|p| p.iter().all(u8::is_ascii_whitespace))
+}
+
+/// Makes the killed command's cgroup `dir` ready for another command:
+/// removes the sub-cgroups the command made, and waits (a few seconds at
+/// most) until its killed processes are gone. False when it is not empty
+/// by then.
+pub(super) fn empty_cgroup(dir: &Path) -> bool {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup(&e.path());
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let events = fs::read_to_string(dir.join("cgroup.events")).unwrap_or_default();
+        if events.lines().any(|l| l == "populated 0") {
+            return true;
+        }
+        if events.is_empty() || Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// `cgroup.procs` of the cgroup whose directory `dir` is, for writing.
@@ -187,15 +223,21 @@ pub(super) fn open_procs(dir: &OwnedFd) -> io::Result<OwnedFd> {
 }
 
 /// Kills every process in the cgroup `dir` and below.
-pub(super) fn kill_cgroup(dir: &Path) {
+/// Returns whether `cgroup.kill` was written: not when the cgroup (with
+/// its sub-cgroups) had no process left, the usual end of a command.
+pub(super) fn kill_cgroup(dir: &Path) -> bool {
+    let events = fs::read_to_string(dir.join("cgroup.events")).unwrap_or_default();
+    if events.lines().any(|l| l == "populated 0") {
+        return false;
+    }
     if fs::write(dir.join("cgroup.kill"), b"1").is_ok() {
-        return;
+        return true;
     }
     // Before Linux 5.14: signal members until none is left.
     for _ in 0..KILL_ROUNDS {
         let pids = members(dir);
         if pids.is_empty() {
-            return;
+            return false;
         }
         for p in pids {
             // SAFETY: kill(2) on a pid read from the cgroup.
@@ -205,6 +247,7 @@ pub(super) fn kill_cgroup(dir: &Path) {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    false
 }
 
 /// Pids in `dir/cgroup.procs` and in every sub-cgroup.

@@ -13,3 +13,15 @@ pub(super) fn fallback() -> Active {
 }
 
 pub(super) fn remove_cgroup(_dir: &std::path::Path) {}
+
+pub(super) fn kill_cgroup(_dir: &std::path::Path) -> bool {
+    false
+}
+
+pub(super) fn no_members(_dir: &std::path::Path) -> bool {
+    false
+}
+
+pub(super) fn empty_cgroup(_dir: &std::path::Path) -> bool {
+    false
+}

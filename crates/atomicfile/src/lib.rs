@@ -22,9 +22,17 @@ pub fn write(path: &Path, data: &[u8], mode: Option<u32>) -> io::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&dir)?;
     let tmp = dir.join(temp_name(path));
-    let r = write_new(&tmp, data, mode).and_then(|()| std::fs::rename(&tmp, path));
+    // The directory is made only when missing: most writes go where one
+    // went before, and asking first cost two system calls per write.
+    let r = match write_new(&tmp, data, mode) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(&dir)?;
+            write_new(&tmp, data, mode)
+        }
+        r => r,
+    }
+    .and_then(|()| std::fs::rename(&tmp, path));
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

@@ -545,6 +545,12 @@ impl Jail {
         }
     }
 
+    /// The command's cgroup directory, if it has one.
+    #[cfg(test)]
+    pub(crate) fn cgroup_dir(&self) -> Option<PathBuf> {
+        lock(&self.shared.cgroup).clone()
+    }
+
     /// The direct child's pid (0 before spawn).
     pub fn pid(&self) -> u32 {
         self.shared.pid.load(Ordering::SeqCst).max(0) as u32

@@ -218,6 +218,31 @@ mod tests {
         contain.shutdown();
     }
 
+    /// A leftover cgroup with the name a command is to get (an earlier
+    /// buildlet's) is made afresh, not used: after a `cgroup.kill` Linux
+    /// kills every process `clone3` makes in that cgroup.
+    #[test]
+    fn a_killed_leftover_cgroup_is_made_afresh() {
+        let root = tempfile::tempdir().unwrap();
+        let Some(contain) = cgroup_mode(root.path()) else {
+            return;
+        };
+        let first = contain.prepare();
+        let next = first.cgroup_dir().unwrap().with_file_name("cmd-2");
+        std::fs::create_dir(&next).unwrap();
+        std::fs::write(next.join("cgroup.kill"), "1").unwrap();
+        let jail = contain.prepare();
+        assert_eq!(jail.cgroup_dir().as_ref(), Some(&next));
+        let cgroup = contain.clone3_target(&jail).unwrap();
+        let status = rt().block_on(async {
+            let (born, _out) = start(cgroup, "/bin/true", &[], &[], root.path());
+            started(born).wait().await.unwrap()
+        });
+        assert_eq!(status.code(), Some(0), "{status:?}");
+        drop((first, jail));
+        contain.shutdown();
+    }
+
     /// A start that fails in the child says where.
     #[test]
     fn a_start_that_fails_says_why() {

@@ -151,9 +151,14 @@ pub(super) fn new_cgroup(base: &Path, id: u64) -> io::Result<(PathBuf, OwnedFd)>
         }
         match fs::create_dir(&dir) {
             Ok(()) => break,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            // A leftover of the same name (an earlier buildlet's): never
+            // used, since it may have been `cgroup.kill`ed, which kills
+            // whatever `clone3` makes in it later. Emptied, removed, made
+            // afresh.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 5 => {
                 kill_cgroup(&dir);
-                break;
+                remove_cgroup(&dir);
+                tries += 1;
             }
             // The last command's cleanup removed the base meanwhile.
             Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 5 => tries += 1,

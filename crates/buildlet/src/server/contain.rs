@@ -380,15 +380,19 @@ impl Containment {
     fn take_spare(&self) -> Option<PathBuf> {
         loop {
             let (dir, _) = lock(&self.spare).pop()?;
-            if platform::no_members(&dir) {
-                return Some(dir);
+            match platform::no_members(&dir) {
+                Some(true) => return Some(dir),
+                // Gone (removed from outside): forgotten.
+                None => {}
+                Some(false) => {
+                    tracing::warn!(
+                        "a process moved itself into the unused cgroup {}; killed",
+                        dir.display()
+                    );
+                    platform::kill_cgroup(&dir);
+                    in_background(move || platform::remove_cgroup(&dir));
+                }
             }
-            tracing::warn!(
-                "a process moved itself into the unused cgroup {}; killed",
-                dir.display()
-            );
-            platform::kill_cgroup(&dir);
-            in_background(move || platform::remove_cgroup(&dir));
         }
     }
 

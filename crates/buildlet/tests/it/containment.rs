@@ -421,6 +421,59 @@ fn an_emptied_cgroup_is_reused_and_a_killed_one_is_not() {
     }
 }
 
+/// A process that moved itself into a kept (unused) cgroup is killed when
+/// a command would get that cgroup, and the command gets another.
+#[test]
+fn a_process_in_a_kept_cgroup_is_killed_and_the_cgroup_not_used() {
+    let Some((mount, _)) = writable_cgroup() else {
+        eprintln!("cgroup v2 not writable here; nothing to reuse");
+        return;
+    };
+    let h = Harness::start_with(None, &["-contain=cgroup"]);
+    let run = || {
+        let (st, out) = runtime()
+            .block_on(
+                h.client()
+                    .exec_output("sh", &opts("grep ^0:: /proc/self/cgroup")),
+            )
+            .unwrap();
+        assert_eq!(st, ProcessState::Ok);
+        String::from_utf8_lossy(&out)
+            .trim()
+            .trim_start_matches("0::")
+            .to_string()
+    };
+    let kept = run();
+    let dir = mount.join(kept.trim_start_matches('/'));
+    // Kept once the buildlet saw it empty, which it checks in the background.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut intruder = std::process::Command::new("sleep")
+        .arg(marker())
+        .spawn()
+        .unwrap();
+    std::fs::write(dir.join("cgroup.procs"), intruder.id().to_string()).unwrap();
+    let next = run();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = intruder.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Never left running by a failed test.
+    let _ = intruder.kill();
+    let _ = intruder.wait();
+    assert_ne!(next, kept, "a cgroup with a process in it was used");
+    let status = status.expect("the intruder still ran 10 s later");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+}
+
 /// A step that moves itself out of its command's cgroup (into the
 /// buildlet's own, which its user may write) and out of its process group
 /// is still killed when its command ends.

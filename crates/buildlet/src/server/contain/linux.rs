@@ -178,9 +178,11 @@ pub(super) fn open_cgroup(dir: PathBuf) -> io::Result<(PathBuf, OwnedFd)> {
 }
 
 /// Whether the cgroup `dir` has no process (its own `cgroup.procs`; a
-/// cgroup kept for reuse has no sub-cgroups).
-pub(super) fn no_members(dir: &Path) -> bool {
-    fs::read(dir.join("cgroup.procs")).is_ok_and(|p| p.iter().all(u8::is_ascii_whitespace))
+/// cgroup kept for reuse has no sub-cgroups); `None` when it cannot be
+/// read (the cgroup is gone).
+pub(super) fn no_members(dir: &Path) -> Option<bool> {
+    let procs = fs::read(dir.join("cgroup.procs")).ok()?;
+    Some(procs.iter().all(u8::is_ascii_whitespace))
 }
 
 /// Makes the killed command's cgroup `dir` ready for another command:

@@ -18,8 +18,8 @@ pub(super) fn kill_cgroup(_dir: &std::path::Path) -> bool {
     false
 }
 
-pub(super) fn no_members(_dir: &std::path::Path) -> bool {
-    false
+pub(super) fn no_members(_dir: &std::path::Path) -> Option<bool> {
+    None
 }
 
 pub(super) fn empty_cgroup(_dir: &std::path::Path) -> bool {

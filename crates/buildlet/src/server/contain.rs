@@ -356,22 +356,32 @@ impl Containment {
         lock(&self.running).remove(&jail.id);
         lock(&self.children).remove(&jail.shared.pid.load(Ordering::SeqCst));
         if let Some(dir) = lock(&jail.shared.cgroup).take() {
+            // Nothing had to be killed in it: kept now, before the
+            // command's end is answered, so the next command finds it.
+            if !jail.shared.cgroup_killed.load(Ordering::SeqCst)
+                && platform::reusable(&dir)
+                && self.keep(&dir)
+            {
+                return;
+            }
             let me = self.clone();
-            let reusable = !jail.shared.cgroup_killed.load(Ordering::SeqCst);
             in_background(move || {
-                if reusable && platform::empty_cgroup(&dir) {
-                    let mut spare = lock(&me.spare);
-                    if spare.len() < SPARE_MAX {
-                        spare.push((dir, Instant::now()));
-                        drop(spare);
-                        me.arm_janitor();
-                        return;
-                    }
-                }
                 platform::remove_cgroup(&dir);
                 me.remove_base_if_idle();
             });
         }
+    }
+
+    /// Puts the empty cgroup `dir` among the kept ones, if there is room.
+    fn keep(self: &Arc<Self>, dir: &std::path::Path) -> bool {
+        let mut spare = lock(&self.spare);
+        if spare.len() >= SPARE_MAX {
+            return false;
+        }
+        spare.push((dir.to_path_buf(), Instant::now()));
+        drop(spare);
+        self.arm_janitor();
+        true
     }
 
     /// A kept cgroup, if one is empty still (a process of another command

@@ -372,6 +372,20 @@ fn commands_run_in_their_own_cgroup_where_possible() {
     }
 }
 
+/// Runs `script` (which prints its `/proc/self/cgroup` line) and returns
+/// the cgroup it ran in.
+fn cgroup_of(h: &Harness, script: &str) -> String {
+    let (st, out) = runtime()
+        .block_on(h.client().exec_output("sh", &opts(script)))
+        .unwrap();
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert_eq!(st, ProcessState::Ok, "{script}: {out}");
+    out.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or_else(|| panic!("no cgroup in {out}"))
+        .to_string()
+}
+
 /// A command that ended with nothing left running leaves its cgroup to
 /// the next command; one whose leftovers had to be killed does not (Linux
 /// kills every process later made in a cgroup that was `cgroup.kill`ed),
@@ -385,17 +399,7 @@ fn an_emptied_cgroup_is_reused_and_a_killed_one_is_not() {
     };
     let h = Harness::start_with(None, &["-contain=cgroup"]);
     let m = marker();
-    let run = |script: String| {
-        let (st, out) = runtime()
-            .block_on(h.client().exec_output("sh", &opts(&script)))
-            .unwrap();
-        let out = String::from_utf8_lossy(&out).into_owned();
-        assert_eq!(st, ProcessState::Ok, "{script}: {out}");
-        out.lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .unwrap_or_else(|| panic!("no cgroup in {out}"))
-            .to_string()
-    };
+    let run = |script: String| cgroup_of(&h, &script);
     let first = run("grep ^0:: /proc/self/cgroup".into());
     let second = run("grep ^0:: /proc/self/cgroup".into());
     assert_eq!(first, second, "the emptied cgroup was not reused");
@@ -430,23 +434,10 @@ fn a_process_in_a_kept_cgroup_is_killed_and_the_cgroup_not_used() {
         return;
     };
     let h = Harness::start_with(None, &["-contain=cgroup"]);
-    let run = || {
-        let (st, out) = runtime()
-            .block_on(
-                h.client()
-                    .exec_output("sh", &opts("grep ^0:: /proc/self/cgroup")),
-            )
-            .unwrap();
-        assert_eq!(st, ProcessState::Ok);
-        String::from_utf8_lossy(&out)
-            .trim()
-            .trim_start_matches("0::")
-            .to_string()
-    };
+    let run = || cgroup_of(&h, "grep ^0:: /proc/self/cgroup");
+    // Kept before the command's end is answered.
     let kept = run();
     let dir = mount.join(kept.trim_start_matches('/'));
-    // Kept once the buildlet saw it empty, which it checks in the background.
-    std::thread::sleep(Duration::from_millis(200));
     let mut intruder = std::process::Command::new("sleep")
         .arg(marker())
         .spawn()

@@ -32,7 +32,7 @@ pub(super) fn attempt_key(id: i64) -> String {
 
 /// Keeps an attempt's whole log (replacing one kept before); the row's
 /// blob is empty when the log is in the artifact store.
-pub(super) const PUT_ATTEMPT_LOG: &str = "INSERT INTO attempt_logs (attempt_id, build_id, log_gz, log_size) VALUES ($1, $2, $3, $4) \
+const PUT_ATTEMPT_LOG: &str = "INSERT INTO attempt_logs (attempt_id, build_id, log_gz, log_size) VALUES ($1, $2, $3, $4) \
      ON CONFLICT (attempt_id) DO UPDATE SET log_gz = excluded.log_gz, log_size = excluded.log_size";
 
 /// Ends a step: its result, why, when, and its log (the blob `NULL` when
@@ -213,19 +213,32 @@ impl Store {
 
     /// Keeps the whole log of an attempt (replacing one kept before).
     pub async fn put_attempt_log(&self, attempt_id: i64, build_id: i64, log: &[u8]) -> Result<()> {
+        let stmt = self.put_attempt_log_stmt(attempt_id, build_id, log).await;
+        self.writer().batch(&[stmt]).await?;
+        Ok(())
+    }
+
+    /// [`PUT_ATTEMPT_LOG`] as a statement of a batch, the log kept first.
+    pub(super) async fn put_attempt_log_stmt(
+        &self,
+        attempt_id: i64,
+        build_id: i64,
+        log: &[u8],
+    ) -> Stmt {
         // The row's blob is empty when the log is in the artifact store.
         let row = self
             .keep_log(&attempt_key(attempt_id), log)
             .await
             .unwrap_or_default();
-        sqlx::query(PUT_ATTEMPT_LOG)
-            .bind(attempt_id)
-            .bind(build_id)
-            .bind(row)
-            .bind(log.len() as i64)
-            .execute(self.writer())
-            .await?;
-        Ok(())
+        Stmt::new(
+            PUT_ATTEMPT_LOG,
+            vec![
+                Arg::Int(attempt_id),
+                Arg::Int(build_id),
+                Arg::Bytes(Some(row)),
+                Arg::Int(log.len() as i64),
+            ],
+        )
     }
 
     /// The kept whole logs of a build's attempts, by attempt id.

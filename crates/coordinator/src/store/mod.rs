@@ -360,6 +360,20 @@ pub struct Store {
 /// An attempt's end, written once (only over a running attempt).
 const FINISH_ATTEMPT: &str = "UPDATE attempts SET result = $1, error = $2, finished_at = $3 WHERE id = $4 AND result = 'running'";
 
+/// [`FINISH_ATTEMPT`] as a statement of a batch.
+fn finish_attempt_stmt(attempt_id: i64, result: RunResult, error: &str, now: i64) -> conns::Stmt {
+    use conns::Arg;
+    conns::Stmt::new(
+        FINISH_ATTEMPT,
+        vec![
+            Arg::Text(result.as_str().into()),
+            Arg::Text(text(error)),
+            Arg::Int(now),
+            Arg::Int(attempt_id),
+        ],
+    )
+}
+
 /// A build's final status, written once (only over queued or running):
 /// a row comes back when it was written.
 const FINISH_BUILD: &str = "UPDATE builds SET status = $1, error = $2, finished_at = $3 WHERE id = $4 AND status IN ('queued', 'running') RETURNING id";
@@ -712,13 +726,8 @@ impl Store {
         result: RunResult,
         error: &str,
     ) -> Result<()> {
-        sqlx::query(FINISH_ATTEMPT)
-            .bind(result.as_str())
-            .bind(text(error))
-            .bind(now_ms())
-            .bind(attempt_id)
-            .execute(self.writer())
-            .await?;
+        let stmt = finish_attempt_stmt(attempt_id, result, error, now_ms());
+        self.writer().batch(&[stmt]).await?;
         Ok(())
     }
 
@@ -739,24 +748,14 @@ impl Store {
         use conns::{Arg, Stmt};
         let (attempt_id, build_id) = attempt;
         let now = now_ms();
-        let key = logs::attempt_key(attempt_id);
-        let (row, step) = tokio::join!(self.keep_log(&key, log), async {
-            match step {
-                Some(end) => Some(self.finish_step_stmt(end, now).await),
-                None => None,
-            }
-        });
-        let row = row.unwrap_or_default();
+        let (put_log, step) = tokio::join!(
+            self.put_attempt_log_stmt(attempt_id, build_id, log),
+            futures_util::future::OptionFuture::from(
+                step.map(|end| self.finish_step_stmt(end, now))
+            )
+        );
         let mut stmts: Vec<Stmt> = step.into_iter().collect();
-        stmts.push(Stmt::new(
-            FINISH_ATTEMPT,
-            vec![
-                Arg::Text(result.as_str().into()),
-                Arg::Text(text(error)),
-                Arg::Int(now),
-                Arg::Int(attempt_id),
-            ],
-        ));
+        stmts.push(finish_attempt_stmt(attempt_id, result, error, now));
         let (status, msg, flaky) = build;
         debug_assert!(status.is_terminal());
         if flaky {
@@ -771,15 +770,7 @@ impl Store {
                 Arg::Int(build_id),
             ],
         ));
-        stmts.push(Stmt::new(
-            logs::PUT_ATTEMPT_LOG,
-            vec![
-                Arg::Int(attempt_id),
-                Arg::Int(build_id),
-                Arg::Bytes(Some(row)),
-                Arg::Int(log.len() as i64),
-            ],
-        ));
+        stmts.push(put_log);
         let rows = self.writer().batch(&stmts).await?;
         // FINISH_BUILD's row, if it wrote one: the last statement but one.
         Ok(rows.get(stmts.len() - 2).is_some_and(|r| !r.is_empty()))

@@ -185,29 +185,14 @@ pub(super) fn no_members(dir: &Path) -> Option<bool> {
     Some(procs.iter().all(u8::is_ascii_whitespace))
 }
 
-/// Makes the killed command's cgroup `dir` ready for another command:
-/// removes the sub-cgroups the command made, and waits (a few seconds at
-/// most) until its killed processes are gone. False when it is not empty
-/// by then.
-pub(super) fn empty_cgroup(dir: &Path) -> bool {
-    if let Ok(rd) = fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_cgroup(&e.path());
-            }
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let events = fs::read_to_string(dir.join("cgroup.events")).unwrap_or_default();
-        if events.lines().any(|l| l == "populated 0") {
-            return true;
-        }
-        if events.is_empty() || Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+/// Whether the cgroup `dir` of an ended command can be another's: no
+/// process left in it (or below), and no sub-cgroup the command made.
+pub(super) fn reusable(dir: &Path) -> bool {
+    let events = fs::read_to_string(dir.join("cgroup.events")).unwrap_or_default();
+    events.lines().any(|l| l == "populated 0")
+        && fs::read_dir(dir).is_ok_and(|mut rd| {
+            !rd.any(|e| e.is_ok_and(|e| e.file_type().is_ok_and(|t| t.is_dir())))
+        })
 }
 
 /// `cgroup.procs` of the cgroup whose directory `dir` is, for writing.

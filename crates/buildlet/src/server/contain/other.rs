@@ -22,6 +22,6 @@ pub(super) fn no_members(_dir: &std::path::Path) -> Option<bool> {
     None
 }
 
-pub(super) fn empty_cgroup(_dir: &std::path::Path) -> bool {
+pub(super) fn reusable(_dir: &std::path::Path) -> bool {
     false
 }

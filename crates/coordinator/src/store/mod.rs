@@ -376,6 +376,11 @@ fn finish_attempt_stmt(attempt_id: i64, result: RunResult, error: &str, now: i64
 
 /// A build's final status, written once (only over queued or running):
 /// a row comes back when it was written.
+/// Read through `builds_by_requester`, which holds only the builds in
+/// flight: its condition must stay the index's.
+const ACTIVE_BUILDS_OF: &str =
+    "SELECT COUNT(*) FROM builds WHERE requested_by = $1 AND status IN ('queued', 'running')";
+
 const FINISH_BUILD: &str = "UPDATE builds SET status = $1, error = $2, finished_at = $3 WHERE id = $4 AND status IN ('queued', 'running') RETURNING id";
 
 const BUILD_COLS: &str = "id, builder, host_type, repo, branch, commit_hash, commit_time, kind, status, created_at, started_at, finished_at, attempts, error, flaky, requested_by";
@@ -586,12 +591,10 @@ impl Store {
 
     /// Builds `requested_by` has queued or running.
     pub async fn active_builds_of(&self, requested_by: &str) -> Result<i64> {
-        Ok(sqlx::query_scalar(
-            "SELECT COUNT(*) FROM builds WHERE requested_by = $1 AND status IN ('queued', 'running')",
-        )
-        .bind(text(requested_by))
-        .fetch_one(self.pool())
-        .await?)
+        Ok(sqlx::query_scalar(ACTIVE_BUILDS_OF)
+            .bind(text(requested_by))
+            .fetch_one(self.pool())
+            .await?)
     }
 
     /// Who asked for build `id` ("" for the poller).
@@ -1101,6 +1104,61 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names, [format!("{}.log.gz", attempts[1])]);
+    }
+
+    /// A user's builds in flight are counted from an index that holds
+    /// only builds in flight: finished builds leave it.
+    #[tokio::test]
+    async fn the_per_user_cap_counts_from_the_index_of_builds_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("farmer.db")).await.unwrap();
+        let mut ids = Vec::new();
+        for n in 0..3 {
+            let b = NewBuild {
+                requested_by: "ann".into(),
+                kind: BuildKind::PreSubmit,
+                ..new_build(n)
+            };
+            ids.push(store.create_build(&b).await.unwrap().unwrap().id);
+        }
+        store
+            .start_attempt(ids[1], "m", "h")
+            .await
+            .unwrap()
+            .unwrap();
+        store
+            .start_attempt(ids[2], "m", "h")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            store
+                .finish_build(ids[2], BuildStatus::Passed, "")
+                .await
+                .unwrap()
+        );
+        assert_eq!(store.active_builds_of("ann").await.unwrap(), 2);
+        assert_eq!(store.active_builds_of("bob").await.unwrap(), 0);
+        let plan: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {ACTIVE_BUILDS_OF}"))
+                .bind("ann")
+                .fetch_all(store.pool())
+                .await
+                .unwrap();
+        assert!(
+            plan.iter()
+                .any(|p| p.3.contains("USING COVERING INDEX builds_by_requester")
+                    || p.3.contains("USING INDEX builds_by_requester")),
+            "{plan:?}"
+        );
+        let indexed: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM builds INDEXED BY builds_by_requester \
+             WHERE requested_by = 'ann' AND status IN ('queued', 'running')",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(indexed, 2);
     }
 
     /// On SQLite every write goes through one connection while reads have

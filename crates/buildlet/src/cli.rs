@@ -48,7 +48,7 @@ pub struct Cli {
     token_file: Option<PathBuf>,
 
     /// Reverse mode: file with the builder key (`-` reads it from standard
-    /// input). Default: $GO_BUILD_KEY_PATH, then ~/.gobuildkey-<host-type>,
+    /// input). Default: $GO_BUILD_KEY_PATH, then `~/.gobuildkey-<host-type>`,
     /// then ~/.gobuildkey.
     #[arg(long = "key-file", value_name = "FILE")]
     key_file: Option<PathBuf>,

@@ -341,7 +341,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Session<T> {
         self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
     }
 
-    /// Gathers the bytes; past [`GATHER_MAX`], what was gathered goes out
+    /// Gathers the bytes; past `GATHER_MAX`, what was gathered goes out
     /// first and a large write goes straight to the connection.
     fn poll_write_vectored(
         self: Pin<&mut Self>,

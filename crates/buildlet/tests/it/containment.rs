@@ -355,17 +355,7 @@ fn commands_run_in_their_own_cgroup_where_possible() {
             // Once no command runs, the buildlet's cgroups are gone.
             let line = out.lines().find(|l| l.starts_with("0::")).unwrap();
             let cmd = std::path::Path::new(line.trim_start_matches("0::").trim_start_matches('/'));
-            let base = mount.join(cmd.parent().unwrap());
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while base.exists() {
-                assert!(
-                    Instant::now() < deadline,
-                    "{} left behind by an idle buildlet (in {})",
-                    base.display(),
-                    dir.display()
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            assert_gone_when_idle(&mount.join(cmd.parent().unwrap()));
             drop(h);
         }
         None => eprintln!("cgroup v2 not writable here; the command ran in: {out}"),
@@ -409,11 +399,11 @@ fn an_emptied_cgroup_is_reused_and_a_killed_one_is_not() {
     let fourth = run("grep ^0:: /proc/self/cgroup".into());
     assert_ne!(fourth, third, "a killed cgroup was reused");
     assert_none_left(&m, "after the command that left it ended");
-    let base = mount
-        .join(fourth.trim_start_matches('/'))
-        .parent()
-        .unwrap()
-        .to_path_buf();
+    assert_gone_when_idle(mount.join(fourth.trim_start_matches('/')).parent().unwrap());
+}
+
+/// Waits (at most 10 s) for an idle buildlet to remove its base cgroup.
+fn assert_gone_when_idle(base: &std::path::Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while base.exists() {
         assert!(

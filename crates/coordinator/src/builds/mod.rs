@@ -529,33 +529,14 @@ impl Farm {
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             let Some((cmd, args)) = step.command.split_first() else {
-                let step_id = match record.await {
-                    Ok(id) => id,
-                    Err(o) => return o,
-                };
-                *ended = Some(StepEnd {
-                    step_id,
-                    result: RunResult::Failed,
-                    detail: "empty command".into(),
-                    log: Bytes::new(),
-                });
-                return Outcome::Failed(format!("step {}: empty command", step.name));
+                let why = format!("step {}: empty command", step.name);
+                return failed_unstarted(record, ended, "empty command".into(), why).await;
             };
             let header = format!("\n--- step {}: {} {}\n", step.name, cmd, args.join(" "));
             rb.log.append(header.as_bytes());
             if remaining.is_zero() {
-                let step_id = match record.await {
-                    Ok(id) => id,
-                    Err(o) => return o,
-                };
                 let msg = format!("build timed out after {:?}", builder.timeout);
-                *ended = Some(StepEnd {
-                    step_id,
-                    result: RunResult::Failed,
-                    detail: msg.clone(),
-                    log: Bytes::new(),
-                });
-                return Outcome::Failed(msg);
+                return failed_unstarted(record, ended, msg.clone(), msg).await;
             }
             let step_timeout = step.timeout.min(remaining);
             let (cmd, opts) = step_exec(
@@ -896,4 +877,26 @@ pub(crate) fn step_exec(
         ..Default::default()
     };
     (cmd, opts)
+}
+
+/// Ends a step that failed before its command started (`detail` on the
+/// step, `why` for the build) once its row is written: the attempt's end
+/// carries it ([`StepEnd`]).
+async fn failed_unstarted(
+    record: impl std::future::Future<Output = Result<i64, Outcome>>,
+    ended: &mut Option<StepEnd>,
+    detail: String,
+    why: String,
+) -> Outcome {
+    let step_id = match record.await {
+        Ok(id) => id,
+        Err(o) => return o,
+    };
+    *ended = Some(StepEnd {
+        step_id,
+        result: RunResult::Failed,
+        detail,
+        log: Bytes::new(),
+    });
+    Outcome::Failed(why)
 }

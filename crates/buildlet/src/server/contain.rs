@@ -11,8 +11,9 @@
 //!   The child joins it before `exec`, so every descendant, `setsid` or not,
 //!   is inside; killing writes `cgroup.kill` (or, before Linux 5.14,
 //!   `SIGKILL`s every member until none is left). A cgroup its command
-//!   left empty is kept for the next commands for a while ([`SPARE_MAX`]). A step may still move
-//!   itself into another cgroup its user can write (the buildlet's own);
+//!   left empty is kept for the next commands for a while ([`SPARE_MAX`]).
+//!   A step may still move itself into another cgroup its user can write
+//!   (the buildlet's own);
 //!   the buildlet is a child subreaper here too, so such a process stays
 //!   its descendant, and every descendant found in no running command's
 //!   cgroup is killed when a command ends ([`Containment::kill`]).
@@ -138,6 +139,8 @@ struct Shared {
     /// not reused, since Linux (6.18 here) kills every process later made
     /// in it by `clone3` (its kill count no longer matches the parent's).
     cgroup_killed: AtomicBool,
+    /// The last kill found its cgroup empty (`populated 0`).
+    cgroup_empty: AtomicBool,
 }
 
 /// One command's containment, from before spawn until it is cleaned up.
@@ -163,6 +166,7 @@ impl Jail {
                 marker: marker.clone(),
                 cgroup: Mutex::new(cgroup),
                 cgroup_killed: AtomicBool::new(false),
+                cgroup_empty: AtomicBool::new(false),
             }),
             marker,
             #[cfg(target_os = "linux")]
@@ -356,10 +360,12 @@ impl Containment {
         lock(&self.running).remove(&jail.id);
         lock(&self.children).remove(&jail.shared.pid.load(Ordering::SeqCst));
         if let Some(dir) = lock(&jail.shared.cgroup).take() {
-            // Nothing had to be killed in it: kept now, before the
-            // command's end is answered, so the next command finds it.
-            if !jail.shared.cgroup_killed.load(Ordering::SeqCst)
-                && platform::reusable(&dir)
+            // The kill just above found it empty and it was never
+            // `cgroup.kill`ed: kept now, before the command's end is
+            // answered, so the next command finds it.
+            if jail.shared.cgroup_empty.load(Ordering::SeqCst)
+                && !jail.shared.cgroup_killed.load(Ordering::SeqCst)
+                && platform::no_sub_cgroups(&dir)
                 && self.keep(&dir)
             {
                 return;
@@ -587,9 +593,12 @@ fn kill_shared(j: &Shared) {
         let cgroup = lock(&j.cgroup).clone();
         match cgroup {
             Some(dir) => {
-                if platform::kill_cgroup(&dir) {
+                let swept = platform::kill_cgroup(&dir);
+                if swept == Swept::Killed {
                     j.cgroup_killed.store(true, Ordering::SeqCst);
                 }
+                j.cgroup_empty
+                    .store(swept == Swept::Empty, Ordering::SeqCst);
             }
             None => {
                 let root = if j.exited.load(Ordering::SeqCst) {
@@ -603,6 +612,18 @@ fn kill_shared(j: &Shared) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = &j.marker;
+}
+
+/// What killing a command's cgroup found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Swept {
+    /// No process was left in it or below (`populated 0`): nothing done.
+    Empty,
+    /// `cgroup.kill` was written.
+    Killed,
+    /// Its members were signalled (before Linux 5.14), or it could not
+    /// be told.
+    Signalled,
 }
 
 /// Runs `f` on a thread of the runtime's blocking pool (reused, not made

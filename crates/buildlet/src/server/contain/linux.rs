@@ -3,7 +3,7 @@
 //! kills a command's `/proc` descendants and the processes carrying its
 //! marker. Chosen by [`super::Containment::setup`].
 
-use super::Active;
+use super::{Active, Swept};
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
@@ -185,14 +185,11 @@ pub(super) fn no_members(dir: &Path) -> Option<bool> {
     Some(procs.iter().all(u8::is_ascii_whitespace))
 }
 
-/// Whether the cgroup `dir` of an ended command can be another's: no
-/// process left in it (or below), and no sub-cgroup the command made.
-pub(super) fn reusable(dir: &Path) -> bool {
-    let events = fs::read_to_string(dir.join("cgroup.events")).unwrap_or_default();
-    events.lines().any(|l| l == "populated 0")
-        && fs::read_dir(dir).is_ok_and(|mut rd| {
-            !rd.any(|e| e.is_ok_and(|e| e.file_type().is_ok_and(|t| t.is_dir())))
-        })
+/// Whether the cgroup `dir` has no sub-cgroup (one its command made); a
+/// cgroup that cannot be read has none to offer.
+pub(super) fn no_sub_cgroups(dir: &Path) -> bool {
+    fs::read_dir(dir)
+        .is_ok_and(|mut rd| !rd.any(|e| e.is_ok_and(|e| e.file_type().is_ok_and(|t| t.is_dir()))))
 }
 
 /// `cgroup.procs` of the cgroup whose directory `dir` is, for writing.
@@ -214,22 +211,20 @@ pub(super) fn open_procs(dir: &OwnedFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Kills every process in the cgroup `dir` and below.
-/// Returns whether `cgroup.kill` was written: not when the cgroup (with
-/// its sub-cgroups) had no process left, the usual end of a command.
-pub(super) fn kill_cgroup(dir: &Path) -> bool {
+/// Kills every process in the cgroup `dir` and below; says what it found.
+pub(super) fn kill_cgroup(dir: &Path) -> Swept {
     let events = fs::read_to_string(dir.join("cgroup.events")).unwrap_or_default();
     if events.lines().any(|l| l == "populated 0") {
-        return false;
+        return Swept::Empty;
     }
     if fs::write(dir.join("cgroup.kill"), b"1").is_ok() {
-        return true;
+        return Swept::Killed;
     }
     // Before Linux 5.14: signal members until none is left.
     for _ in 0..KILL_ROUNDS {
         let pids = members(dir);
         if pids.is_empty() {
-            return false;
+            return Swept::Signalled;
         }
         for p in pids {
             // SAFETY: kill(2) on a pid read from the cgroup.
@@ -239,7 +234,7 @@ pub(super) fn kill_cgroup(dir: &Path) -> bool {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    false
+    Swept::Signalled
 }
 
 /// Pids in `dir/cgroup.procs` and in every sub-cgroup.

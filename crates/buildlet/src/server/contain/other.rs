@@ -14,14 +14,14 @@ pub(super) fn fallback() -> Active {
 
 pub(super) fn remove_cgroup(_dir: &std::path::Path) {}
 
-pub(super) fn kill_cgroup(_dir: &std::path::Path) -> bool {
-    false
+pub(super) fn kill_cgroup(_dir: &std::path::Path) -> super::Swept {
+    super::Swept::Signalled
 }
 
 pub(super) fn no_members(_dir: &std::path::Path) -> Option<bool> {
     None
 }
 
-pub(super) fn reusable(_dir: &std::path::Path) -> bool {
+pub(super) fn no_sub_cgroups(_dir: &std::path::Path) -> bool {
     false
 }

@@ -182,6 +182,17 @@ pub struct ExecOptions {
     pub debug: bool,
 }
 
+/// What [`Client::exec_then_clean`] did with the work dir.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cleaned {
+    /// Emptied, as `remove_all(&["."])` would have.
+    Emptied,
+    /// The buildlet tried and failed; why.
+    Failed(String),
+    /// The buildlet did not say: one that predates the option.
+    Unknown,
+}
+
 /// Options of [`Client::shell`]; the defaults are an interactive login
 /// shell on an 80x24 `xterm`.
 #[derive(Debug, Clone)]
@@ -674,6 +685,37 @@ impl Client {
     where
         W: AsyncWrite + Unpin + ?Sized,
     {
+        Ok(self.run_exec(cmd, opts, false, out).await?.0)
+    }
+
+    /// [`Client::exec`], then the work dir emptied as
+    /// [`Client::remove_all`]`(&["."])` does, in the same request: the
+    /// buildlet cleans once the command and all it left are gone, before
+    /// it answers. One round trip less for a machine's last command.
+    /// Whether it cleaned is the second value; an older buildlet that does
+    /// not know the option runs the command alone ([`Cleaned::Unknown`]).
+    pub async fn exec_then_clean<W>(
+        &self,
+        cmd: &str,
+        opts: &ExecOptions,
+        out: &mut W,
+    ) -> Result<(ProcessState, Cleaned), Error>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        self.run_exec(cmd, opts, true, out).await
+    }
+
+    async fn run_exec<W>(
+        &self,
+        cmd: &str,
+        opts: &ExecOptions,
+        clean: bool,
+        out: &mut W,
+    ) -> Result<(ProcessState, Cleaned), Error>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
         let timeout = opts.timeout.map(|t| format!("{}ms", t.as_millis()));
         let mut form: Vec<(&str, &str)> = vec![("cmd", cmd)];
         form.extend(opts.args.iter().map(|a| ("args", a.as_str())));
@@ -691,6 +733,9 @@ impl Client {
         if opts.debug {
             form.push(("debug", "1"));
         }
+        if clean {
+            form.push(("clean", "1"));
+        }
         let resp = self.post_form("/exec", &form).await?;
         let mut body = resp.into_body();
         while let Some(frame) = body.frame().await {
@@ -700,7 +745,14 @@ impl Client {
                 Err(frame) => {
                     if let Ok(trailers) = frame.into_trailers() {
                         out.flush().await.map_err(Error::Local)?;
-                        return state_from_trailers(&trailers);
+                        let cleaned = match trailers.get(proto::CLEAN_STATE_TRAILER) {
+                            None => Cleaned::Unknown,
+                            Some(v) if v == "ok" => Cleaned::Emptied,
+                            Some(v) => {
+                                Cleaned::Failed(String::from_utf8_lossy(v.as_bytes()).into())
+                            }
+                        };
+                        return Ok((state_from_trailers(&trailers)?, cleaned));
                     }
                 }
             }

@@ -18,6 +18,12 @@ pub const VERSION: u32 = 2;
 /// stream broke off: a communication failure, never a failed command.
 pub const PROCESS_STATE_TRAILER: &str = "process-state";
 
+/// The trailer of `/exec` with `clean=1`: `ok` when the work dir was
+/// emptied after the command (as `/removeall path=.` does), else why not.
+/// A buildlet that does not know `clean=1` sends no such trailer, and its
+/// client empties the work dir itself.
+pub const CLEAN_STATE_TRAILER: &str = "clean-state";
+
 /// Path of the coordinator endpoint a reverse buildlet dials.
 pub const REVERSE_PATH: &str = "/reverse";
 

@@ -661,6 +661,10 @@ impl Farm {
             self.pool.retire(lease.id);
             return;
         }
+        if lease.emptied {
+            self.pool.set_state(lease.id, MachineState::Idle);
+            return;
+        }
         self.pool.set_state(lease.id, MachineState::Cleaning);
         match tokio::time::timeout(Duration::from_secs(120), lease.client.remove_all(&["."])).await
         {

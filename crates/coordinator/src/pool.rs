@@ -140,6 +140,10 @@ pub struct Lease {
     pub hostname: String,
     pub host_type: String,
     pub client: Client,
+    /// The machine's work dir is known empty: its last command cleaned it
+    /// ([`Client::exec_then_clean`]), so ending the lease needs no
+    /// `/removeall`.
+    pub emptied: bool,
 }
 
 impl MachineView {
@@ -378,6 +382,7 @@ impl Pool {
             hostname: best.view.hostname.clone(),
             host_type: best.view.host_type.clone(),
             client: best.client.clone(),
+            emptied: false,
         })
     }
 
@@ -391,6 +396,7 @@ impl Pool {
                 hostname: x.view.hostname.clone(),
                 host_type: x.view.host_type.clone(),
                 client: x.client.clone(),
+                emptied: false,
             })
     }
 

@@ -38,6 +38,9 @@ struct Plan {
     env: Vec<(OsString, OsString)>,
     timeout: Option<Duration>,
     debug: bool,
+    /// `clean=1`: empty the work dir once the command is gone, before the
+    /// answer ends (one request instead of an exec and a `/removeall`).
+    clean: bool,
 }
 
 fn plan(b: &Buildlet, form: &Form) -> Result<Plan, String> {
@@ -131,6 +134,7 @@ fn plan(b: &Buildlet, form: &Form) -> Result<Plan, String> {
         env,
         timeout,
         debug: form.flag("debug"),
+        clean: form.flag("clean"),
     })
 }
 
@@ -380,6 +384,7 @@ where
         ))
     });
     let timeout = plan.timeout;
+    let clean = plan.clean.then(|| b.clone());
     tokio::spawn(async move {
         if let Some(h) = debug_header {
             let _ = tx.send(Ok(Frame::data(h))).await;
@@ -460,19 +465,42 @@ where
             exit.map_or(ProcessState::Error("no exit status".into()), to_state)
         };
         tracing::info!(pid, state = %state, "exec done");
-        send_state(&tx, &state).await;
+        let mut trailers = state_trailers(&state);
+        if let Some(b) = clean {
+            // After the command and all it left are gone (`finish`).
+            let cleaned = tokio::task::spawn_blocking(move || super::files::clean_work_dir(&b))
+                .await
+                .unwrap_or_else(|e| Err(format!("the cleaning task failed: {e}")));
+            let said = cleaned.err().unwrap_or_else(|| "ok".into());
+            if let Ok(v) = HeaderValue::from_str(&said.replace(['\r', '\n'], " ")) {
+                trailers.insert(proto::CLEAN_STATE_TRAILER, v);
+            }
+        }
+        let _ = tx.send(Ok(Frame::trailers(trailers))).await;
     });
-    streaming_response(body, "text/plain; charset=utf-8")
+    let mut resp = streaming_response(body, "text/plain; charset=utf-8");
+    if plan.clean {
+        resp.headers_mut().insert(
+            header::TRAILER,
+            HeaderValue::from_static("Process-State, Clean-State"),
+        );
+    }
+    resp
+}
+
+/// The `Process-State` trailer of `state`.
+fn state_trailers(state: &ProcessState) -> HeaderMap {
+    let mut trailers = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&state.to_trailer()) {
+        trailers.insert(proto::PROCESS_STATE_TRAILER, v);
+    }
+    trailers
 }
 
 /// Ends a streamed command's output with its exit state in the
 /// `Process-State` trailer (`/exec`, `/shell`).
 pub(super) async fn send_state(tx: &mpsc::Sender<super::body::BodyFrame>, state: &ProcessState) {
-    let mut trailers = HeaderMap::new();
-    if let Ok(v) = HeaderValue::from_str(&state.to_trailer()) {
-        trailers.insert(proto::PROCESS_STATE_TRAILER, v);
-    }
-    let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+    let _ = tx.send(Ok(Frame::trailers(state_trailers(state)))).await;
 }
 
 /// The answer of a streamed command: headers at once, output as it comes,

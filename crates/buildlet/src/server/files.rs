@@ -570,12 +570,7 @@ where
             super::clear_src_cache(&cache, cache_dir.as_deref())
                 .map_err(|e| super::io_error("emptying the source cache", &e))?;
         }
-        if let Some(cache_dir) = cache_dir {
-            let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
-            if targets.iter().any(|(_, comps)| c.lent_below(comps)) {
-                c.reclaim(&root, &cache_dir);
-            }
-        }
+        reclaim_below(&cache, cache_dir.as_deref(), &root, &targets);
         remove_targets(&root, targets)
     })
     .await;
@@ -587,6 +582,33 @@ where
             format!("remove task failed: {e}\n"),
         ),
     }
+}
+
+/// Gives a source tree lent at or below one of `targets` back to the
+/// cache (see `SrcCache::reclaim`) before they are removed.
+fn reclaim_below(
+    cache: &std::sync::Mutex<crate::srccache::SrcCache>,
+    cache_dir: Option<&std::path::Path>,
+    root: &crate::beneath::Root,
+    targets: &[(String, Vec<String>)],
+) {
+    if let Some(cache_dir) = cache_dir {
+        let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+        if targets.iter().any(|(_, comps)| c.lent_below(comps)) {
+            c.reclaim(root, cache_dir);
+        }
+    }
+}
+
+/// Empties the work dir as `/removeall path=.` does (a lent source tree
+/// goes back to the cache): `/exec`'s `clean=1`, after its command. Runs
+/// blocking; the error says what failed.
+pub(super) fn clean_work_dir(b: &Buildlet) -> Result<(), String> {
+    let root = crate::beneath::Root::reopen(&b.root, b.root_id)
+        .map_err(|e| format!("opening the work dir {}: {e}", b.root.display()))?;
+    let whole = [(".".to_string(), Vec::new())];
+    reclaim_below(&b.src_cache, b.cfg.src_cache.as_deref(), &root, &whole);
+    empty_work_dir(root.as_dir()).map_err(|e| format!("emptying the work dir: {e}"))
 }
 
 /// Empties the work dir, leaving its `tmp` directory there, empty: our

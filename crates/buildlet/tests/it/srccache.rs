@@ -268,3 +268,75 @@ fn whole_trees_and_deltas_are_checked_against_git_and_confined() {
         assert_eq!(status(&e), Some(StatusCode::BAD_REQUEST), "{e}");
     });
 }
+
+/// The names in `dir`, sorted.
+fn names(dir: &std::path::Path) -> Vec<String> {
+    let mut n: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    n.sort();
+    n
+}
+
+/// `/exec` with `clean=1` (a build's last command) runs the command, then
+/// empties the work dir as `/removeall path=.` does, before it answers:
+/// what the command made is gone, `tmp` is there and empty, and the lent
+/// source tree is back in the cache, so a delta over it is taken next. A
+/// command that fails is cleaned after too; one without the option is not.
+#[test]
+fn an_exec_that_cleans_after_empties_the_work_dir_and_keeps_the_source() {
+    use buildlet::client::{Cleaned, ExecOptions};
+    use buildlet::proto::ProcessState;
+    let h = Harness::start();
+    runtime().block_on(async {
+        let c = h.client();
+        let one: &[(&str, &[u8])] = &[("a.txt", b"a\n")];
+        let t1 = tree_of(one);
+        c.put_src("src", Bytes::from(tgz(one)), &t1, None)
+            .await
+            .unwrap();
+        let sh = |script: &str| ExecOptions {
+            args: vec!["-c".into(), script.into()],
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        let (state, cleaned) = c
+            .exec_then_clean(
+                "/bin/sh",
+                &sh("echo made > out.txt; mkdir -p d/e; echo x > d/e/f; echo t > tmp/t; cat src/a.txt"),
+                &mut out,
+            )
+            .await
+            .unwrap();
+        assert_eq!((state, cleaned), (ProcessState::Ok, Cleaned::Emptied));
+        assert_eq!(out, b"a\n", "the command ran before the cleaning");
+        assert_eq!(names(&h.workdir), ["tmp"]);
+        assert!(names(&h.workdir.join("tmp")).is_empty());
+
+        // The tree went back to the cache: a delta over it is taken.
+        let two: &[(&str, &[u8])] = &[("a.txt", b"A\n")];
+        let t2 = tree_of(two);
+        let w = c
+            .put_src("src", Bytes::from(tgz(two)), &t2, Some(&t1))
+            .await
+            .unwrap();
+        assert_eq!(w.tree, t2);
+
+        // A failing command: its state, and the work dir emptied all the same.
+        let (state, cleaned) = c
+            .exec_then_clean("/bin/sh", &sh("touch left; exit 3"), &mut Vec::new())
+            .await
+            .unwrap();
+        assert_eq!((state, cleaned), (ProcessState::Exited(3), Cleaned::Emptied));
+        assert_eq!(names(&h.workdir), ["tmp"]);
+
+        // Without the option nothing is removed.
+        let st = c
+            .exec("/bin/sh", &sh("touch kept"), &mut Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(st, ProcessState::Ok);
+        assert_eq!(names(&h.workdir), ["kept", "tmp"]);
+    });
+}

@@ -12,7 +12,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use buildlet::client::ExecOptions;
+use buildlet::client::{Cleaned, ExecOptions};
 use buildlet::proto::ProcessState;
 use bytes::Bytes;
 
@@ -547,15 +547,47 @@ impl Farm {
             );
             let mut w = rb.log.stream();
             let step_start = rb.log.len();
+            // The build's last step ends with its attempt, in one write.
+            let last = i + 1 == builder.steps.len();
+            // The machine's last command of the build also empties its work
+            // dir (one round trip less) when nothing reads the work dir
+            // after it: no result files, no artifacts, no re-run of failed
+            // tests, and the machine is cleaned for reuse, not retired.
+            let clean = last
+                && step.results.is_empty()
+                && step.artifacts.is_empty()
+                && builder.retry_failed == 0
+                && !self.sources.one_lease_per_machine(&main.host_type);
             let t0 = Instant::now();
             let run = async {
+                let exec = async {
+                    if clean {
+                        client.exec_then_clean(&cmd, &opts, &mut w).await
+                    } else {
+                        let r = client.exec(&cmd, &opts, &mut w).await;
+                        r.map(|s| (s, Cleaned::Unknown))
+                    }
+                };
                 tokio::select! {
-                    r = client.exec(&cmd, &opts, &mut w) => Some(r),
+                    r = exec => Some(r),
                     _ = cancel.wait_for(|c| *c) => None,
                 }
             };
             let (recorded, r) = tokio::join!(record, run);
             w.finish();
+            let r = r.map(|r| {
+                r.map(|(state, cleaned)| {
+                    match cleaned {
+                        Cleaned::Emptied => main.emptied = true,
+                        // Tried again, as always, when the lease ends.
+                        Cleaned::Failed(why) => {
+                            tracing::warn!(machine = %main.hostname, "cleaning after the last command: {why}");
+                        }
+                        Cleaned::Unknown => {}
+                    }
+                    state
+                })
+            });
             // A store that failed to record the step cannot record its end.
             let step_id = match recorded {
                 Ok(id) => id,
@@ -570,8 +602,6 @@ impl Farm {
                 detail,
                 log,
             };
-            // The build's last step ends with its attempt, in one write.
-            let last = i + 1 == builder.steps.len();
             let Some(r) = r else {
                 *ended = Some(end(
                     RunResult::Cancelled,

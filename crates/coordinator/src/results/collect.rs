@@ -16,6 +16,9 @@ use crate::secrets::Mask;
 /// The longest all result files of one step may take to fetch.
 const FETCH_LIMIT: Duration = Duration::from_secs(60);
 
+/// Output up to this long is parsed on the async thread (microseconds).
+const PARSE_HERE: usize = 16 << 10;
+
 /// The results of a step that ran in `dir` (relative to the work dir) and
 /// printed `log` (already masked); `mask` hides the farm's secrets in the
 /// result files, whose failure output is shown on pages.
@@ -27,13 +30,19 @@ pub async fn collect(
     mask: &Mask,
 ) -> Results {
     let mut r = Results::default();
-    // Up to 64 MiB of output: parsed off the runtime's threads.
-    let owned = log.to_vec();
-    r.extend(
-        tokio::task::spawn_blocking(move || from_output(&owned))
-            .await
-            .unwrap_or_default(),
-    );
+    // Up to 64 MiB of output: a long one is parsed off the runtime's
+    // threads; a short one here, where the hop to the blocking pool (two
+    // thread wake-ups per step) would cost more than the parse.
+    if log.len() <= PARSE_HERE {
+        r.extend(from_output(log));
+    } else {
+        let owned = log.to_vec();
+        r.extend(
+            tokio::task::spawn_blocking(move || from_output(&owned))
+                .await
+                .unwrap_or_default(),
+        );
+    }
     if files.is_empty() {
         return r;
     }

@@ -38,13 +38,7 @@ fn a_build_runs_on_a_real_buildlet_handler_in_process() {
         assert!(log.contains(&format!("built {commit}")), "{log}");
         assert!(log.contains("contents of the tree"), "{log}");
         // The machine is cleaned and idle again.
-        f.until("the machine idle", Duration::from_secs(10), || {
-            f.farm
-                .pool
-                .find("host-a", "m1")
-                .is_some_and(|m| m.state == MachineState::Idle)
-        })
-        .await;
+        until_idle(&f, "the machine idle").await;
     });
 }
 
@@ -271,6 +265,17 @@ fn backfill_bounds_the_history_a_first_poll_builds() {
     }
 }
 
+/// Waits up to 10 s for the machine `m1` of `host-a` to be idle.
+async fn until_idle(f: &InProc, what: &str) {
+    f.until(what, Duration::from_secs(10), || {
+        f.farm
+            .pool
+            .find("host-a", "m1")
+            .is_some_and(|m| m.state == MachineState::Idle)
+    })
+    .await;
+}
+
 /// [`config`] with links parking after a second idle.
 fn parking_config(repo: &std::path::Path) -> String {
     config(repo, BUILDER).replace("[farm]\n", "[farm]\npark_after = \"1s\"\n")
@@ -436,5 +441,68 @@ fn a_protocol_1_machine_keeps_its_session_and_builds() {
         assert_eq!(f.farm.pool.find("host-a", "old").map(|m| m.id), Some(m.id));
         let commit = repo.commit("old", &[("file", "for the old one\n")]);
         assert!(passing_build(&f, &commit).await.contains("for the old one"));
+    });
+}
+
+/// The paths a recorded machine was asked for, `/status` left out.
+fn asked(seen: &std::sync::Mutex<Vec<String>>) -> Vec<String> {
+    let seen = seen.lock().unwrap();
+    seen.iter().filter(|p| *p != "/status").cloned().collect()
+}
+
+/// What is left in a machine's work dir, sorted.
+fn left_in(b: &buildlet::server::Buildlet) -> Vec<String> {
+    let mut n: Vec<String> = std::fs::read_dir(b.workdir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    n.sort();
+    n
+}
+
+/// A build's last command also empties the machine's work dir, in the
+/// same request (`clean=1`): a build costs the machine two requests, the
+/// source and the command, not three. The machine is idle and empty
+/// after it, and its source cache still holds the tree.
+#[test]
+fn a_builds_last_command_cleans_the_machine_in_the_same_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = TestRepo::new(&dir.path().join("repo"));
+    let commit = repo.commit("one", &[("file", "contents\n")]);
+    let builders = BUILDER.replace(
+        "echo built $FARMER_COMMIT; cat file",
+        "echo built $FARMER_COMMIT; cat file; echo out > ../made; mkdir -p ../d; echo x > ../d/f",
+    );
+    rt().block_on(async {
+        let f = InProc::start(&config(&repo.path, &builders)).await;
+        let (b, seen) = f.recorded_machine("host-a", "m1", false).await;
+        let log = passing_build(&f, &commit).await;
+        assert!(log.contains("contents"), "{log}");
+        until_idle(&f, "the machine idle").await;
+        assert_eq!(asked(&seen), ["/writesrc", "/exec"]);
+        assert_eq!(left_in(&b), ["tmp"]);
+        assert!(b.status().src_tree.is_some(), "the tree left the cache");
+        // The next build on it gets its source from the cache as usual.
+        let log = passing_build(&f, &commit).await;
+        assert!(log.contains("contents"), "{log}");
+    });
+}
+
+/// A machine whose buildlet predates `clean=1` runs the last command
+/// alone, and the coordinator empties its work dir with `/removeall`, as
+/// before.
+#[test]
+fn a_machine_that_predates_cleaning_with_the_command_is_cleaned_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = TestRepo::new(&dir.path().join("repo"));
+    let commit = repo.commit("one", &[("file", "contents\n")]);
+    let builders = BUILDER.replace("cat file", "cat file; echo out > ../made");
+    rt().block_on(async {
+        let f = InProc::start(&config(&repo.path, &builders)).await;
+        let (b, seen) = f.recorded_machine("host-a", "m1", true).await;
+        passing_build(&f, &commit).await;
+        until_idle(&f, "the machine cleaned and idle").await;
+        assert_eq!(asked(&seen), ["/writesrc", "/exec", "/removeall"]);
+        assert_eq!(left_in(&b), ["tmp"]);
     });
 }

@@ -158,27 +158,59 @@ impl InProc {
     /// A machine of buildlet protocol 1, as released before links parked:
     /// plain HTTP/2 on its pipe from the start, and `/status` says 1.
     pub async fn protocol_1_machine(&self, host_type: &str, hostname: &str) -> Arc<Buildlet> {
+        self.recorded_machine(host_type, hostname, false).await.0
+    }
+
+    /// A machine of protocol 1 whose requests' paths are recorded in order
+    /// (`/status` included); each request's body is read whole before it
+    /// is served. With `predates_clean`, its `/exec` never hears of
+    /// `clean=1`, as a buildlet released before the option.
+    pub async fn recorded_machine(
+        &self,
+        host_type: &str,
+        hostname: &str,
+        predates_clean: bool,
+    ) -> (Arc<Buildlet>, Arc<std::sync::Mutex<Vec<String>>>) {
         use http_body_util::BodyExt;
         type Body = http_body_util::combinators::BoxBody<bytes::Bytes, buildlet::client::BoxError>;
         let (coordinator_end, machine_end) = tokio::io::duplex(1 << 20);
         let b = self.buildlet(hostname);
-        let me = b.clone();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (me, log) = (b.clone(), seen.clone());
         tokio::spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let me = me.clone();
+                    let (me, log) = (me.clone(), log.clone());
                     async move {
-                        if req.uri().path() == "/status" {
+                        let (mut parts, body) = req.into_parts();
+                        let path = parts.uri.path().to_string();
+                        log.lock().unwrap().push(path.clone());
+                        if path == "/status" {
+                            // Protocol 1: a plain HTTP/2 session, no parking.
                             let mut st = me.status();
                             st.version = 1;
                             let json = serde_json::to_vec(&st).unwrap();
                             let body: Body = http_body_util::Full::new(bytes::Bytes::from(json))
                                 .map_err(|e| match e {})
                                 .boxed();
-                            return Ok::<_, std::convert::Infallible>(http::Response::new(body));
+                            return Ok(http::Response::new(body));
                         }
+                        let mut bytes = body.collect().await.unwrap().to_bytes();
+                        if predates_clean && path == "/exec" {
+                            let form: Vec<(String, String)> =
+                                url::form_urlencoded::parse(&bytes).into_owned().collect();
+                            let kept = url::form_urlencoded::Serializer::new(String::new())
+                                .extend_pairs(form.iter().filter(|(k, _)| k != "clean"))
+                                .finish();
+                            bytes = bytes::Bytes::from(kept);
+                            parts.headers.remove(http::header::CONTENT_LENGTH);
+                        }
+                        let req =
+                            http::Request::from_parts(parts, http_body_util::Full::new(bytes));
                         let resp = me.handle(req).await;
-                        Ok(resp.map(|b| b.map_err(Into::into).boxed()))
+                        Ok::<_, std::convert::Infallible>(
+                            resp.map(|b| b.map_err(Into::into).boxed() as Body),
+                        )
                     }
                 });
             let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -186,7 +218,7 @@ impl InProc {
                 .await;
         });
         self.attach(host_type, hostname, coordinator_end).await;
-        b
+        (b, seen)
     }
 
     fn buildlet(&self, hostname: &str) -> Arc<Buildlet> {

@@ -736,7 +736,39 @@ impl Client {
         if clean {
             form.push(("clean", "1"));
         }
-        let resp = self.post_form("/exec", &form).await?;
+        // A command with a timeout has a bounded answer (see
+        // `proto::EXEC_ANSWER_GRACE`); counted from the request.
+        let within = opts.timeout.map(|t| {
+            t + proto::EXEC_ANSWER_GRACE
+                + if clean {
+                    proto::CLEAN_LIMIT
+                } else {
+                    Duration::ZERO
+                }
+        });
+        let answer = self.exec_answer(&form, out);
+        match within {
+            None => answer.await,
+            Some(w) => tokio::time::timeout(w, answer).await.unwrap_or_else(|_| {
+                Err(Error::BrokeOff(format!(
+                    "the buildlet did not end the command within {w:?} (its timeout and {:?} more)",
+                    w - opts.timeout.unwrap_or_default()
+                )))
+            }),
+        }
+    }
+
+    /// Sends an `/exec` form and copies its answer into `out` until the
+    /// trailers.
+    async fn exec_answer<W>(
+        &self,
+        form: &[(&str, &str)],
+        out: &mut W,
+    ) -> Result<(ProcessState, Cleaned), Error>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        let resp = self.post_form("/exec", form).await?;
         let mut body = resp.into_body();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| Error::BrokeOff(e.to_string()))?;

@@ -24,6 +24,17 @@ pub const PROCESS_STATE_TRAILER: &str = "process-state";
 /// client empties the work dir itself.
 pub const CLEAN_STATE_TRAILER: &str = "clean-state";
 
+/// How long `clean=1` may hold an `/exec` answer after its command: as
+/// long as a coordinator gives a `/removeall`.
+pub const CLEAN_LIMIT: Duration = Duration::from_secs(120);
+
+/// How long after its `timeout` (and [`CLEAN_LIMIT`], with `clean=1`) an
+/// `/exec` answer may still be open: the buildlet kills the command at the
+/// timeout and drains its output for a few seconds more. A client gives up
+/// on an answer open past that: the machine is not keeping its word, and
+/// waiting for it would hold a build forever.
+pub const EXEC_ANSWER_GRACE: Duration = Duration::from_secs(30);
+
 /// Path of the coordinator endpoint a reverse buildlet dials.
 pub const REVERSE_PATH: &str = "/reverse";
 

@@ -26,10 +26,6 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// pipe open forever).
 pub(super) const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
-/// How long `clean=1` may hold the answer after the command: as long as
-/// the coordinator gives a `/removeall`.
-const CLEAN_LIMIT: Duration = Duration::from_secs(120);
-
 pub(super) fn bad(msg: impl std::fmt::Display) -> Response<ResponseBody> {
     text(StatusCode::BAD_REQUEST, format!("{msg}\n"))
 }
@@ -473,11 +469,14 @@ where
         if let Some(b) = clean {
             // After the command and all it left are gone (`finish`).
             let cleaning = tokio::task::spawn_blocking(move || super::files::clean_work_dir(&b));
-            let cleaned = match tokio::time::timeout(CLEAN_LIMIT, cleaning).await {
+            let cleaned = match tokio::time::timeout(proto::CLEAN_LIMIT, cleaning).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => Err(format!("the cleaning task failed: {e}")),
                 // It goes on; the answer does not wait for it.
-                Err(_) => Err(format!("cleaning took longer than {CLEAN_LIMIT:?}")),
+                Err(_) => Err(format!(
+                    "cleaning took longer than {:?}",
+                    proto::CLEAN_LIMIT
+                )),
             };
             let said = cleaned.err().unwrap_or_else(|| "ok".into());
             if let Ok(v) = HeaderValue::from_str(&said.replace(['\r', '\n'], " ")) {

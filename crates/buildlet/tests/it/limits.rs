@@ -267,3 +267,55 @@ fn idle_and_slow_connections_do_not_lock_the_client_out() {
     }
     assert!(closed >= 990, "only {closed} idle connections were closed");
 }
+
+/// A machine that never ends a command's answer (it says the command
+/// runs, then nothing, forever) is given up on at the command's timeout
+/// plus `proto::EXEC_ANSWER_GRACE`: a broken-off answer, which a
+/// coordinator counts as a broken machine, not a build held forever. Not
+/// before: a buildlet may drain output that long after the timeout.
+#[test]
+fn an_exec_answer_that_never_ends_is_given_up_after_its_timeout_and_grace() {
+    use buildlet::client::{Client, ExecOptions};
+    use buildlet::proto::EXEC_ANSWER_GRACE;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = std::thread::spawn(move || {
+        let mut s = accept_within(&listener, Duration::from_secs(60));
+        let mut req = [0u8; 4096];
+        let _ = std::io::Read::read(&mut s, &mut req);
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: Process-State\r\n\r\n3\r\nhi\n\r\n"
+        );
+        // Silent until the client hangs up (or two minutes pass).
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        while matches!(std::io::Read::read(&mut s, &mut req), Ok(n) if n > 0) {}
+    });
+    let timeout = Duration::from_secs(1);
+    runtime().block_on(async {
+        let c = Client::new(&addr, None);
+        let opts = ExecOptions {
+            timeout: Some(timeout),
+            ..Default::default()
+        };
+        let started = std::time::Instant::now();
+        let mut out = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(120), c.exec("true", &opts, &mut out))
+            .await
+            .expect("the client waited for the endless answer for two minutes");
+        let took = started.elapsed();
+        let err = r.unwrap_err();
+        assert!(matches!(err, Error::BrokeOff(_)), "{err}");
+        assert!(err.is_communication());
+        assert!(
+            err.to_string().contains("did not end the command within"),
+            "{err}"
+        );
+        assert_eq!(out, b"hi\n", "the output before it went silent");
+        assert!(
+            took >= timeout + EXEC_ANSWER_GRACE,
+            "gave up after {took:?}, before the timeout and its grace"
+        );
+    });
+    server.join().unwrap();
+}

@@ -3,13 +3,13 @@
 //! by a pipe. Each test takes milliseconds.
 
 use crate::common::TestRepo;
-use crate::common::inproc::{InProc, config, rt};
+use crate::common::inproc::{InProc, Quirk, config, rt};
 
 use std::time::Duration;
 
 use coordinator::pool::{Holder, MachineState};
 use coordinator::scheduler::{LeaseRequest, Priority};
-use coordinator::store::{BuildKind, BuildStatus};
+use coordinator::store::{BuildKind, BuildStatus, RunResult};
 
 const BUILDER: &str = r#"
 [builders.b]
@@ -475,7 +475,7 @@ fn a_builds_last_command_cleans_the_machine_in_the_same_request() {
     );
     rt().block_on(async {
         let f = InProc::start(&config(&repo.path, &builders)).await;
-        let (b, seen) = f.recorded_machine("host-a", "m1", false).await;
+        let (b, seen) = f.recorded_machine("host-a", "m1", Quirk::None).await;
         let log = passing_build(&f, &commit).await;
         assert!(log.contains("contents"), "{log}");
         until_idle(&f, "the machine idle").await;
@@ -499,10 +499,57 @@ fn a_machine_that_predates_cleaning_with_the_command_is_cleaned_after_it() {
     let builders = BUILDER.replace("cat file", "cat file; echo out > ../made");
     rt().block_on(async {
         let f = InProc::start(&config(&repo.path, &builders)).await;
-        let (b, seen) = f.recorded_machine("host-a", "m1", true).await;
+        let (b, seen) = f
+            .recorded_machine("host-a", "m1", Quirk::PredatesClean)
+            .await;
         passing_build(&f, &commit).await;
         until_idle(&f, "the machine cleaned and idle").await;
         assert_eq!(asked(&seen), ["/writesrc", "/exec", "/removeall"]);
         assert_eq!(left_in(&b), ["tmp"]);
+    });
+}
+
+/// A machine that never ends a command's answer (it answers pings, says
+/// the command runs, and then nothing) holds the build only until the
+/// step's timeout plus the grace a buildlet has after it: the attempt ends
+/// as the machine's failure, the machine leaves the pool, and the build
+/// passes on another machine.
+#[test]
+fn a_machine_that_never_ends_a_command_is_dropped_and_the_build_runs_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = TestRepo::new(&dir.path().join("repo"));
+    let commit = repo.commit("one", &[("file", "contents\n")]);
+    // Two steps: the first is not the last, so no cleaning is added to
+    // its grace.
+    let builders = format!(
+        "{BUILDER}timeout = \"1s\"\n[[builders.b.steps]]\nname = \"again\"\nrun = \"cat file\"\n"
+    );
+    rt().block_on(async {
+        let f = InProc::start(&config(&repo.path, &builders)).await;
+        let (_, seen) = f
+            .recorded_machine("host-a", "m1", Quirk::ExecNeverEnds)
+            .await;
+        let id = f
+            .farm
+            .trigger("b", None, None, &commit, BuildKind::PostSubmit, "test")
+            .await
+            .unwrap();
+        f.until("the build on m1", Duration::from_secs(10), || {
+            asked(&seen).contains(&"/exec".to_string())
+        })
+        .await;
+        f.machine("host-a", "m2").await;
+        let b = f.finished_within(id, Duration::from_secs(90)).await;
+        assert_eq!(b.status, BuildStatus::Passed, "{b:?}");
+        let attempts = f.farm.store.attempts(id).await.unwrap();
+        assert_eq!(attempts.len(), 2, "{attempts:?}");
+        assert_eq!(attempts[0].machine, "m1");
+        assert_eq!(attempts[0].result, RunResult::InfraError, "{attempts:?}");
+        assert!(
+            attempts[0].error.contains("did not end the command within"),
+            "{attempts:?}"
+        );
+        assert_eq!(attempts[1].machine, "m2");
+        assert!(f.farm.pool.find("host-a", "m1").is_none());
     });
 }

@@ -23,6 +23,18 @@ pub struct Tap {
     pub inject: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
 }
 
+/// How a [`InProc::recorded_machine`] departs from the real buildlet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Quirk {
+    None,
+    /// Its `/exec` never hears of `clean=1`, as a buildlet released before
+    /// the option.
+    PredatesClean,
+    /// Its `/exec` says the command runs, then nothing, forever: a machine
+    /// that does not keep the command's timeout.
+    ExecNeverEnds,
+}
+
 pub struct InProc {
     pub farm: Arc<Farm>,
     pub dir: tempfile::TempDir,
@@ -158,18 +170,19 @@ impl InProc {
     /// A machine of buildlet protocol 1, as released before links parked:
     /// plain HTTP/2 on its pipe from the start, and `/status` says 1.
     pub async fn protocol_1_machine(&self, host_type: &str, hostname: &str) -> Arc<Buildlet> {
-        self.recorded_machine(host_type, hostname, false).await.0
+        self.recorded_machine(host_type, hostname, Quirk::None)
+            .await
+            .0
     }
 
     /// A machine of protocol 1 whose requests' paths are recorded in order
     /// (`/status` included); each request's body is read whole before it
-    /// is served. With `predates_clean`, its `/exec` never hears of
-    /// `clean=1`, as a buildlet released before the option.
+    /// is served, unless `quirk` says otherwise.
     pub async fn recorded_machine(
         &self,
         host_type: &str,
         hostname: &str,
-        predates_clean: bool,
+        quirk: Quirk,
     ) -> (Arc<Buildlet>, Arc<std::sync::Mutex<Vec<String>>>) {
         use http_body_util::BodyExt;
         type Body = http_body_util::combinators::BoxBody<bytes::Bytes, buildlet::client::BoxError>;
@@ -195,8 +208,18 @@ impl InProc {
                                 .boxed();
                             return Ok(http::Response::new(body));
                         }
+                        if quirk == Quirk::ExecNeverEnds && path == "/exec" {
+                            use futures_util::StreamExt;
+                            let first: Result<_, buildlet::client::BoxError> =
+                                Ok(hyper::body::Frame::data(bytes::Bytes::from("running\n")));
+                            let endless = futures_util::stream::iter([first])
+                                .chain(futures_util::stream::pending());
+                            let body: Body =
+                                BodyExt::boxed(http_body_util::StreamBody::new(endless));
+                            return Ok(http::Response::new(body));
+                        }
                         let mut bytes = body.collect().await.unwrap().to_bytes();
-                        if predates_clean && path == "/exec" {
+                        if quirk == Quirk::PredatesClean && path == "/exec" {
                             let form: Vec<(String, String)> =
                                 url::form_urlencoded::parse(&bytes).into_owned().collect();
                             let kept = url::form_urlencoded::Serializer::new(String::new())

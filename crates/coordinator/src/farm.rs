@@ -666,14 +666,16 @@ impl Farm {
             return;
         }
         self.pool.set_state(lease.id, MachineState::Cleaning);
-        match tokio::time::timeout(Duration::from_secs(120), lease.client.remove_all(&["."])).await
-        {
+        // As long as a buildlet gives `clean=1` after a command.
+        let limit = buildlet::proto::CLEAN_LIMIT;
+        match tokio::time::timeout(limit, lease.client.remove_all(&["."])).await {
             Ok(Ok(())) => self.pool.set_state(lease.id, MachineState::Idle),
             Ok(Err(e)) => {
                 self.pool.remove(lease.id, &format!("cleaning failed: {e}"));
             }
             Err(_) => {
-                self.pool.remove(lease.id, "cleaning took longer than 120s");
+                let why = format!("cleaning took longer than {limit:?}");
+                self.pool.remove(lease.id, &why);
             }
         }
     }

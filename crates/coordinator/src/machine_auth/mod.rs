@@ -69,7 +69,7 @@ pub struct BotRegistry {
     checks_passed: std::sync::atomic::AtomicU64,
 }
 
-/// Builder requests one address may submit per [`SUBMIT_WINDOW_MS`].
+/// Builder requests one address may submit per `SUBMIT_WINDOW_MS`.
 pub const SUBMITS_PER_ADDRESS: u32 = 10;
 const SUBMIT_WINDOW_MS: i64 = 3600 * 1000;
 /// Addresses remembered at most; past it, expired windows are forgotten.

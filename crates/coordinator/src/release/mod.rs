@@ -356,7 +356,7 @@ pub struct PublishCli {
     /// The farm config: its `min_buildlet_version` is checked, and its `[storage]` (an S3 bucket) receives the release. Default: farmer.toml in the data dir, if any.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// The release private key. Default: <data-dir>/release/release.key (created if missing).
+    /// The release private key. Default: `<data-dir>/release/release.key` (created if missing).
     #[arg(long = "key-file")]
     key_file: Option<PathBuf>,
 }

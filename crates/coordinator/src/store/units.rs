@@ -55,7 +55,7 @@ impl Store {
     }
 
     /// A build's unit runs in the order they ended; at most
-    /// [`MAX_UNIT_ROWS`].
+    /// `MAX_UNIT_ROWS`.
     pub async fn unit_runs(&self, build_id: i64) -> Result<Vec<UnitRun>> {
         Ok(sqlx::query_as(
             "SELECT build_id, step_id, builder, step, unit, machine, started_at, duration_ms, result, detail \

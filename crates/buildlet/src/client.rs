@@ -736,26 +736,26 @@ impl Client {
         if clean {
             form.push(("clean", "1"));
         }
-        // A command with a timeout has a bounded answer (see
-        // `proto::EXEC_ANSWER_GRACE`); counted from the request.
-        let within = opts.timeout.map(|t| {
-            t + proto::EXEC_ANSWER_GRACE
-                + if clean {
-                    proto::CLEAN_LIMIT
-                } else {
-                    Duration::ZERO
-                }
-        });
         let answer = self.exec_answer(&form, out);
-        match within {
-            None => answer.await,
-            Some(w) => tokio::time::timeout(w, answer).await.unwrap_or_else(|_| {
+        // A command with a timeout has a bounded answer (see
+        // `proto::EXEC_ANSWER_GRACE`), counted from the request.
+        let Some(timeout) = opts.timeout else {
+            return answer.await;
+        };
+        let grace = proto::EXEC_ANSWER_GRACE
+            + if clean {
+                proto::CLEAN_LIMIT
+            } else {
+                Duration::ZERO
+            };
+        tokio::time::timeout(timeout + grace, answer)
+            .await
+            .unwrap_or_else(|_| {
                 Err(Error::BrokeOff(format!(
-                    "the buildlet did not end the command within {w:?} (its timeout and {:?} more)",
-                    w - opts.timeout.unwrap_or_default()
+                    "the buildlet did not end the command within {:?} (its timeout and {grace:?} more)",
+                    timeout + grace
                 )))
-            }),
-        }
+            })
     }
 
     /// Sends an `/exec` form and copies its answer into `out` until the

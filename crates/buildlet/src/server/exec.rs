@@ -485,14 +485,12 @@ where
         }
         let _ = tx.send(Ok(Frame::trailers(trailers))).await;
     });
-    let mut resp = streaming_response(body, "text/plain; charset=utf-8");
-    if plan.clean {
-        resp.headers_mut().insert(
-            header::TRAILER,
-            HeaderValue::from_static("Process-State, Clean-State"),
-        );
-    }
-    resp
+    let trailers = if plan.clean {
+        "Process-State, Clean-State"
+    } else {
+        "Process-State"
+    };
+    streaming_response(body, "text/plain; charset=utf-8", trailers)
 }
 
 /// The `Process-State` trailer of `state`.
@@ -511,15 +509,17 @@ pub(super) async fn send_state(tx: &mpsc::Sender<super::body::BodyFrame>, state:
 }
 
 /// The answer of a streamed command: headers at once, output as it comes,
-/// the exit state in the announced trailer.
+/// the exit state in the announced `trailers` (an HTTP/1.1 server sends
+/// only those).
 pub(super) fn streaming_response(
     body: ResponseBody,
     content_type: &'static str,
+    trailers: &'static str,
 ) -> Response<ResponseBody> {
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(header::TRAILER, HeaderValue::from_static("Process-State"));
+    h.insert(header::TRAILER, HeaderValue::from_static(trailers));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
 }

@@ -604,7 +604,8 @@ fn reclaim_below(
 /// goes back to the cache): `/exec`'s `clean=1`, after its command. Runs
 /// blocking; the error says what failed.
 pub(super) fn clean_work_dir(b: &Buildlet) -> Result<(), String> {
-    let root = crate::beneath::Root::reopen(&b.root, b.root_id)
+    let root = b
+        .reopen_root()
         .map_err(|e| format!("opening the work dir {}: {e}", b.root.display()))?;
     let whole = [(".".to_string(), Vec::new())];
     reclaim_below(&b.src_cache, b.cfg.src_cache.as_deref(), &root, &whole);

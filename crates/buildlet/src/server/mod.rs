@@ -193,12 +193,18 @@ impl Buildlet {
     /// anew each time, so a work dir a step removed and recreated is
     /// refused (500) rather than written into blindly.
     pub(crate) fn open_root(&self) -> Result<crate::beneath::Root, Response<ResponseBody>> {
-        crate::beneath::Root::reopen(&self.root, self.root_id).map_err(|e| {
+        self.reopen_root().map_err(|e| {
             io_error(
                 format_args!("opening the work dir {}", self.root.display()),
                 &e,
             )
         })
+    }
+
+    /// The work dir by handle, checked to be the one the buildlet started
+    /// with.
+    fn reopen_root(&self) -> io::Result<crate::beneath::Root> {
+        crate::beneath::Root::reopen(&self.root, self.root_id)
     }
 
     /// The canonical work dir.

@@ -547,6 +547,10 @@ mod imp {
             tracing::info!(pid, state = %state, "shell done");
             super::super::exec::send_state(&tx, &state).await;
         });
-        super::super::exec::streaming_response(resp_body, "application/octet-stream")
+        super::super::exec::streaming_response(
+            resp_body,
+            "application/octet-stream",
+            "Process-State",
+        )
     }
 }

@@ -575,19 +575,15 @@ impl Farm {
             };
             let (recorded, r) = tokio::join!(record, run);
             w.finish();
-            let r = r.map(|r| {
-                r.map(|(state, cleaned)| {
-                    match cleaned {
-                        Cleaned::Emptied => main.emptied = true,
-                        // Tried again, as always, when the lease ends.
-                        Cleaned::Failed(why) => {
-                            tracing::warn!(machine = %main.hostname, "cleaning after the last command: {why}");
-                        }
-                        Cleaned::Unknown => {}
-                    }
-                    state
-                })
-            });
+            match &r {
+                Some(Ok((_, Cleaned::Emptied))) => main.emptied = true,
+                // Tried again, as always, when the lease ends.
+                Some(Ok((_, Cleaned::Failed(why)))) => {
+                    tracing::warn!(machine = %main.hostname, "cleaning after the last command: {why}");
+                }
+                _ => {}
+            }
+            let r = r.map(|r| r.map(|(state, _)| state));
             // A store that failed to record the step cannot record its end.
             let step_id = match recorded {
                 Ok(id) => id,
